@@ -1,0 +1,150 @@
+"""Safe, atomic checkpoints: tensors in safetensors, everything else as JSON.
+
+Nothing here unpickles: a checkpoint is one ``.safetensors`` file whose header
+metadata holds a JSON document (config, epoch, scheduler state, metrics
+history) and whose tensors hold the model, optimizer buffers and RNG states.
+Nested state (an optimizer's ``state_dict()``) is flattened: tensors become
+named entries, the rest of the structure stays in the JSON with a reference.
+
+Files are written to a temporary name in the same folder, fsynced, then
+renamed over the target: a reader sees the old file or the new one, never a
+torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "varprune-checkpoint-1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, foreign or of another model."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a run folder should read like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Replace every tensor in a nested structure by ``{"__tensor__": key}``."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"cannot checkpoint a dict with keys {list(obj)[:3]}")
+        # JSON keys are strings: remember which were ints (optimizer state is keyed by int)
+        return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix}")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint refers to a missing tensor {key!r}")
+            return tensors[key]
+        if "__dict__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        raise CheckpointError("checkpoint metadata has an unknown structure")
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a nested state (tensors and JSON-able values) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = flatten_state(state, tensors, "s")
+    data = st_save(tensors, metadata={"format": FORMAT, "state": json.dumps(meta)})
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    try:
+        tensors = st_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + header_len])
+        meta = header.get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+                              f"it may be truncated: resume from an intact run or retrain") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a varprune checkpoint (format {meta.get('format')!r})")
+    try:
+        return unflatten_state(json.loads(meta["state"]), tensors)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has corrupt metadata ({type(e).__name__}); retrain or resume elsewhere") from None
+
+
+def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+    """Final weights and buffers as plain safetensors (readable by any tool)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(state, metadata=metadata))
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load ``save_weights`` output into ``model``; a mismatch is a CheckpointError."""
+    path = Path(path)
+    try:
+        state = st_load(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights {path}: {e.strerror or e}") from None
+    except (SafetensorError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+                              f"it may be truncated: retrain the run") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:2]}" if missing else
+                  f"unexpected {unexpected[:2]}" if unexpected else f"shape mismatch at {wrong[:2]}")
+        raise CheckpointError(f"{path} does not fit this model ({detail}): was it trained with another --model?")
+    model.load_state_dict(state)

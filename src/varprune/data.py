@@ -1,0 +1,340 @@
+"""Datasets in torchvision's on-disk layouts, and a loader that lives on the device.
+
+Every supported dataset is small enough to hold whole on the accelerator as
+uint8 (CIFAR-10 train: 150 MB), so the loader shuffles with ``randperm`` on the
+device and crops, flips and normalises whole batches there: no worker
+processes, no host-to-device copies and no host synchronisation per step.
+
+Readers are strict: a file with the wrong IDX magic, a short read or a CIFAR
+batch of the wrong layout raises :class:`DatasetError` with one clear line.
+Nothing is downloaded unless ``download=True``.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class DatasetError(ValueError):
+    """A dataset is missing or malformed; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pad: int          # random-crop padding used for training
+    flip: bool             # horizontal flips (wrong for digits)
+    layout: str            # how the files sit on disk, for error messages
+
+
+DATASETS = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 2, True,
+                                 "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/FashionMNIST/raw"),
+    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False,
+                         "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/MNIST/raw"),
+    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True,
+                           "DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}"),
+    "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True,
+                            "DIR/cifar-100-python/{train,test}"),
+    "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False,
+                        "DIR/train_32x32.mat and DIR/test_32x32.mat"),
+}
+
+_TORCHVISION_DIR = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    return DATASETS[name]
+
+
+def default_data_dir(name: str) -> str:
+    if name == "fashion-mnist":
+        return DEBIAN_FASHION_MNIST
+    return os.environ.get("VARPRUNE_DATA", "data")
+
+
+@dataclass
+class ImageData:
+    """Whole splits as uint8 NCHW images and int64 labels, on the CPU."""
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+
+# ----------------------------------------------------------------- readers
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}; re-fetch the file") from None
+    return raw
+
+
+def parse_idx(raw: bytes, what: str = "IDX data") -> np.ndarray:
+    """Parse an IDX file (the MNIST family's format): uint8 data, 1 to 3 dims."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
+        raise DatasetError(f"{what} is not a uint8 IDX file (wrong magic number); re-fetch the file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{what} is truncated (short header); re-fetch the file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        raise DatasetError(f"{what} has {len(raw)} bytes, its header promises {expected}; re-fetch the file")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    return parse_idx(_read_bytes(path), str(path))
+
+
+def _find_idx(root: Path, name: str, stem: str) -> Path | None:
+    for folder in (root, root / "raw", root / _TORCHVISION_DIR[name] / "raw"):
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx_dataset(info: DatasetInfo, root: Path):
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        for kind, stem in (("x", f"{prefix}-images-idx3-ubyte"), ("y", f"{prefix}-labels-idx1-ubyte")):
+            path = _find_idx(root, info.name, stem)
+            if path is None:
+                raise FileNotFoundError(stem)
+            arrays[split + kind] = read_idx(path)
+    for split in ("train", "test"):
+        x, y = arrays[split + "x"], arrays[split + "y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.shape[1:] != (info.size, info.size):
+            raise DatasetError(f"{info.name} {split} files disagree: images {x.shape}, labels {y.shape}; re-fetch them")
+        if y.size and y.max() >= info.num_classes:
+            raise DatasetError(f"{info.name} {split} labels exceed {info.num_classes - 1}; re-fetch the files")
+    return (arrays["trainx"][:, None], arrays["trainy"], arrays["testx"][:, None], arrays["testy"])
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads CIFAR's python pickles without executing arbitrary code: only the
+    numpy classes those files contain may be constructed."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def parse_cifar_batch(raw: bytes, what: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # any malformed pickle: one clear line
+        raise DatasetError(f"{what} is not a CIFAR python batch ({type(e).__name__}); re-fetch the file") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DatasetError(f"{what} lacks the CIFAR keys b'data' and {label_key!r}; re-fetch the file")
+    data, labels = batch[b"data"], batch[label_key]
+    try:
+        data = np.asarray(data, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{what} holds data of the wrong type; re-fetch the file") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
+        raise DatasetError(f"{what} has data {data.shape} and labels {labels.shape}, "
+                           f"expected (N, 3072) and (N,); re-fetch the file")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar(info: DatasetInfo, root: Path):
+    if info.name == "cifar10":
+        folder, key = "cifar-10-batches-py", b"labels"
+        splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    else:
+        folder, key = "cifar-100-python", b"fine_labels"
+        splits = {"train": ["train"], "test": ["test"]}
+    base = root / folder if (root / folder).is_dir() else root
+    out = []
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for fname in splits[split]:
+            path = base / fname
+            if not path.is_file():
+                raise FileNotFoundError(fname)
+            x, y = parse_cifar_batch(_read_bytes(path), str(path), key)
+            if y.size and (y.min() < 0 or y.max() >= info.num_classes):
+                raise DatasetError(f"{path} has labels outside 0..{info.num_classes - 1}; re-fetch the file")
+            xs.append(x)
+            ys.append(y)
+        out += [np.concatenate(xs), np.concatenate(ys)]
+    return tuple(out)
+
+
+def _load_svhn(info: DatasetInfo, root: Path):
+    out = []
+    for split in ("train", "test"):
+        path = root / f"{split}_32x32.mat"
+        if not path.is_file():
+            raise FileNotFoundError(path.name)
+        try:
+            from scipy.io import loadmat
+            mat = loadmat(str(path))
+            x = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
+            y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # SVHN stores digit 0 as label 10
+        except ImportError:
+            raise DatasetError("reading SVHN needs scipy: pip install scipy") from None
+        except Exception as e:
+            raise DatasetError(f"{path} is not an SVHN .mat file ({type(e).__name__}); re-fetch it") from None
+        if x.shape[1:] != (3, 32, 32) or len(x) != len(y):
+            raise DatasetError(f"{path} holds images {x.shape} and labels {y.shape}; re-fetch it")
+        out += [x, y]
+    return tuple(out)
+
+
+_READERS = {"fashion-mnist": _load_idx_dataset, "mnist": _load_idx_dataset,
+            "cifar10": _load_cifar, "cifar100": _load_cifar, "svhn": _load_svhn}
+
+
+def _download(info: DatasetInfo, root: Path) -> None:
+    import torchvision.datasets as tvd
+    if info.name == "svhn":
+        for split in ("train", "test"):
+            tvd.SVHN(str(root), split=split, download=True)
+        return
+    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST,
+           "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[info.name]
+    for train in (True, False):
+        cls(str(root), train=train, download=True)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageData:
+    """Load a whole dataset as uint8 tensors, from torchvision's on-disk layout.
+
+    Without ``data_dir``, Fashion-MNIST is read from the Debian package
+    ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist) and the
+    others from ``$VARPRUNE_DATA`` or ``./data``.
+    """
+    info = dataset_info(name)
+    root = Path(data_dir if data_dir is not None else default_data_dir(name))
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+        _download(info, root)
+    try:
+        tx, ty, vx, vy = _READERS[name](info, root)
+    except FileNotFoundError as e:
+        hint = "pass --download to fetch it"
+        if name == "fashion-mnist":
+            hint = "install it with `apt-get install dataset-fashion-mnist`, or " + hint
+        raise DatasetError(f"{name} not found in {root} (missing {e.args[0] if e.args else e}; "
+                           f"expected {info.layout}): {hint}, or point --data-dir at it") from None
+    to = lambda a, dt: torch.from_numpy(np.array(a, copy=True)).to(dt)  # noqa: E731
+    return ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, limit: int | None, salt: int = 0):
+    """A deterministic subset of ``limit`` examples (the same for every seed)."""
+    if limit is None or limit >= len(x):
+        return x, y
+    g = torch.Generator().manual_seed(1234 + salt)
+    idx = torch.randperm(len(x), generator=g)[:limit].sort().values
+    return x[idx], y[idx]
+
+
+# ------------------------------------------------------------ device loader
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Batched random crop with zero padding: each image shifted by up to ``pad``."""
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    return xp[batch, chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class DeviceLoader:
+    """Batches from uint8 tensors held on ``device``; augmentation on the device.
+
+    Each epoch visits every example exactly once (the last batch may be
+    smaller). Shuffling and augmentation draw from one ``torch.Generator``
+    seeded by ``seed``; its state is ``loader.generator.get_state()`` and is
+    what a checkpoint saves so a resumed run sees the same batches.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch_size: int,
+                 train: bool, device="cpu", seed: int = 0, augment: bool | None = None,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.augment = train if augment is None else augment
+        self.info = info
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        std = torch.tensor(info.std, device=self.device)
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(info.mean, device=self.device) / std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() * self.scale + self.shift).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self):
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device, generator=self.generator) if self.train else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                x = self.images[start:start + self.batch_size]
+                y = self.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                x, y = self.images[idx], self.labels[idx]
+            if self.augment:
+                x = random_crop(x, self.info.crop_pad, self.generator)
+                if self.info.flip:
+                    x = random_flip(x, self.generator)
+            yield self.normalize(x), y

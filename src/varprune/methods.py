@@ -1,0 +1,96 @@
+"""Training methods: which optimizer and which loss terms each name means.
+
+Every method trains with the same loop (train.py); a method only chooses
+
+* an optimizer: plain SGD, or a two-pass wrapper (SAM, ASAM, CrAM, CrAM+)
+  around the same SGD, or single-pass S2-SAM;
+* regularizers over the prunable weights (VAR, l1, Hoyer-square), whose
+  closed-form gradients are added after every backward pass, so in a
+  combination such as ``var+sam`` VAR's term enters both passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .regularizers import HoyerSquareRegularizer, L1Regularizer, Regularizer, VarRegularizer
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    optimizer: str = "sgd"            # sgd | sam | asam | cram | cram+ | s2sam
+    regularizers: tuple[str, ...] = ()
+    hyper: str = ""                   # key hyper-parameters, for --help
+
+
+METHODS = {
+    "sgd": Method("plain SGD, the baseline"),
+    "var": Method("SGD + VAR, the Variance Amplifying Regularizer", regularizers=("var",), hyper="--var-lambda"),
+    "l1": Method("SGD + l1 penalty on prunable weights", regularizers=("l1",), hyper="--l1-alpha"),
+    "hoyer": Method("SGD + Hoyer-square (DeepHoyer), per layer", regularizers=("hoyer",), hyper="--hoyer-alpha"),
+    "sam": Method("Sharpness-Aware Minimization, two passes per step", optimizer="sam", hyper="--rho"),
+    "asam": Method("Adaptive SAM (scale-invariant perturbation)", optimizer="asam", hyper="--rho"),
+    "cram": Method("CrAM: gradient at the compressed ascent point", optimizer="cram",
+                   hyper="--rho, --cram-sparsities"),
+    "cram+": Method("CrAM+: CrAM gradient (masked) plus the dense gradient", optimizer="cram+",
+                    hyper="--rho, --cram-sparsities"),
+    "s2sam": Method("single-step SAM: perturbation from the previous gradient, one pass", optimizer="s2sam",
+                    hyper="--rho"),
+    "var+sam": Method("VAR with SAM, VAR's term in both passes", optimizer="sam", regularizers=("var",),
+                      hyper="--var-lambda, --rho"),
+    "var+cram+": Method("VAR with CrAM+, VAR's term in both passes", optimizer="cram+", regularizers=("var",),
+                        hyper="--var-lambda, --rho, --cram-sparsities"),
+}
+
+# rho when --rho is not given: SAM's CIFAR value, ASAM's usual range, CrAM's CIFAR configuration
+DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "cram": 0.2, "cram+": 0.2, "s2sam": 0.05}
+DEFAULT_CRAM_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_help() -> str:
+    width = max(map(len, METHODS))
+    return "\n".join(f"  {name:<{width}}  {m.description}" + (f" [{m.hyper}]" if m.hyper else "")
+                     for name, m in METHODS.items())
+
+
+def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regularizer]:
+    out = []
+    for kind in method.regularizers:
+        if kind == "var":
+            out.append(VarRegularizer(model, cfg.var_lambda, r=cfg.var_r, eps=cfg.var_eps))
+        elif kind == "l1":
+            out.append(L1Regularizer(model, cfg.l1_alpha))
+        elif kind == "hoyer":
+            out.append(HoyerSquareRegularizer(model, cfg.hoyer_alpha))
+    return out
+
+
+def build_optimizer(method: Method, model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+               weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    if method.optimizer == "sgd":
+        return torch.optim.SGD(params, **sgd)
+    from . import optim
+    rho = cfg.rho if cfg.rho is not None else DEFAULT_RHO[method.optimizer]
+    if method.optimizer in ("sam", "asam"):
+        return optim.SAM(params, torch.optim.SGD, rho=rho, adaptive=method.optimizer == "asam", **sgd)
+    if method.optimizer in ("cram", "cram+"):
+        sparsities = tuple(cfg.cram_sparsities or DEFAULT_CRAM_SPARSITIES)
+        return optim.CrAM(params, torch.optim.SGD, rho=rho, sparsities=sparsities,
+                          plus=method.optimizer == "cram+", seed=cfg.seed, **sgd)
+    if method.optimizer == "s2sam":
+        return optim.S2SAM(params, torch.optim.SGD, rho=rho, **sgd)
+    raise AssertionError(method.optimizer)

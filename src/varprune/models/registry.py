@@ -1,0 +1,33 @@
+"""Model registry: ``create_model(name, in_channels, num_classes)``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+
+def register_model(name: str, description: str):
+    """Decorator: register a builder ``fn(in_channels, num_classes, image_size) -> nn.Module``."""
+    def wrap(fn):
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = (fn, description)
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def describe_models() -> dict[str, str]:
+    return {name: _MODELS[name][1] for name in list_models()}
+
+
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """Build a registered model for ``in_channels`` x ``image_size`` px inputs."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _MODELS[name][0](in_channels=in_channels, num_classes=num_classes, image_size=image_size)

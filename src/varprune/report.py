@@ -1,0 +1,78 @@
+"""Tables and figures: accuracy against sparsity, readable at a glance."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
+
+
+def sweep_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown table, one row per run: dense accuracy, then 'after BNT / before BNT' per sparsity."""
+    sparsities = sorted({r["sparsity"] for _, doc in rows for r in doc["results"]})
+    head = ["run", "dense"] + [f"{100 * s:g}%" for s in sparsities]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for label, doc in rows:
+        by_s = {r["sparsity"]: r for r in doc["results"]}
+        cells = [label, pct(doc["dense_accuracy"])]
+        for s in sparsities:
+            r = by_s.get(s)
+            cells.append("—" if r is None else f"{pct(r['accuracy_bnt'])} / {pct(r['accuracy'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nTest accuracy (%) after one-shot magnitude pruning: with BN re-tuning / without.\n"
+
+
+def sweep_csv(doc: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"])
+    for r in doc["results"]:
+        w.writerow([r["sparsity"], r["realised_sparsity"], r["accuracy"], r["accuracy_bnt"]])
+    return buf.getvalue()
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    return plt, fig, ax
+
+
+def _finish(plt, fig, ax, path: Path, title: str) -> None:
+    ax.set_xlabel("sparsity (fraction of prunable weights removed)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
+    """Accuracy against sparsity: solid lines after BN re-tuning, dashed before."""
+    plt, fig, ax = _figure()
+    for i, (label, doc) in enumerate(rows):
+        color = f"C{i % 10}"
+        s = [r["sparsity"] for r in doc["results"]]
+        ax.plot(s, [100 * r["accuracy_bnt"] for r in doc["results"]], "o-", color=color, label=f"{label} (BNT)")
+        ax.plot(s, [100 * r["accuracy"] for r in doc["results"]], "x--", color=color, alpha=0.6,
+                label=f"{label} (no BNT)")
+    _finish(plt, fig, ax, Path(path), title)
+
+
+def write_sweep(run: Path, doc: dict, label: str) -> None:
+    """prune.json, prune.csv and prune.png beside a run's weights."""
+    import json
+    atomic_write_text(run / "prune.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(run / "prune.csv", sweep_csv(doc))
+    sweep_plot([(label, doc)], run / "prune.png", title=f"{label}: one-shot magnitude pruning")
