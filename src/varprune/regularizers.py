@@ -5,10 +5,11 @@ Each regularizer has two faces:
 * ``reg()`` returns ``strength * penalty`` as an autograd tensor, for users who
   add it to their loss (two lines in any training loop);
 * ``reg.apply_gradient_()`` adds ``strength * d penalty / d w`` to every
-  weight's ``.grad`` after ``loss.backward()``, in closed form, over one flat
-  buffer holding all layers, with no autograd graph. This is the path the
-  training loop uses: its cost is a few passes over the weights per step,
-  independent of the number of layers, and it never synchronises with the host.
+  weight's ``.grad`` after ``loss.backward()``, in closed form, with no
+  autograd graph. This is the path the training loop uses: four to five fused
+  passes over each weight tensor (no temporaries the size of the model, no
+  index gathers), and no host synchronisation: per-layer scalars stay 0-d
+  tensors on the device.
 
 VAR (arXiv 2511.14282), for each prunable tensor w with n elements::
 
@@ -17,10 +18,12 @@ VAR (arXiv 2511.14282), for each prunable tensor w with n elements::
     psi = sum over layers of 1 / (V + eps)
     d psi / d w_i = -2 / (n (V + eps)^2) * (w~_i - mean(w~)) * w_i / w~_i
 
-Numerics: the variance is computed from deviations to the layer's first
-magnitude (variance is shift invariant), then re-centred. A layer whose
-magnitudes are all equal then has exactly zero deviations, so its gradient is
-exactly zero instead of rounding noise amplified by 1/eps^2 = 1e16.
+Numerics: a layer whose magnitudes are all equal sits at psi's maximum, where
+the true gradient is zero but rounding noise in (w~_i - mean) would be
+amplified by 1/eps^2 = 1e16. Both paths are exact there: the autograd penalty
+takes deviations from the layer's first magnitude (variance is shift
+invariant), and the fast path uses ``torch.var_mean`` (Welford), whose mean of
+equal values is that value exactly.
 """
 from __future__ import annotations
 
@@ -61,45 +64,6 @@ def hoyer_square_penalty(weights) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-class _FlatLayers:
-    """All prunable tensors seen as one flat vector split into segments.
-
-    ``seg`` maps each flat position to its layer, ``first`` holds each layer's
-    first flat position. Rebuilt when the weights move to another device.
-    """
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
-        self.lengths = [p.numel() for p in params]
-        self.device = None
-
-    def _build(self, device):
-        lengths = torch.tensor(self.lengths, dtype=torch.long)
-        self.numel = lengths.to(device)
-        self.seg = torch.repeat_interleave(torch.arange(len(self.lengths)), lengths).to(device)
-        self.first = (torch.cumsum(lengths, 0) - lengths).to(device)
-        self.device = device
-
-    def flat(self) -> torch.Tensor:
-        device = self.params[0].device
-        if device != self.device:
-            self._build(device)
-        dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        return torch.cat([p.detach().reshape(-1).to(dtype) for p in self.params])
-
-    def segment_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.segment_reduce(x, "sum", lengths=self.numel)
-
-    def add_to_grads_(self, g: torch.Tensor) -> None:
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        pieces = [piece.view_as(p).to(p.grad.dtype) for piece, p in zip(g.split(self.lengths), self.params)]
-        torch._foreach_add_(grads, pieces)
-
-
 class Regularizer:
     """Base class: a penalty over prunable weights, scaled by ``strength``."""
 
@@ -112,7 +76,6 @@ class Regularizer:
         if not self.named:
             raise ValueError(f"{self.name}: the model has no prunable (conv or linear) weights")
         self.strength = float(strength)
-        self._flat = _FlatLayers([p for _, p in self.named])
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -125,7 +88,8 @@ class Regularizer:
         """``strength * penalty`` with autograd: add it to your loss."""
         return self.strength * self.penalty()
 
-    def _value_and_grad(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_gradient_(self, i: int, w: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """Add ``scale * d penalty / d w`` for layer ``i`` to ``grad``; return its penalty (0-d)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -135,11 +99,15 @@ class Regularizer:
         Call it after ``loss.backward()``. Returns ``strength * penalty`` as a
         detached 0-d tensor on the weights' device (no host synchronisation).
         """
-        flat = self._flat.flat()
-        value, grad = self._value_and_grad(flat)
-        if self.strength != 0:
-            self._flat.add_to_grads_(grad * self.strength)
-        return value * self.strength
+        total = None
+        for i, (_, p) in enumerate(self.named):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            # elementwise ops and full reductions: any memory format works as is
+            w = p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
+            value = self._add_gradient_(i, w, p.grad, self.strength)
+            total = value if total is None else total + value
+        return total * self.strength
 
 
 class VarRegularizer(Regularizer):
@@ -163,6 +131,7 @@ class VarRegularizer(Regularizer):
         self.r = float(r)
         self.eps = float(eps)
         self.last_variances: torch.Tensor | None = None
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by layer index
 
     @property
     def lam(self) -> float:
@@ -171,29 +140,46 @@ class VarRegularizer(Regularizer):
     def penalty(self) -> torch.Tensor:
         return var_penalty(self.named, self.r, self.eps)
 
-    def _stats(self, flat):
-        fl = self._flat
-        wt = torch.sqrt(flat * flat + self.r)
-        d = wt - wt[fl.first][fl.seg]
-        n = fl.numel.to(flat.dtype)
-        e = d - (fl.segment_sum(d) / n)[fl.seg]
-        var = fl.segment_sum(e * e) / n
-        return wt, e, var, n
+    def _magnitudes(self, w, out=None):
+        return torch.mul(w, w, out=out).add_(self.r).sqrt_()  # w~ = sqrt(w^2 + r)
 
-    def _value_and_grad(self, flat):
-        fl = self._flat
-        wt, e, var, n = self._stats(flat)
-        self.last_variances = var
+    @staticmethod
+    def _centre_(wt):
+        """Centre magnitudes in place; return them and their population variance.
+
+        Shifting by the first element first makes equal magnitudes exact zeros."""
+        wt.sub_(wt.reshape(-1)[0].clone())
+        wt.sub_(wt.mean())
+        return wt, torch.linalg.vector_norm(wt).square() / wt.numel()
+
+    def _add_gradient_(self, i, w, grad, scale):
+        # scratch buffers the size of each weight: on CPU, fresh allocations of this
+        # size cost more than the arithmetic (page faults)
+        if i not in self._scratch or self._scratch[i][0].shape != w.shape:
+            self._scratch[i] = (torch.empty_like(w), torch.empty_like(w))
+        wt, q = self._scratch[i]
+        self._magnitudes(w, out=wt)
+        torch.div(w, wt, out=q)                      # w_i / w~_i
+        e, var = self._centre_(wt)                   # w~_i - mean(w~)
+        self._variances.append(var)
         inv = 1.0 / (var + self.eps)
-        coef = (-2.0 / n) * inv * inv
-        grad = coef[fl.seg] * e * flat / wt
-        return inv.sum(), grad
+        # d psi / d w_i = -2 / (n (V + eps)^2) * (w~_i - mean) * w_i / w~_i
+        q.mul_((-2.0 * scale / w.numel()) * inv * inv)
+        grad.addcmul_(e, q)
+        return inv
+
+    @torch.no_grad()
+    def apply_gradient_(self) -> torch.Tensor:
+        self._variances = []
+        value = super().apply_gradient_()
+        self.last_variances = torch.stack(self._variances)
+        return value
 
     @torch.no_grad()
     def variances(self) -> dict[str, float]:
         """Per-layer population variance of sqrt(w^2 + r), by parameter name."""
-        _, _, var, _ = self._stats(self._flat.flat())
-        return {name: float(v) for (name, _), v in zip(self.named, var.tolist())}
+        var = torch.stack([self._centre_(self._magnitudes(p.detach().double()))[1] for _, p in self.named])
+        return {name: v for (name, _), v in zip(self.named, var.tolist())}
 
 
 class L1Regularizer(Regularizer):
@@ -204,8 +190,9 @@ class L1Regularizer(Regularizer):
     def penalty(self) -> torch.Tensor:
         return l1_penalty(self.named)
 
-    def _value_and_grad(self, flat):
-        return flat.abs().sum(), torch.sign(flat)
+    def _add_gradient_(self, i, w, grad, scale):
+        grad.add_(torch.sign(w), alpha=scale)
+        return torch.linalg.vector_norm(w, 1)
 
 
 class HoyerSquareRegularizer(Regularizer):
@@ -216,11 +203,10 @@ class HoyerSquareRegularizer(Regularizer):
     def penalty(self) -> torch.Tensor:
         return hoyer_square_penalty(self.named)
 
-    def _value_and_grad(self, flat):
-        fl = self._flat
-        s1 = fl.segment_sum(flat.abs())
-        s2 = fl.segment_sum(flat * flat)
+    def _add_gradient_(self, i, w, grad, scale):
+        s1 = torch.linalg.vector_norm(w, 1)
+        s2 = torch.linalg.vector_norm(w, 2).square()
         # d/dw (s1^2 / s2) = 2 s1 sign(w) / s2 - 2 s1^2 w / s2^2
-        a = (2.0 * s1 / s2)[fl.seg]
-        b = (2.0 * s1 * s1 / (s2 * s2))[fl.seg]
-        return (s1 * s1 / s2).sum(), a * torch.sign(flat) - b * flat
+        grad.addcmul_(torch.sign(w), 2.0 * scale * s1 / s2)
+        grad.addcmul_(w, -2.0 * scale * s1 * s1 / (s2 * s2))
+        return s1 * s1 / s2
