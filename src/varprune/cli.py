@@ -207,6 +207,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+    if args.bnt_batches < 0 or args.bnt_batch_size <= 0:
+        raise UsageError("--bnt-batches must be >= 0 and --bnt-batch-size > 0")
+    seeds = []
+    for v in _names(args.seeds):
+        try:
+            seeds.append(int(v))
+        except ValueError:
+            raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    run_study(Path(args.out), _config_from_args(args), _names(args.methods), seeds, args.sparsities, args.scope,
+              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet)
@@ -242,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--plot", help="combined plot of all runs (default prune_comparison.png for several runs)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("study", help="train and prune several methods x seeds, one report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train every (method, seed), prune each, and write report.md, report.json and "
+                                   "report.png in --out. Finished runs are reused, interrupted ones resumed.",
+                       epilog=f"methods:\n{method_help()}\n\nmodels:\n{_model_lines()}")
+    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--methods", default="sgd,var", help="comma-separated methods (default sgd,var)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--sparsities", type=_sparsities, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99])
+    p.add_argument("--scope", choices=SCOPES, default="global")
+    p.add_argument("--bnt-batches", type=int, default=20)
+    p.add_argument("--bnt-batch-size", type=int, default=500)
+    p.add_argument("--quiet", action="store_true")
+    _add_train_flags(p, exclude=("--method", "--seed"))
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="table and plot from existing prune.json files")
     p.add_argument("runs", nargs="+", metavar="RUN")

@@ -1,8 +1,9 @@
 """``varprune demo``: SGD against VAR on Fashion-MNIST, pruned one-shot, sized to the machine.
 
 On a GPU it runs the setup of the reference measurement (CIFAR-style ResNet-18,
-15 epochs, batch 256, bf16); on CPU a smaller budget chosen by measurement to
-finish within 10 minutes on 2 cores and still show VAR's gap at high sparsity.
+15 epochs, batch 256, bf16); on CPU a BatchNorm MLP on all 60k images for 10
+epochs, chosen by measurement to finish within 10 minutes on 2 cores and still
+show VAR's gap at high sparsity.
 Completed runs in the output folder are reused; interrupted ones resume.
 """
 from __future__ import annotations
@@ -21,8 +22,10 @@ SIZES = {
     # the reference setup of ../shared/METHOD.md section 4
     "gpu": dict(model="resnet18", epochs=15, batch_size=256, var_lambda=1e-6, channels_last=True,
                 sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]),
-    "cpu": dict(model="resnet20", epochs=6, batch_size=128, limit_train=20000, limit_test=5000, var_lambda=1e-5,
-                channels_last=True, sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97]),
+    # measured on 2 CPU cores (see README): a ResNet-20 gets too few steps in 10 minutes for VAR to
+    # matter; the MLP trains 4,690 steps and VAR 1e-4 keeps 83% at 95% sparsity where SGD keeps 67%
+    "cpu": dict(model="mlp", epochs=10, batch_size=128, var_lambda=1e-4,
+                sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]),
     # a smoke test of the whole pipeline (seconds); shows nothing about VAR
     "tiny": dict(model="resnet20", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-5,
                  sparsities=[0.5, 0.9]),

@@ -76,3 +76,42 @@ def write_sweep(run: Path, doc: dict, label: str) -> None:
     atomic_write_text(run / "prune.json", json.dumps(doc, indent=2) + "\n")
     atomic_write_text(run / "prune.csv", sweep_csv(doc))
     sweep_plot([(label, doc)], run / "prune.png", title=f"{label}: one-shot magnitude pruning")
+
+
+def study_table(summary: dict) -> str:
+    """Markdown: mean ± std over seeds per method and sparsity, after BNT and before."""
+    methods = summary["methods"]
+    sparsities = summary["study"]["sparsities"]
+    seeds = summary["study"]["seeds"]
+
+    def cell(ms):
+        return f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
+
+    out = []
+    for key, title in (("accuracy_bnt", "after BN re-tuning"), ("accuracy", "before BN re-tuning")):
+        head = ["method", "dense"] + [f"{100 * s:g}%" for s in sparsities] + ["time/epoch vs SGD"]
+        lines = [f"Test accuracy (%), mean ± std over seeds {seeds}, one-shot pruning {title}:", "",
+                 "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for m, e in methods.items():
+            ratio = "—" if e["time_vs_sgd"] is None else f"{e['time_vs_sgd']:.2f}x"
+            lines.append("| " + " | ".join([m, cell(e["dense"])] +
+                                           [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def study_plot(summary: dict, path: str | Path) -> None:
+    """Mean accuracy after BNT per method with a ±1 std band; dashed: before BNT."""
+    plt, fig, ax = _figure()
+    s = summary["study"]["sparsities"]
+    for i, (m, e) in enumerate(summary["methods"].items()):
+        color = f"C{i % 10}"
+        mean = [100 * e["sparsities"][str(x)]["accuracy_bnt"][0] for x in s]
+        std = [100 * e["sparsities"][str(x)]["accuracy_bnt"][1] for x in s]
+        ax.plot(s, mean, "o-", color=color, label=f"{m} (BNT)")
+        ax.fill_between(s, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                        color=color, alpha=0.2)
+        ax.plot(s, [100 * e["sparsities"][str(x)]["accuracy"][0] for x in s], "--", color=color, alpha=0.5,
+                label=f"{m} (no BNT)")
+    seeds = summary["study"]["seeds"]
+    _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)")
