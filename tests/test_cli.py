@@ -118,3 +118,47 @@ def test_train_help_lists_models_and_methods():
     assert r.returncode == 0
     for name in ("resnet18", "resnet20", "resnet56", "vgg16_bn", "vit_tiny", "sgd", "var"):
         assert name in r.stdout
+
+
+STUDY_METHODS = "sgd,var"
+
+
+def test_study_fills_every_cell_and_reuses_runs(tmp_path, fmnist_dir):
+    out = tmp_path / "study"
+    args = ["study", "--model", "mlp", "--methods", STUDY_METHODS, "--seeds", "0,1", "--epochs", "1",
+            "--batch-size", "64", "--limit-train", "256", "--limit-test", "200", "--sparsities", "0.5,0.9,0.95",
+            "--bnt-batches", "2", "--bnt-batch-size", "64", "--device", "cpu", "--quiet", "--out", out]
+    r = varprune(*args)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    methods = STUDY_METHODS.split(",")
+    assert list(report["methods"]) == methods
+    for m in methods:
+        entry = report["methods"][m]
+        assert entry["time_vs_sgd"] > 0
+        for s in ("0.5", "0.9", "0.95"):
+            cell = entry["sparsities"][s]
+            assert len(cell["per_seed_bnt"]) == 2 and all(0 <= a <= 1 for a in cell["per_seed_bnt"] + cell["per_seed"])
+            assert cell["accuracy_bnt"][0] == pytest.approx(sum(cell["per_seed_bnt"]) / 2)
+    table = (out / "report.md").read_text()
+    assert all(f"| {m} |" in table for m in methods) and "±" in table
+    assert (out / "report.png").read_bytes()[:8] == PNG
+    assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
+    weights = {p: p.read_bytes() for p in out.glob("runs/*/model.safetensors")}
+    assert len(weights) == 2 * len(methods)
+    r = varprune(*args)  # a second call reuses every run and sweep
+    assert r.returncode == 0 and r.stdout.count("| sgd |") == 2
+    assert "training sgd seed" not in r.stdout and f"pruning {out}" not in r.stdout
+    assert r.stdout.count("reusing") == 2 * len(methods)
+    assert weights == {p: p.read_bytes() for p in weights}
+
+
+def test_demo_tiny_end_to_end(tmp_path, fmnist_dir):
+    out = tmp_path / "demo"
+    r = varprune("demo", "--size", "tiny", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "| sgd |" in r.stdout and "| var" in r.stdout
+    assert (out / "demo.png").read_bytes()[:8] == PNG
+    assert "Machine:" in (out / "results.md").read_text()
+    r = varprune("demo", "--size", "tiny", "--out", out, "--quiet")
+    assert r.returncode == 0 and "reusing finished run" in r.stdout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
@@ -44,8 +45,18 @@ def _figure():
     return plt, fig, ax
 
 
+def _sparsity_axis(ax, sparsities) -> None:
+    """x = -log10(1 - sparsity): 90%, 99% and 99.9% equally spaced, where pruning is decided."""
+    ticks = sorted(set(sparsities))
+    ax.set_xticks([_x(s) for s in ticks], [f"{100 * s:g}" for s in ticks])
+
+
+def _x(s: float) -> float:
+    return -math.log10(1.0 - s)
+
+
 def _finish(plt, fig, ax, path: Path, title: str) -> None:
-    ax.set_xlabel("sparsity (fraction of prunable weights removed)")
+    ax.set_xlabel("sparsity (% of prunable weights removed, log scale of the kept fraction)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.set_ylim(0, 100)
@@ -61,9 +72,10 @@ def _finish(plt, fig, ax, path: Path, title: str) -> None:
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
     """Accuracy against sparsity: solid lines after BN re-tuning, dashed before."""
     plt, fig, ax = _figure()
+    _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"]])
     for i, (label, doc) in enumerate(rows):
         color = f"C{i % 10}"
-        s = [r["sparsity"] for r in doc["results"]]
+        s = [_x(r["sparsity"]) for r in doc["results"]]
         ax.plot(s, [100 * r["accuracy_bnt"] for r in doc["results"]], "o-", color=color, label=f"{label} (BNT)")
         ax.plot(s, [100 * r["accuracy"] for r in doc["results"]], "x--", color=color, alpha=0.6,
                 label=f"{label} (no BNT)")
@@ -104,14 +116,16 @@ def study_plot(summary: dict, path: str | Path) -> None:
     """Mean accuracy after BNT per method with a ±1 std band; dashed: before BNT."""
     plt, fig, ax = _figure()
     s = summary["study"]["sparsities"]
+    _sparsity_axis(ax, s)
+    xs = [_x(v) for v in s]
     for i, (m, e) in enumerate(summary["methods"].items()):
         color = f"C{i % 10}"
         mean = [100 * e["sparsities"][str(x)]["accuracy_bnt"][0] for x in s]
         std = [100 * e["sparsities"][str(x)]["accuracy_bnt"][1] for x in s]
-        ax.plot(s, mean, "o-", color=color, label=f"{m} (BNT)")
-        ax.fill_between(s, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+        ax.plot(xs, mean, "o-", color=color, label=f"{m} (BNT)")
+        ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                         color=color, alpha=0.2)
-        ax.plot(s, [100 * e["sparsities"][str(x)]["accuracy"][0] for x in s], "--", color=color, alpha=0.5,
+        ax.plot(xs, [100 * e["sparsities"][str(x)]["accuracy"][0] for x in s], "--", color=color, alpha=0.5,
                 label=f"{m} (no BNT)")
     seeds = summary["study"]["seeds"]
     _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)")
