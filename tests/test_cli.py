@@ -120,36 +120,52 @@ def test_train_help_lists_models_and_methods():
         assert name in r.stdout
 
 
-STUDY_METHODS = "sgd,var"
+ALL_METHODS = ["sgd", "var", "sam", "asam", "cram", "cram+", "s2sam", "l1", "hoyer", "var+sam", "var+cram+"]
 
 
-def test_study_fills_every_cell_and_reuses_runs(tmp_path, fmnist_dir):
+def study(out, methods, seeds):
+    return varprune("study", "--model", "mlp", "--methods", ",".join(methods), "--seeds", seeds, "--epochs", "1",
+                    "--batch-size", "64", "--limit-train", "256", "--limit-test", "200", "--sparsities",
+                    "0.5,0.9,0.95", "--bnt-batches", "2", "--bnt-batch-size", "64", "--device", "cpu", "--quiet",
+                    "--out", out)
+
+
+def test_study_of_every_method_fills_every_cell(tmp_path, fmnist_dir):
     out = tmp_path / "study"
-    args = ["study", "--model", "mlp", "--methods", STUDY_METHODS, "--seeds", "0,1", "--epochs", "1",
-            "--batch-size", "64", "--limit-train", "256", "--limit-test", "200", "--sparsities", "0.5,0.9,0.95",
-            "--bnt-batches", "2", "--bnt-batch-size", "64", "--device", "cpu", "--quiet", "--out", out]
-    r = varprune(*args)
+    r = study(out, ALL_METHODS, "0")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    methods = STUDY_METHODS.split(",")
-    assert list(report["methods"]) == methods
-    for m in methods:
+    assert list(report["methods"]) == ALL_METHODS
+    for m in ALL_METHODS:
         entry = report["methods"][m]
         assert entry["time_vs_sgd"] > 0
         for s in ("0.5", "0.9", "0.95"):
             cell = entry["sparsities"][s]
-            assert len(cell["per_seed_bnt"]) == 2 and all(0 <= a <= 1 for a in cell["per_seed_bnt"] + cell["per_seed"])
-            assert cell["accuracy_bnt"][0] == pytest.approx(sum(cell["per_seed_bnt"]) / 2)
+            assert all(0 <= a <= 1 for a in cell["per_seed_bnt"] + cell["per_seed"])
     table = (out / "report.md").read_text()
-    assert all(f"| {m} |" in table for m in methods) and "±" in table
+    assert all(f"| {m} |" in table for m in ALL_METHODS) and "—" not in table
     assert (out / "report.png").read_bytes()[:8] == PNG
+
+
+def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
+    out = tmp_path / "study"
+    r = study(out, ["sgd", "var"], "0,1")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    for m in ("sgd", "var"):
+        for cell in report["methods"][m]["sparsities"].values():
+            assert len(cell["per_seed_bnt"]) == 2
+            assert cell["accuracy_bnt"][0] == pytest.approx(sum(cell["per_seed_bnt"]) / 2)
+            a, b = cell["per_seed_bnt"]
+            assert cell["accuracy_bnt"][1] == pytest.approx(abs(a - b) / 2 ** 0.5)
+    assert "±" in (out / "report.md").read_text()
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
     weights = {p: p.read_bytes() for p in out.glob("runs/*/model.safetensors")}
-    assert len(weights) == 2 * len(methods)
-    r = varprune(*args)  # a second call reuses every run and sweep
+    assert len(weights) == 4
+    r = study(out, ["sgd", "var"], "0,1")  # a second call reuses every run and sweep
     assert r.returncode == 0 and r.stdout.count("| sgd |") == 2
     assert "training sgd seed" not in r.stdout and f"pruning {out}" not in r.stdout
-    assert r.stdout.count("reusing") == 2 * len(methods)
+    assert r.stdout.count("reusing") == 4
     assert weights == {p: p.read_bytes() for p in weights}
 
 

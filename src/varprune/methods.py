@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .regularizers import HoyerSquareRegularizer, L1Regularizer, Regularizer, VarRegularizer
+from .weights import prunable_weights
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg) -> torch.optim.
         return optim.SAM(params, torch.optim.SGD, rho=rho, adaptive=method.optimizer == "asam", **sgd)
     if method.optimizer in ("cram", "cram+"):
         sparsities = tuple(cfg.cram_sparsities or DEFAULT_CRAM_SPARSITIES)
+        # the compression CrAM trains against is the one the evaluation applies: the prunable weights
         return optim.CrAM(params, torch.optim.SGD, rho=rho, sparsities=sparsities,
-                          plus=method.optimizer == "cram+", seed=cfg.seed, **sgd)
+                          plus=method.optimizer == "cram+", seed=cfg.seed,
+                          compress_params=[p for _, p in prunable_weights(model)], **sgd)
     if method.optimizer == "s2sam":
         return optim.S2SAM(params, torch.optim.SGD, rho=rho, **sgd)
     raise AssertionError(method.optimizer)
