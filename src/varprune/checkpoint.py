@@ -57,6 +57,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_write_bytes` left
+    in ``folder`` (``.NAME.XXXX.tmp``); return what was removed."""
+    removed = []
+    try:
+        candidates = list(Path(folder).glob(".*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     """Replace every tensor in a nested structure by ``{"__tensor__": key}``."""
     if isinstance(obj, torch.Tensor):
@@ -109,18 +127,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     try:
         tensors = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + header_len])
-        meta = header.get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+        meta = _metadata(raw)
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
                               f"it may be truncated: resume from an intact run or retrain") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a varprune checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path} is not a varprune checkpoint (format {str(meta.get('format'))[:40]!r})")
     try:
-        return unflatten_state(json.loads(meta["state"]), tensors)
-    except (KeyError, ValueError, TypeError) as e:
+        state = unflatten_state(json.loads(meta["state"]), tensors)
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{path} has corrupt metadata ({type(e).__name__}); retrain or resume elsewhere") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has corrupt metadata (not a mapping); retrain or resume elsewhere")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:80]
+
+
+def _metadata(raw: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file that ``st_load`` accepted."""
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
@@ -129,22 +161,50 @@ def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
     atomic_write_bytes(path, st_save(state, metadata=metadata))
 
 
-def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Load ``save_weights`` output into ``model``; a mismatch is a CheckpointError."""
+def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[str, str] | None = None) -> None:
+    """Load ``save_weights`` output into ``model``; a mismatch is a CheckpointError.
+
+    ``expect`` (e.g. ``{"model": "resnet20"}``) is compared with the file's
+    metadata where the file records that key.
+    """
     path = Path(path)
     try:
-        state = st_load(path.read_bytes())
+        raw = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read weights {path}: {e.strerror or e}") from None
-    except (SafetensorError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+    try:
+        state = st_load(raw)
+        meta = _metadata(raw)
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
                               f"it may be truncated: retrain the run") from None
+    for key, want in (expect or {}).items():
+        if key in meta and meta[key] != want:
+            raise CheckpointError(f"{path} holds the weights of {key} {str(meta[key])[:40]!r}, not {want!r}: "
+                                  f"was it copied from another run?")
+    load_model_state(model, state, path)
+
+
+def state_mismatch(model: torch.nn.Module, state: Any) -> str | None:
+    """Why ``state`` cannot be a state_dict of ``model`` (None if it can)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "not a mapping of names to tensors"
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[:2]}" if missing else
-                  f"unexpected {unexpected[:2]}" if unexpected else f"shape mismatch at {wrong[:2]}")
+        return (f"missing {missing[:2]}" if missing else
+                f"unexpected {unexpected[:2]}" if unexpected else f"shape mismatch at {wrong[:2]}")
+    return None
+
+
+def load_model_state(model: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
+    """``model.load_state_dict(state)``, any mismatch a one-line CheckpointError."""
+    detail = state_mismatch(model, state)
+    if detail is not None:
         raise CheckpointError(f"{path} does not fit this model ({detail}): was it trained with another --model?")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this model ({_first_line(e)})") from None

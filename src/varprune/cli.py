@@ -107,8 +107,9 @@ def cmd_train(args) -> int:
     from .train import load_run_config, train
     if args.resume:
         given = [f for f, (name, _, _) in TRAIN_FLAGS.items() if hasattr(args, name)]
-        if given or args.out:
-            raise UsageError(f"--resume takes its configuration from RUN/config.json; drop {', '.join(given) or '--out'}")
+        given += ["--out"] * bool(args.out) + ["--overwrite"] * bool(args.overwrite)
+        if given:
+            raise UsageError(f"--resume takes its configuration from RUN/config.json; drop {', '.join(given)}")
         run = Path(args.resume)
         train(load_run_config(run), run, resume=True, progress=not args.quiet)
         return 0
@@ -127,9 +128,57 @@ def run_label(run: Path, cfg) -> str:
     return cfg.method
 
 
+def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
+    """Every run folder's configuration, and every problem with them (nothing is loaded)."""
+    from .train import WEIGHTS, data_problems, load_run_config
+    configs, problems = [], []
+    for run in runs:
+        try:
+            cfg = load_run_config(run)
+        except RunError as e:
+            configs.append(None)
+            problems.append(str(e))
+            continue
+        configs.append(cfg)
+        if not (run / WEIGHTS).is_file():
+            problems.append(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
+        if data_dir is not None:
+            cfg.data_dir = data_dir
+        problems += [p for p in data_problems(cfg) if p not in problems]
+    return configs, problems
+
+
+def _weights_digest(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size) -> dict | None:
+    """RUN/prune.json if it was made from RUN's current weights with exactly these settings."""
+    from .train import WEIGHTS
+    try:
+        doc = json.loads((run / "prune.json").read_text())
+        same = ([r["sparsity"] for r in doc["results"]] == list(sparsities) and doc["scope"] == scope
+                and list(doc["exclude"]) == list(exclude) and doc["bnt_batches"] == bnt_batches
+                and doc["bnt_batch_size"] == bnt_batch_size
+                and doc["weights_sha256"] == _weights_digest(run / WEIGHTS))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return doc if same else None
+
+
 def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_batches=20, bnt_batch_size=500,
-               data_dir=None, device="auto", log=print) -> list[tuple[str, dict]]:
-    """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs."""
+               data_dir=None, device="auto", log=print, reuse=False) -> list[tuple[str, dict]]:
+    """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
+
+    Only RUN/prune.* are written; the run's weights and checkpoint are read, never
+    modified. ``reuse``: a run whose prune.json was made from its current weights
+    with the same settings is not swept again (an interrupted sweep resumes).
+    """
     import torch
 
     from .checkpoint import load_weights
@@ -137,27 +186,31 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
     from .evaluate import bnt_batches as make_bnt
     from .evaluate import prune_sweep
     from .report import write_sweep
-    from .train import WEIGHTS, build_model, load_data, load_run_config
+    from .train import WEIGHTS, build_model, load_data
 
     dev = resolve_device(device)
-    configs = [load_run_config(run) for run in runs]   # every folder checked before any work
-    for run in runs:
-        if not (run / WEIGHTS).is_file():
-            raise RunError(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
+    configs, problems = check_runs(runs, data_dir)   # every folder checked before any work
+    if problems:
+        raise RunError("; ".join(problems))
     cache, out = {}, []
     labels = [run_label(r, c) for r, c in zip(runs, configs)]
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
     for run, cfg, label in zip(runs, configs, labels):
-        if data_dir is not None:
-            cfg.data_dir = data_dir
+        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size) if reuse else None
+        if done is not None:
+            log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
+            done["label"] = label
+            out.append((label, done))
+            continue
         cfg.device = str(dev)
         key = (cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test)
         if key not in cache:
             cache[key] = load_data(cfg, dev)
         _, train_loader, test_loader = cache[key]
         model = build_model(cfg, dev)
-        load_weights(run / WEIGHTS, model)
+        digest = _weights_digest(run / WEIGHTS)
+        load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(train_loader.images), generator=g)[: bnt_batches * bnt_batch_size]
         bnt = make_bnt(train_loader.images[pick.to(train_loader.images.device)], bnt_batches, bnt_batch_size,
@@ -165,7 +218,8 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
         log(f"pruning {run} ({label})")
         doc = prune_sweep(model, sparsities, test_loader, bnt, scope, exclude, resolve_amp(cfg.amp, dev),
                           progress=lambda s, a, b: log(f"  {100 * s:g}%: {100 * b:.2f}% with BNT, {100 * a:.2f}% without"))
-        doc.update({"run": str(run), "label": label, "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size})
+        doc.update({"run": str(run), "label": label, "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size,
+                    "weights_sha256": digest})
         write_sweep(run, doc, label)
         out.append((label, doc))
     return out
@@ -174,10 +228,15 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
 def cmd_prune(args) -> int:
     from .report import sweep_plot, sweep_table
     runs = [Path(r) for r in args.runs]
-    if args.bnt_batches < 0 or args.bnt_batch_size <= 0:
-        raise UsageError("--bnt-batches must be >= 0 and --bnt-batch-size > 0")
+    problems = [] if args.bnt_batches >= 0 and args.bnt_batch_size > 0 else [
+        "--bnt-batches must be >= 0 and --bnt-batch-size > 0"]
+    if len(set(map(str, runs))) != len(runs):
+        problems.append("a RUN is named twice")
+    problems += check_runs(runs, args.data_dir)[1]
+    if problems:  # every problem at once, before any work
+        raise UsageError("; ".join(problems))
     rows = prune_runs(runs, args.sparsities, args.scope, _names(args.exclude or ""), args.bnt_batches,
-                      args.bnt_batch_size, args.data_dir, args.device)
+                      args.bnt_batch_size, args.data_dir, args.device, reuse=not args.force)
     print(sweep_table(rows))
     if args.plot or len(runs) > 1:
         plot = Path(args.plot) if args.plot else Path("prune_comparison.png")
@@ -222,6 +281,12 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import report
+    print(report(args.data_dir), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet)
@@ -245,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prune", help="one-shot pruning sweep of trained runs")
+    p = sub.add_parser("prune", help="one-shot pruning sweep of trained runs",
+                       description="Prune every RUN's final weights one-shot at each sparsity, with and without "
+                                   "BN re-tuning, into RUN/prune.{json,csv,png}. Weights and checkpoints are "
+                                   "only read.")
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--sparsities", type=_sparsities, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99])
     p.add_argument("--scope", choices=SCOPES, default="global")
@@ -256,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto")
     p.add_argument("--plot", help="combined plot of all runs (default prune_comparison.png for several runs)")
+    p.add_argument("--force", action="store_true",
+                   help="sweep every run again; by default a run whose prune.json was made from its current "
+                        "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "
+                        "interrupted sweep over several runs continues where it stopped")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("study", help="train and prune several methods x seeds, one report",
@@ -278,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--plot", help="write a combined plot here")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("doctor", help="print the environment (versions, devices, datasets) for bug reports",
+                       description="Print versions, the devices torch sees and where each dataset was looked "
+                                   "for and found. Reads no dataset file; paste the output into bug reports.")
+    p.add_argument("--data-dir", help="look for the datasets here instead of their default folders")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("demo", help="SGD against VAR on Fashion-MNIST, sized to this machine")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
@@ -303,6 +381,9 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         print(f"varprune: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OSError as e:  # the disk or the file system, not the input: still one line, no traceback
+        print(f"varprune: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("varprune: interrupted; completed epochs are kept (--resume continues)", file=sys.stderr)
         return 130

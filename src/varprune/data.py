@@ -16,6 +16,7 @@ import io
 import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def _read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:
-        raise DatasetError(f"cannot read {path}: {e}; re-fetch the file") from None
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError, zlib.error) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+        raise DatasetError(f"cannot read {path} ({reason}); re-fetch the file") from None
     return raw
 
 
@@ -166,7 +168,7 @@ def parse_cifar_batch(raw: bytes, what: str, label_key: bytes) -> tuple[np.ndarr
     try:
         data = np.asarray(data, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError, MemoryError):
         raise DatasetError(f"{what} holds data of the wrong type; re-fetch the file") from None
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DatasetError(f"{what} has data {data.shape} and labels {labels.shape}, "
@@ -174,13 +176,15 @@ def parse_cifar_batch(raw: bytes, what: str, label_key: bytes) -> tuple[np.ndarr
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar(info: DatasetInfo, root: Path):
+def _cifar_layout(info: DatasetInfo) -> tuple[str, bytes, dict[str, list[str]]]:
     if info.name == "cifar10":
-        folder, key = "cifar-10-batches-py", b"labels"
-        splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    else:
-        folder, key = "cifar-100-python", b"fine_labels"
-        splits = {"train": ["train"], "test": ["test"]}
+        return "cifar-10-batches-py", b"labels", {"train": [f"data_batch_{i}" for i in range(1, 6)],
+                                                  "test": ["test_batch"]}
+    return "cifar-100-python", b"fine_labels", {"train": ["train"], "test": ["test"]}
+
+
+def _load_cifar(info: DatasetInfo, root: Path):
+    folder, key, splits = _cifar_layout(info)
     base = root / folder if (root / folder).is_dir() else root
     out = []
     for split in ("train", "test"):
@@ -235,6 +239,55 @@ def _download(info: DatasetInfo, root: Path) -> None:
         cls(str(root), train=train, download=True)
 
 
+@dataclass
+class DatasetLocation:
+    """Where a dataset's files are, without reading them (``varprune doctor``, validation)."""
+    name: str
+    root: Path
+    found: list[Path]
+    missing: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def not_found_message(self) -> str:
+        return _not_found(self.name, self.root, self.missing[0] if self.missing else "?")
+
+
+def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> DatasetLocation:
+    """Which of ``name``'s files exist under ``data_dir`` (or the default folder)."""
+    info = dataset_info(name)
+    root = Path(data_dir if data_dir is not None else default_data_dir(name))
+    found, missing = [], []
+    try:
+        if info.name in _TORCHVISION_DIR:
+            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+                path = _find_idx(root, info.name, stem)
+                (found.append(path) if path is not None else missing.append(stem))
+        elif info.name in ("cifar10", "cifar100"):
+            folder, _, splits = _cifar_layout(info)
+            base = root / folder if (root / folder).is_dir() else root
+            for fname in splits["train"] + splits["test"]:
+                (found.append(base / fname) if (base / fname).is_file() else missing.append(fname))
+        else:
+            for split in ("train", "test"):
+                path = root / f"{split}_32x32.mat"
+                (found.append(path) if path.is_file() else missing.append(path.name))
+    except OSError as e:  # an unreadable folder: nothing found there
+        return DatasetLocation(name, root, [], [f"{root} ({e.strerror or e})"])
+    return DatasetLocation(name, root, found, missing)
+
+
+def _not_found(name: str, root: Path, missing: str) -> str:
+    hint = "pass --download to fetch it"
+    if name == "fashion-mnist":
+        hint = "install it with `apt-get install dataset-fashion-mnist`, or " + hint
+    return (f"{name} not found in {root} (missing {missing}; expected {DATASETS[name].layout}): {hint}, "
+            f"or point --data-dir at it")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageData:
     """Load a whole dataset as uint8 tensors, from torchvision's on-disk layout.
 
@@ -245,16 +298,17 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
     if download:
-        root.mkdir(parents=True, exist_ok=True)
-        _download(info, root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _download(info, root)
+        except Exception as e:  # network, disk or torchvision trouble: one line, not a traceback
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise DatasetError(f"downloading {name} into {root} failed ({reason}); fetch the files by hand "
+                               f"({info.layout}) and point --data-dir at them") from None
     try:
         tx, ty, vx, vy = _READERS[name](info, root)
     except FileNotFoundError as e:
-        hint = "pass --download to fetch it"
-        if name == "fashion-mnist":
-            hint = "install it with `apt-get install dataset-fashion-mnist`, or " + hint
-        raise DatasetError(f"{name} not found in {root} (missing {e.args[0] if e.args else e}; "
-                           f"expected {info.layout}): {hint}, or point --data-dir at it") from None
+        raise DatasetError(_not_found(name, root, e.args[0] if e.args else str(e))) from None
     to = lambda a, dt: torch.from_numpy(np.array(a, copy=True)).to(dt)  # noqa: E731
     return ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
 

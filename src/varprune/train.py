@@ -5,15 +5,21 @@ A run folder holds:
 * ``config.json``        the resolved configuration (everything needed to rerun);
 * ``metrics.jsonl``      one line per epoch;
 * ``checkpoint.safetensors``  the state after the last complete epoch (weights,
-  optimizer, RNG states, metrics history), written atomically every epoch,
-  from which ``--resume`` continues;
+  optimizer and method state, RNG states, metrics history), written atomically
+  every epoch, from which ``--resume`` continues;
 * ``model.safetensors``  the final weights, once training has finished.
+
+Every file is written atomically (temporary file, fsync, rename), checkpoint
+first: a run killed at any moment resumes from its last complete epoch and, on
+the CPU, ends bitwise identical to an uninterrupted run. metrics.jsonl is
+rewritten from the checkpoint's history, so it never runs ahead of or behind it.
 
 The hot loop never synchronises with the host: loss sums, accuracy counts and
 the non-finite check accumulate in device tensors and are read once per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
-from .data import DeviceLoader, dataset_info, load_dataset, subset
-from .device import autocast, describe_device, resolve_amp, resolve_device
+from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, load_model_state,
+                         remove_stale_temporaries, save_checkpoint, save_weights)
+from .data import DeviceLoader, dataset_info, load_dataset, locate_dataset, subset
+from .device import AMP_MODES, autocast, describe_device, resolve_amp, resolve_device
 from .evaluate import accuracy
 from .methods import build_optimizer, build_regularizers, get_method
 from .models import create_model
@@ -38,6 +45,9 @@ from .regularizers import VarRegularizer
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, WEIGHTS)
+DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")   # made from WEIGHTS; stale once it is replaced
+# settings that say where things are, not what is computed: a checkpoint may be resumed with others
+LOCATION_KEYS = ("device", "data_dir", "download")
 
 
 class RunError(ValueError):
@@ -82,47 +92,147 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A configuration from JSON; wrong keys or types are one :class:`RunError` naming them all."""
+        if not isinstance(d, dict):
+            raise RunError(f"a configuration must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise RunError(f"config has unknown keys {unknown}; is it from another varprune version?")
-        return cls(**d)
+        unknown = sorted(map(str, set(d) - names))
+        problems = [f"unknown keys {_short(unknown)}; is it from another varprune version?"] if unknown else []
+        problems += _type_problems(d)
+        if problems:
+            raise RunError("config " + "; ".join(problems))
+        values = dict(d)
+        for f in dataclasses.fields(cls):  # JSON writes 1.0 as 1: floats become floats again
+            if f.name in values and values[f.name] is not None:
+                if f.type.startswith("float"):
+                    values[f.name] = float(values[f.name])
+                elif f.type.startswith("list[float]"):
+                    values[f.name] = [float(v) for v in values[f.name]]
+        return cls(**values)
 
 
-def validate_config(cfg: TrainConfig) -> list[str]:
-    """Every problem with a configuration, as one-line messages (empty if fine)."""
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` on one line, at most ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _plain(obj) -> bool:
+    """Only JSON values (no tensors) in a nested structure."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(map(_plain, obj))
+    return obj is None or isinstance(obj, (bool, int, float, str))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:   # an int beyond float range
+        return False
+    return True
+
+
+_TYPE_CHECKS = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
+                "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
+                "list[float]": lambda v: isinstance(v, list) and all(map(_is_number, v)),
+                "None": lambda v: v is None}
+
+
+def _type_problems(values: dict) -> list[str]:
+    """Fields of ``values`` whose type does not match TrainConfig's annotation."""
+    problems = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            kinds = [k.strip() for k in f.type.split("|")]
+            if not any(_TYPE_CHECKS[k](values[f.name]) for k in kinds):
+                problems.append(f"{f.name} must be {' or '.join(kinds)}, got {_short(values[f.name])}")
+    return problems
+
+
+def _finite(v) -> bool:
+    return math.isfinite(float(v))
+
+
+def validate_config(cfg: TrainConfig, check_device: bool = True) -> list[str]:
+    """Every problem with a configuration, as one-line messages (empty if fine).
+
+    Checks types, ranges and names; ``check_device`` also checks that the
+    device exists on this machine. Nothing is loaded or written.
+    """
     from .data import DATASETS
     from .methods import METHODS
     from .models import list_models
-    problems = []
-    if cfg.dataset not in DATASETS:
-        problems.append(f"unknown dataset {cfg.dataset!r} (choose from {', '.join(sorted(DATASETS))})")
-    if cfg.model not in list_models():
-        problems.append(f"unknown model {cfg.model!r} (choose from {', '.join(list_models())})")
-    if cfg.method not in METHODS:
-        problems.append(f"unknown method {cfg.method!r} (choose from {', '.join(METHODS)})")
+    problems = _type_problems(dataclasses.asdict(cfg))
+    bad_type = {p.split(" ", 1)[0] for p in problems}
+    fine = lambda *names: not bad_type.intersection(names)  # noqa: E731
+    if fine("dataset") and cfg.dataset not in DATASETS:
+        problems.append(f"unknown dataset {_short(cfg.dataset)} (choose from {', '.join(sorted(DATASETS))})")
+    if fine("model") and cfg.model not in list_models():
+        problems.append(f"unknown model {_short(cfg.model)} (choose from {', '.join(list_models())})")
+    if fine("method") and cfg.method not in METHODS:
+        problems.append(f"unknown method {_short(cfg.method)} (choose from {', '.join(METHODS)})")
+    if fine("amp") and cfg.amp not in AMP_MODES:
+        problems.append(f"unknown --amp {_short(cfg.amp)} (choose from {', '.join(AMP_MODES)})")
+    if fine("device"):
+        try:
+            device = resolve_device(cfg.device) if check_device else None
+            if not check_device and cfg.device != "auto":
+                torch.device(cfg.device)
+        except (ValueError, RuntimeError) as e:
+            problems.append(str(e) if check_device else f"unknown device {_short(cfg.device)}")
+        else:
+            if device is not None and device.type not in ("cpu", "cuda"):
+                problems.append(f"device {_short(cfg.device)} is not supported; use auto, cpu, cuda or cuda:N")
     checks = [
-        (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
-        (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
-        (cfg.var_lambda >= 0 and math.isfinite(cfg.var_lambda), f"--var-lambda must be >= 0, got {cfg.var_lambda}"),
-        (cfg.var_r > 0, f"--var-r must be > 0, got {cfg.var_r}"),
-        (cfg.var_eps > 0, f"--var-eps must be > 0, got {cfg.var_eps}"),
-        (cfg.l1_alpha >= 0, f"--l1-alpha must be >= 0, got {cfg.l1_alpha}"),
-        (cfg.hoyer_alpha >= 0, f"--hoyer-alpha must be >= 0, got {cfg.hoyer_alpha}"),
-        (cfg.rho is None or cfg.rho > 0, f"--rho must be > 0, got {cfg.rho}"),
-        (cfg.limit_train is None or cfg.limit_train > 0, f"--limit-train must be > 0, got {cfg.limit_train}"),
-        (cfg.limit_test is None or cfg.limit_test > 0, f"--limit-test must be > 0, got {cfg.limit_test}"),
+        ("epochs", lambda: cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
+        ("batch_size", lambda: cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
+        ("lr", lambda: cfg.lr > 0 and _finite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
+        ("momentum", lambda: 0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        ("weight_decay", lambda: cfg.weight_decay >= 0 and _finite(cfg.weight_decay),
+         f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        ("warmup_epochs", lambda: cfg.warmup_epochs >= 0 and _finite(cfg.warmup_epochs),
+         f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
+        ("var_lambda", lambda: cfg.var_lambda >= 0 and _finite(cfg.var_lambda),
+         f"--var-lambda must be >= 0, got {cfg.var_lambda}"),
+        ("var_r", lambda: cfg.var_r > 0 and _finite(cfg.var_r), f"--var-r must be > 0, got {cfg.var_r}"),
+        ("var_eps", lambda: cfg.var_eps > 0 and _finite(cfg.var_eps), f"--var-eps must be > 0, got {cfg.var_eps}"),
+        ("l1_alpha", lambda: cfg.l1_alpha >= 0 and _finite(cfg.l1_alpha), f"--l1-alpha must be >= 0, got {cfg.l1_alpha}"),
+        ("hoyer_alpha", lambda: cfg.hoyer_alpha >= 0 and _finite(cfg.hoyer_alpha),
+         f"--hoyer-alpha must be >= 0, got {cfg.hoyer_alpha}"),
+        ("rho", lambda: cfg.rho is None or (cfg.rho > 0 and _finite(cfg.rho)), f"--rho must be > 0, got {cfg.rho}"),
+        ("seed", lambda: 0 <= cfg.seed < 2 ** 63, f"--seed must be in [0, 2^63), got {cfg.seed}"),
+        ("limit_train", lambda: cfg.limit_train is None or cfg.limit_train > 0,
+         f"--limit-train must be > 0, got {cfg.limit_train}"),
+        ("limit_test", lambda: cfg.limit_test is None or cfg.limit_test > 0,
+         f"--limit-test must be > 0, got {cfg.limit_test}"),
     ]
-    problems += [msg for ok, msg in checks if not ok]
-    if cfg.cram_sparsities is not None:
+    problems += [msg for name, ok, msg in checks if fine(name) and not ok()]
+    if fine("cram_sparsities") and cfg.cram_sparsities is not None:
         bad = [s for s in cfg.cram_sparsities if not 0 <= s < 1]
         if bad or not cfg.cram_sparsities:
-            problems.append(f"--cram-sparsities must be non-empty values in [0, 1), got {cfg.cram_sparsities}")
+            problems.append(f"--cram-sparsities must be non-empty values in [0, 1), got {_short(cfg.cram_sparsities)}")
+        elif len(set(cfg.cram_sparsities)) != len(cfg.cram_sparsities):
+            problems.append(f"--cram-sparsities must be unique, got {_short(cfg.cram_sparsities)}")
     return problems
+
+
+def data_problems(cfg: TrainConfig) -> list[str]:
+    """A missing dataset, found by looking for its files (nothing is read)."""
+    from .data import DATASETS
+    if cfg.download or not isinstance(cfg.dataset, str) or cfg.dataset not in DATASETS:
+        return []
+    if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
+        return []
+    where = locate_dataset(cfg.dataset, cfg.data_dir)
+    return [] if where.complete else [where.not_found_message()]
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -147,31 +257,115 @@ def _set_rng_state(state: dict, device: torch.device, loader: DeviceLoader) -> N
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to silently replace a run; ``overwrite`` removes the old run's files."""
+def run_dir_problems(out: Path, overwrite: bool) -> list[str]:
+    """Why ``out`` cannot receive a new run (empty if it can)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return [f"{out} exists and is not a folder; choose another --out"]
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise RunError(f"{out} already holds a run ({', '.join(existing)}); use --resume {out} to continue it, "
-                       f"--overwrite to replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in existing:
-        (out / name).unlink()
+        return [f"{out} already holds a run ({', '.join(existing)}); use --resume {out} to continue it, "
+                f"--overwrite to replace it, or choose another --out"]
+    return []
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to silently replace a run; ``overwrite`` removes the old run's files
+    (and the prune results made from its weights)."""
+    out = Path(out)
+    problems = run_dir_problems(out, overwrite)
+    if problems:
+        raise RunError(problems[0])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        # config.json first: a folder caught half-cleared is never mistaken for the old run by --resume
+        for name in RUN_FILES + DERIVED_FILES:
+            if (out / name).exists():
+                (out / name).unlink()
+    except OSError as e:
+        raise RunError(f"cannot prepare {out} ({e.strerror or e}); choose another --out") from None
 
 
 def load_run_config(run: Path) -> TrainConfig:
-    path = Path(run) / "config.json"
+    """A run folder's configuration, checked; any problem is one :class:`RunError` line."""
+    run = Path(run)
+    path = run / "config.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RunError(f"{run} is not a varprune run folder (no config.json); train one with `varprune train`") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if run.is_dir() and any((run / name).exists() for name in RUN_FILES):
+            raise RunError(f"{run} has no config.json but holds run files: the folder is damaged; retrain it with "
+                           f"`varprune train --overwrite --out {run} ...`") from None
+        if run.is_dir() and any(run.glob(".config.json.*.tmp")):
+            raise RunError(f"{run} was interrupted before its configuration was written, so nothing can be "
+                           f"resumed; start it again with `varprune train --out {run} ...`") from None
+        raise RunError(f"{run} is not a varprune run folder (no config.json); train one with "
+                       f"`varprune train --out {run} ...`") from None
+    except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"cannot read {path} ({type(e).__name__}); the run folder is damaged") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
         raise RunError(f"{path} is not a varprune run configuration")
     try:
-        return TrainConfig.from_dict(data["train"])
-    except TypeError as e:
-        raise RunError(f"{path} is malformed ({e})") from None
+        cfg = TrainConfig.from_dict(data["train"])
+    except RunError as e:
+        raise RunError(f"{path}: {e}") from None
+    problems = validate_config(cfg, check_device=False)
+    if problems:
+        raise RunError(f"{path}: " + "; ".join(problems))
+    return cfg
+
+
+def _check_checkpoint(state: dict, cfg: TrainConfig, path: Path) -> None:
+    """Is ``state`` a complete training checkpoint of the run configured by ``cfg``?"""
+    def bad(what):
+        return CheckpointError(f"{path} is not a complete training checkpoint ({what}); "
+                               f"retrain with `varprune train --overwrite`")
+    for key, kind in (("epoch", int), ("config", dict), ("model", dict), ("optimizer", dict), ("rng", dict),
+                      ("history", list)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise bad(f"no valid {key!r}")
+    if not _plain(state["config"]):
+        raise bad("its configuration holds tensors")
+    rng = state["rng"]
+    for key in ("torch", "loader"):
+        if not isinstance(rng.get(key), torch.Tensor) or rng[key].dtype != torch.uint8:
+            raise bad(f"no valid RNG state {key!r}")
+    if not all(isinstance(h, dict) for h in state["history"]) or len(state["history"]) != state["epoch"]:
+        raise bad("metrics history does not match its epoch")
+    own = {k: v for k, v in asdict(cfg).items() if k not in LOCATION_KEYS}
+    theirs = {k: v for k, v in state["config"].items() if k not in LOCATION_KEYS}
+    if own != theirs:
+        diff = sorted(k for k in set(own) | set(theirs) if own.get(k, "?") != theirs.get(k, "?"))
+        detail = ", ".join(f"{k} {_short(theirs.get(k), 30)} vs {_short(own.get(k), 30)}" for k in diff[:3])
+        raise CheckpointError(f"{path} belongs to another run ({detail} in config.json); "
+                              f"was it copied from elsewhere? retrain with `varprune train --overwrite`")
+    if not 0 < state["epoch"] <= cfg.epochs:
+        raise bad(f"epoch {state['epoch']} of {cfg.epochs}")
+
+
+def _restore(state: dict, path: Path, model, optimizer, device: torch.device, loader: DeviceLoader) -> None:
+    load_model_state(model, state["model"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path} holds optimizer state of another method or model "
+                              f"({type(e).__name__}); retrain with `varprune train --overwrite`") from None
+    try:
+        _set_rng_state(state["rng"], device, loader)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds an invalid RNG state ({type(e).__name__}); "
+                              f"retrain with `varprune train --overwrite`") from None
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _all_finite(tensors) -> bool:
+    """One host sync for all tensors (floating ones; integer buffers are always finite)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -220,17 +414,57 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     :class:`NonFiniteError` when the loss or weights stop being finite.
     """
     out = Path(out)
-    problems = validate_config(cfg)
-    if problems:
+    problems = validate_config(cfg) + data_problems(cfg)
+    if not resume:
+        problems += run_dir_problems(out, overwrite)
+    elif out.exists() and not out.is_dir():
+        problems.append(f"{out} is not a run folder")
+    if problems:  # every problem at once, before any work
         raise RunError("; ".join(problems))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
+    with _run_lock(out):
+        return _train(cfg, out, resume, overwrite, log, progress)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """Hold ``out/.lock`` while training: a second process on the same folder is refused
+    (the kernel drops the lock when its holder dies, however it dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    try:
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to {out} ({e.strerror or e})") from None
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunError(f"{out} is being trained by another varprune process; wait for it or choose "
+                           f"another --out") from None
+        yield
+    finally:
+        f.close()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, log, progress: bool) -> dict:
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
     method = get_method(cfg.method)
+    state = None
     if resume:
-        state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+        remove_stale_temporaries(out)  # what a write interrupted by a crash left behind
+        if (out / CHECKPOINT).exists():
+            state = load_checkpoint(out / CHECKPOINT)
+            _check_checkpoint(state, cfg, out / CHECKPOINT)
     else:
         prepare_run_dir(out, overwrite)
-        state = None
 
     data, train_loader, test_loader = load_data(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -253,15 +487,24 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         "steps_per_epoch": steps_per_epoch, "data_source": data.source,
         "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], device, train_loader)
+        schedule = state.get("schedule")
+        if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps:
+            raise CheckpointError(f"{out / CHECKPOINT} was written for {_short(schedule.get('total_steps'))} steps, "
+                                  f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
+                                  f"at the original data or retrain with `varprune train --overwrite`")
+        _restore(state, out / CHECKPOINT, model, optimizer, device, train_loader)
         history = state["history"]
         start_epoch = state["epoch"]
+        if start_epoch >= cfg.epochs and (out / WEIGHTS).exists():
+            _write_metrics(out, history)
+            log(f"{out} has already finished all {cfg.epochs} epochs")
+            return history[-1]
         log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-    else:
+    elif resume:
+        log(f"{out} has no complete epoch yet: starting it from the beginning")
+    if not resume or not (out / "config.json").exists():  # a resumed run's config.json stays as it was
         atomic_write_text(out / "config.json", json.dumps(resolved, indent=2) + "\n")
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    _write_metrics(out, history)
 
     two_pass = getattr(optimizer, "caller_runs_first_pass", None)
 
@@ -275,7 +518,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             stats["ce"] += ce.detach() * len(y)
             stats["reg"] += reg_value * len(y)
             stats["correct"] += (logits.detach().argmax(1) == y).sum()
-            stats["ok"] &= torch.isfinite(ce.detach())
+            stats["ok"] &= torch.isfinite(ce.detach()) & torch.isfinite(reg_value)
             stats["good_steps"] += stats["ok"].long()
         return ce
 
@@ -307,14 +550,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             bar.update()
         bar.close()
         n = len(train_loader.images)
+        kept = (f"kept the checkpoint of epoch {epoch} in {out}" if epoch > 0 else
+                f"no epoch had completed, so {out} holds no checkpoint")
         if not bool(stats["ok"]):
             bad_step = int(stats["good_steps"]) + 1
             raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
-                                 f"kept the checkpoint of epoch {epoch} in {out}; lower --lr or the regularizer "
-                                 f"strength")
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise NonFiniteError(f"non-finite weights after epoch {epoch + 1}, step {steps_per_epoch}; "
-                                 f"kept the checkpoint of epoch {epoch} in {out}")
+                                 f"{kept}; lower --lr or the regularizer strength")
+        if not _all_finite(model.state_dict().values()):
+            raise NonFiniteError(f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
+                                 f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength")
         train_time = time.perf_counter() - t0
         variances = monitor.variances()
         metrics = {
@@ -329,11 +573,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             "epoch_time_s": train_time,
         }
         history.append(metrics)
+        # the checkpoint first, then the metrics: a crash between the two is repaired by --resume
         save_checkpoint(out / CHECKPOINT, {
             "epoch": epoch + 1, "config": asdict(cfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": _rng_state(device, train_loader), "history": history})
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(device, train_loader), "history": history,
+            "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup}})
+        _write_metrics(out, history)
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
             f"train {100 * metrics['train_accuracy']:.2f}%  test {100 * metrics['test_accuracy']:.2f}%  "
             f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s")
