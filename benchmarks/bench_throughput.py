@@ -1,0 +1,316 @@
+"""Training throughput: varprune's on-device loader vs a torchvision DataLoader pipeline.
+
+Both pipelines feed the same model, optimizer and training step (the step
+`varprune train --method var` runs: forward under autocast, cross-entropy,
+backward, ``VarRegularizer.apply_gradient_()``, SGD). Measured side by side
+in one process, in interleaved segments (A B C ..., then B C ... A, ...):
+
+* ``device-loader``    varprune.data.DeviceLoader: uint8 images on the device,
+                       randperm shuffling, batched random crop (pad 2), flip and
+                       normalisation on the device;
+* ``torchvision``      torchvision.datasets.FashionMNIST (the same IDX files,
+                       decompressed into a temporary folder) with
+                       RandomCrop(28, padding=2), RandomHorizontalFlip, ToTensor,
+                       Normalize, through torch.utils.data.DataLoader with
+                       ``--workers`` worker processes (persistent; pinned memory
+                       and non-blocking copies on a GPU);
+* with ``--channels-last both`` (default) the device loader runs with and
+  without channels_last; ``--compile`` adds a torch.compile'd model (its
+  compilation time is printed separately and not counted).
+
+Each segment first runs a few untimed steps (as many as the torchvision
+loader can hold prefetched), so that every pipeline is timed in its steady
+state, then ``--segment`` timed steps. Images per second = timed images /
+median segment time. The data pipelines are also timed alone (no model).
+
+Judged figure (issue 4): images/s with the device loader / images/s with the
+torchvision pipeline, same model. There is no numeric target; > 1 is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
+from varprune.models import create_model  # noqa: E402
+from varprune.regularizers import VarRegularizer  # noqa: E402
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def torchvision_fashion_mnist(source: Path, folder: Path, limit: int):
+    """torchvision.datasets.FashionMNIST over the Debian package's files (decompressed, nothing downloaded)."""
+    import torchvision
+    from torchvision import transforms
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        src = source / (stem + ".gz")
+        if src.exists():
+            with gzip.open(src, "rb") as fin, open(raw / stem, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        else:
+            shutil.copy(source / stem, raw / stem)
+    info_mean, info_std = (0.2860,), (0.3530,)
+    transform = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(info_mean, info_std)])
+    ds = torchvision.datasets.FashionMNIST(str(folder), train=True, transform=transform, download=False)
+    if limit < len(ds):
+        ds = torch.utils.data.Subset(ds, range(limit))
+    return ds
+
+
+class Endless:
+    """Batches from a loader forever (a new epoch when one ends), moved to the device."""
+
+    def __init__(self, make_loader, device, channels_last):
+        self.make_loader, self.device, self.channels_last = make_loader, device, channels_last
+        self.it = iter(self.make_loader())
+
+    def __next__(self):
+        try:
+            x, y = next(self.it)
+        except StopIteration:
+            self.it = iter(self.make_loader())
+            x, y = next(self.it)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default=None, help="default: resnet20 on CPU, resnet18 on GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on GPU")
+    p.add_argument("--segment", type=int, default=None, help="timed steps per segment; default 4 CPU, 20 GPU")
+    p.add_argument("--rounds", type=int, default=None, help="segments per pipeline; default 4 CPU, 5 GPU")
+    p.add_argument("--workers", type=int, default=None,
+                   help="torchvision DataLoader workers; default 1 on CPU (2 cores: one for the model's "
+                        "threads to share), 8 on GPU")
+    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
+    p.add_argument("--channels-last", choices=("both", "on", "off"), default="both")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile'd model (device loader)")
+    p.add_argument("--method", choices=("var", "sgd"), default="var")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches for the loader-alone timing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    model_name = args.model or ("resnet18" if gpu else "resnet20")
+    batch = args.batch_size or (256 if gpu else 128)
+    segment = args.segment or (20 if gpu else 4)
+    rounds = args.rounds or (5 if gpu else 4)
+    workers = args.workers if args.workers is not None else (8 if gpu else 1)
+    amp = args.amp if args.amp != "auto" else ("bf16" if gpu else "none")
+    loader_batches = args.loader_batches or (200 if gpu else 30)
+    prefetch = 2 * workers if workers > 0 else 0
+    warm_steps = max(1, prefetch)
+
+    print("bench_throughput: images/s, on-device loader vs torchvision DataLoader, same model, interleaved")
+    print(f"machine   {machine(device)}")
+    print(f"load avg  {load_average()} (1/5/15 min, at start)")
+
+    data = load_dataset("fashion-mnist")
+    info = data.info
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tv_"))
+    try:
+        tv_set = torchvision_fashion_mnist(Path(DEBIAN_FASHION_MNIST), tmp, len(data.train_x))
+        cl_modes = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]
+        print(f"sizes     {model_name}, Fashion-MNIST 1x28x28 ({len(data.train_x)} training images), batch {batch}, "
+              f"method {args.method}, amp {amp}; {rounds} segments x {segment} timed steps per pipeline "
+              f"(+{warm_steps} untimed each); torchvision: {workers} workers, prefetch_factor 2, "
+              f"pin_memory {gpu}")
+
+        def make_tv_loader(w=workers):
+            return torch.utils.data.DataLoader(tv_set, batch_size=batch, shuffle=True, num_workers=w,
+                                               pin_memory=gpu, drop_last=True, persistent_workers=w > 0,
+                                               prefetch_factor=2 if w > 0 else None)
+
+        # ---------------------------------------------------------- data pipelines alone
+        print(f"\nloader alone ({loader_batches} batches of {batch}, no model):")
+        alone = {}
+        dl = DeviceLoader(data.train_x, data.train_y, info, batch, train=True, device=device, seed=0)
+        it = iter(dl)
+        for _ in range(3):
+            next(it)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(loader_batches):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(dl)
+                x, y = next(it)
+        sync(device)
+        alone["device-loader"] = loader_batches * batch / (time.perf_counter() - t)
+        for w in sorted({0, 1, 2, workers}):
+            loader = make_tv_loader(w)
+            it = iter(loader)
+            t0 = time.perf_counter()
+            next(it)  # worker start-up and the first batch
+            startup = time.perf_counter() - t0
+            t = time.perf_counter()
+            for _ in range(loader_batches):
+                x, y = next(it)
+                x = x.to(device, non_blocking=True)
+            sync(device)
+            alone[f"torchvision w{w}"] = loader_batches * batch / (time.perf_counter() - t)
+            print(f"  torchvision DataLoader, {w} workers: {alone[f'torchvision w{w}']:>9.0f} images/s "
+                  f"(start-up + first batch {startup:.2f} s)")
+            del it, loader
+        print(f"  varprune DeviceLoader:              {alone['device-loader']:>9.0f} images/s "
+              f"({alone['device-loader'] / alone[f'torchvision w{workers}']:.1f}x torchvision with {workers} workers)")
+
+        # ---------------------------------------------------------- with the model
+        torch.manual_seed(0)
+        base = create_model(model_name, info.channels, info.num_classes, info.size).to(device)
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+
+        pipelines = {}
+
+        def add(name, channels_last, use_tv, compiled=False):
+            model = create_model(model_name, info.channels, info.num_classes, info.size).to(device)
+            model.load_state_dict(state)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            regs = [VarRegularizer(model, 1e-6)] if args.method == "var" else []
+            if use_tv:
+                source = Endless(make_tv_loader, device, channels_last)
+            else:
+                loader = DeviceLoader(data.train_x, data.train_y, info, batch, train=True, device=device, seed=0,
+                                      channels_last=channels_last)
+                source = Endless(lambda: loader, device, False)
+            forward = torch.compile(model) if compiled else model
+            pipelines[name] = dict(model=model, forward=forward, opt=opt, regs=regs, source=source, times=[])
+
+        for cl in cl_modes:
+            add(f"device-loader{' channels_last' if cl else ''}", cl, use_tv=False)
+        add("torchvision" + (" channels_last" if cl_modes == [True] else ""), cl_modes == [True], use_tv=True)
+        if args.compile:
+            add(f"device-loader compiled{' channels_last' if cl_modes == [True] else ''}", cl_modes == [True],
+                use_tv=False, compiled=True)
+
+        def step(pl):
+            x, y = next(pl["source"])
+            pl["opt"].zero_grad(set_to_none=True)
+            with autocast(device, amp):
+                loss = F.cross_entropy(pl["forward"](x), y)
+            loss.backward()
+            for r in pl["regs"]:
+                r.apply_gradient_()
+            pl["opt"].step()
+
+        if args.compile:
+            name = next(n for n in pipelines if "compiled" in n)
+            sync(device)
+            t = time.perf_counter()
+            step(pipelines[name])
+            sync(device)
+            print(f"\ncompile   first compiled step {time.perf_counter() - t:.1f} s (compilation; not counted)")
+            for _ in range(2):
+                step(pipelines[name])
+
+        names = list(pipelines)
+        for name in names:  # warm-up
+            for _ in range(2):
+                step(pipelines[name])
+        sync_mode_note = ""
+        if gpu:  # the hot loop must not synchronise with the host
+            torch.cuda.set_sync_debug_mode("warn")
+            import warnings
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    step(pipelines[names[0]])
+            torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+            sync_mode_note = f"host synchronisations in 3 device-loader steps: {len(syncs)}"
+        t_start = time.perf_counter()
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                pl = pipelines[name]
+                for _ in range(warm_steps):
+                    step(pl)
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(segment):
+                    step(pl)
+                sync(device)
+                pl["times"].append(time.perf_counter() - t)
+        wall = time.perf_counter() - t_start
+
+        print(f"\nwith the model ({model_name}, {args.method}), median of {rounds} segments of {segment} steps:")
+        ips = {name: segment * batch / statistics.median(pl["times"]) for name, pl in pipelines.items()}
+        tv_name = next(n for n in names if n.startswith("torchvision"))
+        for name in names:
+            ts = pipelines[name]["times"]
+            print(f"  {name:<34}{ips[name]:>9.0f} images/s   ({1e3 * min(ts) / segment:.0f}.."
+                  f"{1e3 * max(ts) / segment:.0f} ms/step)   {ips[name] / ips[tv_name]:.3f}x torchvision")
+        if sync_mode_note:
+            print(f"  {sync_mode_note}")
+        print(f"timed section {wall:.1f} s; load avg {load_average()} at end")
+        same_layout = next(n for n in names if n.startswith("device-loader") and "compiled" not in n
+                           and (("channels_last" in n) == ("channels_last" in tv_name)))
+        ratio = ips[same_layout] / ips[tv_name]
+        best = max((n for n in names if n.startswith("device-loader")), key=ips.get)
+        print(f"\nJUDGED  images/s device loader / torchvision DataLoader ({workers} workers), same model and "
+              f"layout = {ratio:.3f}  (no numeric target; >1 = faster)  {'FASTER' if ratio > 1 else 'NOT FASTER'}")
+        print(f"        best varprune configuration: {best}, {ips[best] / ips[tv_name]:.3f}x torchvision")
+        for pl in pipelines.values():
+            pl["source"] = None  # stop persistent workers
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

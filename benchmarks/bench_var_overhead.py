@@ -1,0 +1,261 @@
+"""What VAR adds to a training step, measured side by side in one process.
+
+Variants, all on one model and one optimizer, interleaved round by round
+(ABCD, BCDA, CDAB, ...) after a warm-up, so that load from other processes
+and clock drift hit every variant alike:
+
+* ``sgd``           forward, cross-entropy, backward, SGD step (nesterov, wd)
+* ``var-fast``      the same + ``VarRegularizer.apply_gradient_()`` (closed form, no graph)
+* ``var-autograd``  loss + ``reg()`` through autograd
+* ``var-naive``     loss + a plain per-layer Python loop written the obvious way
+                    (what METHOD.md section 4 measured at +30..60% on an H100)
+
+Judged ratio (issue 4): median step time of ``var-fast`` / median step time of
+``sgd``; target <= 1.05 on CPU (resnet20, batch 128), <= 1.02 on GPU (ResNet-18,
+32x32, batch 256, bf16). Also printed: the median of the per-round paired
+ratios, ``apply_gradient_`` timed alone (a low-noise estimate of the same
+overhead: 1 + t_apply / t_sgd), and the number of aten operations one
+``apply_gradient_`` call dispatches (on a GPU, about one kernel launch each).
+
+    PYTHONPATH=src python benchmarks/bench_var_overhead.py                # CPU defaults
+    PYTHONPATH=src python benchmarks/bench_var_overhead.py --device cuda  # GPU defaults
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from varprune.models import create_model  # noqa: E402
+from varprune.regularizers import VarRegularizer  # noqa: E402
+from varprune.weights import prunable_weights  # noqa: E402
+
+TARGET = {"cpu": 1.05, "cuda": 1.02}
+
+
+# ------------------------------------------------------------------ helpers
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"GPU {name}, CUDA {torch.version.cuda}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def naive_var_penalty(weights, r=1e-8, eps=1e-8):
+    """A plain per-layer loop, written the obvious way (the +30..60% baseline)."""
+    psi = 0.0
+    for w in weights:
+        wt = torch.sqrt(w ** 2 + r)
+        psi = psi + 1.0 / ((wt ** 2).mean() - wt.mean() ** 2 + eps)
+    return psi
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "detach", "alias", "as_strided", "expand", "t", "select",
+             "slice", "unsqueeze", "squeeze", "permute", "transpose", "lift_fresh", "empty", "empty_like",
+             "empty_strided", "_reshape_alias", "unbind", "split", "split_with_sizes"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten operations that compute (views, detaches and allocations excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _VIEW_OPS:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+# ------------------------------------------------------------------ benchmark
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--model", default=None, help="default: resnet20 on CPU, resnet18 on GPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on GPU")
+    p.add_argument("--image-size", type=int, default=None, help="default: 28 on CPU (Fashion-MNIST), 32 on GPU")
+    p.add_argument("--channels", type=int, default=None, help="input channels; default 1 on CPU, 3 on GPU")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed rounds per variant (each round = --block steps); default 24 CPU, 50 GPU")
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per timed sample, one synchronisation per block; default 1 CPU, 10 GPU")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up rounds of every variant")
+    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto", help="auto: bf16 on GPU, none on CPU")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="auto: on for GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported)")
+    p.add_argument("--variants", default="sgd,var-fast,var-autograd,var-naive")
+    p.add_argument("--lam", type=float, default=1e-6)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    model_name = args.model or ("resnet18" if gpu else "resnet20")
+    batch = args.batch_size or (256 if gpu else 128)
+    size = args.image_size or (32 if gpu else 28)
+    channels = args.channels or (3 if gpu else 1)
+    rounds = args.steps or (50 if gpu else 24)
+    block = args.block or (10 if gpu else 1)
+    amp = args.amp if args.amp != "auto" else ("bf16" if gpu else "none")
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and gpu)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "sgd" not in variants:
+        variants.insert(0, "sgd")
+    unknown = set(variants) - {"sgd", "var-fast", "var-autograd", "var-naive"}
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}")
+
+    print("bench_var_overhead: training-step cost of VAR vs plain SGD, interleaved in one process")
+    print(f"machine   {machine(device)}")
+    print(f"load avg  {load_average()} (1/5/15 min, at start)")
+
+    torch.manual_seed(0)
+    model = create_model(model_name, channels, 10, size).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    weights = [w for _, w in prunable_weights(model)]
+    n_weights = sum(w.numel() for w in weights)
+    reg = VarRegularizer(model, lam=args.lam)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+    print(f"sizes     {model_name}, {channels}x{size}x{size} inputs, batch {batch}, {n_weights:,} prunable weights in "
+          f"{len(weights)} tensors; amp {amp}, channels_last {channels_last}, compile {args.compile}; "
+          f"{rounds} timed rounds x {block} step(s) per variant after {args.warmup} warm-up rounds")
+
+    forward = model
+    if args.compile:
+        forward = torch.compile(model)
+        sync(device)
+        t = time.perf_counter()
+        with autocast(device, amp):
+            out = forward(x)
+        F.cross_entropy(out.float(), y).backward()
+        sync(device)
+        print(f"compile   first forward+backward {time.perf_counter() - t:.1f} s (compilation, not counted below)")
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(variant: str) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y)
+        if variant == "var-autograd":
+            loss = loss + reg()
+        elif variant == "var-naive":
+            loss = loss + args.lam * naive_var_penalty(weights)
+        loss.backward()
+        if variant == "var-fast":
+            reg.apply_gradient_()
+        optimizer.step()
+
+    def timed(variant: str) -> float:
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(block):
+            step(variant)
+        sync(device)
+        return (time.perf_counter() - t) / block
+
+    for _ in range(args.warmup):
+        for v in variants:
+            timed(v)
+
+    times = {v: [] for v in variants}
+    paired = {v: [] for v in variants}
+    apply_alone = []
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        this = {}
+        for v in order:
+            this[v] = timed(v)
+            times[v].append(this[v])
+        for v in variants:
+            paired[v].append(this[v] / this["sgd"])
+        sync(device)  # the closed-form gradient alone, on the grads the last step left
+        t = time.perf_counter()
+        reg.apply_gradient_()
+        sync(device)
+        apply_alone.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t_start
+
+    with OpCounter() as counter:
+        reg.apply_gradient_()
+
+    sgd = statistics.median(times["sgd"])
+    print(f"\n{'variant':<14}{'median ms':>11}{'p25..p75 ms':>18}{'ratio vs sgd':>15}{'paired median':>15}")
+    for v in variants:
+        m = statistics.median(times[v])
+        spread = f"{1e3 * pct(times[v], .25):.2f}..{1e3 * pct(times[v], .75):.2f}"
+        print(f"{v:<14}{1e3 * m:>11.2f}{spread:>18}{m / sgd:>15.4f}{statistics.median(paired[v]):>15.4f}")
+    a = statistics.median(apply_alone)
+    print(f"\napply_gradient_ alone: median {1e3 * a:.3f} ms = {100 * a / sgd:.2f}% of an SGD step "
+          f"(estimate of the overhead without step-to-step noise: {1 + a / sgd:.4f}x)")
+    top = ", ".join(f"{k} {c}" for k, c in sorted(counter.ops.items(), key=lambda kv: -kv[1])[:8])
+    print(f"apply_gradient_ dispatches {counter.total} aten ops for {len(weights)} tensors "
+          f"({counter.total / len(weights):.1f} per tensor; on a GPU about one kernel launch each): {top}")
+    print(f"timed section {wall:.1f} s; load avg {load_average()} at end")
+
+    if "var-fast" in variants:
+        ratio = statistics.median(times["var-fast"]) / sgd
+        target = TARGET[device.type]
+        stock = (model_name, batch) == (("resnet18", 256) if gpu else ("resnet20", 128))
+        verdict = "PASS" if ratio <= target else "FAIL"
+        note = "" if stock else f" (target defined for {'resnet18/256' if gpu else 'resnet20/128'}; sizes differ)"
+        print(f"\nJUDGED  var-fast / sgd step time = {ratio:.4f}  target <= {target:.2f} on {device.type}  "
+              f"{verdict}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
