@@ -28,7 +28,7 @@ equal values is that value exactly.
 from __future__ import annotations
 
 import torch
-from torch import nn
+
 
 from .weights import as_weight_list
 

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -453,6 +452,49 @@ def _run_lock(out: Path):
         f.close()
 
 
+def make_train_step(forward, model, optimizer, regularizers, device: torch.device, amp: str):
+    """One optimisation step for any method: ``step(x, y, stats=None)``.
+
+    ``forward`` is the (possibly compiled) model. Regularizer gradients are added
+    after every backward pass, so in ``var+sam`` VAR's term enters both passes.
+    ``stats`` (device tensors) accumulate the first pass's loss, accuracy and a
+    finite flag without synchronising with the host.
+    """
+    from .optim import frozen_bn_stats
+    two_pass = getattr(optimizer, "caller_runs_first_pass", None)
+
+    def forward_backward(x, y, stats):
+        with autocast(device, amp):
+            logits = forward(x)
+            ce = F.cross_entropy(logits, y)
+        ce.backward()
+        reg_value = sum((r.apply_gradient_() for r in regularizers), torch.zeros((), device=device))
+        if stats is not None:  # first pass only: what the epoch line reports
+            stats["ce"] += ce.detach() * len(y)
+            stats["reg"] += reg_value * len(y)
+            stats["correct"] += (logits.detach().argmax(1) == y).sum()
+            stats["ok"] &= torch.isfinite(ce.detach()) & torch.isfinite(reg_value)
+            stats["good_steps"] += stats["ok"].long()
+        return ce
+
+    def second_pass(x, y):
+        with frozen_bn_stats(model):  # BN statistics are updated by the first pass only
+            return forward_backward(x, y, None)
+
+    def step(x, y, stats=None):
+        optimizer.zero_grad(set_to_none=True)
+        if two_pass is None:            # plain optimizer
+            forward_backward(x, y, stats)
+            optimizer.step()
+        elif two_pass:                  # SAM, CrAM: caller's pass, then the perturbed pass
+            forward_backward(x, y, stats)
+            optimizer.step(lambda: second_pass(x, y))
+        else:                           # S2-SAM: its one pass happens inside step
+            optimizer.step(lambda: forward_backward(x, y, stats))
+
+    return step
+
+
 def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, log, progress: bool) -> dict:
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
@@ -506,26 +548,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, log, prog
         atomic_write_text(out / "config.json", json.dumps(resolved, indent=2) + "\n")
     _write_metrics(out, history)
 
-    two_pass = getattr(optimizer, "caller_runs_first_pass", None)
-
-    def forward_backward(x, y, stats):
-        with autocast(device, amp):
-            logits = forward(x)
-            ce = F.cross_entropy(logits, y)
-        ce.backward()
-        reg_value = sum((r.apply_gradient_() for r in regularizers), torch.zeros((), device=device))
-        if stats is not None:  # first pass only: what the epoch line reports
-            stats["ce"] += ce.detach() * len(y)
-            stats["reg"] += reg_value * len(y)
-            stats["correct"] += (logits.detach().argmax(1) == y).sum()
-            stats["ok"] &= torch.isfinite(ce.detach()) & torch.isfinite(reg_value)
-            stats["good_steps"] += stats["ok"].long()
-        return ce
-
-    def second_pass(x, y):
-        from .optim import frozen_bn_stats
-        with frozen_bn_stats(model):  # BN statistics are updated by the first pass only
-            return forward_backward(x, y, None)
+    train_step = make_train_step(forward, model, optimizer, regularizers, device, amp)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -538,15 +561,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, log, prog
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
-            optimizer.zero_grad(set_to_none=True)
-            if two_pass is None:            # plain optimizer
-                forward_backward(x, y, stats)
-                optimizer.step()
-            elif two_pass:                  # SAM, CrAM: caller's pass, then the perturbed pass
-                forward_backward(x, y, stats)
-                optimizer.step(lambda: second_pass(x, y))
-            else:                           # S2-SAM: its one pass happens inside step
-                optimizer.step(lambda: forward_backward(x, y, stats))
+            train_step(x, y, stats)
             bar.update()
         bar.close()
         n = len(train_loader.images)
@@ -586,5 +601,3 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, log, prog
     return history[-1] if history else {}
 
 
-def copy_run(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)
