@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
-from varprune.device import describe_device, resolve_amp, resolve_device  # noqa: E402
+from common import load_average, machine  # noqa: E402
+from varprune.device import resolve_amp, resolve_device  # noqa: E402
 from varprune.methods import METHODS, build_optimizer, build_regularizers, get_method  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.train import TrainConfig, make_train_step  # noqa: E402
@@ -80,11 +81,11 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for m in methods:
             times[m].append(sample(m))
-    print(f"machine: {describe_device(device)}; torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
+    print(f"machine: {machine(device)}; load average {load_average()}")
     print(f"model {model_name}, batch {batch}, {channels}x{size}x{size}, amp {amp}, "
           f"{args.rounds} rounds x {args.steps} steps, median per step\n")
     base = statistics.median(times["sgd"]) if "sgd" in times else None
-    print(f"| method | ms/step | vs SGD |\n|---|---:|---:|")
+    print("| method | ms/step | vs SGD |\n|---|---:|---:|")
     for m in methods:
         med = statistics.median(times[m])
         ratio = f"{med / base:.2f}x" if base else "—"

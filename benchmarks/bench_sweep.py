@@ -25,7 +25,6 @@ defaults are the full 10k test set and BNT = 20 batches of 500 (METHOD.md 4).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -40,33 +39,16 @@ from varprune.evaluate import DEFAULT_SPARSITIES, bnt_batches, prune_sweep  # no
 from varprune.models import create_model  # noqa: E402
 from varprune.pruning import MagnitudePruner  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
+from common import load_average, machine, sync  # noqa: E402
 
 SMALL_FRACTION = 0.10
 PROTOCOL_BNT = (20, 500)   # batches x images: METHOD.md section 4, `varprune prune`'s default
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import platform
 import shutil
 import statistics
 import sys
@@ -46,30 +45,13 @@ import torch.nn.functional as F  # noqa: E402
 from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
+from common import load_average, machine, sync  # noqa: E402
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device, amp: str):

@@ -23,7 +23,6 @@ overhead: 1 + t_apply / t_sgd), and the number of aten operations one
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -38,35 +37,17 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
+from common import load_average, machine, sync  # noqa: E402
 
 TARGET = {"cpu": 1.05, "cuda": 1.02}
 
 
 # ------------------------------------------------------------------ helpers
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return f"GPU {name}, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device, amp: str):
