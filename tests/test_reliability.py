@@ -4,7 +4,7 @@ errors for damaged inputs, and ``varprune doctor``.
 
 The kill tests run the real command line in a subprocess and SIGKILL it at
 chosen moments (before, during and after a checkpoint write, during the first
-write of config.json, during the final weights, and at a timed moment), resume
+write of config.json, and at a timed moment), resume
 it with ``varprune train --resume`` and require the final weights, the final
 checkpoint (optimizer and method state, RNG) and the metrics to equal those of
 an uninterrupted run bitwise. A subprocess costs ~5 s here (importing torch and
@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from varprune.checkpoint import load_checkpoint, save_weights
-from varprune.cli import main
+from varprune.cli import finished_sweep, main
 from varprune.models import create_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -208,7 +208,7 @@ def test_kill_during_config_checkpoint_and_training_then_resume_is_bitwise_ident
     assert_same_run(run, refs / "sgd")
 
 
-def test_kill_before_first_checkpoint_between_checkpoint_and_metrics_and_in_final_weights(refs, data_dir, tmp_path):
+def test_kill_before_first_checkpoint_and_between_checkpoint_and_metrics(refs, data_dir, tmp_path):
     args = tiny(data_dir, "var")
     run = tmp_path / "run"
     # killed before the first checkpoint: --resume starts from scratch with config.json
@@ -217,10 +217,16 @@ def test_kill_before_first_checkpoint_between_checkpoint_and_metrics_and_in_fina
     # killed after epoch 2's checkpoint, before metrics.jsonl caught up with it
     kill_when_paused(["train", "--resume", run], "after:checkpoint.safetensors:2", tmp_path)
     assert load_checkpoint(run / "checkpoint.safetensors")["epoch"] == 2 and len(metrics(run)) == 1
-    # killed while writing the final weights (every epoch done)
-    kill_when_paused(["train", "--resume", run], "mid:model.safetensors:1", tmp_path)
-    assert not (run / "model.safetensors").exists()
     resume(run, args)
+    assert_same_run(run, refs / "var")
+
+
+def test_crash_while_writing_the_final_weights_is_resumed(refs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(refs / "var", run)
+    (run / "model.safetensors").unlink()  # an atomic write killed midway leaves no file, only a temporary one
+    (run / ".model.safetensors.abc123.tmp").write_bytes(b"half")
+    assert main(["train", "--resume", str(run)]) == 0
     assert_same_run(run, refs / "var")
 
 
@@ -377,6 +383,10 @@ def test_interrupted_prune_sweep_resumes_and_never_touches_checkpoints(refs, tmp
     args = ["prune", *map(str, runs), "--sparsities", "0.5,0.9", "--bnt-batches", "1", "--bnt-batch-size", "64",
             "--plot", str(tmp_path / "both.png")]
     assert main(args) == 0
+    assert finished_sweep(runs[0], [0.5, 0.9], "global", [], 1, 64) is not None
+    for other in (([0.5], "global", [], 1, 64), ([0.5, 0.9], "layerwise", [], 1, 64),
+                  ([0.5, 0.9], "global", ["last"], 1, 64), ([0.5, 0.9], "global", [], 2, 64)):
+        assert finished_sweep(runs[0], *other) is None  # other settings: swept again
     first = (runs[0] / "prune.json").read_text()
     (runs[1] / "prune.json").unlink()  # as if the sweep had been killed while pruning the second run
     capsys.readouterr()
@@ -384,11 +394,12 @@ def test_interrupted_prune_sweep_resumes_and_never_touches_checkpoints(refs, tmp
     out = capsys.readouterr().out
     assert f"reusing {runs[0] / 'prune.json'}" in out and f"pruning {runs[1]}" in out
     assert (runs[0] / "prune.json").read_text() == first and (runs[1] / "prune.json").exists()
-    assert main([*args[:-2], "--sparsities", "0.5"]) == 0  # other settings: swept again
-    assert "reusing" not in capsys.readouterr().out
-    assert main([*args, "--force"]) == 0
-    assert "reusing" not in capsys.readouterr().out
+    assert main(["prune", str(runs[0]), *args[3:-2], "--force"]) == 0  # --force sweeps a finished run again
+    out = capsys.readouterr().out
+    assert "reusing" not in out and f"pruning {runs[0]}" in out
     assert before == {p: p.read_bytes() for p in before}
+    shutil.copy(runs[1] / "model.safetensors", runs[0] / "model.safetensors")  # retrained weights: swept again
+    assert finished_sweep(runs[0], [0.5, 0.9], "global", [], 1, 64) is None
 
 
 def test_corrupted_dataset_files_are_one_line_exit_2(tmp_path, capsys):

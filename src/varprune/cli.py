@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=f"methods:\n{method_help()}\n\nmodels:\n{_model_lines()}")
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --out (and the prune results made from its weights); "
+                        "without it an existing run is never touched")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
