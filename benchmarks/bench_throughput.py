@@ -48,12 +48,6 @@ from varprune.regularizers import VarRegularizer  # noqa: E402
 from common import load_average, machine, sync  # noqa: E402
 
 
-
-
-
-
-
-
 def autocast(device: torch.device, amp: str):
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -45,11 +45,6 @@ TARGET = {"cpu": 1.05, "cuda": 1.02}
 # ------------------------------------------------------------------ helpers
 
 
-
-
-
-
-
 def autocast(device: torch.device, amp: str):
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
