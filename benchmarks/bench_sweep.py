@@ -39,7 +39,7 @@ from varprune.evaluate import DEFAULT_SPARSITIES, bnt_batches, prune_sweep  # no
 from varprune.models import create_model  # noqa: E402
 from varprune.pruning import MagnitudePruner  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
-from common import load_average, machine, sync  # noqa: E402
+from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
 
 SMALL_FRACTION = 0.10
 PROTOCOL_BNT = (20, 500)   # batches x images: METHOD.md section 4, `varprune prune`'s default
@@ -65,13 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--threshold-repeats", type=int, default=None, help="rounds of the threshold comparison")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = setup_device(args)
     gpu = device.type == "cuda"
     test_size = args.test_size or (10000 if gpu else 128)
     bnt_n = args.bnt_batches or (20 if gpu else 2)

@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
-from common import load_average, machine, sync  # noqa: E402
+from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
 
 
 def autocast(device: torch.device, amp: str):
@@ -112,13 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd model (device loader)")
     p.add_argument("--method", choices=("var", "sgd"), default="var")
     p.add_argument("--loader-batches", type=int, default=None, help="batches for the loader-alone timing")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = setup_device(args)
     gpu = device.type == "cuda"
     model_name = args.model or ("resnet18" if gpu else "resnet20")
     batch = args.batch_size or (256 if gpu else 128)

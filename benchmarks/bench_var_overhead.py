@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
-from common import load_average, machine, sync  # noqa: E402
+from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
 
 TARGET = {"cpu": 1.05, "cuda": 1.02}
 
@@ -107,13 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported)")
     p.add_argument("--variants", default="sgd,var-fast,var-autograd,var-naive")
     p.add_argument("--lam", type=float, default=1e-6)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = setup_device(args)
     gpu = device.type == "cuda"
     model_name = args.model or ("resnet18" if gpu else "resnet20")
     batch = args.batch_size or (256 if gpu else 128)

@@ -28,3 +28,15 @@ def load_average() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def add_device_args(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def setup_device(args) -> torch.device:
+    """Apply --threads and resolve --device the way `varprune train` does."""
+    from varprune.device import resolve_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
