@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from varprune.data import (DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx,
-                           random_crop, subset)
+from varprune.data import DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx, subset
+from varprune.tasks import Classification, crop_flip
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -114,7 +114,7 @@ def test_subset_is_deterministic_and_seed_independent():
 
 def make_loader(n=103, batch=16, seed=0, train=True, info="cifar10"):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
-    return DeviceLoader(images, torch.arange(n), DATASETS[info], batch, train=train, seed=seed, augment=False)
+    return DeviceLoader(images, torch.arange(n), DATASETS[info], batch, train=train, seed=seed, augment=None)
 
 
 def test_loader_yields_every_example_once_per_epoch():
@@ -136,7 +136,7 @@ def test_loader_same_seed_same_batches_and_epochs_differ():
 def test_augmentation_shapes_and_value_ranges():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = random_crop(x, 4, g)
+    out, _ = crop_flip(x, None, 4, False, g)
     assert out.shape == x.shape and out.dtype == torch.uint8
     # a crop is the image shifted by (dy, dx) in [-4, 4] with zero fill: find the shift and check it
     for i in range(8):
@@ -149,8 +149,9 @@ def test_augmentation_shapes_and_value_ranges():
                 found |= torch.equal(shifted, out[i])
         assert found
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
-    loader = DeviceLoader(images, torch.zeros(40, dtype=torch.long), DATASETS["fashion-mnist"], 8, train=True)
     info = DATASETS["fashion-mnist"]
+    task = Classification(10, info.crop_pad, info.flip)
+    loader = DeviceLoader(images, torch.zeros(40, dtype=torch.long), info, 8, train=True, augment=task.augment)
     lo, hi = (0 - info.mean[0]) / info.std[0], (1 - info.mean[0]) / info.std[0]
     for xb, _ in loader:
         assert xb.shape == (8, 1, 28, 28) and xb.dtype == torch.float32

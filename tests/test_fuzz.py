@@ -22,10 +22,17 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from varprune.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from varprune.cli import UsageError, _config_from_args, build_parser
+from varprune.cli import UsageError, build_parser
+from varprune.config import from_args, problems
 from varprune.data import DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx
-from varprune.train import (RunError, TrainConfig, _check_checkpoint, _restore, _rng_state, load_run_config,
-                            validate_config)
+from varprune.config import TrainConfig, load_run_config
+from varprune.errors import RunError
+from varprune.loop import _restore, _rng_state
+from varprune.loop import check_checkpoint as _check_checkpoint
+
+
+def validate_config(cfg, check_device=False):
+    return problems(cfg, check_device=check_device)
 
 FUZZ = settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
@@ -104,10 +111,10 @@ def test_command_line_parses_to_a_valid_config_or_a_usage_error(argv):
         return
     if args.command in ("train", "study"):
         try:
-            cfg = _config_from_args(args, **({"method": "sgd", "seed": 0} if args.command == "study" else {}))
+            cfg = from_args(args, **({"method": "sgd", "seed": 0} if args.command == "study" else {}))
         except TypeError:
             pytest.fail(f"{argv} parsed but gave no TrainConfig")
-        assert all("\n" not in p for p in validate_config(cfg, check_device=False))
+        assert all("\n" not in p for p in problems(cfg, check_device=False))
 
 
 # ------------------------------------------------------------ dataset readers

@@ -32,7 +32,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from varprune.checkpoint import load_checkpoint, save_weights
-from varprune.cli import finished_sweep, main
+from varprune.cli import main
+from varprune.sweep import finished_sweep
 from varprune.models import create_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -246,7 +247,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, 
 
     import torch.nn.functional as F
 
-    import varprune.train
+    import varprune.tasks
     calls = [0]
 
     def poisoned(*a, **k):  # the cross-entropy of epoch 2, step 2 is NaN
@@ -256,7 +257,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, 
     shim = types.ModuleType("F")
     shim.__dict__.update(F.__dict__)
     shim.cross_entropy = poisoned
-    monkeypatch.setattr(varprune.train, "F", shim)
+    monkeypatch.setattr(varprune.tasks, "F", shim)
     args = tiny(data_dir, "sgd")
     run = tmp_path / "run"
     assert main(["train", *args, "--out", str(run)]) == 3

@@ -17,9 +17,11 @@ import torch
 from varprune import VarRegularizer
 from varprune import regularizers as regularizers_module
 from varprune.data import DATASETS, DeviceLoader
-from varprune.evaluate import prune_sweep
+from varprune.sweep import prune_sweep
+from varprune.tasks import Classification
 from varprune.models import create_model
-from varprune.train import TrainConfig, train
+from varprune.config import TrainConfig
+from varprune.loop import train
 
 QUICK = dict(model="mlp", epochs=1, batch_size=64, limit_test=256, device="cpu")
 
@@ -100,7 +102,7 @@ def test_a_sweep_sorts_once_per_model(monkeypatch, scope, sorts):
     x = torch.randn(16, 1, 28, 28)
     test = [(x, torch.zeros(16, dtype=torch.long))]
     n_tensors = sum(1 for p in model.parameters() if p.dim() > 1)
-    prune_sweep(model, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99), test, [x], scope=scope)
+    prune_sweep(model, (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99), Classification(10), test, [x], scope=scope)
     assert calls["n"] == (sorts if sorts is not None else n_tensors)
 
 

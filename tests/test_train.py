@@ -5,8 +5,14 @@ from safetensors.torch import load_file
 
 from varprune import prune_magnitude, recalibrate_bn
 from varprune.checkpoint import load_weights
-from varprune.evaluate import accuracy, bnt_batches
-from varprune.train import TrainConfig, build_model, load_data, lr_factor, train
+from varprune.config import TrainConfig
+from varprune.loop import build_model, load_data, lr_factor, train
+from varprune.sweep import bnt_inputs
+from varprune.tasks import Classification
+
+
+def accuracy(model, loader):
+    return Classification(10).evaluate(model, loader)["accuracy"]
 
 QUICK = dict(model="mlp", epochs=2, batch_size=64, limit_train=2048, limit_test=1000, device="cpu")
 
@@ -43,15 +49,16 @@ def test_var_widens_the_magnitude_distribution(tmp_path, fmnist_dir):
 
 def test_bn_retuning_restores_a_pruned_model(tmp_path, fmnist_dir):
     cfg, _ = run(tmp_path, "m", method="sgd")
-    _, train_loader, test_loader = load_data(cfg, torch.device("cpu"))
-    model = build_model(cfg, torch.device("cpu"))
+    data = load_data(cfg, torch.device("cpu"))
+    train_loader, test_loader = data.train_loader, data.test_loader
+    model = build_model(cfg, data.data.info, torch.device("cpu"))
     load_weights(tmp_path / "m" / "model.safetensors", model)
     dense = accuracy(model, test_loader)
     prune_magnitude(model, 0.9)
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)][0]
     stale_mean = bn.running_mean.clone()
     pruned = accuracy(model, test_loader)
-    recalibrate_bn(model, bnt_batches(train_loader.images, 4, 256, train_loader.normalize))
+    recalibrate_bn(model, bnt_inputs(train_loader.images, 4, 256, train_loader.normalize))
     retuned = accuracy(model, test_loader)
     assert not torch.allclose(bn.running_mean, stale_mean)
     assert dense > 0.7
@@ -66,37 +73,104 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert f[-1] < 0.01
 
 
-def test_var_gradient_enters_both_sam_passes():
-    """var+sam through the loop's own step equals a hand-written two-pass reference."""
-    from varprune.optim import SAM
-    from varprune.regularizers import VarRegularizer, var_penalty
-    from varprune.train import make_train_step
-
+def _tiny():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
                                 torch.nn.Linear(5, 3, bias=False)).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    return model, x, y
+
+
+def _grads(x, y, ws, lam=0.0):
+    """float64 autograd gradient of cross-entropy (+ lam * psi) of the tiny tanh network at weights ws."""
+    from varprune.regularizers import var_penalty
+    ws = [w.detach().clone().requires_grad_() for w in ws]
+    h = torch.tanh(x @ ws[0].T) @ ws[1].T
+    loss = torch.nn.functional.cross_entropy(h, y) + (lam * var_penalty(ws) if lam else 0.0)
+    return torch.autograd.grad(loss, ws)
+
+
+def _topk_keep(ws, sparsity):
+    flat = torch.cat([w.abs().reshape(-1) for w in ws])
+    n_pruned = round(sparsity * flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat, stable=True)[:n_pruned]] = False
+    return [k.view_as(w) for k, w in zip(keep.split([w.numel() for w in ws]), ws)]
+
+
+@pytest.mark.parametrize("every_pass", [False, True])
+def test_var_with_sam_matches_float64_references(every_pass):
+    """var+sam through the loop's own step against hand-written float64 SAM.
+
+    Default: the perturbation comes from the loss alone and VAR's gradient at w
+    is added once to the final gradient (lambda means what it means for var).
+    ``reg_in_every_pass``: VAR enters both passes (the composition of 0.1).
+    """
+    from varprune.optim import SAM
+    from varprune.regularizers import VarRegularizer
+    from varprune.loop import make_train_step
+
+    model, x, y = _tiny()
     lam, rho, lr = 1e-3, 0.05, 0.1
     w0 = [p.detach().clone() for p in model.parameters()]
-
-    def full_grad(ws):
-        ws = [w.clone().requires_grad_() for w in ws]
-        h = torch.tanh(x @ ws[0].T) @ ws[1].T
-        loss = torch.nn.functional.cross_entropy(h, y) + lam * var_penalty(ws)
-        return torch.autograd.grad(loss, ws)
-
-    g1 = full_grad(w0)
-    norm = torch.sqrt(sum((g * g).sum() for g in g1))
-    g2 = full_grad([w + rho * g / norm for w, g in zip(w0, g1)])
-    expected = [w - lr * g for w, g in zip(w0, g2)]
+    if every_pass:
+        g1 = _grads(x, y, w0, lam)
+        norm = torch.sqrt(sum((g * g).sum() for g in g1))
+        final = _grads(x, y, [w + rho * g / norm for w, g in zip(w0, g1)], lam)
+    else:
+        g1 = _grads(x, y, w0)
+        norm = torch.sqrt(sum((g * g).sum() for g in g1))
+        at_e = _grads(x, y, [w + rho * g / norm for w, g in zip(w0, g1)])
+        var_at_w = [a - b for a, b in zip(_grads(x, y, w0, lam), g1)]
+        final = [a + v for a, v in zip(at_e, var_at_w)]
+    expected = [w - lr * g for w, g in zip(w0, final)]
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
-    step = make_train_step(model, model, opt, [VarRegularizer(model, lam)], torch.device("cpu"), "none")
+    step = make_train_step(model, model, opt, [VarRegularizer(model, lam)], Classification(3), torch.device("cpu"),
+                           "none", reg_in_every_pass=every_pass)
     step(x, y)
     for p, e in zip(model.parameters(), expected):
         assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
-    # VAR missing from the second pass would give a different step: the test can tell
-    we = [(w + rho * g / norm).requires_grad_() for w, g in zip(w0, g1)]
-    var_part = torch.autograd.grad(lam * var_penalty(we), we)
-    without = [e + lr * v for e, v in zip(expected, var_part)]
-    assert max((a - b).abs().max() for a, b in zip(without, expected)) > 1e-6
+
+
+@pytest.mark.parametrize("every_pass", [False, True])
+def test_var_with_cram_plus_matches_float64_references(every_pass):
+    """var+cram+: g at w, w' = w + rho g, M = top-k keep-mask of |w'|, final = M g''(M w') + g (+ VAR)."""
+    from varprune.optim import CrAM
+    from varprune.regularizers import VarRegularizer
+    from varprune.loop import make_train_step
+
+    model, x, y = _tiny()
+    lam, rho, lr, k = 1e-3, 0.2, 0.1, 0.5
+    w0 = [p.detach().clone() for p in model.parameters()]
+    g = _grads(x, y, w0, lam if every_pass else 0.0)
+    wp = [w + rho * gi for w, gi in zip(w0, g)]
+    masks = _topk_keep(wp, k)
+    g2 = _grads(x, y, [m * w for m, w in zip(masks, wp)], lam if every_pass else 0.0)
+    final = [m * a + b for m, a, b in zip(masks, g2, g)]
+    if not every_pass:
+        var_at_w = [a - b for a, b in zip(_grads(x, y, w0, lam), _grads(x, y, w0))]
+        final = [f + v for f, v in zip(final, var_at_w)]
+    expected = [w - lr * f for w, f in zip(w0, final)]
+
+    opt = CrAM(model.parameters(), torch.optim.SGD, rho=rho, sparsities=(k,), plus=True, lr=lr)
+    step = make_train_step(model, model, opt, [VarRegularizer(model, lam)], Classification(3), torch.device("cpu"),
+                           "none", reg_in_every_pass=every_pass)
+    step(x, y)
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-9, atol=1e-12)
+
+
+def test_var_composition_options_differ():
+    """The two compositions give measurably different steps: the tests above can tell them apart."""
+    from varprune.optim import SAM
+    from varprune.regularizers import VarRegularizer
+    from varprune.loop import make_train_step
+    out = []
+    for every_pass in (False, True):
+        model, x, y = _tiny()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        make_train_step(model, model, opt, [VarRegularizer(model, 1e-3)], Classification(3), torch.device("cpu"),
+                        "none", reg_in_every_pass=every_pass)(x, y)
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert (out[0] - out[1]).abs().max() > 1e-6

@@ -5,17 +5,35 @@ The core is VAR, the Variance Amplifying Regularizer (arXiv 2511.14282)::
     from varprune import VarRegularizer
     reg = VarRegularizer(model, lam=1e-6)
     loss = criterion(model(x), y) + reg()
+
+Names are imported on first use, so ``varprune doctor`` works (and says what
+is wrong) even where torch or numpy fail to import.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .models import create_model, list_models, register_model
-from .pruning import MagnitudePruner, prune_magnitude, realised_sparsity, recalibrate_bn
-from .regularizers import (HoyerSquareRegularizer, L1Regularizer, VarRegularizer, hoyer_square_penalty,
-                           l1_penalty, var_penalty)
-from .weights import prunable_weights
+_EXPORTS = {
+    "create_model": "models", "list_models": "models", "register_model": "models",
+    "MagnitudePruner": "pruning", "prune_magnitude": "pruning", "realised_sparsity": "pruning",
+    "recalibrate_bn": "pruning",
+    "VarRegularizer": "regularizers", "L1Regularizer": "regularizers", "HoyerSquareRegularizer": "regularizers",
+    "var_penalty": "regularizers", "l1_penalty": "regularizers", "hoyer_square_penalty": "regularizers",
+    "prunable_weights": "weights",
+    "dice_score": "metrics",
+    "hessian_top_eigenvalue": "hessian",
+    "load_pruned": "sparse_format",
+}
 
-__all__ = [
-    "VarRegularizer", "L1Regularizer", "HoyerSquareRegularizer", "var_penalty", "l1_penalty",
-    "hoyer_square_penalty", "prunable_weights", "prune_magnitude", "MagnitudePruner", "realised_sparsity",
-    "recalibrate_bn", "create_model", "list_models", "register_model", "__version__",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'varprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

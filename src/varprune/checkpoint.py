@@ -28,8 +28,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, foreign or of another model."""
+from .errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -57,22 +56,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
     """Delete the temporary files an interrupted :func:`atomic_write_bytes` left
-    in ``folder`` (``.NAME.XXXX.tmp``); return what was removed."""
+    in ``folder`` for the files ``names`` (``.NAME.XXXX.tmp``); return what was
+    removed. Temporaries of other names are not ours to delete."""
     removed = []
-    try:
-        candidates = list(Path(folder).glob(".*.tmp"))
-    except OSError:
-        return removed
-    for tmp in candidates:
+    for name in names:
         try:
-            if tmp.is_file():
-                tmp.unlink()
-                removed.append(tmp)
+            candidates = list(Path(folder).glob(f".{glob_escape(name)}.*.tmp"))
         except OSError:
-            pass
+            return removed
+        for tmp in candidates:
+            try:
+                if tmp.is_file():
+                    tmp.unlink()
+                    removed.append(tmp)
+            except OSError:
+                pass
     return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+    return glob.escape(text)
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:

@@ -1,27 +1,38 @@
-"""Command line: ``varprune train | prune | report | demo``.
+"""Command line: ``varprune train | prune | study | report | demo | doctor``.
 
-Bad input exits with code 2 and one line on stderr naming the problem and the
-fix; a run whose loss stops being finite exits with code 3.
+Only argument parsing and exit codes live here; every command calls the
+library (loop, sweep, study, demo, report). Exit codes, in one place:
+
+* 0 done; 2 bad input (one line on stderr naming the problem and the fix:
+  UsageError, RunError, DatasetError, CheckpointError, any ValueError);
+* 3 training stopped being finite (NonFiniteError);
+* 1 the disk or the system failed (OSError, with the file named);
+* 130 / 143 interrupted by Ctrl-C / SIGTERM (what was kept is said).
+
+Nothing heavy is imported at module level, so ``varprune doctor`` runs even
+where torch or numpy are broken: that is when it is needed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .data import DatasetError, list_datasets
-from .methods import method_help
-from .models import describe_models
-from .pruning import SCOPES
-from .train import NonFiniteError, RunError
+from .errors import NonFiniteError
 
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
+IMAGE_SUFFIXES = (".png",)
+SWEEP_SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 
 
 class UsageError(ValueError):
     pass
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that what was kept can be said (exit 143)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,15 +40,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _floats(text: str) -> list[float]:
+def _sparsities(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _sparsities(text: str) -> list[float]:
-    values = _floats(text)
     bad = [v for v in values if not 0 <= v < 1]
     if not values or bad:
         raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {text!r}")
@@ -50,233 +57,161 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _model_lines() -> str:
-    return "\n".join(f"  {k:<9} {v}" for k, v in describe_models().items())
+def _plot_path(text: str | None) -> Path | None:
+    """A plot path, checked before any work: a .png file name in an existing folder."""
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"--plot {text} is a folder; give a file name such as {path / 'comparison.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--plot {text} does not end in .png; varprune writes PNG images and will not replace "
+                         f"a file of another kind")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {text}: folder {path.parent} does not exist")
+    return path
 
 
-# ----------------------------------------------------------------- train
-
-TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
-    "--dataset": ("dataset", str, f"one of {', '.join(list_datasets())} (default fashion-mnist)"),
-    "--model": ("model", str, "a registered model, see below (default resnet18)"),
-    "--method": ("method", str, "training method, see below (default sgd)"),
-    "--epochs": ("epochs", int, "training epochs (default 15)"),
-    "--batch-size": ("batch_size", int, "batch size (default 256)"),
-    "--lr": ("lr", float, "peak learning rate of warm-up + cosine (default 0.1)"),
-    "--momentum": ("momentum", float, "SGD nesterov momentum (default 0.9)"),
-    "--weight-decay": ("weight_decay", float, "weight decay (default 5e-4)"),
-    "--warmup-epochs": ("warmup_epochs", float, "linear warm-up length (default 1)"),
-    "--var-lambda": ("var_lambda", float, "VAR strength lambda (default 1e-6)"),
-    "--var-r": ("var_r", float, "VAR smoothing r in sqrt(w^2 + r) (default 1e-8)"),
-    "--var-eps": ("var_eps", float, "VAR eps in 1 / (Var + eps) (default 1e-8)"),
-    "--l1-alpha": ("l1_alpha", float, "l1 strength (default 1e-5)"),
-    "--hoyer-alpha": ("hoyer_alpha", float, "Hoyer-square strength (default 1e-6)"),
-    "--rho": ("rho", float, "perturbation radius of SAM-type methods (default: per method)"),
-    "--cram-sparsities": ("cram_sparsities", _floats, "CrAM sparsities drawn per step (default 0.3,...,0.9)"),
-    "--seed": ("seed", int, "random seed; on CPU the same seed gives a bitwise identical run (default 0)"),
-    "--data-dir": ("data_dir", str, "dataset folder in torchvision's layout"),
-    "--limit-train": ("limit_train", int, "train on a fixed subset of N examples"),
-    "--limit-test": ("limit_test", int, "test on a fixed subset of N examples"),
-    "--device": ("device", str, "auto, cpu, cuda or cuda:N (default auto)"),
-    "--amp": ("amp", str, "auto (bf16 on GPU, fp32 on CPU), bf16 or none"),
-}
+def _device_problem(name: str) -> list[str]:
+    from .config import _device_check
+    from .device import resolve_device
+    msg = _device_check(name)
+    if msg:
+        return [msg]
+    try:
+        resolve_device(name)
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
-def _add_train_flags(p: argparse.ArgumentParser, exclude=()) -> None:
-    for flag, (_, kind, text) in TRAIN_FLAGS.items():
-        if flag not in exclude:
-            p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
-    p.add_argument("--download", action="store_true", default=argparse.SUPPRESS,
-                   help="download the dataset with torchvision if it is missing (off by default)")
-    p.add_argument("--channels-last", action="store_true", default=argparse.SUPPRESS,
-                   help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile the model")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
-                   help="no random crop and flip")
+def _bnt_problems(args) -> list[str]:
+    found = []
+    if not 0 <= args.bnt_batches <= 100_000:
+        found.append(f"--bnt-batches must be in [0, 100000] (0 skips re-tuning), got {args.bnt_batches}")
+    if not 1 <= args.bnt_batch_size <= 1 << 20:
+        found.append(f"--bnt-batch-size must be in [1, 1048576], got {args.bnt_batch_size}")
+    return found
 
 
-def _config_from_args(args, **overrides):
-    from .train import TrainConfig
-    fields = {spec[0] for spec in TRAIN_FLAGS.values()} | {"download", "channels_last", "compile", "augment"}
-    given = {k: v for k, v in vars(args).items() if k in fields}
-    given.update(overrides)
-    return TrainConfig(**given)
-
+# ----------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    from .train import load_run_config, train
+    from .config import flag_of, from_args, given_fields, load_run_config
+    from .loop import train
     if args.resume:
-        given = [f for f, (name, _, _) in TRAIN_FLAGS.items() if hasattr(args, name)]
-        given += ["--out"] * bool(args.out) + ["--overwrite"] * bool(args.overwrite)
-        if given:
-            raise UsageError(f"--resume takes its configuration from RUN/config.json; drop {', '.join(given)}")
+        given = given_fields(args)
+        machine = {k: given.pop(k) for k in ("device", "data_dir") if k in given}   # where, not what
+        flags = [flag_of(k) for k in given] + ["--out"] * bool(args.out) + ["--overwrite"] * bool(args.overwrite)
+        if flags:
+            raise UsageError(f"--resume takes its configuration from RUN/config.json; drop {', '.join(flags)} "
+                             f"(only --device and --data-dir may change)")
         run = Path(args.resume)
-        train(load_run_config(run), run, resume=True, progress=not args.quiet)
+        cfg = load_run_config(run)
+        for key, value in machine.items():
+            setattr(cfg, key, value)
+        train(cfg, run, resume=True, progress=not args.quiet)
         return 0
     if not args.out:
         raise UsageError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-    train(_config_from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
+    train(from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0
 
 
-# ----------------------------------------------------------------- prune
-
-def run_label(run: Path, cfg) -> str:
-    if cfg.method in ("var", "var+sam", "var+cram+"):
-        return f"{cfg.method} λ={cfg.var_lambda:g}"
-    return cfg.method
-
-
-def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
-    """Every run folder's configuration, and every problem with them (nothing is loaded)."""
-    from .train import WEIGHTS, data_problems, load_run_config
-    configs, problems = [], []
-    for run in runs:
-        try:
-            cfg = load_run_config(run)
-        except RunError as e:
-            configs.append(None)
-            problems.append(str(e))
-            continue
-        configs.append(cfg)
-        if not (run / WEIGHTS).is_file():
-            problems.append(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
-        if data_dir is not None:
-            cfg.data_dir = data_dir
-        problems += [p for p in data_problems(cfg) if p not in problems]
-    return configs, problems
-
-
-def _weights_digest(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size) -> dict | None:
-    """RUN/prune.json if it was made from RUN's current weights with exactly these settings."""
-    from .train import WEIGHTS
-    try:
-        doc = json.loads((run / "prune.json").read_text())
-        same = ([r["sparsity"] for r in doc["results"]] == list(sparsities) and doc["scope"] == scope
-                and list(doc["exclude"]) == list(exclude) and doc["bnt_batches"] == bnt_batches
-                and doc["bnt_batch_size"] == bnt_batch_size
-                and doc["weights_sha256"] == _weights_digest(run / WEIGHTS))
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
-    return doc if same else None
-
-
-def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_batches=20, bnt_batch_size=500,
-               data_dir=None, device="auto", log=print, reuse=False) -> list[tuple[str, dict]]:
-    """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
-
-    Only RUN/prune.* are written; the run's weights and checkpoint are read, never
-    modified. ``reuse``: a run whose prune.json was made from its current weights
-    with the same settings is not swept again (an interrupted sweep resumes).
-    """
-    import torch
-
-    from .checkpoint import load_weights
-    from .device import resolve_amp, resolve_device
-    from .evaluate import bnt_batches as make_bnt
-    from .evaluate import prune_sweep
-    from .report import write_sweep
-    from .train import WEIGHTS, build_model, load_data
-
-    dev = resolve_device(device)
-    configs, problems = check_runs(runs, data_dir)   # every folder checked before any work
-    if problems:
-        raise RunError("; ".join(problems))
-    cache, out = {}, []
-    labels = [run_label(r, c) for r, c in zip(runs, configs)]
-    if len(set(labels)) < len(labels):
-        labels = [str(r) for r in runs]
-    for run, cfg, label in zip(runs, configs, labels):
-        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size) if reuse else None
-        if done is not None:
-            log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
-            done["label"] = label
-            out.append((label, done))
-            continue
-        cfg.device = str(dev)
-        key = (cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test)
-        if key not in cache:
-            cache[key] = load_data(cfg, dev)
-        _, train_loader, test_loader = cache[key]
-        model = build_model(cfg, dev)
-        digest = _weights_digest(run / WEIGHTS)
-        load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
-        g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(train_loader.images), generator=g)[: bnt_batches * bnt_batch_size]
-        bnt = make_bnt(train_loader.images[pick.to(train_loader.images.device)], bnt_batches, bnt_batch_size,
-                       train_loader.normalize)
-        log(f"pruning {run} ({label})")
-        doc = prune_sweep(model, sparsities, test_loader, bnt, scope, exclude, resolve_amp(cfg.amp, dev),
-                          progress=lambda s, a, b: log(f"  {100 * s:g}%: {100 * b:.2f}% with BNT, {100 * a:.2f}% without"))
-        doc.update({"run": str(run), "label": label, "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size,
-                    "weights_sha256": digest})
-        write_sweep(run, doc, label)
-        out.append((label, doc))
-    return out
-
-
 def cmd_prune(args) -> int:
     from .report import sweep_plot, sweep_table
+    from .sweep import check_runs, prune_runs
     runs = [Path(r) for r in args.runs]
-    problems = [] if args.bnt_batches >= 0 and args.bnt_batch_size > 0 else [
-        "--bnt-batches must be >= 0 and --bnt-batch-size > 0"]
+    found = _bnt_problems(args) + _device_problem(args.device)
     if len(set(map(str, runs))) != len(runs):
-        problems.append("a RUN is named twice")
-    problems += check_runs(runs, args.data_dir)[1]
-    if problems:  # every problem at once, before any work
-        raise UsageError("; ".join(problems))
-    rows = prune_runs(runs, args.sparsities, args.scope, _names(args.exclude or ""), args.bnt_batches,
-                      args.bnt_batch_size, args.data_dir, args.device, reuse=not args.force)
+        found.append("a RUN is named twice")
+    configs, more = check_runs(runs, args.data_dir)
+    found += more
+    exclude = _names(args.exclude or "")
+    plot = _plot_path(args.plot) if args.plot else (Path("prune_comparison.png") if len(runs) > 1 else None)
+    if exclude and not found:
+        found += _exclude_problems(configs, exclude)
+    if found:  # every problem at once, before any work
+        raise UsageError("; ".join(found))
+    rows = prune_runs(runs, args.sparsities, args.scope, exclude, args.bnt_batches, args.bnt_batch_size,
+                      args.data_dir, args.device, reuse=not args.force)
     print(sweep_table(rows))
-    if args.plot or len(runs) > 1:
-        plot = Path(args.plot) if args.plot else Path("prune_comparison.png")
+    if plot is not None:
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
     return 0
 
 
+def _exclude_problems(configs, exclude) -> list[str]:
+    """An --exclude pattern that matches no prunable weight of some run is a typo, not a choice."""
+    import torch
+
+    from .data import dataset_info
+    from .models import create_model
+    from .weights import prunable_weights
+    for cfg in configs:
+        info = dataset_info(cfg.dataset)
+        with torch.device("meta"):
+            model = create_model(cfg.model, info.channels or 1, info.num_classes or 2, info.size or 32)
+        try:
+            prunable_weights(model, exclude)
+        except ValueError as e:
+            return [str(e)]
+    return []
+
+
+def _read_prune_json(run: Path) -> dict:
+    from .errors import RunError
+    from .report import metric_of
+    path = run / "prune.json"
+    try:
+        doc = json.loads(path.read_text())
+        m = metric_of(doc)
+        label = doc.get("label", str(run))
+        ok = isinstance(label, str) and isinstance(m, str) and isinstance(doc[f"dense_{m}"], (int, float)) and \
+            isinstance(doc["results"], list) and doc["results"] and all(
+                isinstance(r, dict) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
+                                            for k in ("sparsity", m, f"{m}_bnt")) for r in doc["results"])
+    except FileNotFoundError:
+        raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        raise RunError(f"{path} is not a varprune prune.json (damaged or edited); rerun `varprune prune {run}`")
+    return doc
+
+
 def cmd_report(args) -> int:
-    from .report import sweep_plot, sweep_table
+    from .report import metric_of, sweep_plot, sweep_table
+    plot = _plot_path(args.plot)
     rows = []
     for run in map(Path, args.runs):
-        path = run / "prune.json"
-        try:
-            doc = json.loads(path.read_text())
-            label = doc.get("label", str(run))
-            _ = [(r["sparsity"], r["accuracy"], r["accuracy_bnt"]) for r in doc["results"]], doc["dense_accuracy"]
-        except FileNotFoundError:
-            raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise RunError(f"{path} is not a varprune prune.json; rerun `varprune prune {run}`") from None
-        rows.append((label, doc))
+        doc = _read_prune_json(run)
+        rows.append((doc.get("label", str(run)), doc))
+    if len({metric_of(d) for _, d in rows}) > 1:
+        raise UsageError("these runs report different metrics (accuracy and dice): report them separately")
     print(sweep_table(rows))
-    if args.plot:
-        sweep_plot(rows, args.plot)
-        print(f"plot: {args.plot}")
+    if plot:
+        sweep_plot(rows, plot)
+        print(f"plot: {plot}")
     return 0
 
 
 def cmd_study(args) -> int:
+    from .config import from_args
     from .study import run_study
-    if args.bnt_batches < 0 or args.bnt_batch_size <= 0:
-        raise UsageError("--bnt-batches must be >= 0 and --bnt-batch-size > 0")
+    found = _bnt_problems(args)
     seeds = []
     for v in _names(args.seeds):
         try:
             seeds.append(int(v))
         except ValueError:
-            raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    run_study(Path(args.out), _config_from_args(args), _names(args.methods), seeds, args.sparsities, args.scope,
+            found.append(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+            break
+    if found:
+        raise UsageError("; ".join(found))
+    run_study(Path(args.out), from_args(args), _names(args.methods), seeds, args.sparsities, args.scope,
               args.bnt_batches, args.bnt_batch_size, progress=not args.quiet)
     return 0
 
@@ -289,27 +224,50 @@ def cmd_doctor(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet)
+    run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet, task=args.task)
     return 0
 
 
-# ----------------------------------------------------------------- main
+# ----------------------------------------------------------------- the parser
+
+def _epilog() -> str:
+    from .methods import method_help
+    from .models import describe_models
+    models = "\n".join(f"  {k:<14} {v}" for k, v in describe_models().items())
+    return f"methods:\n{method_help()}\n\nmodels:\n{models}"
+
+
+def _add_sweep_flags(p) -> None:
+    from .pruning import SCOPES
+    p.add_argument("--sparsities", type=_sparsities, default=SWEEP_SPARSITIES,
+                   help="comma-separated sparsities in [0, 1) (default 0.5,...,0.99)")
+    p.add_argument("--scope", choices=SCOPES, default="global",
+                   help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
+                        "fraction from every tensor")
+    p.add_argument("--bnt-batches", type=int, default=20,
+                   help="BN re-tuning batches (default 20 of 500 = 10,000 training images, the reference "
+                        "measurement's protocol; CrAM re-tunes on 100 batches of 128 = 12,800); 0 skips "
+                        "re-tuning")
+    p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_flags
     parser = _Parser(prog="varprune", description="Train networks that survive one-shot magnitude pruning.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
+    epilog = _epilog()
 
     p = sub.add_parser("train", help="train one run", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a model with or without VAR into a run folder.",
-                       epilog=f"methods:\n{method_help()}\n\nmodels:\n{_model_lines()}")
+                       description="Train a model with or without VAR into a run folder.", epilog=epilog)
     p.add_argument("--out", help="run folder to create")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete epoch")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete epoch (--device and "
+                                                   "--data-dir may be given: they describe the machine)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run in --out (and the prune results made from its weights); "
-                        "without it an existing run is never touched")
+                   help="replace the run in --out (and the prune results made from its weights); the old run is "
+                        "kept until the new one has written its first checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_train_flags(p)
+    add_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prune", help="one-shot pruning sweep of trained runs",
@@ -317,15 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "BN re-tuning, into RUN/prune.{json,csv,png}. Weights and checkpoints are "
                                    "only read.")
     p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--sparsities", type=_sparsities, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99])
-    p.add_argument("--scope", choices=SCOPES, default="global")
+    _add_sweep_flags(p)
     p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune; "
                                      "'first' and 'last' name the stem and the classifier")
-    p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 = none)")
-    p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--plot", help="combined plot of all runs (default prune_comparison.png for several runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
     p.add_argument("--force", action="store_true",
                    help="sweep every run again; by default a run whose prune.json was made from its current "
                         "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "
@@ -336,21 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train every (method, seed), prune each, and write report.md, report.json and "
                                    "report.png in --out. Finished runs are reused, interrupted ones resumed.",
-                       epilog=f"methods:\n{method_help()}\n\nmodels:\n{_model_lines()}")
+                       epilog=epilog)
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--methods", default="sgd,var", help="comma-separated methods (default sgd,var)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--sparsities", type=_sparsities, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99])
-    p.add_argument("--scope", choices=SCOPES, default="global")
-    p.add_argument("--bnt-batches", type=int, default=20)
-    p.add_argument("--bnt-batch-size", type=int, default=500)
+    _add_sweep_flags(p)
     p.add_argument("--quiet", action="store_true")
-    _add_train_flags(p, exclude=("--method", "--seed"))
+    add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="table and plot from existing prune.json files")
     p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--plot", help="write a combined plot here")
+    p.add_argument("--plot", help="write a combined plot here (.png)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("doctor", help="print the environment (versions, devices, datasets) for bug reports",
@@ -359,19 +311,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="look for the datasets here instead of their default folders")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("demo", help="SGD against VAR on Fashion-MNIST, sized to this machine")
+    p = sub.add_parser("demo", help="SGD against VAR, pruned one-shot, sized to this machine")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification: Fashion-MNIST; segmentation: the Colin27 brain MRI (mricron-data)")
     p.add_argument("--size", choices=("auto", "cpu", "gpu", "tiny"), default="auto",
                    help="auto: the GPU setup on a GPU, the CPU setup otherwise; tiny: a smoke test")
-    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: the Debian package's)")
+    p.add_argument("--data-dir", help="dataset folder (default: the Debian package's)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(argv) -> str:
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command == "train":
+        return "completed epochs are kept (`varprune train --resume RUN` continues)"
+    if command in ("study", "demo"):
+        return "finished runs and sweeps are kept; the same command continues"
+    if command == "prune":
+        return "runs whose prune.json was written are kept; the same command continues with the others"
+    return "nothing was left half-written"
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:   # before anything that imports torch
+        return _doctor_only(argv)
+    from .errors import CheckpointError, DatasetError, RunError
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:   # not the main thread
+        previous = None
+    try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         return args.func(args)
     except (UsageError, RunError, DatasetError, CheckpointError) as e:
@@ -387,8 +365,26 @@ def main(argv=None) -> int:
         print(f"varprune: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("varprune: interrupted; completed epochs are kept (--resume continues)", file=sys.stderr)
+        print(f"varprune: interrupted; {_interrupted(argv)}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"varprune: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _doctor_only(argv) -> int:
+    parser = _Parser(prog="varprune doctor")
+    parser.add_argument("doctor")
+    parser.add_argument("--data-dir")
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"varprune: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return cmd_doctor(args)
 
 
 if __name__ == "__main__":

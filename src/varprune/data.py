@@ -27,8 +27,7 @@ import torch.nn.functional as F
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-class DatasetError(ValueError):
-    """A dataset is missing or malformed; the message says where and what to do."""
+from .errors import DatasetError  # noqa: E402  (re-exported: readers raise it)
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,8 @@ class DatasetInfo:
     crop_pad: int          # random-crop padding used for training
     flip: bool             # horizontal flips (wrong for digits)
     layout: str            # how the files sit on disk, for error messages
+    task: str = "classification"        # which tasks.Task reads it
+    class_names: tuple[str, ...] = ()   # filled in by readers that know them
 
 
 DATASETS = {
@@ -324,44 +325,28 @@ def subset(x: torch.Tensor, y: torch.Tensor, limit: int | None, salt: int = 0):
 
 # ------------------------------------------------------------ device loader
 
-def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Batched random crop with zero padding: each image shifted by up to ``pad``."""
-    if pad <= 0:
-        return x
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    return xp[batch, chans, rows, cols]
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
 class DeviceLoader:
     """Batches from uint8 tensors held on ``device``; augmentation on the device.
 
-    Each epoch visits every example exactly once (the last batch may be
-    smaller). Shuffling and augmentation draw from one ``torch.Generator``
-    seeded by ``seed``; its state is ``loader.generator.get_state()`` and is
-    what a checkpoint saves so a resumed run sees the same batches.
+    ``labels`` are class indices (N,) or label maps (N, H, W). ``augment`` is
+    a task's ``augment(x, y, generator)`` (it applies one random draw to an
+    image and its mask alike), or None. Each epoch visits every example once;
+    in training, a last batch of a single example is dropped (BatchNorm cannot
+    normalise one example; shuffling shows it in other epochs). Shuffling and
+    augmentation draw from one ``torch.Generator`` seeded by ``seed``; its
+    state is ``loader.generator.get_state()`` and is what a checkpoint saves
+    so a resumed run sees the same batches.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch_size: int,
-                 train: bool, device="cpu", seed: int = 0, augment: bool | None = None,
+                 train: bool, device="cpu", seed: int = 0, augment=None,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size = int(batch_size)
         self.train = train
-        self.augment = train if augment is None else augment
+        self.augment = augment if train else None
         self.info = info
         self.channels_last = channels_last
         self.dtype = dtype
@@ -370,8 +355,14 @@ class DeviceLoader:
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(info.mean, device=self.device) / std).view(1, -1, 1, 1)
 
+    def _stops(self) -> int:
+        n = len(self.images)
+        if self.train and n > 1 and n % self.batch_size == 1:
+            return n - 1
+        return n
+
     def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return -(-self._stops() // self.batch_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() * self.scale + self.shift).to(self.dtype)
@@ -380,15 +371,13 @@ class DeviceLoader:
     def __iter__(self):
         n = len(self.images)
         order = torch.randperm(n, device=self.device, generator=self.generator) if self.train else None
-        for start in range(0, n, self.batch_size):
+        for start in range(0, self._stops(), self.batch_size):
             if order is None:
                 x = self.images[start:start + self.batch_size]
                 y = self.labels[start:start + self.batch_size]
             else:
                 idx = order[start:start + self.batch_size]
                 x, y = self.images[idx], self.labels[idx]
-            if self.augment:
-                x = random_crop(x, self.info.crop_pad, self.generator)
-                if self.info.flip:
-                    x = random_flip(x, self.generator)
+            if self.augment is not None:
+                x, y = self.augment(x, y, self.generator)
             yield self.normalize(x), y

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_text
+from .config import TrainConfig
 from .device import describe_device, resolve_device
-from .train import CHECKPOINT, WEIGHTS, TrainConfig, load_run_config, train
+from .errors import RunError
+from .sweep import ensure_run, prune_runs
 
 SIZES = {
     # the reference setup of ../shared/METHOD.md section 4
@@ -30,57 +32,57 @@ SIZES = {
     "tiny": dict(model="resnet20", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-5,
                  sparsities=[0.5, 0.9]),
 }
+DATASET = "fashion-mnist"
+TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 
 
-def demo_configs(size: str, data_dir: str | None) -> tuple[list[tuple[str, TrainConfig]], list[float]]:
-    spec = dict(SIZES[size])
+def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
+    spec = dict((sizes or SIZES)[size])
     sparsities = spec.pop("sparsities")
     lam = spec.pop("var_lambda")
-    common = dict(dataset="fashion-mnist", data_dir=data_dir, **spec)
+    common = dict(dataset=dataset, data_dir=data_dir, **spec)
     return [("sgd", TrainConfig(method="sgd", **common)),
             ("var", TrainConfig(method="var", var_lambda=lam, **common))], sparsities
 
 
-def _same_config(a: TrainConfig, b: TrainConfig) -> bool:
-    return {k: v for k, v in vars(a).items() if k != "device"} == {k: v for k, v in vars(b).items() if k != "device"}
-
-
-def run_demo(out: Path, size: str = "auto", data_dir: str | None = None, progress: bool = True, log=print) -> dict:
-    from .cli import prune_runs
+def run_demo(out: Path, size: str = "auto", data_dir: str | None = None, progress: bool = True, log=print,
+             task: str = "classification") -> dict:
     from .report import sweep_plot, sweep_table
-
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder; choose another --out")
     device = resolve_device("auto")
     if size == "auto":
         size = "gpu" if device.type == "cuda" else "cpu"
-    configs, sparsities = demo_configs(size, data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"varprune demo ({size} size) on {describe_device(device)}, runs in {out}")
+    if task == "segmentation":
+        from .segdemo import SIZES as SEG_SIZES, DATASET as SEG_DATASET, TITLE as SEG_TITLE, figure
+        configs, sparsities = demo_configs(size, data_dir, SEG_SIZES, SEG_DATASET)
+        title = SEG_TITLE
+    else:
+        configs, sparsities = demo_configs(size, data_dir)
+        title, figure = TITLE, None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
+    log(f"varprune demo ({task}, {size} size) on {describe_device(device)}, runs in {out}")
     t0 = time.perf_counter()
     runs = []
     for name, cfg in configs:
-        run = out / name
-        if (run / "config.json").exists():
-            if not _same_config(load_run_config(run), cfg):
-                from .train import RunError
-                raise RunError(f"{run} holds a run with another configuration; pass another --out or remove it")
-            if (run / WEIGHTS).exists():
-                log(f"reusing finished run {run}")
-            else:
-                train(cfg, run, resume=(run / CHECKPOINT).exists(), overwrite=True, log=log, progress=progress)
-        else:
-            log(f"training {name}: {cfg.model}, {cfg.epochs} epochs" +
-                (f", lambda {cfg.var_lambda:g}" if cfg.method == "var" else ""))
-            train(cfg, run, log=log, progress=progress)
-        runs.append(run)
+        ensure_run(cfg, out / name, log=log, progress=progress)
+        runs.append(out / name)
     train_s = time.perf_counter() - t0
-    rows = prune_runs(runs, sparsities, data_dir=data_dir, log=log)
+    rows = prune_runs(runs, sparsities, data_dir=data_dir, log=log, reuse=True)
     table = sweep_table(rows)
-    sweep_plot(rows, out / "demo.png", title="Fashion-MNIST: SGD vs VAR, one-shot pruning")
+    sweep_plot(rows, out / "demo.png", title=title)
+    extra = ""
+    if figure is not None:
+        figure(runs, out / "examples.png", sparsity=0.95)
+        extra = f"Example slices: {out / 'examples.png'}\n\n"
     total_s = time.perf_counter() - t0
     machine = describe_device(device)
-    summary = (f"# varprune demo ({size})\n\nMachine: {machine}, torch {torch.__version__}. "
+    summary = (f"# varprune demo ({task}, {size})\n\nMachine: {machine}, torch {torch.__version__}. "
                f"Wall time {total_s / 60:.1f} min ({train_s / 60:.1f} min training).\n\n"
-               f"Configuration: {json.dumps({k: v for k, v in vars(configs[1][1]).items() if k != 'extra'})}\n\n{table}")
+               f"Configuration: {json.dumps(configs[1][1].to_dict())}\n\n{extra}{table}")
     atomic_write_text(out / "results.md", summary)
     print(table)
     log(f"plot: {out / 'demo.png'}; summary: {out / 'results.md'}; {total_s / 60:.1f} min in all")

@@ -15,9 +15,10 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .data import DATASETS, default_data_dir, locate_dataset
 
-LIBRARIES = ("torch", "torchvision", "numpy", "safetensors", "tqdm", "matplotlib", "scipy", "hypothesis", "pytest")
+LIBRARIES = ("torch", "torchvision", "numpy", "safetensors", "tqdm", "matplotlib", "scipy", "nibabel", "pillow",
+             "timm", "monai", "hypothesis", "pytest")
+IMPORTS = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "torchvision": "torchvision"}
 
 
 def _version(name: str) -> str:
@@ -51,7 +52,22 @@ def _torch_lines() -> list[str]:
     return lines
 
 
+def _import_lines() -> list[str]:
+    """Whether the libraries varprune cannot run without import, with the error if not."""
+    import importlib
+    lines = []
+    for name, module in IMPORTS.items():
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a broken install is what doctor exists to report
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            lines.append(f"import {module}: FAILS ({type(e).__name__}: {first}); reinstall it: "
+                         f"pip install --force-reinstall {name}")
+    return lines
+
+
 def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
+    from .data import DATASETS, default_data_dir, locate_dataset
     lines = []
     for name in sorted(DATASETS):
         root = data_dir if data_dir is not None else default_data_dir(name)
@@ -73,6 +89,11 @@ def report(data_dir: str | os.PathLike | None = None) -> str:
              f"python:         {sys.version.split()[0]} ({sys.executable})",
              f"platform:       {platform.platform()}"]
     lines += [f"{lib + ':':<16}{_version(lib)}" for lib in LIBRARIES if lib != "torch"]
+    broken = _import_lines()
+    lines += broken
+    if broken:
+        lines.append("datasets:       not checked (the imports above fail)")
+        return "\n".join(lines) + "\n"
     try:
         lines += _torch_lines()
     except Exception as e:  # a broken CUDA setup is exactly what doctor must report, not die of

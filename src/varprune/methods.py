@@ -5,8 +5,10 @@ Every method trains with the same loop (train.py); a method only chooses
 * an optimizer: plain SGD, or a two-pass wrapper (SAM, ASAM, CrAM, CrAM+)
   around the same SGD, or single-pass S2-SAM;
 * regularizers over the prunable weights (VAR, l1, Hoyer-square), whose
-  closed-form gradients are added after every backward pass, so in a
-  combination such as ``var+sam`` VAR's term enters both passes.
+  closed-form gradients are added at the current weights w: after the
+  backward pass for plain SGD, and once, to the final gradient, for the
+  two-pass methods (loop.make_train_step), so a lambda tuned with ``var``
+  means the same in ``var+sam`` and ``var+cram+``.
 """
 from __future__ import annotations
 
@@ -39,19 +41,16 @@ METHODS = {
                     hyper="--rho, --cram-sparsities"),
     "s2sam": Method("single-step SAM: perturbation from the previous gradient, one pass", optimizer="s2sam",
                     hyper="--rho"),
-    "var+sam": Method("VAR with SAM, VAR's term in both passes", optimizer="sam", regularizers=("var",),
-                      hyper="--var-lambda, --rho"),
-    "var+cram+": Method("VAR with CrAM+, VAR's term in both passes", optimizer="cram+", regularizers=("var",),
-                        hyper="--var-lambda, --rho, --cram-sparsities"),
+    "var+sam": Method("VAR with SAM: VAR's gradient at w added once to SAM's", optimizer="sam",
+                      regularizers=("var",), hyper="--var-lambda, --rho"),
+    "var+cram+": Method("VAR with CrAM+: VAR's gradient at w added once to CrAM+'s", optimizer="cram+",
+                        regularizers=("var",), hyper="--var-lambda, --rho, --cram-sparsities"),
 }
 
-# rho when --rho is not given: SAM's CIFAR value, ASAM's usual range, CrAM's CIFAR configuration
-DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "cram": 0.2, "cram+": 0.2, "s2sam": 0.05}
+# rho when --rho is not given: SAM's CIFAR value (Foret et al.); 2.0 for ASAM, the value the davda54/sam
+# reference suggests for it; CrAM's CIFAR-10 configuration (Peste et al.); S2-SAM as SAM
+DEFAULT_RHO = {"sam": 0.05, "asam": 2.0, "cram": 0.2, "cram+": 0.2, "s2sam": 0.05}
 DEFAULT_CRAM_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def list_methods() -> list[str]:
-    return list(METHODS)
 
 
 def get_method(name: str) -> Method:

@@ -164,6 +164,7 @@ class _Wrapper(torch.optim.Optimizer):
     """Shared plumbing: the base optimizer, closure checks, and a resumable state_dict."""
 
     caller_runs_first_pass = True
+    final_gradient_hooks: list = []    # callables run just before the base step; set per instance
 
     def __init__(self, params, base_optimizer_cls, own_defaults: dict, base_kwargs: dict):
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
@@ -206,6 +207,10 @@ class _Wrapper(torch.optim.Optimizer):
         return closure
 
     def _base_step(self, scaling: _Scaling | None) -> None:
+        # Hooks see the weights restored to w and the final (unscaled) gradient in .grad: a training loop
+        # adds its regularizers' gradients here, once, at w (see loop.make_train_step).
+        for hook in self.final_gradient_hooks:
+            hook()
         if scaling is None:
             self.base_optimizer.step()
         else:

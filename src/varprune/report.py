@@ -1,4 +1,7 @@
-"""Tables and figures: accuracy against sparsity, readable at a glance."""
+"""Tables and figures: the task's primary metric against sparsity, readable at a glance.
+
+Every function reads prune.json / report.json documents; none trains or loads a model.
+"""
 from __future__ import annotations
 
 import csv
@@ -13,27 +16,43 @@ def pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}"
 
 
+METRIC_TITLES = {"accuracy": "Test accuracy", "dice": "Test mean foreground Dice"}
+
+
+def metric_of(doc: dict) -> str:
+    """The primary metric of a prune.json (files of 0.1 have no ``metric``: accuracy)."""
+    return doc.get("metric", "accuracy")
+
+
+def metric_title(metric: str) -> str:
+    return METRIC_TITLES.get(metric, f"Test {metric}")
+
+
 def sweep_table(rows: list[tuple[str, dict]]) -> str:
-    """Markdown table, one row per run: dense accuracy, then 'after BNT / before BNT' per sparsity."""
+    """Markdown table, one row per run: dense metric, then 'after BNT / before BNT' per sparsity."""
+    metric = metric_of(rows[0][1]) if rows else "accuracy"
     sparsities = sorted({r["sparsity"] for _, doc in rows for r in doc["results"]})
     head = ["run", "dense"] + [f"{100 * s:g}%" for s in sparsities]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for label, doc in rows:
         by_s = {r["sparsity"]: r for r in doc["results"]}
-        cells = [label, pct(doc["dense_accuracy"])]
+        m = metric_of(doc)
+        cells = [label, pct(doc[f"dense_{m}"])]
         for s in sparsities:
             r = by_s.get(s)
-            cells.append("—" if r is None else f"{pct(r['accuracy_bnt'])} / {pct(r['accuracy'])}")
+            cells.append("—" if r is None else f"{pct(r[f'{m}_bnt'])} / {pct(r[m])}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nTest accuracy (%) after one-shot magnitude pruning: with BN re-tuning / without.\n"
+    return "\n".join(lines) + (f"\n\n{metric_title(metric)} (%) after one-shot magnitude pruning: "
+                               f"with BN re-tuning / without.\n")
 
 
 def sweep_csv(doc: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"])
+    m = metric_of(doc)
+    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])
     for r in doc["results"]:
-        w.writerow([r["sparsity"], r["realised_sparsity"], r["accuracy"], r["accuracy_bnt"]])
+        w.writerow([r["sparsity"], r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
     return buf.getvalue()
 
 
@@ -55,9 +74,9 @@ def _x(s: float) -> float:
     return -math.log10(1.0 - s)
 
 
-def _finish(plt, fig, ax, path: Path, title: str) -> None:
+def _finish(plt, fig, ax, path: Path, title: str, metric: str = "accuracy") -> None:
     ax.set_xlabel("sparsity (% of prunable weights removed, log scale of the kept fraction)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(metric_title(metric).replace("Test", "test") + " (%)")
     ax.set_title(title)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -70,16 +89,17 @@ def _finish(plt, fig, ax, path: Path, title: str) -> None:
 
 
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
-    """Accuracy against sparsity: solid lines after BN re-tuning, dashed before."""
+    """The primary metric against sparsity: solid lines after BN re-tuning, dashed before."""
     plt, fig, ax = _figure()
     _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"]])
     for i, (label, doc) in enumerate(rows):
         color = f"C{i % 10}"
+        m = metric_of(doc)
         s = [_x(r["sparsity"]) for r in doc["results"]]
-        ax.plot(s, [100 * r["accuracy_bnt"] for r in doc["results"]], "o-", color=color, label=f"{label} (BNT)")
-        ax.plot(s, [100 * r["accuracy"] for r in doc["results"]], "x--", color=color, alpha=0.6,
+        ax.plot(s, [100 * r[f"{m}_bnt"] for r in doc["results"]], "o-", color=color, label=f"{label} (BNT)")
+        ax.plot(s, [100 * r[m] for r in doc["results"]], "x--", color=color, alpha=0.6,
                 label=f"{label} (no BNT)")
-    _finish(plt, fig, ax, Path(path), title)
+    _finish(plt, fig, ax, Path(path), title, metric_of(rows[0][1]) if rows else "accuracy")
 
 
 def write_sweep(run: Path, doc: dict, label: str) -> None:
@@ -96,36 +116,39 @@ def study_table(summary: dict) -> str:
     sparsities = summary["study"]["sparsities"]
     seeds = summary["study"]["seeds"]
 
+    m = summary.get("metric", "accuracy")
+
     def cell(ms):
         return f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
 
     out = []
-    for key, title in (("accuracy_bnt", "after BN re-tuning"), ("accuracy", "before BN re-tuning")):
+    for key, title in ((f"{m}_bnt", "after BN re-tuning"), (m, "before BN re-tuning")):
         head = ["method", "dense"] + [f"{100 * s:g}%" for s in sparsities] + ["time/epoch vs SGD"]
-        lines = [f"Test accuracy (%), mean ± std over seeds {seeds}, one-shot pruning {title}:", "",
+        lines = [f"{metric_title(m)} (%), mean ± std over seeds {seeds}, one-shot pruning {title}:", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        for m, e in methods.items():
+        for method, e in methods.items():
             ratio = "—" if e["time_vs_sgd"] is None else f"{e['time_vs_sgd']:.2f}x"
-            lines.append("| " + " | ".join([m, cell(e["dense"])] +
+            lines.append("| " + " | ".join([method, cell(e["dense"])] +
                                            [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
 def study_plot(summary: dict, path: str | Path) -> None:
-    """Mean accuracy after BNT per method with a ±1 std band; dashed: before BNT."""
+    """Mean metric after BNT per method with a ±1 std band; dashed: before BNT."""
+    m = summary.get("metric", "accuracy")
     plt, fig, ax = _figure()
     s = summary["study"]["sparsities"]
     _sparsity_axis(ax, s)
     xs = [_x(v) for v in s]
-    for i, (m, e) in enumerate(summary["methods"].items()):
+    for i, (method, e) in enumerate(summary["methods"].items()):
         color = f"C{i % 10}"
-        mean = [100 * e["sparsities"][str(x)]["accuracy_bnt"][0] for x in s]
-        std = [100 * e["sparsities"][str(x)]["accuracy_bnt"][1] for x in s]
-        ax.plot(xs, mean, "o-", color=color, label=f"{m} (BNT)")
+        mean = [100 * e["sparsities"][str(x)][f"{m}_bnt"][0] for x in s]
+        std = [100 * e["sparsities"][str(x)][f"{m}_bnt"][1] for x in s]
+        ax.plot(xs, mean, "o-", color=color, label=f"{method} (BNT)")
         ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                         color=color, alpha=0.2)
-        ax.plot(xs, [100 * e["sparsities"][str(x)]["accuracy"][0] for x in s], "--", color=color, alpha=0.5,
-                label=f"{m} (no BNT)")
+        ax.plot(xs, [100 * e["sparsities"][str(x)][m][0] for x in s], "--", color=color, alpha=0.5,
+                label=f"{method} (no BNT)")
     seeds = summary["study"]["seeds"]
-    _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)")
+    _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)", m)

@@ -15,7 +15,10 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
-from .train import CHECKPOINT, WEIGHTS, RunError, TrainConfig, load_run_config, train, validate_config
+from .config import LOCATION_KEYS, TrainConfig, problems
+from .errors import RunError
+from .report import metric_of
+from .sweep import ensure_run, finished_sweep, prune_runs
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -28,64 +31,57 @@ def _epoch_time(run: Path) -> float:
     return statistics.median(m["epoch_time_s"] for m in lines)
 
 
-def _comparable(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device",)}
+def _comparable(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in LOCATION_KEYS}
 
 
 def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int], sparsities: list[float],
               scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500, progress: bool = True,
               log=print) -> dict:
-    from .cli import prune_runs
     from .report import study_plot, study_table
 
     configs = {}
-    problems = []
+    found = []
+    if out.exists() and not out.is_dir():
+        found.append(f"{out} exists and is not a folder; choose another --out")
     for method in methods:
         for seed in seeds:
             cfg = dataclasses.replace(base, method=method, seed=seed)
-            problems += [p for p in validate_config(cfg) if p not in problems]
+            found += [p for p in problems(cfg) if p not in found]
             configs[(method, seed)] = cfg
     if not methods or not seeds:
-        problems.append("a study needs at least one method and one seed")
+        found.append("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
-        problems.append("--methods and --seeds must not repeat")
-    if problems:
-        raise RunError("; ".join(problems))
+        found.append("--methods and --seeds must not repeat")
+    if found:
+        raise RunError("; ".join(found))
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
     spec = {"methods": methods, "seeds": seeds, "sparsities": sparsities, "scope": scope,
-            "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "train": dataclasses.asdict(base)}
+            "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "train": base.to_dict()}
     spec_path = out / "study.json"
     if spec_path.exists():
         try:
             old = json.loads(spec_path.read_text())
-        except ValueError:
+            same = _comparable(old["train"]) == _comparable(spec["train"])
+        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             raise RunError(f"{spec_path} is damaged; remove it or choose another --out") from None
-        if {k: v for k, v in old.get("train", {}).items() if k != "device"} != \
-                {k: v for k, v in spec["train"].items() if k != "device"}:
+        if not same:
             raise RunError(f"{out} holds a study with another training configuration; choose another --out")
     atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
 
     runs = {}
     for (method, seed), cfg in configs.items():
-        run = out / "runs" / f"{method}-s{seed}"
-        runs[(method, seed)] = run
-        if (run / "config.json").exists():
-            if _comparable(load_run_config(run)) != _comparable(cfg):
-                raise RunError(f"{run} was trained with another configuration; choose another --out")
-            if (run / WEIGHTS).exists():
-                log(f"reusing {run}")
-                continue
-            log(f"resuming {run}")
-            train(cfg, run, resume=(run / CHECKPOINT).exists(), overwrite=True, log=log, progress=progress)
-        else:
-            log(f"training {method} seed {seed} -> {run}")
-            train(cfg, run, log=log, progress=progress)
+        runs[(method, seed)] = out / "runs" / f"{method}-s{seed}"
+        ensure_run(cfg, runs[(method, seed)], log=log, progress=progress)
 
     docs = {}
     todo = []
     for key, run in runs.items():
-        doc = _existing_sweep(run, sparsities, scope, bnt_batches, bnt_batch_size)
+        doc = finished_sweep(run, sparsities, scope, [], bnt_batches, bnt_batch_size)
         if doc is None:
             todo.append(key)
         else:
@@ -95,19 +91,20 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
                            device=base.device, log=log)
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
 
-    times = {m: statistics.fmean(_epoch_time(runs[(m, s)]) for s in seeds) for m in methods}
-    summary = {"study": spec, "methods": {}}
-    for m in methods:
-        per_seed = [docs[(m, s)] for s in seeds]
-        entry = {"dense": _mean_std([d["dense_accuracy"] for d in per_seed]), "epoch_time_s": times[m],
-                 "time_vs_sgd": times[m] / times["sgd"] if "sgd" in times else None, "sparsities": {}}
+    m = metric_of(next(iter(docs.values())))
+    times = {meth: statistics.fmean(_epoch_time(runs[(meth, s)]) for s in seeds) for meth in methods}
+    summary = {"study": spec, "metric": m, "methods": {}}
+    for meth in methods:
+        per_seed = [docs[(meth, s)] for s in seeds]
+        entry = {"dense": _mean_std([d[f"dense_{m}"] for d in per_seed]), "epoch_time_s": times[meth],
+                 "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None, "sparsities": {}}
         for i, s in enumerate(sparsities):
             entry["sparsities"][str(s)] = {
-                "accuracy_bnt": _mean_std([d["results"][i]["accuracy_bnt"] for d in per_seed]),
-                "accuracy": _mean_std([d["results"][i]["accuracy"] for d in per_seed]),
-                "per_seed_bnt": [d["results"][i]["accuracy_bnt"] for d in per_seed],
-                "per_seed": [d["results"][i]["accuracy"] for d in per_seed]}
-        summary["methods"][m] = entry
+                f"{m}_bnt": _mean_std([d["results"][i][f"{m}_bnt"] for d in per_seed]),
+                m: _mean_std([d["results"][i][m] for d in per_seed]),
+                "per_seed_bnt": [d["results"][i][f"{m}_bnt"] for d in per_seed],
+                "per_seed": [d["results"][i][m] for d in per_seed]}
+        summary["methods"][meth] = entry
     table = study_table(summary)
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", table)
@@ -115,15 +112,3 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     print(table)
     log(f"report: {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}")
     return summary
-
-
-def _existing_sweep(run: Path, sparsities, scope, bnt_batches, bnt_batch_size) -> dict | None:
-    """A run's prune.json, if it was made with exactly these settings."""
-    try:
-        doc = json.loads((run / "prune.json").read_text())
-        same = ([r["sparsity"] for r in doc["results"]] == list(sparsities) and doc.get("scope") == scope
-                and doc.get("bnt_batches") == bnt_batches and doc.get("bnt_batch_size") == bnt_batch_size
-                and not doc.get("exclude"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return doc if same else None

@@ -6,16 +6,27 @@ from typing import Callable
 from torch import nn
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+_TASKS: dict[str, str] = {}
 
 
-def register_model(name: str, description: str):
-    """Decorator: register a builder ``fn(in_channels, num_classes, image_size) -> nn.Module``."""
+def register_model(name: str, description: str, task: str = "classification"):
+    """Decorator: register a builder ``fn(in_channels, num_classes, image_size) -> nn.Module``.
+
+    ``task``: "classification" (output (N, classes)) or "segmentation"
+    (output (N, classes, H, W)).
+    """
     def wrap(fn):
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
         _MODELS[name] = (fn, description)
+        _TASKS[name] = task
         return fn
     return wrap
+
+
+def model_task(name: str) -> str | None:
+    """The task a registered model solves (None for names the registry does not know, e.g. timm:)."""
+    return _TASKS.get(name)
 
 
 def list_models() -> list[str]:
