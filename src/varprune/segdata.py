@@ -139,14 +139,14 @@ def _resize_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _finish(train, test, channels, size, class_names, source, cases) -> SegSplits:
     """Stack per-case slices into the splits and compute the training mean/std."""
-    def stack(parts, c):
+    def stack(parts):
         if not parts:
             return (torch.zeros((0, channels, *size), dtype=torch.uint8), torch.zeros((0, *size), dtype=torch.int64),
                     torch.zeros((0, 2), dtype=torch.int64))
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                 torch.cat([p[2] for p in parts]))
-    tx, ty, to = stack(train, channels)
-    vx, vy, vo = stack(test, channels)
+    tx, ty, to = stack(train)
+    vx, vy, vo = stack(test)
     if len(tx) == 0 or len(vx) == 0:
         empty = "training" if len(tx) == 0 else "test"
         raise DatasetError(f"{source}: the {empty} split has no slices; use more cases or another split")
@@ -563,14 +563,18 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
     gray = [i for i, k in enumerate(kinds) if k == "gray"]
     gray_values = set(np.concatenate([values[i] for i in gray]).tolist()) if gray else set()
     binary = bool(gray_values) and gray_values <= {0, 255} and 255 in gray_values
+    if not binary and gray_values and (255 in gray_values or max(gray_values) >= _LABEL_LIMIT):
+        # blame the first mask that breaks the reading most masks suggest
+        some_binary = 255 in gray_values
+        for i in gray:
+            bad = [int(v) for v in values[i] if (v not in (0, 255) if some_binary else v >= _LABEL_LIMIT)]
+            if bad:
+                raise DatasetError(f"mask {cases[i][2]} holds values {bad[:4]}: masks must be binary 0/255 or "
+                                   f"class indices below {_LABEL_LIMIT} across the whole set; re-export the masks")
     for i in gray:
         if binary:
             masks[i] = (masks[i] == 255).to(torch.int64)
             values[i] = (values[i] == 255).astype(np.int64)
-        elif values[i].max(initial=0) >= _LABEL_LIMIT or values[i].min(initial=0) < 0:
-            bad = [int(v) for v in values[i] if v >= _LABEL_LIMIT or v < 0][:4]
-            raise DatasetError(f"mask {cases[i][2]} holds values {bad}: masks must be binary 0/255 or class "
-                               f"indices below {_LABEL_LIMIT} across the whole set; re-export the masks")
     largest = max(int(v.max(initial=0)) for v in values)
     if class_names is not None:
         names = tuple(str(c) for c in class_names)
