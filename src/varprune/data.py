@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,14 @@ DATASETS = {
                         "DIR/train_32x32.mat and DIR/test_32x32.mat"),
 }
 
+# Segmentation sets (segdata.py): shape and classes are read from the data, so these are placeholders that
+# load_dataset fills in. Crops shift image and mask together (tasks.crop_flip).
+for _name, _layout in (("msd", "DIR/dataset.json, DIR/imagesTr/*.nii.gz, DIR/labelsTr/*.nii.gz (MSD / nnU-Net)"),
+                       ("seg-folder", "DIR/images/*.png|jpg and DIR/masks/*.png (or DIR/train/... and DIR/test/...)"),
+                       ("colin27", "ch2.nii.gz, aal.nii.gz, aal.nii.txt (Debian package mricron-data)")):
+    DATASETS[_name] = DatasetInfo(_name, 0, 0, 0, (), (), 4 if _name == "colin27" else 8, True, _layout,
+                                  task="segmentation")
+
 _TORCHVISION_DIR = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
 
@@ -74,6 +83,9 @@ def dataset_info(name: str) -> DatasetInfo:
 def default_data_dir(name: str) -> str:
     if name == "fashion-mnist":
         return DEBIAN_FASHION_MNIST
+    if name == "colin27":
+        from .segdata import DEBIAN_MRICRON
+        return DEBIAN_MRICRON
     return os.environ.get("VARPRUNE_DATA", "data")
 
 
@@ -253,6 +265,8 @@ class DatasetLocation:
         return not self.missing
 
     def not_found_message(self) -> str:
+        if DATASETS[self.name].task == "segmentation":
+            return self.missing[0] if self.missing else f"{self.name} not found in {self.root}"
         return _not_found(self.name, self.root, self.missing[0] if self.missing else "?")
 
 
@@ -261,6 +275,10 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Data
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
     found, missing = [], []
+    if info.task == "segmentation":
+        from .segdata import locate_segdata
+        complete, message = locate_segdata(name, root)
+        return DatasetLocation(name, root, [root] if complete else [], [] if complete else [message])
     try:
         if info.name in _TORCHVISION_DIR:
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -298,6 +316,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     """
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
+    if info.task == "segmentation":
+        return _load_segmentation(info, root)
     if download:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -312,6 +332,22 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         raise DatasetError(_not_found(name, root, e.args[0] if e.args else str(e))) from None
     to = lambda a, dt: torch.from_numpy(np.array(a, copy=True)).to(dt)  # noqa: E731
     return ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
+
+
+def _load_segmentation(info: DatasetInfo, root: Path) -> ImageData:
+    """A segmentation set as ImageData: images uint8 (N, C, H, W), label maps int64 (N, H, W)."""
+    from .segdata import load_segdata
+    if not root.exists():
+        raise DatasetError(f"{info.name} not found: {root} does not exist (expected {info.layout}); "
+                           f"point --data-dir at it")
+    seg = load_segdata(info.name, root)
+    h, w = seg.size
+    if h != w:
+        raise DatasetError(f"{info.name} slices are {h}x{w}; varprune's models take square inputs")
+    resolved = dataclasses.replace(info, channels=seg.channels, size=h, num_classes=seg.num_classes,
+                                   mean=tuple(seg.mean), std=tuple(max(s, 1e-3) for s in seg.std),
+                                   class_names=tuple(seg.class_names))
+    return ImageData(resolved, seg.train_x, seg.train_y, seg.test_x, seg.test_y, seg.source)
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, limit: int | None, salt: int = 0):
