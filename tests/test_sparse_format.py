@@ -1,6 +1,5 @@
 """Pruned-model files: bit-exact round trips, deterministic bytes, every damage detected, the size bound."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -351,6 +350,8 @@ def test_save_refuses_what_it_cannot_store_faithfully(tmp_path):
         save_pruned(out, model, {name: ~masks[name]}, {})
     with pytest.raises(ValueError, match="written by save_pruned"):
         save_pruned(out, model, masks, {"sha256": "x"})
+    with pytest.raises(ValueError, match="model_args"):
+        save_pruned(out, model, masks, {"model": "mlp", "model_args": '{"in_channels": 1}'})
     with pytest.raises(ValueError, match="values must be"):
         save_pruned(out, model, masks, {}, values="int8")
     with torch.no_grad():

@@ -181,6 +181,11 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torc
     clash = sorted(set(metadata) & set(_RESERVED_META))
     if clash:
         raise ValueError(f"metadata key(s) {', '.join(clash)} are written by save_pruned; remove them")
+    if "model_args" in metadata and not isinstance(metadata["model_args"], dict):
+        raise ValueError(f"metadata 'model_args' must be a dict of create_model keyword arguments, "
+                         f"got {type(metadata['model_args']).__name__}")
+    if "model" in metadata and not isinstance(metadata["model"], str):
+        raise ValueError(f"metadata 'model' must be a registry name (str), got {type(metadata['model']).__name__}")
     if not masks:
         raise ValueError("no masks given: a pruned-model file needs at least one pruned tensor "
                          "(use checkpoint.save_weights for a dense model)")
