@@ -90,10 +90,12 @@ def test_wrn_depth_checked():
 
 # ------------------------------------------------------------------ timm
 
-timm = pytest.importorskip("timm")
+@pytest.fixture
+def timm():
+    return pytest.importorskip("timm")
 
 
-def test_timm_resnet18_one_channel_trains_and_prunes():
+def test_timm_resnet18_one_channel_trains_and_prunes(timm):
     torch.manual_seed(0)
     model = create_model("timm:resnet18", in_channels=1, num_classes=10, image_size=32)
     assert model.conv1.weight.shape[1] == 1 and model.fc.out_features == 10
@@ -113,19 +115,100 @@ def test_timm_resnet18_one_channel_trains_and_prunes():
     assert model(x).shape == (4, 10)
 
 
-def test_timm_fixed_size_model_gets_img_size():
+def test_timm_fixed_size_model_gets_img_size(timm):
     model = create_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=5, image_size=32)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
-def test_timm_unknown_name_suggests_close_ones():
+def test_timm_unknown_name_suggests_close_ones(timm):
     with pytest.raises(TimmModelError, match="unknown timm model 'resnet81'.*timm:resnet18"):
         create_model("timm:resnet81")
     assert "resnet81" in timm_model_problem("timm:resnet81")
     assert timm_model_problem("timm:resnet18") is None
 
 
-def test_timm_pretrained_refused():
+def test_timm_pretrained_refused(timm):
     from varprune.models.timm_adapter import create_timm_model
     with pytest.raises(TimmModelError, match="--init"):
         create_timm_model("resnet18", pretrained=True)
+
+
+# ------------------------------------------------------------------ --init weights
+
+from varprune.checkpoint import save_weights  # noqa: E402
+from varprune.init_weights import InitWeightsError, load_initial_weights  # noqa: E402
+
+
+def _net(classes=10, seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet20", 1, classes, 28)
+
+
+def _assert_same_state(a, b, skip=()):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if not any(k.startswith(s) for s in skip):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_init_roundtrips_save_weights(tmp_path):
+    src = _net(seed=1)
+    with torch.no_grad():
+        src.bn1.running_mean.normal_()          # buffers come along too
+    save_weights(tmp_path / "model.safetensors", src, {"model": "resnet20"})
+    dst = _net(seed=2)
+    report = load_initial_weights(dst, tmp_path / "model.safetensors")
+    _assert_same_state(src, dst)
+    assert report.format == "safetensors" and len(report.loaded) == len(src.state_dict())
+    assert not report.stripped_prefixes and "loaded" in report.summary()
+
+
+def test_init_torch_save_wrapped_and_nested(tmp_path):
+    src = _net(seed=1)
+    wrapped = {"module." + k: v for k, v in src.state_dict().items()}
+    torch.save({"state_dict": wrapped, "epoch": 3}, tmp_path / "ckpt.pt")
+    dst = _net(seed=2)
+    report = load_initial_weights(dst, tmp_path / "ckpt.pt")
+    _assert_same_state(src, dst)
+    assert report.format == "torch" and report.container_key == "state_dict"
+    assert report.stripped_prefixes == ["module."] and "module." in report.summary()
+    # a plain state dict without wrappers, and without BN's num_batches_tracked
+    plain = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(plain, tmp_path / "plain.pth")
+    report = load_initial_weights(_net(seed=3), tmp_path / "plain.pth")
+    assert report.container_key is None and any(k.endswith("num_batches_tracked") for k in report.kept_from_model)
+
+
+def test_init_head_of_other_size_needs_exclude(tmp_path):
+    src = _net(classes=100, seed=1)
+    save_weights(tmp_path / "w.safetensors", src, {})
+    dst = _net(classes=10, seed=2)
+    head_before = dst.fc.weight.detach().clone()
+    conv_before = dst.conv1.weight.detach().clone()
+    with pytest.raises(InitWeightsError, match=r"2 of another shape \(fc.weight: file \[100, 64\], "
+                                               r"model \[10, 64\].*--init-exclude 'fc\.\*'"):
+        load_initial_weights(dst, tmp_path / "w.safetensors")
+    assert torch.equal(dst.conv1.weight, conv_before)          # untouched on error
+    report = load_initial_weights(dst, tmp_path / "w.safetensors", exclude=["fc.*"])
+    assert torch.equal(dst.fc.weight, head_before)             # the model's own head
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    _assert_same_state(src, dst, skip=("fc.",))
+    assert sorted(report.kept_from_model) == ["fc.bias", "fc.weight"]
+
+
+def test_init_missing_unexpected_and_garbage(tmp_path):
+    state = _net().state_dict()
+    state.pop("conv1.weight")
+    state["extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(InitWeightsError, match=r"1 missing \(conv1.weight\); 1 unexpected \(extra.weight\)"):
+        load_initial_weights(_net(), tmp_path / "w.pt")
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 40)
+    with pytest.raises(InitWeightsError, match="neither a safetensors file nor a torch.save file"):
+        load_initial_weights(_net(), tmp_path / "junk.bin")
+    with pytest.raises(InitWeightsError, match="cannot read"):
+        load_initial_weights(_net(), tmp_path / "absent.pt")
+    torch.save({"epoch": 3}, tmp_path / "noweights.pt")
+    with pytest.raises(InitWeightsError, match="not a state dict"):
+        load_initial_weights(_net(), tmp_path / "noweights.pt")
