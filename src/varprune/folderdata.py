@@ -343,20 +343,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "varprune"
 
 
-def _cache_path(cache, listing: FileList, image_size: int) -> Path | None:
-    if cache is False or cache is None:
-        return None
+def _cache_path(cache, listing: FileList, key: str) -> Path:
     folder = default_cache_dir() if cache is True else Path(cache)
-    return folder / f"{listing.reader}-{listing.cache_key(image_size)[:32]}.safetensors"
+    return folder / f"{listing.reader}-{key[:32]}.safetensors"
 
 
-def _read_cache(path: Path, listing: FileList, image_size: int) -> FolderImageData | None:
+def _read_cache(path: Path, listing: FileList, image_size: int, key: str) -> FolderImageData | None:
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in ("train_x", "train_y", "test_x", "test_y")}
-        if meta.get("format") != CACHE_FORMAT or meta.get("key") != listing.cache_key(image_size):
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
             return None
         mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
     except (OSError, SafetensorError, KeyError, ValueError, RuntimeError):
@@ -393,9 +391,11 @@ def read_listing(listing: FileList, image_size: int, cache: bool | str | os.Path
     image_size = int(image_size)
     if image_size < 1:
         raise DatasetError(f"image size must be >= 1, got {image_size}")
-    path = _cache_path(cache, listing, image_size)
+    use_cache = cache is not False and cache is not None
+    key = listing.cache_key(image_size) if use_cache else ""   # one stat() of every file
+    path = _cache_path(cache, listing, key) if use_cache else None
     if path is not None and path.is_file():
-        hit = _read_cache(path, listing, image_size)
+        hit = _read_cache(path, listing, image_size, key)
         if hit is not None:
             return hit
     files = listing.train_files + listing.test_files
@@ -410,7 +410,7 @@ def read_listing(listing: FileList, image_size: int, cache: bool | str | os.Path
                            torch.tensor(listing.test_labels, dtype=torch.int64), str(listing.root),
                            list(listing.classes), list(listing.class_names), False)
     if path is not None:
-        _write_cache(path, data, listing.cache_key(image_size))
+        _write_cache(path, data, key)
     return data
 
 
