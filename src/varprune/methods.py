@@ -9,6 +9,14 @@ Every method trains with the same loop (train.py); a method only chooses
   backward pass for plain SGD, and once, to the final gradient, for the
   two-pass methods (loop.make_train_step), so a lambda tuned with ``var``
   means the same in ``var+sam`` and ``var+cram+``.
+
+The base optimizer is SGD unless the config says ``optimizer = "adamw"``
+(``getattr(cfg, "optimizer", "sgd")``); the two-pass wrappers then wrap AdamW
+the same way. With AdamW a regularizer's gradient is added to ``.grad``
+before the step, exactly as autograd would add the gradient of
+``loss + lambda * psi``: it goes through AdamW's moment estimates like any
+loss term (it is *not* decoupled like AdamW's weight decay, which shrinks
+``w`` by ``lr * weight_decay`` outside the moments).
 """
 from __future__ import annotations
 
@@ -77,22 +85,44 @@ def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regu
     return out
 
 
+BASE_OPTIMIZERS = ("sgd", "adamw")
+ADAMW_BETAS = (0.9, 0.999)
+
+
+def base_optimizer(cfg) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The update rule under every method: ``(class, keyword arguments)``.
+
+    ``cfg.optimizer`` (absent means ``"sgd"``): ``"sgd"`` uses lr, momentum,
+    nesterov and weight_decay (coupled, added to the gradient); ``"adamw"``
+    uses lr, betas (``cfg.betas`` if present, else (0.9, 0.999)) and
+    weight_decay, decoupled as in Loshchilov & Hutter (w <- w - lr * wd * w).
+    """
+    kind = getattr(cfg, "optimizer", "sgd")
+    if kind == "sgd":
+        return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                     weight_decay=cfg.weight_decay)
+    if kind == "adamw":
+        betas = tuple(getattr(cfg, "betas", None) or ADAMW_BETAS)
+        return torch.optim.AdamW, dict(lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}; choose one of: {', '.join(BASE_OPTIMIZERS)}")
+
+
 def build_optimizer(method: Method, model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-               weight_decay=cfg.weight_decay)
+    """The method's optimizer over all of ``model``'s parameters, on the config's base optimizer."""
+    base_cls, base = base_optimizer(cfg)
     params = list(model.parameters())
-    if method.optimizer == "sgd":
-        return torch.optim.SGD(params, **sgd)
+    if method.optimizer == "sgd":  # the method's optimizer "sgd" means: the base optimizer alone
+        return base_cls(params, **base)
     from . import optim
     rho = cfg.rho if cfg.rho is not None else DEFAULT_RHO[method.optimizer]
     if method.optimizer in ("sam", "asam"):
-        return optim.SAM(params, torch.optim.SGD, rho=rho, adaptive=method.optimizer == "asam", **sgd)
+        return optim.SAM(params, base_cls, rho=rho, adaptive=method.optimizer == "asam", **base)
     if method.optimizer in ("cram", "cram+"):
         sparsities = tuple(cfg.cram_sparsities or DEFAULT_CRAM_SPARSITIES)
         # the compression CrAM trains against is the one the evaluation applies: the prunable weights
-        return optim.CrAM(params, torch.optim.SGD, rho=rho, sparsities=sparsities,
+        return optim.CrAM(params, base_cls, rho=rho, sparsities=sparsities,
                           plus=method.optimizer == "cram+", seed=cfg.seed,
-                          compress_params=[p for _, p in prunable_weights(model)], **sgd)
+                          compress_params=[p for _, p in prunable_weights(model)], **base)
     if method.optimizer == "s2sam":
-        return optim.S2SAM(params, torch.optim.SGD, rho=rho, **sgd)
+        return optim.S2SAM(params, base_cls, rho=rho, **base)
     raise AssertionError(method.optimizer)
