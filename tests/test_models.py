@@ -1,11 +1,12 @@
-"""Every registered model builds for 28 px grey and 32 px colour inputs and has prunable weights."""
+"""Every registered classification model builds for 28 px grey and 32 px colour inputs and has prunable weights."""
 import pytest
 import torch
 
 from varprune import create_model, list_models, prunable_weights
+from varprune.models import model_task
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if model_task(n) == "classification"])
 @pytest.mark.parametrize("channels,size,classes", [(1, 28, 10), (3, 32, 100)])
 def test_model_forward_and_prunable_weights(name, channels, size, classes):
     torch.manual_seed(0)
