@@ -214,9 +214,14 @@ def test_streaming_train_epoch_augmented_and_reproducible(tmp_path):
     _folder(tmp_path / "d", per_class=3)
     listing = scan_imagefolder(tmp_path / "d")
     info = streaming_info(listing, 8)
-    a = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=0)
-    b = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=1)
-    plain = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=False, num_workers=0)
+    from varprune.tasks import task_for
+    augment = task_for(info).augment
+    a = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=0,
+                        augment=augment)
+    b = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=1,
+                        augment=augment)
+    plain = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=True, seed=1,
+                            num_workers=0)
     (x_plain, _), = list(plain)
     ba, bb = list(a), list(b)
     assert [len(y) for _, y in ba] == [4, 4, 1]
@@ -225,8 +230,8 @@ def test_streaming_train_epoch_augmented_and_reproducible(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert torch.cat([y for _, y in ba]).tolist() != listing.train_labels        # shuffled (seed 5)
     assert info.crop_pad == 1 and info.flip
-    aug = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=False, augment=True,
-                          num_workers=0)
+    aug = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=True, seed=1,
+                          augment=augment, num_workers=0)
     (x_aug, _), = list(aug)
     assert x_aug.shape == x_plain.shape and not torch.equal(x_aug, x_plain)     # crops/flips on the host
 

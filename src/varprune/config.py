@@ -35,8 +35,8 @@ def setting(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=Fals
     an overflow deep inside torch.
     """
     meta = dict(help=help, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, check=check, flag=flag, metavar=metavar)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -92,18 +92,30 @@ class TrainConfig:
     dataset: str = setting("fashion-mnist", "dataset, see `varprune doctor`", check=_one_of(_datasets, "dataset"))
     model: str = setting("resnet18", "a registered model (see below) or timm:NAME",
                          check=_one_of(_models, "model", ("timm:",)))
+    model_args: dict = setting({}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)",
+                               metavar="KEY=VALUE")
+    init: str | None = setting(None, "initial weights: a local safetensors file or PyTorch state dict "
+                               "(loaded with weights_only=True); nothing is downloaded", metavar="FILE")
+    init_exclude: list[str] | None = setting(None, "comma-separated parameter patterns not taken from --init "
+                                             "(e.g. 'fc.*' for a classifier head of another size)")
+    image_size: int | None = setting(None, "resize images to this size (imagefolder, msd, seg-folder; default: "
+                                     "the dataset's own)", lo=8, hi=4096)
     method: str = setting("sgd", "training method, see below", check=_one_of(_methods, "method"))
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
     batch_size: int = setting(256, "batch size", lo=1, hi=1 << 20)
     optimizer: str = setting("sgd", "base optimizer: sgd (nesterov momentum) or adamw; the SAM-type methods wrap it",
                              check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} "
                              f"(choose from sgd, adamw)")
-    lr: float = setting(0.1, "peak learning rate of warm-up + cosine", lo=0, lo_open=True, hi=10)
+    lr: float | None = setting(None, "peak learning rate of warm-up + cosine (default 0.1 for sgd, 1e-3 for adamw)",
+                               lo=0, lo_open=True, hi=10)
     momentum: float = setting(0.9, "SGD momentum (nesterov)", lo=0, hi=1, hi_open=True)
     nesterov: bool = setting(True, "Nesterov momentum for SGD", flag=False)
-    weight_decay: float = setting(5e-4, "weight decay (decoupled for adamw)", lo=0, hi=1)
+    weight_decay: float | None = setting(None, "weight decay (default 5e-4 for sgd; 0.05 for adamw, decoupled)",
+                                         lo=0, hi=1)
     warmup_epochs: float = setting(1.0, "linear warm-up length in epochs", lo=0, hi=100_000)
     var_lambda: float = setting(1e-6, "VAR strength lambda", lo=0, hi=1e6)
+    var_strength: float | None = setting(None, "VAR relative strength s: lambda = s / psi(initial weights), "
+                                         "instead of --var-lambda", lo=0, lo_open=True, hi=1e6)
     var_r: float = setting(1e-8, "VAR smoothing r in sqrt(w^2 + r)", lo=0, lo_open=True, hi=1)
     var_eps: float = setting(1e-8, "VAR eps in 1 / (Var + eps)", lo=0, lo_open=True, hi=1)
     l1_alpha: float = setting(1e-5, "l1 strength", lo=0, hi=1)
@@ -152,6 +164,14 @@ class TrainConfig:
                     values[f.name] = [float(v) for v in values[f.name]]
         return cls(**values)
 
+    def __post_init__(self):
+        # defaults that depend on the base optimizer: written out resolved, so config.json says what ran
+        adamw = self.optimizer == "adamw"
+        if self.lr is None:
+            self.lr = 1e-3 if adamw else 0.1
+        if self.weight_decay is None:
+            self.weight_decay = 0.05 if adamw else 5e-4
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -184,6 +204,9 @@ def _is_number(v) -> bool:
 
 _TYPE_CHECKS = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
                 "str": lambda v: isinstance(v, str),
+                "dict": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, (bool, int, float, str))
+                                                              for k, x in v.items()),
+                "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                 "list[float]": lambda v: isinstance(v, list) and all(map(_is_number, v)),
                 "None": lambda v: v is None}
 
@@ -250,15 +273,27 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
 
 
 def _task_problems(cfg: TrainConfig) -> list[str]:
-    """A segmentation model on a classification dataset, or the other way round."""
+    """The model against the dataset's task, its options, and the --init file."""
     from .data import dataset_info
-    from .models import model_task
+    from .models import list_models, model_options, model_task
+    found = []
     want = dataset_info(cfg.dataset).task
     have = model_task(cfg.model)
-    if have is not None and have != want:
-        return [f"--model {cfg.model} is a {have} model but --dataset {cfg.dataset} is a {want} task; "
-                f"see `varprune train --help` for the models of each task"]
-    return []
+    if have != want:
+        found.append(f"--model {cfg.model} is a {have} model but --dataset {cfg.dataset} is a {want} task; "
+                     f"{want} models: {', '.join(list_models(want))}")
+    if cfg.model_args and not cfg.model.startswith("timm:"):
+        known = model_options(cfg.model)
+        unknown = sorted(set(cfg.model_args) - set(known))
+        if unknown:
+            offer = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+            found.append(f"--model-arg {', '.join(unknown)}: model {cfg.model} has no such option; its options: "
+                         f"{offer}")
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        found.append(f"--init {short(cfg.init)} is not a file; give a local .safetensors or state-dict file")
+    if cfg.init_exclude and cfg.init is None:
+        found.append("--init-exclude needs --init")
+    return found
 
 
 def validate(cfg: TrainConfig, check_device: bool = True) -> None:
@@ -286,6 +321,10 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = m["help"] + ("" if default is None or kind == "bool" else f" (default {default:g})"
                             if isinstance(default, float) else f" (default {default})")
+        if kind == "dict":
+            parser.add_argument(flag_of(name), dest=name, type=_key_value, action="append", default=argparse.SUPPRESS,
+                                help=m["help"], metavar=m["metavar"])
+            continue
         if kind == "bool":
             if default:
                 parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
@@ -294,14 +333,34 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
                 parser.add_argument(flag_of(name), dest=name, action="store_true", default=argparse.SUPPRESS,
                                     help=text)
         else:
-            typ = {"int": int, "float": float, "str": str, "list[float]": _floats}[kind]
+            typ = {"int": int, "float": float, "str": str, "list[float]": _floats, "list[str]": _names}[kind]
             parser.add_argument(flag_of(name), dest=name, type=typ, default=argparse.SUPPRESS, help=text,
                                 metavar=m["metavar"])
 
 
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(value)
+        except ValueError:
+            pass
+    return key.strip(), {"true": True, "false": False}.get(value.lower(), value)
+
+
 def given_fields(args: argparse.Namespace) -> dict:
     """The configuration fields present on the command line."""
-    return {k: v for k, v in vars(args).items() if k in FIELDS}
+    values = {k: v for k, v in vars(args).items() if k in FIELDS}
+    for name, f in FIELDS.items():
+        if name in values and _kinds(f)[0] == "dict" and isinstance(values[name], list):
+            values[name] = dict(values[name])
+    return values
 
 
 def from_args(args: argparse.Namespace, **overrides) -> TrainConfig:

@@ -59,6 +59,14 @@ DATASETS = {
                         "DIR/train_32x32.mat and DIR/test_32x32.mat"),
 }
 
+# Bring-your-own classification sets (folderdata.py): shape and classes are read from the folder.
+DATASETS["imagefolder"] = DatasetInfo("imagefolder", 0, 0, 0, (), (), 4, True,
+                                      "DIR/train/<class>/<images> and DIR/val/<class>/<images> (or test/)")
+DATASETS["tiny-imagenet"] = DatasetInfo("tiny-imagenet", 3, 64, 200, (), (), 8, True,
+                                        "DIR/wnids.txt, DIR/train/<wnid>/images/*.JPEG, DIR/val/images/* with "
+                                        "DIR/val/val_annotations.txt")
+FOLDER_SETS = ("imagefolder", "tiny-imagenet")
+
 # Segmentation sets (segdata.py): shape and classes are read from the data, so these are placeholders that
 # load_dataset fills in. Crops shift image and mask together (tasks.crop_flip).
 for _name, _layout in (("msd", "DIR/dataset.json, DIR/imagesTr/*.nii.gz, DIR/labelsTr/*.nii.gz (MSD / nnU-Net)"),
@@ -279,6 +287,9 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Data
         from .segdata import locate_segdata
         complete, message = locate_segdata(name, root)
         return DatasetLocation(name, root, [root] if complete else [], [] if complete else [message])
+    if name in FOLDER_SETS:
+        from .folderdata import locate_imagefolder, locate_tiny_imagenet
+        return (locate_imagefolder if name == "imagefolder" else locate_tiny_imagenet)(root)
     try:
         if info.name in _TORCHVISION_DIR:
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -307,7 +318,8 @@ def _not_found(name: str, root: Path, missing: str) -> str:
             f"or point --data-dir at it")
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ImageData:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 image_size: int | None = None) -> ImageData:
     """Load a whole dataset as uint8 tensors, from torchvision's on-disk layout.
 
     Without ``data_dir``, Fashion-MNIST is read from the Debian package
@@ -317,7 +329,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
     if info.task == "segmentation":
-        return _load_segmentation(info, root)
+        return _load_segmentation(info, root, image_size)
+    if name in FOLDER_SETS:
+        from .folderdata import read_imagefolder, read_tiny_imagenet
+        if name == "imagefolder":
+            data = read_imagefolder(root, image_size or 32)
+        else:
+            data = read_tiny_imagenet(root)
+        info = dataclasses.replace(data.info, class_names=tuple(data.class_names))
+        return ImageData(info, data.train_x, data.train_y, data.test_x, data.test_y, data.source)
     if download:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -334,13 +354,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     return ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
 
 
-def _load_segmentation(info: DatasetInfo, root: Path) -> ImageData:
+def _load_segmentation(info: DatasetInfo, root: Path, image_size: int | None = None) -> ImageData:
     """A segmentation set as ImageData: images uint8 (N, C, H, W), label maps int64 (N, H, W)."""
     from .segdata import load_segdata
     if not root.exists():
         raise DatasetError(f"{info.name} not found: {root} does not exist (expected {info.layout}); "
                            f"point --data-dir at it")
-    seg = load_segdata(info.name, root)
+    seg = load_segdata(info.name, root, **({"size": (image_size, image_size)} if image_size else {}))
     h, w = seg.size
     if h != w:
         raise DatasetError(f"{info.name} slices are {h}x{w}; varprune's models take square inputs")
@@ -390,6 +410,10 @@ class DeviceLoader:
         std = torch.tensor(info.std, device=self.device)
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
         self.shift = (-torch.tensor(info.mean, device=self.device) / std).view(1, -1, 1, 1)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
 
     def _stops(self) -> int:
         n = len(self.images)

@@ -61,7 +61,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import DatasetError, DatasetInfo, DatasetLocation, ImageData, random_crop, random_flip
+from .data import DatasetError, DatasetInfo, DatasetLocation, ImageData
 
 FORMAT_VERSION = 1
 CACHE_FORMAT = f"varprune-decoded-{FORMAT_VERSION}"
@@ -534,7 +534,7 @@ class StreamingLoader:
     """
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int], info: DatasetInfo, batch_size: int,
-                 train: bool, device="cpu", seed: int = 0, augment: bool | None = None,
+                 train: bool, device="cpu", seed: int = 0, augment=None,
                  num_workers: int | None = None, channels_last: bool = False, dtype: torch.dtype = torch.float32):
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
@@ -543,7 +543,7 @@ class StreamingLoader:
         self.info = info
         self.batch_size = int(batch_size)
         self.train = train
-        self.augment = train if augment is None else augment
+        self.augment = augment if train else None   # a task's augment(x, y, generator), or None
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self.channels_last = channels_last
         self.dtype = dtype
@@ -566,10 +566,8 @@ class StreamingLoader:
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
         for x, y in loader:
-            if self.augment:
-                x = random_crop(x, self.info.crop_pad, self.generator)
-                if self.info.flip:
-                    x = random_flip(x, self.generator)
+            if self.augment is not None:
+                x, y = self.augment(x, y, self.generator)
             x = (x.float() * self.scale + self.shift).to(self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ the non-finite check accumulate in device tensors and are read once per epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -57,8 +58,17 @@ def data_problems(cfg: TrainConfig) -> list[str]:
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> RunData:
-    """The run's data on ``device``: the task, a shuffling, augmenting training loader, a test loader."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    """The run's data on ``device``: the task, a shuffling, augmenting training loader, a test loader.
+
+    Sets are held whole on the device as uint8; an image folder too large for
+    that (half the device's free memory) streams through DataLoader workers.
+    """
+    from .data import FOLDER_SETS
+    if cfg.dataset in FOLDER_SETS:
+        streamed = _streaming_data(cfg, device)
+        if streamed is not None:
+            return streamed
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
     task = task_for(data.info)
     tx, ty = subset(data.train_x, data.train_y, cfg.limit_train, salt=0)
     vx, vy = subset(data.test_x, data.test_y, cfg.limit_test, salt=1)
@@ -75,8 +85,42 @@ def load_data(cfg: TrainConfig, device: torch.device) -> RunData:
     return RunData(data, task, train_loader, test_loader)
 
 
+def _streaming_data(cfg: TrainConfig, device: torch.device) -> RunData | None:
+    """RunData streaming from the files, or None when the decoded set fits on the device."""
+    from .data import default_data_dir
+    from .folderdata import (StreamingLoader, estimate_bytes, fits_on_device, scan_imagefolder, scan_tiny_imagenet,
+                             streaming_info)
+    root = cfg.data_dir or default_data_dir(cfg.dataset)
+    listing = (scan_imagefolder if cfg.dataset == "imagefolder" else scan_tiny_imagenet)(root)
+    size = 64 if cfg.dataset == "tiny-imagenet" else (cfg.image_size or 32)
+    if fits_on_device(estimate_bytes(listing.num_images, 3, size), device):
+        return None
+    info = streaming_info(listing, size)
+    info = dataclasses.replace(info, class_names=tuple(listing.class_names))
+    task = task_for(info)
+
+    def pick(files, labels, limit, salt):
+        idx = torch.arange(len(files))
+        _, idx = subset(idx, idx, limit, salt)
+        return [files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
+    tf, tl = pick(listing.train_files, listing.train_labels, cfg.limit_train, 0)
+    vf, vl = pick(listing.test_files, listing.test_labels, cfg.limit_test, 1)
+    train_loader = StreamingLoader(tf, tl, info, cfg.batch_size, train=True, device=device, seed=cfg.seed,
+                                   augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last)
+    test_loader = StreamingLoader(vf, vl, info, max(cfg.batch_size, 500), train=False, device=device,
+                                  channels_last=cfg.channels_last)
+    empty = torch.zeros(0, dtype=torch.uint8)
+    data = ImageData(info, empty, empty, empty, empty, f"{root} (streamed: too large for {device})")
+    return RunData(data, task, train_loader, test_loader)
+
+
 def build_model(cfg: TrainConfig, info, device: torch.device) -> torch.nn.Module:
-    model = create_model(cfg.model, info.channels, info.num_classes, info.size).to(device)
+    """The configured model for the data's shape (``--init`` weights loaded, if given)."""
+    model = create_model(cfg.model, info.channels, info.num_classes, info.size, **cfg.model_args)
+    if cfg.init:
+        from .init_weights import load_initial_weights
+        load_initial_weights(model, cfg.init, cfg.init_exclude or ())
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -323,7 +367,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         "device": str(device), "device_name": describe_device(device), "amp": amp, "task": task.name,
         "metric": task.primary, "input_shape": [info.channels, info.size, info.size],
         "num_classes": info.num_classes, "class_names": list(info.class_names),
-        "train_examples": len(train_loader.images), "test_examples": len(test_loader.images),
+        "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples,
         "steps_per_epoch": steps_per_epoch, "data_source": run.data.source,
         "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
         "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
