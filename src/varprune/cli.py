@@ -237,6 +237,56 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+    found = _bnt_problems(args) + _device_problem(args.device)
+    if (args.sparsity is None) == (args.pattern == "unstructured"):
+        found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
+    if found:
+        raise UsageError("; ".join(found))
+    export_run(Path(args.run), Path(args.out), args.sparsity, args.pattern, args.scope, _names(args.exclude or ""),
+               args.values, args.bnt_batches, args.bnt_batch_size, args.device, args.data_dir)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .export import evaluate_file
+    found = _device_problem(args.device)
+    if not Path(args.file).is_file():
+        found.append(f"{args.file} is not a file; give a file written by `varprune export`")
+    if found:
+        raise UsageError("; ".join(found))
+    metrics = evaluate_file(Path(args.file), args.data_dir, args.device)
+    m = metrics.pop("metric")
+    print(f"{m}: {100 * metrics[m]:.2f}%" + "".join(f"  {k}: {100 * v:.2f}%" for k, v in metrics.items()
+                                                    if k != m and isinstance(v, float)))
+    if args.json:
+        print(json.dumps(metrics | {"metric": m}))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import dataclasses
+
+    from .config import given_fields, load_run_config
+    from .loop import train
+    _var_flags(args)
+    source = Path(args.run)
+    if (args.sparsity is None) == (args.pattern == "unstructured"):
+        raise UsageError("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
+    base = load_run_config(source)
+    given = given_fields(args)
+    # model and data come from RUN; training flags that are not given start from RUN's, with a
+    # fine-tuning schedule: a tenth of its learning rate and no warm-up
+    defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
+    cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
+                              finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
+                              finetune_scope=args.scope)
+    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------- the parser
 
 def _epilog() -> str:
@@ -308,6 +358,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("export", help="prune a run one-shot and write a compressed, shippable model file",
+                       description="Prune RUN's final weights exactly as `varprune prune` does, re-tune BatchNorm, "
+                                   "and write one compressed safetensors file (packed bit masks + kept values; "
+                                   "load it with varprune.load_pruned). No pickle.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--out", required=True, help="the file to write (.safetensors)")
+    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    from .pruning import SCOPES
+    p.add_argument("--scope", choices=SCOPES, default="global")
+    p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune")
+    p.add_argument("--values", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the kept values (fp32: bit for bit the evaluated weights)")
+    p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 skips)")
+    p.add_argument("--bnt-batch-size", type=int, default=500)
+    p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="measure an exported model on its run's test split")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="prune a run one-shot, then train with the mask fixed",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune RUN's final weights one-shot (the sweep's masks) and train them with the "
+                                   "mask fixed: pruned weights, their gradients and optimizer state stay exactly "
+                                   "zero. Model and data come from RUN; training flags default to RUN's, with a "
+                                   "tenth of its learning rate and no warm-up. Resumable like train.",
+                       epilog=epilog)
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--sparsity", type=float, help="unstructured sparsity of the mask")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
+    p.add_argument("--scope", choices=SCOPES, default="global")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    add_flags(p, exclude=("dataset", "model", "model_args", "init", "init_exclude", "image_size", "download"))
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("report", help="table and plot from existing prune.json files")
     p.add_argument("runs", nargs="+", metavar="RUN")

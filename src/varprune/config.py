@@ -143,6 +143,14 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
     augment: bool = setting(True, "random crop and flip (applied to image and mask alike)")
+    # masked fine-tuning (`varprune finetune`): start from a run's final weights, pruned one-shot, mask fixed
+    finetune_from: str | None = setting(None, "run folder whose final weights are pruned and fine-tuned", flag=False)
+    finetune_sparsity: float | None = setting(None, "sparsity of the fixed mask", lo=0, hi=1, hi_open=True,
+                                              flag=False)
+    finetune_pattern: str = setting("unstructured", "unstructured or N:M", flag=False)
+    finetune_scope: str = setting("global", "global or layerwise", flag=False,
+                                  check=lambda v: None if v in ("global", "layerwise") else
+                                  f"must be global or layerwise, got {short(v)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -293,6 +301,11 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
         found.append(f"--init {short(cfg.init)} is not a file; give a local .safetensors or state-dict file")
     if cfg.init_exclude and cfg.init is None:
         found.append("--init-exclude needs --init")
+    if cfg.finetune_from is not None:
+        if not (Path(cfg.finetune_from) / "model.safetensors").is_file():
+            found.append(f"{cfg.finetune_from} has no model.safetensors to fine-tune; train it to the end first")
+        if cfg.finetune_pattern == "unstructured" and cfg.finetune_sparsity is None:
+            found.append("fine-tuning with an unstructured mask needs --sparsity")
     return found
 
 

@@ -137,7 +137,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 # ---------------------------------------------------------------- the step
 
 def make_train_step(forward, model, optimizer, regularizers, task: Task, device: torch.device, amp: str,
-                    reg_in_every_pass: bool = False):
+                    reg_in_every_pass: bool = False, after_step=None):
     """One optimisation step for any method: ``step(x, y, stats=None)``.
 
     ``forward`` is the (possibly compiled) model. Regularizer gradients are
@@ -153,6 +153,8 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
 
     ``stats`` (device tensors) accumulate the first pass's loss, the task's
     training metric and a finite flag without synchronising with the host.
+    ``after_step()`` runs after every optimizer step (masked fine-tuning puts
+    pruned weights and their optimizer state back to zero there).
     """
     from .optim import frozen_bn_stats
     two_pass = getattr(optimizer, "caller_runs_first_pass", None)
@@ -204,6 +206,8 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
             optimizer.step(lambda: second_pass(x, y))
         else:                           # S2-SAM: its one pass happens inside step
             optimizer.step(lambda: forward_backward(x, y, stats))
+        if after_step is not None:
+            after_step()
 
     return step
 
@@ -312,6 +316,22 @@ class _Progress:
             self.bar.close()
 
 
+def _finetune_start(cfg: TrainConfig, model, log):
+    """Load the source run's final weights, prune them one-shot (the sweep's masks), and keep the mask."""
+    from .checkpoint import load_weights
+    from .masking import MaskKeeper
+    from .sweep import pattern_masks, weights_digest
+    source = Path(cfg.finetune_from)
+    load_weights(source / WEIGHTS, model)
+    masks, skipped = pattern_masks(model, cfg.finetune_sparsity, cfg.finetune_pattern, cfg.finetune_scope)
+    keeper = MaskKeeper(model, masks)
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    log(f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pattern}"
+        + (f", {len(skipped)} tensors left dense" if skipped else "") + "); pruned weights stay zero")
+    return keeper, weights_digest(source / WEIGHTS)
+
+
 def weights_metadata(cfg: TrainConfig, info) -> dict[str, str]:
     return {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "task": info.task}
 
@@ -350,7 +370,10 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     run = load_data(cfg, device)     # may fail: nothing of an old run has been touched yet
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device)
+    keeper, source_digest = _finetune_start(cfg, model, log) if cfg.finetune_from else (None, None)
     optimizer = build_optimizer(method, model, cfg)
+    if keeper is not None:
+        keeper.apply_(optimizer)
     regularizers = build_regularizers(method, model, cfg)
     monitor = next((r for r in regularizers if isinstance(r, VarRegularizer)), None) or VarRegularizer(model, 0.0)
     forward = torch.compile(model) if cfg.compile else model
@@ -377,6 +400,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             raise CheckpointError(f"{out / CHECKPOINT} was written for {short(schedule.get('total_steps'))} steps, "
                                   f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
                                   f"at the original data or retrain with `varprune train --overwrite`")
+        if keeper is not None and state.get("finetune_source_sha256") != source_digest:
+            raise CheckpointError(f"{cfg.finetune_from}/{WEIGHTS} changed since {out} started fine-tuning from it: "
+                                  f"the mask cannot be rebuilt; start again with --overwrite")
         _restore(state, out / CHECKPOINT, model, optimizer, device, train_loader)
         history = state["history"]
         start_epoch = state["epoch"]
@@ -399,7 +425,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         _write_metrics(out, history)
         result = _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader,
                          test_loader, device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup,
-                         base_lr, log, progress, on_first_checkpoint=folder.commit if replacing else None)
+                         base_lr, log, progress, on_first_checkpoint=folder.commit if replacing else None,
+                         keeper=keeper, extra_state={"finetune_source_sha256": source_digest} if keeper else {})
     except BaseException:
         if replacing and not (out / CHECKPOINT).exists():
             folder.restore()
@@ -411,10 +438,11 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
 
 def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader, test_loader,
             device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup, base_lr, log, progress,
-            on_first_checkpoint=None) -> dict:
+            on_first_checkpoint=None, keeper=None, extra_state=None) -> dict:
     out = folder.path
     train_step = make_train_step(forward, model, optimizer, regularizers, task, device, amp,
-                                 reg_in_every_pass=cfg.reg_in_every_pass)
+                                 reg_in_every_pass=cfg.reg_in_every_pass,
+                                 after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
@@ -462,7 +490,8 @@ def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task,
         save_checkpoint(out / CHECKPOINT, {
             "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": _rng_state(device, train_loader), "history": history,
-            "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup}})
+            "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup},
+            **(extra_state or {})})
         if on_first_checkpoint is not None:
             on_first_checkpoint()
             on_first_checkpoint = None

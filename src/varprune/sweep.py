@@ -91,6 +91,24 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
     return doc
 
 
+def pattern_masks(model: nn.Module, sparsity: float | None, pattern: str = "unstructured", scope: str = "global",
+                  exclude: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep-masks (True = kept) for one pruning setting, and the tensors left dense.
+
+    ``pattern`` "unstructured" uses ``sparsity`` and ``scope`` (the sweep's
+    protocol); "N:M" keeps the N largest of every M consecutive weights along
+    the input dimension (``sparsity`` and ``scope`` unused); tensors whose
+    input dimension is not a multiple of M are left dense and listed.
+    """
+    if pattern == "unstructured":
+        if sparsity is None:
+            raise RunError("unstructured pruning needs a sparsity (--sparsity)")
+        return MagnitudePruner(model, scope, exclude).masks(sparsity), []
+    from .pruning import nm_masks, parse_pattern
+    n, m = parse_pattern(pattern)
+    return nm_masks(model, n, m, exclude)
+
+
 # ---------------------------------------------------------------- run folders
 
 def run_label(cfg: TrainConfig) -> str:
