@@ -99,7 +99,8 @@ class _Group:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.compute_dtype = self.dtype if self.dtype in _COMPUTE_DTYPES else torch.float32
-        self.numel = torch.tensor([p.numel() for p in params], dtype=self.compute_dtype, device=self.device)
+        self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype,
+                                            device=self.device)
         self.scratch: list[list[torch.Tensor]] | None = None  # regularizer-owned buffers
 
     def grads(self) -> list[torch.Tensor]:
@@ -295,7 +296,6 @@ class VarRegularizer(Regularizer):
 
     def _group_gradient_(self, group, grads, coef):
         t, q = group.buffers(2)
-        n = group.numel
         torch._foreach_copy_(t, group.params)
         torch._foreach_mul_(t, t)
         torch._foreach_add_(t, self.r)
@@ -303,12 +303,13 @@ class VarRegularizer(Regularizer):
         torch._foreach_copy_(q, group.params)
         torch._foreach_div_(q, t)                                # q = w / w~
         torch._foreach_sub_(t, torch._foreach_max(t))            # t = d = w~ - max(w~) <= 0
-        mean = torch.stack(torch._foreach_norm(t, 1)) / n        # -mean(d)
+        inv_n = group.inv_numel
+        mean = torch.stack(torch._foreach_norm(t, 1)) * inv_n   # -mean(d)
         torch._foreach_add_(t, list(mean.unbind()))             # t = e = d - mean(d) = w~ - mean(w~)
-        var = torch.stack(torch._foreach_norm(t, 2)).square() / n
-        inv = 1.0 / (var + self.eps)
+        var = torch.stack(torch._foreach_norm(t, 2)).square() * inv_n
+        inv = (var + self.eps).reciprocal()
         # d psi / d w_i = -2 / (n (V + eps)^2) * e_i * q_i; exactly 0 when V == 0
-        c = torch.where(var > 0, (-2.0 * coef) / n * inv * inv, torch.zeros_like(var))
+        c = torch.where(var > 0, inv * inv * (inv_n * (-2.0 * coef)), 0.0)
         torch._foreach_mul_(q, list(c.unbind()))
         torch._foreach_addcmul_(grads, t, q)
         group.last_var = var
