@@ -15,7 +15,9 @@ Judged ratio (issue 4): median step time of ``var-fast`` / median step time of
 32x32, batch 256, bf16). Also printed: the median of the per-round paired
 ratios, ``apply_gradient_`` timed alone (a low-noise estimate of the same
 overhead: 1 + t_apply / t_sgd), and the number of aten operations one
-``apply_gradient_`` call dispatches (on a GPU, about one kernel launch each).
+``apply_gradient_`` call dispatches (fixed whatever the depth: one ``_foreach_*`` op
+covers every layer; on a GPU one multi-tensor kernel, or one kernel per tensor
+where PyTorch takes its fallback, e.g. for lists of per-layer 0-d tensors).
 
     PYTHONPATH=src python benchmarks/bench_var_overhead.py                # CPU defaults
     PYTHONPATH=src python benchmarks/bench_var_overhead.py --device cuda  # GPU defaults
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
           f"(estimate of the overhead without step-to-step noise: {1 + a / sgd:.4f}x)")
     top = ", ".join(f"{k} {c}" for k, c in sorted(counter.ops.items(), key=lambda kv: -kv[1])[:8])
     print(f"apply_gradient_ dispatches {counter.total} aten ops for {len(weights)} tensors "
-          f"({counter.total / len(weights):.1f} per tensor; on a GPU about one kernel launch each): {top}")
+          f"({counter.total / len(weights):.1f} per tensor; a _foreach op covers all tensors): {top}")
     print(f"timed section {wall:.1f} s; load avg {load_average()} at end")
 
     if "var-fast" in variants:
