@@ -191,8 +191,17 @@ def _read_prune_json(run: Path) -> dict:
 
 
 def cmd_report(args) -> int:
-    from .report import metric_of, sweep_plot, sweep_table
+    from .report import metric_of, runs_html, study_html, sweep_plot, sweep_table
     plot = _plot_path(args.plot)
+    html = Path(args.html) if args.html else None
+    if html is not None and (html.is_dir() or html.suffix.lower() not in (".html", ".htm")):
+        raise UsageError(f"--html {args.html} must be a file name ending in .html")
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():   # a study folder
+        if html is None:
+            print((Path(args.runs[0]) / "report.md").read_text(), end="")
+            return 0
+        print(f"html: {study_html(Path(args.runs[0]), html)}")
+        return 0
     rows = []
     for run in map(Path, args.runs):
         doc = _read_prune_json(run)
@@ -203,6 +212,9 @@ def cmd_report(args) -> int:
     if plot:
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
+    if html:
+        analysis = Path(args.analysis) if args.analysis else None
+        print(f"html: {runs_html(rows, [Path(r) for r in args.runs], html, analysis)}")
     return 0
 
 
@@ -221,7 +233,21 @@ def cmd_study(args) -> int:
     if found:
         raise UsageError("; ".join(found))
     run_study(Path(args.out), from_args(args), _names(args.methods), seeds, args.sparsities, args.scope,
-              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet)
+              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet, analysis=not args.no_analysis)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import analyze_runs
+    found = _bnt_problems(args) + _device_problem(args.device)
+    if not 0 < args.sensitivity_sparsity < 1:
+        found.append(f"--sensitivity-sparsity must be in (0, 1), got {args.sensitivity_sparsity}")
+    if found:
+        raise UsageError("; ".join(found))
+    analyze_runs([Path(r) for r in args.runs], Path(args.out), args.sensitivity_sparsity,
+                 bnt_batches=args.bnt_batches, bnt_batch_size=args.bnt_batch_size,
+                 sensitivity=not args.no_sensitivity, hessian_iters=args.hessian_iters, device=args.device,
+                 data_dir=args.data_dir)
     return 0
 
 
@@ -356,8 +382,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     _add_sweep_flags(p)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-analysis", action="store_true",
+                   help="skip `analyze` of the first seed of each method (histograms, sensitivity, flatness)")
     add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("analyze", help="weight distributions, per-layer sensitivity and flatness of runs",
+                       description="For finished RUNs: weight-magnitude histograms, per-layer variance of |w| over "
+                                   "training, the per-layer sparsity global pruning chooses, one-layer pruning "
+                                   "sensitivity against variance, the top Hessian eigenvalue and a loss profile. "
+                                   "Writes OUT/analysis.json and figures.")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", required=True, help="folder for analysis.json and the figures")
+    p.add_argument("--sensitivity-sparsity", type=float, default=0.9,
+                   help="sparsity of the one-layer pruning (default 0.9)")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity (L evaluations)")
+    p.add_argument("--hessian-iters", type=int, default=20, help="power iterations (default 20)")
+    p.add_argument("--bnt-batches", type=int, default=20)
+    p.add_argument("--bnt-batch-size", type=int, default=500)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("export", help="prune a run one-shot and write a compressed, shippable model file",
                        description="Prune RUN's final weights exactly as `varprune prune` does, re-tune BatchNorm, "
@@ -402,9 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, exclude=("dataset", "model", "model_args", "init", "init_exclude", "image_size", "download"))
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("report", help="table and plot from existing prune.json files")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p = sub.add_parser("report", help="table, plot and HTML page from existing prune.json files or a study",
+                       description="Re-print the table of RUNs' prune.json files (or of a STUDY folder), and "
+                                   "optionally write a plot and one self-contained HTML page.")
+    p.add_argument("runs", nargs="+", metavar="RUN|STUDY")
     p.add_argument("--plot", help="write a combined plot here (.png)")
+    p.add_argument("--html", help="write one self-contained HTML page here (figures embedded, configs, machine)")
+    p.add_argument("--analysis", help="an `analyze` output folder to include in the HTML page")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("doctor", help="print the environment (versions, devices, datasets) for bug reports",

@@ -393,6 +393,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples,
         "steps_per_epoch": steps_per_epoch, "data_source": run.data.source,
         "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
+        "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
+        "psi_init": next((r.psi_init for r in regularizers if isinstance(r, VarRegularizer)), None),
         "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
     if state is not None:
         schedule = state.get("schedule")

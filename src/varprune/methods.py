@@ -77,7 +77,11 @@ def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regu
     out = []
     for kind in method.regularizers:
         if kind == "var":
-            out.append(VarRegularizer(model, cfg.var_lambda, r=cfg.var_r, eps=cfg.var_eps))
+            strength = getattr(cfg, "var_strength", None)
+            if strength is not None:   # lambda = s / psi(w_init): a strength that transfers across models
+                out.append(VarRegularizer.from_strength(model, strength, r=cfg.var_r, eps=cfg.var_eps))
+            else:
+                out.append(VarRegularizer(model, cfg.var_lambda, r=cfg.var_r, eps=cfg.var_eps))
         elif kind == "l1":
             out.append(L1Regularizer(model, cfg.l1_alpha))
         elif kind == "hoyer":

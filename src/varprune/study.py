@@ -37,7 +37,7 @@ def _comparable(train: dict) -> dict:
 
 def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int], sparsities: list[float],
               scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500, progress: bool = True,
-              log=print) -> dict:
+              log=print, analysis: bool = True, html: bool = True) -> dict:
     from .report import study_plot, study_table
 
     configs = {}
@@ -110,5 +110,28 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     atomic_write_text(out / "report.md", table)
     study_plot(summary, out / "report.png")
     print(table)
-    log(f"report: {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}")
+    written = [out / "report.md", out / "report.png", out / "report.json"]
+    if analysis:   # the first seed of every method: distributions, sensitivity, flatness
+        from .analyze import analyze_runs
+        first = [runs[(meth, seeds[0])] for meth in methods]
+        if not _analysis_done(out / "analysis", first):
+            analyze_runs(first, out / "analysis", device=base.device, bnt_batches=bnt_batches,
+                         bnt_batch_size=bnt_batch_size, log=log)
+        written.append(out / "analysis" / "analysis.json")
+    if html:
+        from .report import study_html
+        written.append(Path(study_html(out, out / "report.html")))
+    log("report: " + ", ".join(map(str, written)))
     return summary
+
+
+def _analysis_done(folder: Path, runs: list[Path]) -> bool:
+    """An analysis of exactly these runs, newer than their weights, is reused."""
+    try:
+        doc = json.loads((folder / "analysis.json").read_text())
+        mine = sorted(str(r) for r in runs) == sorted(e["run"] for e in doc["runs"].values())
+        newer = all((folder / "analysis.json").stat().st_mtime >= (r / "model.safetensors").stat().st_mtime
+                    for r in runs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return mine and newer

@@ -113,6 +113,8 @@ def pattern_masks(model: nn.Module, sparsity: float | None, pattern: str = "unst
 
 def run_label(cfg: TrainConfig) -> str:
     if "var" in cfg.method.split("+"):
+        if cfg.var_strength is not None:
+            return f"{cfg.method} s={cfg.var_strength:g}"
         return f"{cfg.method} λ={cfg.var_lambda:g}"
     return cfg.method
 
