@@ -186,14 +186,19 @@ def test_keep_masks_count_and_ties_by_position():
 
 @pytest.mark.parametrize("plus", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cram_step_matches_reference(plus, normalize):
+@pytest.mark.parametrize("sparse_grad", [True, False])
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_cram_step_matches_reference(plus, normalize, sparse_grad, n_steps):
+    # METHOD.md section 2: g = grad f(w); w' = w + rho g; M = top-k keep-mask of |w'|; g'' = grad f(M w');
+    # CrAM+ updates with M g'' + g, CrAM with M g'' (sparse_grad, the reference's default) or g''.
     rho, k = (0.5 if normalize else 0.2), 0.6
     model = make_model()
+    kwargs = {} if sparse_grad else {"sparse_grad": False}  # the default must be the masked gradient
     opt = CrAM(model.parameters(), torch.optim.SGD, rho=rho, sparsities=(k,), plus=plus, normalize=normalize,
-               **SGD_KW)
+               **kwargs, **SGD_KW)
     ws, ref = params_of(model), RefSGD(**SGD_KW)
-    results = {}
-    for x, y in batches(2):
+    variants = {}
+    for x, y in batches(n_steps):
         g = grad_at(ws, x, y)
         step = rho / torch.sqrt(sum((gi ** 2).sum() for gi in g)) if normalize else rho
         w1 = [w + step * gi for w, gi in zip(ws, g)]
@@ -203,15 +208,17 @@ def test_cram_step_matches_reference(plus, normalize):
             masks[i] = m.to(DT)
         assert sum(int((masks[i] == 0).sum()) for i in mats) == round(k * 35)
         g2 = grad_at([m * w for m, w in zip(masks, w1)], x, y)
-        final = [m * gg + gi for m, gg, gi in zip(masks, g2, g)] if plus else g2
-        results["dense"] = [m * gg + gi for m, gg, gi in zip(masks, g2, g)]
-        results["plain"] = g2
-        ws = ref.step(ws, final)
+        variants = {(True, True): [m * gg + gi for m, gg, gi in zip(masks, g2, g)],
+                    (False, True): [m * gg for m, gg in zip(masks, g2)],
+                    (True, False): [gg + gi for gg, gi in zip(g2, g)],
+                    (False, False): g2}
+        ws = ref.step(ws, variants[plus, sparse_grad])
         train_step(opt, model, x, y)
         assert opt.last_sparsity == k
         assert_params(model, ws)
-    # CrAM+ and CrAM must really differ on this problem, or the test could not tell them apart
-    assert differs(results["dense"], results["plain"])
+    # the four variants must really differ on this problem, or the test could not tell them apart
+    finals = list(variants.values())
+    assert all(differs(finals[i], finals[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 def test_cram_leaves_1d_params_unmasked_and_restores_w():
