@@ -184,6 +184,22 @@ def test_keep_masks_count_and_ties_by_position():
         assert all(torch.equal(m, n) for m, n in zip(ms, numpy_keep_masks([a, b], s)))
 
 
+@pytest.mark.parametrize("kind", ["random", "half-zero", "quantised"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keep_masks_equal_numpy_stable_argsort(kind, dtype):
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(shape, generator=gen, dtype=DT) for shape in [(40, 30), (7, 5, 3, 3), (300, 10)]]
+    if kind == "half-zero":
+        tensors = [t * (torch.rand(t.shape, generator=gen, dtype=DT) < 0.5) for t in tensors]
+    elif kind == "quantised":
+        tensors = [torch.round(t * 3) / 3 for t in tensors]
+    tensors = [t.to(dtype) for t in tensors]
+    for s in (0.0, 0.2, 0.45, 0.5, 0.7, 0.9, 0.99):
+        want = numpy_keep_masks([t.double() if dtype == DT else t.float() for t in tensors], s)
+        got = _keep_masks(tensors, s)
+        assert all(g.dtype == torch.bool and torch.equal(g, w) for g, w in zip(got, want)), (kind, dtype, s)
+
+
 @pytest.mark.parametrize("plus", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("sparse_grad", [True, False])
