@@ -105,29 +105,45 @@ def _global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float, dtype: torch.dtype = torch.bool,
+                buffers: dict | None = None) -> list[torch.Tensor]:
     """Global magnitude keep-masks (True = kept) zeroing exactly ``round(sparsity * N)`` entries.
 
     Ties go by position (the earlier of two equal magnitudes is pruned first,
     as a stable argsort would) so the realised sparsity is always the
     requested one. The selection is :func:`varprune.pruning.keep_mask_topk`:
     a histogram radix-select on the magnitudes' bit patterns on CPU, an
-    integer sort without host synchronisation elsewhere.
+    integer sort without host synchronisation elsewhere. ``dtype``: bool, or
+    a floating dtype for 0/1 masks to multiply by. ``buffers``: a dict the
+    caller keeps between calls; the magnitudes and the mask are written into
+    tensors kept there (the masks returned are views of it, valid until the
+    next call), which spares two large allocations per call.
     """
     if not tensors:
         return []
     device = tensors[0].device
-    dtype = _accumulation_dtype(tensors)
+    magnitude_dtype = _accumulation_dtype(tensors)
     sizes = [t.numel() for t in tensors]
-    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    flat = _buffer(buffers, "magnitudes", sum(sizes), magnitude_dtype, device)
     for piece, t in zip(flat.split(sizes), tensors):
         t = t.detach().reshape(-1).to(device)
-        if t.dtype == dtype:
+        if t.dtype == magnitude_dtype:
             torch.abs(t, out=piece)
         else:
             piece.copy_(t).abs_()
-    keep = keep_mask_topk(flat, round(sparsity * flat.numel()))
+    keep = keep_mask_topk(flat, round(sparsity * flat.numel()), dtype=dtype,
+                          out=_buffer(buffers, "mask", flat.numel(), dtype, device))
     return [piece.view(t.shape).to(t.device) for piece, t in zip(keep.split(sizes), tensors)]
+
+
+def _buffer(buffers: dict | None, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``buffers[name]`` if it fits (n, dtype, device), else a new tensor stored there (or just returned)."""
+    t = None if buffers is None else buffers.get(name)
+    if t is None or t.numel() != n or t.dtype != dtype or t.device != device:
+        t = torch.empty(n, dtype=dtype, device=device)
+        if buffers is not None:
+            buffers[name] = t
+    return t
 
 
 class _Scaling:
@@ -352,6 +368,7 @@ class CrAM(_Wrapper):
         self.normalize = bool(normalize)
         self.seed = int(seed)
         self.last_sparsity: float | None = None
+        self._buffers: dict = {}  # the top-k's magnitudes and mask, reused every step
         # CPU generator: drawing k never syncs with an accelerator
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
@@ -393,7 +410,11 @@ class CrAM(_Wrapper):
                     p.add_(g * (group["rho"] / (norm + _EPS)).to(device=p.device, dtype=p.dtype))
 
         self.last_sparsity = k = self.draw_sparsity()
-        masks = dict(zip(self._compressed, _keep_masks(self._compressed, k)))  # from |w'|, as in the paper
+        # M from |w'|, as in the paper, as 0/1 in the weights' dtype: on CPU a multiply by it is several
+        # times cheaper than masked_fill_ or a multiply by a bool mask
+        dtypes = {p.dtype for p in self._compressed}
+        mask_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        masks = dict(zip(self._compressed, _keep_masks(self._compressed, k, mask_dtype, self._buffers)))
         for p, m in masks.items():
             p.mul_(m)
 

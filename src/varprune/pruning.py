@@ -85,26 +85,32 @@ def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes.contiguous().view(_INT_OF[magnitudes.dtype])
 
 
-def _mask_at(bits: torch.Tensor, kth: int, excess: int) -> torch.Tensor:
+def _mask_at(bits: torch.Tensor, kth: int, excess: int, dtype: torch.dtype = torch.bool,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep ``bits > kth`` and, of the values equal to ``kth``, the last ``excess`` by position."""
-    keep = bits > kth
+    if out is None:
+        out = torch.empty(bits.shape, dtype=dtype, device=bits.device)
+    # the comparison writes 0/1 straight into the mask's dtype: on CPU cheaper than converting a bool mask
+    keep = torch.gt(bits, kth, out=out)
     if excess:  # equal magnitudes straddle the cut: the earliest of them are pruned
         equal = torch.nonzero(bits == kth).squeeze(1)
-        keep[equal[equal.numel() - excess:]] = True
+        keep[equal[equal.numel() - excess:]] = 1
     return keep
 
 
-def _radix_select(bits: torch.Tensor, k: int) -> tuple[int, int, int]:
+def _radix_select(bits: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> tuple[int, int, int]:
     """The k-th smallest (1-based) of non-negative int bit patterns by histogram passes.
 
     Returns ``(kth, n_less, n_equal)``: its value and how many entries are
     below it and equal to it. Each pass histograms one digit of the entries
     that share the digits found so far, so only the first pass reads all n.
+    ``scratch``: optional tensor like ``bits`` for the first digit (saves a
+    large allocation, whose page faults cost more than the pass itself).
     """
     digits = _DIGITS[bits.dtype]
     candidates, kth, n_less = bits, 0, 0
     for i, (shift, width) in enumerate(digits):
-        d = candidates >> shift
+        d = torch.bitwise_right_shift(candidates, shift, out=scratch if i == 0 else None)
         if i:
             d &= (1 << width) - 1
         try:
@@ -131,7 +137,8 @@ def _keep_mask_sorted_nosync(bits: torch.Tensor, sorted_bits: torch.Tensor, k: i
     return keep | (equal & (torch.cumsum(equal, 0) > (k - n_less)))
 
 
-def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str = "auto") -> torch.Tensor:
+def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str = "auto",
+                   dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask (True = kept) that prunes exactly the ``n_pruned`` smallest of ``flat_magnitudes``.
 
     ``flat_magnitudes``: a 1-D tensor of non-negative floats (``abs()`` of the
@@ -144,6 +151,12 @@ def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str 
     on CPU), ``"sort"`` (an integer sort, no host sync; the default elsewhere),
     or ``"auto"``. Negative inputs raise :class:`PruningError` with ``"radix"``
     and give a meaningless mask with ``"sort"``: pass magnitudes.
+
+    ``dtype``: the mask's dtype, ``torch.bool`` or a floating dtype (1 kept,
+    0 pruned: what a ``mul_`` wants, made without a bool-to-float pass).
+    ``out``: optional contiguous 1-D tensor of that dtype and length to write
+    the mask into (a caller that selects every step reuses it; on CPU it also
+    serves as scratch space when its element size matches the magnitudes').
     """
     if flat_magnitudes.dim() != 1:
         raise PruningError(f"keep_mask_topk takes a 1-D tensor of magnitudes, got shape {tuple(flat_magnitudes.shape)}")
@@ -154,16 +167,22 @@ def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str 
         method = "radix" if flat_magnitudes.device.type == "cpu" else "sort"
     if method not in ("radix", "sort"):
         raise PruningError(f"unknown selection method {method!r}; choose auto, radix or sort")
+    if dtype != torch.bool and not dtype.is_floating_point:
+        raise PruningError(f"mask dtype must be torch.bool or a floating dtype, got {dtype}")
     device = flat_magnitudes.device
-    if k == 0:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    if k == n:
-        return torch.zeros(n, dtype=torch.bool, device=device)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=device)
+    elif out.shape != (n,) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise PruningError(f"out must be a contiguous {dtype} tensor of shape ({n},) on {device}, got "
+                           f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if k == 0 or k == n:
+        return out.fill_(1 if k == 0 else 0)
     bits = magnitude_bits(flat_magnitudes)
     if method == "sort":
-        return _keep_mask_sorted_nosync(bits, torch.sort(bits).values, k)
-    kth, n_less, n_equal = _radix_select(bits, k)
-    return _mask_at(bits, kth, n_less + n_equal - k)
+        return out.copy_(_keep_mask_sorted_nosync(bits, torch.sort(bits).values, k))
+    scratch = out.view(bits.dtype) if out.element_size() == bits.element_size() else None
+    kth, n_less, n_equal = _radix_select(bits, k, scratch)
+    return _mask_at(bits, kth, n_less + n_equal - k, dtype, out)
 
 
 def _refuse_nan(sorted_bits: torch.Tensor, what: str) -> None:
