@@ -200,6 +200,17 @@ def test_keep_masks_equal_numpy_stable_argsort(kind, dtype):
         assert all(g.dtype == torch.bool and torch.equal(g, w) for g, w in zip(got, want)), (kind, dtype, s)
 
 
+def test_keep_masks_reused_buffers_give_fresh_masks():
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(30, 20, generator=gen), torch.randn(9, 4, 2, 2, generator=gen)]
+    buffers = {}
+    for s in (0.9, 0.3, 0.0, 0.6, 0.6):
+        got = _keep_masks(tensors, s, torch.float32, buffers)
+        want = numpy_keep_masks(tensors, s)
+        assert all(g.dtype == torch.float32 and torch.equal(g, w.float()) for g, w in zip(got, want)), s
+    assert set(buffers) == {"magnitudes", "mask"}
+
+
 @pytest.mark.parametrize("plus", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("sparse_grad", [True, False])

@@ -382,3 +382,18 @@ def test_parse_pattern(text, expected):
 def test_parse_pattern_rejects_bad_patterns(bad):
     with pytest.raises(ValueError, match="N:M pattern"):
         parse_pattern(bad)
+
+
+@pytest.mark.parametrize("method", ["radix", "sort"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keep_mask_topk_float_masks_and_out_buffer(method, dtype):
+    flat = weights_of_kind("half-zero", [(5000,)], 3)[0].abs()
+    out = torch.empty(5000, dtype=dtype)
+    for k in (0, 1, 1200, 2500, 4999, 5000):  # the same buffer, reused: nothing left over from the last call
+        want = argsort_keep(flat, k).to(dtype)
+        got = keep_mask_topk(flat, k, method=method, dtype=dtype, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want), k
+    with pytest.raises(PruningError, match="out must be"):
+        keep_mask_topk(flat, 3, dtype=dtype, out=torch.empty(4999, dtype=dtype))
+    with pytest.raises(PruningError, match="mask dtype"):
+        keep_mask_topk(flat, 3, dtype=torch.int32)
