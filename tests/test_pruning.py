@@ -1,12 +1,13 @@
-"""Magnitude pruning: exact sparsity, ties, exclusions, masks; BN re-tuning."""
+"""Magnitude pruning: exact sparsity, ties, exclusions, masks (against the old stable argsort); N:M; BN re-tuning."""
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, prune_magnitude, realised_sparsity, recalibrate_bn
-from varprune.pruning import sparsity_of
+from varprune.pruning import PruningError, keep_mask_topk, nm_masks, parse_pattern, prune_nm, sparsity_of
 
 
 def small_net():
@@ -142,10 +143,6 @@ def test_sparsity_of_counts_zeros_over_prunable_weights():
 
 
 # -- the integer-bit-pattern selection against the old stable-argsort algorithm ------------------
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from varprune.pruning import PruningError, keep_mask_topk, nm_masks, parse_pattern, prune_nm  # noqa: E402
 
 
 def old_masks(named, sparsity, scope):
