@@ -184,16 +184,48 @@ def test_keep_masks_count_and_ties_by_position():
         assert all(torch.equal(m, n) for m, n in zip(ms, numpy_keep_masks([a, b], s)))
 
 
+@pytest.mark.parametrize("kind", ["random", "half-zero", "quantised"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keep_masks_equal_numpy_stable_argsort(kind, dtype):
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(shape, generator=gen, dtype=DT) for shape in [(40, 30), (7, 5, 3, 3), (300, 10)]]
+    if kind == "half-zero":
+        tensors = [t * (torch.rand(t.shape, generator=gen, dtype=DT) < 0.5) for t in tensors]
+    elif kind == "quantised":
+        tensors = [torch.round(t * 3) / 3 for t in tensors]
+    tensors = [t.to(dtype) for t in tensors]
+    for s in (0.0, 0.2, 0.45, 0.5, 0.7, 0.9, 0.99):
+        want = numpy_keep_masks([t.double() if dtype == DT else t.float() for t in tensors], s)
+        got = _keep_masks(tensors, s)
+        assert all(g.dtype == torch.bool and torch.equal(g, w) for g, w in zip(got, want)), (kind, dtype, s)
+
+
+def test_keep_masks_reused_buffers_give_fresh_masks():
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(30, 20, generator=gen), torch.randn(9, 4, 2, 2, generator=gen)]
+    buffers = {}
+    for s in (0.9, 0.3, 0.0, 0.6, 0.6):
+        got = _keep_masks(tensors, s, torch.float32, buffers)
+        want = numpy_keep_masks(tensors, s)
+        assert all(g.dtype == torch.float32 and torch.equal(g, w.float()) for g, w in zip(got, want)), s
+    assert set(buffers) == {"magnitudes", "mask"}
+
+
 @pytest.mark.parametrize("plus", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cram_step_matches_reference(plus, normalize):
+@pytest.mark.parametrize("sparse_grad", [True, False])
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_cram_step_matches_reference(plus, normalize, sparse_grad, n_steps):
+    # METHOD.md section 2: g = grad f(w); w' = w + rho g; M = top-k keep-mask of |w'|; g'' = grad f(M w');
+    # CrAM+ updates with M g'' + g, CrAM with M g'' (sparse_grad, the reference's default) or g''.
     rho, k = (0.5 if normalize else 0.2), 0.6
     model = make_model()
+    kwargs = {} if sparse_grad else {"sparse_grad": False}  # the default must be the masked gradient
     opt = CrAM(model.parameters(), torch.optim.SGD, rho=rho, sparsities=(k,), plus=plus, normalize=normalize,
-               **SGD_KW)
+               **kwargs, **SGD_KW)
     ws, ref = params_of(model), RefSGD(**SGD_KW)
-    results = {}
-    for x, y in batches(2):
+    variants = {}
+    for x, y in batches(n_steps):
         g = grad_at(ws, x, y)
         step = rho / torch.sqrt(sum((gi ** 2).sum() for gi in g)) if normalize else rho
         w1 = [w + step * gi for w, gi in zip(ws, g)]
@@ -203,15 +235,17 @@ def test_cram_step_matches_reference(plus, normalize):
             masks[i] = m.to(DT)
         assert sum(int((masks[i] == 0).sum()) for i in mats) == round(k * 35)
         g2 = grad_at([m * w for m, w in zip(masks, w1)], x, y)
-        final = [m * gg + gi for m, gg, gi in zip(masks, g2, g)] if plus else g2
-        results["dense"] = [m * gg + gi for m, gg, gi in zip(masks, g2, g)]
-        results["plain"] = g2
-        ws = ref.step(ws, final)
+        variants = {(True, True): [m * gg + gi for m, gg, gi in zip(masks, g2, g)],
+                    (False, True): [m * gg for m, gg in zip(masks, g2)],
+                    (True, False): [gg + gi for gg, gi in zip(g2, g)],
+                    (False, False): g2}
+        ws = ref.step(ws, variants[plus, sparse_grad])
         train_step(opt, model, x, y)
         assert opt.last_sparsity == k
         assert_params(model, ws)
-    # CrAM+ and CrAM must really differ on this problem, or the test could not tell them apart
-    assert differs(results["dense"], results["plain"])
+    # the four variants must really differ on this problem, or the test could not tell them apart
+    finals = list(variants.values())
+    assert all(differs(finals[i], finals[j]) for i in range(4) for j in range(i + 1, 4))
 
 
 def test_cram_leaves_1d_params_unmasked_and_restores_w():

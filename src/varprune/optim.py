@@ -48,6 +48,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .pruning import keep_mask_topk
+
 __all__ = ["SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"]
 
 # Keeps rho * g / ||g|| finite when every gradient is zero (a frozen model, a dead batch).
@@ -103,23 +105,45 @@ def _global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float, dtype: torch.dtype = torch.bool,
+                buffers: dict | None = None) -> list[torch.Tensor]:
     """Global magnitude keep-masks (True = kept) zeroing exactly ``round(sparsity * N)`` entries.
 
-    Ties go by position (a stable sort: the earlier of two equal magnitudes is
-    pruned first) so the realised sparsity is always the requested one;
-    torch.quantile is avoided because it refuses more than 2^24 elements.
+    Ties go by position (the earlier of two equal magnitudes is pruned first,
+    as a stable argsort would) so the realised sparsity is always the
+    requested one. The selection is :func:`varprune.pruning.keep_mask_topk`:
+    a histogram radix-select on the magnitudes' bit patterns on CPU, an
+    integer sort without host synchronisation elsewhere. ``dtype``: bool, or
+    a floating dtype for 0/1 masks to multiply by. ``buffers``: a dict the
+    caller keeps between calls; the magnitudes and the mask are written into
+    tensors kept there (the masks returned are views of it, valid until the
+    next call), which spares two large allocations per call.
     """
     if not tensors:
         return []
     device = tensors[0].device
-    dtype = _accumulation_dtype(tensors)
-    flat = torch.cat([t.detach().abs().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
-    n_pruned = round(sparsity * flat.numel())
-    if n_pruned:
-        keep[torch.argsort(flat, stable=True)[:n_pruned]] = False
-    return [piece.view_as(t).to(t.device) for piece, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+    magnitude_dtype = _accumulation_dtype(tensors)
+    sizes = [t.numel() for t in tensors]
+    flat = _buffer(buffers, "magnitudes", sum(sizes), magnitude_dtype, device)
+    for piece, t in zip(flat.split(sizes), tensors):
+        t = t.detach().reshape(-1).to(device)
+        if t.dtype == magnitude_dtype:
+            torch.abs(t, out=piece)
+        else:
+            piece.copy_(t).abs_()
+    keep = keep_mask_topk(flat, round(sparsity * flat.numel()), dtype=dtype,
+                          out=_buffer(buffers, "mask", flat.numel(), dtype, device))
+    return [piece.view(t.shape).to(t.device) for piece, t in zip(keep.split(sizes), tensors)]
+
+
+def _buffer(buffers: dict | None, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``buffers[name]`` if it fits (n, dtype, device), else a new tensor stored there (or just returned)."""
+    t = None if buffers is None else buffers.get(name)
+    if t is None or t.numel() != n or t.dtype != dtype or t.device != device:
+        t = torch.empty(n, dtype=dtype, device=device)
+        if buffers is not None:
+            buffers[name] = t
+    return t
 
 
 class _Scaling:
@@ -321,7 +345,10 @@ class CrAM(_Wrapper):
     (uniformly, from a generator seeded by ``seed`` and saved in the state
     dict); M = global magnitude keep-mask of w' over the compressed tensors,
     zeroing exactly round(k * N) weights; g'' = grad f(M * w') from the
-    closure; update with M * g'' + g (``plus=True``, CrAM+) or g'' (CrAM) at w.
+    closure; update at w with M * g'' + g (``plus=True``, CrAM+) or M * g''
+    (``plus=False``, CrAM). Masking g'' is the reference implementation's
+    default (IST-DASLab/CrAM, ``sparse_grad=True``) for both variants;
+    ``sparse_grad=False`` uses the unmasked g'' (CrAM: g''; CrAM+: g'' + g).
 
     The compressed tensors are ``compress_params`` when given (e.g. only the
     conv/linear weights that varprune prunes), else every parameter with
@@ -331,7 +358,8 @@ class CrAM(_Wrapper):
 
     def __init__(self, params, base_optimizer_cls, rho: float = 0.05, sparsities: Sequence[float] = (0.5,),
                  plus: bool = True, normalize: bool = False, seed: int = 0,
-                 compress_params: Iterable[torch.Tensor] | None = None, **base_kwargs):
+                 compress_params: Iterable[torch.Tensor] | None = None, sparse_grad: bool = True,
+                 **base_kwargs):
         sparsities = tuple(float(s) for s in sparsities)
         if not sparsities:
             raise ValueError("CrAM needs at least one sparsity")
@@ -341,9 +369,11 @@ class CrAM(_Wrapper):
         super().__init__(params, base_optimizer_cls, dict(rho=rho), base_kwargs)
         self.sparsities = sparsities
         self.plus = bool(plus)
+        self.sparse_grad = bool(sparse_grad)
         self.normalize = bool(normalize)
         self.seed = int(seed)
         self.last_sparsity: float | None = None
+        self._buffers: dict = {}  # the top-k's magnitudes and mask, reused every step
         # CPU generator: drawing k never syncs with an accelerator
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
@@ -385,7 +415,11 @@ class CrAM(_Wrapper):
                     p.add_(g * (group["rho"] / (norm + _EPS)).to(device=p.device, dtype=p.dtype))
 
         self.last_sparsity = k = self.draw_sparsity()
-        masks = dict(zip(self._compressed, _keep_masks(self._compressed, k)))  # from |w'|, as in the paper
+        # M from |w'|, as in the paper, as 0/1 in the weights' dtype: on CPU a multiply by it is several
+        # times cheaper than masked_fill_ or a multiply by a bool mask
+        dtypes = {p.dtype for p in self._compressed}
+        mask_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        masks = dict(zip(self._compressed, _keep_masks(self._compressed, k, mask_dtype, self._buffers)))
         for p, m in masks.items():
             p.mul_(m)
 
@@ -396,15 +430,17 @@ class CrAM(_Wrapper):
             scaling.unscale_(self._params())
 
         for p, w in backup.items():
+            g2 = p.grad
+            if g2 is not None and self.sparse_grad:
+                m = masks.get(p)
+                if m is not None:
+                    g2.mul_(m)  # M * g'': the compressed point's gradient, on the kept weights only
             if self.plus:
-                g2, g, m = p.grad, first.get(p), masks.get(p)
+                g = first.get(p)
                 if g2 is None:
                     p.grad = g  # M * 0 + g
-                else:
-                    if m is not None:
-                        g2.mul_(m)
-                    if g is not None:
-                        g2.add_(g)
+                elif g is not None:
+                    g2.add_(g)
             p.copy_(w)
         del first, masks, backup
         self._base_step(scaling)
@@ -412,10 +448,11 @@ class CrAM(_Wrapper):
 
     def _extra_state(self) -> dict:
         return {"generator": self._generator.get_state(), "last_sparsity": self.last_sparsity,
-                "sparsities": list(self.sparsities), "plus": self.plus, "normalize": self.normalize}
+                "sparsities": list(self.sparsities), "plus": self.plus, "normalize": self.normalize,
+                "sparse_grad": self.sparse_grad}
 
     def _load_extra_state(self, extra: dict) -> None:
-        # sparsities/plus/normalize are saved for inspection; the constructor's values stay in charge
+        # sparsities/plus/normalize/sparse_grad are saved for inspection; the constructor's values stay in charge
         self._generator.set_state(extra["generator"].detach().to(device="cpu", dtype=torch.uint8).contiguous())
         self.last_sparsity = extra.get("last_sparsity")
 
