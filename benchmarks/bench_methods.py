@@ -1,6 +1,6 @@
 """Training-step time of every method relative to SGD, measured side by side.
 
-Every method runs the training loop's own step (``train.make_train_step``) on
+Every method runs the training loop's own step (``loop.make_train_step``) on
 the same model and batch; the methods take turns in rounds (A B C ... A B C),
 so a load change on a shared machine hits all of them alike. Prints the median
 step time per method and its ratio to SGD, then the per-step top-k CrAM runs
@@ -32,7 +32,9 @@ from varprune.methods import METHODS, build_optimizer, build_regularizers, get_m
 from varprune.models import create_model  # noqa: E402
 from varprune.pruning import keep_mask_topk  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
-from varprune.train import TrainConfig, make_train_step  # noqa: E402
+from varprune.config import TrainConfig  # noqa: E402
+from varprune.loop import make_train_step  # noqa: E402
+from varprune.tasks import Classification  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         method = get_method(m)
         opt = build_optimizer(method, model, cfg)
         regs = build_regularizers(method, model, cfg)
-        steps[m] = make_train_step(model, model, opt, regs, device, amp)
+        steps[m] = make_train_step(model, model, opt, regs, Classification(10), device, amp)
 
     def sync():
         if gpu:

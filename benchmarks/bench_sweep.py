@@ -2,7 +2,7 @@
 
 ResNet-18 (CIFAR stem, 11.2M prunable weights; random init by default, or
 ``--weights model.safetensors`` from a run) is pruned globally at 8
-sparsities by :func:`varprune.evaluate.prune_sweep`, with BNT and evaluation on
+sparsities by :func:`varprune.sweep.prune_sweep`, with BNT and evaluation on
 Fashion-MNIST. Printed:
 
 * the sweep's wall time and the split prune_sweep reports (pruning, BNT);
@@ -38,7 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from varprune.data import DeviceLoader, load_dataset, subset  # noqa: E402
-from varprune.evaluate import DEFAULT_SPARSITIES, bnt_batches, prune_sweep  # noqa: E402
+from varprune.sweep import DEFAULT_SPARSITIES, prune_sweep  # noqa: E402
+from varprune.sweep import bnt_inputs as bnt_batches  # noqa: E402
+from varprune.tasks import Classification  # noqa: E402
+
+TASK = Classification(10)
 from varprune.models import create_model  # noqa: E402
 from varprune.pruning import MagnitudePruner, keep_mask_topk  # noqa: E402
 from varprune.weights import prunable_weights  # noqa: E402
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
           f"{channels_last}; sparsities {sparsities}")
 
     # ---- the sweep as `varprune prune` runs it
-    t_sweep, result = timed(lambda: prune_sweep(model, sparsities, test_loader, bnt_inputs, amp=amp), device)
+    t_sweep, result = timed(lambda: prune_sweep(model, sparsities, TASK, test_loader, bnt_inputs, amp=amp), device)
     tm = result["timing"]
     print(f"\nsweep     wall {t_sweep:.2f} s for {len(sparsities)} sparsities (prune_sweep's own split: "
           f"prune {tm['prune_s']:.3f} s, BNT {tm['bnt_s']:.2f} s, the rest = sort + evaluations "
@@ -128,7 +132,9 @@ def main(argv=None) -> int:
         t_apply.append(dt)
     model.load_state_dict(dense)
     from varprune.device import autocast
-    from varprune.evaluate import accuracy
+
+    def accuracy(model, loader, amp):
+        return TASK.evaluate(model, loader, amp)["accuracy"]
     from varprune.pruning import recalibrate_bn
 
     def bnt():

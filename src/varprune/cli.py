@@ -143,7 +143,7 @@ def cmd_prune(args) -> int:
     if found:  # every problem at once, before any work
         raise UsageError("; ".join(found))
     rows = prune_runs(runs, args.sparsities, args.scope, exclude, args.bnt_batches, args.bnt_batch_size,
-                      args.data_dir, args.device, reuse=not args.force)
+                      args.data_dir, args.device, reuse=not args.force, patterns=args.patterns)
     print(sweep_table(rows))
     if plot is not None:
         sweep_plot(rows, plot)
@@ -233,7 +233,8 @@ def cmd_study(args) -> int:
     if found:
         raise UsageError("; ".join(found))
     run_study(Path(args.out), from_args(args), _names(args.methods), seeds, args.sparsities, args.scope,
-              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet, analysis=not args.no_analysis)
+              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet, analysis=not args.no_analysis,
+              patterns=args.patterns)
     return 0
 
 
@@ -322,10 +323,28 @@ def _epilog() -> str:
     return f"methods:\n{method_help()}\n\nmodels:\n{models}"
 
 
+def _patterns(text: str) -> list[str]:
+    from .pruning import PruningError, parse_pattern
+    out = []
+    for v in _names(text):
+        try:
+            n, m = parse_pattern(v)
+        except PruningError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        out.append(f"{n}:{m}")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"patterns must be unique, got {text!r}")
+    return out
+
+
 def _add_sweep_flags(p) -> None:
     from .pruning import SCOPES
     p.add_argument("--sparsities", type=_sparsities, default=SWEEP_SPARSITIES,
                    help="comma-separated sparsities in [0, 1) (default 0.5,...,0.99)")
+    p.add_argument("--patterns", type=_patterns, default=[],
+                   help="comma-separated N:M semi-structured patterns swept beside the sparsities, e.g. 2:4,1:4,1:8 "
+                        "(N largest of every M consecutive weights along the input dimension; tensors whose input "
+                        "size is not a multiple of M stay dense)")
     p.add_argument("--scope", choices=SCOPES, default="global",
                    help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
                         "fraction from every tensor")

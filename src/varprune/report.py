@@ -28,14 +28,28 @@ def metric_title(metric: str) -> str:
     return METRIC_TITLES.get(metric, f"Test {metric}")
 
 
+def _key(row: dict):
+    """A result row's setting: its N:M pattern or its requested sparsity."""
+    return row.get("pattern") or row["sparsity"]
+
+
+def setting_label(key) -> str:
+    return key if isinstance(key, str) else f"{100 * key:g}%"
+
+
+def _settings(rows) -> list:
+    keys = {_key(r) for _, doc in rows for r in doc["results"]}
+    return sorted(k for k in keys if not isinstance(k, str)) + sorted(k for k in keys if isinstance(k, str))
+
+
 def sweep_table(rows: list[tuple[str, dict]]) -> str:
-    """Markdown table, one row per run: dense metric, then 'after BNT / before BNT' per sparsity."""
+    """Markdown table, one row per run: dense metric, then 'after BNT / before BNT' per sparsity (and pattern)."""
     metric = metric_of(rows[0][1]) if rows else "accuracy"
-    sparsities = sorted({r["sparsity"] for _, doc in rows for r in doc["results"]})
-    head = ["run", "dense"] + [f"{100 * s:g}%" for s in sparsities]
+    sparsities = _settings(rows)
+    head = ["run", "dense"] + [setting_label(s) for s in sparsities]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for label, doc in rows:
-        by_s = {r["sparsity"]: r for r in doc["results"]}
+        by_s = {_key(r): r for r in doc["results"]}
         m = metric_of(doc)
         cells = [label, pct(doc[f"dense_{m}"])]
         for s in sparsities:
@@ -50,9 +64,9 @@ def sweep_csv(doc: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     m = metric_of(doc)
-    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])
+    w.writerow(["setting", "realised_sparsity", m, f"{m}_bnt"])
     for r in doc["results"]:
-        w.writerow([r["sparsity"], r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
+        w.writerow([_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
     return buf.getvalue()
 
 
@@ -91,14 +105,19 @@ def _finish(plt, fig, ax, path: Path, title: str, metric: str = "accuracy") -> N
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
     """The primary metric against sparsity: solid lines after BN re-tuning, dashed before."""
     plt, fig, ax = _figure()
-    _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"]])
+    _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"] if "pattern" not in r])
     for i, (label, doc) in enumerate(rows):
         color = f"C{i % 10}"
         m = metric_of(doc)
-        s = [_x(r["sparsity"]) for r in doc["results"]]
-        ax.plot(s, [100 * r[f"{m}_bnt"] for r in doc["results"]], "o-", color=color, label=f"{label} (BNT)")
-        ax.plot(s, [100 * r[m] for r in doc["results"]], "x--", color=color, alpha=0.6,
-                label=f"{label} (no BNT)")
+        plain = [r for r in doc["results"] if "pattern" not in r]
+        s = [_x(r["sparsity"]) for r in plain]
+        ax.plot(s, [100 * r[f"{m}_bnt"] for r in plain], "o-", color=color, label=f"{label} (BNT)")
+        ax.plot(s, [100 * r[m] for r in plain], "x--", color=color, alpha=0.6, label=f"{label} (no BNT)")
+        for r in doc["results"]:   # N:M patterns: one marker at their realised sparsity, after BNT
+            if "pattern" in r:
+                ax.plot([_x(r["realised_sparsity"])], [100 * r[f"{m}_bnt"]], "D", color=color, markersize=6)
+                ax.annotate(r["pattern"], (_x(r["realised_sparsity"]), 100 * r[f"{m}_bnt"]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points", color=color)
     _finish(plt, fig, ax, Path(path), title, metric_of(rows[0][1]) if rows else "accuracy")
 
 
@@ -113,7 +132,7 @@ def write_sweep(run: Path, doc: dict, label: str) -> None:
 def study_table(summary: dict) -> str:
     """Markdown: mean ± std over seeds per method and sparsity, after BNT and before."""
     methods = summary["methods"]
-    sparsities = summary["study"]["sparsities"]
+    sparsities = list(summary["study"]["sparsities"]) + list(summary["study"].get("patterns", []))
     seeds = summary["study"]["seeds"]
 
     m = summary.get("metric", "accuracy")
@@ -123,7 +142,7 @@ def study_table(summary: dict) -> str:
 
     out = []
     for key, title in ((f"{m}_bnt", "after BN re-tuning"), (m, "before BN re-tuning")):
-        head = ["method", "dense"] + [f"{100 * s:g}%" for s in sparsities] + ["time/epoch vs SGD"]
+        head = ["method", "dense"] + [setting_label(s) for s in sparsities] + ["time/epoch vs SGD"]
         lines = [f"{metric_title(m)} (%), mean ± std over seeds {seeds}, one-shot pruning {title}:", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for method, e in methods.items():

@@ -37,7 +37,7 @@ def _comparable(train: dict) -> dict:
 
 def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int], sparsities: list[float],
               scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500, progress: bool = True,
-              log=print, analysis: bool = True, html: bool = True) -> dict:
+              log=print, analysis: bool = True, html: bool = True, patterns: list[str] = ()) -> dict:
     from .report import study_plot, study_table
 
     configs = {}
@@ -60,7 +60,7 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
-    spec = {"methods": methods, "seeds": seeds, "sparsities": sparsities, "scope": scope,
+    spec = {"methods": methods, "seeds": seeds, "sparsities": sparsities, "patterns": list(patterns), "scope": scope,
             "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "train": base.to_dict()}
     spec_path = out / "study.json"
     if spec_path.exists():
@@ -81,14 +81,14 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     docs = {}
     todo = []
     for key, run in runs.items():
-        doc = finished_sweep(run, sparsities, scope, [], bnt_batches, bnt_batch_size)
+        doc = finished_sweep(run, sparsities, scope, [], bnt_batches, bnt_batch_size, patterns)
         if doc is None:
             todo.append(key)
         else:
             docs[key] = doc
     if todo:
         swept = prune_runs([runs[k] for k in todo], sparsities, scope, (), bnt_batches, bnt_batch_size,
-                           device=base.device, log=log)
+                           device=base.device, log=log, patterns=patterns)
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
 
     m = metric_of(next(iter(docs.values())))
@@ -98,7 +98,7 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
         per_seed = [docs[(meth, s)] for s in seeds]
         entry = {"dense": _mean_std([d[f"dense_{m}"] for d in per_seed]), "epoch_time_s": times[meth],
                  "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None, "sparsities": {}}
-        for i, s in enumerate(sparsities):
+        for i, s in enumerate(list(sparsities) + list(patterns)):
             entry["sparsities"][str(s)] = {
                 f"{m}_bnt": _mean_std([d["results"][i][f"{m}_bnt"] for d in per_seed]),
                 m: _mean_std([d["results"][i][m] for d in per_seed]),

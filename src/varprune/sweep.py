@@ -40,29 +40,50 @@ def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -
     return [normalize(images[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_loader, bnt: list[torch.Tensor],
-                scope: str = "global", exclude: Iterable[str] = (), amp: str = "none", progress=None) -> dict:
-    """Evaluate ``model`` pruned one-shot at every sparsity, before and after BN re-tuning.
+def setting_key(row: dict):
+    """How a result row is named: its N:M pattern, or its requested sparsity."""
+    return row.get("pattern") or row["sparsity"]
 
+
+def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_loader, bnt: list[torch.Tensor],
+                scope: str = "global", exclude: Iterable[str] = (), amp: str = "none", progress=None,
+                patterns: Iterable[str] = ()) -> dict:
+    """Evaluate ``model`` pruned one-shot at every sparsity (and N:M pattern), before and after BN re-tuning.
+
+    Unstructured settings share one sort of the magnitudes (MagnitudePruner);
+    each N:M pattern keeps the N largest of every M consecutive weights along
+    the input dimension, tensors whose input size is not a multiple of M left
+    dense (listed under ``skipped``, counted as dense in ``realised_sparsity``).
     With no re-tuning batches (``bnt == []``) re-tuning is skipped and the
     "after" value equals the "before" one. The model is restored to its dense
     state afterwards. Returns the ``prune.json`` document.
     """
+    from .pruning import nm_masks, parse_pattern
     sparsities = [check_sparsity(s) for s in sparsities]
+    patterns = list(patterns)
     m = task.primary
     several = len(task.metric_names) > 1
     dense_state = copy.deepcopy(model.state_dict())
     t0 = time.perf_counter()
     dense = task.evaluate(model, test_loader, amp)
-    pruner = MagnitudePruner(model, scope, exclude)  # one sort for every sparsity
+    pruner = MagnitudePruner(model, scope, exclude) if sparsities else None  # one sort for every sparsity
     results, prune_time, bnt_time = [], 0.0, 0.0
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    settings = [("sparsity", s) for s in sparsities] + [("pattern", p) for p in patterns]
     try:
-        for s in sparsities:
+        for kind, value in settings:
             model.load_state_dict(dense_state)
             sync()
             t = time.perf_counter()
-            masks = pruner.apply(s)
+            skipped = []
+            if kind == "sparsity":
+                masks = pruner.apply(value)
+            else:
+                masks, skipped = nm_masks(model, *parse_pattern(value), exclude)
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if name in masks:
+                            p.masked_fill_(~masks[name], 0.0)
             sync()
             prune_time += time.perf_counter() - t
             before = task.evaluate(model, test_loader, amp)
@@ -75,12 +96,15 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
                 after = task.evaluate(model, test_loader, amp)
             else:
                 after = before
-            row = {"sparsity": s, "realised_sparsity": realised_sparsity(masks), m: before[m], f"{m}_bnt": after[m]}
+            realised = realised_sparsity(masks)
+            row = {"sparsity": value, "realised_sparsity": realised} if kind == "sparsity" else \
+                {"pattern": value, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
+            row.update({m: before[m], f"{m}_bnt": after[m]})
             if several:
                 row["metrics"], row["metrics_bnt"] = before, after
             results.append(row)
             if progress is not None:
-                progress(s, before[m], after[m])
+                progress(value, before[m], after[m])
     finally:
         model.load_state_dict(dense_state)
     doc = {} if m == "accuracy" else {"metric": m}
@@ -151,12 +175,13 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size) -> dict | None:
+def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns=()) -> dict | None:
     """RUN/prune.json if it was made from RUN's current weights with exactly these settings
     (and its plot exists: a sweep interrupted between the two is redone)."""
     try:
         doc = json.loads((run / "prune.json").read_text())
-        same = ([r["sparsity"] for r in doc["results"]] == list(sparsities) and doc["scope"] == scope
+        same = ([setting_key(r) for r in doc["results"]] == list(sparsities) + list(patterns)
+                and doc["scope"] == scope
                 and list(doc["exclude"]) == list(exclude) and doc["bnt_batches"] == bnt_batches
                 and doc["bnt_batch_size"] == bnt_batch_size
                 and doc["weights_sha256"] == weights_digest(run / WEIGHTS)
@@ -206,7 +231,7 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
 
 
 def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_batches=20, bnt_batch_size=500,
-               data_dir=None, device="auto", log=print, reuse=False) -> list[tuple[str, dict]]:
+               data_dir=None, device="auto", log=print, reuse=False, patterns=()) -> list[tuple[str, dict]]:
     """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
 
     ``reuse``: a run whose prune.json was made from its current weights with
@@ -222,7 +247,8 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
     for run, cfg, label in zip(runs, configs, labels):
-        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size) if reuse else None
+        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns) \
+            if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label
@@ -234,8 +260,9 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
         m = t.task.primary
         doc = prune_sweep(t.model, sparsities, t.task, t.data.test_loader, t.bnt(bnt_batches, bnt_batch_size),
                           scope, exclude, t.amp,
-                          progress=lambda s, a, b: log(f"  {100 * s:g}%: {m} {100 * b:.2f}% with BNT, "
-                                                       f"{100 * a:.2f}% without"))
+                          progress=lambda s, a, b: log(f"  {s if isinstance(s, str) else f'{100 * s:g}%'}: {m} "
+                                                       f"{100 * b:.2f}% with BNT, {100 * a:.2f}% without"),
+                          patterns=patterns)
         doc.update({"run": str(run), "label": label, "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size,
                     "weights_sha256": digest})
         write_sweep(run, doc, label)
