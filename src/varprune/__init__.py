@@ -12,15 +12,20 @@ is wrong) even where torch or numpy fail to import.
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "create_model": "models", "list_models": "models", "register_model": "models",
-    "MagnitudePruner": "pruning", "prune_magnitude": "pruning", "realised_sparsity": "pruning",
-    "recalibrate_bn": "pruning",
+    # the regularizers: penalty (autograd) and closed-form gradient
     "VarRegularizer": "regularizers", "L1Regularizer": "regularizers", "HoyerSquareRegularizer": "regularizers",
     "var_penalty": "regularizers", "l1_penalty": "regularizers", "hoyer_square_penalty": "regularizers",
-    "prunable_weights": "weights",
-    "dice_score": "metrics",
-    "hessian_top_eigenvalue": "hessian",
-    "load_pruned": "sparse_format",
+    # what is prunable, pruning, BN re-tuning
+    "prunable_weights": "weights", "classify_parameters": "weights",
+    "MagnitudePruner": "pruning", "prune_magnitude": "pruning", "realised_sparsity": "pruning",
+    "recalibrate_bn": "pruning", "nm_masks": "pruning", "prune_nm": "pruning", "keep_mask_topk": "pruning",
+    # models
+    "create_model": "models", "list_models": "models", "register_model": "models", "model_task": "models",
+    # metrics and analysis
+    "dice_score": "metrics", "hessian_top_eigenvalue": "hessian", "loss_profile": "hessian",
+    # shipping a pruned model
+    "save_pruned": "sparse_format", "load_pruned": "sparse_format", "read_pruned_metadata": "sparse_format",
+    "MaskKeeper": "masking",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
