@@ -308,7 +308,7 @@ def cmd_finetune(args) -> int:
     defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
     cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
                               finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
-                              finetune_scope=args.scope)
+                              finetune_scope=args.scope, init=None, init_exclude=None)   # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0

@@ -97,10 +97,26 @@ class RunFolder:
     def lock(self):
         """Hold ``.lock`` while working: a second process on the same folder is refused
         (the kernel drops the lock when its holder dies, however it dies)."""
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create {self.path} ({e.strerror or e}); choose another --out") from None
+        try:
+            yield from self._locked()
+        finally:
+            if created:   # a run that failed before writing anything (bad data) leaves no folder behind
+                self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        try:
+            if {p.name for p in self.path.iterdir()} <= {".lock"}:
+                (self.path / ".lock").unlink(missing_ok=True)
+                self.path.rmdir()
+        except OSError:
+            pass
+
+    def _locked(self):
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock

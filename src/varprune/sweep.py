@@ -13,6 +13,7 @@ store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -225,7 +226,7 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
     if key not in cache:
         cache[key] = load_data(cfg, dev)
     data = cache[key]
-    model = build_model(cfg, data.data.info, dev)
+    model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev)   # its own weights, not --init's
     load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
     return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev))
 
