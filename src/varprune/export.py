@@ -22,7 +22,7 @@ import torch
 from .config import TrainConfig
 from .device import autocast
 from .errors import RunError
-from .pruning import recalibrate_bn
+from .pruning import apply_masks_, recalibrate_bn
 from .sparse_format import load_pruned, read_pruned_metadata, save_pruned
 from .sweep import check_runs, load_trained, pattern_masks, weights_digest
 from .rundir import WEIGHTS
@@ -43,10 +43,7 @@ def export_run(run: Path, out: Path, sparsity: float | None = None, pattern: str
     info = t.data.data.info
     model = t.model
     masks, skipped = pattern_masks(model, sparsity, pattern, scope, exclude)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in masks:
-                p.masked_fill_(~masks[name], 0.0)
+    apply_masks_(model.named_parameters(), masks)
     bnt = t.bnt(bnt_batches, bnt_batch_size)
     if bnt:
         with autocast(bnt[0].device, t.amp):

@@ -257,11 +257,23 @@ class MagnitudePruner:
 
     @torch.no_grad()
     def apply(self, sparsity: float) -> dict[str, torch.Tensor]:
-        """Zero the pruned weights in place; return the keep-masks."""
+        """Zero the pruned weights in place (+0.0, as an exported file stores them); return the keep-masks."""
         masks = self.masks(sparsity)
-        for name, p in self.named:
-            p.mul_(masks[name])
+        apply_masks_(self.named, masks)
         return masks
+
+
+@torch.no_grad()
+def apply_masks_(named, masks: dict[str, torch.Tensor]) -> None:
+    """Set every pruned entry (mask False) of the named tensors to +0.0 in place.
+
+    ``masked_fill_`` rather than a multiplication: a pruned negative weight
+    becomes +0.0, not -0.0, so the weights the sweep evaluates, an exported
+    file and a masked fine-tuning run are bit for bit the same tensors.
+    """
+    for name, p in named:
+        if name in masks:
+            p.masked_fill_(~masks[name].to(p.device), 0.0)
 
 
 def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global",
@@ -370,7 +382,7 @@ def prune_nm(model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[s
     n, m = parse_pattern(pattern)
     masks, skipped = nm_masks(model, n, m, exclude)
     for name, p in prunable_weights(model, exclude):
-        p.mul_(masks[name])
+        p.masked_fill_(~masks[name], 0.0)
     return masks, skipped
 
 

@@ -59,7 +59,7 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
     "after" value equals the "before" one. The model is restored to its dense
     state afterwards. Returns the ``prune.json`` document.
     """
-    from .pruning import nm_masks, parse_pattern
+    from .pruning import apply_masks_, nm_masks, parse_pattern
     sparsities = [check_sparsity(s) for s in sparsities]
     patterns = list(patterns)
     m = task.primary
@@ -81,10 +81,7 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
                 masks = pruner.apply(value)
             else:
                 masks, skipped = nm_masks(model, *parse_pattern(value), exclude)
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if name in masks:
-                            p.masked_fill_(~masks[name], 0.0)
+                apply_masks_(model.named_parameters(), masks)
             sync()
             prune_time += time.perf_counter() - t
             before = task.evaluate(model, test_loader, amp)
