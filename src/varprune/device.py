@@ -53,7 +53,7 @@ def cpu_bf16() -> tuple[bool, str]:
         return True, f"AVX512-BF16: avx512_bf16 flag; torch {level}"
     if not flags:
         return False, f"emulated, presumably: no /proc/cpuinfo flags to tell; torch {level}"
-    return False, f"emulated (no amx_bf16 or avx512_bf16; torch {level})"
+    return False, f"emulated: no amx_bf16 or avx512_bf16 flag; torch {level}"
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
