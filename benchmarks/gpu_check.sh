@@ -27,7 +27,7 @@
 #   VARPRUNE_FMNIST      folder with the four Fashion-MNIST IDX files (.gz); default .data/fashion-mnist,
 #                        else /usr/share/datasets/fashion-mnist (the Debian package)
 #   GPU_CHECK_SMALL=1    small sizes (minutes on CPU); automatic when torch sees no CUDA device
-#   GPU_CHECK_BUDGET     overall seconds (default 470 on GPU, 180 small)
+#   GPU_CHECK_BUDGET     overall seconds (default 460 on GPU, 180 small)
 #   GPU_CHECK_PARTS      comma-separated subset of the parts above (default: all)
 #   GPU_CHECK_DEMO_EPOCHS  train the GPU demo for fewer epochs (default: the demo's own 15)
 #
@@ -43,7 +43,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has python3 only
 T0=$(date +%s)
 
 # ------------------------------------------------------------------ where things go
@@ -60,7 +60,7 @@ export RES WORK
 
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if [ "${GPU_CHECK_SMALL:-}" = 1 ] || [ "$CUDA" != 1 ]; then SMALL=1; else SMALL=0; fi
-BUDGET=${GPU_CHECK_BUDGET:-$([ $SMALL = 1 ] && echo 180 || echo 470)}
+BUDGET=${GPU_CHECK_BUDGET:-$([ $SMALL = 1 ] && echo 180 || echo 460)}
 PARTS=",${GPU_CHECK_PARTS:-env,var_overhead,methods,sweep,throughput,sparse,demo,var_compiled},"
 echo "gpu_check: cuda=$CUDA small=$SMALL budget=${BUDGET}s data=$DATA out=$RES"
 
