@@ -1,7 +1,16 @@
 # The two commands the README names:
-#   make demo   set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
-#   make test   set everything up, then run the test suite
-.PHONY: setup demo test bench
+#   make demo        set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
+#   make test        set everything up, then run the whole test suite (what CI runs: .ci/run)
+# For developers:
+#   make test-fast   the suite without the end-to-end tests marked `slow` (training runs, studies,
+#                    the demo, subprocesses, SIGKILL/resume; see tests/conftest.py): minutes less
+#   make gpu-data    copy Fashion-MNIST into .data/fashion-mnist (ignored by git) so it can travel
+#                    to a machine without the Debian package (the GPU check's prep step)
+#   make gpu-check   benchmarks/gpu_check.sh: every GPU speed figure in one bounded run (on a
+#                    machine without CUDA it runs small sizes on the CPU)
+.PHONY: setup demo test test-fast bench gpu-data gpu-check
+
+FMNIST ?= /usr/share/datasets/fashion-mnist
 
 setup:
 	bash scripts/setup.sh
@@ -12,5 +21,16 @@ demo: setup
 test: setup
 	python -m pytest -q
 
+test-fast:
+	python -m pytest -q -m "not slow"
+
 bench: setup
 	python benchmarks/bench_var_overhead.py
+
+gpu-data:
+	mkdir -p .data/fashion-mnist
+	cp $(FMNIST)/*-ubyte.gz .data/fashion-mnist/
+	@ls -l .data/fashion-mnist
+
+gpu-check:
+	PYTHONPATH=src bash benchmarks/gpu_check.sh

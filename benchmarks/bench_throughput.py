@@ -1,6 +1,7 @@
 """Training throughput: varprune's on-device loader vs a torchvision DataLoader pipeline.
 
-Both pipelines feed the same model, optimizer and training step (the step
+Both pipelines feed the same model, optimizer and training step: the
+training loop's own ``loop.make_train_step`` with the Fashion-MNIST task (what
 `varprune train --method var` runs: forward under autocast, cross-entropy,
 backward, ``VarRegularizer.apply_gradient_()``, SGD). Measured side by side
 in one process, in interleaved segments (A B C ..., then B C ... A, ...):
@@ -40,18 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
+from varprune.loop import make_train_step  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
-from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
+from varprune.tasks import task_for  # noqa: E402
+from common import add_device_args, load_average, machine, setup_device, sync, write_json  # noqa: E402
 
 
 def torchvision_fashion_mnist(source: Path, folder: Path, limit: int):
@@ -112,6 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd model (device loader)")
     p.add_argument("--method", choices=("var", "sgd"), default="var")
     p.add_argument("--loader-batches", type=int, default=None, help="batches for the loader-alone timing")
+    p.add_argument("--data-dir", default=None,
+                   help=f"folder with the four Fashion-MNIST IDX files (.gz or not); default {DEBIAN_FASHION_MNIST}")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--json", default=None, help="also write the figures as JSON to this file")
     add_device_args(p)
     args = p.parse_args(argv)
     device = setup_device(args)
@@ -130,13 +130,19 @@ def main(argv=None) -> int:
     print(f"machine   {machine(device)}")
     print(f"load avg  {load_average()} (1/5/15 min, at start)")
 
-    data = load_dataset("fashion-mnist")
+    data_dir = args.data_dir or DEBIAN_FASHION_MNIST
+    data = load_dataset("fashion-mnist", data_dir)
     info = data.info
+    task = task_for(info)  # cross-entropy; crop (pad 2) + flip on the device, as `varprune train` does
+    train_x, train_y = data.train_x, data.train_y
+    if args.limit_train:
+        train_x, train_y = train_x[:args.limit_train], train_y[:args.limit_train]
+    load_start = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="bench_tv_"))
     try:
-        tv_set = torchvision_fashion_mnist(Path(DEBIAN_FASHION_MNIST), tmp, len(data.train_x))
+        tv_set = torchvision_fashion_mnist(Path(data_dir), tmp, len(train_x))
         cl_modes = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]
-        print(f"sizes     {model_name}, Fashion-MNIST 1x28x28 ({len(data.train_x)} training images), batch {batch}, "
+        print(f"sizes     {model_name}, Fashion-MNIST 1x28x28 ({len(train_x)} training images), batch {batch}, "
               f"method {args.method}, amp {amp}; {rounds} segments x {segment} timed steps per pipeline "
               f"(+{warm_steps} untimed each); torchvision: {workers} workers, prefetch_factor 2, "
               f"pin_memory {gpu}")
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
         # ---------------------------------------------------------- data pipelines alone
         print(f"\nloader alone ({loader_batches} batches of {batch}, no model):")
         alone = {}
-        dl = DeviceLoader(data.train_x, data.train_y, info, batch, train=True, device=device, seed=0)
+        dl = DeviceLoader(train_x, train_y, info, batch, train=True, device=device, seed=0, augment=task.augment)
         it = iter(dl)
         for _ in range(3):
             next(it)
@@ -198,11 +204,13 @@ def main(argv=None) -> int:
             if use_tv:
                 source = Endless(make_tv_loader, device, channels_last)
             else:
-                loader = DeviceLoader(data.train_x, data.train_y, info, batch, train=True, device=device, seed=0,
-                                      channels_last=channels_last)
+                loader = DeviceLoader(train_x, train_y, info, batch, train=True, device=device, seed=0,
+                                      augment=task.augment, channels_last=channels_last)
                 source = Endless(lambda: loader, device, False)
             forward = torch.compile(model) if compiled else model
-            pipelines[name] = dict(model=model, forward=forward, opt=opt, regs=regs, source=source, times=[])
+            # the training loop's own step, as `varprune train` runs it
+            train_step = make_train_step(forward, model, opt, regs, task, device, amp)
+            pipelines[name] = dict(model=model, step=train_step, source=source, times=[])
 
         for cl in cl_modes:
             add(f"device-loader{' channels_last' if cl else ''}", cl, use_tv=False)
@@ -213,21 +221,18 @@ def main(argv=None) -> int:
 
         def step(pl):
             x, y = next(pl["source"])
-            pl["opt"].zero_grad(set_to_none=True)
-            with autocast(device, amp):
-                loss = F.cross_entropy(pl["forward"](x), y)
-            loss.backward()
-            for r in pl["regs"]:
-                r.apply_gradient_()
-            pl["opt"].step()
+            pl["step"](x, y)
 
+        compile_s = None
+        syncs = None
         if args.compile:
             name = next(n for n in pipelines if "compiled" in n)
             sync(device)
             t = time.perf_counter()
             step(pipelines[name])
             sync(device)
-            print(f"\ncompile   first compiled step {time.perf_counter() - t:.1f} s (compilation; not counted)")
+            compile_s = time.perf_counter() - t
+            print(f"\ncompile   first compiled step {compile_s:.1f} s (compilation; not counted)")
             for _ in range(2):
                 step(pipelines[name])
 
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
                   f"{1e3 * max(ts) / segment:.0f} ms/step)   {ips[name] / ips[tv_name]:.3f}x torchvision")
         if sync_mode_note:
             print(f"  {sync_mode_note}")
-        print(f"timed section {wall:.1f} s; load avg {load_average()} at end")
+        load_end = load_average()
+        print(f"timed section {wall:.1f} s; load avg {load_end} at end")
         same_layout = next(n for n in names if n.startswith("device-loader") and "compiled" not in n
                            and (("channels_last" in n) == ("channels_last" in tv_name)))
         ratio = ips[same_layout] / ips[tv_name]
@@ -277,6 +283,16 @@ def main(argv=None) -> int:
         print(f"\nJUDGED  images/s device loader / torchvision DataLoader ({workers} workers), same model and "
               f"layout = {ratio:.3f}  (no numeric target; >1 = faster)  {'FASTER' if ratio > 1 else 'NOT FASTER'}")
         print(f"        best varprune configuration: {best}, {ips[best] / ips[tv_name]:.3f}x torchvision")
+        write_json(args.json, dict(
+            bench="throughput", machine=machine(device), device=device.type, load_start=load_start,
+            load_end=load_end, sizes=dict(model=model_name, batch=batch, train_images=len(train_x),
+                                          method=args.method, amp=amp, rounds=rounds, segment=segment,
+                                          workers=workers),
+            loader_alone_images_s=alone, training_images_s=ips,
+            host_syncs_in_3_steps=None if syncs is None else len(syncs), compile_s=compile_s, timed_s=wall,
+            judged=dict(name=f"images/s device loader / torchvision DataLoader ({workers} workers)", value=ratio,
+                        target="> 1", verdict="PASS" if ratio > 1 else "FAIL"),
+            best=dict(name=best, ratio=ips[best] / ips[tv_name])))
         for pl in pipelines.values():
             pl["source"] = None  # stop persistent workers
     finally:

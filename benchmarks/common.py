@@ -1,6 +1,7 @@
-"""What every benchmark prints and needs: the machine, the load, device synchronisation."""
+"""What every benchmark prints and needs: the machine, the load, device synchronisation, JSON output."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,3 +41,24 @@ def setup_device(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
+
+
+def write_json(path, result: dict) -> None:
+    """Write a benchmark's figures to ``path`` (nothing when ``path`` is None); non-finite floats become null."""
+    if not path:
+        return
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(result), indent=1) + "\n")
+    os.replace(tmp, path)

@@ -20,12 +20,50 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# --amp auto on CPU: fp32 for now, whatever the CPU. Set True to take bf16 autocast where the CPU
+# computes bf16 natively (cpu_bf16()); benchmarks/bench_precision.py measures whether that pays.
+CPU_AUTO_BF16 = False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively: ``(fast, how)``.
+
+    Fast: AMX tiles (``amx_bf16``, Sapphire Rapids and later) or AVX512-BF16
+    dot products (``avx512_bf16``: Cooper Lake, Zen 4 and later), read from
+    /proc/cpuinfo. Otherwise bf16 autocast still runs but is emulated (values
+    converted to fp32 and back around fp32 arithmetic), usually slower than
+    plain fp32. ``how`` names what was found, with torch's own vector level.
+    """
+    flags = _cpu_flags()
+    level = torch.backends.cpu.get_cpu_capability()
+    if "amx_bf16" in flags:
+        return True, f"AMX: amx_bf16 flag; torch {level}"
+    if "avx512_bf16" in flags:
+        return True, f"AVX512-BF16: avx512_bf16 flag; torch {level}"
+    if not flags:
+        return False, f"emulated, presumably: no /proc/cpuinfo flags to tell; torch {level}"
+    return False, f"emulated: no amx_bf16 or avx512_bf16 flag; torch {level}"
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """bf16 autocast on GPU by default; full fp32 on CPU (bitwise-reproducible)."""
+    """bf16 autocast on GPU by default; full fp32 on CPU (bitwise-reproducible) unless CPU_AUTO_BF16."""
     if amp not in AMP_MODES:
         raise ValueError(f"unknown --amp {amp!r}; choose one of {', '.join(AMP_MODES)}")
     if amp == "auto":
-        return "bf16" if device.type == "cuda" else "none"
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if CPU_AUTO_BF16 and device.type == "cpu" and cpu_bf16()[0] else "none"
     return amp
 
 

@@ -47,6 +47,9 @@ def _torch_lines() -> list[str]:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         lines.append("MPS:            available (varprune uses cpu or cuda)")
+    from .device import cpu_bf16
+    fast, how = cpu_bf16()
+    lines.append(f"bf16 on CPU:    {'fast' if fast else 'slow'} ({how})")
     device = resolve_device("auto")
     lines.append(f"--device auto:  {device} ({describe_device(device)})")
     return lines
