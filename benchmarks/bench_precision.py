@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from varprune.config import TrainConfig  # noqa: E402
-from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
+from varprune.data import DeviceLoader, default_data_dir, load_dataset  # noqa: E402
 from varprune.demo import SIZES  # noqa: E402
 from varprune.device import cpu_bf16  # noqa: E402
 from varprune.loop import make_train_step  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="warm-up rounds")
     p.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST, help="Fashion-MNIST folder")
+    p.add_argument("--data-dir", default=default_data_dir("fashion-mnist"), help="Fashion-MNIST folder")
     p.add_argument("--train", action="store_true", help="also train each variant and sweep its pruning curve")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit-train", type=int, default=10000, help="training images for --train (0: all)")

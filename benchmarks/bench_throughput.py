@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, load_dataset  # noqa: E402
+from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, default_data_dir, load_dataset  # noqa: E402
 from varprune.loop import make_train_step  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.regularizers import VarRegularizer  # noqa: E402
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     print(f"machine   {machine(device)}")
     print(f"load avg  {load_average()} (1/5/15 min, at start)")
 
-    data_dir = args.data_dir or DEBIAN_FASHION_MNIST
+    data_dir = args.data_dir or default_data_dir("fashion-mnist")
     data = load_dataset("fashion-mnist", data_dir)
     info = data.info
     task = task_for(info)  # cross-entropy; crop (pad 2) + flip on the device, as `varprune train` does

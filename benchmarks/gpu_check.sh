@@ -64,16 +64,8 @@ BUDGET=${GPU_CHECK_BUDGET:-$([ $SMALL = 1 ] && echo 180 || echo 460)}
 PARTS=",${GPU_CHECK_PARTS:-env,var_overhead,methods,sweep,throughput,sparse,demo,var_compiled},"
 echo "gpu_check: cuda=$CUDA small=$SMALL budget=${BUDGET}s data=$DATA out=$RES"
 
-# bench_sweep reads Fashion-MNIST from its default folder (the Debian package's); on a machine
-# without the package, point that folder at the carried copy
-DEB=/usr/share/datasets/fashion-mnist
-if [ ! -f "$DEB/train-images-idx3-ubyte.gz" ] && [ -f "$DATA/train-images-idx3-ubyte.gz" ] && [ ! -e "$DEB" ]; then
-  if mkdir -p "$(dirname "$DEB")" 2>/dev/null && ln -s "$DATA" "$DEB" 2>/dev/null; then
-    echo "gpu_check: linked $DEB -> $DATA (no Debian package here)"
-  else
-    echo "gpu_check: $DEB missing and not creatable: the sweep part will not find Fashion-MNIST"
-  fi
-fi
+# every varprune reader takes Fashion-MNIST's folder from $VARPRUNE_FMNIST (data.default_data_dir)
+export VARPRUNE_FMNIST="$DATA"
 
 # ------------------------------------------------------------------ recording (JSON, summary)
 read -r -d '' RECORD <<'PYEOF'
