@@ -281,6 +281,8 @@ def _restore(state: dict, path: Path, model, optimizer, device: torch.device, lo
                 if isinstance(buf, torch.Tensor) and buf.dim() > 0 and (buf.shape != p.shape
                                                                        or buf.dtype != p.dtype):
                     raise bad
+                if not isinstance(buf, (torch.Tensor, int, float)) and buf is not None:   # a string, a list
+                    raise bad
     try:
         _set_rng_state(state["rng"], device, loader)
     except (RuntimeError, TypeError, ValueError) as e:
