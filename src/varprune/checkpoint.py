@@ -76,7 +76,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
     removed = []
     for name in names:
         try:
-            candidates = list(Path(folder).glob(f".{glob_escape(name)}.{'?' * 8}.tmp"))  # mkstemp's 8 characters
+            candidates = list(Path(folder).glob(f".{glob_escape(name)}.*.tmp"))
         except OSError:
             return removed
         for tmp in candidates:
