@@ -344,6 +344,8 @@ def test_damaged_json_files_are_one_line(capsys, run, study):
     (folder / "report.md").write_text("[]")                  # report.md is written from report.json
     rc, out, _ = vp(capsys, "report", folder)
     assert rc == 0 and out == report_md
+    rc, out, err = vp(capsys, "report", folder, "--html", folder / "page.html")
+    assert rc == 0 and (folder / "page.html").read_text().startswith("<!"), err
 
 
 def test_damaged_metrics_jsonl_names_the_file_and_the_line(capsys, study):
@@ -414,7 +416,7 @@ def test_bad_out_and_plot_paths_are_exit_2_before_any_work(capsys, run, tmp_path
 def test_sigterm_keeps_completed_epochs_and_resume_takes_device_and_data_dir(capsys, tmp_path, fmnist_dir):
     data = data_copy(fmnist_dir, tmp_path / "data")
     run = tmp_path / "run"
-    epochs = 40                                          # one step each: seconds in all
+    epochs = 20                                          # one step each: seconds in all
     proc = spawn("train", "--model", "mlp", "--epochs", epochs, "--limit-train", "64", "--limit-test", "64",
                  "--batch-size", "64", "--device", "cpu", "--quiet", "--data-dir", data, "--out", run)
     try:
