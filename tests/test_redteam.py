@@ -182,6 +182,7 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_comm
         proc.kill()
         proc.communicate()
     assert not (run / "checkpoint.safetensors").exists() and not (run / "model.safetensors").exists()
+    (run / ".config.json.k1lled00.tmp").write_bytes(b"")  # as if killed inside the new config.json's write
     rc, out, err = vp(capsys, "prune", run, *SWEEP)       # the old run is back, its sweep still valid
     assert rc == 0, err
     assert "reusing" in out

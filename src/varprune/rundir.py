@@ -237,3 +237,4 @@ class RunFolder:
             self.commit()       # the new run's first checkpoint
         else:
             self.restore()
+        self.clean_temporaries()    # a write the kill interrupted (the new run's config.json, say)
