@@ -24,22 +24,15 @@ from .checkpoint import atomic_write_text
 from .errors import RunError
 from .hessian import hessian_top_eigenvalue, loss_profile
 from .pruning import recalibrate_bn
+from .rundir import read_metrics
 from .sweep import check_runs, load_trained, run_label
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 
 def _history(run: Path) -> list[tuple[int, dict]]:
-    rows = []
-    try:
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if isinstance(r, dict) and isinstance(r.get("layer_variance"), dict):
-                    rows.append((int(r["epoch"]), r["layer_variance"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return rows
+    """(epoch, per-layer variance) from metrics.jsonl; a damaged file is a one-line RunError naming the line."""
+    return [(r["epoch"], r["layer_variance"]) for r in read_metrics(run) if isinstance(r.get("layer_variance"), dict)]
 
 
 def _slug(label: str) -> str:

@@ -9,9 +9,18 @@ named entries, the rest of the structure stays in the JSON with a reference.
 Files are written to a temporary name in the same folder, fsynced, then
 renamed over the target: a reader sees the old file or the new one, never a
 torn one.
+
+Every file is written by :func:`serialize_safetensors`, our own few-line
+safetensors writer (``safetensors.torch.save`` orders metadata keys at random,
+so two saves of the same weights would differ): keys sorted, and a ``sha256``
+in the metadata over the other metadata, the tensor table and the data. A
+loader verifies it (:func:`verify_digest`), so a flipped byte inside a tensor
+is refused instead of silently changing a weight; files of older versions,
+without the digest, still load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +30,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT = "varprune-checkpoint-1"
 _UMASK = os.umask(0)
@@ -32,18 +40,23 @@ from .errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically. An OSError (a full disk, a read-only
+    folder) names ``path``, not the temporary file, and leaves the old file as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a run folder should read like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):   # "No space left on device" must say which file could not be written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -117,12 +130,74 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+DIGEST_KEY = "sha256"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _table(header: dict) -> list:
+    return [[name, info.get("dtype"), info.get("shape"), info.get("data_offsets")]
+            for name, info in sorted(header.items()) if name != "__metadata__" and isinstance(info, dict)]
+
+
+def _digest(meta: dict[str, str], table: list, data: bytes | memoryview) -> str:
+    """sha256 over the metadata (less the digest), the tensor table and the data section."""
+    canon = json.dumps({"metadata": {k: v for k, v in meta.items() if k != DIGEST_KEY}, "tensors": table},
+                       sort_keys=True, separators=(",", ":"))
+    h = hashlib.sha256(canon.encode())
+    h.update(b"\0")
+    h.update(data)
+    return h.hexdigest()
+
+
+def serialize_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """A safetensors file with sorted keys and a sha256 in the metadata; deterministic:
+    the same tensors and metadata give the same bytes. Readable by any safetensors reader."""
+    for name, t in tensors.items():
+        if t.dtype not in ST_DTYPES:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in a safetensors file")
+    # widest elements first (as safetensors does), so every tensor sits at its natural alignment
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {}
+    chunks, offset = [], 0
+    for name in order:
+        raw = _tensor_bytes(tensors[name])
+        header[name] = {"dtype": ST_DTYPES[tensors[name].dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    data = b"".join(chunks)
+    meta = dict(meta)
+    meta[DIGEST_KEY] = _digest(meta, _table(header), data)
+    header["__metadata__"] = meta
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * ((-len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def verify_digest(raw: bytes, path, fix: str) -> None:
+    """Compare the sha256 that :func:`serialize_safetensors` stored with the bytes
+    (a file that ``st_load`` accepted); files without one (older versions) pass."""
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or DIGEST_KEY not in meta:
+        return
+    if _digest(meta, _table(header), memoryview(raw)[8 + header_len:]) != meta[DIGEST_KEY]:
+        raise CheckpointError(f"{path} fails its sha256 check: the file was damaged (a changed byte) or edited; "
+                              f"{fix}")
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write a nested state (tensors and JSON-able values) atomically."""
     tensors: dict[str, torch.Tensor] = {}
     meta = flatten_state(state, tensors, "s")
-    data = st_save(tensors, metadata={"format": FORMAT, "state": json.dumps(meta)})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, serialize_safetensors(tensors, {"format": FORMAT, "state": json.dumps(meta)}))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -137,6 +212,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
                               f"it may be truncated: resume from an intact run or retrain") from None
+    verify_digest(raw, path, "resume from an intact copy or retrain with `varprune train --overwrite`")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a varprune checkpoint (format {str(meta.get('format'))[:40]!r})")
     try:
@@ -164,7 +240,7 @@ def _metadata(raw: bytes) -> dict:
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
     """Final weights and buffers as plain safetensors (readable by any tool)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(state, metadata=metadata))
+    atomic_write_bytes(path, serialize_safetensors(state, metadata))
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[str, str] | None = None) -> None:
@@ -184,6 +260,8 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[s
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
                               f"it may be truncated: retrain the run") from None
+    verify_digest(raw, path, f"delete it and `varprune train --resume {path.parent}` rewrites it from the checkpoint, "
+                             f"or retrain")
     for key, want in (expect or {}).items():
         if key in meta and meta[key] != want:
             raise CheckpointError(f"{path} holds the weights of {key} {str(meta[key])[:40]!r}, not {want!r}: "

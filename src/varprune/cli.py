@@ -127,10 +127,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _recover(runs) -> None:
+    """Folders where an ``--overwrite`` was killed before the new run's first checkpoint get
+    their old run back before anything reads them (rundir.RunFolder.recover_if_idle)."""
+    from .rundir import RunFolder
+    for run in runs:
+        RunFolder(run).recover_if_idle()
+
+
 def cmd_prune(args) -> int:
     from .report import sweep_plot, sweep_table
     from .sweep import check_runs, prune_runs
     runs = [Path(r) for r in args.runs]
+    _recover(runs)
+    if args.list_weights:
+        return _list_weights(runs, _names(args.exclude or ""))
     found = _bnt_problems(args) + _device_problem(args.device)
     if len(set(map(str, runs))) != len(runs):
         found.append("a RUN is named twice")
@@ -151,17 +162,41 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _exclude_problems(configs, exclude) -> list[str]:
-    """An --exclude pattern that matches no prunable weight of some run is a typo, not a choice."""
+def _meta_model(cfg):
+    """The run's model on the meta device (shapes and names, no memory)."""
     import torch
 
     from .data import dataset_info
     from .models import create_model
+    info = dataset_info(cfg.dataset)
+    with torch.device("meta"):
+        return create_model(cfg.model, info.channels or 1, info.num_classes or 2, info.size or 32, **cfg.model_args)
+
+
+def _list_weights(runs, exclude) -> int:
+    """``prune RUN --list-weights``: every parameter with dim >= 2, prunable or why not."""
+    from .config import load_run_config
+    from .weights import PRUNABLE, classify_parameters, prunable_weights
+    for run in runs:
+        cfg = load_run_config(run)
+        model = _meta_model(cfg)
+        shapes = dict(model.named_parameters())
+        kept = {n for n, _ in prunable_weights(model, exclude)}   # a pattern matching nothing is refused here
+        if len(runs) > 1:
+            print(f"{run} ({cfg.model}):")
+        for name, label in classify_parameters(model).items():
+            if label == PRUNABLE and name not in kept:
+                label = "excluded by --exclude"
+            shape = "x".join(map(str, shapes[name].shape)) if name in shapes else "?"
+            print(f"{name:<40} {shape:<16} {label}")
+    return 0
+
+
+def _exclude_problems(configs, exclude) -> list[str]:
+    """An --exclude pattern that matches no prunable weight of some run is a typo, not a choice."""
     from .weights import prunable_weights
     for cfg in configs:
-        info = dataset_info(cfg.dataset)
-        with torch.device("meta"):
-            model = create_model(cfg.model, info.channels or 1, info.num_classes or 2, info.size or 32)
+        model = _meta_model(cfg)
         try:
             prunable_weights(model, exclude)
         except ValueError as e:
@@ -190,15 +225,38 @@ def _read_prune_json(run: Path) -> dict:
     return doc
 
 
+def _read_study_report(study: Path) -> dict:
+    """STUDY/report.json, checked by rendering it: a damaged or edited file is one line, exit 2."""
+    from .errors import RunError
+    from .report import study_table
+    path = study / "report.json"
+    try:
+        summary = json.loads(path.read_text())
+        spec = summary["study"]
+        ok = isinstance(summary["methods"], dict) and bool(summary["methods"]) and \
+            all(isinstance(spec[k], list) for k in ("methods", "seeds", "sparsities")) and \
+            isinstance(spec["train"], dict) and all(k in spec["train"] for k in ("model", "dataset", "epochs")) and \
+            all(k in spec for k in ("scope", "bnt_batches", "bnt_batch_size"))
+        table = study_table(summary) if ok else ""
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        raise RunError(f"{path} is not a varprune study report (damaged or edited); run the same "
+                       f"`varprune study --out {study} ...` again to rewrite it")
+    return {"summary": summary, "table": table}
+
+
 def cmd_report(args) -> int:
     from .report import metric_of, runs_html, study_html, sweep_plot, sweep_table
     plot = _plot_path(args.plot)
     html = Path(args.html) if args.html else None
     if html is not None and (html.is_dir() or html.suffix.lower() not in (".html", ".htm")):
         raise UsageError(f"--html {args.html} must be a file name ending in .html")
+    _recover([Path(r) for r in args.runs])
     if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():   # a study folder
+        study = _read_study_report(Path(args.runs[0]))
         if html is None:
-            print((Path(args.runs[0]) / "report.md").read_text(), end="")
+            print(study["table"], end="")   # report.md is this table; report.json is the source
             return 0
         print(f"html: {study_html(Path(args.runs[0]), html)}")
         return 0
@@ -240,6 +298,7 @@ def cmd_study(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analyze import analyze_runs
+    _recover([Path(r) for r in args.runs])
     found = _bnt_problems(args) + _device_problem(args.device)
     if not 0 < args.sensitivity_sparsity < 1:
         found.append(f"--sensitivity-sparsity must be in (0, 1), got {args.sensitivity_sparsity}")
@@ -260,12 +319,17 @@ def cmd_doctor(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .rundir import path_problem
+    bad = path_problem(args.out)
+    if bad:
+        raise UsageError(bad)
     run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet, task=args.task)
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export_run
+    _recover([Path(args.run)])
     found = _bnt_problems(args) + _device_problem(args.device)
     if (args.sparsity is None) == (args.pattern == "unstructured"):
         found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
@@ -299,6 +363,7 @@ def cmd_finetune(args) -> int:
     from .loop import train
     _var_flags(args)
     source = Path(args.run)
+    _recover([source])
     if (args.sparsity is None) == (args.pattern == "unstructured"):
         raise UsageError("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
     base = load_run_config(source)
@@ -385,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
+    p.add_argument("--list-weights", action="store_true",
+                   help="print every parameter with 2 or more dimensions of each RUN's model and whether it is "
+                        "pruned or why not (with --exclude: what the patterns exclude), then stop")
     p.add_argument("--force", action="store_true",
                    help="sweep every run again; by default a run whose prune.json was made from its current "
                         "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "

@@ -277,9 +277,14 @@ def _restore(state: dict, path: Path, model, optimizer, device: torch.device, lo
     # torch accepts a momentum buffer of the wrong shape or dtype here and fails at the first step
     for group in optimizer.param_groups:
         for p in group["params"]:
-            for buf in optimizer.state.get(p, {}).values():
+            entry = optimizer.state.get(p, {})
+            if not isinstance(entry, dict):
+                raise bad
+            for buf in entry.values():
                 if isinstance(buf, torch.Tensor) and buf.dim() > 0 and (buf.shape != p.shape
                                                                        or buf.dtype != p.dtype):
+                    raise bad
+                if not isinstance(buf, (torch.Tensor, int, float)) and buf is not None:   # a string, a list
                     raise bad
     try:
         _set_rng_state(state["rng"], device, loader)

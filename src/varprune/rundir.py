@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,7 @@ RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS)
 DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")   # made from WEIGHTS; stale once it is replaced
 MARKER = ".varprune-run"
 ASIDE = ".replaced-run"
+ASIDE_COMPLETE = ".complete"    # in ASIDE once every old file is in it: only then are files outside it new
 OWN_FILES = RUN_FILES + DERIVED_FILES + (MARKER,)
 
 
@@ -43,6 +45,46 @@ def _looks_like_our_config(path: Path) -> bool:
         return False
     return isinstance(data, dict) and isinstance(data.get("train"), dict) and \
         isinstance(data.get("resolved"), dict) and "varprune" in data["resolved"]
+
+
+def path_problem(path, flag: str = "--out") -> str | None:
+    """Why ``path`` cannot be a folder varprune creates (too long, or an existing file); None if it can."""
+    text = str(path)
+    if len(os.fsencode(text)) > 4000 or any(len(os.fsencode(part)) > 255 for part in Path(text).parts):
+        return f"{flag} {text[:40]}... is longer than the file system allows; choose a shorter {flag}"
+    try:
+        if Path(text).exists() and not Path(text).is_dir():
+            return f"{text} exists and is not a folder; choose another {flag}"
+    except OSError as e:
+        return f"{flag} {text[:60]} cannot be used ({e.strerror or e}); choose another {flag}"
+    return None
+
+
+def read_metrics(run) -> list[dict]:
+    """RUN/metrics.jsonl, one record per epoch; a damaged or edited file is a RunError naming
+    the file and the line (``varprune train --resume RUN`` rewrites it from the checkpoint)."""
+    path = Path(run) / METRICS
+    fix = f"`varprune train --resume {run}` rewrites it from the run's checkpoint"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunError(f"{path} not found: is {run} a finished run? {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise RunError(f"{path} line {number} is not an epoch record (damaged or edited); {fix}")
+        records.append(record)
+    if not records:
+        raise RunError(f"{path} holds no epoch record; {fix}")
+    return records
 
 
 class RunFolder:
@@ -66,10 +108,9 @@ class RunFolder:
     def new_run_problems(self, overwrite: bool) -> list[str]:
         """Why a new run cannot go into this folder (empty if it can)."""
         out = self.path
-        if len(str(out)) > 255 or any(len(part) > 255 for part in out.parts):
-            return [f"--out {str(out)[:40]}... is longer than the file system allows; choose a shorter --out"]
-        if out.exists() and not out.is_dir():
-            return [f"{out} exists and is not a folder; choose another --out"]
+        bad = path_problem(out)
+        if bad:
+            return [bad]
         if not out.exists():
             return []
         ours = self.ours()
@@ -142,7 +183,9 @@ class RunFolder:
             atomic_write_text(self.path / MARKER, json.dumps({"varprune": __version__, "kind": "run"}) + "\n")
 
     def clean_temporaries(self) -> None:
-        remove_stale_temporaries(self.path, OWN_FILES)
+        """Delete what an interrupted write of varprune's left (in a folder of varprune's only)."""
+        if self.ours():
+            remove_stale_temporaries(self.path, OWN_FILES)
 
     def set_aside(self) -> None:
         """Move the old run's files into ``.replaced-run/`` (``--overwrite``, after every check passed)."""
@@ -155,6 +198,7 @@ class RunFolder:
             # config.json first: a folder caught half-moved is never mistaken for the old run by --resume
             for name in sorted(names, key=lambda n: n != CONFIG):
                 (self.path / name).replace(aside / name)
+            (aside / ASIDE_COMPLETE).touch()
         except OSError as e:
             self.restore()
             raise RunError(f"cannot replace the run in {self.path} ({e.strerror or e}); nothing was changed") \
@@ -166,23 +210,47 @@ class RunFolder:
 
     def restore(self) -> None:
         """Put the old run back (the new one failed before its first checkpoint):
-        the new run's beginnings (config.json, metrics.jsonl) are removed first."""
+        the new run's beginnings (config.json, metrics.jsonl) are removed first. If
+        :meth:`set_aside` itself was interrupted, the files outside ``ASIDE`` are the
+        old run's that were not moved yet: they stay."""
         aside = self.path / ASIDE
         if not aside.is_dir():
             return
-        for name in RUN_FILES:
-            if (self.path / name).exists():
-                (self.path / name).unlink()
+        if (aside / ASIDE_COMPLETE).exists():
+            for name in RUN_FILES:
+                if (self.path / name).exists():
+                    (self.path / name).unlink()
         for name in OWN_FILES:
             if (aside / name).exists():
                 (aside / name).replace(self.path / name)
         shutil.rmtree(aside, ignore_errors=True)
 
+    def recover_if_idle(self) -> None:
+        """:meth:`recover`, if an ``--overwrite`` was killed here and no process holds the folder
+        (``prune``, ``report`` and the other readers call this first: they see the complete run)."""
+        if not (self.path / ASIDE).is_dir():
+            return
+        try:
+            import fcntl
+            f = open(self.path / ".lock", "a+")
+        except (ImportError, OSError):
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return          # a varprune process is working here: it recovers or commits itself
+        try:
+            self.recover()
+        finally:
+            f.close()
+
     def recover(self) -> None:
         """After a crash during ``--overwrite``: keep whichever run is complete."""
         if not (self.path / ASIDE).is_dir():
             return
-        if (self.path / CHECKPOINT).exists():
-            self.commit()
+        if (self.path / ASIDE / ASIDE_COMPLETE).exists() and (self.path / CHECKPOINT).exists():
+            self.commit()       # the new run's first checkpoint
         else:
             self.restore()
+        self.clean_temporaries()    # a write the kill interrupted (the new run's config.json, say)

@@ -32,12 +32,12 @@ two saves of the same model are byte-identical):
                     given, everything else as JSON with sorted keys)
 
 Nothing is pickled. The file is readable by any safetensors reader; the
-writer here is our own (a few lines) because ``safetensors.torch.save``
-orders metadata keys at random, which would break byte-identical saves.
+writer is our own (checkpoint.serialize_safetensors, shared with run
+checkpoints and weights) because ``safetensors.torch.save`` orders metadata
+keys at random, which would break byte-identical saves.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -49,7 +49,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from .checkpoint import _first_line, atomic_write_bytes, state_mismatch
+from .checkpoint import _digest, _first_line, _table, atomic_write_bytes, state_mismatch
+from .checkpoint import serialize_safetensors as _serialize  # the shared deterministic writer
 
 __all__ = ["PrunedFormatError", "save_pruned", "load_pruned", "read_pruned_metadata", "pack_bits", "unpack_bits",
            "FORMAT", "FORMAT_VERSION", "VALUE_DTYPES", "MASKS_KEY", "VALUES_KEY"]
@@ -61,10 +62,6 @@ VALUES_KEY = "varprune.pruned_values"
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _RESERVED_META = ("format", "format_version", "layout", "values_dtype", "realised_sparsity", "sha256")
 _JSON_META = ("format_version", "layout", "realised_sparsity", "model_args", "dataset")
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
 
 
 class PrunedFormatError(ValueError):
@@ -91,49 +88,6 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- file writing
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _digest(meta: dict[str, str], table: list, data: bytes | memoryview) -> str:
-    """sha256 over the metadata (less the digest), the tensor table and the data section."""
-    canon = json.dumps({"metadata": {k: v for k, v in meta.items() if k != "sha256"}, "tensors": table},
-                       sort_keys=True, separators=(",", ":"))
-    h = hashlib.sha256(canon.encode())
-    h.update(b"\0")
-    h.update(data)
-    return h.hexdigest()
-
-
-def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
-    """A safetensors file with sorted keys and a sha256 in the metadata; deterministic."""
-    for name, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in a pruned-model file")
-    # widest elements first (as safetensors does), so every tensor sits at its natural alignment
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {}
-    chunks, offset = [], 0
-    for name in order:
-        raw = _tensor_bytes(tensors[name])
-        header[name] = {"dtype": _ST_DTYPES[tensors[name].dtype], "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    data = b"".join(chunks)
-    meta = dict(meta)
-    meta["sha256"] = _digest(meta, _table(header), data)
-    header["__metadata__"] = meta
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * ((-len(text)) % 8)
-    return len(text).to_bytes(8, "little") + text + data
-
-
-def _table(header: dict) -> list:
-    return [[name, info.get("dtype"), info.get("shape"), info.get("data_offsets")]
-            for name, info in sorted(header.items()) if name != "__metadata__"]
 
 
 def _encode_meta(value: Any, key: str) -> str:

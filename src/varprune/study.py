@@ -18,6 +18,7 @@ from .checkpoint import atomic_write_text
 from .config import LOCATION_KEYS, TrainConfig, problems
 from .errors import RunError
 from .report import metric_of
+from .rundir import METRICS, path_problem, read_metrics
 from .sweep import ensure_run, finished_sweep, prune_runs
 
 
@@ -27,8 +28,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _epoch_time(run: Path) -> float:
     """Median training time per epoch (the median ignores the first epoch's warm-up)."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return statistics.median(m["epoch_time_s"] for m in lines)
+    times = []
+    for m in read_metrics(run):
+        t = m.get("epoch_time_s")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise RunError(f"{run / METRICS} line {m['epoch']} has no valid epoch_time_s (damaged or edited); "
+                           f"`varprune train --resume {run}` rewrites it from the run's checkpoint")
+        times.append(t)
+    return statistics.median(times)
 
 
 def _comparable(train: dict) -> dict:
@@ -42,8 +49,9 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
 
     configs = {}
     found = []
-    if out.exists() and not out.is_dir():
-        found.append(f"{out} exists and is not a folder; choose another --out")
+    bad_out = path_problem(out)
+    if bad_out:
+        found.append(bad_out)
     for method in methods:
         for seed in seeds:
             cfg = dataclasses.replace(base, method=method, seed=seed)
