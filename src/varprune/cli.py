@@ -294,7 +294,7 @@ def cmd_evaluate(args) -> int:
 def cmd_finetune(args) -> int:
     import dataclasses
 
-    from .config import given_fields, load_run_config
+    from .config import given_fields, load_run_config, read_resolved
     from .loop import train
     _var_flags(args)
     source = Path(args.run)
@@ -305,6 +305,14 @@ def cmd_finetune(args) -> int:
     # model and data come from RUN; training flags that are not given start from RUN's, with a
     # fine-tuning schedule: a tenth of its learning rate and no warm-up
     defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
+    if "var_lambda" in given:        # an explicit lambda replaces RUN's strength
+        defaults["var_strength"] = None
+    elif "var_strength" not in given and base.var_strength is not None:
+        # RUN's strength was relative to psi at ITS initial weights: keep the lambda it resolved to, not
+        # s / psi(pruned trained weights), which would be another lambda
+        lam = read_resolved(source).get("var_lambda")
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            defaults.update(var_lambda=float(lam), var_strength=None)
     cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
                               finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
                               finetune_scope=args.scope)
