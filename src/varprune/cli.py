@@ -312,14 +312,13 @@ def cmd_finetune(args) -> int:
     # model and data come from RUN; training flags that are not given start from RUN's, with a
     # fine-tuning schedule: a tenth of its learning rate and no warm-up
     defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
-    if "var_lambda" in given:        # an explicit lambda replaces RUN's strength
-        defaults["var_strength"] = None
-    elif "var_strength" not in given and base.var_strength is not None:
-        # RUN's strength was relative to psi at ITS initial weights: keep the lambda it resolved to, not
-        # s / psi(pruned trained weights), which would be another lambda
+    if "var_strength" not in given and base.var_strength is not None:
+        # RUN's strength was relative to psi at ITS initial weights: keep the lambda it resolved to (not
+        # s / psi(pruned trained weights), another lambda), unless --var-lambda is given
         lam = read_resolved(source).get("var_lambda")
-        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-            defaults.update(var_lambda=float(lam), var_strength=None)
+        known = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+        if known or "var_lambda" in given:
+            defaults.update(var_lambda=float(lam) if known else base.var_lambda, var_strength=None)
     cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
                               finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
                               finetune_scope=args.scope)
