@@ -1,4 +1,4 @@
-"""Command line: ``varprune train | prune | study | report | demo | doctor``.
+"""Command line: ``varprune train | prune | study | tune | report | demo | doctor`` (and more).
 
 Only argument parsing and exit codes live here; every command calls the
 library (loop, sweep, study, demo, report). Exit codes, in one place:
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ceil(E / 2^(R-r)) epochs (the last round: --epochs E) and keeps the better half; "
                                    "the choice is the last round's best. Score: the primary metric after one-shot "
                                    "pruning at --sparsity and BN re-tuning, on a validation split carved from the "
-                                   "training set (the test split is never read). Runs are kept in "
+                                   "training set (the test split is never read; --limit-test caps the validation examples). Runs are kept in "
                                    "OUT/candidates (the same command resumes). Writes OUT/tune.json and "
                                    "OUT/tune.png and prints the `varprune train` command for the choice.",
                        epilog=epilog)
@@ -443,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 skips)")
     p.add_argument("--bnt-batch-size", type=int, default=500)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_flags(p)
-    p.set_defaults(method="var", func=cmd_tune)
+    p.add_argument("--method", default="var", help="a method with VAR: var (default), var+sam, var+cram+")
+    add_flags(p, exclude=("method",))
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("analyze", help="weight distributions, per-layer sensitivity and flatness of runs",
                        description="For finished RUNs: weight-magnitude histograms, per-layer variance of |w| over "
