@@ -82,7 +82,7 @@ def candidate_config(base: TrainConfig, search: str, value: float, epochs: int) 
 
 
 def candidate_name(search: str, value: float, epochs: int) -> str:
-    return f"{'s' if search == 'strength' else 'lambda'}{value:g}-e{epochs}"
+    return f"{'s' if search == 'strength' else 'lambda'}{float(value)!r}-e{epochs}"   # exact: no two share a folder
 
 
 # ---------------------------------------------------------------- checks
