@@ -226,7 +226,7 @@ def run_tune(out: Path, base: TrainConfig, sparsity: float, search: str = "stren
     best = alive[0]
     last = next(c for c in doc["rounds"][-1]["candidates"] if c["value"] == best)
     if last["score"] is None:
-        raise RunError(f"every candidate of the last round diverged (non-finite loss); lower --lr or try "
+        raise NonFiniteError(f"every candidate of the last round diverged (non-finite loss); lower --lr or try "
                        f"smaller --grid values; the runs are in {candidates}")
     final_cfg = dataclasses.replace(candidate_config(base, search, best, base.epochs), validation_fraction=None)
     if baseline is not None:
@@ -251,7 +251,8 @@ def run_tune(out: Path, base: TrainConfig, sparsity: float, search: str = "stren
     tune_plot(doc, out / "tune.png")
     m = doc["metric"]
     ref = doc["baseline"]
-    log(f"choice: {search} {best:g} (lambda {last['var_lambda']:.3g}): validation {m} {100 * last['score']:.2f}% "
+    lam = f" (lambda {last['var_lambda']:.3g})" if search == "strength" else ""
+    log(f"choice: {search} {best:g}{lam}: validation {m} {100 * last['score']:.2f}% "
         f"at {100 * sparsity:g}% sparsity + BNT"
         + (f"; {ref['method']}: {100 * ref['score']:.2f}%" if ref and ref.get("score") is not None else ""))
     if doc["choice"]["at_edge"]:
