@@ -1,4 +1,4 @@
-"""Command line: ``varprune train | prune | study | report | demo | doctor``.
+"""Command line: ``varprune train | prune | study | tune | report | demo | doctor`` (and more).
 
 Only argument parsing and exit codes live here; every command calls the
 library (loop, sweep, study, demo, report). Exit codes, in one place:
@@ -55,6 +55,13 @@ def _sparsities(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _floats_arg(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _plot_path(text: str | None) -> Path | None:
@@ -359,7 +366,7 @@ def cmd_evaluate(args) -> int:
 def cmd_finetune(args) -> int:
     import dataclasses
 
-    from .config import given_fields, load_run_config
+    from .config import given_fields, load_run_config, read_resolved
     from .loop import train
     _var_flags(args)
     source = Path(args.run)
@@ -371,11 +378,33 @@ def cmd_finetune(args) -> int:
     # model and data come from RUN; training flags that are not given start from RUN's, with a
     # fine-tuning schedule: a tenth of its learning rate and no warm-up
     defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
+    if "var_strength" not in given and base.var_strength is not None:
+        # RUN's strength was relative to psi at ITS initial weights: keep the lambda it resolved to (not
+        # s / psi(pruned trained weights), another lambda), unless --var-lambda is given
+        lam = read_resolved(source).get("var_lambda")
+        known = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+        if known or "var_lambda" in given:
+            defaults.update(var_lambda=float(lam) if known else base.var_lambda, var_strength=None)
     cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
                               finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
                               finetune_scope=args.scope, init=None, init_exclude=None)   # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .config import from_args, given_fields
+    from .tune import run_tune
+    searched = [f"--{k.replace('_', '-')}" for k in ("var_lambda", "var_strength") if k in given_fields(args)]
+    found = _bnt_problems(args)
+    if searched:
+        found.append(f"tune searches VAR's strength: drop {' and '.join(searched)} (--grid sets the candidates)")
+    if found:
+        raise UsageError("; ".join(found))
+    run_tune(Path(args.out), from_args(args), args.sparsity, args.search, args.grid, args.rounds,
+             None if args.baseline == "none" else args.baseline, args.validation_fraction, args.scope,
+             args.bnt_batches, args.bnt_batch_size, progress=not args.quiet)
     return 0
 
 
@@ -473,6 +502,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip `analyze` of the first seed of each method (histograms, sensitivity, flatness)")
     add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("tune", help="choose VAR's strength for a target sparsity by successive halving",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pick VAR's strength s (lambda = s / psi(w_init)) or lambda for --sparsity: "
+                                   "successive halving over a log grid. Round r of R trains its candidates for "
+                                   "ceil(E / 2^(R-r)) epochs (the last round: --epochs E) and keeps the better half; "
+                                   "the choice is the last round's best. Score: the primary metric after one-shot "
+                                   "pruning at --sparsity and BN re-tuning, on a validation split carved from the "
+                                   "training set (the test split is never read; --limit-test caps the validation examples). Runs are kept in "
+                                   "OUT/candidates (the same command resumes). Writes OUT/tune.json and "
+                                   "OUT/tune.png and prints the `varprune train` command for the choice.",
+                       epilog=epilog)
+    p.add_argument("--out", required=True, help="tuning folder")
+    p.add_argument("--sparsity", type=float, help="target sparsity in (0, 1), e.g. 0.95 (required)")
+    p.add_argument("--search", choices=("strength", "lambda"), default="strength",
+                   help="search the relative strength s (default) or lambda itself")
+    p.add_argument("--grid", type=_floats_arg, help="comma-separated positive candidates (default strength "
+                                                    "0.03,0.1,0.3,1,3,10; lambda 1e-7,1e-6,1e-5,1e-4,1e-3)")
+    p.add_argument("--rounds", type=int, help="halving rounds (default: the last round compares two candidates)")
+    p.add_argument("--baseline", default="sgd", help="reference method trained for --epochs and scored the same "
+                                                     "way (default sgd; none to skip)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="fraction of the training set held out to score candidates (default 0.1, fixed seed)")
+    from .pruning import SCOPES
+    p.add_argument("--scope", choices=SCOPES, default="global", help="pruning scope (default global)")
+    p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 skips)")
+    p.add_argument("--bnt-batch-size", type=int, default=500)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--method", default="var", help="a method with VAR: var (default), var+sam, var+cram+")
+    add_flags(p, exclude=("method",))
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("analyze", help="weight distributions, per-layer sensitivity and flatness of runs",
                        description="For finished RUNs: weight-magnitude histograms, per-layer variance of |w| over "

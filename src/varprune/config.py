@@ -136,6 +136,10 @@ class TrainConfig:
                                       lo=2, hi=2 ** 40)
     limit_test: int | None = setting(None, "test on a fixed subset of N examples (slices for segmentation)",
                                      lo=1, hi=2 ** 40)
+    # `varprune tune`: measure on a validation split carved from the training examples (data.validation_indices,
+    # fixed seed) instead of the test split, which is then never read; --limit-train/--limit-test apply after
+    validation_fraction: float | None = setting(None, "fraction of the training examples held out for validation",
+                                                lo=0, lo_open=True, hi=0.5, flag=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", check=_device_check)
     amp: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or none",
                        check=lambda v: None if v in ("auto", "bf16", "none") else

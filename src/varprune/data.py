@@ -148,15 +148,17 @@ def _find_idx(root: Path, name: str, stem: str) -> Path | None:
     return None
 
 
-def _load_idx_dataset(info: DatasetInfo, root: Path):
-    arrays = {}
+def _load_idx_dataset(info: DatasetInfo, root: Path, splits=("train", "test")):
+    arrays = {"testx": np.zeros((0, info.size, info.size), np.uint8), "testy": np.zeros(0, np.int64)}
     for split, prefix in (("train", "train"), ("test", "t10k")):
+        if split not in splits:
+            continue
         for kind, stem in (("x", f"{prefix}-images-idx3-ubyte"), ("y", f"{prefix}-labels-idx1-ubyte")):
             path = _find_idx(root, info.name, stem)
             if path is None:
                 raise FileNotFoundError(stem)
             arrays[split + kind] = read_idx(path)
-    for split in ("train", "test"):
+    for split in splits:
         x, y = arrays[split + "x"], arrays[split + "y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.shape[1:] != (info.size, info.size):
             raise DatasetError(f"{info.name} {split} files disagree: images {x.shape}, labels {y.shape}; re-fetch them")
@@ -204,13 +206,13 @@ def _cifar_layout(info: DatasetInfo) -> tuple[str, bytes, dict[str, list[str]]]:
     return "cifar-100-python", b"fine_labels", {"train": ["train"], "test": ["test"]}
 
 
-def _load_cifar(info: DatasetInfo, root: Path):
-    folder, key, splits = _cifar_layout(info)
+def _load_cifar(info: DatasetInfo, root: Path, splits=("train", "test")):
+    folder, key, files = _cifar_layout(info)
     base = root / folder if (root / folder).is_dir() else root
     out = []
     for split in ("train", "test"):
-        xs, ys = [], []
-        for fname in splits[split]:
+        xs, ys = [np.zeros((0, 3, 32, 32), np.uint8)], [np.zeros(0, np.int64)]
+        for fname in files[split] if split in splits else ():
             path = base / fname
             if not path.is_file():
                 raise FileNotFoundError(fname)
@@ -223,9 +225,12 @@ def _load_cifar(info: DatasetInfo, root: Path):
     return tuple(out)
 
 
-def _load_svhn(info: DatasetInfo, root: Path):
+def _load_svhn(info: DatasetInfo, root: Path, splits=("train", "test")):
     out = []
     for split in ("train", "test"):
+        if split not in splits:
+            out += [np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64)]
+            continue
         path = root / f"{split}_32x32.mat"
         if not path.is_file():
             raise FileNotFoundError(path.name)
@@ -278,8 +283,9 @@ class DatasetLocation:
         return _not_found(self.name, self.root, self.missing[0] if self.missing else "?")
 
 
-def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> DatasetLocation:
-    """Which of ``name``'s files exist under ``data_dir`` (or the default folder)."""
+def locate_dataset(name: str, data_dir: str | os.PathLike | None = None, need_test: bool = True) -> DatasetLocation:
+    """Which of ``name``'s files exist under ``data_dir`` (or the default folder); the test files only if
+    ``need_test`` (as :func:`load_dataset`)."""
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
     found, missing = [], []
@@ -293,16 +299,16 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Data
     try:
         if info.name in _TORCHVISION_DIR:
             for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")[:4 if need_test else 2]:
                 path = _find_idx(root, info.name, stem)
                 (found.append(path) if path is not None else missing.append(stem))
         elif info.name in ("cifar10", "cifar100"):
             folder, _, splits = _cifar_layout(info)
             base = root / folder if (root / folder).is_dir() else root
-            for fname in splits["train"] + splits["test"]:
+            for fname in splits["train"] + (splits["test"] if need_test else []):
                 (found.append(base / fname) if (base / fname).is_file() else missing.append(fname))
         else:
-            for split in ("train", "test"):
+            for split in ("train", "test")[:2 if need_test else 1]:
                 path = root / f"{split}_32x32.mat"
                 (found.append(path) if path.is_file() else missing.append(path.name))
     except OSError as e:  # an unreadable folder: nothing found there
@@ -319,12 +325,14 @@ def _not_found(name: str, root: Path, missing: str) -> str:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 image_size: int | None = None) -> ImageData:
+                 image_size: int | None = None, need_test: bool = True) -> ImageData:
     """Load a whole dataset as uint8 tensors, from torchvision's on-disk layout.
 
     Without ``data_dir``, Fashion-MNIST is read from the Debian package
     ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist) and the
-    others from ``$VARPRUNE_DATA`` or ``./data``.
+    others from ``$VARPRUNE_DATA`` or ``./data``. ``need_test=False`` reads
+    the training files only (the test split comes back empty) for the
+    MNIST/CIFAR/SVHN layouts; the folder and segmentation sets read theirs.
     """
     info = dataset_info(name)
     root = Path(data_dir if data_dir is not None else default_data_dir(name))
@@ -347,7 +355,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             raise DatasetError(f"downloading {name} into {root} failed ({reason}); fetch the files by hand "
                                f"({info.layout}) and point --data-dir at them") from None
     try:
-        tx, ty, vx, vy = _READERS[name](info, root)
+        tx, ty, vx, vy = _READERS[name](info, root, ("train", "test") if need_test else ("train",))
     except FileNotFoundError as e:
         raise DatasetError(_not_found(name, root, e.args[0] if e.args else str(e))) from None
     to = lambda a, dt: torch.from_numpy(np.array(a, copy=True)).to(dt)  # noqa: E731
@@ -377,6 +385,23 @@ def subset(x: torch.Tensor, y: torch.Tensor, limit: int | None, salt: int = 0):
     g = torch.Generator().manual_seed(1234 + salt)
     idx = torch.randperm(len(x), generator=g)[:limit].sort().values
     return x[idx], y[idx]
+
+
+VALIDATION_SEED = 4321
+
+
+def validation_indices(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (training, validation) indices of a fixed random split of ``n`` training examples.
+
+    ``round(n * fraction)`` examples (at least 1, leaving at least 2) go to
+    validation; the draw uses its own seed (not the run's), so every run and
+    every seed of a tuning sees the same split.
+    """
+    if n < 3:
+        raise DatasetError(f"{n} training example(s) cannot be split into training and validation")
+    n_val = min(n - 2, max(1, round(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[n_val:].sort().values, order[:n_val].sort().values
 
 
 # ------------------------------------------------------------ device loader

@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, \
     save_weights
 from .config import LOCATION_KEYS, TrainConfig, problems
-from .data import DeviceLoader, ImageData, load_dataset, locate_dataset, subset
+from .data import DeviceLoader, ImageData, load_dataset, locate_dataset, subset, validation_indices
 from .device import autocast, describe_device, resolve_amp, resolve_device
 from .errors import NonFiniteError, RunError, short
 from .methods import build_optimizer, build_regularizers, get_method
@@ -53,7 +53,7 @@ def data_problems(cfg: TrainConfig) -> list[str]:
         return []
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
         return []
-    where = locate_dataset(cfg.dataset, cfg.data_dir)
+    where = locate_dataset(cfg.dataset, cfg.data_dir, need_test=cfg.validation_fraction is None)
     return [] if where.complete else [where.not_found_message()]
 
 
@@ -68,10 +68,15 @@ def load_data(cfg: TrainConfig, device: torch.device) -> RunData:
         streamed = _streaming_data(cfg, device)
         if streamed is not None:
             return streamed
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size,
+                        need_test=cfg.validation_fraction is None)
     task = task_for(data.info)
-    tx, ty = subset(data.train_x, data.train_y, cfg.limit_train, salt=0)
-    vx, vy = subset(data.test_x, data.test_y, cfg.limit_test, salt=1)
+    tx, ty, vx, vy = data.train_x, data.train_y, data.test_x, data.test_y
+    if cfg.validation_fraction is not None:  # tuning: the "test" loader is a validation split of the training set
+        keep, held = validation_indices(len(tx), cfg.validation_fraction)
+        tx, ty, vx, vy = tx[keep], ty[keep], tx[held], ty[held]
+    tx, ty = subset(tx, ty, cfg.limit_train, salt=0)
+    vx, vy = subset(vx, vy, cfg.limit_test, salt=1)
     if len(tx) < 2:
         raise RunError(f"{cfg.dataset} has {len(tx)} training example(s) here; BatchNorm needs at least 2: "
                        f"raise --limit-train or check the data folder")
@@ -103,8 +108,12 @@ def _streaming_data(cfg: TrainConfig, device: torch.device) -> RunData | None:
         idx = torch.arange(len(files))
         _, idx = subset(idx, idx, limit, salt)
         return [files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
-    tf, tl = pick(listing.train_files, listing.train_labels, cfg.limit_train, 0)
-    vf, vl = pick(listing.test_files, listing.test_labels, cfg.limit_test, 1)
+    tf, tl, vf, vl = listing.train_files, listing.train_labels, listing.test_files, listing.test_labels
+    if cfg.validation_fraction is not None:  # as in load_data: validation carved from the training files
+        keep, held = (i.tolist() for i in validation_indices(len(tf), cfg.validation_fraction))
+        tf, tl, vf, vl = [tf[i] for i in keep], [tl[i] for i in keep], [tf[i] for i in held], [tl[i] for i in held]
+    tf, tl = pick(tf, tl, cfg.limit_train, 0)
+    vf, vl = pick(vf, vl, cfg.limit_test, 1)
     train_loader = StreamingLoader(tf, tl, info, cfg.batch_size, train=True, device=device, seed=cfg.seed,
                                    augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last)
     test_loader = StreamingLoader(vf, vl, info, max(cfg.batch_size, 500), train=False, device=device,

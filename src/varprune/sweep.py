@@ -218,7 +218,7 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
     cfg = cfg or load_run_config(run)
     dev = resolve_device(device if device != "auto" else "auto")
     cfg.device = str(dev)
-    key = (cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.channels_last)
+    key = (cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.channels_last, cfg.validation_fraction)
     cache = data_cache if data_cache is not None else {}
     if key not in cache:
         cache[key] = load_data(cfg, dev)
