@@ -179,9 +179,10 @@ def test_torchrun_problems_are_one_line_each(monkeypatch, capsys):
 # ---------------------------------------------------------------- under torchrun
 
 def test_study_under_torchrun_equals_one_process(tmp_path, fmnist_dir):
-    """sgd, var and sam (global-gradient perturbation): 2 processes with global batch 64 end one epoch of 512
-    images with the weights of one process with batch 64; the study's sweep and report come from rank 0."""
-    methods = ("sgd", "var", "sam")
+    """sgd, var, sam (global-gradient perturbation), and cram+ and s2sam too: 2 processes with global batch 64
+    end one epoch of 512 images with the weights of one process with batch 64; the study's sweep and report
+    come from rank 0."""
+    methods = ("sgd", "var", "sam", "cram+", "s2sam")
     r = torchrun(["study", "--out", str(tmp_path / "study"), "--methods", ",".join(methods), "--epochs", "1",
                   "--var-lambda", "1e-4", "--sparsities", "0.5", "--bnt-batches", "0", "--no-analysis", *TINY])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -243,3 +244,14 @@ def test_sigkill_then_resume_under_torchrun(tmp_path, fmnist_dir):
     train(TrainConfig(**json.loads((tmp_path / "copy" / "config.json").read_text())["train"]), tmp_path / "copy",
           resume=True, log=lambda *_: None, progress=False)
     assert_close(load_file(tmp_path / "copy" / "model.safetensors"), alone)
+
+
+def test_sam_local_perturbs_with_each_process_gradient(tmp_path, fmnist_dir):
+    """--sam-local runs (first pass under no_sync, every process's weights still identical: checked each epoch)
+    and is a different algorithm from the global-gradient default, which equals one process."""
+    r = torchrun(["train", "--out", str(tmp_path / "local"), "--method", "sam", "--sam-local", "--epochs", "1",
+                  *TINY])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    alone = one_process(tmp_path / "alone", method="sam", epochs=1)
+    with pytest.raises(AssertionError, match="max difference"):
+        assert_close(load_file(tmp_path / "local" / "model.safetensors"), alone, rel=1e-3)

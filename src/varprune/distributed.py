@@ -11,9 +11,12 @@ One step under N processes computes what one process computes with the same
 
 * data: every process draws the same permutation and takes its contiguous
   share of each global batch (``data.DeviceLoader``); shares differ by at most
-  one example, and each process's loss is weighted by ``n_rank * N / n_global``
+  one example, and each process's loss is weighted by ``n_rank * N / n_batch``
   so that DDP's average of per-process mean gradients is the mean over the
-  global batch exactly (``DeviceLoader.loss_weight``);
+  global batch exactly (``DeviceLoader.loss_weight``). Exact for losses that
+  are means over examples (cross-entropy); segmentation's soft-Dice term is
+  pooled over each process's share instead of the global batch, as in any
+  data-parallel U-Net training;
 * gradients: DDP all-reduces each backward, the first pass of SAM/CrAM
   included, so perturbations use the global gradient (``--sam-local``: the
   SAM paper's per-process perturbation, first backward under ``no_sync()``);
@@ -114,6 +117,10 @@ def setup(device_name: str = "auto") -> torch.device:
         if device_name.startswith("cuda:") and env_world() > 1:
             raise RunError(f"--device {device_name} names one GPU, but torchrun started {env_world()} processes; "
                            f"give --device cuda (process k uses cuda:LOCAL_RANK)")
+        if local >= torch.cuda.device_count():
+            raise RunError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this "
+                           f"node, but it has {torch.cuda.device_count()} GPU(s): give --nproc-per-node "
+                           f"{torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not _state["active"]:
