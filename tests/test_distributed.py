@@ -205,7 +205,7 @@ def test_a_nonfinite_loss_on_one_rank_stops_both(tmp_path, fmnist_dir):
     assert "varprune[rank 1]: error: non-finite loss at epoch 1" in text, text[-3000:]
     assert "varprune/" not in text       # no traceback from a worker (torchrun prints its own)
     # torchrun exits 1 and lists its failed processes: rank 0 (the root cause here) exited 3
-    assert text.count("exitcode  : 3") >= 1 and "exitcode  : 1" not in text
+    assert text.count("exitcode  : 3") >= 1 and "exitcode  : 1" not in text, text[-3000:]
     assert not (out / "checkpoint.safetensors").exists()
 
 

@@ -539,9 +539,9 @@ def main(argv=None) -> int:
         print(f"{who}: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
         return 143
     finally:
-        distributed.shutdown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()   # after: torchrun's SIGTERM to a finished process must not raise in here
 
 
 def _doctor_only(argv) -> int:
