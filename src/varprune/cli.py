@@ -9,6 +9,12 @@ library (loop, sweep, study, demo, report). Exit codes, in one place:
 * 1 the disk or the system failed (OSError, with the file named);
 * 130 / 143 interrupted by Ctrl-C / SIGTERM (what was kept is said).
 
+Under torchrun (``torchrun --nproc-per-node N -m varprune train ...``) train,
+finetune and study run data-parallel (distributed.py); every other command
+runs on rank 0 alone while the other processes exit 0 at once. Each process
+exits with the codes above (a non-finite loss on any process: 3 on all of
+them; torchrun itself then exits 1 and lists the processes' exit codes).
+
 Nothing heavy is imported at module level, so ``varprune doctor`` runs even
 where torch or numpy are broken: that is when it is needed.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 from .errors import NonFiniteError
 
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
+DATA_PARALLEL = ("train", "finetune", "study")   # the commands that run on every torchrun process
 IMAGE_SUFFIXES = (".png",)
 SWEEP_SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 
@@ -130,7 +137,7 @@ def cmd_train(args) -> int:
     if not args.out:
         raise UsageError("train needs --out RUN_DIR (or --resume RUN_DIR)")
     train(from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    _say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0
 
 
@@ -140,6 +147,12 @@ def _recover(runs) -> None:
     from .rundir import RunFolder
     for run in runs:
         RunFolder(run).recover_if_idle()
+
+
+def _say_on_main(text: str) -> None:
+    from . import distributed
+    if distributed.is_main():
+        print(text)
 
 
 def cmd_prune(args) -> int:
@@ -389,7 +402,7 @@ def cmd_finetune(args) -> int:
                               finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
                               finetune_scope=args.scope, init=None, init_exclude=None)   # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    _say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0
 
 
@@ -640,7 +653,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["doctor"]:   # before anything that imports torch
         return _doctor_only(argv)
+    from . import distributed
     from .errors import CheckpointError, DatasetError, RunError
+    who = f"varprune[rank {distributed.env_rank()}]" if distributed.env_rank() else "varprune"
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -649,28 +664,31 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command not in DATA_PARALLEL and not distributed.main_only():
+            return 0     # under torchrun, rank 0 runs this command alone
         return args.func(args)
     except (UsageError, RunError, DatasetError, CheckpointError) as e:
-        print(f"varprune: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:  # library-level validation (unknown names, bad ranges)
-        print(f"varprune: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteError as e:
-        print(f"varprune: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except OSError as e:  # the disk or the file system, not the input: still one line, no traceback
-        print(f"varprune: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print(f"{who}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"varprune: interrupted; {_interrupted(argv)}", file=sys.stderr)
+        print(f"{who}: interrupted; {_interrupted(argv)}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"varprune: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
+        print(f"{who}: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
         return 143
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()   # after: torchrun's SIGTERM to a finished process must not raise in here
 
 
 def _doctor_only(argv) -> int:

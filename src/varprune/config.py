@@ -102,7 +102,8 @@ class TrainConfig:
                                      "the dataset's own)", lo=8, hi=4096)
     method: str = setting("sgd", "training method, see below", check=_one_of(_methods, "method"))
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
-    batch_size: int = setting(256, "batch size", lo=1, hi=1 << 20)
+    batch_size: int = setting(256, "batch size; under torchrun the global batch, split across the processes, so "
+                              "a run computes the same steps with any number of processes", lo=1, hi=1 << 20)
     optimizer: str = setting("sgd", "base optimizer: sgd (nesterov momentum) or adamw; the SAM-type methods wrap it",
                              check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} "
                              f"(choose from sgd, adamw)")
@@ -147,6 +148,12 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
     augment: bool = setting(True, "random crop and flip (applied to image and mask alike)")
+    # data parallel (torchrun); no effect in one process
+    sync_bn: bool = setting(False, "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), "
+                            "as one process computes them; default: each process normalises its share")
+    sam_local: bool = setting(False, "under torchrun, for sam, asam, var+sam: perturb with each process's own "
+                              "gradient, as the SAM paper does (m-sharpness, m = the per-process batch); default: "
+                              "the global gradient, so results do not depend on the number of processes")
     # masked fine-tuning (`varprune finetune`): start from a run's final weights, pruned one-shot, mask fixed
     finetune_from: str | None = setting(None, "run folder whose final weights are pruned and fine-tuned", flag=False)
     finetune_sparsity: float | None = setting(None, "sparsity of the fixed mask", lo=0, hi=1, hi_open=True,
@@ -305,6 +312,10 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
         found.append(f"--init {short(cfg.init)} is not a file; give a local .safetensors or state-dict file")
     if cfg.init_exclude and cfg.init is None:
         found.append("--init-exclude needs --init")
+    from .methods import METHODS
+    if cfg.sam_local and METHODS[cfg.method].optimizer not in ("sam", "asam"):
+        found.append(f"--sam-local applies to sam, asam and var+sam, not {cfg.method} (CrAM's mask and "
+                     f"CrAM+'s dense gradient must be the same on every process)")
     if cfg.finetune_from is not None:
         if not (Path(cfg.finetune_from) / "model.safetensors").is_file():
             found.append(f"{cfg.finetune_from} has no model.safetensors to fine-tune; train it to the end first")

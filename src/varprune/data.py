@@ -417,11 +417,22 @@ class DeviceLoader:
     augmentation draw from one ``torch.Generator`` seeded by ``seed``; its
     state is ``loader.generator.get_state()`` and is what a checkpoint saves
     so a resumed run sees the same batches.
+
+    Data parallel (``rank`` of ``world`` processes, see distributed.py):
+    ``batch_size`` is the global batch. Every process draws the same
+    permutation and the same augmentation of the whole global batch (so the
+    generator stays in step and the images are those of one process), then
+    keeps its contiguous share; shares differ by at most one example and
+    :meth:`loss_weight` makes their mean gradients average to the global
+    batch's mean. A last batch that would leave some process fewer than 2
+    examples is dropped (with one process: a last batch of 1, as above).
+    Evaluation loaders iterate over the process's contiguous share of the set.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch_size: int,
                  train: bool, device="cpu", seed: int = 0, augment=None,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32):
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1):
+        self.rank, self.world = int(rank), int(world)
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -442,12 +453,24 @@ class DeviceLoader:
 
     def _stops(self) -> int:
         n = len(self.images)
-        if self.train and n > 1 and n % self.batch_size == 1:
-            return n - 1
+        last = n % self.batch_size
+        if self.train and n > 1 and 0 < last < 2 * self.world:
+            return n - last
         return n
 
+    def _span(self) -> tuple[int, int]:
+        """The examples this loader visits in an epoch: all for training (sharded per batch), a share for tests."""
+        return (0, self._stops()) if self.train else share(self._stops(), self.rank, self.world)
+
     def __len__(self) -> int:
-        return -(-self._stops() // self.batch_size)
+        lo, hi = self._span()
+        return -(-(hi - lo) // self.batch_size)
+
+    def loss_weight(self, step: int) -> float:
+        """n_share * world / n_global for training batch ``step``: 1.0 unless the global batch splits unevenly."""
+        n = min(self.batch_size, self._stops() - step * self.batch_size)
+        lo, hi = share(n, self.rank, self.world)
+        return (hi - lo) * self.world / n
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() * self.scale + self.shift).to(self.dtype)
@@ -456,13 +479,22 @@ class DeviceLoader:
     def __iter__(self):
         n = len(self.images)
         order = torch.randperm(n, device=self.device, generator=self.generator) if self.train else None
-        for start in range(0, self._stops(), self.batch_size):
+        first, stop = self._span()
+        for start in range(first, stop, self.batch_size):
             if order is None:
-                x = self.images[start:start + self.batch_size]
-                y = self.labels[start:start + self.batch_size]
+                end = min(start + self.batch_size, stop)
+                x, y = self.images[start:end], self.labels[start:end]
             else:
-                idx = order[start:start + self.batch_size]
-                x, y = self.images[idx], self.labels[idx]
-            if self.augment is not None:
-                x, y = self.augment(x, y, self.generator)
+                idx = order[start:start + self.batch_size]      # the global batch
+                lo, hi = share(len(idx), self.rank, self.world)
+                if self.augment is None:
+                    x, y = self.images[idx[lo:hi]], self.labels[idx[lo:hi]]
+                else:
+                    x, y = self.augment(self.images[idx], self.labels[idx], self.generator)
+                    x, y = x[lo:hi], y[lo:hi]
             yield self.normalize(x), y
+
+
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s contiguous part [lo, hi) of ``n`` items (parts differ by at most one)."""
+    return rank * n // world, (rank + 1) * n // world

@@ -9,9 +9,16 @@ checkpoint's history, so it never runs ahead of or behind it.
 
 The hot loop never synchronises with the host: loss sums, metric counts and
 the non-finite check accumulate in device tensors and are read once per epoch.
+
+Under torchrun the same loop runs data-parallel (DDP; distributed.py says how
+one step stays the step of one process with the global batch). The changes
+here are few and marked: rank 0 alone writes the run folder, every process
+gets the checkpoint from rank 0, and the end-of-epoch decisions (non-finite,
+metrics) are reduced over the processes first, so they stop or go on together.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, \
     save_weights
 from .config import LOCATION_KEYS, TrainConfig, problems
 from .data import DeviceLoader, ImageData, load_dataset, locate_dataset, subset, validation_indices
-from .device import autocast, describe_device, resolve_amp, resolve_device
+from .device import autocast, describe_device, resolve_amp
 from .errors import NonFiniteError, RunError, short
 from .methods import build_optimizer, build_regularizers, get_method
 from .models import create_model
@@ -57,16 +64,20 @@ def data_problems(cfg: TrainConfig) -> list[str]:
     return [] if where.complete else [where.not_found_message()]
 
 
-def load_data(cfg: TrainConfig, device: torch.device) -> RunData:
+def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> RunData:
     """The run's data on ``device``: the task, a shuffling, augmenting training loader, a test loader.
 
     Sets are held whole on the device as uint8; an image folder too large for
     that (half the device's free memory) streams through DataLoader workers.
+    ``rank``/``world``: the loaders give this process its share (data parallel).
     """
     from .data import FOLDER_SETS
     if cfg.dataset in FOLDER_SETS:
         streamed = _streaming_data(cfg, device)
         if streamed is not None:
+            if world > 1:
+                raise RunError(f"{cfg.dataset} is too large for {device} and would be streamed from its files, "
+                               f"which is not sharded across processes yet; train it in one process")
             return streamed
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size,
                         need_test=cfg.validation_fraction is None)
@@ -77,16 +88,18 @@ def load_data(cfg: TrainConfig, device: torch.device) -> RunData:
         tx, ty, vx, vy = tx[keep], ty[keep], tx[held], ty[held]
     tx, ty = subset(tx, ty, cfg.limit_train, salt=0)
     vx, vy = subset(vx, vy, cfg.limit_test, salt=1)
-    if len(tx) < 2:
-        raise RunError(f"{cfg.dataset} has {len(tx)} training example(s) here; BatchNorm needs at least 2: "
-                       f"raise --limit-train or check the data folder")
+    if len(tx) < 2 * world:
+        raise RunError(f"{cfg.dataset} has {len(tx)} training example(s) here; BatchNorm needs at least 2"
+                       + (f" per process ({world} processes)" if world > 1 else "")
+                       + ": raise --limit-train or check the data folder")
     if len(vx) == 0:
         raise RunError(f"{cfg.dataset} has no test examples in {data.source}; the test split is needed to "
                        f"measure anything: check the data folder")
     train_loader = DeviceLoader(tx, ty, data.info, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                                augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last)
+                                augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last,
+                                rank=rank, world=world)
     test_loader = DeviceLoader(vx, vy, data.info, max(cfg.batch_size, 500), train=False, device=device,
-                               channels_last=cfg.channels_last)
+                               channels_last=cfg.channels_last, rank=rank, world=world)
     return RunData(data, task, train_loader, test_loader)
 
 
@@ -146,8 +159,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 # ---------------------------------------------------------------- the step
 
 def make_train_step(forward, model, optimizer, regularizers, task: Task, device: torch.device, amp: str,
-                    reg_in_every_pass: bool = False, after_step=None):
-    """One optimisation step for any method: ``step(x, y, stats=None)``.
+                    reg_in_every_pass: bool = False, after_step=None, first_pass_local=None):
+    """One optimisation step for any method: ``step(x, y, stats=None, weight=1.0)``.
 
     ``forward`` is the (possibly compiled) model. Regularizer gradients are
     closed-form (``apply_gradient_``) and added at the current weights w:
@@ -164,6 +177,15 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
     training metric and a finite flag without synchronising with the host.
     ``after_step()`` runs after every optimizer step (masked fine-tuning puts
     pruned weights and their optimizer state back to zero there).
+
+    Data parallel: ``forward`` is the DDP module, whose every backward
+    all-reduces the gradient (both passes of SAM/CrAM: the perturbation uses
+    the global gradient). ``weight`` scales the loss that is differentiated
+    (``DeviceLoader.loss_weight``: uneven shares of the global batch).
+    ``first_pass_local`` (``--sam-local``: DDP's ``no_sync``) keeps the first
+    pass's gradient local, the SAM paper's per-process perturbation.
+    Regularizer gradients are added after the reduction on every process
+    alike: they depend on the weights only, which are the same everywhere.
     """
     from .optim import frozen_bn_stats
     two_pass = getattr(optimizer, "caller_runs_first_pass", None)
@@ -181,11 +203,11 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
     if hooked:
         optimizer.final_gradient_hooks = [lambda: add_regularizers(current["stats"])]
 
-    def forward_backward(x, y, stats, first=True):
+    def forward_backward(x, y, stats, first=True, weight=1.0):
         with autocast(device, amp):
             output = forward(x)
             loss = task.loss(output, y)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         if stats is not None:  # first pass only: what the epoch line reports
             n = len(y)
             stats["_n"] = n
@@ -200,21 +222,24 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
             stats["good_steps"] += stats["ok"].long()
         return loss
 
-    def second_pass(x, y):
+    def second_pass(x, y, weight):
         with frozen_bn_stats(model):  # BN statistics are updated by the first pass only
-            return forward_backward(x, y, None, first=False)
+            return forward_backward(x, y, None, first=False, weight=weight)
 
-    def step(x, y, stats=None):
+    def step(x, y, stats=None, weight=1.0):
         current["stats"] = stats
         optimizer.zero_grad(set_to_none=True)
         if two_pass is None:            # plain optimizer
-            forward_backward(x, y, stats)
+            forward_backward(x, y, stats, weight=weight)
             optimizer.step()
         elif two_pass:                  # SAM, CrAM: caller's pass, then the perturbed pass
-            forward_backward(x, y, stats)
-            optimizer.step(lambda: second_pass(x, y))
+            # --sam-local: the first backward without DDP's all-reduce (the optimizer then zeroes .grad,
+            # so the second, synchronised backward reduces the perturbed gradient alone)
+            with first_pass_local() if first_pass_local is not None else contextlib.nullcontext():
+                forward_backward(x, y, stats, weight=weight)
+            optimizer.step(lambda: second_pass(x, y, weight))
         else:                           # S2-SAM: its one pass happens inside step
-            optimizer.step(lambda: forward_backward(x, y, stats))
+            optimizer.step(lambda: forward_backward(x, y, stats, weight=weight))
         if after_step is not None:
             after_step()
 
@@ -361,27 +386,37 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     :class:`NonFiniteError` when the loss or weights stop being finite.
     """
     folder = RunFolder(out)
-    found = problems(cfg) + data_problems(cfg)
-    found += folder.resume_problems() if resume else folder.new_run_problems(overwrite)
-    if found:  # every problem at once, before any work
-        raise RunError("; ".join(found))
-    with folder.lock():
+    found = problems(cfg) + data_problems(cfg) + distributed.problems(cfg)
+    if not found:
+        distributed.setup(cfg.device)   # joins the torchrun job, if any (nothing happens in one process)
+    if distributed.is_main():           # rank 0 owns the run folder
+        found += folder.resume_problems() if resume else folder.new_run_problems(overwrite)
+    distributed.raise_together(found)   # every problem at once, before any work, on every process
+    if not distributed.is_main():
+        log, progress = (lambda *a, **k: None), False
+    with distributed.held_by_main(folder.lock):
         return _train(cfg, folder, resume, log, progress)
 
 
 def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: bool) -> dict:
     out = folder.path
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)   # cuda:LOCAL_RANK under torchrun
+    main, world = distributed.is_main(), distributed.world_size()
     amp = resolve_amp(cfg.amp, device)
     method = get_method(cfg.method)
     state = None
     if resume:
-        folder.clean_temporaries()  # what a write interrupted by a crash left behind
-        if (out / CHECKPOINT).exists():
-            state = load_checkpoint(out / CHECKPOINT)
-            check_checkpoint(state, cfg, out / CHECKPOINT)
+        def read_checkpoint():
+            folder.clean_temporaries()  # what a write interrupted by a crash left behind
+            if (out / CHECKPOINT).exists():
+                found = load_checkpoint(out / CHECKPOINT)
+                check_checkpoint(found, cfg, out / CHECKPOINT)
+                return found
+            return None
+        state = distributed.from_main(read_checkpoint)   # rank 0 reads; every process gets it
 
-    run = load_data(cfg, device)     # may fail: nothing of an old run has been touched yet
+    # may fail: nothing of an old run has been touched yet
+    run = load_data(cfg, device, distributed.rank(), world)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device)
     keeper, source_digest = _finetune_start(cfg, model, log) if cfg.finetune_from else (None, None)
@@ -390,7 +425,6 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         keeper.apply_(optimizer)
     regularizers = build_regularizers(method, model, cfg)
     monitor = next((r for r in regularizers if isinstance(r, VarRegularizer)), None) or VarRegularizer(model, 0.0)
-    forward = torch.compile(model) if cfg.compile else model
     train_loader, test_loader, task = run.train_loader, run.test_loader, run.task
 
     steps_per_epoch = len(train_loader)
@@ -405,13 +439,19 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         "metric": task.primary, "input_shape": [info.channels, info.size, info.size],
         "num_classes": info.num_classes, "class_names": list(info.class_names),
         "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples,
-        "steps_per_epoch": steps_per_epoch, "data_source": run.data.source,
+        "steps_per_epoch": steps_per_epoch, "data_source": run.data.source, "processes": world,
         "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
         "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
         "psi_init": next((r.psi_init for r in regularizers if isinstance(r, VarRegularizer)), None),
         "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
     if state is not None:
         schedule = state.get("schedule")
+        started = state.get("processes", 1)
+        if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps and started != world:
+            raise CheckpointError(f"{out / CHECKPOINT} was written by {started} process(es) with "
+                                  f"{short(schedule.get('total_steps'))} steps; with {world} the last, partial "
+                                  f"batch of each epoch is dropped differently ({total_steps} steps): resume it "
+                                  f"with {started} process(es)")
         if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps:
             raise CheckpointError(f"{out / CHECKPOINT} was written for {short(schedule.get('total_steps'))} steps, "
                                   f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
@@ -422,43 +462,54 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         _restore(state, out / CHECKPOINT, model, optimizer, device, train_loader)
         history = state["history"]
         start_epoch = state["epoch"]
-        if start_epoch >= cfg.epochs and (out / WEIGHTS).exists():
-            _write_metrics(out, history)
+        if start_epoch >= cfg.epochs and distributed.from_main(lambda: (out / WEIGHTS).exists()):
+            if main:
+                _write_metrics(out, history)
             log(f"{out} has already finished all {cfg.epochs} epochs")
             return history[-1]
-        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
+        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}"
+            + (f" with {world} processes (it ran with {started})" if started != world else ""))
     elif resume:
         log(f"{out} has no complete epoch yet: starting it from the beginning")
 
-    replacing = not resume and bool(folder.existing())
+    # DDP (under torchrun) after the weights are final: its constructor broadcasts rank 0's to every process
+    ddp = distributed.wrap(model, device, cfg.sync_bn)
+    forward = torch.compile(ddp) if cfg.compile else ddp
+    local_first_pass = ddp.no_sync if cfg.sam_local and ddp is not model else None
+    extra_state = {"processes": world, **({"finetune_source_sha256": source_digest} if keeper else {})}
+    replacing = main and not resume and bool(folder.existing())
     if replacing:
         folder.set_aside()      # kept in .replaced-run/ until the new run's first checkpoint
     try:
-        folder.clean_temporaries()
-        folder.mark()
-        if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
-            atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
-        _write_metrics(out, history)
+        if main:
+            folder.clean_temporaries()
+            folder.mark()
+            if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
+                atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
+            _write_metrics(out, history)
         result = _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader,
                          test_loader, device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup,
                          base_lr, log, progress, on_first_checkpoint=folder.commit if replacing else None,
-                         keeper=keeper, extra_state={"finetune_source_sha256": source_digest} if keeper else {})
+                         keeper=keeper, extra_state=extra_state, first_pass_local=local_first_pass)
     except BaseException:
         if replacing and not (out / CHECKPOINT).exists():
             folder.restore()
             log(f"the new run failed before its first checkpoint: the previous run in {out} is restored")
         raise
-    save_weights(out / WEIGHTS, model, weights_metadata(cfg, info))
+    if main:
+        save_weights(out / WEIGHTS, model, weights_metadata(cfg, info))
     return result
 
 
 def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader, test_loader,
             device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup, base_lr, log, progress,
-            on_first_checkpoint=None, keeper=None, extra_state=None) -> dict:
+            on_first_checkpoint=None, keeper=None, extra_state=None, first_pass_local=None) -> dict:
     out = folder.path
+    main, parallel = distributed.is_main(), distributed.active()
     train_step = make_train_step(forward, model, optimizer, regularizers, task, device, amp,
                                  reg_in_every_pass=cfg.reg_in_every_pass,
-                                 after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None)
+                                 after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None,
+                                 first_pass_local=first_pass_local)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
@@ -471,22 +522,29 @@ def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task,
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
-            train_step(x, y, stats)
+            train_step(x, y, stats, train_loader.loss_weight(i) if parallel else 1.0)
             seen += len(y)
             bar.update()
         bar.close()
         kept = (f"kept the checkpoint of epoch {epoch} in {out}" if epoch > 0 else
                 f"no epoch had completed, so {out} holds no checkpoint")
+        # data parallel: sums over every process, and a non-finite loss on any process stops them all here
+        seen = distributed.reduce_epoch_(stats, seen)
         if not bool(stats["ok"]):
             bad_step = int(stats["good_steps"]) + 1
             raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
                                  f"{kept}; lower --lr or the regularizer strength")
-        if not _all_finite(model.state_dict().values()):
+        if not distributed.all_true(_all_finite(model.state_dict().values()), device):
             raise NonFiniteError(f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
                                  f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength")
         train_time = time.perf_counter() - t0
+        if parallel:
+            if not cfg.sync_bn:
+                distributed.average_bn_buffers_(model)   # each process tracked the statistics of its share
+            distributed.check_identical(model)
         variances = monitor.variances()
-        test = task.evaluate(model, test_loader, amp)
+        # each process evaluates its share of the test set; the counts are summed
+        test = task.evaluate(model, test_loader, amp, reduce=distributed.sum_ if parallel else None)
         metrics = {
             "epoch": epoch + 1,
             "loss": float(stats["loss"] + stats["reg"]) / seen,
@@ -502,6 +560,8 @@ def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task,
         if task.name == "classification":
             metrics["cross_entropy"] = metrics.pop("task_loss")   # the key of varprune 0.1
         history.append(metrics)
+        if not main:     # rank 0 alone writes the run folder
+            continue
         # the checkpoint first, then the metrics: a crash between the two is repaired by --resume
         save_checkpoint(out / CHECKPOINT, {
             "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),

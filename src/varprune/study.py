@@ -6,6 +6,10 @@ A study folder holds ``study.json`` (the resolved study configuration),
 before BN re-tuning, and training time per epoch relative to SGD measured in
 this study), ``report.json`` (every number) and ``report.png`` (a band per
 method). Finished runs and their sweeps are reused; interrupted runs resume.
+
+Under torchrun (``torchrun --nproc-per-node N -m varprune study ...``) every
+training runs data-parallel on all N processes; rank 0 alone writes the study
+folder and then prunes, analyses and reports while the others exit.
 """
 from __future__ import annotations
 
@@ -45,8 +49,12 @@ def _comparable(train: dict) -> dict:
 def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int], sparsities: list[float],
               scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500, progress: bool = True,
               log=print, analysis: bool = True, html: bool = True, patterns: list[str] = ()) -> dict:
+    from . import distributed
     from .report import study_plot, study_table
 
+    distributed.setup(base.device)    # joins the torchrun job, if any
+    if not distributed.is_main():
+        log, progress = (lambda *a, **k: None), False
     configs = {}
     found = []
     bad_out = path_problem(out)
@@ -64,27 +72,16 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     if found:
         raise RunError("; ".join(found))
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
     spec = {"methods": methods, "seeds": seeds, "sparsities": sparsities, "patterns": list(patterns), "scope": scope,
             "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "train": base.to_dict()}
-    spec_path = out / "study.json"
-    if spec_path.exists():
-        try:
-            old = json.loads(spec_path.read_text())
-            same = _comparable(old["train"]) == _comparable(spec["train"])
-        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
-            raise RunError(f"{spec_path} is damaged; remove it or choose another --out") from None
-        if not same:
-            raise RunError(f"{out} holds a study with another training configuration; choose another --out")
-    atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+    distributed.from_main(lambda: _write_spec(out, spec))   # rank 0 owns the study folder
 
     runs = {}
     for (method, seed), cfg in configs.items():
         runs[(method, seed)] = out / "runs" / f"{method}-s{seed}"
         ensure_run(cfg, runs[(method, seed)], log=log, progress=progress)
+    if not distributed.is_main():
+        return {}      # the sweeps, analysis and report run on rank 0 alone
 
     docs = {}
     todo = []
@@ -131,6 +128,23 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
         written.append(Path(study_html(out, out / "report.html")))
     log("report: " + ", ".join(map(str, written)))
     return summary
+
+
+def _write_spec(out: Path, spec: dict) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
+    spec_path = out / "study.json"
+    if spec_path.exists():
+        try:
+            old = json.loads(spec_path.read_text())
+            same = _comparable(old["train"]) == _comparable(spec["train"])
+        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
+            raise RunError(f"{spec_path} is damaged; remove it or choose another --out") from None
+        if not same:
+            raise RunError(f"{out} holds a study with another training configuration; choose another --out")
+    atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
 
 
 def _analysis_done(folder: Path, runs: list[Path]) -> bool:

@@ -273,13 +273,20 @@ def ensure_run(cfg: TrainConfig, run: Path, log=print, progress: bool = True) ->
 
     A folder that holds a run of another configuration is an error, never replaced.
     """
+    from . import distributed
     from .loop import train
-    if (run / CONFIG).exists():
-        if not load_run_config(run).same_run(cfg):
-            raise RunError(f"{run} holds a run with another configuration; choose another --out or remove it")
-        if (run / WEIGHTS).exists():
-            log(f"reusing finished run {run}")
-            return "reused"
+
+    def what() -> str:
+        if (run / CONFIG).exists():
+            if not load_run_config(run).same_run(cfg):
+                raise RunError(f"{run} holds a run with another configuration; choose another --out or remove it")
+            return "reused" if (run / WEIGHTS).exists() else "resumed"
+        return "trained"
+    found = distributed.from_main(what)   # under torchrun: rank 0's folder decides for every process
+    if found == "reused":
+        log(f"reusing finished run {run}")
+        return "reused"
+    if found == "resumed":
         log(f"resuming {run}")
         train(cfg, run, resume=True, log=log, progress=progress)
         return "resumed"

@@ -9,8 +9,10 @@ demo are written once against this interface:
   segmentation, to the mask (the same crop and the same flip);
 * ``train_hits(output, target) -> (hits, count)``: device tensors summed over
   an epoch for the training metric, without host synchronisation;
-* ``evaluate(model, loader, amp) -> dict``: every metric, the primary one
-  under ``primary`` (higher is better for both tasks);
+* ``evaluate(model, loader, amp, reduce=None) -> dict``: every metric, the
+  primary one under ``primary`` (higher is better for both tasks); ``reduce``
+  sums a tensor of counts over data-parallel processes, each of which
+  evaluated its share of the set (distributed.sum_);
 * ``metric_names``: the scalar metrics, primary first, as keys of prune.json.
 
 Adding a task means one class here and a ``task=`` in the datasets it reads.
@@ -79,7 +81,7 @@ class Task:
         hits = (output.detach().argmax(1) == target).sum()
         return hits, target.numel()
 
-    def evaluate(self, model: nn.Module, loader, amp: str = "none") -> dict:
+    def evaluate(self, model: nn.Module, loader, amp: str = "none", reduce=None) -> dict:
         raise NotImplementedError
 
     def primary_of(self, metrics: dict) -> float:
@@ -100,7 +102,7 @@ class Classification(Task):
         return crop_flip(x, None, self.crop_pad, self.flip, generator)[0], y
 
     @torch.no_grad()
-    def evaluate(self, model, loader, amp="none") -> dict:
+    def evaluate(self, model, loader, amp="none", reduce=None) -> dict:
         """Top-1 accuracy as a fraction; one host synchronisation at the end."""
         model.eval()
         correct, seen = None, 0
@@ -109,6 +111,11 @@ class Classification(Task):
                 hits = (model(x).argmax(1) == y).sum()
             correct = hits if correct is None else correct + hits
             seen += len(y)
+        if reduce is not None:   # a process with an empty share still takes part
+            counts = torch.zeros(2, dtype=torch.long, device=loader.device)
+            counts[0] = 0 if correct is None else correct
+            counts[1] = seen
+            correct, seen = reduce(counts).tolist()
         return {"accuracy": float(correct) / seen if seen else float("nan")}
 
 
@@ -141,16 +148,20 @@ class Segmentation(Task):
         return crop_flip(x, y, self.crop_pad, self.flip, generator)
 
     @torch.no_grad()
-    def evaluate(self, model, loader, amp="none") -> dict:
+    def evaluate(self, model, loader, amp="none", reduce=None) -> dict:
         from .metrics import SegConfusion
         model.eval()
-        conf = None
+        conf = SegConfusion(self.num_classes, loader.device) if reduce is not None else None
         for x, y in loader:
             if conf is None:
                 conf = SegConfusion(self.num_classes, y.device)
             with autocast(x.device, amp):
                 pred = model(x).argmax(1)
             conf.update(pred, y)
+        if reduce is not None:
+            reduce(conf.counts)
+            if int(conf.counts.sum()) == 0:
+                conf = None
         if conf is None:
             return {k: float("nan") for k in self.metric_names}
         return conf.result()
