@@ -273,7 +273,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, 
 def test_diverging_run_exits_3_naming_epoch_and_step(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     # the largest settings the configuration allows diverge (a learning rate of 1e9 is refused outright)
-    assert main(["train", *tiny(data_dir, "sgd", epochs=2), "--lr", "10", "--momentum", "0.99", "--weight-decay", "1",
+    assert main(["train", *tiny(data_dir, "sgd", epochs=6), "--lr", "10", "--momentum", "0.99", "--weight-decay", "1",
                  "--warmup-epochs", "0", "--out", str(run)]) == 3
     err = one_line(capsys)
     found = re.search(rf"non-finite (loss|weights) at epoch (\d), step (\d) of {STEPS}", err)

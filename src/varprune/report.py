@@ -64,7 +64,7 @@ def sweep_csv(doc: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     m = metric_of(doc)
-    w.writerow(["setting", "realised_sparsity", m, f"{m}_bnt"])
+    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])   # an N:M row names its pattern there
     for r in doc["results"]:
         w.writerow([_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
     return buf.getvalue()
