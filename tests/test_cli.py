@@ -127,7 +127,7 @@ def study(out, methods, seeds):
     return varprune("study", "--model", "mlp", "--methods", ",".join(methods), "--seeds", seeds, "--epochs", "1",
                     "--batch-size", "64", "--limit-train", "256", "--limit-test", "200", "--sparsities",
                     "0.5,0.9,0.95", "--bnt-batches", "2", "--bnt-batch-size", "64", "--device", "cpu", "--quiet",
-                    "--out", out)
+                    "--no-analysis", "--out", out)   # analysis and the HTML page: tests/test_e2e_artifacts.py
 
 
 def test_study_of_every_method_fills_every_cell(tmp_path, fmnist_dir):

@@ -39,10 +39,10 @@ TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
     spec = dict((sizes or SIZES)[size])
     sparsities = spec.pop("sparsities")
-    lam = spec.pop("var_lambda")
+    var = {k: spec.pop(k) for k in ("var_lambda", "var_strength") if k in spec}
     common = dict(dataset=dataset, data_dir=data_dir, **spec)
     return [("sgd", TrainConfig(method="sgd", **common)),
-            ("var", TrainConfig(method="var", var_lambda=lam, **common))], sparsities
+            ("var", TrainConfig(method="var", **var, **common))], sparsities
 
 
 def run_demo(out: Path, size: str = "auto", data_dir: str | None = None, progress: bool = True, log=print,
