@@ -29,7 +29,7 @@ SIZES = {
     "cpu": dict(model="mlp", epochs=10, batch_size=128, var_lambda=1e-4,
                 sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]),
     # a smoke test of the whole pipeline (seconds); shows nothing about VAR
-    "tiny": dict(model="resnet20", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-5,
+    "tiny": dict(model="mlp", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-4,
                  sparsities=[0.5, 0.9]),
 }
 DATASET = "fashion-mnist"
