@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 Image = pytest.importorskip("PIL.Image")
 
 import varprune  # noqa: E402
+from helpers import cli, one_line_error  # noqa: E402
 from varprune.cli import main  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -30,19 +31,6 @@ QUICK = ["--model", "mlp", "--epochs", "2", "--limit-train", "128", "--limit-tes
          "--device", "cpu", "--quiet"]
 BNT = ["--bnt-batches", "2", "--bnt-batch-size", "32"]
 SPARS = ["--sparsities", "0.5,0.95", *BNT, "--device", "cpu"]
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err):
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("varprune: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def valid_png(path) -> tuple[int, int]:

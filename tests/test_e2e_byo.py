@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 Image = pytest.importorskip("PIL.Image")
 
+from helpers import cli, one_line_error  # noqa: E402
 from varprune.cli import main  # noqa: E402
 
 QUICK = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
@@ -24,19 +25,6 @@ PRUNE = ["--sparsities", "0.5,0.9", "--device", "cpu", "--bnt-batches", "1", "--
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VARPRUNE_CACHE", str(tmp_path / "cache"))   # the folder readers' cache stays here
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err):
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("varprune: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def check_accuracy_sweep(run: Path):

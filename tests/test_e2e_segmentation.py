@@ -14,6 +14,7 @@ import torch
 nib = pytest.importorskip("nibabel")
 Image = pytest.importorskip("PIL.Image")
 
+from helpers import cli, one_line_error  # noqa: E402
 from varprune.cli import main  # noqa: E402
 from varprune.segdata import DEBIAN_MRICRON  # noqa: E402
 from varprune.tasks import Segmentation, crop_flip  # noqa: E402
@@ -22,20 +23,6 @@ MRICRON = Path(DEBIAN_MRICRON)
 needs_colin = pytest.mark.skipif(not (MRICRON / "aal.nii.gz").is_file(),
                                  reason="Debian mricron-data not installed (apt-get install mricron-data)")
 THRESH = 128
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err):
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("varprune: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ------------------------------------------------------------ tiny data folders
