@@ -99,6 +99,13 @@ def _device_problem(name: str) -> list[str]:
     return []
 
 
+def _mask_problems(args) -> list[str]:
+    """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both."""
+    if (args.sparsity is None) == (args.pattern == "unstructured"):
+        return ["give --sparsity for unstructured pruning, or --pattern N:M (not both)"]
+    return []
+
+
 def _bnt_problems(args) -> list[str]:
     found = []
     if not 0 <= args.bnt_batches <= 100_000:
@@ -350,9 +357,7 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
     _recover([Path(args.run)])
-    found = _bnt_problems(args) + _device_problem(args.device)
-    if (args.sparsity is None) == (args.pattern == "unstructured"):
-        found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
+    found = _mask_problems(args) + _bnt_problems(args) + _device_problem(args.device)
     if found:
         raise UsageError("; ".join(found))
     export_run(Path(args.run), Path(args.out), args.sparsity, args.pattern, args.scope, _names(args.exclude or ""),
@@ -384,8 +389,9 @@ def cmd_finetune(args) -> int:
     _var_flags(args)
     source = Path(args.run)
     _recover([source])
-    if (args.sparsity is None) == (args.pattern == "unstructured"):
-        raise UsageError("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
+    found = _mask_problems(args)
+    if found:
+        raise UsageError(found[0])
     base = load_run_config(source)
     given = given_fields(args)
     # model and data come from RUN; training flags that are not given start from RUN's, with a
@@ -444,22 +450,37 @@ def _patterns(text: str) -> list[str]:
     return out
 
 
-def _add_sweep_flags(p) -> None:
+def _add_scope_flag(p) -> None:
     from .pruning import SCOPES
+    p.add_argument("--scope", choices=SCOPES, default="global",
+                   help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
+                        "fraction from every tensor")
+
+
+def _add_bnt_flags(p) -> None:
+    p.add_argument("--bnt-batches", type=int, default=20,
+                   help="BN re-tuning batches (default 20 of 500 = 10,000 training images, the reference "
+                        "measurement's protocol; CrAM re-tunes on 100 batches of 128 = 12,800); 0 skips "
+                        "re-tuning")
+    p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
+
+
+def _add_mask_flags(p) -> None:
+    """One pruning setting (export, finetune): --sparsity or --pattern, and --scope."""
+    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    _add_scope_flag(p)
+
+
+def _add_sweep_flags(p) -> None:
     p.add_argument("--sparsities", type=_sparsities, default=SWEEP_SPARSITIES,
                    help="comma-separated sparsities in [0, 1) (default 0.5,...,0.99)")
     p.add_argument("--patterns", type=_patterns, default=[],
                    help="comma-separated N:M semi-structured patterns swept beside the sparsities, e.g. 2:4,1:4,1:8 "
                         "(N largest of every M consecutive weights along the input dimension; tensors whose input "
                         "size is not a multiple of M stay dense)")
-    p.add_argument("--scope", choices=SCOPES, default="global",
-                   help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
-                        "fraction from every tensor")
-    p.add_argument("--bnt-batches", type=int, default=20,
-                   help="BN re-tuning batches (default 20 of 500 = 10,000 training images, the reference "
-                        "measurement's protocol; CrAM re-tunes on 100 batches of 128 = 12,800); 0 skips "
-                        "re-tuning")
-    p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
+    _add_scope_flag(p)
+    _add_bnt_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -538,10 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "way (default sgd; none to skip)")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="fraction of the training set held out to score candidates (default 0.1, fixed seed)")
-    from .pruning import SCOPES
-    p.add_argument("--scope", choices=SCOPES, default="global", help="pruning scope (default global)")
-    p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 skips)")
-    p.add_argument("--bnt-batch-size", type=int, default=500)
+    _add_scope_flag(p)
+    _add_bnt_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--method", default="var", help="a method with VAR: var (default), var+sam, var+cram+")
     add_flags(p, exclude=("method",))
@@ -558,8 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity of the one-layer pruning (default 0.9)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity (L evaluations)")
     p.add_argument("--hessian-iters", type=int, default=20, help="power iterations (default 20)")
-    p.add_argument("--bnt-batches", type=int, default=20)
-    p.add_argument("--bnt-batch-size", type=int, default=500)
+    _add_bnt_flags(p)
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_analyze)
@@ -570,15 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "load it with varprune.load_pruned). No pickle.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", required=True, help="the file to write (.safetensors)")
-    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
-    from .pruning import SCOPES
-    p.add_argument("--scope", choices=SCOPES, default="global")
+    _add_mask_flags(p)
     p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune")
     p.add_argument("--values", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the kept values (fp32: bit for bit the evaluated weights)")
-    p.add_argument("--bnt-batches", type=int, default=20, help="BN re-tuning batches (default 20; 0 skips)")
-    p.add_argument("--bnt-batch-size", type=int, default=500)
+    _add_bnt_flags(p)
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_export)
@@ -599,9 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=epilog)
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--sparsity", type=float, help="unstructured sparsity of the mask")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
-    p.add_argument("--scope", choices=SCOPES, default="global")
+    _add_mask_flags(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     add_flags(p, exclude=("dataset", "model", "model_args", "init", "init_exclude", "image_size", "download"))

@@ -28,7 +28,7 @@ def metric_title(metric: str) -> str:
     return METRIC_TITLES.get(metric, f"Test {metric}")
 
 
-def _key(row: dict):
+def setting_key(row: dict):
     """A result row's setting: its N:M pattern or its requested sparsity."""
     return row.get("pattern") or row["sparsity"]
 
@@ -38,7 +38,7 @@ def setting_label(key) -> str:
 
 
 def _settings(rows) -> list:
-    keys = {_key(r) for _, doc in rows for r in doc["results"]}
+    keys = {setting_key(r) for _, doc in rows for r in doc["results"]}
     return sorted(k for k in keys if not isinstance(k, str)) + sorted(k for k in keys if isinstance(k, str))
 
 
@@ -49,7 +49,7 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
     head = ["run", "dense"] + [setting_label(s) for s in sparsities]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for label, doc in rows:
-        by_s = {_key(r): r for r in doc["results"]}
+        by_s = {setting_key(r): r for r in doc["results"]}
         m = metric_of(doc)
         cells = [label, pct(doc[f"dense_{m}"])]
         for s in sparsities:
@@ -66,7 +66,7 @@ def sweep_csv(doc: dict) -> str:
     m = metric_of(doc)
     w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])   # an N:M row names its pattern there
     for r in doc["results"]:
-        w.writerow([_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
+        w.writerow([setting_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
     return buf.getvalue()
 
 

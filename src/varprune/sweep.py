@@ -28,6 +28,7 @@ from .config import TrainConfig, load_run_config
 from .device import autocast, resolve_amp, resolve_device
 from .errors import RunError
 from .pruning import MagnitudePruner, check_sparsity, realised_sparsity, recalibrate_bn
+from .report import setting_key, write_sweep
 from .rundir import CHECKPOINT, CONFIG, WEIGHTS
 from .tasks import Task
 
@@ -39,11 +40,6 @@ def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -
     (unaugmented; the caller passes a deterministic subset), normalised."""
     n = min(len(images), batches * batch_size)
     return [normalize(images[i:i + batch_size]) for i in range(0, n, batch_size)]
-
-
-def setting_key(row: dict):
-    """How a result row is named: its N:M pattern, or its requested sparsity."""
-    return row.get("pattern") or row["sparsity"]
 
 
 def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_loader, bnt: list[torch.Tensor],
@@ -59,7 +55,7 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
     "after" value equals the "before" one. The model is restored to its dense
     state afterwards. Returns the ``prune.json`` document.
     """
-    from .pruning import apply_masks_, nm_masks, parse_pattern
+    from .pruning import apply_masks_
     sparsities = [check_sparsity(s) for s in sparsities]
     patterns = list(patterns)
     m = task.primary
@@ -80,7 +76,7 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
             if kind == "sparsity":
                 masks = pruner.apply(value)
             else:
-                masks, skipped = nm_masks(model, *parse_pattern(value), exclude)
+                masks, skipped = pattern_masks(model, None, value, scope, exclude)
                 apply_masks_(model.named_parameters(), masks)
             sync()
             prune_time += time.perf_counter() - t
@@ -235,7 +231,6 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
     ``reuse``: a run whose prune.json was made from its current weights with
     the same settings is not swept again (an interrupted sweep resumes).
     """
-    from .report import write_sweep
     dev = resolve_device(device)
     configs, found = check_runs(runs, data_dir)   # every folder checked before any work
     if found:
