@@ -42,6 +42,13 @@ def register_model(name: str, description: str, task: str = "classification"):
     return wrap
 
 
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """A builder's check of an integer option: ModelError naming the option and its range."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ModelError(f"{name} must be an integer {span}; got {value!r}")
+
+
 def _check_name(name: str) -> None:
     if name not in _MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")

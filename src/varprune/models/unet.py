@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import ModelError, register_model
+from .registry import ModelError, check_int, register_model
 from .resnet_cifar import BasicBlock
 
 
@@ -103,10 +103,10 @@ class UNet(_PaddingSegmenter):
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
                  up: str = "transpose"):
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("width", width, 1)
-        _check_int("depth", depth, 1, 8)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("width", width, 1)
+        check_int("depth", depth, 1, 8)
         if up not in ("transpose", "bilinear"):
             raise ModelError(f"up must be 'transpose' or 'bilinear', not {up!r}")
         self.multiple = 2 ** depth
@@ -139,9 +139,9 @@ class ResNet18UNet(_PaddingSegmenter):
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 64, up: str = "transpose"):
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("width", width, 1)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("width", width, 1)
         if up not in ("transpose", "bilinear"):
             raise ModelError(f"up must be 'transpose' or 'bilinear', not {up!r}")
         self.multiple = 8
@@ -165,12 +165,6 @@ class ResNet18UNet(_PaddingSegmenter):
         for block in self.up:
             x = block(x, skips.pop())
         return self.head(x)
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ModelError(f"{name} must be an integer {span}; got {value!r}")
 
 
 @register_model("unet", "U-Net with BatchNorm, width 16, depth 3 (0.48M weights; options width, depth, up)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
+from .registry import check_int, register_model
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -27,6 +27,8 @@ class VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("vgg16_bn", "VGG-16 with BatchNorm, CIFAR head (14.7M weights)")
-def vgg16_bn(in_channels=3, num_classes=10, image_size=32):
-    return VGG(VGG16, in_channels, num_classes)
+@register_model("vgg16_bn", "VGG-16 with BatchNorm, CIFAR head (14.7M weights; option width)")
+def vgg16_bn(in_channels=3, num_classes=10, image_size=32, width=64):
+    """``width``: channels of the first stage (64); every stage scales with it (width=16: 0.92M weights)."""
+    check_int("width", width, 1)
+    return VGG(tuple(v if v == "M" else v * width // 64 or 1 for v in VGG16), in_channels, num_classes)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from .registry import ModelError, check_int, register_model
 
 
 class Attention(nn.Module):
@@ -60,6 +60,14 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-@register_model("vit_tiny", "ViT-Tiny, patch 4, dim 192, depth 12, 3 heads (5.3M weights)")
-def vit_tiny(in_channels=3, num_classes=10, image_size=32):
-    return ViT(in_channels, num_classes, image_size=image_size)
+@register_model("vit_tiny", "ViT-Tiny, patch 4, dim 192, depth 12, 3 heads (5.3M weights; options patch, dim, "
+                "depth, heads)")
+def vit_tiny(in_channels=3, num_classes=10, image_size=32, patch=4, dim=192, depth=12, heads=3):
+    """The options make other ViTs of the same design (dim=96, depth=6: 0.67M weights)."""
+    check_int("patch", patch, 1, image_size)
+    check_int("dim", dim, 1)
+    check_int("depth", depth, 1)
+    check_int("heads", heads, 1)
+    if dim % heads:
+        raise ModelError(f"dim ({dim}) must be a multiple of heads ({heads})")
+    return ViT(in_channels, num_classes, image_size=image_size, patch=patch, dim=dim, depth=depth, heads=heads)
