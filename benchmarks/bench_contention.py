@@ -14,7 +14,8 @@ started beside it (``--competitor python``: a pure-Python busy loop;
 * ``passive``     OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers instead of spinning);
 * ``threads1``    torch.set_num_threads(1) (no parallel regions to wait at);
 * ``spin0``       GOMP_SPINCOUNT=0 and KMP_BLOCKTIME=0 (libgomp's and Intel/LLVM OpenMP's
-                  spin before sleeping: none).
+                  spin before sleeping: none);
+* ``spin1k`` .. ``spin100k``  GOMP_SPINCOUNT=1000 .. 100000 (libgomp only; its default is 300000).
 
 Each process times ``--steps`` fwd+bwd+SGD steps of resnet20 (1x28x28, batch
 ``--batch-size``, random data) after ``--warmup`` steps and reports the median step
@@ -47,6 +48,12 @@ SETTINGS = {
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
     "threads1": ({}, 1),
     "spin0": ({"GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}, None),
+    # libgomp's default spin is 300000 iterations (about 0.1-0.3 ms here) before a thread
+    # sleeps; these try the middle ground between that and spin0.
+    "spin1k": ({"GOMP_SPINCOUNT": "1000"}, None),
+    "spin10k": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "spin30k": ({"GOMP_SPINCOUNT": "30000"}, None),
+    "spin100k": ({"GOMP_SPINCOUNT": "100000"}, None),
 }
 BUSY_PY = "while True:\n    pass\n"
 BUSY_TORCH = ("import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n")
