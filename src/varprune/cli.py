@@ -231,57 +231,15 @@ def _exclude_problems(configs, exclude) -> list[str]:
     return []
 
 
-def _read_prune_json(run: Path) -> dict:
-    from .errors import RunError
-    from .report import metric_of
-    path = run / "prune.json"
-    try:
-        doc = json.loads(path.read_text())
-        m = metric_of(doc)
-        label = doc.get("label", str(run))
-        ok = isinstance(label, str) and isinstance(m, str) and isinstance(doc[f"dense_{m}"], (int, float)) and \
-            isinstance(doc["results"], list) and doc["results"] and all(
-                isinstance(r, dict) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
-                                            for k in ("sparsity", m, f"{m}_bnt")) for r in doc["results"])
-    except FileNotFoundError:
-        raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        ok = False
-    if not ok:
-        raise RunError(f"{path} is not a varprune prune.json (damaged or edited); rerun `varprune prune {run}`")
-    return doc
-
-
-def _read_study_report(study: Path) -> dict:
-    """STUDY/report.json, checked by rendering it: a damaged or edited file is one line, exit 2."""
-    from .errors import RunError
-    from .report import study_table
-    path = study / "report.json"
-    try:
-        summary = json.loads(path.read_text())
-        spec = summary["study"]
-        ok = isinstance(summary["methods"], dict) and bool(summary["methods"]) and \
-            all(isinstance(spec[k], list) for k in ("methods", "seeds", "sparsities")) and \
-            isinstance(spec["train"], dict) and all(k in spec["train"] for k in ("model", "dataset", "epochs")) and \
-            all(k in spec for k in ("scope", "bnt_batches", "bnt_batch_size"))
-        table = study_table(summary) if ok else ""
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
-        ok = False
-    if not ok:
-        raise RunError(f"{path} is not a varprune study report (damaged or edited); run the same "
-                       f"`varprune study --out {study} ...` again to rewrite it")
-    return {"summary": summary, "table": table}
-
-
 def cmd_report(args) -> int:
-    from .report import metric_of, runs_html, study_html, sweep_plot, sweep_table
+    from .report import metric_of, read_prune_json, read_study_report, runs_html, study_html, sweep_plot, sweep_table
     plot = _plot_path(args.plot)
     html = Path(args.html) if args.html else None
     if html is not None and (html.is_dir() or html.suffix.lower() not in (".html", ".htm")):
         raise UsageError(f"--html {args.html} must be a file name ending in .html")
     _recover([Path(r) for r in args.runs])
     if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():   # a study folder
-        study = _read_study_report(Path(args.runs[0]))
+        study = read_study_report(Path(args.runs[0]))
         if html is None:
             print(study["table"], end="")   # report.md is this table; report.json is the source
             return 0
@@ -289,7 +247,7 @@ def cmd_report(args) -> int:
         return 0
     rows = []
     for run in map(Path, args.runs):
-        doc = _read_prune_json(run)
+        doc = read_prune_json(run)
         rows.append((doc.get("label", str(run)), doc))
     if len({metric_of(d) for _, d in rows}) > 1:
         raise UsageError("these runs report different metrics (accuracy and dice): report them separately")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
+from .errors import RunError
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -151,6 +153,45 @@ def study_table(summary: dict) -> str:
                                            [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+def read_prune_json(run: Path) -> dict:
+    """RUN/prune.json, checked: missing, damaged or edited is a RunError naming the file and the fix."""
+    path = run / "prune.json"
+    try:
+        doc = json.loads(path.read_text())
+        m = metric_of(doc)
+        label = doc.get("label", str(run))
+        ok = isinstance(label, str) and isinstance(m, str) and isinstance(doc[f"dense_{m}"], (int, float)) and \
+            isinstance(doc["results"], list) and doc["results"] and all(
+                isinstance(r, dict) and all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
+                                            for k in ("sparsity", m, f"{m}_bnt")) for r in doc["results"])
+    except FileNotFoundError:
+        raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        raise RunError(f"{path} is not a varprune prune.json (damaged or edited); rerun `varprune prune {run}`")
+    return doc
+
+
+def read_study_report(study: Path) -> dict:
+    """STUDY/report.json and its table, checked by rendering it: a damaged or edited file is a RunError."""
+    path = study / "report.json"
+    try:
+        summary = json.loads(path.read_text())
+        spec = summary["study"]
+        ok = isinstance(summary["methods"], dict) and bool(summary["methods"]) and \
+            all(isinstance(spec[k], list) for k in ("methods", "seeds", "sparsities")) and \
+            isinstance(spec["train"], dict) and all(k in spec["train"] for k in ("model", "dataset", "epochs")) and \
+            all(k in spec for k in ("scope", "bnt_batches", "bnt_batch_size"))
+        table = study_table(summary) if ok else ""
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        raise RunError(f"{path} is not a varprune study report (damaged or edited); run the same "
+                       f"`varprune study --out {study} ...` again to rewrite it")
+    return {"summary": summary, "table": table}
 
 
 def study_plot(summary: dict, path: str | Path) -> None:
