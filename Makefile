@@ -1,6 +1,7 @@
 # The two commands the README names:
 #   make demo        set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
-#   make test        set everything up, then run the whole test suite (what CI runs: .ci/run)
+#   make test        set everything up, then run the whole test suite (what CI runs: .ci/run),
+#                    one worker per core
 # For developers:
 #   make test-fast   the suite without the end-to-end tests marked `slow` (training runs, studies,
 #                    the demo, subprocesses, SIGKILL/resume; see tests/conftest.py): minutes less
@@ -18,11 +19,13 @@ setup:
 demo: setup
 	varprune demo
 
+# -n auto: one pytest worker per core (xdist); --dist loadfile keeps a file's tests, and so its
+# module fixtures (trained runs), on one worker. Each worker runs torch on one thread (conftest.py).
 test: setup
-	python -m pytest -q
+	python -m pytest -q -n auto --dist loadfile
 
 test-fast:
-	python -m pytest -q -m "not slow"
+	python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 bench: setup
 	python benchmarks/bench_var_overhead.py

@@ -26,7 +26,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     || echo "setup: chromium could not be installed; the HTML browser test will be skipped"
 fi
 
-if ! python -c "import varprune, pytest, hypothesis, scipy, nibabel, monai, timm, PIL" 2>/dev/null \
+if ! python -c "import varprune, pytest, xdist, hypothesis, scipy, nibabel, monai, timm, PIL" 2>/dev/null \
    || [ "$(python -c 'import varprune, os; print(os.path.realpath(varprune.__file__))')" != "$(realpath src/varprune/__init__.py)" ]; then
   echo "setup: pip install -e .[test] (takes torch from the local mirror; about a minute)"
   python -m pip install -q --disable-pip-version-check -e ".[test]"

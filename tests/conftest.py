@@ -3,6 +3,13 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test`: one worker per core) each worker is one process of torch: give
+# it one thread, or N workers x N OpenMP threads oversubscribe the cores and libgomp's spinning
+# threads slow everything several times (benchmarks/README.md, contention). Set before any test
+# module imports torch; subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 FMNIST = Path(os.environ.get("VARPRUNE_FMNIST", "/usr/share/datasets/fashion-mnist"))
 
 
