@@ -163,3 +163,38 @@ def test_eval_loader_is_ordered_and_unaugmented():
     x, y = next(iter(loader))
     assert y.tolist() == list(range(16))
     assert torch.allclose(x, loader.normalize(loader.images[:16]))
+
+
+# ---------------------------------------------------------------- --image-size for every set
+
+def test_resize_images_matches_pil_bilinear():
+    from PIL import Image
+    from varprune.data import resize_images
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(3, 1, 28, 28), dtype=np.uint8)
+    for size in (16, 40):   # shrinking (antialiased) and growing
+        ours = resize_images(torch.from_numpy(x), (size, size))
+        pil = np.stack([np.asarray(Image.fromarray(im[0]).resize((size, size), Image.BILINEAR)) for im in x])[:, None]
+        assert ours.dtype == torch.uint8 and ours.shape == (3, 1, size, size)
+        assert np.abs(ours.numpy().astype(int) - pil.astype(int)).max() <= 1
+    same = torch.from_numpy(x)
+    assert resize_images(same, (28, 28)) is same
+
+
+def test_image_size_resizes_a_torchvision_set_once(tmp_path):
+    write_fake_mnist(tmp_path, n_train=12, n_test=5)
+    native = load_dataset("mnist", tmp_path)
+    small = load_dataset("mnist", tmp_path, image_size=16)
+    assert small.info.size == 16 and native.info.size == 28
+    assert small.info.crop_pad == 1   # 2 px of padding at 28 px, scaled
+    assert small.train_x.shape == (12, 1, 16, 16) and small.test_x.shape == (5, 1, 16, 16)
+    from varprune.data import resize_images
+    assert torch.equal(small.train_x, resize_images(native.train_x, (16, 16)))
+    assert torch.equal(small.train_y, native.train_y)
+    (tmp_path / "c").mkdir()
+    fake_cifar_dir = tmp_path / "c"
+    (fake_cifar_dir / "cifar-10-batches-py").mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (fake_cifar_dir / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(fake_cifar()))
+    big = load_dataset("cifar10", fake_cifar_dir, image_size=40)
+    assert big.train_x.shape[1:] == (3, 40, 40) and big.info.crop_pad == 5

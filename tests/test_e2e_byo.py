@@ -102,6 +102,24 @@ def test_tiny_imagenet_layout_trains_and_prunes(tmp_path, capsys):
     rc, _, err = cli(capsys, "prune", run, *PRUNE, "--bnt-batch-size", "4")
     assert rc == 0, err
     check_accuracy_sweep(run)
+    small = tmp_path / "run32"   # --image-size reaches this reader too
+    rc, _, err = cli(capsys, "train", "--dataset", "tiny-imagenet", "--data-dir", data, "--model", "resnet20",
+                     *QUICK, "--batch-size", "4", "--image-size", "32", "--out", small)
+    assert rc == 0, err
+    assert resolved(small)["resolved"]["input_shape"] == [3, 32, 32]
+
+
+def test_image_size_resizes_fashion_mnist_for_the_model_and_the_sweep(tmp_path, capsys, fmnist_dir):
+    # it used to be ignored for the torchvision sets: the run trained at 28 px and config.json said 16
+    run = tmp_path / "mlp16"
+    rc, _, err = cli(capsys, "train", "--data-dir", fmnist_dir, "--model", "mlp", *QUICK, *FM, "--image-size", "16",
+                     "--out", run)
+    assert rc == 0, err
+    assert resolved(run)["resolved"]["input_shape"] == [1, 16, 16]
+    assert load_file(run / "model.safetensors")["1.weight"].shape == (1024, 16 * 16)
+    rc, _, err = cli(capsys, "prune", run, *PRUNE)
+    assert rc == 0, err
+    check_accuracy_sweep(run)
 
 
 # ------------------------------------------------------------ models

@@ -98,8 +98,8 @@ class TrainConfig:
                                "(loaded with weights_only=True); nothing is downloaded", metavar="FILE")
     init_exclude: list[str] | None = setting(None, "comma-separated parameter patterns not taken from --init "
                                              "(e.g. 'fc.*' for a classifier head of another size)")
-    image_size: int | None = setting(None, "resize images to this size (imagefolder, msd, seg-folder; default: "
-                                     "the dataset's own)", lo=8, hi=4096)
+    image_size: int | None = setting(None, "resize images to this size, once when loading (default: the "
+                                     "dataset's own; imagefolder: 32)", lo=8, hi=4096)
     method: str = setting("sgd", "training method, see below", check=_one_of(_methods, "method"))
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
     batch_size: int = setting(256, "batch size; under torchrun the global batch, split across the processes, so "

@@ -324,6 +324,32 @@ def _not_found(name: str, root: Path, missing: str) -> str:
             f"or point --data-dir at it")
 
 
+def resize_images(x: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
+    """(N, C, h, w) images in 0..255 (uint8 or float) -> uint8 (N, C, H, W), bilinear, antialiased
+    when shrinking (PIL's BILINEAR resize to within rounding), ``chunk`` images at a time."""
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size and x.dtype == torch.uint8:
+        return x
+    out = torch.empty((x.shape[0], x.shape[1], *size), dtype=torch.uint8)
+    for i in range(0, x.shape[0], chunk):
+        part = x[i:i + chunk].float()
+        if tuple(part.shape[-2:]) != size:
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False, antialias=True)
+        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _resized(data: "ImageData", size: int | None) -> "ImageData":
+    """A classification set at ``size`` px (None or its own size: unchanged); the random-crop
+    padding scales with it."""
+    info = data.info
+    if size is None or size == info.size:
+        return data
+    info = dataclasses.replace(info, size=size, crop_pad=round(info.crop_pad * size / info.size))
+    return ImageData(info, resize_images(data.train_x, (size, size)), data.train_y,
+                     resize_images(data.test_x, (size, size)), data.test_y, f"{data.source} (resized to {size} px)")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
                  image_size: int | None = None, need_test: bool = True) -> ImageData:
     """Load a whole dataset as uint8 tensors, from torchvision's on-disk layout.
@@ -343,7 +369,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         if name == "imagefolder":
             data = read_imagefolder(root, image_size or 32)
         else:
-            data = read_tiny_imagenet(root)
+            data = read_tiny_imagenet(root, image_size=image_size or 64)
         info = dataclasses.replace(data.info, class_names=tuple(data.class_names))
         return ImageData(info, data.train_x, data.train_y, data.test_x, data.test_y, data.source)
     if download:
@@ -359,7 +385,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     except FileNotFoundError as e:
         raise DatasetError(_not_found(name, root, e.args[0] if e.args else str(e))) from None
     to = lambda a, dt: torch.from_numpy(np.array(a, copy=True)).to(dt)  # noqa: E731
-    return ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
+    data = ImageData(info, to(tx, torch.uint8), to(ty, torch.int64), to(vx, torch.uint8), to(vy, torch.int64), str(root))
+    return _resized(data, image_size)
 
 
 def _load_segmentation(info: DatasetInfo, root: Path, image_size: int | None = None) -> ImageData:

@@ -424,15 +424,15 @@ def read_imagefolder(root: str | os.PathLike, image_size: int = 32, cache: bool 
 
 
 def read_tiny_imagenet(root: str | os.PathLike, cache: bool | str | os.PathLike = True,
-                       workers: int | None = None) -> FolderImageData:
-    """Read Tiny ImageNet (200 classes, 64 px; the class count comes from wnids.txt).
+                       workers: int | None = None, image_size: int = 64) -> FolderImageData:
+    """Read Tiny ImageNet (200 classes, 64 px unless ``image_size``; the class count comes from wnids.txt).
 
     ``root`` is the folder holding wnids.txt, or its parent holding
     tiny-imagenet-200/. Labels: the wnids.txt order; ``class_names`` the first
     synonym in words.txt (the wnid when absent). Its test/ split has no
     labels and is not read: the val split is the test set.
     """
-    return read_listing(scan_tiny_imagenet(root), 64, cache, workers)
+    return read_listing(scan_tiny_imagenet(root), image_size, cache, workers)
 
 
 # ----------------------------------------------------------------- cheap checks

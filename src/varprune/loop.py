@@ -110,7 +110,7 @@ def _streaming_data(cfg: TrainConfig, device: torch.device) -> RunData | None:
                              streaming_info)
     root = cfg.data_dir or default_data_dir(cfg.dataset)
     listing = (scan_imagefolder if cfg.dataset == "imagefolder" else scan_tiny_imagenet)(root)
-    size = 64 if cfg.dataset == "tiny-imagenet" else (cfg.image_size or 32)
+    size = cfg.image_size or (64 if cfg.dataset == "tiny-imagenet" else 32)
     if fits_on_device(estimate_bytes(listing.num_images, 3, size), device):
         return None
     info = streaming_info(listing, size)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from varprune.data import DatasetError
+from varprune.data import DatasetError, resize_images
 
 DEBIAN_MRICRON = "/usr/share/mricron/templates"
 
@@ -121,13 +121,6 @@ def normalise_intensity(vol: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.where(vol >= hi, 255.0, 0.0).astype(np.float32)
     return ((np.clip(vol, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.float32)
-
-
-def _resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """float (N, C, h, w) in 0..255 -> uint8 (N, C, H, W), bilinear (antialiased when shrinking)."""
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _resize_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -402,7 +395,7 @@ def read_msd(root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, s
         image = np.stack([normalise_intensity(image[..., c]) for c in range(channels)], axis=-1)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, axis, 0))).permute(0, 3, 1, 2)
         y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(labels, axis, 0)))
-        x, y = _resize_images(x, size), _resize_labels(y, size)
+        x, y = resize_images(x, size), _resize_labels(y, size)
         origin = torch.stack([torch.full((len(x),), number), torch.arange(len(x))], dim=1).to(torch.int64)
         if number in test_set:
             test.append((x, y, origin))
@@ -556,7 +549,7 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
             raise DatasetError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
                                f"{image.shape[1]}x{image.shape[0]} (width x height); they must be the same size")
         values.append(np.unique(mask))
-        images.append(_resize_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], size))
+        images.append(resize_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], size))
         masks.append(_resize_labels(torch.from_numpy(mask)[None], size))
         kinds.append(kind)
 
@@ -669,7 +662,7 @@ def _resample_slices(image: np.ndarray, labels: np.ndarray, size: tuple[int, int
     pad = (left, pw - w - left, top, ph - h - top)
     x = F.pad(torch.from_numpy(image)[:, None], pad)
     y = F.pad(torch.from_numpy(labels), pad)
-    out_x = _resize_images(x, size)
+    out_x = resize_images(x, size)
     out_y = torch.empty((s, *size), dtype=torch.int64)
     for start in range(0, s, 16):  # one-hot in chunks: memory stays small
         chunk = (y[start:start + 16, None] == torch.arange(num_classes)[None, :, None, None]).float()
