@@ -117,9 +117,13 @@ def test_image_size_resizes_fashion_mnist_for_the_model_and_the_sweep(tmp_path, 
     assert rc == 0, err
     assert resolved(run)["resolved"]["input_shape"] == [1, 16, 16]
     assert load_file(run / "model.safetensors")["1.weight"].shape == (1024, 16 * 16)
-    rc, _, err = cli(capsys, "prune", run, *PRUNE)
+    native = tmp_path / "mlp28"
+    rc, _, err = cli(capsys, "train", "--data-dir", fmnist_dir, "--model", "mlp", *QUICK, *FM, "--out", native)
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "prune", native, run, *PRUNE)   # one command, two image sizes: data not shared
     assert rc == 0, err
     check_accuracy_sweep(run)
+    check_accuracy_sweep(native)
 
 
 # ------------------------------------------------------------ models

@@ -214,7 +214,8 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
     cfg = cfg or load_run_config(run)
     dev = resolve_device(device if device != "auto" else "auto")
     cfg.device = str(dev)
-    key = (cfg.dataset, cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.channels_last, cfg.validation_fraction)
+    key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.limit_train, cfg.limit_test, cfg.channels_last,
+           cfg.validation_fraction)   # every field that changes what load_data returns
     cache = data_cache if data_cache is not None else {}
     if key not in cache:
         cache[key] = load_data(cfg, dev)
