@@ -4,7 +4,9 @@ Configurations (``--configs``):
 
 * ``mlp``       the CPU demo's (``demo.SIZES["cpu"]``): BatchNorm MLP, Fashion-MNIST 1x28x28,
                 batch 128, VAR lambda 1e-4;
-* ``resnet20``  CIFAR-style ResNet-20 on the same data, batch 128, VAR lambda 1e-5.
+* ``resnet20``  CIFAR-style ResNet-20 on the same data, batch 128, VAR lambda 1e-5;
+* ``resnet18``, ``vgg16_bn``, ``wrn16_8``  the same data and batch, fp32 against fp32 channels_last
+                only (is channels_last worth a CPU default for CNNs?).
 
 Variants: ``fp32``, ``bf16`` (``torch.autocast("cpu", torch.bfloat16)``: matmuls and
 convolutions in bf16, BatchNorm, loss and weights in fp32), and for resnet20 also
@@ -55,6 +57,10 @@ CONFIGS = {
                 variants=("fp32", "bf16")),
     "resnet20": dict(model="resnet20", batch_size=128, var_lambda=1e-5,
                      variants=("fp32", "bf16", "fp32-cl", "bf16-cl")),
+    # channels_last only (bf16 is measured on the two above): is channels_last worth a CPU default for CNNs?
+    "resnet18": dict(model="resnet18", batch_size=128, var_lambda=1e-6, variants=("fp32", "fp32-cl")),
+    "vgg16_bn": dict(model="vgg16_bn", batch_size=128, var_lambda=1e-6, variants=("fp32", "fp32-cl")),
+    "wrn16_8": dict(model="wrn16_8", batch_size=128, var_lambda=1e-6, variants=("fp32", "fp32-cl")),
 }
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)
 
