@@ -14,7 +14,10 @@ Then, per sparsity, with acc(m, x) the mean over seeds of model m's accuracy at 
 * regret of one fixed value for every model: best(m) - acc(m, x), for each x of each grid
   (its mean and worst over models), and the x a user would pick: the one of least mean;
 * leave-one-model-out: x chosen on the other models (least mean regret there), applied to
-  the held-out model: what a user who tuned elsewhere loses.
+  the held-out model: what a user who tuned elsewhere loses;
+* each model's best lambda (a parabola in log lambda through its settings near the best) against
+  psi_init: slope -1 in log-log if s transfers, 0 if lambda does;
+* a summary over the sparsities: the single s and the single lambda of least mean regret.
 
     python scripts/strength_study.py --out studies/strength             # run and report
     python scripts/strength_study.py --out studies/strength --report    # report only
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,22 +37,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from varprune.report import metric_of  # noqa: E402
-# The models: five shapes whose psi(w_init) spans 22x (at 16 px: mlp-w256 9.2e3, mlp 2.8e4, vit 5.0e4,
-# resnet20 6.9e4, vgg16-w32 2.0e5). Narrowed where the full model would not fit the CPU budget.
+# The models: five shapes whose psi(w_init) spans about 7x at 28 px (mlp-w256 1.5e4, mlp 3.4e4,
+# vit 5.0e4, resnet20 6.9e4, vgg16-w16 about 1e5); narrowed where the full model would not fit
+# the CPU budget.
 MODELS = {
     "mlp-w256": ["--model", "mlp", "--model-args", "width=256"],
     "mlp": ["--model", "mlp"],
     "vit-d96x6": ["--model", "vit_tiny", "--model-args", "dim=96", "--model-args", "depth=6"],
     "resnet20": ["--model", "resnet20"],
-    "vgg16-w32": ["--model", "vgg16_bn", "--model-args", "width=32"],
+    "vgg16-w16": ["--model", "vgg16_bn", "--model-args", "width=16"],
 }
 # One budget for all, equal in steps (the best lambda moves with the number of steps): 2 epochs of
-# 16,000 images at batch 128 = 250 steps, at 16 px. The whole study (5 models x 11 settings x 2 seeds)
-# takes about an hour on 2 CPU cores, one torch thread per run.
-COMMON = ["--dataset", "fashion-mnist", "--image-size", "16", "--epochs", "2", "--limit-train", "16000",
+# 16,000 Fashion-MNIST images (28 px) at batch 128 = 250 steps. Measured on 2 CPU cores, one torch
+# thread per run, two runs side by side: about 15 s per MLP run, 3.5 min per ViT or ResNet-20 run.
+COMMON = ["--dataset", "fashion-mnist", "--epochs", "2", "--limit-train", "16000",
           "--batch-size", "128", "--limit-test", "2000", "--device", "cpu", "--quiet"]
 PRUNE = ["--bnt-batches", "8", "--bnt-batch-size", "250", "--scope", "global"]
 
@@ -152,8 +159,8 @@ def lam_of(m: str, p: str, v: float, psi: dict) -> float:
 
 
 def regret_table(results: dict, models: list[str], grid: list[tuple[str, float]], sp) -> dict:
-    """For each grid value: regret per model (best of that model's settings minus this one's)."""
-    best = {m: max(statistics.fmean(c[sp]) for c in results[m].values()) for m in models}
+    """For each grid value: regret per model (the best of that model's VAR settings, both grids, minus this one)."""
+    best = {m: max(statistics.fmean(c[sp]) for x, c in results[m].items() if x[0] != "sgd") for m in models}
     return {x: {m: best[m] - statistics.fmean(results[m][x][sp]) for m in models} for x in grid
             if all(x in results[m] for m in models)}
 
@@ -166,6 +173,32 @@ def leave_one_out(reg: dict, models: list[str]) -> dict:
         pick = min(reg, key=lambda x: statistics.fmean(reg[x][m] for m in others))
         out[held] = (pick, reg[pick][held])
     return out
+
+
+def best_lambda(cells: dict, m: str, psi: dict, sp) -> float:
+    """The model's best lambda at sparsity sp: vertex of a parabola in log10(lambda) through the settings
+    within a decade of the best one (the best setting itself when the fit is not a maximum)."""
+    pts = sorted((math.log10(lam_of(m, p, v, psi)), statistics.fmean(c[sp])) for (p, v), c in cells.items()
+                 if p != "sgd")
+    top_x = max(pts, key=lambda t: t[1])[0]
+    near = [(x, y) for x, y in pts if abs(x - top_x) <= 1.0]
+    if len(near) >= 3:
+        a, b, _ = np.polyfit([x for x, _ in near], [y for _, y in near], 2)
+        if a < 0:
+            lo, hi = pts[0][0], pts[-1][0]
+            return 10 ** min(max(-b / (2 * a), lo), hi)
+    return 10 ** top_x
+
+
+def fit_slope(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares slope of y on x and its standard error."""
+    n = len(x)
+    if n < 3:
+        return float("nan"), float("nan")
+    (slope, icept), res, *_ = np.polyfit(x, y, 1, full=True)
+    sxx = sum((v - statistics.fmean(x)) ** 2 for v in x)
+    resid = float(res[0]) if len(res) else 0.0
+    return float(slope), math.sqrt(resid / (n - 2) / sxx) if sxx > 0 else float("nan")
 
 
 def label(x) -> str:
@@ -182,7 +215,7 @@ def report(args) -> str:
     doc = {"models": {}, "policies": {}}
     for sp in args.sparsities:
         lines += [f"#### {100 * sp:g}% sparsity", "",
-                  "| model | psi_init | SGD | best λ (acc) | best s (acc, its λ) | best overall |",
+                  "| model | psi_init | SGD | best λ (acc) | best s (acc, its λ) | best VAR |",
                   "|---|---:|---:|---:|---:|---:|"]
         for m in models:
             cells = results[m]
@@ -190,7 +223,7 @@ def report(args) -> str:
             sgd = mean.get(("sgd", None))
             lam_x = max((x for x in mean if x[0] == "lambda"), key=mean.get, default=None)
             s_x = max((x for x in mean if x[0] == "s"), key=mean.get, default=None)
-            top = max(mean.values())
+            top = max(v for x, v in mean.items() if x[0] != "sgd")
             lines.append(f"| {m} | {psi[m]:.3g} | {100 * sgd:.2f} | " if sgd is not None else f"| {m} | {psi[m]:.3g} | - | ")
             lines[-1] += (f"{lam_x[1]:g} ({100 * mean[lam_x]:.2f}) | " if lam_x else "- | ")
             lines[-1] += (f"{s_x[1]:g} ({100 * mean[s_x]:.2f}, λ={lam_of(m, *s_x, psi):.2g}) | " if s_x else "- | ")
@@ -222,6 +255,42 @@ def report(args) -> str:
             doc["policies"].setdefault(policy, {})[str(sp)] = dict(
                 regret={label(x): r for x, r in reg.items()}, least_mean=label(pick),
                 leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()})
+    # the hypothesis itself: if s transfers, the best lambda falls as 1 / psi_init (slope -1 in log-log);
+    # if lambda transfers, it does not move with psi (slope 0)
+    lines += ["#### Where each model's best lambda lies, against psi_init", "",
+              "Each model's optimum from all ten VAR settings of both grids (lambda = s / psi_init for the "
+              "strengths): a parabola in log10(lambda) fitted to the points within one decade of the best "
+              "one, its vertex kept within the grid.", "",
+              "| sparsity | " + " | ".join(f"{m} λ* (s*)" for m in models) + " | slope of log λ* on log psi |",
+              "|---|" + "---:|" * (len(models) + 1)]
+    for sp in args.sparsities:
+        opt = {m: best_lambda(results[m], m, psi, sp) for m in models}
+        slope, err = fit_slope([math.log10(psi[m]) for m in models], [math.log10(opt[m]) for m in models])
+        lines.append(f"| {100 * sp:g}% | " + " | ".join(f"{opt[m]:.2g} ({opt[m] * psi[m]:.2g})" for m in models)
+                     + f" | {slope:+.2f} ± {err:.2f} |")
+        doc.setdefault("optimum", {})[str(sp)] = dict(lambda_star={m: opt[m] for m in models},
+                                                      s_star={m: opt[m] * psi[m] for m in models},
+                                                      slope=slope, slope_stderr=err)
+    lines.append("")
+    # the summary a user needs: one value for every model, judged over all the sparsities at once
+    lines += ["#### Summary over " + " and ".join(f"{100 * sp:g}%" for sp in args.sparsities), "",
+              "| policy | value of least mean regret | mean regret | worst regret | leave-one-model-out mean |",
+              "|---|---:|---:|---:|---:|"]
+    for policy, name in (("s", "one relative strength s"), ("lambda", "one lambda")):
+        grid = [x for x in settings(args) if x[0] == policy]
+        per_sp = [regret_table(results, models, grid, sp) for sp in args.sparsities]
+        if not all(per_sp):
+            continue
+        reg = {x: {m: statistics.fmean(r[x][m] for r in per_sp) for m in models} for x in per_sp[0]}
+        pick = min(reg, key=lambda x: statistics.fmean(reg[x].values()))
+        loo = leave_one_out(reg, models)
+        loo_mean = statistics.fmean(r for _, r in loo.values()) if loo else float("nan")
+        lines.append(f"| {name} | {label(pick)} | {100 * statistics.fmean(reg[pick].values()):.2f} | "
+                     f"{100 * max(reg[pick].values()):.2f} | {100 * loo_mean:.2f} |")
+        doc["policies"].setdefault(policy, {})["summary"] = dict(
+            least_mean=label(pick), mean=statistics.fmean(reg[pick].values()), worst=max(reg[pick].values()),
+            leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()})
+    lines.append("")
     text = "\n".join(lines)
     (args.out / "study.md").write_text(text + "\n")
     (args.out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
