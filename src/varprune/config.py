@@ -23,6 +23,9 @@ from .errors import RunError, short
 
 # settings that say where things are, not what is computed: a run may be resumed with others
 LOCATION_KEYS = ("device", "data_dir", "download")
+# VAR's default is a relative strength, lambda = s / psi(w_init): the best lambda moves about 100x between
+# models, s = 1 sits within a few x of every model's best in the strength study (README).
+DEFAULT_VAR_STRENGTH = 1.0
 
 
 def setting(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, check: Callable | None = None,
@@ -114,9 +117,11 @@ class TrainConfig:
     weight_decay: float | None = setting(None, "weight decay (default 5e-4 for sgd; 0.05 for adamw, decoupled)",
                                          lo=0, hi=1)
     warmup_epochs: float = setting(1.0, "linear warm-up length in epochs", lo=0, hi=100_000)
-    var_lambda: float = setting(1e-6, "VAR strength lambda", lo=0, hi=1e6)
-    var_strength: float | None = setting(None, "VAR relative strength s: lambda = s / psi(initial weights), "
-                                         "instead of --var-lambda", lo=0, lo_open=True, hi=1e6)
+    var_lambda: float | None = setting(None, "VAR strength lambda, absolute (instead of --var-strength)",
+                                       lo=0, hi=1e6)
+    var_strength: float | None = setting(None, "VAR relative strength s: lambda = s / psi(initial weights) "
+                                         f"(default {DEFAULT_VAR_STRENGTH:g} unless --var-lambda is given; "
+                                         "README: the strength study)", lo=0, lo_open=True, hi=1e6)
     var_r: float = setting(1e-8, "VAR smoothing r in sqrt(w^2 + r)", lo=0, lo_open=True, hi=1)
     var_eps: float = setting(1e-8, "VAR eps in 1 / (Var + eps)", lo=0, lo_open=True, hi=1)
     l1_alpha: float = setting(1e-5, "l1 strength", lo=0, hi=1)
@@ -190,6 +195,8 @@ class TrainConfig:
             self.lr = 1e-3 if adamw else 0.1
         if self.weight_decay is None:
             self.weight_decay = 0.05 if adamw else 5e-4
+        if self.var_lambda is None and self.var_strength is None:
+            self.var_strength = DEFAULT_VAR_STRENGTH
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,6 +293,8 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
             resolve_device(cfg.device)
         except ValueError as e:
             found.append(str(e))
+    if cfg.var_lambda is not None and cfg.var_strength is not None:
+        found.append("give --var-lambda or --var-strength, not both (the strength sets lambda = s / psi(w_init))")
     if not bad_type & {"dataset", "model"} and not found:
         found += _task_problems(cfg)
     return found
