@@ -205,9 +205,12 @@ def main(argv=None) -> int:
     result["load_end"] = load_average()
     print(f"\nload avg  {result['load_end']} at end")
     for name in names:
-        r = result["steps"][name]["bf16"]["ratio"]
-        print(f"JUDGED  {name}: bf16 autocast step / fp32 step = {r:.3f}  (< 1: bf16 pays on this CPU; "
-              f"cpu_bf16() says {'fast' if fast else 'slow'})")
+        steps = result["steps"][name]
+        if "bf16" in steps:
+            print(f"JUDGED  {name}: bf16 autocast step / fp32 step = {steps['bf16']['ratio']:.3f}  (< 1: bf16 pays "
+                  f"on this CPU; cpu_bf16() says {'fast' if fast else 'slow'})")
+        if "fp32-cl" in steps:
+            print(f"        {name}: channels_last fp32 step / fp32 step = {steps['fp32-cl']['ratio']:.3f}")
     write_json(args.json, result)
     return 0
 
