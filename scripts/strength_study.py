@@ -41,7 +41,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from varprune.report import metric_of  # noqa: E402
+from varprune.config import read_resolved  # noqa: E402
+from varprune.errors import RunError  # noqa: E402
+from varprune.report import metric_of, read_prune_json, setting_key  # noqa: E402
 # The models: five shapes whose psi(w_init) spans about 7x at 28 px (mlp-w256 1.5e4, mlp 3.4e4,
 # vit 5.0e4, resnet20 6.9e4, vgg16-w16 about 1e5); narrowed where the full model would not fit
 # the CPU budget.
@@ -92,10 +94,10 @@ def varprune(words: list[str], log: Path) -> None:
 def pruned(run: Path, sparsities: list[float]) -> dict | None:
     """The run's accuracies at the sparsities (after BNT), or None if it is not pruned there yet."""
     try:
-        doc = json.loads((run / "prune.json").read_text())
-    except (OSError, ValueError):
+        doc = read_prune_json(run)
+    except RunError:
         return None
-    rows = {round(r["sparsity"], 6): r for r in doc["results"] if r.get("pattern") is None}
+    rows = {round(setting_key(r), 6): r for r in doc["results"] if not isinstance(setting_key(r), str)}
     if any(round(s, 6) not in rows for s in sparsities):
         return None
     metric = metric_of(doc)
@@ -150,7 +152,7 @@ def collect(args) -> dict:
                 for k, a in acc.items():
                     cell.setdefault(k, []).append(a)
                 if p == "s" and m not in psi:
-                    psi[m] = json.loads((run / "config.json").read_text())["resolved"]["psi_init"]
+                    psi[m] = read_resolved(run)["psi_init"]
     return results, psi
 
 
