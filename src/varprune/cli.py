@@ -117,17 +117,9 @@ def _bnt_problems(args) -> list[str]:
 
 # ----------------------------------------------------------------- commands
 
-def _var_flags(args) -> None:
-    from .config import given_fields
-    given = given_fields(args)
-    if "var_lambda" in given and "var_strength" in given:
-        raise UsageError("give --var-lambda or --var-strength, not both (the strength sets lambda = s / psi(w_init))")
-
-
 def cmd_train(args) -> int:
     from .config import flag_of, from_args, given_fields, load_run_config
     from .loop import train
-    _var_flags(args)
     if args.resume:
         given = given_fields(args)
         machine = {k: given.pop(k) for k in ("device", "data_dir") if k in given}   # where, not what
@@ -264,7 +256,6 @@ def cmd_report(args) -> int:
 def cmd_study(args) -> int:
     from .config import from_args
     from .study import run_study
-    _var_flags(args)
     found = _bnt_problems(args)
     seeds = []
     for v in _names(args.seeds):
@@ -344,7 +335,6 @@ def cmd_finetune(args) -> int:
 
     from .config import given_fields, load_run_config, read_resolved
     from .loop import train
-    _var_flags(args)
     source = Path(args.run)
     _recover([source])
     found = _mask_problems(args)

@@ -339,7 +339,7 @@ def resize_images(x: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> 
     return out
 
 
-def _resized(data: "ImageData", size: int | None) -> "ImageData":
+def _resized(data: ImageData, size: int | None) -> ImageData:
     """A classification set at ``size`` px (None or its own size: unchanged); the random-crop
     padding scales with it."""
     info = data.info

@@ -230,8 +230,8 @@ def run_tune(out: Path, base: TrainConfig, sparsity: float, search: str = "stren
                        f"smaller --grid values; the runs are in {candidates}")
     final_cfg = dataclasses.replace(candidate_config(base, search, best, base.epochs), validation_fraction=None)
     if baseline is not None:
-        ref_cfg = dataclasses.replace(base, method=baseline, var_strength=None,
-                                      var_lambda=FIELDS["var_lambda"].default)
+        # VAR at its default strength if the baseline method has VAR, not at the candidates' values
+        ref_cfg = dataclasses.replace(base, method=baseline, var_lambda=None, var_strength=None)
         name = f"{baseline}-e{base.epochs}"
         entry = _train_and_score({name: ref_cfg}, out / "baseline", sparsity, scope, bnt_batches, bnt_batch_size,
                                  log, progress)[name]
