@@ -28,12 +28,12 @@ import torch  # noqa: E402
 
 from common import load_average, machine  # noqa: E402
 from varprune.device import resolve_amp, resolve_device  # noqa: E402
-from varprune.methods import METHODS, build_optimizer, build_regularizers, get_method  # noqa: E402
+from varprune.engine.methods import METHODS, build_optimizer, build_regularizers, get_method  # noqa: E402
 from varprune.models import create_model  # noqa: E402
-from varprune.pruning import keep_mask_topk  # noqa: E402
-from varprune.weights import prunable_weights  # noqa: E402
-from varprune.config import TrainConfig  # noqa: E402
-from varprune.loop import make_train_step  # noqa: E402
+from varprune.numerics.pruning import keep_mask_topk  # noqa: E402
+from varprune.numerics.weights import prunable_weights  # noqa: E402
+from varprune.engine.config import TrainConfig  # noqa: E402
+from varprune.engine.loop import make_train_step
 from varprune.tasks import Classification  # noqa: E402
 
 

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from varprune.config import TrainConfig  # noqa: E402
+from varprune.engine.config import TrainConfig  # noqa: E402
 from varprune.data import DeviceLoader, default_data_dir, load_dataset  # noqa: E402
-from varprune.demo import SIZES  # noqa: E402
+from varprune.engine.demo import SIZES  # noqa: E402
 from varprune.device import cpu_bf16  # noqa: E402
-from varprune.loop import make_train_step  # noqa: E402
-from varprune.methods import build_optimizer, build_regularizers, get_method  # noqa: E402
+from varprune.engine.loop import make_train_step
+from varprune.engine.methods import build_optimizer, build_regularizers, get_method  # noqa: E402
 from varprune.models import create_model  # noqa: E402
 from varprune.tasks import task_for  # noqa: E402
 from common import load_average, machine, write_json  # noqa: E402
@@ -128,8 +128,8 @@ def step_times(name: str, spec: dict, data, args, device) -> dict:
 
 def train_curves(name: str, spec: dict, args, out: Path) -> dict:
     """Train each variant with `varprune train` (the library), then its pruning sweep with BNT."""
-    from varprune.report import sweep_table
-    from varprune.sweep import ensure_run, prune_runs
+    from varprune.report.tables import sweep_table
+    from varprune.engine.sweep import ensure_run, prune_runs
     runs = []
     seconds = {}
     for v in spec["variants"]:

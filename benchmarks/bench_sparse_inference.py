@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from varprune import MagnitudePruner, create_model  # noqa: E402
-from varprune.sparse_format import load_pruned, save_pruned  # noqa: E402
+from varprune.storage.pruned_format import load_pruned, save_pruned  # noqa: E402
 from common import load_average, machine  # noqa: E402
 
 ARGS = {"in_channels": 1, "num_classes": 10, "image_size": 28}  # Fashion-MNIST shape: 784 -> 1024 -> 1024 -> 10

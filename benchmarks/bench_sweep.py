@@ -2,7 +2,7 @@
 
 ResNet-18 (CIFAR stem, 11.2M prunable weights; random init by default, or
 ``--weights model.safetensors`` from a run) is pruned globally at 8
-sparsities by :func:`varprune.sweep.prune_sweep`, with BNT and evaluation on
+sparsities by :func:`varprune.engine.sweep.prune_sweep`, with BNT and evaluation on
 Fashion-MNIST. Printed:
 
 * the sweep's wall time and the split prune_sweep reports (pruning, BNT);
@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from varprune.data import DeviceLoader, load_dataset, subset  # noqa: E402
-from varprune.sweep import DEFAULT_SPARSITIES, prune_sweep  # noqa: E402
-from varprune.sweep import bnt_inputs as bnt_batches  # noqa: E402
+from varprune.engine.sweep import DEFAULT_SPARSITIES, prune_sweep  # noqa: E402
+from varprune.engine.sweep import bnt_inputs as bnt_batches  # noqa: E402
 from varprune.tasks import Classification  # noqa: E402
 
 TASK = Classification(10)
 from varprune.models import create_model  # noqa: E402
-from varprune.pruning import MagnitudePruner, keep_mask_topk  # noqa: E402
-from varprune.weights import prunable_weights  # noqa: E402
+from varprune.numerics.pruning import MagnitudePruner, keep_mask_topk  # noqa: E402
+from varprune.numerics.weights import prunable_weights  # noqa: E402
 from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
 
 SMALL_FRACTION = 0.10
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = create_model(args.model, info.channels, info.num_classes, info.size).to(device)
     if args.weights:
-        from varprune.checkpoint import load_weights
+        from varprune.storage.checkpoint import load_weights
         load_weights(args.weights, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     def accuracy(model, loader, amp):
         return TASK.evaluate(model, loader, amp)["accuracy"]
-    from varprune.pruning import recalibrate_bn
+    from varprune.numerics.pruning import recalibrate_bn
 
     def bnt():
         with autocast(device, amp):

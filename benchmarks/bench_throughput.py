@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from varprune.data import DEBIAN_FASHION_MNIST, DeviceLoader, default_data_dir, load_dataset  # noqa: E402
-from varprune.loop import make_train_step  # noqa: E402
+from varprune.engine.loop import make_train_step
 from varprune.models import create_model  # noqa: E402
-from varprune.regularizers import VarRegularizer  # noqa: E402
+from varprune.numerics.regularizers import VarRegularizer  # noqa: E402
 from varprune.tasks import task_for  # noqa: E402
 from common import add_device_args, load_average, machine, setup_device, sync, write_json  # noqa: E402
 

@@ -41,11 +41,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from varprune.loop import make_train_step  # noqa: E402
+from varprune.engine.loop import make_train_step
 from varprune.models import create_model  # noqa: E402
-from varprune.regularizers import VarRegularizer  # noqa: E402
+from varprune.numerics.regularizers import VarRegularizer  # noqa: E402
 from varprune.tasks import Classification  # noqa: E402
-from varprune.weights import prunable_weights  # noqa: E402
+from varprune.numerics.weights import prunable_weights  # noqa: E402
 from common import add_device_args, load_average, machine, setup_device, sync, write_json  # noqa: E402
 
 TARGET = {"cpu": 1.05, "cuda": 1.02}

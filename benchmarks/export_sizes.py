@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from varprune import MagnitudePruner, create_model  # noqa: E402
-from varprune.checkpoint import save_weights  # noqa: E402
-from varprune.sparse_format import save_pruned  # noqa: E402
+from varprune.storage.checkpoint import save_weights  # noqa: E402
+from varprune.storage.pruned_format import save_pruned  # noqa: E402
 
 MODELS = ("resnet20", "resnet18", "mlp")
 SPARSITIES = (0.90, 0.95, 0.98, 0.99)

@@ -245,7 +245,7 @@ if [ $SMALL = 1 ] || [ -n "${GPU_CHECK_DEMO_EPOCHS:-}" ]; then
   # small: the demo's pipeline on an MLP and 512 images; GPU_CHECK_DEMO_EPOCHS: the GPU size, fewer
   # epochs (run_demo itself, with one more entry in its size table; demo.py is left alone)
   part demo $L_DEMO "" "$DEMO" -- $PY -c "
-import sys; from pathlib import Path; import varprune.demo as d
+import sys; from pathlib import Path; import varprune.engine.demo as d
 small, epochs = sys.argv[1] == '1', sys.argv[2]
 d.SIZES['check'] = (dict(d.SIZES['tiny'], model='mlp', limit_train=512, limit_test=256) if small
                     else dict(d.SIZES['gpu'], epochs=int(epochs)))

@@ -41,9 +41,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from varprune.config import read_resolved  # noqa: E402
+from varprune.engine.config import read_resolved  # noqa: E402
 from varprune.errors import RunError  # noqa: E402
-from varprune.report import metric_of, read_prune_json, setting_key  # noqa: E402
+from varprune.report.results import read_prune_json
+from varprune.report.tables import metric_of, setting_key
 # The models: five shapes whose psi(w_init) spans about 7x at 28 px (mlp-w256 1.5e4, mlp 3.4e4,
 # vit 5.0e4, resnet20 6.9e4, vgg16-w16 about 1e5); narrowed where the full model would not fit
 # the CPU budget.

@@ -54,10 +54,25 @@ def _nan_loss() -> None:
     tasks.Classification.loss = loss
 
 
+def _slow(seconds: float) -> None:
+    import time
+
+    from varprune import tasks
+    original = tasks.Classification.loss
+
+    def loss(self, output, target):
+        time.sleep(seconds)
+        return original(self, output, target)
+
+    tasks.Classification.loss = loss
+
+
 if __name__ == "__main__":
     if os.environ.get("PROBE_WATCH"):
         _watch(os.environ["PROBE_WATCH"], os.environ["PROBE_LOG"])
     if os.environ.get("PROBE_NAN_RANK") == RANK:
         _nan_loss()
+    if os.environ.get("PROBE_SLOW"):
+        _slow(float(os.environ["PROBE_SLOW"]))
     from varprune.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprune.methods import build_optimizer, build_regularizers, get_method
+from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.optim import SAM
-from varprune.regularizers import var_penalty
-from varprune.weights import prunable_weights
+from varprune.numerics.regularizers import var_penalty
+from varprune.numerics.weights import prunable_weights
 
 
 def _cfg(**kw):

@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 from torch import nn
 
-from varprune import analysis as A
-from varprune.pruning import recalibrate_bn
+from varprune.numerics import sensitivity as S
+from varprune.report import analysis_figures as AF
+from varprune.numerics.pruning import recalibrate_bn
 
 F = nn.functional
 
@@ -49,7 +50,7 @@ def test_magnitude_histograms_count_every_weight(tmp_path):
     a, b = _cnn(0), _cnn(1)
     with torch.no_grad():
         b[0].weight[0].zero_()  # 9 exact zeros
-    h = A.magnitude_histograms({"sgd": a, "var": b}, bins=20)
+    h = S.magnitude_histograms({"sgd": a, "var": b}, bins=20)
     assert h["labels"] == ["sgd", "var"] and len(h["edges"]) == 21
     assert list(h["layers"]) == ["0.weight", "3.weight", "7.weight"]
     assert h["zeros"] == {"sgd": 0, "var": 9}
@@ -61,14 +62,14 @@ def test_magnitude_histograms_count_every_weight(tmp_path):
     e = h["edges"]
     w = a[3].weight.detach().abs().double()
     assert h["layers"]["3.weight"]["sgd"][5] == int(((w >= e[5]) & (w < e[6])).sum())
-    _png_ok(A.magnitude_histogram_figure(h, tmp_path / "hist.png"))
-    _png_ok(A.layer_histogram_figure(h, tmp_path / "layers.png"))
+    _png_ok(AF.magnitude_histogram_figure(h, tmp_path / "hist.png"))
+    _png_ok(AF.layer_histogram_figure(h, tmp_path / "layers.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hist.png", "layers.png"]  # no temporaries left
 
 
 def test_layer_variances_match_numpy():
     model = _cnn()
-    got = A.layer_variances(model)
+    got = S.layer_variances(model)
     for name, p in [("0.weight", model[0].weight), ("3.weight", model[3].weight), ("7.weight", model[7].weight)]:
         w = p.detach().double().numpy()
         assert got[name] == pytest.approx(np.var(np.sqrt(w ** 2 + 1e-8)), rel=1e-10)
@@ -76,19 +77,19 @@ def test_layer_variances_match_numpy():
 
 def test_layer_variance_figure_history_and_final_only(tmp_path):
     model = _cnn()
-    final = A.layer_variances(model)
+    final = S.layer_variances(model)
     hist = [(e, {k: v * (1 + 0.1 * e) for k, v in final.items()}) for e in range(1, 6)]
-    _png_ok(A.layer_variance_figure(hist, tmp_path / "var.png", final=final, final_epoch=5))
-    _png_ok(A.layer_variance_figure([], tmp_path / "var_old.png", final=final, final_epoch=5))
-    with pytest.raises(A.AnalysisError, match="no per-epoch"):
-        A.layer_variance_figure([], tmp_path / "x.png")
+    _png_ok(AF.layer_variance_figure(hist, tmp_path / "var.png", final=final, final_epoch=5))
+    _png_ok(AF.layer_variance_figure([], tmp_path / "var_old.png", final=final, final_epoch=5))
+    with pytest.raises(S.AnalysisError, match="no per-epoch"):
+        AF.layer_variance_figure([], tmp_path / "x.png")
 
 
 def test_global_layer_sparsity_matches_a_numpy_threshold(tmp_path):
     model = _cnn()
     before = _state(model)
     sp = [0.5, 0.9]
-    got = A.global_layer_sparsity(model, sp)
+    got = S.global_layer_sparsity(model, sp)
     assert _same_bits(before, _state(model))
     ws = {n: p.detach().abs().reshape(-1).numpy() for n, p in model.named_parameters() if p.dim() >= 2}
     allw = np.sort(np.concatenate(list(ws.values())))
@@ -100,7 +101,7 @@ def test_global_layer_sparsity_matches_a_numpy_threshold(tmp_path):
             assert got[s][n] == pytest.approx(float((w <= thr).mean()), abs=0)
         realised = sum(got[s][n] * ws[n].size for n in ws) / len(allw)
         assert realised == pytest.approx(k / len(allw))
-    _png_ok(A.layer_sparsity_figure(got, tmp_path / "sp.png"))
+    _png_ok(AF.layer_sparsity_figure(got, tmp_path / "sp.png"))
 
 
 def _callbacks():
@@ -125,7 +126,7 @@ def test_layer_sensitivity_restores_and_matches_a_manual_prune():
         model[1].running_mean.fill_(0.3)
     bnt, evaluate = _callbacks()
     before = _state(model)
-    got = A.layer_sensitivity(model, evaluate, bnt, sparsity=0.75)
+    got = S.layer_sensitivity(model, evaluate, bnt, sparsity=0.75)
     assert _same_bits(before, _state(model))
     assert model.training and all(m.training for m in model.modules())
     assert list(got) == ["0.weight", "3.weight", "7.weight"]
@@ -166,7 +167,7 @@ def test_layer_sensitivity_zero_drop_for_an_all_zero_layer():
         model.branch.weight.zero_()
         model.bn1.running_var.fill_(4.0)  # not what re-tuning gives: the dense reference must be re-tuned too
     bnt, evaluate = _callbacks()
-    got = A.layer_sensitivity(model, evaluate, bnt, sparsity=0.9)
+    got = S.layer_sensitivity(model, evaluate, bnt, sparsity=0.9)
     assert got["branch.weight"] == 0.0
     assert got["stem.weight"] != 0.0 and got["fc.weight"] != 0.0
 
@@ -184,7 +185,7 @@ def test_layer_sensitivity_restores_on_error():
         return evaluate(m)
 
     with pytest.raises(RuntimeError, match="boom"):
-        A.layer_sensitivity(model, failing, bnt)
+        S.layer_sensitivity(model, failing, bnt)
     assert _same_bits(before, _state(model))
 
 
@@ -194,7 +195,7 @@ def test_spearman_matches_scipy_with_ties(pairs):
     xs = [p[0] for p in pairs]
     ys = [round(p[1], 1) for p in pairs]  # ties on both sides
     ref = scipy.stats.spearmanr(xs, ys).statistic if len(set(xs)) > 1 and len(set(ys)) > 1 else float("nan")
-    got = A.spearman(xs, ys)
+    got = S.spearman(xs, ys)
     if math.isnan(ref):
         assert math.isnan(got)
     else:
@@ -202,33 +203,33 @@ def test_spearman_matches_scipy_with_ties(pairs):
 
 
 def test_spearman_edges():
-    assert A.spearman([1, 2, 3], [10, 20, 30]) == 1.0
-    assert A.spearman([1, 2, 3], [3, 2, 1]) == -1.0
-    assert math.isnan(A.spearman([1, 1, 1], [1, 2, 3]))
-    with pytest.raises(A.AnalysisError, match="2 y values"):
-        A.spearman([1, 2, 3], [1, 2])
-    with pytest.raises(A.AnalysisError, match="finite"):
-        A.spearman([1, 2, float("nan")], [1, 2, 3])
+    assert S.spearman([1, 2, 3], [10, 20, 30]) == 1.0
+    assert S.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    assert math.isnan(S.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(S.AnalysisError, match="2 y values"):
+        S.spearman([1, 2, 3], [1, 2])
+    with pytest.raises(S.AnalysisError, match="finite"):
+        S.spearman([1, 2, float("nan")], [1, 2, 3])
 
 
 def test_sensitivity_and_flatness_figures(tmp_path):
     model = _cnn()
-    var = A.layer_variances(model)
+    var = S.layer_variances(model)
     sens = {n: 0.01 * i for i, n in enumerate(var)}
-    _png_ok(A.sensitivity_figure(sens, var, tmp_path / "sens.png", metric="accuracy", sparsity=0.9))
-    with pytest.raises(A.AnalysisError, match="fewer than two"):
-        A.sensitivity_figure({"a": 1.0}, {"a": 1.0}, tmp_path / "x.png")
+    _png_ok(AF.sensitivity_figure(sens, var, tmp_path / "sens.png", metric="accuracy", sparsity=0.9))
+    with pytest.raises(S.AnalysisError, match="fewer than two"):
+        AF.sensitivity_figure({"a": 1.0}, {"a": 1.0}, tmp_path / "x.png")
     prof = {"sgd": ([-1, 0, 1], [2.0, 0.5, 2.2]), "var": ([-1, 0, 1], [1.0, 0.4, 1.1])}
-    _png_ok(A.flatness_figure(prof, tmp_path / "flat.png"))
-    with pytest.raises(A.AnalysisError, match="2 losses"):
-        A.flatness_figure({"bad": ([0, 1, 2], [1.0, 2.0])}, tmp_path / "y.png")
+    _png_ok(AF.flatness_figure(prof, tmp_path / "flat.png"))
+    with pytest.raises(S.AnalysisError, match="2 losses"):
+        AF.flatness_figure({"bad": ([0, 1, 2], [1.0, 2.0])}, tmp_path / "y.png")
 
 
 def test_user_errors_are_typed():
     empty = nn.Sequential(nn.ReLU())
-    with pytest.raises(A.AnalysisError, match="no prunable"):
-        A.magnitude_histograms({"x": empty})
-    with pytest.raises(A.AnalysisError, match="no prunable"):
-        A.layer_sensitivity(empty, lambda m: 0.0, lambda m: None)
+    with pytest.raises(S.AnalysisError, match="no prunable"):
+        S.magnitude_histograms({"x": empty})
+    with pytest.raises(S.AnalysisError, match="no prunable"):
+        S.layer_sensitivity(empty, lambda m: 0.0, lambda m: None)
     with pytest.raises(ValueError, match="sparsity"):
-        A.global_layer_sparsity(_cnn(), [1.5])
+        S.global_layer_sparsity(_cnn(), [1.5])

@@ -135,8 +135,8 @@ def test_timm_pretrained_refused(timm):
 
 # ------------------------------------------------------------------ --init weights
 
-from varprune.checkpoint import save_weights  # noqa: E402
-from varprune.init_weights import InitWeightsError, load_initial_weights  # noqa: E402
+from varprune.storage.checkpoint import save_weights  # noqa: E402
+from varprune.storage.init_weights import InitWeightsError, load_initial_weights  # noqa: E402
 
 
 def _net(classes=10, seed=0):

@@ -225,7 +225,7 @@ def test_evaluate_refuses_damaged_files(exported, tmp_path, capsys, damage):
 
 def _check_mask_kept(run: Path, masks: dict):
     """Every pruned weight exactly zero in model.safetensors and in the checkpoint's weights and momentum."""
-    from varprune.checkpoint import load_checkpoint
+    from varprune.storage.checkpoint import load_checkpoint
     weights = load_file(str(run / "model.safetensors"))
     state = load_checkpoint(run / "checkpoint.safetensors")
     names = [n for n, _ in state["model"].items()]

@@ -218,7 +218,7 @@ def test_init_of_another_head_needs_exclude(tmp_path, capsys, run_a):
 
 
 def test_adamw_defaults_written_and_used(tmp_path, capsys, fmnist_dir):
-    from varprune.checkpoint import load_checkpoint
+    from varprune.storage.checkpoint import load_checkpoint
     run = tmp_path / "run"
     rc, _, err = cli(capsys, "train", "--model", "mlp", "--optimizer", "adamw", *QUICK, *FM, "--out", run)
     assert rc == 0, err

@@ -16,7 +16,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from helpers import cli, one_line_error  # noqa: E402
 from varprune.cli import main  # noqa: E402
-from varprune.segdata import DEBIAN_MRICRON  # noqa: E402
+from varprune.data.segmentation import DEBIAN_MRICRON
 from varprune.tasks import Segmentation, crop_flip  # noqa: E402
 
 MRICRON = Path(DEBIAN_MRICRON)
@@ -111,8 +111,8 @@ def test_crop_flip_same_stream_with_or_without_mask():
 
 def test_training_loader_keeps_mask_with_image(tmp_path):
     """The loader `train` uses (seg-folder read from PNGs, augmented, normalised) keeps mask = f(image)."""
-    from varprune.config import TrainConfig
-    from varprune.loop import load_data
+    from varprune.engine.config import TrainConfig
+    from varprune.engine.loop import load_data
     root = write_seg_folder(tmp_path / "sf", n=8)
     cfg = TrainConfig(dataset="seg-folder", data_dir=str(root), model="unet", batch_size=4, device="cpu",
                       image_size=16)   # the files' own size: no resampling between image and mask

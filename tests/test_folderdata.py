@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from varprune.data import DatasetError, DeviceLoader
-from varprune.folderdata import (FolderImageData, StreamingLoader, available_memory, channel_stats, decode_image,
-                                 estimate_bytes, fits_on_device, locate_imagefolder, locate_tiny_imagenet,
-                                 read_imagefolder, read_tiny_imagenet, scan_imagefolder, streaming_info)
+from varprune.data.folders import (FolderImageData, channel_stats, decode_image, estimate_bytes, locate_imagefolder, locate_tiny_imagenet, read_imagefolder, read_tiny_imagenet, scan_imagefolder)
+from varprune.data.streaming import StreamingLoader, streaming_info
+from varprune.device import available_memory, fits_on_device
 
 
 def _img(path, size, mode="RGB", seed=0):

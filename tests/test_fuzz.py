@@ -21,14 +21,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from varprune.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from varprune.cli import UsageError, build_parser
-from varprune.config import from_args, problems
+from varprune.storage.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from varprune.cli import build_parser
+from varprune.errors import UsageError
+from varprune.engine.config import from_args, problems
 from varprune.data import DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx
-from varprune.config import TrainConfig, load_run_config
+from varprune.engine.config import TrainConfig, load_run_config
 from varprune.errors import RunError
-from varprune.loop import _restore, _rng_state
-from varprune.loop import check_checkpoint as _check_checkpoint
+from varprune.engine.loop import _restore, _rng_state
+from varprune.engine.loop import check_checkpoint as _check_checkpoint
 
 
 def validate_config(cfg, check_device=False):

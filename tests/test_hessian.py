@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from varprune.hessian import AnalysisError, _direction, hessian_top_eigenvalue, loss_profile, mean_loss
+from varprune.numerics.hessian import AnalysisError, _direction, hessian_top_eigenvalue, loss_profile, mean_loss
 
 F = nn.functional
 

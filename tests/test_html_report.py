@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from varprune.html_report import ReportError, parse_markdown_table, render_html, write_html_report
+from varprune.report.html import ReportError, parse_markdown_table, render_html, write_html_report
 
 MAGENTA = (255, 0, 255)
 SWEEP = """| run | dense | 90% | 95% |

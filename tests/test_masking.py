@@ -5,7 +5,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from varprune import MagnitudePruner
-from varprune.masking import MaskKeeper
+from varprune.numerics.masking import MaskKeeper
 from varprune.optim import SAM, S2SAM, CrAM, frozen_bn_stats
 
 STEPS = 30

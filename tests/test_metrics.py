@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varprune.metrics import (ClassificationCounter, MetricError, SegConfusion, confusion_matrix, dice_score,
+from varprune.numerics.metrics import (ClassificationCounter, MetricError, SegConfusion, confusion_matrix, dice_score,
                               scores_from_confusion)
 
 monai_metrics = pytest.importorskip("monai.metrics")

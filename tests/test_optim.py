@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprune.optim import CrAM, S2SAM, SAM, _keep_masks, frozen_bn_stats, is_two_pass
+from varprune.numerics.optim import CrAM, S2SAM, SAM, _keep_masks, frozen_bn_stats, is_two_pass
 
 DT = torch.float64
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, prune_magnitude, realised_sparsity, recalibrate_bn
-from varprune.pruning import PruningError, keep_mask_topk, nm_masks, parse_pattern, prune_nm, sparsity_of
+from varprune.numerics.pruning import PruningError, keep_mask_topk, nm_masks, parse_pattern, prune_nm, sparsity_of
 
 
 def small_net():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from varprune import cli
-from varprune.checkpoint import load_checkpoint, save_checkpoint
+from varprune.storage.checkpoint import load_checkpoint, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -220,7 +220,7 @@ def test_exclude_typo_is_refused_and_list_weights_names_every_matrix(capsys, tra
     rc, out, err = vp(capsys, "prune", trained, "--list-weights")
     assert rc == 0, err
     from varprune.models import create_model
-    from varprune.weights import classify_parameters
+    from varprune.numerics.weights import classify_parameters
     model = create_model("mlp", 1, 10, 28)
     expected = classify_parameters(model)
     rows = [line.split() for line in out.strip().splitlines()]
@@ -454,7 +454,7 @@ def test_ctrl_c_during_prune_keeps_finished_runs(capsys, trained, tmp_path, monk
     for r in runs:
         for f in ("prune.json", "prune.csv", "prune.png"):
             (r / f).unlink()
-    import varprune.sweep as sweep
+    import varprune.engine.sweep as sweep
     real, calls = sweep.prune_sweep, []
 
     def ctrl_c_in_the_second(*a, **kw):

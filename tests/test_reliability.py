@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from varprune.checkpoint import load_checkpoint, save_weights
+from varprune.storage.checkpoint import load_checkpoint, save_weights
 from varprune.cli import main
-from varprune.sweep import finished_sweep
+from varprune.engine.sweep import finished_sweep
 from varprune.models import create_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -46,7 +46,7 @@ STEPS = N_TRAIN // BATCH
 DRIVER = r"""
 import os, sys, tempfile, time
 from pathlib import Path
-import varprune.checkpoint as ck
+import varprune.storage.checkpoint as ck
 
 def pause():
     Path(os.environ["VP_MARKER"]).write_text("paused")
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, 
     shim = types.ModuleType("F")
     shim.__dict__.update(F.__dict__)
     shim.cross_entropy = poisoned
-    monkeypatch.setattr(varprune.tasks, "F", shim)
+    monkeypatch.setattr(varprune.tasks.classification, "F", shim)
     args = tiny(data_dir, "sgd")
     run = tmp_path / "run"
     assert main(["train", *args, "--out", str(run)]) == 3

@@ -15,9 +15,9 @@ nib = pytest.importorskip("nibabel")
 Image = pytest.importorskip("PIL.Image")
 
 from varprune.data import DatasetError  # noqa: E402
-from varprune.segdata import (AAL_GROUPS, COLIN27_CLASSES, DEBIAN_MRICRON, aal_group, load_segdata,  # noqa: E402
-                              locate_segdata, read_aal_names, read_colin27, read_msd, read_seg_folder,
-                              split_cases)
+from varprune.data.segmentation import (DEBIAN_MRICRON, load_segdata, locate_segdata, read_colin27, read_msd, read_seg_folder)
+from varprune.data.segcommon import split_cases
+from varprune.data.volumes import AAL_GROUPS, COLIN27_CLASSES, aal_group, read_aal_names
 
 MRICRON = Path(DEBIAN_MRICRON)
 needs_mricron = pytest.mark.skipif(not (MRICRON / "aal.nii.gz").is_file(),

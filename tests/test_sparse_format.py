@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, realised_sparsity
-from varprune.checkpoint import save_weights
-from varprune.sparse_format import (MASKS_KEY, VALUES_KEY, PrunedFormatError, _serialize, load_pruned, pack_bits,
+from varprune.storage.checkpoint import save_weights
+from varprune.storage.pruned_format import (MASKS_KEY, VALUES_KEY, PrunedFormatError, _serialize, load_pruned, pack_bits,
                                     read_pruned_metadata, save_pruned, unpack_bits)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -169,7 +169,7 @@ def test_repeated_saves_are_byte_identical_even_across_processes(tmp_path):
     # a fresh interpreter (its own hash seed) writes the same bytes
     torch.save({"state": model.state_dict(), "masks": masks}, tmp_path / "in.pt")  # test fixture only
     code = (f"import torch, sys; sys.path.insert(0, {SRC!r})\n"
-            "from varprune import create_model\nfrom varprune.sparse_format import save_pruned\n"
+            "from varprune import create_model\nfrom varprune.storage.pruned_format import save_pruned\n"
             f"d = torch.load({str(tmp_path / 'in.pt')!r}, weights_only=True)\n"
             f"m = create_model('resnet20', **{ARGS!r}); m.load_state_dict(d['state'])\n"
             f"save_pruned({str(tmp_path / 'c.safetensors')!r}, m, d['masks'], {meta_for('resnet20')!r}, "

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from varprune import VarRegularizer
-from varprune import regularizers as regularizers_module
+from varprune.numerics import regularizers as regularizers_module
 from varprune.data import DATASETS, DeviceLoader
-from varprune.sweep import prune_sweep
+from varprune.engine.sweep import prune_sweep
 from varprune.tasks import Classification
 from varprune.models import create_model
-from varprune.config import TrainConfig
-from varprune.loop import train
+from varprune.engine.config import TrainConfig
+from varprune.engine.loop import train
 
 QUICK = dict(model="mlp", epochs=1, batch_size=64, limit_test=256, device="cpu")
 

@@ -7,9 +7,9 @@ import torch
 
 from varprune import VarRegularizer
 from varprune.cli import main
-from varprune.config import TrainConfig
+from varprune.engine.config import TrainConfig
 from varprune.data import dataset_info
-from varprune.loop import build_model
+from varprune.engine.loop import build_model
 
 TINY = ["--dataset", "fashion-mnist", "--model", "mlp", "--epochs", "1", "--limit-train", "128", "--limit-test", "64",
         "--batch-size", "64", "--device", "cpu", "--quiet"]

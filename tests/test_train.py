@@ -4,10 +4,10 @@ import torch
 from safetensors.torch import load_file
 
 from varprune import prune_magnitude, recalibrate_bn
-from varprune.checkpoint import load_weights
-from varprune.config import TrainConfig
-from varprune.loop import build_model, load_data, lr_factor, train
-from varprune.sweep import bnt_inputs
+from varprune.storage.checkpoint import load_weights
+from varprune.engine.config import TrainConfig
+from varprune.engine.loop import build_model, load_data, lr_factor, train
+from varprune.engine.sweep import bnt_inputs
 from varprune.tasks import Classification
 
 
@@ -83,7 +83,7 @@ def _tiny():
 
 def _grads(x, y, ws, lam=0.0):
     """float64 autograd gradient of cross-entropy (+ lam * psi) of the tiny tanh network at weights ws."""
-    from varprune.regularizers import var_penalty
+    from varprune.numerics.regularizers import var_penalty
     ws = [w.detach().clone().requires_grad_() for w in ws]
     h = torch.tanh(x @ ws[0].T) @ ws[1].T
     loss = torch.nn.functional.cross_entropy(h, y) + (lam * var_penalty(ws) if lam else 0.0)
@@ -107,8 +107,8 @@ def test_var_with_sam_matches_float64_references(every_pass):
     ``reg_in_every_pass``: VAR enters both passes (the composition of 0.1).
     """
     from varprune.optim import SAM
-    from varprune.regularizers import VarRegularizer
-    from varprune.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.engine.loop import make_train_step
 
     model, x, y = _tiny()
     lam, rho, lr = 1e-3, 0.05, 0.1
@@ -137,8 +137,8 @@ def test_var_with_sam_matches_float64_references(every_pass):
 def test_var_with_cram_plus_matches_float64_references(every_pass):
     """var+cram+: g at w, w' = w + rho g, M = top-k keep-mask of |w'|, final = M g''(M w') + g (+ VAR)."""
     from varprune.optim import CrAM
-    from varprune.regularizers import VarRegularizer
-    from varprune.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.engine.loop import make_train_step
 
     model, x, y = _tiny()
     lam, rho, lr, k = 1e-3, 0.2, 0.1, 0.5
@@ -164,8 +164,8 @@ def test_var_with_cram_plus_matches_float64_references(every_pass):
 def test_var_composition_options_differ():
     """The two compositions give measurably different steps: the tests above can tell them apart."""
     from varprune.optim import SAM
-    from varprune.regularizers import VarRegularizer
-    from varprune.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.engine.loop import make_train_step
     out = []
     for every_pass in (False, True):
         model, x, y = _tiny()

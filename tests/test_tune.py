@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from varprune.cli import build_parser, main
-from varprune.config import from_args, load_run_config
-from varprune.loop import load_data
-from varprune.tune import default_rounds, schedule
+from varprune.engine.config import from_args, load_run_config
+from varprune.engine.loop import load_data
+from varprune.engine.tune import default_rounds, schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GRID = [0.1, 1.0, 10.0]
@@ -101,8 +101,8 @@ def test_validation_is_carved_from_the_training_set_and_disjoint_from_it(tuned):
     assert all(len(rows[b]) > 1 for b in set(train_all) & set(val_all))
     assert set(train) <= set(train_all) and set(val) <= set(val_all)
     # the candidates' validation accuracy is the model's accuracy on exactly these examples
-    from varprune.checkpoint import load_weights
-    from varprune.loop import build_model
+    from varprune.storage.checkpoint import load_weights
+    from varprune.engine.loop import build_model
     model = build_model(cfg, loaded.data.info, torch.device("cpu"))
     load_weights(run / "model.safetensors", model)
     model.eval()

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprune.metrics import dice_score
+from varprune.numerics.metrics import dice_score
 from varprune.models import ModelError, create_model, list_models, model_options, model_task
-from varprune.weights import prunable_weights
+from varprune.numerics.weights import prunable_weights
 
 SMALL = {"unet": dict(width=4, depth=2), "unet_resnet18": dict(width=4)}
 MULTIPLE = {"unet": 4, "unet_resnet18": 8}

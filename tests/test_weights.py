@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from varprune.weights import WeightSelectionError, classify_parameters, prunable_weights
+from varprune.numerics.weights import WeightSelectionError, classify_parameters, prunable_weights
 
 REASONS = {"embedding", "positional embedding/token", "norm", "bias", "per-channel scale"}
 

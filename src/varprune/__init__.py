@@ -13,19 +13,22 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     # the regularizers: penalty (autograd) and closed-form gradient
-    "VarRegularizer": "regularizers", "L1Regularizer": "regularizers", "HoyerSquareRegularizer": "regularizers",
-    "var_penalty": "regularizers", "l1_penalty": "regularizers", "hoyer_square_penalty": "regularizers",
+    "VarRegularizer": "numerics.regularizers", "L1Regularizer": "numerics.regularizers",
+    "HoyerSquareRegularizer": "numerics.regularizers", "var_penalty": "numerics.regularizers",
+    "l1_penalty": "numerics.regularizers", "hoyer_square_penalty": "numerics.regularizers",
     # what is prunable, pruning, BN re-tuning
-    "prunable_weights": "weights", "classify_parameters": "weights",
-    "MagnitudePruner": "pruning", "prune_magnitude": "pruning", "realised_sparsity": "pruning",
-    "recalibrate_bn": "pruning", "nm_masks": "pruning", "prune_nm": "pruning", "keep_mask_topk": "pruning",
+    "prunable_weights": "numerics.weights", "classify_parameters": "numerics.weights",
+    "MagnitudePruner": "numerics.pruning", "prune_magnitude": "numerics.pruning",
+    "realised_sparsity": "numerics.pruning", "recalibrate_bn": "numerics.pruning", "nm_masks": "numerics.pruning",
+    "prune_nm": "numerics.pruning", "keep_mask_topk": "numerics.pruning",
     # models
     "create_model": "models", "list_models": "models", "register_model": "models", "model_task": "models",
     # metrics and analysis
-    "dice_score": "metrics", "hessian_top_eigenvalue": "hessian", "loss_profile": "hessian",
+    "dice_score": "numerics.metrics", "hessian_top_eigenvalue": "numerics.hessian",
+    "loss_profile": "numerics.hessian",
     # shipping a pruned model
-    "save_pruned": "sparse_format", "load_pruned": "sparse_format", "read_pruned_metadata": "sparse_format",
-    "MaskKeeper": "masking",
+    "save_pruned": "storage.pruned_format", "load_pruned": "storage.pruned_format",
+    "read_pruned_metadata": "storage.pruned_format", "MaskKeeper": "numerics.masking",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -87,3 +88,32 @@ def describe_device(device: torch.device) -> str:
     except OSError:
         pass
     return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Free bytes on ``device``: torch.cuda.mem_get_info on CUDA, available RAM otherwise.
+
+    RAM: MemAvailable of /proc/meminfo where it exists, else
+    ``os.sysconf`` available pages (no psutil needed).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits_on_device(nbytes: int, device: str | torch.device, fraction: float = 0.5) -> bool:
+    """True when ``nbytes`` take at most ``fraction`` of the device's free memory (the
+    rest is left for the model, activations and the optimizer)."""
+    return nbytes <= fraction * available_memory(device)

@@ -1,0 +1,1 @@
+"""The command line's commands: one module each, with its flags and its run function (cli.py assembles them)."""

@@ -1,0 +1,36 @@
+"""``varprune evaluate``: measure an exported model on its run's test split."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from varprune.commands import common as c
+from varprune.errors import UsageError
+
+
+def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="measure an exported model on its run's test split")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from varprune.engine.export import evaluate_file
+    found = c.device_problem(args.device)
+    if not Path(args.file).is_file():
+        found.append(f"{args.file} is not a file; give a file written by `varprune export`")
+    if found:
+        raise UsageError("; ".join(found))
+    metrics = evaluate_file(Path(args.file), args.data_dir, args.device)
+    m = metrics.pop("metric")
+    print(f"{m}: {100 * metrics[m]:.2f}%" + "".join(f"  {k}: {100 * v:.2f}%" for k, v in metrics.items()
+                                                    if k != m and isinstance(v, float)))
+    if args.json:
+        print(json.dumps(metrics | {"metric": m}))
+    return 0
+

@@ -1,0 +1,21 @@
+"""Data: one module per family of on-disk layouts, a registry of names, and the on-device loader.
+
+* base.py       what every family shares (DatasetInfo, ImageData, DatasetLocation, resize_images)
+* vision.py     torchvision layouts: MNIST, Fashion-MNIST, CIFAR-10/100, SVHN
+* folders.py    image folders (ImageFolder, Tiny ImageNet), decoded once and cached; streaming.py when too big
+* segmentation.py   segmentation sets: volumes.py (MSD, Colin27), segfolder.py (image/mask folders)
+* registry.py   name -> family; ``load_dataset``, ``locate_dataset``
+* loader.py     DeviceLoader (data on the device), fixed subsets and validation splits
+
+Data knows nothing of models, tasks or training.
+"""
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images
+from varprune.data.loader import VALIDATION_SEED, DeviceLoader, share, subset, validation_indices
+from varprune.data.registry import (DATASETS, FOLDER_SETS, dataset_info, default_data_dir, list_datasets,
+                                    load_dataset, locate_dataset)
+from varprune.data.vision import DEBIAN_FASHION_MNIST, parse_cifar_batch, parse_idx, read_idx
+
+__all__ = ["DATASETS", "DEBIAN_FASHION_MNIST", "FOLDER_SETS", "VALIDATION_SEED", "DatasetError", "DatasetInfo",
+           "DatasetLocation", "DeviceLoader", "ImageData", "dataset_info", "default_data_dir", "list_datasets",
+           "load_dataset", "locate_dataset", "parse_cifar_batch", "parse_idx", "read_idx", "resize_images", "share",
+           "subset", "validation_indices"]

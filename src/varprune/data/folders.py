@@ -1,0 +1,500 @@
+"""Bring your own images: torchvision's ImageFolder layout and Tiny ImageNet.
+
+Readers return :class:`FolderImageData`, an :class:`varprune.data.ImageData`
+(uint8 NCHW images, int64 labels, a DatasetInfo with per-channel mean/std
+measured on the training split) plus the class folder names and readable
+class names, so it feeds :class:`varprune.data.DeviceLoader` as is.
+
+Layouts
+    imagefolder     DIR/train/<class>/**/<image> and DIR/val/<class>/... (or
+                    DIR/test/<class>/... when there is no val/). Classes are
+                    the train sub-folder names, sorted; label i is the i-th.
+                    Files with other suffixes than IMAGE_EXTENSIONS and hidden
+                    files/folders are skipped (as torchvision does).
+    tiny-imagenet   DIR/wnids.txt (one class id a line: the class count and
+                    order), DIR/train/<wnid>/images/*.JPEG,
+                    DIR/val/images/* labelled by DIR/val/val_annotations.txt,
+                    DIR/words.txt (optional) for names. 64 px.
+
+Decoding (Pillow)
+    Colour: every image converted to RGB (alpha dropped, palette and CMYK
+    converted) unless *every* image of both splits is greyscale (modes 1, L,
+    LA, I, I;16, F), then all are kept as one channel (L). So MNIST-like
+    folders give 1-channel data and one stray colour image makes all RGB.
+    Size: shorter side resized to ``image_size`` (bilinear, antialiased as
+    Pillow does when shrinking), then the centre ``image_size`` square
+    cropped: torchvision's ``Resize(s) + CenterCrop(s)``. JPEGs are decoded
+    with Pillow's draft mode at the smallest power-of-two reduction that is
+    still at least ``image_size`` (much faster on large photos).
+    Errors: an unreadable or truncated image, an empty class folder, val
+    classes not in train, a missing train or val folder: DatasetError with
+    one line naming the path. Nothing is ever downloaded.
+
+Cache
+    Decoding is slow, so the decoded arrays are kept in
+    ``$VARPRUNE_CACHE`` (else ``$XDG_CACHE_HOME/varprune``, else
+    ``~/.cache/varprune``) as ``<reader>-<key>.safetensors``, key = SHA-256 of
+    (reader, resolved root, every file's relative path, size and mtime,
+    image_size, FORMAT_VERSION). Any change to a file or the settings makes a
+    new key; stale files are never read and may be deleted at any time (the
+    folder is safe to remove). Written atomically; no pickle.
+
+Too big for the device
+    :func:`estimate_bytes` and :func:`fits_on_device` say whether a decoded
+    set fits; if not, :class:`StreamingLoader` decodes from the files in
+    DataLoader workers and crops/flips/normalises on the host, with the
+    iteration interface of DeviceLoader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
+
+FORMAT_VERSION = 1
+CACHE_FORMAT = f"varprune-decoded-{FORMAT_VERSION}"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+IMAGEFOLDER_LAYOUT = "DIR/train/<class>/<images> and DIR/val/<class>/<images> (or DIR/test/<class>/...)"
+TINY_LAYOUT = "DIR/wnids.txt, DIR/train/<wnid>/images/*.JPEG, DIR/val/images/* with DIR/val/val_annotations.txt"
+_CHUNK = 64  # images per decoding task
+
+
+@dataclass
+class FolderImageData(ImageData):
+    """ImageData plus class folder names (``classes``) and readable ``class_names``."""
+    classes: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    from_cache: bool = False
+
+
+@dataclass
+class FileList:
+    """What a reader found on disk, before decoding: paths and labels of both splits."""
+    reader: str
+    root: Path
+    train_files: list[Path]
+    train_labels: list[int]
+    test_files: list[Path]
+    test_labels: list[int]
+    classes: list[str]
+    class_names: list[str]
+    test_split: str = "val"
+    inputs: list[Path] = field(default_factory=list)  # other files that decide labels (annotations)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.train_files) + len(self.test_files)
+
+    def cache_key(self, image_size: int) -> str:
+        """SHA-256 over reader, root, every file's (relative path, size, mtime) and the settings."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"format": FORMAT_VERSION, "reader": self.reader, "root": str(self.root.resolve()),
+                             "image_size": int(image_size), "classes": self.classes,
+                             "test_split": self.test_split}).encode())
+        for tag, files in (("inputs", self.inputs), ("train", self.train_files), ("test", self.test_files)):
+            h.update(f"\0{tag}\0".encode())
+            for path in files:
+                try:
+                    st = path.stat()
+                except OSError as e:
+                    raise DatasetError(f"cannot read {path} ({e.strerror or e}); check the dataset folder") from None
+                h.update(f"{path.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for labels in (self.train_labels, self.test_labels):
+            h.update(np.asarray(labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------- listing
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden entries skipped), sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(Path(dirpath) / name)
+    return sorted(out)
+
+
+def _subdirs(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and _visible(p))
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder} ({e.strerror or e})") from None
+
+
+def _test_folder(root: Path) -> Path | None:
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def scan_imagefolder(root: str | os.PathLike) -> FileList:
+    """List an ImageFolder tree (see the module docstring); strict, reads no image."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise DatasetError(f"no train folder in {root}: expected {IMAGEFOLDER_LAYOUT}")
+    test_dir = _test_folder(root)
+    if test_dir is None:
+        raise DatasetError(f"no val or test folder in {root}: expected {IMAGEFOLDER_LAYOUT}")
+    classes = _subdirs(root / "train")
+    if not classes:
+        raise DatasetError(f"{root / 'train'} has no class folders: expected {IMAGEFOLDER_LAYOUT}")
+    unknown = [c for c in _subdirs(test_dir) if c not in classes]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise DatasetError(f"{test_dir} has classes that train lacks ({shown}): the splits must share class folders")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split_dir, names in ((root / "train", classes), (test_dir, _subdirs(test_dir))):
+        files, labels = [], []
+        for c in names:
+            found = _image_files(split_dir / c)
+            if not found:
+                raise DatasetError(f"class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                   f"add images or remove the folder")
+            files += found
+            labels += [index[c]] * len(found)
+        splits[split_dir.name] = (files, labels)
+    (tf, tl), (vf, vl) = splits["train"], splits[test_dir.name]
+    return FileList("imagefolder", root, tf, tl, vf, vl, classes, list(classes), test_dir.name)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); re-fetch the dataset") from None
+
+
+def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
+    """List a Tiny ImageNet tree (the official zip's layout); strict, reads no image."""
+    root = Path(root)
+    if not (root / "wnids.txt").is_file():
+        nested = root / "tiny-imagenet-200"
+        if (nested / "wnids.txt").is_file():
+            root = nested
+        else:
+            raise DatasetError(f"no wnids.txt in {root}: expected {TINY_LAYOUT}")
+    wnids = [line.strip() for line in _read_lines(root / "wnids.txt")]
+    if len(set(wnids)) != len(wnids):
+        raise DatasetError(f"{root / 'wnids.txt'} lists a class twice; re-fetch the dataset")
+    index = {w: i for i, w in enumerate(wnids)}
+    names = dict(zip(wnids, wnids))
+    if (root / "words.txt").is_file():
+        for line in _read_lines(root / "words.txt"):
+            wnid, _, words = line.partition("\t")
+            if wnid in names and words.strip():
+                names[wnid] = words.split(",")[0].strip()
+    train_files, train_labels = [], []
+    for w in wnids:
+        folder = root / "train" / w / "images"
+        if not folder.is_dir():
+            raise DatasetError(f"missing {folder} for class {w} of wnids.txt: expected {TINY_LAYOUT}")
+        found = _image_files(folder)
+        if not found:
+            raise DatasetError(f"class folder {folder} holds no images; re-fetch the dataset")
+        train_files += found
+        train_labels += [index[w]] * len(found)
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DatasetError(f"no {ann}: expected {TINY_LAYOUT}")
+    labelled = {}
+    for n, line in enumerate(_read_lines(ann), 1):
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise DatasetError(f"{ann} line {n} is not 'file<TAB>wnid<TAB>...'; re-fetch the dataset")
+        if parts[1] not in index:
+            raise DatasetError(f"{ann} line {n} names class {parts[1]!r}, which wnids.txt lacks")
+        labelled[parts[0]] = index[parts[1]]
+    val_files = _image_files(root / "val" / "images")
+    if not val_files:
+        raise DatasetError(f"no images in {root / 'val' / 'images'}: expected {TINY_LAYOUT}")
+    unlabelled = [p.name for p in val_files if p.name not in labelled]
+    if unlabelled:
+        raise DatasetError(f"{root / 'val' / 'images' / unlabelled[0]} has no line in {ann} "
+                           f"({len(unlabelled)} such files); re-fetch the dataset")
+    absent = sorted(set(labelled) - {p.name for p in val_files})
+    if absent:
+        raise DatasetError(f"{ann} lists {absent[0]}, which is not in {root / 'val' / 'images'} "
+                           f"({len(absent)} missing); re-fetch the dataset")
+    inputs = [root / "wnids.txt", ann] + ([root / "words.txt"] if (root / "words.txt").is_file() else [])
+    return FileList("tiny-imagenet", root, train_files, train_labels, val_files,
+                    [labelled[p.name] for p in val_files], wnids, [names[w] for w in wnids], "val", inputs)
+
+
+# ----------------------------------------------------------------- decoding
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:100]
+
+
+def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = None) -> tuple[np.ndarray, bool]:
+    """Decode one image: ``(uint8 array (S, S) for grey or (S, S, 3), was_grey)``.
+
+    ``mode`` forces "L" or "RGB"; None keeps greyscale images grey and turns
+    the rest into RGB. Shorter side resized to ``image_size``, centre crop.
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            gray = im.mode in GRAY_MODES
+            target = mode or ("L" if gray else "RGB")
+            if im.format == "JPEG":
+                im.draft(target, (image_size, image_size))
+            im = im.convert(target)  # loads the pixels: truncation and decoder errors surface here
+        w, h = im.size
+        if min(w, h) != image_size:
+            # torchvision's rule: the longer side is truncated, int(s * long / short)
+            new = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
+            im = im.resize(new, Image.Resampling.BILINEAR)
+            w, h = new
+        left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
+        if (w, h) != (image_size, image_size):
+            im = im.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(im, dtype=np.uint8), gray
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot decode image {path} ({_short(e)}); replace or remove the file") from None
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
+
+
+def default_workers() -> int:
+    """Threads (decoding) or processes (streaming) to use: CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_files(files: Sequence[Path], image_size: int, workers: int | None = None,
+                 desc: str = "decoding") -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``files`` in threads: ``(uint8 (N, 3, S, S), bool (N,) was_grey)``; grey images fill all 3 planes."""
+    n = len(files)
+    out = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    gray = np.zeros(n, dtype=bool)
+    lock = threading.Lock()
+    with _progress(n, desc) as bar:
+        def work(start: int) -> None:
+            for i in range(start, min(start + _CHUNK, n)):
+                a, g = decode_image(files[i], image_size)
+                out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+                gray[i] = g
+            with lock:
+                bar.update(min(_CHUNK, n - start))
+        workers = workers or default_workers()
+        if workers <= 1:
+            for start in range(0, n, _CHUNK):
+                work(start)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(work, range(0, n, _CHUNK)))  # list(): re-raises the first DatasetError
+    return out, gray
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NCHW images, scaled to [0, 1] (float64, in chunks)."""
+    c = x.shape[1]
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(x), 1024):
+        chunk = x[start:start + 1024].double().div_(255.0)
+        s1 += chunk.sum((0, 2, 3))
+        s2 += chunk.square().sum((0, 2, 3))
+    count = max(1, x.shape[0] * x.shape[2] * x.shape[3])
+    mean = s1 / count
+    std = (s2 / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)  # a constant channel: no divide by 0
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _info(listing: FileList, channels: int, image_size: int, mean, std) -> DatasetInfo:
+    layout = TINY_LAYOUT if listing.reader == "tiny-imagenet" else IMAGEFOLDER_LAYOUT
+    return DatasetInfo(listing.reader, channels, image_size, len(listing.classes), tuple(mean), tuple(std),
+                       max(1, image_size // 8), True, layout)
+
+
+# ----------------------------------------------------------------- cache
+
+def default_cache_dir() -> Path:
+    """``$VARPRUNE_CACHE``, else ``$XDG_CACHE_HOME/varprune``, else ``~/.cache/varprune``."""
+    if os.environ.get("VARPRUNE_CACHE"):
+        return Path(os.environ["VARPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "varprune"
+
+
+def _cache_path(cache, listing: FileList, key: str) -> Path:
+    folder = default_cache_dir() if cache is True else Path(cache)
+    return folder / f"{listing.reader}-{key[:32]}.safetensors"
+
+
+def _read_cache(path: Path, listing: FileList, image_size: int, key: str) -> FolderImageData | None:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in ("train_x", "train_y", "test_x", "test_y")}
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            return None
+        mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError):
+        return None  # absent, torn or foreign: decode again and overwrite
+    tx, ty, vx, vy = (tensors[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+    if (tx.dtype != torch.uint8 or vx.dtype != torch.uint8 or len(tx) != len(listing.train_files)
+            or len(vx) != len(listing.test_files) or tx.shape[2:] != (image_size, image_size)):
+        return None
+    info = _info(listing, tx.shape[1], image_size, mean, std)
+    return FolderImageData(info, tx, ty, vx, vy, str(listing.root), list(listing.classes),
+                           list(listing.class_names), True)
+
+
+def _write_cache(path: Path, data: FolderImageData, key: str) -> None:
+    from safetensors.torch import save as st_save
+
+    from varprune.storage.checkpoint import atomic_write_bytes
+    meta = {"format": CACHE_FORMAT, "key": key, "root": data.source, "mean": json.dumps(data.info.mean),
+            "std": json.dumps(data.info.std), "classes": json.dumps(data.classes)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"train_x": data.train_x.contiguous(), "train_y": data.train_y.contiguous(),
+                   "test_x": data.test_x.contiguous(), "test_y": data.test_y.contiguous()}
+        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    except OSError as e:
+        warnings.warn(f"could not cache decoded images in {path.parent} ({e.strerror or e}); "
+                      f"set VARPRUNE_CACHE to a writable folder to avoid decoding again", stacklevel=3)
+
+
+def read_listing(listing: FileList, image_size: int, cache: bool | str | os.PathLike = True,
+                 workers: int | None = None) -> FolderImageData:
+    """Decode a :class:`FileList` (or read it back from the cache). ``cache``: True (default
+    folder), False (no cache) or a folder."""
+    image_size = int(image_size)
+    if image_size < 1:
+        raise DatasetError(f"image size must be >= 1, got {image_size}")
+    use_cache = cache is not False and cache is not None
+    key = listing.cache_key(image_size) if use_cache else ""   # one stat() of every file
+    path = _cache_path(cache, listing, key) if use_cache else None
+    if path is not None and path.is_file():
+        hit = _read_cache(path, listing, image_size, key)
+        if hit is not None:
+            return hit
+    files = listing.train_files + listing.test_files
+    x, gray = decode_files(files, image_size, workers, desc=f"decoding {listing.reader}")
+    if gray.all():
+        x = np.ascontiguousarray(x[:, :1])
+    n = len(listing.train_files)
+    tx, vx = torch.from_numpy(x[:n]), torch.from_numpy(x[n:])
+    mean, std = channel_stats(tx)
+    data = FolderImageData(_info(listing, x.shape[1], image_size, mean, std), tx,
+                           torch.tensor(listing.train_labels, dtype=torch.int64), vx,
+                           torch.tensor(listing.test_labels, dtype=torch.int64), str(listing.root),
+                           list(listing.classes), list(listing.class_names), False)
+    if path is not None:
+        _write_cache(path, data, key)
+    return data
+
+
+def read_imagefolder(root: str | os.PathLike, image_size: int = 32, cache: bool | str | os.PathLike = True,
+                     workers: int | None = None) -> FolderImageData:
+    """Read DIR/train/<class>/* and DIR/val/<class>/* (or test/) as uint8 ``image_size`` px squares.
+
+    See the module docstring for colour, resizing, errors and the cache.
+    """
+    return read_listing(scan_imagefolder(root), image_size, cache, workers)
+
+
+def read_tiny_imagenet(root: str | os.PathLike, cache: bool | str | os.PathLike = True,
+                       workers: int | None = None, image_size: int = 64) -> FolderImageData:
+    """Read Tiny ImageNet (200 classes, 64 px unless ``image_size``; the class count comes from wnids.txt).
+
+    ``root`` is the folder holding wnids.txt, or its parent holding
+    tiny-imagenet-200/. Labels: the wnids.txt order; ``class_names`` the first
+    synonym in words.txt (the wnid when absent). Its test/ split has no
+    labels and is not read: the val split is the test set.
+    """
+    return read_listing(scan_tiny_imagenet(root), image_size, cache, workers)
+
+
+# ----------------------------------------------------------------- cheap checks
+
+@dataclass
+class FolderLocation(DatasetLocation):
+    """DatasetLocation for the folder readers, with what the listing found; ``message`` holds the scanner's error."""
+    num_classes: int = 0
+    num_images: int = 0
+
+
+def _locate(name: str, root, scan) -> FolderLocation:
+    root = Path(root)
+    try:
+        listing = scan(root)
+    except DatasetError as e:
+        return FolderLocation(name, root, [], [str(e)], str(e))
+    return FolderLocation(name, listing.root, [listing.root / "train", listing.root / listing.test_split], [], None,
+                          len(listing.classes), listing.num_images)
+
+
+def locate_imagefolder(root: str | os.PathLike) -> FolderLocation:
+    """Whether ``root`` holds a usable ImageFolder tree: lists files, decodes nothing."""
+    return _locate("imagefolder", root, scan_imagefolder)
+
+
+def locate_tiny_imagenet(root: str | os.PathLike) -> FolderLocation:
+    """Whether ``root`` holds Tiny ImageNet: lists files, decodes nothing."""
+    return _locate("tiny-imagenet", root, scan_tiny_imagenet)
+
+
+# ----------------------------------------------------------------- the family's registry lines
+
+DATASETS = {   # shape and classes are read from the folder
+    "imagefolder": DatasetInfo("imagefolder", 0, 0, 0, (), (), 4, True, IMAGEFOLDER_LAYOUT),
+    "tiny-imagenet": DatasetInfo("tiny-imagenet", 3, 64, 200, (), (), 8, True, TINY_LAYOUT),
+}
+DEFAULT_SIZE = {"imagefolder": 32, "tiny-imagenet": 64}
+
+
+def default_dir(name: str) -> str:
+    return os.environ.get("VARPRUNE_DATA", "data")
+
+
+def scan(name: str, root) -> FileList:
+    """The folder's file list (reads no image)."""
+    return (scan_imagefolder if name == "imagefolder" else scan_tiny_imagenet)(root)
+
+
+def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
+    return _locate(name, root, scan_imagefolder if name == "imagefolder" else scan_tiny_imagenet)
+
+
+def load(name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True,
+         listing: FileList | None = None) -> ImageData:
+    """The decoded folder (from the cache when it is there); ``listing``: a scan already made."""
+    data = read_listing(listing or scan(name, root), image_size or DEFAULT_SIZE[name])
+    info = dataclasses.replace(data.info, class_names=tuple(data.class_names))
+    return ImageData(info, data.train_x, data.train_y, data.test_x, data.test_y, data.source)
+
+
+def estimate_bytes(num_images: int, channels: int, image_size: int) -> int:
+    """Bytes of a decoded set on the device: uint8 images plus int64 labels."""
+    return int(num_images) * (int(channels) * int(image_size) ** 2 + 8)

@@ -1,0 +1,292 @@
+"""One training loop for every method and every task.
+
+``train(cfg, out)`` trains one run into a run folder (see rundir.py): config.json,
+metrics.jsonl, checkpoint.safetensors after every epoch, model.safetensors at
+the end. Every file is written atomically, checkpoint first: a run killed at
+any moment resumes from its last complete epoch and, on the CPU, ends bitwise
+identical to an uninterrupted run. metrics.jsonl is rewritten from the
+checkpoint's history, so it never runs ahead of or behind it.
+
+The hot loop never synchronises with the host: loss sums, metric counts and
+the non-finite check accumulate in device tensors and are read once per epoch.
+
+Under torchrun the same loop runs data-parallel (DDP; distributed.py says how
+one step stays the step of one process with the global batch). The changes
+here are few and marked: rank 0 alone writes the run folder, every process
+gets the checkpoint from rank 0, and the end-of-epoch decisions (non-finite,
+metrics) are reduced over the processes first, so they stop or go on together.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from varprune import __version__
+from varprune.engine import distributed
+from varprune.storage.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, \
+    save_weights
+from varprune.engine.config import TrainConfig, problems
+from varprune.device import describe_device, resolve_amp
+from varprune.errors import NonFiniteError, short
+from varprune.engine.methods import build_optimizer, build_regularizers, get_method
+from varprune.numerics.regularizers import VarRegularizer
+from varprune.engine.resume import _restore, _rng_state, check_checkpoint
+from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
+from varprune.engine.runs import build_model, data_problems, load_data
+from varprune.engine.step import lr_factor, make_train_step
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _all_finite(tensors) -> bool:
+    """One host sync for all tensors (floating ones; integer buffers are always finite)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class _Progress:
+    """A tqdm bar on a terminal, nothing otherwise (the epoch line is printed anyway)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _finetune_start(cfg: TrainConfig, model, log):
+    """Load the source run's final weights, prune them one-shot (the sweep's masks), and keep the mask."""
+    from varprune.numerics.masking import MaskKeeper
+    from varprune.numerics.pruning import pattern_masks
+    from varprune.storage.checkpoint import file_digest, load_weights
+    source = Path(cfg.finetune_from)
+    load_weights(source / WEIGHTS, model)
+    masks, skipped = pattern_masks(model, cfg.finetune_sparsity, cfg.finetune_pattern, cfg.finetune_scope)
+    keeper = MaskKeeper(model, masks)
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    log(f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pattern}"
+        + (f", {len(skipped)} tensors left dense" if skipped else "") + "); pruned weights stay zero")
+    return keeper, file_digest(source / WEIGHTS)
+
+
+def weights_metadata(cfg: TrainConfig, info) -> dict[str, str]:
+    return {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "task": info.task}
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+          log=print, progress: bool = True) -> dict:
+    """Train one run into ``out``; return the last epoch's metrics.
+
+    ``resume=True`` continues ``out`` from its last complete epoch (its own
+    config.json is authoritative). Raises :class:`RunError` for bad input and
+    :class:`NonFiniteError` when the loss or weights stop being finite.
+    """
+    folder = RunFolder(out)
+    found = problems(cfg) + data_problems(cfg) + distributed.problems(cfg)
+    if not found:
+        distributed.setup(cfg.device)   # joins the torchrun job, if any (nothing happens in one process)
+    if distributed.is_main():           # rank 0 owns the run folder
+        found += folder.resume_problems() if resume else folder.new_run_problems(overwrite)
+    distributed.raise_together(found)   # every problem at once, before any work, on every process
+    if not distributed.is_main():
+        log, progress = (lambda *a, **k: None), False
+    with distributed.held_by_main(folder.lock):
+        return _train(cfg, folder, resume, log, progress)
+
+
+def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: bool) -> dict:
+    out = folder.path
+    device = distributed.setup(cfg.device)   # cuda:LOCAL_RANK under torchrun
+    main, world = distributed.is_main(), distributed.world_size()
+    amp = resolve_amp(cfg.amp, device)
+    method = get_method(cfg.method)
+    state = None
+    if resume:
+        def read_checkpoint():
+            folder.clean_temporaries()  # what a write interrupted by a crash left behind
+            if (out / CHECKPOINT).exists():
+                found = load_checkpoint(out / CHECKPOINT)
+                check_checkpoint(found, cfg, out / CHECKPOINT)
+                return found
+            return None
+        state = distributed.from_main(read_checkpoint)   # rank 0 reads; every process gets it
+
+    # may fail: nothing of an old run has been touched yet
+    run = load_data(cfg, device, distributed.rank(), world)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, run.data.info, device)
+    keeper, source_digest = _finetune_start(cfg, model, log) if cfg.finetune_from else (None, None)
+    optimizer = build_optimizer(method, model, cfg)
+    if keeper is not None:
+        keeper.apply_(optimizer)
+    regularizers = build_regularizers(method, model, cfg)
+    monitor = next((r for r in regularizers if isinstance(r, VarRegularizer)), None) or VarRegularizer(model, 0.0)
+    train_loader, test_loader, task = run.train_loader, run.test_loader, run.task
+
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    base_lr = cfg.lr
+    history: list[dict] = []
+    start_epoch = 0
+    info = run.data.info
+    resolved = {"train": cfg.to_dict(), "resolved": {
+        "device": str(device), "device_name": describe_device(device), "amp": amp, "task": task.name,
+        "metric": task.primary, "input_shape": [info.channels, info.size, info.size],
+        "num_classes": info.num_classes, "class_names": list(info.class_names),
+        "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples,
+        "steps_per_epoch": steps_per_epoch, "data_source": run.data.source, "processes": world,
+        "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
+        "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
+        "psi_init": next((r.psi_init for r in regularizers if isinstance(r, VarRegularizer)), None),
+        "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
+    if state is not None:
+        schedule = state.get("schedule")
+        started = state.get("processes", 1)
+        if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps and started != world:
+            raise CheckpointError(f"{out / CHECKPOINT} was written by {started} process(es) with "
+                                  f"{short(schedule.get('total_steps'))} steps; with {world} the last, partial "
+                                  f"batch of each epoch is dropped differently ({total_steps} steps): resume it "
+                                  f"with {started} process(es)")
+        if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps:
+            raise CheckpointError(f"{out / CHECKPOINT} was written for {short(schedule.get('total_steps'))} steps, "
+                                  f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
+                                  f"at the original data or retrain with `varprune train --overwrite`")
+        if keeper is not None and state.get("finetune_source_sha256") != source_digest:
+            raise CheckpointError(f"{cfg.finetune_from}/{WEIGHTS} changed since {out} started fine-tuning from it: "
+                                  f"the mask cannot be rebuilt; start again with --overwrite")
+        _restore(state, out / CHECKPOINT, model, optimizer, device, train_loader)
+        history = state["history"]
+        start_epoch = state["epoch"]
+        if start_epoch >= cfg.epochs and distributed.from_main(lambda: (out / WEIGHTS).exists()):
+            if main:
+                _write_metrics(out, history)
+            log(f"{out} has already finished all {cfg.epochs} epochs")
+            return history[-1]
+        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}"
+            + (f" with {world} processes (it ran with {started})" if started != world else ""))
+    elif resume:
+        log(f"{out} has no complete epoch yet: starting it from the beginning")
+
+    # DDP (under torchrun) after the weights are final: its constructor broadcasts rank 0's to every process
+    ddp = distributed.wrap(model, device, cfg.sync_bn)
+    forward = torch.compile(ddp) if cfg.compile else ddp
+    local_first_pass = ddp.no_sync if cfg.sam_local and ddp is not model else None
+    extra_state = {"processes": world, **({"finetune_source_sha256": source_digest} if keeper else {})}
+    replacing = main and not resume and bool(folder.existing())
+    if replacing:
+        folder.set_aside()      # kept in .replaced-run/ until the new run's first checkpoint
+    try:
+        if main:
+            folder.clean_temporaries()
+            folder.mark()
+            if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
+                atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
+            _write_metrics(out, history)
+        result = _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader,
+                         test_loader, device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup,
+                         base_lr, log, progress, on_first_checkpoint=folder.commit if replacing else None,
+                         keeper=keeper, extra_state=extra_state, first_pass_local=local_first_pass)
+    except BaseException:
+        if replacing and not (out / CHECKPOINT).exists():
+            folder.restore()
+            log(f"the new run failed before its first checkpoint: the previous run in {out} is restored")
+        raise
+    if main:
+        save_weights(out / WEIGHTS, model, weights_metadata(cfg, info))
+    return result
+
+
+def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader, test_loader,
+            device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup, base_lr, log, progress,
+            on_first_checkpoint=None, keeper=None, extra_state=None, first_pass_local=None) -> dict:
+    out = folder.path
+    main, parallel = distributed.is_main(), distributed.active()
+    train_step = make_train_step(forward, model, optimizer, regularizers, task, device, amp,
+                                 reg_in_every_pass=cfg.reg_in_every_pass,
+                                 after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None,
+                                 first_pass_local=first_pass_local)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
+        stats = {"loss": zero(), "reg": zero(), "hits": zero(torch.long), "count": zero(torch.long),
+                 "ok": torch.ones((), dtype=torch.bool, device=device), "good_steps": zero(torch.long), "_n": 0}
+        bar = _Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        t0 = time.perf_counter()
+        seen = 0
+        for i, (x, y) in enumerate(train_loader):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
+            train_step(x, y, stats, train_loader.loss_weight(i) if parallel else 1.0)
+            seen += len(y)
+            bar.update()
+        bar.close()
+        kept = (f"kept the checkpoint of epoch {epoch} in {out}" if epoch > 0 else
+                f"no epoch had completed, so {out} holds no checkpoint")
+        # data parallel: sums over every process, and a non-finite loss on any process stops them all here
+        seen = distributed.reduce_epoch_(stats, seen)
+        if not bool(stats["ok"]):
+            bad_step = int(stats["good_steps"]) + 1
+            raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
+                                 f"{kept}; lower --lr or the regularizer strength")
+        if not distributed.all_true(_all_finite(model.state_dict().values()), device):
+            raise NonFiniteError(f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
+                                 f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength")
+        train_time = time.perf_counter() - t0
+        if parallel:
+            if not cfg.sync_bn:
+                distributed.average_bn_buffers_(model)   # each process tracked the statistics of its share
+            distributed.check_identical(model)
+        variances = monitor.variances()
+        # each process evaluates its share of the test set; the counts are summed
+        test = task.evaluate(model, test_loader, amp, reduce=distributed.sum_ if parallel else None)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(stats["loss"] + stats["reg"]) / seen,
+            "task_loss": float(stats["loss"]) / seen,
+            "var_term": float(stats["reg"]) / seen if regularizers else 0.0,
+            task.train_key: float(stats["hits"]) / max(1, int(stats["count"])),
+            **{f"test_{k}": v for k, v in test.items() if isinstance(v, float)},
+            "mean_layer_variance": sum(variances.values()) / len(variances),
+            "layer_variance": variances,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": train_time,
+        }
+        if task.name == "classification":
+            metrics["cross_entropy"] = metrics.pop("task_loss")   # the key of varprune 0.1
+        history.append(metrics)
+        if not main:     # rank 0 alone writes the run folder
+            continue
+        # the checkpoint first, then the metrics: a crash between the two is repaired by --resume
+        save_checkpoint(out / CHECKPOINT, {
+            "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(device, train_loader), "history": history,
+            "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup},
+            **(extra_state or {})})
+        if on_first_checkpoint is not None:
+            on_first_checkpoint()
+            on_first_checkpoint = None
+        _write_metrics(out, history)
+        primary = metrics[f"test_{task.primary}"]
+        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
+            f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} {100 * primary:.2f}%  "
+            f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s")
+    return history[-1] if history else {}

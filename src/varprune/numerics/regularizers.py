@@ -1,0 +1,377 @@
+"""Loss terms over the prunable weights: VAR, l1 and Hoyer-square.
+
+Each regularizer has two faces:
+
+* ``reg()`` returns ``coef * penalty`` as an autograd tensor, for users who
+  add it to their loss (two lines in any training loop);
+* ``reg.apply_gradient_(scale=None)`` adds ``coef * d penalty / d w`` (times
+  ``scale``) to every weight's ``.grad`` after ``loss.backward()``, in closed
+  form, with no autograd graph. This is the path the training loop uses.
+
+The closed form is horizontally fused: the weights are grouped by (device,
+dtype) and every step is one ``torch._foreach_*`` call over a whole group, so
+the number of dispatched operations does not grow with the depth of the
+network. Per-layer scalars (means, variances, coefficients) stay device
+tensors, stacked into one vector per group: no ``.item()``, no Python branch
+on a tensor value, hence no host synchronisation. (On CUDA the ops that
+combine a full tensor with its layer's scalar, ``_foreach_*_`` with a list of
+0-d tensors, take PyTorch's per-tensor fallback inside that one dispatch; the
+others run as multi-tensor kernels.) Half and bfloat16 weights are computed in
+float32.
+
+VAR (arXiv 2511.14282), for each prunable tensor w with n elements::
+
+    w~  = sqrt(w^2 + r)                      smooth |w|
+    V   = mean(w~^2) - mean(w~)^2            population variance of |w|
+    psi = sum over layers of 1 / (V + eps)
+    d psi / d w_i = -2 / (n (V + eps)^2) * (w~_i - mean(w~)) * w_i / w~_i
+
+Numerics: a layer whose magnitudes are all equal sits at psi's maximum, where
+the true gradient is zero but rounding noise in (w~_i - mean) would be
+amplified by 1/eps^2 = 1e16. Both paths are exact there: the autograd penalty
+takes deviations from the layer's first magnitude (variance is shift
+invariant), and the closed form takes deviations d_i = w~_i - max(w~) (exact
+zeros when all magnitudes are equal, and exact by Sterbenz's lemma for every
+magnitude within a factor 2 of the largest), computes the variance in two
+passes from d, and zeroes the coefficient of any layer whose variance is 0.
+
+Hoyer-square: a layer that is all zeros has 0/0; like DeepHoyer, such a layer
+is skipped (it adds 0 to the value and to the gradient) in both paths.
+"""
+from __future__ import annotations
+
+import torch
+
+from varprune.numerics.weights import as_weight_list
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _layer_variance(w: torch.Tensor, r: float) -> torch.Tensor:
+    wt = torch.sqrt(w * w + r).reshape(-1)
+    d = wt - wt[0].detach()
+    e = d - d.mean()
+    return (e * e).mean()
+
+
+def var_penalty(weights, r: float = 1e-8, eps: float = 1e-8) -> torch.Tensor:
+    """psi(w) = sum_l 1 / (Var(sqrt(w_l^2 + r)) + eps), with autograd.
+
+    ``weights``: an iterable of tensors, of ``(name, tensor)`` pairs, or a model
+    (its prunable weights).
+    """
+    named = as_weight_list(weights)
+    if not named:
+        raise ValueError("var_penalty needs at least one weight tensor")
+    terms = [1.0 / (_layer_variance(w, r) + eps) for _, w in named]
+    return torch.stack(terms).sum()
+
+
+def l1_penalty(weights) -> torch.Tensor:
+    """sum over all prunable weights of |w|."""
+    return torch.stack([w.abs().sum() for _, w in as_weight_list(weights)]).sum()
+
+
+def hoyer_square_penalty(weights) -> torch.Tensor:
+    """DeepHoyer's Hoyer-square, per layer: sum_l (sum |w_l|)^2 / sum w_l^2.
+
+    A layer that is all zeros (0/0) is skipped: it contributes 0 to the value
+    and to the gradient, as in DeepHoyer, instead of NaN.
+    """
+    terms = []
+    for _, w in as_weight_list(weights):
+        s1 = w.abs().sum()
+        s2 = (w * w).sum()
+        ok = s2 > 0
+        # the inner where keeps 0/0 out of the graph: a NaN in the unselected
+        # branch would still poison the gradient
+        safe = torch.where(ok, s2, torch.ones_like(s2))
+        terms.append(torch.where(ok, s1 * s1 / safe, torch.zeros_like(s2)))
+    return torch.stack(terms).sum()
+
+
+class _Group:
+    """Weights sharing one device and dtype, in their original order."""
+
+    def __init__(self, indices: list[int], params: list[torch.Tensor]):
+        self.indices = indices
+        self.params = params
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.compute_dtype = self.dtype if self.dtype in _COMPUTE_DTYPES else torch.float32
+        self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype,
+                                            device=self.device)
+        self.scratch: list[list[torch.Tensor]] | None = None  # regularizer-owned buffers
+
+    def grads(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def buffers(self, count: int) -> list[list[torch.Tensor]]:
+        """``count`` lists of scratch tensors shaped like the weights, kept between calls.
+
+        On CPU, fresh allocations the size of the weights cost more than the
+        arithmetic (page faults); on CUDA they would only be cache hits."""
+        if self.scratch is None or len(self.scratch) < count:
+            self.scratch = [[torch.empty_like(p, dtype=self.compute_dtype) for p in self.params]
+                            for _ in range(count)]
+        return self.scratch[:count]
+
+
+def _signature(params) -> tuple:
+    return tuple((p.device, p.dtype, p.shape) for p in params)
+
+
+def _group_by_device_dtype(params: list[torch.Tensor]) -> list[_Group]:
+    keys: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        keys.setdefault((p.device, p.dtype), []).append(i)
+    return [_Group(idx, [params[i] for i in idx]) for idx in keys.values()]
+
+
+def _check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype.is_complex or scale.dtype == torch.bool:
+            raise ValueError(f"apply_gradient_: scale must be a float or a one-element tensor, "
+                             f"got a tensor of shape {tuple(scale.shape)}")
+        return scale.reshape(())
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"apply_gradient_: scale must be a float or a one-element tensor, got {scale!r}")
+    return float(scale)
+
+
+def _coefficient(coef: float, scale, group: _Group):
+    """``coef * scale`` as a Python float, or as a 0-d tensor on the group's device."""
+    if scale is None:
+        return coef
+    if isinstance(scale, float):
+        return coef * scale
+    return scale.to(device=group.device, dtype=group.compute_dtype, non_blocking=True) * coef
+
+
+class Regularizer:
+    """Base class: a penalty over prunable weights, multiplied by ``coef``.
+
+    Subclasses implement ``penalty()`` (autograd) and ``_group_gradient_``
+    (closed form over one device/dtype group of weights).
+    """
+
+    name = "regularizer"
+
+    def __init__(self, model_or_weights, strength: float):
+        strength = float(strength)
+        if not strength >= 0 or strength == float("inf"):
+            raise ValueError(f"{self.name} strength must be a finite number >= 0, got {strength}")
+        self.named = as_weight_list(model_or_weights)
+        if not self.named:
+            raise ValueError(f"{self.name}: the model has no prunable weights")
+        self.coef = strength
+        self._groups: list[_Group] = []
+        self._signature: tuple | None = None
+        self._order: torch.Tensor | None = None
+
+    @property
+    def strength(self) -> float:
+        """The multiplier of the penalty (l1's and Hoyer's alpha)."""
+        return self.coef
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [p for _, p in self.named]
+
+    def penalty(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self) -> torch.Tensor:
+        """``coef * penalty`` with autograd: add it to your loss."""
+        return self.coef * self.penalty()
+
+    def _group_gradient_(self, group: _Group, grads: list[torch.Tensor], coef) -> torch.Tensor:
+        """Add ``coef * d penalty / d w`` to ``grads``; return the group's per-layer penalties (1-D)."""
+        raise NotImplementedError
+
+    def _current_groups(self) -> list[_Group]:
+        params = self.weights
+        sig = _signature(params)
+        if sig != self._signature:  # first call, or the model moved to another device/dtype
+            self._groups = _group_by_device_dtype(params)
+            self._signature = sig
+            perm = [i for g in self._groups for i in g.indices]
+            self._order = None if perm == list(range(len(perm))) else \
+                torch.argsort(torch.tensor(perm, device=params[0].device))
+        return self._groups
+
+    def _ordered(self, per_group: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer values of every group, back in the weights' order, on the first weight's device."""
+        device = self._groups[0].device
+        flat = torch.cat([v.to(device) for v in per_group]) if len(per_group) > 1 else per_group[0]
+        return flat if self._order is None else flat[self._order]
+
+    @torch.no_grad()
+    def apply_gradient_(self, scale=None) -> torch.Tensor:
+        """Add ``coef * d penalty / d w * scale`` to each weight's ``.grad``.
+
+        Call it after ``loss.backward()``. ``scale`` (optional) is a float or a
+        one-element tensor, e.g. a ``torch.amp.GradScaler``'s current scale as
+        ``scaler.scale(torch.ones((), device=d))``: the added gradient is then
+        scaled like the loss's, and ``scaler.unscale_``/``scaler.step`` see the
+        sum of both at the same scale. Returns ``coef * penalty`` (not scaled)
+        as a detached 0-d tensor on the first weight's device, with no host
+        synchronisation.
+        """
+        scale = _check_scale(scale)
+        values = [self._group_gradient_(g, g.grads(), _coefficient(self.coef, scale, g))
+                  for g in self._current_groups()]
+        self._last_terms = self._ordered(values)
+        return self._last_terms.sum() * self.coef
+
+
+class VarRegularizer(Regularizer):
+    """The Variance Amplifying Regularizer: ``lam * sum_l 1 / (Var(|w_l|) + eps)``.
+
+    Two-line use in your own loop::
+
+        reg = VarRegularizer(model, lam=1e-6)
+        loss = criterion(model(x), y) + reg()        # autograd path
+        # or, faster: loss.backward(); reg.apply_gradient_()
+
+    Or state the strength relative to the penalty at initialisation:
+    ``VarRegularizer.from_strength(model, 0.1)`` chooses ``lam`` so that
+    ``lam * psi(w_init) == 0.1``.
+
+    Attributes: ``lam`` (the multiplier), ``strength`` (``lam * psi`` at the
+    weights given at construction), ``psi_init`` (that psi),
+    ``last_variances`` (per-layer variances from the last
+    ``apply_gradient_``, a device tensor). ``reg.variances()`` gives the
+    per-layer variance of |w| by name (for logging; a host read).
+    """
+
+    name = "VAR"
+
+    def __init__(self, model_or_weights, lam: float, r: float = 1e-8, eps: float = 1e-8):
+        if not (r > 0 and eps > 0):
+            raise ValueError(f"VAR needs r > 0 and eps > 0, got r={r}, eps={eps}")
+        super().__init__(model_or_weights, lam)
+        self.r = float(r)
+        self.eps = float(eps)
+        self.last_variances: torch.Tensor | None = None
+        # psi at the weights given, in float64: one host read, at construction
+        self.psi_init = float((1.0 / (self._variances64() + self.eps)).sum())
+        self._strength: float | None = None
+
+    @classmethod
+    def from_strength(cls, model_or_weights, strength: float, r: float = 1e-8, eps: float = 1e-8) -> "VarRegularizer":
+        """A VarRegularizer with ``lam = strength / psi(w)``, psi taken once on the weights given.
+
+        Pass the model (or weights) at initialisation: ``strength`` is then
+        the VAR term's value at the start of training, comparable across
+        models whose psi differs by orders of magnitude. The resolved values
+        are ``reg.lam`` and ``reg.strength``.
+        """
+        strength = float(strength)
+        if not 0 <= strength < float("inf"):
+            raise ValueError(f"VAR strength must be a finite number >= 0, got {strength}")
+        reg = cls(model_or_weights, 0.0, r=r, eps=eps)
+        if not 0 < reg.psi_init < float("inf"):
+            raise ValueError(f"VAR: psi of the given weights is {reg.psi_init}; the weights must be finite")
+        reg.coef = strength / reg.psi_init
+        reg._strength = strength
+        return reg
+
+    @property
+    def lam(self) -> float:
+        return self.coef
+
+    @property
+    def strength(self) -> float:
+        """``lam * psi`` at the weights given at construction (exactly the value given to ``from_strength``)."""
+        return self._strength if self._strength is not None else self.coef * self.psi_init
+
+    def penalty(self) -> torch.Tensor:
+        return var_penalty(self.named, self.r, self.eps)
+
+    def _group_gradient_(self, group, grads, coef):
+        t, q = group.buffers(2)
+        torch._foreach_copy_(t, group.params)
+        torch._foreach_mul_(t, t)
+        torch._foreach_add_(t, self.r)
+        torch._foreach_sqrt_(t)                                  # t = w~
+        torch._foreach_copy_(q, group.params)
+        torch._foreach_div_(q, t)                                # q = w / w~
+        torch._foreach_sub_(t, torch._foreach_max(t))            # t = d = w~ - max(w~) <= 0
+        inv_n = group.inv_numel
+        mean = torch.stack(torch._foreach_norm(t, 1)) * inv_n   # -mean(d)
+        torch._foreach_add_(t, list(mean.unbind()))             # t = e = d - mean(d) = w~ - mean(w~)
+        var = torch.stack(torch._foreach_norm(t, 2)).square() * inv_n
+        inv = (var + self.eps).reciprocal()
+        # d psi / d w_i = -2 / (n (V + eps)^2) * e_i * q_i; exactly 0 when V == 0
+        c = torch.where(var > 0, inv * inv * (inv_n * (-2.0 * coef)), 0.0)
+        torch._foreach_mul_(q, list(c.unbind()))
+        torch._foreach_addcmul_(grads, t, q)
+        group.last_var = var
+        return inv
+
+    @torch.no_grad()
+    def apply_gradient_(self, scale=None) -> torch.Tensor:
+        value = super().apply_gradient_(scale)
+        self.last_variances = self._ordered([g.last_var for g in self._groups])
+        return value
+
+    @torch.no_grad()
+    def _variances64(self) -> torch.Tensor:
+        out, device = [], self.named[0][1].device
+        for _, p in self.named:
+            wt = torch.sqrt(p.detach().double().square() + self.r).reshape(-1)
+            d = wt - wt.max()
+            out.append((d - d.mean()).square().mean().to(device))
+        return torch.stack(out)
+
+    def variances(self) -> dict[str, float]:
+        """Per-layer population variance of sqrt(w^2 + r), in float64, by parameter name."""
+        return {name: v for (name, _), v in zip(self.named, self._variances64().tolist())}
+
+
+class L1Regularizer(Regularizer):
+    """``alpha * sum |w|`` over the prunable weights."""
+
+    name = "l1"
+
+    def penalty(self) -> torch.Tensor:
+        return l1_penalty(self.named)
+
+    def _group_gradient_(self, group, grads, coef):
+        sign = torch._foreach_sign(group.params)
+        if isinstance(coef, torch.Tensor):
+            torch._foreach_mul_(sign, coef.to(group.dtype))
+            torch._foreach_add_(grads, sign)
+        else:
+            torch._foreach_add_(grads, sign, alpha=coef)
+        dtype = None if group.dtype == group.compute_dtype else group.compute_dtype
+        return torch.stack(torch._foreach_norm(group.params, 1, dtype=dtype))
+
+
+class HoyerSquareRegularizer(Regularizer):
+    """DeepHoyer: ``alpha * sum_l (sum |w_l|)^2 / sum w_l^2``; all-zero layers contribute 0."""
+
+    name = "Hoyer-square"
+
+    def penalty(self) -> torch.Tensor:
+        return hoyer_square_penalty(self.named)
+
+    def _group_gradient_(self, group, grads, coef):
+        dtype = None if group.dtype == group.compute_dtype else group.compute_dtype
+        s1 = torch.stack(torch._foreach_norm(group.params, 1, dtype=dtype))
+        s2 = torch.stack(torch._foreach_norm(group.params, 2, dtype=dtype)).square()
+        ok = s2 > 0
+        s2 = torch.where(ok, s2, torch.ones_like(s2))  # all-zero layers: skipped below
+        zero = torch.zeros_like(s2)
+        # d/dw (s1^2 / s2) = 2 s1 sign(w) / s2 - 2 s1^2 w / s2^2
+        a = torch.where(ok, (2.0 * coef) * s1 / s2, zero)
+        b = torch.where(ok, (-2.0 * coef) * s1 * s1 / (s2 * s2), zero)
+        torch._foreach_addcmul_(grads, torch._foreach_sign(group.params), list(a.unbind()))
+        torch._foreach_addcmul_(grads, group.params, list(b.unbind()))
+        return torch.where(ok, s1 * s1 / s2, zero)

@@ -1,0 +1,1 @@
+"""Storage: safetensors checkpoints (atomic, checksummed), the compressed pruned-model format, initial weights."""

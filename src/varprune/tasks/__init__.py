@@ -1,0 +1,18 @@
+"""Tasks: loss, metrics and their direction, joint augmentation, evaluation (base.py says the interface).
+
+Adding a task is one class in this package and its name in ``TASKS``; a dataset names its task.
+"""
+from varprune.tasks.augment import crop_flip
+from varprune.tasks.base import Task
+from varprune.tasks.classification import Classification
+from varprune.tasks.segmentation import Segmentation
+
+TASKS = {"classification": Classification, "segmentation": Segmentation}
+
+
+def task_for(info) -> Task:
+    """The task of a dataset (its ``DatasetInfo``)."""
+    return TASKS[info.task](info.num_classes, info.crop_pad, info.flip)
+
+
+__all__ = ["TASKS", "Classification", "Segmentation", "Task", "crop_flip", "task_for"]
