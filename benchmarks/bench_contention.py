@@ -30,6 +30,7 @@ without OMP_NUM_THREADS set, to see torch's default thread count:
     PYTHONPATH=src python benchmarks/bench_contention.py --competitor torch --repeats 2
     PYTHONPATH=src python benchmarks/bench_contention.py --steps 2 --warmup 1 --batch-size 16   # tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ SETTINGS = {
     "spin100k": ({"GOMP_SPINCOUNT": "100000"}, None),
 }
 BUSY_PY = "while True:\n    pass\n"
-BUSY_TORCH = ("import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n")
+BUSY_TORCH = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n"
 
 
 def openmp_runtime() -> str:
@@ -79,8 +80,10 @@ def worker(args) -> int:
 
     import torch
     import torch.nn.functional as F
+
     sys.path.insert(0, str(HERE.parent / "src"))
     from varprune.models import create_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -106,16 +109,28 @@ def worker(args) -> int:
         cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     info = torch.__config__.parallel_info()
     backend = next((l.split(":", 1)[1].strip() for l in info.splitlines() if "parallel backend" in l), "?")
-    print(json.dumps(dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-                          cpu_s_per_step=statistics.median(cpu), threads=torch.get_num_threads(),
-                          openmp=openmp_runtime(), backend=backend)))
+    print(
+        json.dumps(
+            dict(
+                median_s=statistics.median(times),
+                min_s=min(times),
+                max_s=max(times),
+                cpu_s_per_step=statistics.median(cpu),
+                threads=torch.get_num_threads(),
+                openmp=openmp_runtime(),
+                backend=backend,
+            )
+        )
+    )
     return 0
 
 
 def start_competitors(kind: str, n: int) -> list[subprocess.Popen]:
     code = BUSY_PY if kind == "python" else BUSY_TORCH
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(n)
+    ]
     time.sleep(1.0 if kind == "python" else 3.0)  # a torch competitor needs its import before it is busy
     return procs
 
@@ -131,8 +146,17 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def measure(setting: str, args, contended: bool) -> dict:
     env_extra, threads = SETTINGS[setting]
     env = dict(os.environ, **env_extra)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     procs = start_competitors(args.competitor, args.competitors) if contended else []
@@ -174,15 +198,20 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(HERE))
     from common import load_average
+
     load_start = load_average()
     omp_env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
     print("bench_contention: resnet20 fwd+bwd+SGD step, alone and beside a busy process, per OpenMP setting")
-    print(f"cpus      {os.cpu_count()}; load avg {load_start} at start; environment {omp_env or 'no OMP_/GOMP_/KMP_ set'}")
-    print(f"sizes     resnet20, 1x28x28, batch {args.batch_size}; {args.warmup} warm-up + {args.steps} timed steps "
-          f"per process; competitor: {args.competitors} x {args.competitor} busy loop; {args.repeats} repeat(s)")
+    print(
+        f"cpus      {os.cpu_count()}; load avg {load_start} at start; environment {omp_env or 'no OMP_/GOMP_/KMP_ set'}"
+    )
+    print(
+        f"sizes     resnet20, 1x28x28, batch {args.batch_size}; {args.warmup} warm-up + {args.steps} timed steps "
+        f"per process; competitor: {args.competitors} x {args.competitor} busy loop; {args.repeats} repeat(s)"
+    )
     runs = {s: {"alone": [], "contended": []} for s in settings}
     for r in range(args.repeats):
-        for s in settings[r % len(settings):] + settings[:r % len(settings)]:
+        for s in settings[r % len(settings) :] + settings[: r % len(settings)]:
             for mode in ("alone", "contended"):
                 m = measure(s, args, mode == "contended")
                 runs[s][mode].append(m)
@@ -192,7 +221,7 @@ def main(argv=None) -> int:
     first = next((m for s in settings for m in runs[s]["alone"] if "openmp" in m), None)
     if first:
         print(f"\nOpenMP runtime loaded by torch: {first['openmp']} (ATen parallel backend: {first['backend']})")
-    print(f"\n| setting | threads | alone ms | contended ms | slowdown | CPU s/step alone | CPU s/step contended |")
+    print("\n| setting | threads | alone ms | contended ms | slowdown | CPU s/step alone | CPU s/step contended |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     table = {}
     for s in settings:
@@ -202,29 +231,51 @@ def main(argv=None) -> int:
             print(f"| {s} | — | — | — | — | — | {errs[0] if errs else 'no result'} |")
             table[s] = dict(error=errs[0] if errs else "no result")
             continue
-        row = {mode: dict(median_ms=1e3 * statistics.median(m["median_s"] for m in ok[mode]),
-                          cpu_s_per_step=statistics.median(m["cpu_s_per_step"] for m in ok[mode]))
-               for mode in ok}
+        row = {
+            mode: dict(
+                median_ms=1e3 * statistics.median(m["median_s"] for m in ok[mode]),
+                cpu_s_per_step=statistics.median(m["cpu_s_per_step"] for m in ok[mode]),
+            )
+            for mode in ok
+        }
         row["threads"] = ok["alone"][0]["threads"]
         row["slowdown"] = row["contended"]["median_ms"] / row["alone"]["median_ms"]
         table[s] = row
-        print(f"| {s} | {row['threads']} | {row['alone']['median_ms']:.1f} | {row['contended']['median_ms']:.1f} | "
-              f"{row['slowdown']:.2f}x | {row['alone']['cpu_s_per_step']:.3f} | "
-              f"{row['contended']['cpu_s_per_step']:.3f} |")
+        print(
+            f"| {s} | {row['threads']} | {row['alone']['median_ms']:.1f} | {row['contended']['median_ms']:.1f} | "
+            f"{row['slowdown']:.2f}x | {row['alone']['cpu_s_per_step']:.3f} | "
+            f"{row['contended']['cpu_s_per_step']:.3f} |"
+        )
     load_end = load_average()
     print(f"\nload avg  {load_end} at end (the competitors included)")
     good = {s: r for s, r in table.items() if "slowdown" in r}
     if good:
         best = min(good, key=lambda s: good[s]["contended"]["median_ms"])
-        print(f"JUDGED  fastest step under contention: {best} "
-              f"({good[best]['contended']['median_ms']:.1f} ms, {good[best]['slowdown']:.2f}x its alone time)"
-              + (f"; default slows {good['default']['slowdown']:.2f}x" if "default" in good else ""))
+        print(
+            f"JUDGED  fastest step under contention: {best} "
+            f"({good[best]['contended']['median_ms']:.1f} ms, {good[best]['slowdown']:.2f}x its alone time)"
+            + (f"; default slows {good['default']['slowdown']:.2f}x" if "default" in good else "")
+        )
     if args.json:
         from common import write_json
-        write_json(args.json, dict(bench="contention", cpus=os.cpu_count(), load_start=load_start, load_end=load_end,
-                                   environment=omp_env, competitor=args.competitor, competitors=args.competitors,
-                                   batch=args.batch_size, steps=args.steps, openmp=first and first["openmp"],
-                                   table=table, runs=runs))
+
+        write_json(
+            args.json,
+            dict(
+                bench="contention",
+                cpus=os.cpu_count(),
+                load_start=load_start,
+                load_end=load_end,
+                environment=omp_env,
+                competitor=args.competitor,
+                competitors=args.competitors,
+                batch=args.batch_size,
+                steps=args.steps,
+                openmp=first and first["openmp"],
+                table=table,
+                runs=runs,
+            ),
+        )
     return 0
 
 

@@ -14,6 +14,7 @@ on resnet20, on CPU (the two passes alone are about 2.0x).
     python benchmarks/bench_methods.py --device cuda         # GPU: resnet18, batch 256, 32 px, bf16
     python benchmarks/bench_methods.py --model mlp --methods sgd,sam,cram,cram+
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,17 +25,17 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import torch  # noqa: E402
+import torch
+from common import load_average, machine
 
-from common import load_average, machine  # noqa: E402
-from varprune.device import resolve_amp, resolve_device  # noqa: E402
-from varprune.engine.methods import METHODS, build_optimizer, build_regularizers, get_method  # noqa: E402
-from varprune.models import create_model  # noqa: E402
-from varprune.numerics.pruning import keep_mask_topk  # noqa: E402
-from varprune.numerics.weights import prunable_weights  # noqa: E402
-from varprune.engine.config import TrainConfig  # noqa: E402
+from varprune.device import resolve_amp, resolve_device
+from varprune.engine.config import TrainConfig
 from varprune.engine.loop import make_train_step
-from varprune.tasks import Classification  # noqa: E402
+from varprune.engine.methods import METHODS, build_optimizer, build_regularizers, get_method
+from varprune.models import create_model
+from varprune.numerics.pruning import keep_mask_topk
+from varprune.numerics.weights import prunable_weights
+from varprune.tasks import Classification
 
 
 def main(argv=None) -> int:
@@ -92,8 +93,10 @@ def main(argv=None) -> int:
         for m in methods:
             times[m].append(sample(m))
     print(f"machine: {machine(device)}; load average {load_average()}")
-    print(f"model {model_name}, batch {batch}, {channels}x{size}x{size}, amp {amp}, "
-          f"{args.rounds} rounds x {args.steps} steps, median per step\n")
+    print(
+        f"model {model_name}, batch {batch}, {channels}x{size}x{size}, amp {amp}, "
+        f"{args.rounds} rounds x {args.steps} steps, median per step\n"
+    )
     base = statistics.median(times["sgd"]) if "sgd" in times else None
     print("| method | ms/step | vs SGD |\n|---|---:|---:|")
     for m in methods:
@@ -124,15 +127,19 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         sel["keep_mask_topk"].append(timed(lambda: keep_mask_topk(flat, k)))
         sel["stable argsort"].append(timed(argsort_mask))
-    print(f"\ntop-k mask over {flat.numel():,} magnitudes at 70% (median of {args.rounds}): "
-          + ", ".join(f"{name} {1000 * statistics.median(ts):.1f} ms" for name, ts in sel.items()))
+    print(
+        f"\ntop-k mask over {flat.numel():,} magnitudes at 70% (median of {args.rounds}): "
+        + ", ".join(f"{name} {1000 * statistics.median(ts):.1f} ms" for name, ts in sel.items())
+    )
 
     targets = {"mlp": 2.4, "resnet20": 2.2}
     if base and "cram+" in times and model_name in targets and not gpu:
         ratio = statistics.median(times["cram+"]) / base
         verdict = "PASS" if ratio <= targets[model_name] else "FAIL"
-        print(f"\nJUDGED  CrAM+ step / SGD step on {model_name} (CPU) = {ratio:.2f}x  "
-              f"target <= {targets[model_name]}x  {verdict}   (load average {load_average()})")
+        print(
+            f"\nJUDGED  CrAM+ step / SGD step on {model_name} (CPU) = {ratio:.2f}x  "
+            f"target <= {targets[model_name]}x  {verdict}   (load average {load_average()})"
+        )
     return 0
 
 

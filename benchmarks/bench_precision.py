@@ -29,6 +29,7 @@ changes what VAR buys. ``--epochs``/``--limit-train`` size it; the defaults are 
 Judge on a quiet machine (load average near 0 at the start, printed); ``--threads N``
 fixes torch's threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
+from common import load_average, machine, write_json
 
-from varprune.engine.config import TrainConfig  # noqa: E402
-from varprune.data import DeviceLoader, default_data_dir, load_dataset  # noqa: E402
-from varprune.engine.demo import SIZES  # noqa: E402
-from varprune.device import cpu_bf16  # noqa: E402
+from varprune.data import DeviceLoader, default_data_dir, load_dataset
+from varprune.device import cpu_bf16
+from varprune.engine.config import TrainConfig
+from varprune.engine.demo import SIZES
 from varprune.engine.loop import make_train_step
-from varprune.engine.methods import build_optimizer, build_regularizers, get_method  # noqa: E402
-from varprune.models import create_model  # noqa: E402
-from varprune.tasks import task_for  # noqa: E402
-from common import load_average, machine, write_json  # noqa: E402
+from varprune.engine.methods import build_optimizer, build_regularizers, get_method
+from varprune.models import create_model
+from varprune.tasks import task_for
 
 CONFIGS = {
-    "mlp": dict(model="mlp", batch_size=SIZES["cpu"]["batch_size"], var_lambda=SIZES["cpu"]["var_lambda"],
-                variants=("fp32", "bf16")),
-    "resnet20": dict(model="resnet20", batch_size=128, var_lambda=1e-5,
-                     variants=("fp32", "bf16", "fp32-cl", "bf16-cl")),
+    "mlp": dict(
+        model="mlp",
+        batch_size=SIZES["cpu"]["batch_size"],
+        var_lambda=SIZES["cpu"]["var_lambda"],
+        variants=("fp32", "bf16"),
+    ),
+    "resnet20": dict(
+        model="resnet20", batch_size=128, var_lambda=1e-5, variants=("fp32", "bf16", "fp32-cl", "bf16-cl")
+    ),
     # channels_last only (bf16 is measured on the two above): is channels_last worth a CPU default for CNNs?
     "resnet18": dict(model="resnet18", batch_size=128, var_lambda=1e-6, variants=("fp32", "fp32-cl")),
     "vgg16_bn": dict(model="vgg16_bn", batch_size=128, var_lambda=1e-6, variants=("fp32", "fp32-cl")),
@@ -74,25 +80,40 @@ def step_times(name: str, spec: dict, data, args, device) -> dict:
     info = data.info
     task = task_for(info)
     batch = args.batch_size or spec["batch_size"]
-    loader = DeviceLoader(data.train_x[:max(batch * args.batches, batch)], data.train_y[:max(batch * args.batches, batch)],
-                          info, batch, train=True, device=device, seed=0, augment=task.augment)
-    batches = [(x, y) for x, y in loader][:args.batches]
+    loader = DeviceLoader(
+        data.train_x[: max(batch * args.batches, batch)],
+        data.train_y[: max(batch * args.batches, batch)],
+        info,
+        batch,
+        train=True,
+        device=device,
+        seed=0,
+        augment=task.augment,
+    )
+    batches = [(x, y) for x, y in loader][: args.batches]
     torch.manual_seed(0)
     init = create_model(spec["model"], info.channels, info.num_classes, info.size).state_dict()
     method = get_method(args.method)
     steps = {}
     for v in spec["variants"]:
         amp, cl = variant_settings(v)
-        cfg = TrainConfig(model=spec["model"], method=args.method, var_lambda=spec["var_lambda"], batch_size=batch,
-                          channels_last=cl, amp=amp)
+        cfg = TrainConfig(
+            model=spec["model"],
+            method=args.method,
+            var_lambda=spec["var_lambda"],
+            batch_size=batch,
+            channels_last=cl,
+            amp=amp,
+        )
         model = create_model(spec["model"], info.channels, info.num_classes, info.size)
         model.load_state_dict(init)
         model = model.to(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         data_v = [(x.contiguous(memory_format=torch.channels_last) if cl else x, y) for x, y in batches]
-        step = make_train_step(model, model, build_optimizer(method, model, cfg),
-                               build_regularizers(method, model, cfg), task, device, amp)
+        step = make_train_step(
+            model, model, build_optimizer(method, model, cfg), build_regularizers(method, model, cfg), task, device, amp
+        )
         steps[v] = (step, data_v)
 
     counter = {v: 0 for v in steps}
@@ -112,12 +133,14 @@ def step_times(name: str, spec: dict, data, args, device) -> dict:
     times = {v: [] for v in steps}
     names = list(steps)
     for r in range(args.rounds):
-        for v in names[r % len(names):] + names[:r % len(names)]:
+        for v in names[r % len(names) :] + names[: r % len(names)]:
             times[v].append(timed(v))
     base = statistics.median(times["fp32"])
     rows = {}
-    print(f"\n{name}: {spec['model']}, batch {batch}, method {args.method}, {args.rounds} rounds x {args.block} "
-          f"step(s) after {args.warmup} warm-up rounds")
+    print(
+        f"\n{name}: {spec['model']}, batch {batch}, method {args.method}, {args.rounds} rounds x {args.block} "
+        f"step(s) after {args.warmup} warm-up rounds"
+    )
     print(f"  {'variant':<10}{'median ms':>11}{'min..max ms':>18}{'vs fp32':>9}")
     for v, ts in times.items():
         m = statistics.median(ts)
@@ -128,32 +151,54 @@ def step_times(name: str, spec: dict, data, args, device) -> dict:
 
 def train_curves(name: str, spec: dict, args, out: Path) -> dict:
     """Train each variant with `varprune train` (the library), then its pruning sweep with BNT."""
-    from varprune.report.tables import sweep_table
     from varprune.engine.sweep import ensure_run, prune_runs
+    from varprune.report.tables import sweep_table
+
     runs = []
     seconds = {}
     for v in spec["variants"]:
         amp, cl = variant_settings(v)
-        cfg = TrainConfig(dataset="fashion-mnist", data_dir=args.data_dir, model=spec["model"], method=args.method,
-                          var_lambda=spec["var_lambda"], epochs=args.epochs,
-                          batch_size=args.batch_size or spec["batch_size"], limit_train=args.limit_train,
-                          limit_test=args.limit_test, device="cpu", amp=amp, channels_last=cl, seed=0)
+        cfg = TrainConfig(
+            dataset="fashion-mnist",
+            data_dir=args.data_dir,
+            model=spec["model"],
+            method=args.method,
+            var_lambda=spec["var_lambda"],
+            epochs=args.epochs,
+            batch_size=args.batch_size or spec["batch_size"],
+            limit_train=args.limit_train,
+            limit_test=args.limit_test,
+            device="cpu",
+            amp=amp,
+            channels_last=cl,
+            seed=0,
+        )
         run = out / f"{name}-{v}"
         ensure_run(cfg, run, log=print, progress=False)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         seconds[v] = sum(r.get("epoch_time_s", 0.0) for r in rows)
         runs.append(run)
-    swept = prune_runs(runs, list(SPARSITIES), bnt_batches=args.bnt_batches, bnt_batch_size=args.bnt_batch_size,
-                       data_dir=args.data_dir, device="cpu", log=print, reuse=True)
+    swept = prune_runs(
+        runs,
+        list(SPARSITIES),
+        bnt_batches=args.bnt_batches,
+        bnt_batch_size=args.bnt_batch_size,
+        data_dir=args.data_dir,
+        device="cpu",
+        log=print,
+        reuse=True,
+    )
     swept = [(f"{name} {v}", doc) for v, (_, doc) in zip(spec["variants"], swept)]
-    print(f"\n{name}: training ({args.epochs} epochs) and one-shot pruning, per variant; accuracy % with BNT / "
-          f"without")
+    print(f"\n{name}: training ({args.epochs} epochs) and one-shot pruning, per variant; accuracy % with BNT / without")
     print(sweep_table(swept))
     curves = {}
     for v, (label, doc) in zip(spec["variants"], swept):
-        curves[v] = dict(train_s=seconds[v], dense=doc.get("dense_accuracy"),
-                         bnt={str(r["sparsity"]): r.get("accuracy_bnt") for r in doc.get("results", [])},
-                         no_bnt={str(r["sparsity"]): r.get("accuracy") for r in doc.get("results", [])})
+        curves[v] = dict(
+            train_s=seconds[v],
+            dense=doc.get("dense_accuracy"),
+            bnt={str(r["sparsity"]): r.get("accuracy_bnt") for r in doc.get("results", [])},
+            no_bnt={str(r["sparsity"]): r.get("accuracy") for r in doc.get("results", [])},
+        )
         print(f"  {v:<10} training {seconds[v]:.1f} s ({seconds[v] / seconds[spec['variants'][0]]:.3f}x fp32)")
     return curves
 
@@ -194,8 +239,16 @@ def main(argv=None) -> int:
     print(f"bf16      {'fast' if fast else 'slow'} on this CPU ({how})")
     print(f"load avg  {load_start} (1/5/15 min, at start)")
     data = load_dataset("fashion-mnist", args.data_dir)
-    result = dict(bench="precision", machine=machine(device), bf16_fast=fast, bf16_how=how, load_start=load_start,
-                  method=args.method, steps={}, training={})
+    result = dict(
+        bench="precision",
+        machine=machine(device),
+        bf16_fast=fast,
+        bf16_how=how,
+        load_start=load_start,
+        method=args.method,
+        steps={},
+        training={},
+    )
     for name in names:
         result["steps"][name] = step_times(name, CONFIGS[name], data, args, device)
     if args.train:
@@ -207,8 +260,10 @@ def main(argv=None) -> int:
     for name in names:
         steps = result["steps"][name]
         if "bf16" in steps:
-            print(f"JUDGED  {name}: bf16 autocast step / fp32 step = {steps['bf16']['ratio']:.3f}  (< 1: bf16 pays "
-                  f"on this CPU; cpu_bf16() says {'fast' if fast else 'slow'})")
+            print(
+                f"JUDGED  {name}: bf16 autocast step / fp32 step = {steps['bf16']['ratio']:.3f}  (< 1: bf16 pays "
+                f"on this CPU; cpu_bf16() says {'fast' if fast else 'slow'})"
+            )
         if "fp32-cl" in steps:
             print(f"        {name}: channels_last fp32 step / fp32 step = {steps['fp32-cl']['ratio']:.3f}")
     write_json(args.json, result)

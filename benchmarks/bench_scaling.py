@@ -18,6 +18,7 @@ No figures are recorded yet: the CPU of the development container is shared
 (timings there mean little) and no multi-GPU machine has been available; fill
 in the GPU figures in benchmarks/README.md when one is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-
-from common import load_average, machine  # noqa: E402
+import torch
+from common import load_average, machine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -49,14 +49,46 @@ def measure(n: int, args, folder: Path) -> float:
     """Images/s of one `torchrun -m varprune train` with ``n`` processes."""
     out = folder / f"n{n}-{len(list(folder.iterdir()))}"
     threads = max(1, args.threads // n) if args.device == "cpu" else 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-           str(free_port()), "-m", "varprune", "train", "--out", str(out), "--quiet", "--model", args.model,
-           "--dataset", args.dataset, "--method", args.method, "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--limit-train", str(args.limit_train), "--limit-test", "100",
-           "--device", args.device] + (["--data-dir", args.data_dir] if args.data_dir else []) + \
-        (["--sync-bn"] if args.sync_bn else [])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "varprune",
+            "train",
+            "--out",
+            str(out),
+            "--quiet",
+            "--model",
+            args.model,
+            "--dataset",
+            args.dataset,
+            "--method",
+            args.method,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--limit-train",
+            str(args.limit_train),
+            "--limit-test",
+            "100",
+            "--device",
+            args.device,
+        ]
+        + (["--data-dir", args.data_dir] if args.data_dir else [])
+        + (["--sync-bn"] if args.sync_bn else [])
+    )
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{n} processes failed:\n{(r.stdout + r.stderr)[-3000:]}")
@@ -70,8 +102,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--processes", default="1,2", help="comma-separated process counts (default 1,2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="CPU threads shared by the processes (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads shared by the processes (default: all cores)",
+    )
     p.add_argument("--model", default="mlp")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir")
@@ -87,12 +123,14 @@ def main() -> None:
         sys.exit(f"{max(counts)} processes need {max(counts)} GPUs; this machine has {torch.cuda.device_count()}")
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     print(f"machine: {machine(device)}; load {load_average()}")
-    print(f"{args.model} on {args.dataset}, {args.method}, global batch {args.batch_size}, "
-          f"{args.limit_train} images/epoch, {args.epochs} epochs per measurement, {args.rounds} round(s)")
+    print(
+        f"{args.model} on {args.dataset}, {args.method}, global batch {args.batch_size}, "
+        f"{args.limit_train} images/epoch, {args.epochs} epochs per measurement, {args.rounds} round(s)"
+    )
     results: dict[int, list[float]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for n in (counts if r % 2 == 0 else counts[::-1]):
+            for n in counts if r % 2 == 0 else counts[::-1]:
                 results[n].append(measure(n, args, Path(tmp)))
     base = statistics.median(results[counts[0]])
     print(f"\n| processes | images/s | vs {counts[0]} | efficiency |\n|---:|---:|---:|---:|")

@@ -20,6 +20,7 @@ sparse model is faster).
 
     PYTHONPATH=src python benchmarks/bench_sparse_inference.py [--threads 2] [--out results.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from common import load_average, machine
+from torch import nn
 
-from varprune import MagnitudePruner, create_model  # noqa: E402
-from varprune.storage.pruned_format import load_pruned, save_pruned  # noqa: E402
-from common import load_average, machine  # noqa: E402
+from varprune import MagnitudePruner, create_model
+from varprune.storage.pruned_format import load_pruned, save_pruned
 
 ARGS = {"in_channels": 1, "num_classes": 10, "image_size": 28}  # Fashion-MNIST shape: 784 -> 1024 -> 1024 -> 10
 GPU_ARGS = {"in_channels": 1, "num_classes": 10, "image_size": 32}  # 1024 inputs: shapes the 2:4 kernels take
@@ -68,6 +69,7 @@ class SemiStructuredLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         from torch.sparse import to_sparse_semi_structured
+
         self.weight = nn.Parameter(to_sparse_semi_structured(linear.weight.detach()), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -85,8 +87,10 @@ def swap_linears(model: nn.Module, make, skipped: list[str] | None = None) -> nn
                 except (RuntimeError, ValueError) as e:
                     if skipped is None:
                         raise
-                    skipped.append(f"{parent_name + '.' if parent_name else ''}{child_name} "
-                                   f"{list(child.weight.shape)}: {str(e).splitlines()[0][:80]}")
+                    skipped.append(
+                        f"{parent_name + '.' if parent_name else ''}{child_name} "
+                        f"{list(child.weight.shape)}: {str(e).splitlines()[0][:80]}"
+                    )
     return model
 
 
@@ -161,8 +165,7 @@ def run_cpu(args, tmp: str) -> list[dict]:
     for s in args.sparsities:
         model = copy.deepcopy(base)
         masks = pruner.masks(s)
-        dense = export_and_reload(model, masks, {"model": "mlp", "model_args": ARGS, "pattern": f"layerwise:{s}"},
-                                  tmp)
+        dense = export_and_reload(model, masks, {"model": "mlp", "model_args": ARGS, "pattern": f"layerwise:{s}"}, tmp)
         sparse = swap_linears(copy.deepcopy(dense), CSRLinear).eval()
         for batch in args.batches:
             x = torch.randn(batch, *[ARGS["in_channels"], ARGS["image_size"], ARGS["image_size"]])
@@ -198,23 +201,40 @@ def run_cuda(args, tmp: str) -> list[dict]:
         print(f"CUDA: left dense (2:4 kernel refused): {line}")
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, GPU_ARGS["in_channels"], GPU_ARGS["image_size"], GPU_ARGS["image_size"],
-                        device=device, dtype=torch.float16)
+        x = torch.randn(
+            batch,
+            GPU_ARGS["in_channels"],
+            GPU_ARGS["image_size"],
+            GPU_ARGS["image_size"],
+            device=device,
+            dtype=torch.float16,
+        )
         try:
             diff = check_same(dense, sparse, x, atol=5e-2)
         except (RuntimeError, ValueError) as e:
             print(f"CUDA: batch {batch} skipped (2:4 kernel refused the input: {str(e).splitlines()[0][:100]})")
             continue
         r = time_pair(dense, sparse, x, args.rounds, args.inner or inner_for(batch, device))
-        rows.append({"device": "cuda", "kernel": "2:4", "sparsity": 0.5, "batch": batch, "max_abs_diff": diff,
-                     "dense_layers_left": len(skipped), **r})
+        rows.append(
+            {
+                "device": "cuda",
+                "kernel": "2:4",
+                "sparsity": 0.5,
+                "batch": batch,
+                "max_abs_diff": diff,
+                "dense_layers_left": len(skipped),
+                **r,
+            }
+        )
         print_row(rows[-1])
     return rows
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['device']:5} {r['kernel']:5} {r['sparsity']:>8.0%} {r['batch']:>6} {r['dense_ms']:>10.3f} "
-          f"{r['sparse_ms']:>10.3f} {r['speedup']:>8.2f}")
+    print(
+        f"{r['device']:5} {r['kernel']:5} {r['sparsity']:>8.0%} {r['batch']:>6} {r['dense_ms']:>10.3f} "
+        f"{r['sparse_ms']:>10.3f} {r['speedup']:>8.2f}"
+    )
 
 
 def main(argv=None) -> int:
@@ -241,9 +261,14 @@ def main(argv=None) -> int:
     load_after = load_average()
     print(f"load {load_before} -> {load_after}")
     if args.out:
-        info = {"machine": machine(torch.device("cpu")), "threads": torch.get_num_threads(),
-                "gpu": machine(torch.device("cuda")) if torch.cuda.is_available() else None,
-                "load_before": load_before, "load_after": load_after, "rows": rows}
+        info = {
+            "machine": machine(torch.device("cpu")),
+            "threads": torch.get_num_threads(),
+            "gpu": machine(torch.device("cuda")) if torch.cuda.is_available() else None,
+            "load_before": load_before,
+            "load_after": load_after,
+            "rows": rows,
+        }
         args.out.write_text(json.dumps(info, indent=1) + "\n")
     return 0
 

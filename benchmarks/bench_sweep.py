@@ -25,6 +25,7 @@ reads "small" as below 0.10.
 On CPU the test set and the BNT batches are reduced (printed); on a GPU the
 defaults are the full 10k test set and BNT = 20 batches of 500 (METHOD.md 4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,21 +36,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from varprune.data import DeviceLoader, load_dataset, subset  # noqa: E402
-from varprune.engine.sweep import DEFAULT_SPARSITIES, prune_sweep  # noqa: E402
-from varprune.engine.sweep import bnt_inputs as bnt_batches  # noqa: E402
-from varprune.tasks import Classification  # noqa: E402
+from varprune.data import DeviceLoader, load_dataset, subset
+from varprune.engine.sweep import DEFAULT_SPARSITIES, prune_sweep
+from varprune.engine.sweep import bnt_inputs as bnt_batches
+from varprune.tasks import Classification
 
 TASK = Classification(10)
-from varprune.models import create_model  # noqa: E402
-from varprune.numerics.pruning import MagnitudePruner, keep_mask_topk  # noqa: E402
-from varprune.numerics.weights import prunable_weights  # noqa: E402
-from common import add_device_args, load_average, machine, setup_device, sync  # noqa: E402
+from common import add_device_args, load_average, machine, setup_device, sync
+
+from varprune.models import create_model
+from varprune.numerics.pruning import MagnitudePruner, keep_mask_topk
+from varprune.numerics.weights import prunable_weights
 
 SMALL_FRACTION = 0.10
-PROTOCOL_BNT = (20, 500)   # batches x images: METHOD.md section 4, `varprune prune`'s default
+PROTOCOL_BNT = (20, 500)  # batches x images: METHOD.md section 4, `varprune prune`'s default
 
 
 def timed(fn, device):
@@ -99,25 +101,33 @@ def main(argv=None) -> int:
     model = create_model(args.model, info.channels, info.num_classes, info.size).to(device)
     if args.weights:
         from varprune.storage.checkpoint import load_weights
+
         load_weights(args.weights, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     named = prunable_weights(model)
     n = sum(w.numel() for _, w in named)
     sparsities = list(DEFAULT_SPARSITIES)
-    print(f"sizes     {args.model} ({'random init' if not args.weights else args.weights}), {n:,} prunable weights "
-          f"in {len(named)} tensors; {info.channels}x{info.size}x{info.size} Fashion-MNIST; test {len(vx)} images "
-          f"(eval batch {eval_bs}); BNT {len(bnt_inputs)} batches of {bnt_bs}; amp {amp}, channels_last "
-          f"{channels_last}; sparsities {sparsities}")
+    print(
+        f"sizes     {args.model} ({'random init' if not args.weights else args.weights}), {n:,} prunable weights "
+        f"in {len(named)} tensors; {info.channels}x{info.size}x{info.size} Fashion-MNIST; test {len(vx)} images "
+        f"(eval batch {eval_bs}); BNT {len(bnt_inputs)} batches of {bnt_bs}; amp {amp}, channels_last "
+        f"{channels_last}; sparsities {sparsities}"
+    )
 
     # ---- the sweep as `varprune prune` runs it
     t_sweep, result = timed(lambda: prune_sweep(model, sparsities, TASK, test_loader, bnt_inputs, amp=amp), device)
     tm = result["timing"]
-    print(f"\nsweep     wall {t_sweep:.2f} s for {len(sparsities)} sparsities (prune_sweep's own split: "
-          f"prune {tm['prune_s']:.3f} s, BNT {tm['bnt_s']:.2f} s, the rest = sort + evaluations "
-          f"{tm['total_s'] - tm['prune_s'] - tm['bnt_s']:.2f} s)")
-    print(f"          dense accuracy {100 * result['dense_accuracy']:.2f}%; "
-          + ", ".join(f"{r['sparsity']:g}: {100 * r['accuracy_bnt']:.1f}%" for r in result["results"]) + " after BNT")
+    print(
+        f"\nsweep     wall {t_sweep:.2f} s for {len(sparsities)} sparsities (prune_sweep's own split: "
+        f"prune {tm['prune_s']:.3f} s, BNT {tm['bnt_s']:.2f} s, the rest = sort + evaluations "
+        f"{tm['total_s'] - tm['prune_s'] - tm['bnt_s']:.2f} s)"
+    )
+    print(
+        f"          dense accuracy {100 * result['dense_accuracy']:.2f}%; "
+        + ", ".join(f"{r['sparsity']:g}: {100 * r['accuracy_bnt']:.1f}%" for r in result["results"])
+        + " after BNT"
+    )
 
     # ---- pruning re-timed with synchronisation, against one BNT pass and one evaluation
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -135,21 +145,27 @@ def main(argv=None) -> int:
 
     def accuracy(model, loader, amp):
         return TASK.evaluate(model, loader, amp)["accuracy"]
+
     from varprune.numerics.pruning import recalibrate_bn
 
     def bnt():
         with autocast(device, amp):
             recalibrate_bn(model, bnt_inputs)
+
     t_bnt1, _ = timed(bnt, device)
     t_eval1, _ = timed(lambda: accuracy(model, test_loader, amp), device)
     model.load_state_dict(dense)
     prune_total = t_sort + sum(t_apply)
     bnt_total = t_bnt1 * len(sparsities)
-    print(f"\npruning   MagnitudePruner's one sort of {n:,} magnitudes {1e3 * t_sort:.1f} ms; masks + apply per sparsity "
-          f"median {1e3 * statistics.median(t_apply):.1f} ms (masks alone {1e3 * statistics.median(t_masks):.1f} ms); "
-          f"all {len(sparsities)}: {1e3 * prune_total:.1f} ms")
-    print(f"forward   one BNT pass ({len(bnt_inputs)} x {bnt_bs}) {1e3 * t_bnt1:.0f} ms, x{len(sparsities)} = "
-          f"{bnt_total:.2f} s; one evaluation ({len(vx)} images) {1e3 * t_eval1:.0f} ms")
+    print(
+        f"\npruning   MagnitudePruner's one sort of {n:,} magnitudes {1e3 * t_sort:.1f} ms; masks + apply per sparsity "
+        f"median {1e3 * statistics.median(t_apply):.1f} ms (masks alone {1e3 * statistics.median(t_masks):.1f} ms); "
+        f"all {len(sparsities)}: {1e3 * prune_total:.1f} ms"
+    )
+    print(
+        f"forward   one BNT pass ({len(bnt_inputs)} x {bnt_bs}) {1e3 * t_bnt1:.0f} ms, x{len(sparsities)} = "
+        f"{bnt_total:.2f} s; one evaluation ({len(vx)} images) {1e3 * t_eval1:.0f} ms"
+    )
 
     # ---- ways to get 8 thresholds from the magnitudes, interleaved
     flat = torch.cat([w.detach().abs().reshape(-1).float() for _, w in named])
@@ -187,25 +203,27 @@ def main(argv=None) -> int:
         return [flat > torch.quantile(flat, s) for s in sparsities]
 
     base_name = "stable argsort once + 8 masks (old pruner)"
-    methods = {base_name: argsort_once,
-               "MagnitudePruner: int sort once + 8 exact masks": pruner_once,
-               "keep_mask_topk per sparsity (8 selections)": radix_each,
-               "sort values once + 8 thresholds": sort_values_once,
-               "sort int32 bit patterns once + 8 thresholds": int_sort_once,
-               "kthvalue per sparsity (8 calls)": kthvalue_each}
-    if n <= 2 ** 24:
+    methods = {
+        base_name: argsort_once,
+        "MagnitudePruner: int sort once + 8 exact masks": pruner_once,
+        "keep_mask_topk per sparsity (8 selections)": radix_each,
+        "sort values once + 8 thresholds": sort_values_once,
+        "sort int32 bit patterns once + 8 thresholds": int_sort_once,
+        "kthvalue per sparsity (8 calls)": kthvalue_each,
+    }
+    if n <= 2**24:
         methods["quantile per sparsity (8 calls)"] = quantile_each
     results = {k: [] for k in methods}
     for r in range(repeats):
         names = list(methods)
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             dt, _ = timed(methods[name], device)
             results[name].append(dt)
     base = statistics.median(results[base_name])
     print(f"\nthresholds for {len(ks)} sparsities over {n:,} magnitudes ({repeats} interleaved rounds, medians):")
     for name, ts in results.items():
         print(f"  {name:<50}{1e3 * statistics.median(ts):>10.1f} ms{statistics.median(ts) / base:>8.2f}x")
-    if n > 2 ** 24:
+    if n > 2**24:
         print(f"  torch.quantile skipped: {n:,} > 2^24 elements, which it refuses")
     print(f"load avg  {load_average()} at end")
 
@@ -217,15 +235,21 @@ def main(argv=None) -> int:
     frac_protocol = prune_total / bnt_protocol
     at_protocol = bnt_images == protocol_images
     print(f"\nfraction  pruning / BNT forward with the BNT used here ({len(bnt_inputs)}x{bnt_bs}): {frac_used:.4f}")
-    print(f"          pruning / BNT forward at the protocol's BNT ({PROTOCOL_BNT[0]}x{PROTOCOL_BNT[1]} per sparsity, "
-          f"{'measured' if at_protocol else f'projected from the measured {1 / per_image:.0f} images/s'}): "
-          f"{frac_protocol:.4f}")
+    print(
+        f"          pruning / BNT forward at the protocol's BNT ({PROTOCOL_BNT[0]}x{PROTOCOL_BNT[1]} per sparsity, "
+        f"{'measured' if at_protocol else f'projected from the measured {1 / per_image:.0f} images/s'}): "
+        f"{frac_protocol:.4f}"
+    )
     verdict = "PASS" if frac_protocol < SMALL_FRACTION else "FAIL"
-    print(f"\nJUDGED  pruning (sort + {len(sparsities)} x masks+apply) / BNT forward time at the protocol's BNT size "
-          f"= {frac_protocol:.4f}  target < {SMALL_FRACTION} (this benchmark's reading of 'a small fraction')  "
-          f"{verdict}")
-    print(f"        full {len(sparsities)}-sparsity sweep with BNT on {args.model}: {t_sweep:.2f} s wall "
-          f"(test {len(vx)}, BNT {len(bnt_inputs)}x{bnt_bs}, {device.type})")
+    print(
+        f"\nJUDGED  pruning (sort + {len(sparsities)} x masks+apply) / BNT forward time at the protocol's BNT size "
+        f"= {frac_protocol:.4f}  target < {SMALL_FRACTION} (this benchmark's reading of 'a small fraction')  "
+        f"{verdict}"
+    )
+    print(
+        f"        full {len(sparsities)}-sparsity sweep with BNT on {args.model}: {t_sweep:.2f} s wall "
+        f"(test {len(vx)}, BNT {len(bnt_inputs)}x{bnt_bs}, {device.type})"
+    )
     return 0
 
 

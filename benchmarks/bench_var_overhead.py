@@ -27,6 +27,7 @@ where PyTorch takes its fallback, e.g. for lists of per-layer 0-d tensors).
     PYTHONPATH=src python benchmarks/bench_var_overhead.py --device cuda  # GPU defaults
     ... --variants sgd,var-fast,var-compiled --json out.json              # + compiled regularizer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+import torch.nn.functional as F
+from common import add_device_args, load_average, machine, setup_device, sync, write_json
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from varprune.engine.loop import make_train_step
-from varprune.models import create_model  # noqa: E402
-from varprune.numerics.regularizers import VarRegularizer  # noqa: E402
-from varprune.tasks import Classification  # noqa: E402
-from varprune.numerics.weights import prunable_weights  # noqa: E402
-from common import add_device_args, load_average, machine, setup_device, sync, write_json  # noqa: E402
+from varprune.models import create_model
+from varprune.numerics.regularizers import VarRegularizer
+from varprune.numerics.weights import prunable_weights
+from varprune.tasks import Classification
 
 TARGET = {"cpu": 1.05, "cuda": 1.02}
 VARIANTS = ("sgd", "var-fast", "var-compiled", "var-autograd", "var-naive")
@@ -72,14 +73,35 @@ def naive_var_penalty(weights, r=1e-8, eps=1e-8):
     """A plain per-layer loop, written the obvious way (the +30..60% baseline)."""
     psi = 0.0
     for w in weights:
-        wt = torch.sqrt(w ** 2 + r)
-        psi = psi + 1.0 / ((wt ** 2).mean() - wt.mean() ** 2 + eps)
+        wt = torch.sqrt(w**2 + r)
+        psi = psi + 1.0 / ((wt**2).mean() - wt.mean() ** 2 + eps)
     return psi
 
 
-_VIEW_OPS = {"view", "_unsafe_view", "reshape", "detach", "alias", "as_strided", "expand", "t", "select",
-             "slice", "unsqueeze", "squeeze", "permute", "transpose", "lift_fresh", "empty", "empty_like",
-             "empty_strided", "_reshape_alias", "unbind", "split", "split_with_sizes"}
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "detach",
+    "alias",
+    "as_strided",
+    "expand",
+    "t",
+    "select",
+    "slice",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "split_with_sizes",
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -107,6 +129,7 @@ def pct(values, q):
 
 # ------------------------------------------------------------------ benchmark
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -114,17 +137,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on GPU")
     p.add_argument("--image-size", type=int, default=None, help="default: 28 on CPU (Fashion-MNIST), 32 on GPU")
     p.add_argument("--channels", type=int, default=None, help="input channels; default 1 on CPU, 3 on GPU")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed rounds per variant (each round = --block steps); default 24 CPU, 50 GPU")
-    p.add_argument("--block", type=int, default=None,
-                   help="steps per timed sample, one synchronisation per block; default 1 CPU, 10 GPU")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed rounds per variant (each round = --block steps); default 24 CPU, 50 GPU",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="steps per timed sample, one synchronisation per block; default 1 CPU, 10 GPU",
+    )
     p.add_argument("--warmup", type=int, default=3, help="warm-up rounds of every variant")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto", help="auto: bf16 on GPU, none on CPU")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="auto: on for GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported)")
-    p.add_argument("--variants", default="sgd,var-fast,var-autograd,var-naive",
-                   help="comma-separated, from " + ", ".join(VARIANTS) + " (var-compiled: torch.compile of "
-                        "apply_gradient_, compilation reported, not counted)")
+    p.add_argument(
+        "--variants",
+        default="sgd,var-fast,var-autograd,var-naive",
+        help="comma-separated, from " + ", ".join(VARIANTS) + " (var-compiled: torch.compile of "
+        "apply_gradient_, compilation reported, not counted)",
+    )
     p.add_argument("--json", default=None, help="also write the figures as JSON to this file")
     p.add_argument("--lam", type=float, default=1e-6)
     add_device_args(p)
@@ -162,12 +196,25 @@ def main(argv=None) -> int:
     task = Classification(10)
     x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
-    sizes = dict(model=model_name, channels=channels, image_size=size, batch=batch, prunable_weights=n_weights,
-                 tensors=len(weights), amp=amp, channels_last=channels_last, compile_model=args.compile,
-                 rounds=rounds, block=block, warmup=args.warmup)
-    print(f"sizes     {model_name}, {channels}x{size}x{size} inputs, batch {batch}, {n_weights:,} prunable weights in "
-          f"{len(weights)} tensors; amp {amp}, channels_last {channels_last}, compile {args.compile}; "
-          f"{rounds} timed rounds x {block} step(s) per variant after {args.warmup} warm-up rounds")
+    sizes = dict(
+        model=model_name,
+        channels=channels,
+        image_size=size,
+        batch=batch,
+        prunable_weights=n_weights,
+        tensors=len(weights),
+        amp=amp,
+        channels_last=channels_last,
+        compile_model=args.compile,
+        rounds=rounds,
+        block=block,
+        warmup=args.warmup,
+    )
+    print(
+        f"sizes     {model_name}, {channels}x{size}x{size} inputs, batch {batch}, {n_weights:,} prunable weights in "
+        f"{len(weights)} tensors; amp {amp}, channels_last {channels_last}, compile {args.compile}; "
+        f"{rounds} timed rounds x {block} step(s) per variant after {args.warmup} warm-up rounds"
+    )
 
     compile_s = {}
     forward = model
@@ -184,8 +231,10 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
 
     # sgd and var-fast are the training loop's own step (loop.make_train_step), as `varprune train` runs it
-    steps = {"sgd": make_train_step(forward, model, optimizer, [], task, device, amp),
-             "var-fast": make_train_step(forward, model, optimizer, [reg], task, device, amp)}
+    steps = {
+        "sgd": make_train_step(forward, model, optimizer, [], task, device, amp),
+        "var-fast": make_train_step(forward, model, optimizer, [reg], task, device, amp),
+    }
     if "var-compiled" in variants:
         compiled = CompiledApply(reg)
         steps["var-compiled"] = make_train_step(forward, model, optimizer, [compiled], task, device, amp)
@@ -195,8 +244,10 @@ def main(argv=None) -> int:
         compiled.apply_gradient_()
         sync(device)
         compile_s["apply_gradient_"] = time.perf_counter() - t
-        print(f"compile   torch.compile(apply_gradient_) first call {compile_s['apply_gradient_']:.1f} s "
-              f"(not counted below)")
+        print(
+            f"compile   torch.compile(apply_gradient_) first call {compile_s['apply_gradient_']:.1f} s "
+            f"(not counted below)"
+        )
 
     def hand_written(variant: str):
         def step(xb, yb):
@@ -209,6 +260,7 @@ def main(argv=None) -> int:
                 loss = loss + args.lam * naive_var_penalty(weights)
             loss.backward()
             optimizer.step()
+
         return step
 
     steps["var-autograd"] = hand_written("var-autograd")
@@ -232,7 +284,7 @@ def main(argv=None) -> int:
     apply_alone = []
     t_start = time.perf_counter()
     for r in range(rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
         this = {}
         for v in order:
             this[v] = timed(v)
@@ -254,32 +306,55 @@ def main(argv=None) -> int:
     print(f"\n{'variant':<14}{'median ms':>11}{'p25..p75 ms':>18}{'ratio vs sgd':>15}{'paired median':>15}")
     for v in variants:
         m = statistics.median(times[v])
-        rows[v] = dict(median_ms=1e3 * m, p25_ms=1e3 * pct(times[v], .25), p75_ms=1e3 * pct(times[v], .75),
-                       ratio=m / sgd, paired_median=statistics.median(paired[v]))
+        rows[v] = dict(
+            median_ms=1e3 * m,
+            p25_ms=1e3 * pct(times[v], 0.25),
+            p75_ms=1e3 * pct(times[v], 0.75),
+            ratio=m / sgd,
+            paired_median=statistics.median(paired[v]),
+        )
         spread = f"{rows[v]['p25_ms']:.2f}..{rows[v]['p75_ms']:.2f}"
         print(f"{v:<14}{1e3 * m:>11.2f}{spread:>18}{m / sgd:>15.4f}{rows[v]['paired_median']:>15.4f}")
     a = statistics.median(apply_alone)
-    print(f"\napply_gradient_ alone: median {1e3 * a:.3f} ms = {100 * a / sgd:.2f}% of an SGD step "
-          f"(estimate of the overhead without step-to-step noise: {1 + a / sgd:.4f}x)")
+    print(
+        f"\napply_gradient_ alone: median {1e3 * a:.3f} ms = {100 * a / sgd:.2f}% of an SGD step "
+        f"(estimate of the overhead without step-to-step noise: {1 + a / sgd:.4f}x)"
+    )
     top = ", ".join(f"{k} {c}" for k, c in sorted(counter.ops.items(), key=lambda kv: -kv[1])[:8])
-    print(f"apply_gradient_ dispatches {counter.total} aten ops for {len(weights)} tensors "
-          f"({counter.total / len(weights):.1f} per tensor; a _foreach op covers all tensors): {top}")
+    print(
+        f"apply_gradient_ dispatches {counter.total} aten ops for {len(weights)} tensors "
+        f"({counter.total / len(weights):.1f} per tensor; a _foreach op covers all tensors): {top}"
+    )
     load_end = load_average()
     print(f"timed section {wall:.1f} s; load avg {load_end} at end")
 
-    result = dict(bench="var_overhead", machine=machine(device), device=device.type, load_start=load_start,
-                  load_end=load_end, sizes=sizes, variants=rows, apply_alone_ms=1e3 * a, apply_alone_ratio=1 + a / sgd,
-                  aten_ops=counter.total, compile_s=compile_s, timed_s=wall)
+    result = dict(
+        bench="var_overhead",
+        machine=machine(device),
+        device=device.type,
+        load_start=load_start,
+        load_end=load_end,
+        sizes=sizes,
+        variants=rows,
+        apply_alone_ms=1e3 * a,
+        apply_alone_ratio=1 + a / sgd,
+        aten_ops=counter.total,
+        compile_s=compile_s,
+        timed_s=wall,
+    )
     if "var-fast" in variants:
         ratio = statistics.median(times["var-fast"]) / sgd
         target = TARGET[device.type]
         stock = (model_name, batch) == (("resnet18", 256) if gpu else ("resnet20", 128))
         verdict = "PASS" if ratio <= target else "FAIL"
         note = "" if stock else f" (target defined for {'resnet18/256' if gpu else 'resnet20/128'}; sizes differ)"
-        print(f"\nJUDGED  var-fast / sgd step time = {ratio:.4f}  target <= {target:.2f} on {device.type}  "
-              f"{verdict}{note}")
-        result["judged"] = dict(name="var-fast / sgd step time", value=ratio, target=f"<= {target}",
-                                verdict=verdict, stock_sizes=stock)
+        print(
+            f"\nJUDGED  var-fast / sgd step time = {ratio:.4f}  target <= {target:.2f} on {device.type}  "
+            f"{verdict}{note}"
+        )
+        result["judged"] = dict(
+            name="var-fast / sgd step time", value=ratio, target=f"<= {target}", verdict=verdict, stock_sizes=stock
+        )
         if "var-compiled" in variants:
             c = statistics.median(times["var-compiled"]) / sgd
             print(f"        var-compiled / sgd = {c:.4f} ({'PASS' if c <= target else 'FAIL'} against the same target)")

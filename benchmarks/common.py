@@ -1,4 +1,5 @@
 """What every benchmark prints and needs: the machine, the load, device synchronisation, JSON output."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,17 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import torch  # noqa: E402
+import torch
 
-from varprune.device import describe_device  # noqa: E402
+from varprune.device import describe_device
 
 
 def machine(device: torch.device) -> str:
-    kind = f"GPU {describe_device(device)}, CUDA {torch.version.cuda}" if device.type == "cuda" else \
-        f"CPU {describe_device(device)}"
+    kind = (
+        f"GPU {describe_device(device)}, CUDA {torch.version.cuda}"
+        if device.type == "cuda"
+        else f"CPU {describe_device(device)}"
+    )
     return f"{kind}, torch {torch.__version__}"
 
 
@@ -38,6 +42,7 @@ def add_device_args(p) -> None:
 def setup_device(args) -> torch.device:
     """Apply --threads and resolve --device the way `varprune train` does."""
     from varprune.device import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
@@ -57,6 +62,7 @@ def write_json(path, result: dict) -> None:
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -7,6 +7,7 @@ exactly round((1 - s) * N) weights, as a trained one would.
 
     PYTHONPATH=src python benchmarks/export_sizes.py [--out sizes.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from varprune import MagnitudePruner, create_model  # noqa: E402
-from varprune.storage.checkpoint import save_weights  # noqa: E402
-from varprune.storage.pruned_format import save_pruned  # noqa: E402
+from varprune import MagnitudePruner, create_model
+from varprune.storage.checkpoint import save_weights
+from varprune.storage.pruned_format import save_pruned
 
 MODELS = ("resnet20", "resnet18", "mlp")
 SPARSITIES = (0.90, 0.95, 0.98, 0.99)
@@ -48,16 +49,21 @@ def main(argv=None) -> int:
                 row = {"model": name, "sparsity": s, "prunable": pruner.numel, "dense_bytes": dense}
                 for v in VALUES:
                     out = Path(tmp) / f"{v}.safetensors"
-                    save_pruned(out, model, masks, {"model": name, "model_args": ARGS, "pattern": f"global:{s}"},
-                                values=v)
+                    save_pruned(
+                        out, model, masks, {"model": name, "model_args": ARGS, "pattern": f"global:{s}"}, values=v
+                    )
                     row[f"{v}_bytes"] = os.path.getsize(out)
                     row[f"{v}_ratio"] = dense / row[f"{v}_bytes"]
                 rows.append(row)
-    print(f"{'model':9} {'weights':>10} {'dense':>11} {'sparsity':>8} "
-          + " ".join(f"{v + ' bytes':>11} {'x smaller':>9}" for v in VALUES))
+    print(
+        f"{'model':9} {'weights':>10} {'dense':>11} {'sparsity':>8} "
+        + " ".join(f"{v + ' bytes':>11} {'x smaller':>9}" for v in VALUES)
+    )
     for r in rows:
-        print(f"{r['model']:9} {r['prunable']:>10,} {r['dense_bytes']:>11,} {r['sparsity']:>8.0%} "
-              + " ".join(f"{r[v + '_bytes']:>11,} {r[v + '_ratio']:>9.1f}" for v in VALUES))
+        print(
+            f"{r['model']:9} {r['prunable']:>10,} {r['dense_bytes']:>11,} {r['sparsity']:>8.0%} "
+            + " ".join(f"{r[v + '_bytes']:>11,} {r[v + '_ratio']:>9.1f}" for v in VALUES)
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -24,6 +24,7 @@ Then, per sparsity, with acc(m, x) the mean over seeds of model m's accuracy at 
 
 Writes OUT/study.json and OUT/study.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from varprune.engine.config import read_resolved  # noqa: E402
-from varprune.errors import RunError  # noqa: E402
+from varprune.engine.config import read_resolved
+from varprune.errors import RunError
 from varprune.report.results import read_prune_json
 from varprune.report.tables import metric_of, setting_key
+
 # The models: five shapes whose psi(w_init) spans about 7x at 28 px (mlp-w256 1.5e4, mlp 3.4e4,
 # vit 5.0e4, resnet20 6.9e4, vgg16-w16 about 1e5); narrowed where the full model would not fit
 # the CPU budget.
@@ -58,8 +60,21 @@ MODELS = {
 # One budget for all, equal in steps (the best lambda moves with the number of steps): 2 epochs of
 # 16,000 Fashion-MNIST images (28 px) at batch 128 = 250 steps. Measured on 2 CPU cores, one torch
 # thread per run, two runs side by side: about 15 s per MLP run, 3.5 min per ViT or ResNet-20 run.
-COMMON = ["--dataset", "fashion-mnist", "--epochs", "2", "--limit-train", "16000",
-          "--batch-size", "128", "--limit-test", "2000", "--device", "cpu", "--quiet"]
+COMMON = [
+    "--dataset",
+    "fashion-mnist",
+    "--epochs",
+    "2",
+    "--limit-train",
+    "16000",
+    "--batch-size",
+    "128",
+    "--limit-test",
+    "2000",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 PRUNE = ["--bnt-batches", "8", "--bnt-batch-size", "250", "--scope", "global"]
 
 
@@ -68,7 +83,7 @@ def floats(text: str) -> list[float]:
 
 
 def settings(args) -> list[tuple[str, float | None]]:
-    return ([("sgd", None)] + [("s", s) for s in args.strengths] + [("lambda", lam) for lam in args.lambdas])
+    return [("sgd", None)] + [("s", s) for s in args.strengths] + [("lambda", lam) for lam in args.lambdas]
 
 
 def run_name(policy: str, value: float | None, seed: int) -> str:
@@ -113,7 +128,7 @@ def one_run(out: Path, model: str, policy: str, value, seed: int, sparsities: li
         return run
     run.parent.mkdir(parents=True, exist_ok=True)
     log = run.parent / f"{run.name}.log"
-    if not (run / "model.safetensors").is_file():   # written when training has finished
+    if not (run / "model.safetensors").is_file():  # written when training has finished
         if (run / "config.json").is_file():
             varprune(["train", "--resume", str(run), "--quiet"], log)
         else:
@@ -138,6 +153,7 @@ def run_all(args) -> None:
 
 
 # ---------------------------------------------------------------- the analysis
+
 
 def collect(args) -> dict:
     """results[model][(policy, value)] = {sparsity or "dense": [accuracy per seed]}; psi[model]."""
@@ -164,8 +180,11 @@ def lam_of(m: str, p: str, v: float, psi: dict) -> float:
 def regret_table(results: dict, models: list[str], grid: list[tuple[str, float]], sp) -> dict:
     """For each grid value: regret per model (the best of that model's VAR settings, both grids, minus this one)."""
     best = {m: max(statistics.fmean(c[sp]) for x, c in results[m].items() if x[0] != "sgd") for m in models}
-    return {x: {m: best[m] - statistics.fmean(results[m][x][sp]) for m in models} for x in grid
-            if all(x in results[m] for m in models)}
+    return {
+        x: {m: best[m] - statistics.fmean(results[m][x][sp]) for m in models}
+        for x in grid
+        if all(x in results[m] for m in models)
+    }
 
 
 def leave_one_out(reg: dict, models: list[str]) -> dict:
@@ -181,8 +200,9 @@ def leave_one_out(reg: dict, models: list[str]) -> dict:
 def best_lambda(cells: dict, m: str, psi: dict, sp) -> float:
     """The model's best lambda at sparsity sp: vertex of a parabola in log10(lambda) through the settings
     within a decade of the best one (the best setting itself when the fit is not a maximum)."""
-    pts = sorted((math.log10(lam_of(m, p, v, psi)), statistics.fmean(c[sp])) for (p, v), c in cells.items()
-                 if p != "sgd")
+    pts = sorted(
+        (math.log10(lam_of(m, p, v, psi)), statistics.fmean(c[sp])) for (p, v), c in cells.items() if p != "sgd"
+    )
     top_x = max(pts, key=lambda t: t[1])[0]
     near = [(x, y) for x, y in pts if abs(x - top_x) <= 1.0]
     if len(near) >= 3:
@@ -190,7 +210,7 @@ def best_lambda(cells: dict, m: str, psi: dict, sp) -> float:
         if a < 0:
             lo, hi = pts[0][0], pts[-1][0]
             return 10 ** min(max(-b / (2 * a), lo), hi)
-    return 10 ** top_x
+    return 10**top_x
 
 
 def fit_slope(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -213,13 +233,19 @@ def report(args) -> str:
     results, psi = collect(args)
     models = [m for m in args.models if m in results and m in psi]
     seeds = ",".join(map(str, args.seeds))
-    lines = [f"Test accuracy (%) after one-shot global pruning and BN re-tuning, mean over seeds {seeds} "
-             f"(runs found: {sum(len(c[args.sparsities[0]]) for m in results for c in results[m].values())}).", ""]
+    lines = [
+        f"Test accuracy (%) after one-shot global pruning and BN re-tuning, mean over seeds {seeds} "
+        f"(runs found: {sum(len(c[args.sparsities[0]]) for m in results for c in results[m].values())}).",
+        "",
+    ]
     doc = {"models": {}, "policies": {}}
     for sp in args.sparsities:
-        lines += [f"#### {100 * sp:g}% sparsity", "",
-                  "| model | psi_init | SGD | best λ (acc) | best s (acc, its λ) | best VAR |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"#### {100 * sp:g}% sparsity",
+            "",
+            "| model | psi_init | SGD | best λ (acc) | best s (acc, its λ) | best VAR |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for m in models:
             cells = results[m]
             mean = {x: statistics.fmean(c[sp]) for x, c in cells.items()}
@@ -227,12 +253,15 @@ def report(args) -> str:
             lam_x = max((x for x in mean if x[0] == "lambda"), key=mean.get, default=None)
             s_x = max((x for x in mean if x[0] == "s"), key=mean.get, default=None)
             top = max(v for x, v in mean.items() if x[0] != "sgd")
-            lines.append(f"| {m} | {psi[m]:.3g} | {100 * sgd:.2f} | " if sgd is not None else f"| {m} | {psi[m]:.3g} | - | ")
-            lines[-1] += (f"{lam_x[1]:g} ({100 * mean[lam_x]:.2f}) | " if lam_x else "- | ")
-            lines[-1] += (f"{s_x[1]:g} ({100 * mean[s_x]:.2f}, λ={lam_of(m, *s_x, psi):.2g}) | " if s_x else "- | ")
+            lines.append(
+                f"| {m} | {psi[m]:.3g} | {100 * sgd:.2f} | " if sgd is not None else f"| {m} | {psi[m]:.3g} | - | "
+            )
+            lines[-1] += f"{lam_x[1]:g} ({100 * mean[lam_x]:.2f}) | " if lam_x else "- | "
+            lines[-1] += f"{s_x[1]:g} ({100 * mean[s_x]:.2f}, λ={lam_of(m, *s_x, psi):.2g}) | " if s_x else "- | "
             lines[-1] += f"{100 * top:.2f} |"
             doc["models"].setdefault(m, {"psi_init": psi[m]})[str(sp)] = {
-                label(x) if x[0] != "sgd" else "sgd": dict(mean=mean[x], seeds=cells[x][sp]) for x in mean}
+                label(x) if x[0] != "sgd" else "sgd": dict(mean=mean[x], seeds=cells[x][sp]) for x in mean
+            }
         lines.append("")
         for policy, name in (("s", "relative strength s"), ("lambda", "lambda")):
             grid = [x for x in settings(args) if x[0] == policy]
@@ -241,44 +270,68 @@ def report(args) -> str:
                 continue
             loo = leave_one_out(reg, models)
             pick = min(reg, key=lambda x: statistics.fmean(reg[x].values()))
-            lines += [f"One fixed {name} for every model: regret in points against each model's best setting "
-                      f"(of both grids) at {100 * sp:g}%:", "",
-                      "| value | " + " | ".join(models) + " | mean | worst |",
-                      "|---|" + "---:|" * (len(models) + 2)]
+            lines += [
+                f"One fixed {name} for every model: regret in points against each model's best setting "
+                f"(of both grids) at {100 * sp:g}%:",
+                "",
+                "| value | " + " | ".join(models) + " | mean | worst |",
+                "|---|" + "---:|" * (len(models) + 2),
+            ]
             for x, r in reg.items():
                 vals = [100 * r[m] for m in models]
                 mark = " (least mean)" if x == pick else ""
-                lines.append(f"| {label(x)}{mark} | " + " | ".join(f"{v:.2f}" for v in vals)
-                             + f" | {statistics.fmean(vals):.2f} | {max(vals):.2f} |")
+                lines.append(
+                    f"| {label(x)}{mark} | "
+                    + " | ".join(f"{v:.2f}" for v in vals)
+                    + f" | {statistics.fmean(vals):.2f} | {max(vals):.2f} |"
+                )
             lines.append("")
             if loo:
-                lines += ["Leave one model out (value chosen on the other models, regret on the held-out one): "
-                          + ", ".join(f"{m}: {label(x)} -> {100 * r:.2f}" for m, (x, r) in loo.items())
-                          + f"; mean {100 * statistics.fmean(r for _, r in loo.values()):.2f}", ""]
+                lines += [
+                    "Leave one model out (value chosen on the other models, regret on the held-out one): "
+                    + ", ".join(f"{m}: {label(x)} -> {100 * r:.2f}" for m, (x, r) in loo.items())
+                    + f"; mean {100 * statistics.fmean(r for _, r in loo.values()):.2f}",
+                    "",
+                ]
             doc["policies"].setdefault(policy, {})[str(sp)] = dict(
-                regret={label(x): r for x, r in reg.items()}, least_mean=label(pick),
-                leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()})
+                regret={label(x): r for x, r in reg.items()},
+                least_mean=label(pick),
+                leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()},
+            )
     # the hypothesis itself: if s transfers, the best lambda falls as 1 / psi_init (slope -1 in log-log);
     # if lambda transfers, it does not move with psi (slope 0)
-    lines += ["#### Where each model's best lambda lies, against psi_init", "",
-              "Each model's optimum from all ten VAR settings of both grids (lambda = s / psi_init for the "
-              "strengths): a parabola in log10(lambda) fitted to the points within one decade of the best "
-              "one, its vertex kept within the grid.", "",
-              "| sparsity | " + " | ".join(f"{m} λ* (s*)" for m in models) + " | slope of log λ* on log psi |",
-              "|---|" + "---:|" * (len(models) + 1)]
+    lines += [
+        "#### Where each model's best lambda lies, against psi_init",
+        "",
+        "Each model's optimum from all ten VAR settings of both grids (lambda = s / psi_init for the "
+        "strengths): a parabola in log10(lambda) fitted to the points within one decade of the best "
+        "one, its vertex kept within the grid.",
+        "",
+        "| sparsity | " + " | ".join(f"{m} λ* (s*)" for m in models) + " | slope of log λ* on log psi |",
+        "|---|" + "---:|" * (len(models) + 1),
+    ]
     for sp in args.sparsities:
         opt = {m: best_lambda(results[m], m, psi, sp) for m in models}
         slope, err = fit_slope([math.log10(psi[m]) for m in models], [math.log10(opt[m]) for m in models])
-        lines.append(f"| {100 * sp:g}% | " + " | ".join(f"{opt[m]:.2g} ({opt[m] * psi[m]:.2g})" for m in models)
-                     + f" | {slope:+.2f} ± {err:.2f} |")
-        doc.setdefault("optimum", {})[str(sp)] = dict(lambda_star={m: opt[m] for m in models},
-                                                      s_star={m: opt[m] * psi[m] for m in models},
-                                                      slope=slope, slope_stderr=err)
+        lines.append(
+            f"| {100 * sp:g}% | "
+            + " | ".join(f"{opt[m]:.2g} ({opt[m] * psi[m]:.2g})" for m in models)
+            + f" | {slope:+.2f} ± {err:.2f} |"
+        )
+        doc.setdefault("optimum", {})[str(sp)] = dict(
+            lambda_star={m: opt[m] for m in models},
+            s_star={m: opt[m] * psi[m] for m in models},
+            slope=slope,
+            slope_stderr=err,
+        )
     lines.append("")
     # the summary a user needs: one value for every model, judged over all the sparsities at once
-    lines += ["#### Summary over " + " and ".join(f"{100 * sp:g}%" for sp in args.sparsities), "",
-              "| policy | value of least mean regret | mean regret | worst regret | leave-one-model-out mean |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "#### Summary over " + " and ".join(f"{100 * sp:g}%" for sp in args.sparsities),
+        "",
+        "| policy | value of least mean regret | mean regret | worst regret | leave-one-model-out mean |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for policy, name in (("s", "one relative strength s"), ("lambda", "one lambda")):
         grid = [x for x in settings(args) if x[0] == policy]
         per_sp = [regret_table(results, models, grid, sp) for sp in args.sparsities]
@@ -288,11 +341,16 @@ def report(args) -> str:
         pick = min(reg, key=lambda x: statistics.fmean(reg[x].values()))
         loo = leave_one_out(reg, models)
         loo_mean = statistics.fmean(r for _, r in loo.values()) if loo else float("nan")
-        lines.append(f"| {name} | {label(pick)} | {100 * statistics.fmean(reg[pick].values()):.2f} | "
-                     f"{100 * max(reg[pick].values()):.2f} | {100 * loo_mean:.2f} |")
+        lines.append(
+            f"| {name} | {label(pick)} | {100 * statistics.fmean(reg[pick].values()):.2f} | "
+            f"{100 * max(reg[pick].values()):.2f} | {100 * loo_mean:.2f} |"
+        )
         doc["policies"].setdefault(policy, {})["summary"] = dict(
-            least_mean=label(pick), mean=statistics.fmean(reg[pick].values()), worst=max(reg[pick].values()),
-            leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()})
+            least_mean=label(pick),
+            mean=statistics.fmean(reg[pick].values()),
+            worst=max(reg[pick].values()),
+            leave_one_out={m: dict(value=label(x), regret=r) for m, (x, r) in loo.items()},
+        )
     lines.append("")
     text = "\n".join(lines)
     (args.out / "study.md").write_text(text + "\n")

@@ -16,8 +16,9 @@ FMNIST = Path(os.environ.get("VARPRUNE_FMNIST", "/usr/share/datasets/fashion-mni
 @pytest.fixture(scope="session")
 def fmnist_dir() -> Path:
     """The Debian package's Fashion-MNIST; scripts/setup.sh installs it."""
-    assert (FMNIST / "train-images-idx3-ubyte.gz").is_file(), \
+    assert (FMNIST / "train-images-idx3-ubyte.gz").is_file(), (
         f"Fashion-MNIST not found in {FMNIST}: run scripts/setup.sh (apt-get install dataset-fashion-mnist)"
+    )
     return FMNIST
 
 
@@ -27,22 +28,27 @@ def fmnist_dir() -> Path:
 # `make test` and CI run everything. A test file may also use @pytest.mark.slow directly.
 SLOW_FIXTURES = {
     "trained_runs",  # test_cli: trains two runs through the command line (subprocesses)
-    "refs",          # test_reliability: reference runs for the kill/resume tests
-    "run_copy",      # test_reliability: a copy of a reference run
+    "refs",  # test_reliability: reference runs for the kill/resume tests
+    "run_copy",  # test_reliability: a copy of a reference run
 }
 SLOW_TESTS = {
     # test_cli: study and demo end to end (subprocesses, several trainings and sweeps)
-    "test_study_of_every_method_fills_every_cell", "test_study_averages_seeds_and_reuses_runs",
+    "test_study_of_every_method_fills_every_cell",
+    "test_study_averages_seeds_and_reuses_runs",
     "test_demo_tiny_end_to_end",
     # test_reliability: SIGKILL + resume in subprocesses, a diverging training
-    "test_s2sam_method_state_survives_a_kill", "test_diverging_run_exits_3_naming_epoch_and_step",
+    "test_s2sam_method_state_survives_a_kill",
+    "test_diverging_run_exits_3_naming_epoch_and_step",
     # test_train: full (small) training runs
-    "test_same_seed_gives_a_bitwise_identical_run_on_cpu", "test_var_widens_the_magnitude_distribution",
+    "test_same_seed_gives_a_bitwise_identical_run_on_cpu",
+    "test_var_widens_the_magnitude_distribution",
     "test_bn_retuning_restores_a_pruned_model",
     # test_speed_paths: training runs counting host reads
-    "test_training_loop_uses_the_closed_form_var_gradient", "test_host_reads_do_not_grow_with_the_number_of_steps",
+    "test_training_loop_uses_the_closed_form_var_gradient",
+    "test_host_reads_do_not_grow_with_the_number_of_steps",
     # test_html_report: headless chromium; test_sparse_format: a second Python process
-    "test_rendered_in_headless_chromium", "test_repeated_saves_are_byte_identical_even_across_processes",
+    "test_rendered_in_headless_chromium",
+    "test_repeated_saves_are_byte_identical_even_across_processes",
 }
 
 

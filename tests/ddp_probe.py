@@ -7,6 +7,7 @@
   while its gradient stays finite, so only that process can see it (the
   all-reduced gradients, hence every process's weights, stay finite).
 """
+
 import atexit
 import json
 import os
@@ -23,8 +24,9 @@ def _watch(folder: str, log_prefix: str) -> None:
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
         elif event in WRITE_EVENTS:
             path, writing = args[0], True
         else:
@@ -45,6 +47,7 @@ def _watch(folder: str, log_prefix: str) -> None:
 
 def _nan_loss() -> None:
     from varprune import tasks
+
     original = tasks.Classification.loss
 
     def loss(self, output, target):
@@ -58,6 +61,7 @@ def _slow(seconds: float) -> None:
     import time
 
     from varprune import tasks
+
     original = tasks.Classification.loss
 
     def loss(self, output, target):
@@ -75,4 +79,5 @@ if __name__ == "__main__":
     if os.environ.get("PROBE_SLOW"):
         _slow(float(os.environ["PROBE_SLOW"]))
     from varprune.cli import main
+
     sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
 """Helpers shared by the end-to-end tests: the CLI in-process, and its one-line errors."""
+
 from varprune.cli import main
 
 

@@ -1,4 +1,5 @@
 """AdamW as the base optimizer: VAR's gradient through the moments, and under the SAM/CrAM/S2-SAM wrappers."""
+
 import copy
 from types import SimpleNamespace
 
@@ -8,14 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
-from varprune.optim import SAM
 from varprune.numerics.regularizers import var_penalty
 from varprune.numerics.weights import prunable_weights
+from varprune.optim import SAM
 
 
 def _cfg(**kw):
-    base = dict(optimizer="adamw", lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.05, rho=0.05,
-                cram_sparsities=None, seed=0, var_lambda=1e-3, var_r=1e-8, var_eps=1e-8)
+    base = dict(
+        optimizer="adamw",
+        lr=1e-2,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.05,
+        rho=0.05,
+        cram_sparsities=None,
+        seed=0,
+        var_lambda=1e-3,
+        var_r=1e-8,
+        var_eps=1e-8,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -58,8 +70,7 @@ def test_adamw_with_var_closed_form_equals_autograd_float64():
         opt.step()
 
         ref_opt.zero_grad()
-        loss = F.cross_entropy(ref(x), y) + cfg.var_lambda * var_penalty(prunable_weights(ref), cfg.var_r,
-                                                                         cfg.var_eps)
+        loss = F.cross_entropy(ref(x), y) + cfg.var_lambda * var_penalty(prunable_weights(ref), cfg.var_r, cfg.var_eps)
         loss.backward()
         ref_opt.step()
 
@@ -88,6 +99,7 @@ def test_sam_over_adamw_equals_manual_float64():
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
 
         # reference, by hand
@@ -126,6 +138,7 @@ def test_wrappers_over_adamw_step_and_resume(name):
             for r in regs:
                 r.apply_gradient_()
             return loss
+
         if getattr(opt, "caller_runs_first_pass", False):
             opt.zero_grad()
             closure()

@@ -1,4 +1,5 @@
 """Analysis numerics against independent numpy/scipy computations; figures written."""
+
 import copy
 import math
 
@@ -6,13 +7,14 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
 from varprune.numerics import sensitivity as S
-from varprune.report import analysis_figures as AF
 from varprune.numerics.pruning import recalibrate_bn
+from varprune.report import analysis_figures as AF
 
 F = nn.functional
 
@@ -20,9 +22,15 @@ F = nn.functional
 def _cnn(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64, 3))
+        nn.Conv2d(1, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    )
 
 
 def _data(n=32, seed=1):
@@ -72,7 +80,7 @@ def test_layer_variances_match_numpy():
     got = S.layer_variances(model)
     for name, p in [("0.weight", model[0].weight), ("3.weight", model[3].weight), ("7.weight", model[7].weight)]:
         w = p.detach().double().numpy()
-        assert got[name] == pytest.approx(np.var(np.sqrt(w ** 2 + 1e-8)), rel=1e-10)
+        assert got[name] == pytest.approx(np.var(np.sqrt(w**2 + 1e-8)), rel=1e-10)
 
 
 def test_layer_variance_figure_history_and_final_only(tmp_path):

@@ -4,6 +4,7 @@ public surface that does not change under anyone's feet.
 Imports are read with ``ast`` (module level and inside functions alike), so a circle hidden in a function
 body counts as much as one at the top of a file.
 """
+
 import argparse
 import ast
 from pathlib import Path
@@ -20,10 +21,10 @@ MAX_LINES = 600
 FOUNDATION = {"varprune", "varprune.errors", "varprune.device"}
 LAYERS = ["numerics", "models", "storage", "data", "report", "tasks", "integrations", "engine", "commands", "cli"]
 FORBIDDEN = {
-    "numerics": set(LAYERS) - {"numerics"},            # tensors and modules in, tensors out
-    "models": set(LAYERS) - {"models"},                # models know nothing of pruning, data or training
+    "numerics": set(LAYERS) - {"numerics"},  # tensors and modules in, tensors out
+    "models": set(LAYERS) - {"models"},  # models know nothing of pruning, data or training
     "data": {"models", "numerics", "tasks", "engine", "commands", "cli", "report", "integrations"},
-    "report": {"engine", "tasks", "commands", "cli", "data", "integrations"},   # reads results, never trains
+    "report": {"engine", "tasks", "commands", "cli", "data", "integrations"},  # reads results, never trains
     "storage": {"data", "tasks", "engine", "commands", "cli", "report", "integrations"},
     "tasks": {"engine", "commands", "cli", "data", "report", "integrations"},
     "integrations": {"engine", "commands", "cli", "data", "report"},
@@ -52,7 +53,9 @@ def imports_of(path: Path, mods: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
         else:
             continue
@@ -74,7 +77,7 @@ def test_no_import_circle():
     g = graph()
     index, low, stack, on_stack, circles = {}, {}, [], set(), []
 
-    def visit(v):   # Tarjan's strongly connected components
+    def visit(v):  # Tarjan's strongly connected components
         index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
@@ -93,9 +96,11 @@ def test_no_import_circle():
                 if w == v:
                     break
             # a package's __init__ re-exporting its own submodules is not a circle of meaning
-            if len(comp) > 1 and not all(c.startswith(min(comp, key=len) + ".") or c == min(comp, key=len)
-                                         for c in comp):
+            if len(comp) > 1 and not all(
+                c.startswith(min(comp, key=len) + ".") or c == min(comp, key=len) for c in comp
+            ):
                 circles.append(sorted(comp))
+
     for v in g:
         if v not in index:
             visit(v)
@@ -137,42 +142,65 @@ def test_the_layers_are_folders():
 # ------------------------------------------------------------------ the public surface
 
 PUBLIC_NAMES_0_2 = [
-    "HoyerSquareRegularizer", "L1Regularizer", "MagnitudePruner", "MaskKeeper", "VarRegularizer",
-    "classify_parameters", "create_model", "dice_score", "hessian_top_eigenvalue", "hoyer_square_penalty",
-    "keep_mask_topk", "l1_penalty", "list_models", "load_pruned", "loss_profile", "model_task", "nm_masks",
-    "prunable_weights", "prune_magnitude", "prune_nm", "read_pruned_metadata", "realised_sparsity",
-    "recalibrate_bn", "register_model", "save_pruned", "var_penalty", "__version__"]
+    "HoyerSquareRegularizer",
+    "L1Regularizer",
+    "MagnitudePruner",
+    "MaskKeeper",
+    "VarRegularizer",
+    "classify_parameters",
+    "create_model",
+    "dice_score",
+    "hessian_top_eigenvalue",
+    "hoyer_square_penalty",
+    "keep_mask_topk",
+    "l1_penalty",
+    "list_models",
+    "load_pruned",
+    "loss_profile",
+    "model_task",
+    "nm_masks",
+    "prunable_weights",
+    "prune_magnitude",
+    "prune_nm",
+    "read_pruned_metadata",
+    "realised_sparsity",
+    "recalibrate_bn",
+    "register_model",
+    "save_pruned",
+    "var_penalty",
+    "__version__",
+]
 
 CLI_0_2 = {
     "train": "--amp --batch-size --channels-last --compile --cram-sparsities --data-dir --dataset --device "
-             "--download --epochs --hoyer-alpha --image-size --init --init-exclude --l1-alpha --limit-test "
-             "--limit-train --lr --method --model --model-args --momentum --no-augment --optimizer --out "
-             "--overwrite --quiet --reg-in-every-pass --resume --rho --sam-local --seed --sync-bn --var-eps "
-             "--var-lambda --var-r --var-strength --warmup-epochs --weight-decay",
+    "--download --epochs --hoyer-alpha --image-size --init --init-exclude --l1-alpha --limit-test "
+    "--limit-train --lr --method --model --model-args --momentum --no-augment --optimizer --out "
+    "--overwrite --quiet --reg-in-every-pass --resume --rho --sam-local --seed --sync-bn --var-eps "
+    "--var-lambda --var-r --var-strength --warmup-epochs --weight-decay",
     "prune": "--bnt-batch-size --bnt-batches --data-dir --device --exclude --force --list-weights --patterns --plot "
-             "--scope --sparsities",
+    "--scope --sparsities",
     "study": "--amp --batch-size --bnt-batch-size --bnt-batches --channels-last --compile --cram-sparsities "
-             "--data-dir --dataset --device --download --epochs --hoyer-alpha --image-size --init --init-exclude "
-             "--l1-alpha --limit-test --limit-train --lr --methods --model --model-args --momentum --no-analysis "
-             "--no-augment --optimizer --out --patterns --quiet --reg-in-every-pass --rho --sam-local --scope "
-             "--seeds --sparsities --sync-bn --var-eps --var-lambda --var-r --var-strength --warmup-epochs "
-             "--weight-decay",
+    "--data-dir --dataset --device --download --epochs --hoyer-alpha --image-size --init --init-exclude "
+    "--l1-alpha --limit-test --limit-train --lr --methods --model --model-args --momentum --no-analysis "
+    "--no-augment --optimizer --out --patterns --quiet --reg-in-every-pass --rho --sam-local --scope "
+    "--seeds --sparsities --sync-bn --var-eps --var-lambda --var-r --var-strength --warmup-epochs "
+    "--weight-decay",
     "tune": "--amp --baseline --batch-size --bnt-batch-size --bnt-batches --channels-last --compile "
-            "--cram-sparsities --data-dir --dataset --device --download --epochs --grid --hoyer-alpha --image-size "
-            "--init --init-exclude --l1-alpha --limit-test --limit-train --lr --method --model --model-args "
-            "--momentum --no-augment --optimizer --out --quiet --reg-in-every-pass --rho --rounds --sam-local "
-            "--scope --search --seed --sparsity --sync-bn --validation-fraction --var-eps --var-lambda --var-r "
-            "--var-strength --warmup-epochs --weight-decay",
+    "--cram-sparsities --data-dir --dataset --device --download --epochs --grid --hoyer-alpha --image-size "
+    "--init --init-exclude --l1-alpha --limit-test --limit-train --lr --method --model --model-args "
+    "--momentum --no-augment --optimizer --out --quiet --reg-in-every-pass --rho --rounds --sam-local "
+    "--scope --search --seed --sparsity --sync-bn --validation-fraction --var-eps --var-lambda --var-r "
+    "--var-strength --warmup-epochs --weight-decay",
     "analyze": "--bnt-batch-size --bnt-batches --data-dir --device --hessian-iters --no-sensitivity --out "
-               "--sensitivity-sparsity",
+    "--sensitivity-sparsity",
     "export": "--bnt-batch-size --bnt-batches --data-dir --device --exclude --out --pattern --scope --sparsity "
-              "--values",
+    "--values",
     "evaluate": "--data-dir --device --json",
     "finetune": "--amp --batch-size --channels-last --compile --cram-sparsities --data-dir --device --epochs "
-                "--hoyer-alpha --l1-alpha --limit-test --limit-train --lr --method --momentum --no-augment "
-                "--optimizer --out --overwrite --pattern --quiet --reg-in-every-pass --rho --sam-local --scope "
-                "--seed --sparsity --sync-bn --var-eps --var-lambda --var-r --var-strength --warmup-epochs "
-                "--weight-decay",
+    "--hoyer-alpha --l1-alpha --limit-test --limit-train --lr --method --momentum --no-augment "
+    "--optimizer --out --overwrite --pattern --quiet --reg-in-every-pass --rho --sam-local --scope "
+    "--seed --sparsity --sync-bn --var-eps --var-lambda --var-r --var-strength --warmup-epochs "
+    "--weight-decay",
     "report": "--analysis --html --plot",
     "doctor": "--data-dir",
     "demo": "--data-dir --out --quiet --size --task",
@@ -184,12 +212,14 @@ def test_every_public_name_of_0_2_is_still_there():
     for name in varprune.__all__:
         assert getattr(varprune, name) is not None, name
     from varprune import optim
+
     for name in ("SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"):
         assert name in optim.__all__ and callable(getattr(optim, name))
 
 
 def test_every_command_and_flag_of_0_2_is_still_there():
     from varprune.cli import build_parser
+
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for command, flags in CLI_0_2.items():
@@ -202,4 +232,5 @@ def test_every_command_and_flag_of_0_2_is_still_there():
 @pytest.mark.parametrize("name", sorted(n for n in modules() if "__main__" not in n))
 def test_every_module_imports(name):
     import importlib
+
     importlib.import_module(name)

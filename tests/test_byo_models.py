@@ -1,9 +1,10 @@
 """Wide ResNets and the timm adapter."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from varprune import create_model, prune_magnitude, prunable_weights
+from varprune import create_model, prunable_weights, prune_magnitude
 from varprune.models import describe_models, list_models
 from varprune.models.timm_adapter import TimmModelError, timm_model_problem
 from varprune.models.wrn import WideBlock, WideResNet
@@ -17,14 +18,14 @@ def _wrn_params(depth, k, cin, classes):
     """Independent closed-form count of WRN-depth-k parameters (convs without bias)."""
     n = (depth - 4) // 6
     widths = [16, 16 * k, 32 * k, 64 * k]
-    total = 9 * cin * 16                                       # stem
+    total = 9 * cin * 16  # stem
     for g in range(3):
         a, b = widths[g], widths[g + 1]
         for j in range(n):
             c = a if j == 0 else b
-            total += 2 * c + 9 * c * b + 2 * b + 9 * b * b     # bn1, conv1, bn2, conv2
+            total += 2 * c + 9 * c * b + 2 * b + 9 * b * b  # bn1, conv1, bn2, conv2
             if c != b or (j == 0 and g > 0):
-                total += c * b                                  # 1x1 shortcut
+                total += c * b  # 1x1 shortcut
     return total + 2 * widths[3] + widths[3] * classes + classes
 
 
@@ -34,7 +35,7 @@ def test_wrn_parameter_counts_on_meta(name, depth, k, expect):
         model = create_model(name, 3, 10, 32)
     n = _count(model)
     assert n == _wrn_params(depth, k, 3, 10)
-    assert abs(n - expect) / expect < 0.005          # the paper's 11M and 36.5M
+    assert abs(n - expect) / expect < 0.005  # the paper's 11M and 36.5M
     assert all(p.is_meta for p in model.parameters())
 
 
@@ -45,7 +46,7 @@ def test_wrn_registered_and_described():
 
 def test_wrn_shapes_tiny_input():
     torch.manual_seed(0)
-    model = WideResNet(10, 1, in_channels=1, num_classes=7)   # WRN-10-1: same code path, tiny
+    model = WideResNet(10, 1, in_channels=1, num_classes=7)  # WRN-10-1: same code path, tiny
     for size in (28, 32):
         out = model(torch.randn(2, 1, size, size))
         assert out.shape == (2, 7)
@@ -73,8 +74,9 @@ def test_wide_block_is_preactivation():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 
     def bn(m, t):
-        return (t - m.running_mean[:, None, None]) / torch.sqrt(m.running_var[:, None, None] + m.eps) \
-            * m.weight[:, None, None] + m.bias[:, None, None]
+        return (t - m.running_mean[:, None, None]) / torch.sqrt(m.running_var[:, None, None] + m.eps) * m.weight[
+            :, None, None
+        ] + m.bias[:, None, None]
 
     a = bn(block.bn1, x).clamp_min(0)
     h = F.conv2d(a, block.conv1.weight, stride=2, padding=1)
@@ -89,6 +91,7 @@ def test_wrn_depth_checked():
 
 
 # ------------------------------------------------------------------ timm
+
 
 @pytest.fixture
 def timm():
@@ -129,6 +132,7 @@ def test_timm_unknown_name_suggests_close_ones(timm):
 
 def test_timm_pretrained_refused(timm):
     from varprune.models.timm_adapter import create_timm_model
+
     with pytest.raises(TimmModelError, match="--init"):
         create_timm_model("resnet18", pretrained=True)
 
@@ -155,7 +159,7 @@ def _assert_same_state(a, b, skip=()):
 def test_init_roundtrips_save_weights(tmp_path):
     src = _net(seed=1)
     with torch.no_grad():
-        src.bn1.running_mean.normal_()          # buffers come along too
+        src.bn1.running_mean.normal_()  # buffers come along too
     save_weights(tmp_path / "model.safetensors", src, {"model": "resnet20"})
     dst = _net(seed=2)
     report = load_initial_weights(dst, tmp_path / "model.safetensors")
@@ -186,12 +190,15 @@ def test_init_head_of_other_size_needs_exclude(tmp_path):
     dst = _net(classes=10, seed=2)
     head_before = dst.fc.weight.detach().clone()
     conv_before = dst.conv1.weight.detach().clone()
-    with pytest.raises(InitWeightsError, match=r"2 of another shape \(fc.weight: file \[100, 64\], "
-                                               r"model \[10, 64\].*--init-exclude 'fc\.\*'"):
+    with pytest.raises(
+        InitWeightsError,
+        match=r"2 of another shape \(fc.weight: file \[100, 64\], "
+        r"model \[10, 64\].*--init-exclude 'fc\.\*'",
+    ):
         load_initial_weights(dst, tmp_path / "w.safetensors")
-    assert torch.equal(dst.conv1.weight, conv_before)          # untouched on error
+    assert torch.equal(dst.conv1.weight, conv_before)  # untouched on error
     report = load_initial_weights(dst, tmp_path / "w.safetensors", exclude=["fc.*"])
-    assert torch.equal(dst.fc.weight, head_before)             # the model's own head
+    assert torch.equal(dst.fc.weight, head_before)  # the model's own head
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
     _assert_same_state(src, dst, skip=("fc.",))
     assert sorted(report.kept_from_model) == ["fc.bias", "fc.weight"]

@@ -1,4 +1,5 @@
 """The command line end to end on a Fashion-MNIST subset, and its handling of bad input."""
+
 import json
 import os
 import subprocess
@@ -13,12 +14,31 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def varprune(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "varprune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "varprune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
-QUICK = ["--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--limit-train", "512",
-         "--limit-test", "500", "--device", "cpu", "--quiet"]
+QUICK = [
+    "--model",
+    "resnet20",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--limit-train",
+    "512",
+    "--limit-test",
+    "500",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +59,27 @@ def test_train_writes_the_run_folder(trained_runs):
     assert len(lines) == 1
     keys = {"loss", "cross_entropy", "var_term", "train_accuracy", "test_accuracy", "mean_layer_variance"}
     assert keys <= set(lines[0])
-    assert lines[0]["var_term"] > 0 and lines[0]["loss"] == pytest.approx(lines[0]["cross_entropy"] + lines[0]["var_term"])
+    assert lines[0]["var_term"] > 0 and lines[0]["loss"] == pytest.approx(
+        lines[0]["cross_entropy"] + lines[0]["var_term"]
+    )
     assert (run / "model.safetensors").read_bytes()[8:9] == b"{"
 
 
 def test_prune_writes_json_csv_table_and_plot(trained_runs, tmp_path):
     runs = [trained_runs / "sgd", trained_runs / "var"]
     before = {p: p.read_bytes() for r in runs for p in (r / "model.safetensors", r / "checkpoint.safetensors")}
-    r = varprune("prune", *runs, "--sparsities", "0.5,0.9,0.95", "--bnt-batches", "2", "--bnt-batch-size", "100",
-                 "--plot", tmp_path / "both.png")
+    r = varprune(
+        "prune",
+        *runs,
+        "--sparsities",
+        "0.5,0.9,0.95",
+        "--bnt-batches",
+        "2",
+        "--bnt-batch-size",
+        "100",
+        "--plot",
+        tmp_path / "both.png",
+    )
     assert r.returncode == 0, r.stderr
     assert "| sgd |" in r.stdout and "| var λ=1e-05 |" in r.stdout and "95%" in r.stdout
     for run in runs:
@@ -82,20 +114,26 @@ def one_line_error(r):
     return lines[0]
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["train", "--model", "resnet1000", "--out", "x"], "unknown model 'resnet1000'"),
-    (["train", "--dataset", "imagenet", "--out", "x"], "unknown dataset 'imagenet'"),
-    (["train", "--method", "adamw", "--out", "x"], "unknown method 'adamw'"),
-    (["train", "--var-lambda", "-1", "--out", "x"], "--var-lambda must be in [0, "),
-    (["train", "--epochs", "0", "--batch-size", "-3", "--out", "x"], "--epochs must be in [1, 100000], got 0; --batch-size"),
-    (["train", "--epochs", "two", "--out", "x"], "invalid int value"),
-    (["train", "--data-dir", "nowhere", "--out", "x"], "fashion-mnist not found in nowhere"),
-    (["prune", "nowhere", "--sparsities", "0.5"], "nowhere is not a varprune run folder"),
-    (["prune", "nowhere", "--sparsities", "0.5,1.0"], "sparsities must be in [0, 1)"),
-    (["prune", "nowhere", "--sparsities", "0.5,0.5"], "sparsities must be unique"),
-    (["report", "nowhere"], "nowhere/prune.json not found"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "--model", "resnet1000", "--out", "x"], "unknown model 'resnet1000'"),
+        (["train", "--dataset", "imagenet", "--out", "x"], "unknown dataset 'imagenet'"),
+        (["train", "--method", "adamw", "--out", "x"], "unknown method 'adamw'"),
+        (["train", "--var-lambda", "-1", "--out", "x"], "--var-lambda must be in [0, "),
+        (
+            ["train", "--epochs", "0", "--batch-size", "-3", "--out", "x"],
+            "--epochs must be in [1, 100000], got 0; --batch-size",
+        ),
+        (["train", "--epochs", "two", "--out", "x"], "invalid int value"),
+        (["train", "--data-dir", "nowhere", "--out", "x"], "fashion-mnist not found in nowhere"),
+        (["prune", "nowhere", "--sparsities", "0.5"], "nowhere is not a varprune run folder"),
+        (["prune", "nowhere", "--sparsities", "0.5,1.0"], "sparsities must be in [0, 1)"),
+        (["prune", "nowhere", "--sparsities", "0.5,0.5"], "sparsities must be unique"),
+        (["report", "nowhere"], "nowhere/prune.json not found"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     line = one_line_error(varprune(*args, cwd=tmp_path))
     assert expected in line
@@ -124,10 +162,35 @@ ALL_METHODS = ["sgd", "var", "sam", "asam", "cram", "cram+", "s2sam", "l1", "hoy
 
 
 def study(out, methods, seeds):
-    return varprune("study", "--model", "mlp", "--methods", ",".join(methods), "--seeds", seeds, "--epochs", "1",
-                    "--batch-size", "64", "--limit-train", "256", "--limit-test", "200", "--sparsities",
-                    "0.5,0.9,0.95", "--bnt-batches", "2", "--bnt-batch-size", "64", "--device", "cpu", "--quiet",
-                    "--no-analysis", "--out", out)   # analysis and the HTML page: tests/test_e2e_artifacts.py
+    return varprune(
+        "study",
+        "--model",
+        "mlp",
+        "--methods",
+        ",".join(methods),
+        "--seeds",
+        seeds,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "200",
+        "--sparsities",
+        "0.5,0.9,0.95",
+        "--bnt-batches",
+        "2",
+        "--bnt-batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-analysis",
+        "--out",
+        out,
+    )  # analysis and the HTML page: tests/test_e2e_artifacts.py
 
 
 def test_study_of_every_method_fills_every_cell(tmp_path, fmnist_dir):
@@ -157,7 +220,7 @@ def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
             assert len(cell["per_seed_bnt"]) == 2
             assert cell["accuracy_bnt"][0] == pytest.approx(sum(cell["per_seed_bnt"]) / 2)
             a, b = cell["per_seed_bnt"]
-            assert cell["accuracy_bnt"][1] == pytest.approx(abs(a - b) / 2 ** 0.5)
+            assert cell["accuracy_bnt"][1] == pytest.approx(abs(a - b) / 2**0.5)
     assert "±" in (out / "report.md").read_text()
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
     weights = {p: p.read_bytes() for p in out.glob("runs/*/model.safetensors")}

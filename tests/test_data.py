@@ -1,4 +1,5 @@
 """Dataset readers (torchvision layouts, strict parsing) and the on-device loader."""
+
 import gzip
 import pickle
 import shutil
@@ -101,6 +102,7 @@ def test_cifar_reader_refuses_arbitrary_pickles():
     class Evil:
         def __reduce__(self):
             return (shutil.rmtree, ("/nonexistent",))
+
     with pytest.raises(DatasetError, match="not a CIFAR python batch"):
         parse_cifar_batch(pickle.dumps(Evil()), "batch", b"labels")
 
@@ -144,8 +146,8 @@ def test_augmentation_shapes_and_value_ranges():
         for dy in range(-4, 5):
             for dx in range(-4, 5):
                 shifted = torch.zeros_like(x[i])
-                src = x[i][:, max(0, dy):32 + min(0, dy), max(0, dx):32 + min(0, dx)]
-                shifted[:, max(0, -dy):32 + min(0, -dy), max(0, -dx):32 + min(0, -dx)] = src
+                src = x[i][:, max(0, dy) : 32 + min(0, dy), max(0, dx) : 32 + min(0, dx)]
+                shifted[:, max(0, -dy) : 32 + min(0, -dy), max(0, -dx) : 32 + min(0, -dx)] = src
                 found |= torch.equal(shifted, out[i])
         assert found
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
@@ -167,12 +169,15 @@ def test_eval_loader_is_ordered_and_unaugmented():
 
 # ---------------------------------------------------------------- --image-size for every set
 
+
 def test_resize_images_matches_pil_bilinear():
     from PIL import Image
+
     from varprune.data import resize_images
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(3, 1, 28, 28), dtype=np.uint8)
-    for size in (16, 40):   # shrinking (antialiased) and growing
+    for size in (16, 40):  # shrinking (antialiased) and growing
         ours = resize_images(torch.from_numpy(x), (size, size))
         pil = np.stack([np.asarray(Image.fromarray(im[0]).resize((size, size), Image.BILINEAR)) for im in x])[:, None]
         assert ours.dtype == torch.uint8 and ours.shape == (3, 1, size, size)
@@ -186,9 +191,10 @@ def test_image_size_resizes_a_torchvision_set_once(tmp_path):
     native = load_dataset("mnist", tmp_path)
     small = load_dataset("mnist", tmp_path, image_size=16)
     assert small.info.size == 16 and native.info.size == 28
-    assert small.info.crop_pad == 1   # 2 px of padding at 28 px, scaled
+    assert small.info.crop_pad == 1  # 2 px of padding at 28 px, scaled
     assert small.train_x.shape == (12, 1, 16, 16) and small.test_x.shape == (5, 1, 16, 16)
     from varprune.data import resize_images
+
     assert torch.equal(small.train_x, resize_images(native.train_x, (16, 16)))
     assert torch.equal(small.train_y, native.train_y)
     (tmp_path / "c").mkdir()

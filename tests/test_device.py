@@ -1,4 +1,5 @@
 """--amp auto on CPU and the bf16 capability line of `varprune doctor`."""
+
 import torch
 
 from varprune import device as dev

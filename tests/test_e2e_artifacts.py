@@ -3,6 +3,7 @@
 Commands run in-process through ``varprune.cli.main`` on a Fashion-MNIST
 subset, except the kill-and-resume test, which needs a real process to kill.
 """
+
 import base64
 import io
 import json
@@ -27,8 +28,21 @@ from helpers import cli, one_line_error  # noqa: E402
 from varprune.cli import main  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-QUICK = ["--model", "mlp", "--epochs", "2", "--limit-train", "128", "--limit-test", "64", "--batch-size", "32",
-         "--device", "cpu", "--quiet"]
+QUICK = [
+    "--model",
+    "mlp",
+    "--epochs",
+    "2",
+    "--limit-train",
+    "128",
+    "--limit-test",
+    "64",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 BNT = ["--bnt-batches", "2", "--bnt-batch-size", "32"]
 SPARS = ["--sparsities", "0.5,0.95", *BNT, "--device", "cpu"]
 
@@ -52,6 +66,7 @@ def runs(tmp_path_factory, fmnist_dir):
 
 # ------------------------------------------------------------ issue 13: analysis and HTML
 
+
 def test_metrics_have_layer_variance_per_epoch(runs):
     lines = [json.loads(x) for x in (runs / "var" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
@@ -70,8 +85,23 @@ def test_metrics_have_layer_variance_per_epoch(runs):
 @pytest.fixture(scope="module")
 def analysis(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "A"
-    assert main(["analyze", str(runs / "sgd"), str(runs / "var"), "--out", str(out), "--hessian-iters", "3",
-                 *BNT, "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(runs / "sgd"),
+                str(runs / "var"),
+                "--out",
+                str(out),
+                "--hessian-iters",
+                "3",
+                *BNT,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -116,10 +146,24 @@ def check_page(page: Path, tmp_path: Path) -> list[bytes]:
     if exe is None:
         pytest.skip("headless Chromium not installed (apt-get install chromium): rendering not checked")
     shot = tmp_path / f"{page.stem}.png"
-    r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-                        f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.is_file(), r.stderr[-2000:]
     for line in r.stderr.splitlines():
         assert "net::ERR" not in line and "Failed to load resource" not in line and ":CONSOLE" not in line, line
@@ -136,14 +180,28 @@ def test_report_html_with_analysis(runs, analysis, tmp_path, capsys):
     pngs = check_page(page, tmp_path)
     doc = json.loads((analysis / "analysis.json").read_text())
     figures = list(doc["figures"].values()) + [n for e in doc["runs"].values() for n in e["figures"].values()]
-    for name in figures:   # the analysis figures are in the page, byte for byte
+    for name in figures:  # the analysis figures are in the page, byte for byte
         assert (analysis / name).read_bytes() in pngs, name
 
 
 def test_study_writes_report_html_with_analysis(tmp_path, capsys, fmnist_dir):
     out = tmp_path / "S"
-    rc, _, err = cli(capsys, "study", "--methods", "sgd,var,sam", "--seeds", "0", *QUICK, "--epochs", "1",
-                     "--sparsities", "0.5,0.9", *BNT, "--out", out)
+    rc, _, err = cli(
+        capsys,
+        "study",
+        "--methods",
+        "sgd,var,sam",
+        "--seeds",
+        "0",
+        *QUICK,
+        "--epochs",
+        "1",
+        "--sparsities",
+        "0.5,0.9",
+        *BNT,
+        "--out",
+        out,
+    )
     assert rc == 0, err
     pngs = check_page(out / "report.html", tmp_path)
     doc = json.loads((out / "analysis" / "analysis.json").read_text())
@@ -156,12 +214,29 @@ def test_study_writes_report_html_with_analysis(tmp_path, capsys, fmnist_dir):
 
 # ------------------------------------------------------------ issue 15: export, evaluate, finetune
 
+
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     for values in ("fp32", "fp16"):
-        assert main(["export", str(runs / "var"), "--sparsity", "0.95", "--out", str(folder / f"{values}.safetensors"),
-                     "--values", values, *BNT, "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    str(runs / "var"),
+                    "--sparsity",
+                    "0.95",
+                    "--out",
+                    str(folder / f"{values}.safetensors"),
+                    "--values",
+                    values,
+                    *BNT,
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     return folder
 
 
@@ -171,7 +246,7 @@ def test_evaluate_prints_the_sweeps_number(runs, exported, capsys):
     got = json.loads(out.strip().splitlines()[-1])
     sweep = json.loads((runs / "var" / "prune.json").read_text())
     want = next(r for r in sweep["results"] if r["sparsity"] == 0.95)["accuracy_bnt"]
-    assert got["metric"] == "accuracy" and got["accuracy"] == want     # bit-equal, not close
+    assert got["metric"] == "accuracy" and got["accuracy"] == want  # bit-equal, not close
     assert out.splitlines()[0] == f"accuracy: {100 * want:.2f}%"
 
 
@@ -191,22 +266,23 @@ def test_load_pruned_weights_equal_the_sweeps(runs, exported):
     assert set(masks) <= set(got)
     for name, mask in masks.items():
         g, w = got[name].detach(), want[name].detach()
-        assert torch.equal(g != 0, mask), name                            # the same mask
-        assert torch.equal(g[mask].view(torch.int32), w[mask].view(torch.int32)), name   # kept: bit for bit
-        assert torch.equal(g.view(torch.int32), w.view(torch.int32)), name   # every bit, pruned +0.0 included
-    for name in got:   # not pruned (biases, BN affine): as trained
+        assert torch.equal(g != 0, mask), name  # the same mask
+        assert torch.equal(g[mask].view(torch.int32), w[mask].view(torch.int32)), name  # kept: bit for bit
+        assert torch.equal(g.view(torch.int32), w.view(torch.int32)), name  # every bit, pruned +0.0 included
+    for name in got:  # not pruned (biases, BN affine): as trained
         if name not in masks:
             assert torch.equal(got[name].detach(), want[name].detach()), name
     g16 = dict(varprune.load_pruned(exported / "fp16.safetensors").named_parameters())
     for name, mask in masks.items():
         w = want[name].detach()
-        assert torch.equal(g16[name].detach(), w.half().float()), name   # fp16 rounding of each kept value
+        assert torch.equal(g16[name].detach(), w.half().float()), name  # fp16 rounding of each kept value
     assert (exported / "fp16.safetensors").stat().st_size < 0.75 * (exported / "fp32.safetensors").stat().st_size
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "empty"])
 def test_evaluate_refuses_damaged_files(exported, tmp_path, capsys, damage):
     from safetensors.torch import save_file
+
     bad = tmp_path / "bad.safetensors"
     raw = (exported / "fp32.safetensors").read_bytes()
     if damage == "truncated":
@@ -226,6 +302,7 @@ def test_evaluate_refuses_damaged_files(exported, tmp_path, capsys, damage):
 def _check_mask_kept(run: Path, masks: dict):
     """Every pruned weight exactly zero in model.safetensors and in the checkpoint's weights and momentum."""
     from varprune.storage.checkpoint import load_checkpoint
+
     weights = load_file(str(run / "model.safetensors"))
     state = load_checkpoint(run / "checkpoint.safetensors")
     names = [n for n, _ in state["model"].items()]
@@ -250,10 +327,31 @@ def test_finetune_keeps_mask_resumes_after_kill_and_prunes(runs, tmp_path, capsy
     _, masks = _sweep_weights(runs / "var", 0.95)
     r2 = tmp_path / "R2"
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "varprune", "finetune", str(runs / "var"), "--sparsity", "0.95",
-                             "--epochs", "2", "--limit-train", "2048", "--device", "cpu", "--quiet", "--out", str(r2)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:   # killed as soon as the first checkpoint exists: maybe before metrics.jsonl caught up with it
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "varprune",
+            "finetune",
+            str(runs / "var"),
+            "--sparsity",
+            "0.95",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "2048",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(r2),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # killed as soon as the first checkpoint exists: maybe before metrics.jsonl caught up with it
         deadline = time.monotonic() + 240
         while not (r2 / "checkpoint.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -3,13 +3,13 @@
 Image folders and a Tiny-ImageNet layout are written by the tests; timm models,
 Wide ResNets, ``--init`` and AdamW run on a Fashion-MNIST subset.
 """
+
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 Image = pytest.importorskip("PIL.Image")
@@ -24,7 +24,7 @@ PRUNE = ["--sparsities", "0.5,0.9", "--device", "cpu", "--bnt-batches", "1", "--
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VARPRUNE_CACHE", str(tmp_path / "cache"))   # the folder readers' cache stays here
+    monkeypatch.setenv("VARPRUNE_CACHE", str(tmp_path / "cache"))  # the folder readers' cache stays here
 
 
 def check_accuracy_sweep(run: Path):
@@ -62,13 +62,15 @@ def write_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819"), per_class=
         (root / "train" / w / "images").mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-                root / "train" / w / "images" / f"{w}_{i}.JPEG", quality=90)
+                root / "train" / w / "images" / f"{w}_{i}.JPEG", quality=90
+            )
         (root / "train" / w / f"{w}_boxes.txt").write_text("")
     (root / "val" / "images").mkdir(parents=True)
     lines = []
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-            root / "val" / "images" / f"val_{i}.JPEG", quality=90)
+            root / "val" / "images" / f"val_{i}.JPEG", quality=90
+        )
         lines.append(f"val_{i}.JPEG\t{wnids[i % 2]}\t0\t0\t7\t7")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -76,11 +78,27 @@ def write_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819"), per_class=
 
 # ------------------------------------------------------------ data
 
+
 def test_imagefolder_trains_prunes_and_records_classes(tmp_path, capsys):
     data = write_imagefolder(tmp_path / "folder")
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--dataset", "imagefolder", "--data-dir", data, "--image-size", "16",
-                     "--model", "mlp", *QUICK, "--batch-size", "8", "--out", run)
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        data,
+        "--image-size",
+        "16",
+        "--model",
+        "mlp",
+        *QUICK,
+        "--batch-size",
+        "8",
+        "--out",
+        run,
+    )
     assert rc == 0, err
     r = resolved(run)["resolved"]
     assert r["class_names"] == ["cat", "dog"] and r["num_classes"] == 2 and r["input_shape"] == [3, 16, 16]
@@ -93,8 +111,21 @@ def test_imagefolder_trains_prunes_and_records_classes(tmp_path, capsys):
 def test_tiny_imagenet_layout_trains_and_prunes(tmp_path, capsys):
     data = write_tiny_imagenet(tmp_path / "tiny")
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--dataset", "tiny-imagenet", "--data-dir", data, "--model", "resnet20",
-                     *QUICK, "--batch-size", "4", "--out", run)
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--dataset",
+        "tiny-imagenet",
+        "--data-dir",
+        data,
+        "--model",
+        "resnet20",
+        *QUICK,
+        "--batch-size",
+        "4",
+        "--out",
+        run,
+    )
     assert rc == 0, err
     r = resolved(run)["resolved"]
     assert r["class_names"] == ["goldfish", "european fire salamander"] and r["input_shape"] == [3, 64, 64]
@@ -102,9 +133,24 @@ def test_tiny_imagenet_layout_trains_and_prunes(tmp_path, capsys):
     rc, _, err = cli(capsys, "prune", run, *PRUNE, "--bnt-batch-size", "4")
     assert rc == 0, err
     check_accuracy_sweep(run)
-    small = tmp_path / "run32"   # --image-size reaches this reader too
-    rc, _, err = cli(capsys, "train", "--dataset", "tiny-imagenet", "--data-dir", data, "--model", "resnet20",
-                     *QUICK, "--batch-size", "4", "--image-size", "32", "--out", small)
+    small = tmp_path / "run32"  # --image-size reaches this reader too
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--dataset",
+        "tiny-imagenet",
+        "--data-dir",
+        data,
+        "--model",
+        "resnet20",
+        *QUICK,
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--out",
+        small,
+    )
     assert rc == 0, err
     assert resolved(small)["resolved"]["input_shape"] == [3, 32, 32]
 
@@ -112,15 +158,16 @@ def test_tiny_imagenet_layout_trains_and_prunes(tmp_path, capsys):
 def test_image_size_resizes_fashion_mnist_for_the_model_and_the_sweep(tmp_path, capsys, fmnist_dir):
     # it used to be ignored for the torchvision sets: the run trained at 28 px and config.json said 16
     run = tmp_path / "mlp16"
-    rc, _, err = cli(capsys, "train", "--data-dir", fmnist_dir, "--model", "mlp", *QUICK, *FM, "--image-size", "16",
-                     "--out", run)
+    rc, _, err = cli(
+        capsys, "train", "--data-dir", fmnist_dir, "--model", "mlp", *QUICK, *FM, "--image-size", "16", "--out", run
+    )
     assert rc == 0, err
     assert resolved(run)["resolved"]["input_shape"] == [1, 16, 16]
     assert load_file(run / "model.safetensors")["1.weight"].shape == (1024, 16 * 16)
     native = tmp_path / "mlp28"
     rc, _, err = cli(capsys, "train", "--data-dir", fmnist_dir, "--model", "mlp", *QUICK, *FM, "--out", native)
     assert rc == 0, err
-    rc, _, err = cli(capsys, "prune", native, run, *PRUNE)   # one command, two image sizes: data not shared
+    rc, _, err = cli(capsys, "prune", native, run, *PRUNE)  # one command, two image sizes: data not shared
     assert rc == 0, err
     check_accuracy_sweep(run)
     check_accuracy_sweep(native)
@@ -128,11 +175,13 @@ def test_image_size_resizes_fashion_mnist_for_the_model_and_the_sweep(tmp_path, 
 
 # ------------------------------------------------------------ models
 
+
 def test_timm_resnet18_trains_and_prunes(tmp_path, capsys, fmnist_dir):
     pytest.importorskip("timm", reason="timm not installed: pip install timm")
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--model", "timm:resnet18", "--limit-train", "64", "--limit-test", "64",
-                     *QUICK, "--out", run)
+    rc, _, err = cli(
+        capsys, "train", "--model", "timm:resnet18", "--limit-train", "64", "--limit-test", "64", *QUICK, "--out", run
+    )
     assert rc == 0, err
     assert resolved(run)["train"]["model"] == "timm:resnet18"
     rc, _, err = cli(capsys, "prune", run, *PRUNE)
@@ -155,19 +204,37 @@ def _wrn_weights(depth, k, cin, classes):
 
 def test_wrn16_8_trains_one_step_and_prunes(tmp_path, capsys, fmnist_dir):
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--model", "wrn16_8", "--limit-train", "4", "--limit-test", "2",
-                     "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet", "--out", run)
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--model",
+        "wrn16_8",
+        "--limit-train",
+        "4",
+        "--limit-test",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        run,
+    )
     assert rc == 0, err
     weights = load_file(str(run / "model.safetensors"))
     prunable = sum(v.numel() for k, v in weights.items() if k.endswith("weight") and v.dim() > 1)
     assert prunable == _wrn_weights(16, 8, 1, 10)
-    assert 10.9e6 < prunable < 11.1e6   # the registry's description: 11.0M weights
+    assert 10.9e6 < prunable < 11.1e6  # the registry's description: 11.0M weights
     rc, _, err = cli(capsys, "prune", run, *PRUNE, "--bnt-batch-size", "4")
     assert rc == 0, err
     check_accuracy_sweep(run)
 
 
 # ------------------------------------------------------------ --init
+
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, fmnist_dir):
@@ -192,8 +259,8 @@ def test_init_starts_from_the_files_weights(tmp_path, capsys, run_a):
     assert resolved(b)["train"]["init"] == str(init) and resolved(c)["train"]["init"] is None
     wb, wc = _linear_weights(b / "model.safetensors"), _linear_weights(c / "model.safetensors")
     for k in a:
-        assert (wb[k] - a[k]).abs().max() < 1e-6, k       # one epoch at lr 1e-9 from A's weights
-        assert (wc[k] - a[k]).abs().max() > 1e-2, k       # without --init: its own initialisation
+        assert (wb[k] - a[k]).abs().max() < 1e-6, k  # one epoch at lr 1e-9 from A's weights
+        assert (wc[k] - a[k]).abs().max() > 1e-2, k  # without --init: its own initialisation
     # B's weights are its own: pruning B does not need A's file any more
     init.unlink()
     rc, _, err = cli(capsys, "prune", b, *PRUNE)
@@ -202,10 +269,26 @@ def test_init_starts_from_the_files_weights(tmp_path, capsys, run_a):
 
 
 def test_init_of_another_head_needs_exclude(tmp_path, capsys, run_a):
-    data = write_imagefolder(tmp_path / "gray", mode="L", size=(28, 28))   # 1x28x28 like Fashion-MNIST, 2 classes
+    data = write_imagefolder(tmp_path / "gray", mode="L", size=(28, 28))  # 1x28x28 like Fashion-MNIST, 2 classes
     run = tmp_path / "b"
-    args = ["train", "--dataset", "imagefolder", "--data-dir", data, "--image-size", "28", "--model", "mlp",
-            *QUICK, "--batch-size", "8", "--init", run_a / "model.safetensors", "--out", run]
+    args = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        data,
+        "--image-size",
+        "28",
+        "--model",
+        "mlp",
+        *QUICK,
+        "--batch-size",
+        "8",
+        "--init",
+        run_a / "model.safetensors",
+        "--out",
+        run,
+    ]
     rc, _, err = cli(capsys, *args)
     line = one_line_error(rc, err)
     assert "7.weight" in line and "--init-exclude '7.*'" in line and "--init-exclude" in line, line
@@ -219,6 +302,7 @@ def test_init_of_another_head_needs_exclude(tmp_path, capsys, run_a):
 
 def test_adamw_defaults_written_and_used(tmp_path, capsys, fmnist_dir):
     from varprune.storage.checkpoint import load_checkpoint
+
     run = tmp_path / "run"
     rc, _, err = cli(capsys, "train", "--model", "mlp", "--optimizer", "adamw", *QUICK, *FM, "--out", run)
     assert rc == 0, err
@@ -227,9 +311,11 @@ def test_adamw_defaults_written_and_used(tmp_path, capsys, fmnist_dir):
     state = load_checkpoint(run / "checkpoint.safetensors")["optimizer"]
     group = state["param_groups"][0]
     assert group["weight_decay"] == 0.05 and "betas" in group
-    assert all("exp_avg_sq" in s for s in state["state"].values())   # Adam's second moments, not momentum
+    assert all("exp_avg_sq" in s for s in state["state"].values())  # Adam's second moments, not momentum
     # an explicit value wins over the optimizer's default
     run2 = tmp_path / "run2"
-    assert cli(capsys, "train", "--model", "mlp", "--optimizer", "adamw", "--lr", "0.003", *QUICK, *FM,
-               "--out", run2)[0] == 0
+    assert (
+        cli(capsys, "train", "--model", "mlp", "--optimizer", "adamw", "--lr", "0.003", *QUICK, *FM, "--out", run2)[0]
+        == 0
+    )
     assert resolved(run2)["train"]["lr"] == 0.003 and resolved(run2)["train"]["weight_decay"] == 0.05

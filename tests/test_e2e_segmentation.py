@@ -4,6 +4,7 @@ Commands run in-process through ``varprune.cli.main`` (the same code path as
 the ``varprune`` script, without paying torch's import per command). Data
 folders are written by the tests; Colin27 comes from Debian's mricron-data.
 """
+
 import json
 from pathlib import Path
 
@@ -15,17 +16,18 @@ nib = pytest.importorskip("nibabel")
 Image = pytest.importorskip("PIL.Image")
 
 from helpers import cli, one_line_error  # noqa: E402
-from varprune.cli import main  # noqa: E402
 from varprune.data.segmentation import DEBIAN_MRICRON
 from varprune.tasks import Segmentation, crop_flip  # noqa: E402
 
 MRICRON = Path(DEBIAN_MRICRON)
-needs_colin = pytest.mark.skipif(not (MRICRON / "aal.nii.gz").is_file(),
-                                 reason="Debian mricron-data not installed (apt-get install mricron-data)")
+needs_colin = pytest.mark.skipif(
+    not (MRICRON / "aal.nii.gz").is_file(), reason="Debian mricron-data not installed (apt-get install mricron-data)"
+)
 THRESH = 128
 
 
 # ------------------------------------------------------------ tiny data folders
+
 
 def _pixels(rng, shape):
     """uint8 pixels that avoid the threshold's neighbourhood (so mask = image > THRESH survives rounding)."""
@@ -58,14 +60,26 @@ def write_msd(root: Path, n=4, shape=(16, 16, 4), seed=0):
         save_nifti(root / "imagesTr" / f"c{k}.nii.gz", img)
         save_nifti(root / "labelsTr" / f"c{k}.nii.gz", (img > 110).astype(np.uint8))
         training.append({"image": f"./imagesTr/c{k}.nii.gz", "label": f"./labelsTr/c{k}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "fg"},
-                                                   "modality": {"0": "MR"}, "training": training}))
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "fg"}, "modality": {"0": "MR"}, "training": training})
+    )
     return root
 
 
 SMALL = ["--image-size", "16"]
-TRAIN = ["--model", "unet", "--model-arg", "width=4", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-         "--quiet"]
+TRAIN = [
+    "--model",
+    "unet",
+    "--model-arg",
+    "width=4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 PRUNE = ["--sparsities", "0.5,0.9", "--device", "cpu", "--bnt-batches", "1", "--bnt-batch-size", "8"]
 
 
@@ -84,6 +98,7 @@ def check_dice_sweep(run: Path):
 
 # ------------------------------------------------------------ joint augmentation
 
+
 def test_mask_and_image_receive_the_same_crop_and_flip():
     """mask = image > t before augmentation must still hold after it, for many random draws
     (zero padding is below t and background alike), and the draws must actually move pixels."""
@@ -99,7 +114,7 @@ def test_mask_and_image_receive_the_same_crop_and_flip():
         assert torch.equal(ya, (xa[:, 0] > THRESH).long()), f"draw {seed}: mask no longer follows the image"
         moved += int((xa != x).flatten(1).any(1).sum())
         flipped += int(sum(torch.equal(xa[i], x[i].flip(-1)) for i in range(len(x))))
-    assert moved > 300 and flipped > 0   # the augmentation did something, and flips alone happen too
+    assert moved > 300 and flipped > 0  # the augmentation did something, and flips alone happen too
 
 
 def test_crop_flip_same_stream_with_or_without_mask():
@@ -113,9 +128,11 @@ def test_training_loader_keeps_mask_with_image(tmp_path):
     """The loader `train` uses (seg-folder read from PNGs, augmented, normalised) keeps mask = f(image)."""
     from varprune.engine.config import TrainConfig
     from varprune.engine.loop import load_data
+
     root = write_seg_folder(tmp_path / "sf", n=8)
-    cfg = TrainConfig(dataset="seg-folder", data_dir=str(root), model="unet", batch_size=4, device="cpu",
-                      image_size=16)   # the files' own size: no resampling between image and mask
+    cfg = TrainConfig(
+        dataset="seg-folder", data_dir=str(root), model="unet", batch_size=4, device="cpu", image_size=16
+    )  # the files' own size: no resampling between image and mask
     run = load_data(cfg, torch.device("cpu"))
     loader = run.train_loader
     std, mean = torch.tensor(run.data.info.std).view(1, -1, 1, 1), torch.tensor(run.data.info.mean).view(1, -1, 1, 1)
@@ -129,6 +146,7 @@ def test_training_loader_keeps_mask_with_image(tmp_path):
 
 
 # ------------------------------------------------------------ the loss
+
 
 def test_segmentation_loss_is_ce_plus_soft_dice_float64():
     torch.manual_seed(0)
@@ -145,8 +163,9 @@ def test_segmentation_loss_is_ce_plus_soft_dice_float64():
     p = np.exp(logp)
     onehot = np.stack([(t == k) for k in range(c)], 1).astype(np.float64)
     ce = -(logp * onehot).sum(1).mean()
-    dices = [(2 * (p[:, k] * onehot[:, k]).sum() + 1e-5) / (p[:, k].sum() + onehot[:, k].sum() + 1e-5)
-             for k in range(1, c)]
+    dices = [
+        (2 * (p[:, k] * onehot[:, k]).sum() + 1e-5) / (p[:, k].sum() + onehot[:, k].sum() + 1e-5) for k in range(1, c)
+    ]
     expect = ce + 1 - np.mean(dices)
     assert got.dtype == torch.float32
     assert abs(float(got) - expect) < 1e-5 * max(1, abs(expect))
@@ -157,6 +176,7 @@ def test_segmentation_loss_is_ce_plus_soft_dice_float64():
 
 
 # ------------------------------------------------------------ the CLI on each reader
+
 
 def test_msd_train_and_prune(tmp_path, capsys):
     root = write_msd(tmp_path / "msd")
@@ -185,8 +205,9 @@ def test_seg_folder_train_and_prune(tmp_path, capsys):
 @needs_colin
 def test_colin27_train_and_prune(tmp_path, capsys):
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--dataset", "colin27", *TRAIN, "--limit-train", "8", "--limit-test", "4",
-                     "--out", run)
+    rc, _, err = cli(
+        capsys, "train", "--dataset", "colin27", *TRAIN, "--limit-train", "8", "--limit-test", "4", "--out", run
+    )
     assert rc == 0, err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["resolved"]["num_classes"] == 8 and cfg["resolved"]["train_examples"] == 8
@@ -197,6 +218,7 @@ def test_colin27_train_and_prune(tmp_path, capsys):
 
 
 # ------------------------------------------------------------ bad input
+
 
 def _bad_msd(tmp_path, kind):
     root = write_msd(tmp_path / kind, n=3)
@@ -236,10 +258,19 @@ def _bad_folder(tmp_path, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("dataset,kind", [("msd", "shape"), ("msd", "values"), ("msd", "garbage"),
-                                          ("msd", "truncated"), ("seg-folder", "nomask"),
-                                          ("seg-folder", "badpng"), ("seg-folder", "maskvalues"),
-                                          ("seg-folder", "empty")])
+@pytest.mark.parametrize(
+    "dataset,kind",
+    [
+        ("msd", "shape"),
+        ("msd", "values"),
+        ("msd", "garbage"),
+        ("msd", "truncated"),
+        ("seg-folder", "nomask"),
+        ("seg-folder", "badpng"),
+        ("seg-folder", "maskvalues"),
+        ("seg-folder", "empty"),
+    ],
+)
 def test_bad_data_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, dataset, kind):
     root, name = (_bad_msd if dataset == "msd" else _bad_folder)(tmp_path, kind)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -257,18 +288,21 @@ def test_bad_data_on_overwrite_keeps_the_old_run(tmp_path, capsys):
     assert cli(capsys, "train", "--dataset", "seg-folder", "--data-dir", good, *SMALL, *TRAIN, "--out", run)[0] == 0
     weights = (run / "model.safetensors").read_bytes()
     bad, name = _bad_folder(tmp_path, "nomask")
-    rc, _, err = cli(capsys, "train", "--dataset", "seg-folder", "--data-dir", bad, *SMALL, *TRAIN, "--out", run,
-                     "--overwrite")
+    rc, _, err = cli(
+        capsys, "train", "--dataset", "seg-folder", "--data-dir", bad, *SMALL, *TRAIN, "--out", run, "--overwrite"
+    )
     assert name in one_line_error(rc, err)
     assert (run / "model.safetensors").read_bytes() == weights
 
 
-@pytest.mark.parametrize("dataset,model,word", [("fashion-mnist", "unet", "segmentation model"),
-                                                ("colin27", "mlp", "classification model")])
+@pytest.mark.parametrize(
+    "dataset,model,word", [("fashion-mnist", "unet", "segmentation model"), ("colin27", "mlp", "classification model")]
+)
 def test_model_of_the_wrong_task_is_refused(tmp_path, capsys, dataset, model, word):
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--dataset", dataset, "--model", model, "--epochs", "1", "--device", "cpu",
-                     "--out", run)
+    rc, _, err = cli(
+        capsys, "train", "--dataset", dataset, "--model", model, "--epochs", "1", "--device", "cpu", "--out", run
+    )
     line = one_line_error(rc, err)
     assert word in line and f"--model {model}" in line
     assert not run.exists()
@@ -276,11 +310,39 @@ def test_model_of_the_wrong_task_is_refused(tmp_path, capsys, dataset, model, wo
 
 def test_classification_prune_json_keys_unchanged(tmp_path, capsys, fmnist_dir):
     run = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--model", "mlp", "--epochs", "1", "--limit-train", "256", "--limit-test",
-                     "128", "--batch-size", "64", "--device", "cpu", "--quiet", "--out", run)
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "128",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        run,
+    )
     assert rc == 0, err
-    rc, _, err = cli(capsys, "prune", run, "--sparsities", "0.5,0.9", "--device", "cpu", "--bnt-batches", "1",
-                     "--bnt-batch-size", "64")
+    rc, _, err = cli(
+        capsys,
+        "prune",
+        run,
+        "--sparsities",
+        "0.5,0.9",
+        "--device",
+        "cpu",
+        "--bnt-batches",
+        "1",
+        "--bnt-batch-size",
+        "64",
+    )
     assert rc == 0, err
     doc = json.loads((run / "prune.json").read_text())
     assert "metric" not in doc and "dense_metrics" not in doc and 0 <= doc["dense_accuracy"] <= 1
@@ -289,6 +351,7 @@ def test_classification_prune_json_keys_unchanged(tmp_path, capsys, fmnist_dir):
 
 
 # ------------------------------------------------------------ the demo
+
 
 @needs_colin
 def test_segmentation_demo_tiny(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """ImageFolder and Tiny ImageNet readers, the decoded-set cache, memory checks and the streaming loader."""
+
 import os
 
 import numpy as np
@@ -7,7 +8,17 @@ import torch
 from PIL import Image
 
 from varprune.data import DatasetError, DeviceLoader
-from varprune.data.folders import (FolderImageData, channel_stats, decode_image, estimate_bytes, locate_imagefolder, locate_tiny_imagenet, read_imagefolder, read_tiny_imagenet, scan_imagefolder)
+from varprune.data.folders import (
+    FolderImageData,
+    channel_stats,
+    decode_image,
+    estimate_bytes,
+    locate_imagefolder,
+    locate_tiny_imagenet,
+    read_imagefolder,
+    read_tiny_imagenet,
+    scan_imagefolder,
+)
 from varprune.data.streaming import StreamingLoader, streaming_info
 from varprune.device import available_memory, fits_on_device
 
@@ -36,7 +47,7 @@ def _folder(root, classes=("cat", "dog", "emu"), per_class=2, size=(8, 8), mode=
 
 def test_imagefolder_exact_pixels_labels_and_classes(tmp_path):
     arrays = _folder(tmp_path / "d")
-    (tmp_path / "d" / "train" / "cat" / "notes.txt").write_text("not an image")   # skipped, like torchvision
+    (tmp_path / "d" / "train" / "cat" / "notes.txt").write_text("not an image")  # skipped, like torchvision
     data = read_imagefolder(tmp_path / "d", image_size=8, cache=False)
     assert isinstance(data, FolderImageData) and not data.from_cache
     assert data.classes == ["cat", "dog", "emu"] and data.info.num_classes == 3 and data.info.channels == 3
@@ -44,7 +55,7 @@ def test_imagefolder_exact_pixels_labels_and_classes(tmp_path):
     assert data.train_y.tolist() == [0, 0, 1, 1, 2, 2] and data.test_y.tolist() == [0, 1, 2]
     train_paths = sorted(p for p in arrays if p.parts[-3] == "train")
     for i, p in enumerate(train_paths):
-        assert np.array_equal(data.train_x[i].permute(1, 2, 0).numpy(), arrays[p])   # PNG, no resize: exact
+        assert np.array_equal(data.train_x[i].permute(1, 2, 0).numpy(), arrays[p])  # PNG, no resize: exact
     # mean/std against float64 numpy over the training pixels
     ref = np.stack([arrays[p] for p in train_paths]).astype(np.float64) / 255
     np.testing.assert_allclose(data.info.mean, ref.mean((0, 1, 2)), rtol=1e-12)
@@ -54,6 +65,7 @@ def test_imagefolder_exact_pixels_labels_and_classes(tmp_path):
 def test_resize_and_center_crop_match_torchvision(tmp_path):
     tvf = pytest.importorskip("torchvision.transforms.functional")
     from torchvision.transforms import InterpolationMode
+
     a = _img(tmp_path / "wide.png", (48, 30), seed=3)
     out, gray = decode_image(tmp_path / "wide.png", 16)
     ref = tvf.center_crop(tvf.resize(Image.fromarray(a), 16, interpolation=InterpolationMode.BILINEAR), 16)
@@ -110,7 +122,7 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     first = read_imagefolder(tmp_path / "d", 8)
     cached = sorted((tmp_path / "cache").glob("imagefolder-*.safetensors"))
     assert not first.from_cache and len(cached) == 1
-    assert cached[0].read_bytes()[8:9] == b"{"                    # safetensors, not a pickle
+    assert cached[0].read_bytes()[8:9] == b"{"  # safetensors, not a pickle
     second = read_imagefolder(tmp_path / "d", 8)
     assert second.from_cache
     for name in ("train_x", "train_y", "test_x", "test_y"):
@@ -149,12 +161,12 @@ def _tiny(root, wnids=("n01", "n02", "n03")):
 
 def test_tiny_imagenet_layout(tmp_path):
     _tiny(tmp_path / "tiny-imagenet-200")
-    data = read_tiny_imagenet(tmp_path, cache=False)                  # the parent folder works too
+    data = read_tiny_imagenet(tmp_path, cache=False)  # the parent folder works too
     assert data.classes == ["n01", "n02", "n03"] and data.class_names == ["goldfish", "tabby", "n03"]
     assert data.info.num_classes == 3 and data.info.size == 64 and data.info.channels == 3
     assert data.train_x.shape == (6, 3, 64, 64) and data.train_y.tolist() == [0, 0, 1, 1, 2, 2]
     assert data.test_y.tolist() == [2, 0, 1, 2]
-    g = data.test_x[0]                                                 # the greyscale val image, replicated
+    g = data.test_x[0]  # the greyscale val image, replicated
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
     loc = locate_tiny_imagenet(tmp_path)
     assert loc.complete and loc.num_classes == 3 and loc.num_images == 10
@@ -200,8 +212,7 @@ def test_streaming_equals_device_loader_on_eval(tmp_path, workers):
     listing = scan_imagefolder(tmp_path / "d")
     info = streaming_info(listing, 8)
     assert info.channels == data.info.channels == 3
-    stream = StreamingLoader(listing.train_files, listing.train_labels, data.info, 3, train=False,
-                             num_workers=workers)
+    stream = StreamingLoader(listing.train_files, listing.train_labels, data.info, 3, train=False, num_workers=workers)
     ref = DeviceLoader(data.train_x, data.train_y, data.info, 3, train=False)
     assert len(stream) == len(ref) == 3 and stream.num_examples == 7
     for (xs, ys), (xr, yr) in zip(stream, ref):
@@ -215,25 +226,28 @@ def test_streaming_train_epoch_augmented_and_reproducible(tmp_path):
     listing = scan_imagefolder(tmp_path / "d")
     info = streaming_info(listing, 8)
     from varprune.tasks import task_for
+
     augment = task_for(info).augment
-    a = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=0,
-                        augment=augment)
-    b = StreamingLoader(listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=1,
-                        augment=augment)
-    plain = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=True, seed=1,
-                            num_workers=0)
-    (x_plain, _), = list(plain)
+    a = StreamingLoader(
+        listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=0, augment=augment
+    )
+    b = StreamingLoader(
+        listing.train_files, listing.train_labels, info, 4, train=True, seed=5, num_workers=1, augment=augment
+    )
+    plain = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=True, seed=1, num_workers=0)
+    ((x_plain, _),) = list(plain)
     ba, bb = list(a), list(b)
     assert [len(y) for _, y in ba] == [4, 4, 1]
     assert sorted(torch.cat([y for _, y in ba]).tolist()) == sorted(listing.train_labels)
-    for (xa, ya), (xb, yb) in zip(ba, bb):                      # batches do not depend on the worker count
+    for (xa, ya), (xb, yb) in zip(ba, bb):  # batches do not depend on the worker count
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert torch.cat([y for _, y in ba]).tolist() != listing.train_labels        # shuffled (seed 5)
+    assert torch.cat([y for _, y in ba]).tolist() != listing.train_labels  # shuffled (seed 5)
     assert info.crop_pad == 1 and info.flip
-    aug = StreamingLoader(listing.train_files, listing.train_labels, info, 100, train=True, seed=1,
-                          augment=augment, num_workers=0)
-    (x_aug, _), = list(aug)
-    assert x_aug.shape == x_plain.shape and not torch.equal(x_aug, x_plain)     # crops/flips on the host
+    aug = StreamingLoader(
+        listing.train_files, listing.train_labels, info, 100, train=True, seed=1, augment=augment, num_workers=0
+    )
+    ((x_aug, _),) = list(aug)
+    assert x_aug.shape == x_plain.shape and not torch.equal(x_aug, x_plain)  # crops/flips on the host
 
 
 def test_channel_stats_constant_channel():

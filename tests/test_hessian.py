@@ -1,4 +1,5 @@
 """Hessian top eigenvalue against the exact float64 spectrum; loss profile restoration."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,8 +30,10 @@ def _mlp(bn: bool) -> nn.Module:
 
 def _batches(n_batches=2, n=8):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 def _exact_top(model, batches):
@@ -43,7 +46,7 @@ def _exact_top(model, batches):
         params, i = {}, 0
         for n, s in zip(names, shapes):
             k = int(np.prod(s))
-            params[n] = flat[i:i + k].reshape(s)
+            params[n] = flat[i : i + k].reshape(s)
             i += k
         return sum(F.cross_entropy(functional_call(model, params, (x,)), y) for x, y in batches) / len(batches)
 

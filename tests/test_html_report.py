@@ -1,4 +1,5 @@
 """The HTML report: self-contained, escaped, and rendered by a real browser (headless Chromium)."""
+
 import base64
 import html.parser
 import io
@@ -29,14 +30,27 @@ def _png(path, size=(320, 160), colour=MAGENTA):
 
 def _sections(tmp_path):
     return [
-        {"heading": "Pruning sweep <b>bold?</b>",
-         "paragraphs": ["One-shot global magnitude pruning & BN re-tuning; <script>alert(1)</script>"],
-         "tables": [SWEEP, {"header": ["layer", "drop"], "rows": [["conv1", 0.012], ["fc", None]],
-                            "caption": "per-layer sensitivity"}],
-         "images": [_png(tmp_path / "a.png"), {"path": _png(tmp_path / "b.png", (200, 200), (0, 200, 0)),
-                                                "caption": "green \"figure\""}]},
-        {"heading": "Commands", "code": ["varprune train --method var --lam 1e-5 > out.txt"],
-         "details": [{"summary": "prune.json", "json": {"dense_accuracy": 0.9455, "x": "</pre>"}}]},
+        {
+            "heading": "Pruning sweep <b>bold?</b>",
+            "paragraphs": ["One-shot global magnitude pruning & BN re-tuning; <script>alert(1)</script>"],
+            "tables": [
+                SWEEP,
+                {
+                    "header": ["layer", "drop"],
+                    "rows": [["conv1", 0.012], ["fc", None]],
+                    "caption": "per-layer sensitivity",
+                },
+            ],
+            "images": [
+                _png(tmp_path / "a.png"),
+                {"path": _png(tmp_path / "b.png", (200, 200), (0, 200, 0)), "caption": 'green "figure"'},
+            ],
+        },
+        {
+            "heading": "Commands",
+            "code": ["varprune train --method var --lam 1e-5 > out.txt"],
+            "details": [{"summary": "prune.json", "json": {"dense_accuracy": 0.9455, "x": "</pre>"}}],
+        },
     ]
 
 
@@ -56,8 +70,13 @@ class _Collect(html.parser.HTMLParser):
 
 
 def test_page_is_self_contained_escaped_and_every_image_decodes(tmp_path):
-    out = write_html_report(tmp_path / "report.html", "varprune <report>", _sections(tmp_path),
-                            configs={"var": {"lam": 1e-5, "method": "var"}}, machine={"python": "3.11"})
+    out = write_html_report(
+        tmp_path / "report.html",
+        "varprune <report>",
+        _sections(tmp_path),
+        configs={"var": {"lam": 1e-5, "method": "var"}},
+        machine={"python": "3.11"},
+    )
     page = (tmp_path / "report.html").read_text()
     assert out == str(tmp_path / "report.html")
     p = _Collect()
@@ -76,7 +95,7 @@ def test_page_is_self_contained_escaped_and_every_image_decodes(tmp_path):
         im.load()
         assert im.getpixel((im.width // 2, im.height // 2)) == want
     assert p.tags.count("table") == 2 and p.tags.count("details") == 2  # prune.json + one config
-    assert "var &lt;1e-5&gt;" in page and 'class=num>94.28 / 60.99<' in page
+    assert "var &lt;1e-5&gt;" in page and "class=num>94.28 / 60.99<" in page
 
 
 def test_markdown_table_parsing():
@@ -112,8 +131,17 @@ def _chromium():
 
 
 def _run_chromium(exe, tmp_path, *args):
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *args]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 

@@ -1,26 +1,29 @@
 """MaskKeeper: pruned weights stay exactly zero through SGD, AdamW and the SAM-family wrappers."""
+
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from varprune import MagnitudePruner
 from varprune.numerics.masking import MaskKeeper
-from varprune.optim import SAM, S2SAM, CrAM, frozen_bn_stats
+from varprune.optim import S2SAM, SAM, CrAM, frozen_bn_stats
 
 STEPS = 30
 
 
 def small_net(dtype=torch.float32):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 6 * 6, 5)).to(dtype)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).to(
+        dtype
+    )
 
 
 def batches(n, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (16,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)
+    ]
 
 
 def plain_step(model, opt, keeper, x, y):
@@ -177,6 +180,7 @@ def test_sam_family_wrappers_keep_the_mask(kind):
                     loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         if kind != "s2sam":
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()

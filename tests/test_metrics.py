@@ -12,6 +12,7 @@ as 0.0. varprune's default leaves out classes absent from both and scores the
 rest like MONAI's ``ignore_empty=False``; ``exclude_empty="target"`` is MONAI's
 ``ignore_empty=True``. Both correspondences are tested below.
 """
+
 import math
 
 import numpy as np
@@ -20,8 +21,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varprune.numerics.metrics import (ClassificationCounter, MetricError, SegConfusion, confusion_matrix, dice_score,
-                              scores_from_confusion)
+from varprune.numerics.metrics import (
+    ClassificationCounter,
+    MetricError,
+    SegConfusion,
+    confusion_matrix,
+    dice_score,
+    scores_from_confusion,
+)
 
 monai_metrics = pytest.importorskip("monai.metrics")
 
@@ -39,9 +46,13 @@ def numpy_reference(pred, target, num_classes, include_background=False, exclude
     first = 0 if include_background else 1
     d = [x for x in dice[first:] if x is not None]
     i = [x for x in iou[first:] if x is not None]
-    return {"dice": np.mean(d) if d else math.nan, "iou": np.mean(i) if i else math.nan,
-            "dice_per_class": dice, "iou_per_class": iou,
-            "pixel_accuracy": float((pred == target).mean()) if pred.size else math.nan}
+    return {
+        "dice": np.mean(d) if d else math.nan,
+        "iou": np.mean(i) if i else math.nan,
+        "dice_per_class": dice,
+        "iou_per_class": iou,
+        "pixel_accuracy": float((pred == target).mean()) if pred.size else math.nan,
+    }
 
 
 def assert_scores_equal(got, want):
@@ -52,15 +63,18 @@ def assert_scores_equal(got, want):
             assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
     for key in ("dice_per_class", "iou_per_class"):
         assert [x is None for x in got[key]] == [x is None for x in want[key]], key
-        assert [x for x in got[key] if x is not None] == pytest.approx([x for x in want[key] if x is not None],
-                                                                       rel=1e-12, abs=1e-12)
+        assert [x for x in got[key] if x is not None] == pytest.approx(
+            [x for x in want[key] if x is not None], rel=1e-12, abs=1e-12
+        )
 
 
 def monai_pooled(pred, target, num_classes, ignore_empty, reduction="none"):
     """MONAI DiceMetric on the set stacked into one image: (N, H, W) -> (1, C, N*H, W) one-hot."""
+
     def one_image(x):
         x = torch.as_tensor(x).reshape(1, -1, x.shape[-1])
         return torch.nn.functional.one_hot(x.long(), num_classes).permute(0, 3, 1, 2).float()
+
     metric = monai_metrics.DiceMetric(include_background=False, reduction=reduction, ignore_empty=ignore_empty)
     metric(one_image(pred), one_image(target))
     return metric.aggregate()
@@ -90,7 +104,7 @@ def test_scores_match_numpy(case, include_background, exclude_empty):
     assert dice_score(pred, target, 4, include_background, exclude_empty) == pytest.approx(want["dice"], rel=1e-12)
 
 
-@given(st.integers(1, 5), st.integers(0, 2 ** 32 - 1), st.integers(1, 40))
+@given(st.integers(1, 5), st.integers(0, 2**32 - 1), st.integers(1, 40))
 @settings(max_examples=60, deadline=None)
 def test_dice_matches_numpy_property(num_classes, seed, size):
     g = np.random.default_rng(seed)
@@ -104,9 +118,9 @@ def test_dice_matches_numpy_property(num_classes, seed, size):
 
 def test_predicted_class_absent_from_target_counts_as_zero():
     target = np.zeros((1, 4, 4), dtype=np.int64)
-    target[0, :2] = 1                      # class 1 present
+    target[0, :2] = 1  # class 1 present
     pred = target.copy()
-    pred[0, 3, 3] = 2                      # class 2 only predicted
+    pred[0, 3, 3] = 2  # class 2 only predicted
     assert dice_score(pred, target, 3) == pytest.approx((1.0 + 0.0) / 2)
     assert dice_score(pred, target, 3, exclude_empty="target") == pytest.approx(1.0)
 
@@ -115,7 +129,7 @@ def test_predicted_class_absent_from_target_counts_as_zero():
 def test_pooled_dice_matches_monai_on_the_stacked_set(case):
     if case == "predicted but absent from target":
         pred, target = random_maps(seed=3, present=[0, 1, 2, 3])
-        target[target == 3] = 0            # class 3 predicted, never in the target
+        target[target == 3] = 0  # class 3 predicted, never in the target
     else:
         pred, target = random_maps(**CASES[case])
     ours = scores_from_confusion(confusion_matrix(pred, target, 4))
@@ -163,8 +177,8 @@ def test_seg_confusion_accumulates_batches_like_the_whole_set():
     # logits whose argmax is pred
     logits.scatter_(1, torch.from_numpy(pred)[:, None], 10.0)
     acc = SegConfusion(5, include_background=False)
-    acc.update(logits[:2], torch.from_numpy(target[:2]).to(torch.uint8))   # logits and uint8 targets
-    acc.update(torch.from_numpy(pred[2:]), torch.from_numpy(target[2:]))   # labels
+    acc.update(logits[:2], torch.from_numpy(target[:2]).to(torch.uint8))  # logits and uint8 targets
+    acc.update(torch.from_numpy(pred[2:]), torch.from_numpy(target[2:]))  # labels
     assert torch.equal(acc.matrix, confusion_matrix(pred, target, 5))
     assert_scores_equal(acc.result(), numpy_reference(pred, target, 5))
     acc.reset()
@@ -179,13 +193,16 @@ def test_seg_confusion_reports_labels_out_of_range_at_result():
         acc.result()
 
 
-@pytest.mark.parametrize("pred,target,num_classes,match", [
-    (np.zeros((2, 3)), np.zeros((2, 3), int), 2, "integer class labels, not torch.float64"),
-    (np.zeros((2, 3), int), np.zeros((3, 2), int), 2, "same shape"),
-    (np.full((2, 3), 2), np.zeros((2, 3), int), 2, r"pred labels must lie in \[0, 2\)"),
-    (np.zeros((2, 3), int), np.full((2, 3), -1), 2, r"target labels must lie in \[0, 2\)"),
-    (np.zeros((2, 3), int), np.zeros((2, 3), int), 0, "num_classes must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "pred,target,num_classes,match",
+    [
+        (np.zeros((2, 3)), np.zeros((2, 3), int), 2, "integer class labels, not torch.float64"),
+        (np.zeros((2, 3), int), np.zeros((3, 2), int), 2, "same shape"),
+        (np.full((2, 3), 2), np.zeros((2, 3), int), 2, r"pred labels must lie in \[0, 2\)"),
+        (np.zeros((2, 3), int), np.full((2, 3), -1), 2, r"target labels must lie in \[0, 2\)"),
+        (np.zeros((2, 3), int), np.zeros((2, 3), int), 0, "num_classes must be a positive integer"),
+    ],
+)
 def test_dice_score_rejects_bad_inputs(pred, target, num_classes, match):
     with pytest.raises(MetricError, match=match):
         dice_score(pred, target, num_classes)
@@ -208,7 +225,7 @@ def test_classification_counter_matches_numpy():
     targets = [torch.randint(0, 7, (len(x),), generator=g) for x in logits]
     counter = ClassificationCounter()
     counter.update(logits[0], targets[0])
-    counter.update(logits[1].argmax(1), targets[1])   # labels accepted too
+    counter.update(logits[1].argmax(1), targets[1])  # labels accepted too
     counter.update(logits[2], targets[2])
     pred = np.concatenate([x.numpy().argmax(1) for x in logits])
     want = float((pred == np.concatenate([t.numpy() for t in targets])).mean())

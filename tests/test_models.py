@@ -1,4 +1,5 @@
 """Every registered classification model builds for 28 px grey and 32 px colour inputs and has prunable weights."""
+
 import pytest
 import torch
 
@@ -37,28 +38,37 @@ def _weights(model) -> int:
     return sum(p.numel() for _, p in prunable_weights(model))
 
 
-@pytest.mark.parametrize("name,options,expected", [
-    # counted by hand: hidden layers in*w + w*w, classifier w*10
-    ("mlp", dict(width=256), 256 * 256 + 256 * 256 + 256 * 10),
-    ("mlp", dict(width=64, depth=3), 256 * 64 + 2 * 64 * 64 + 64 * 10),
-    # VGG-16 at width 16: 3x3 convs 1-16-16-32-32-64-64-64-128x6, classifier 128*10
-    ("vgg16_bn", dict(width=16), 9 * (16 + 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 2 * 64 * 64 + 64 * 128
-                                      + 5 * 128 * 128) + 128 * 10),
-    # ViT: patch embedding 16*d, per block qkv 3d^2 + proj d^2 + mlp 8d^2, head d*10
-    ("vit_tiny", dict(dim=48, depth=2, heads=4), 16 * 48 + 2 * 12 * 48 * 48 + 48 * 10),
-])
+@pytest.mark.parametrize(
+    "name,options,expected",
+    [
+        # counted by hand: hidden layers in*w + w*w, classifier w*10
+        ("mlp", dict(width=256), 256 * 256 + 256 * 256 + 256 * 10),
+        ("mlp", dict(width=64, depth=3), 256 * 64 + 2 * 64 * 64 + 64 * 10),
+        # VGG-16 at width 16: 3x3 convs 1-16-16-32-32-64-64-64-128x6, classifier 128*10
+        (
+            "vgg16_bn",
+            dict(width=16),
+            9 * (16 + 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 2 * 64 * 64 + 64 * 128 + 5 * 128 * 128) + 128 * 10,
+        ),
+        # ViT: patch embedding 16*d, per block qkv 3d^2 + proj d^2 + mlp 8d^2, head d*10
+        ("vit_tiny", dict(dim=48, depth=2, heads=4), 16 * 48 + 2 * 12 * 48 * 48 + 48 * 10),
+    ],
+)
 def test_model_options_change_the_architecture(name, options, expected):
     model = create_model(name, 1, 10, 16, **options)
     assert _weights(model) == expected
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name,options,message", [
-    ("mlp", dict(width=0), "width must be an integer >= 1"),
-    ("vgg16_bn", dict(width=2.5), "width must be an integer"),
-    ("vit_tiny", dict(dim=50, heads=3), r"dim \(50\) must be a multiple of heads \(3\)"),
-    ("vit_tiny", dict(patch=40), "patch must be an integer in 1..16"),
-])
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("mlp", dict(width=0), "width must be an integer >= 1"),
+        ("vgg16_bn", dict(width=2.5), "width must be an integer"),
+        ("vit_tiny", dict(dim=50, heads=3), r"dim \(50\) must be a multiple of heads \(3\)"),
+        ("vit_tiny", dict(patch=40), "patch must be an integer in 1..16"),
+    ],
+)
 def test_bad_model_options_are_refused(name, options, message):
     with pytest.raises(ValueError, match=message):
         create_model(name, 1, 10, 16, **options)

@@ -4,6 +4,7 @@ The references below never touch varprune.optim: gradients come from
 torch.autograd.grad on plain tensors through a functional copy of the model,
 the SGD update is written out, and CrAM's mask is computed with numpy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprune.numerics.optim import CrAM, S2SAM, SAM, _keep_masks, frozen_bn_stats, is_two_pass
+from varprune.numerics.optim import S2SAM, SAM, CrAM, _keep_masks, frozen_bn_stats, is_two_pass
 
 DT = torch.float64
 
@@ -27,10 +28,12 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-3)
 
 
 # -- a tiny model, its functional twin, and fixed data ------------------------------------------
+
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -49,8 +52,7 @@ def grad_at(params, x, y):
 
 def batches(n: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
-            for _ in range(n)]
+    return [(torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)]
 
 
 def params_of(model):
@@ -99,6 +101,7 @@ def differs(a, b, by=1e-6):
 
 # -- SAM / ASAM ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sam_two_steps_match_reference(adaptive, nesterov):
@@ -111,9 +114,9 @@ def test_sam_two_steps_match_reference(adaptive, nesterov):
         g = grad_at(ws, x, y)
         if adaptive:
             norm = torch.sqrt(sum(((w.abs() * gi) ** 2).sum() for w, gi in zip(ws, g)))
-            e = [rho * w ** 2 * gi / norm for w, gi in zip(ws, g)]
+            e = [rho * w**2 * gi / norm for w, gi in zip(ws, g)]
         else:
-            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
             e = [rho * gi / norm for gi in g]
         g_sam = grad_at([w + ei for w, ei in zip(ws, e)], x, y)
         ws = ref.step(ws, g_sam)
@@ -160,6 +163,7 @@ def test_protocol_flags():
 
 # -- CrAM / CrAM+ --------------------------------------------------------------------------------
 
+
 def numpy_keep_masks(tensors, sparsity):
     flat = np.concatenate([t.detach().abs().numpy().ravel() for t in tensors])
     n_pruned = int(round(sparsity * flat.size))
@@ -167,7 +171,7 @@ def numpy_keep_masks(tensors, sparsity):
     keep[np.argsort(flat, kind="stable")[:n_pruned]] = False
     out, start = [], 0
     for t in tensors:
-        out.append(torch.from_numpy(keep[start:start + t.numel()].reshape(t.shape).copy()))
+        out.append(torch.from_numpy(keep[start : start + t.numel()].reshape(t.shape).copy()))
         start += t.numel()
     return out
 
@@ -221,13 +225,21 @@ def test_cram_step_matches_reference(plus, normalize, sparse_grad, n_steps):
     rho, k = (0.5 if normalize else 0.2), 0.6
     model = make_model()
     kwargs = {} if sparse_grad else {"sparse_grad": False}  # the default must be the masked gradient
-    opt = CrAM(model.parameters(), torch.optim.SGD, rho=rho, sparsities=(k,), plus=plus, normalize=normalize,
-               **kwargs, **SGD_KW)
+    opt = CrAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=rho,
+        sparsities=(k,),
+        plus=plus,
+        normalize=normalize,
+        **kwargs,
+        **SGD_KW,
+    )
     ws, ref = params_of(model), RefSGD(**SGD_KW)
     variants = {}
     for x, y in batches(n_steps):
         g = grad_at(ws, x, y)
-        step = rho / torch.sqrt(sum((gi ** 2).sum() for gi in g)) if normalize else rho
+        step = rho / torch.sqrt(sum((gi**2).sum() for gi in g)) if normalize else rho
         w1 = [w + step * gi for w, gi in zip(ws, g)]
         mats = [i for i, w in enumerate(w1) if w.dim() >= 2]
         masks = [torch.ones_like(w) for w in w1]
@@ -235,10 +247,12 @@ def test_cram_step_matches_reference(plus, normalize, sparse_grad, n_steps):
             masks[i] = m.to(DT)
         assert sum(int((masks[i] == 0).sum()) for i in mats) == round(k * 35)
         g2 = grad_at([m * w for m, w in zip(masks, w1)], x, y)
-        variants = {(True, True): [m * gg + gi for m, gg, gi in zip(masks, g2, g)],
-                    (False, True): [m * gg for m, gg in zip(masks, g2)],
-                    (True, False): [gg + gi for gg, gi in zip(g2, g)],
-                    (False, False): g2}
+        variants = {
+            (True, True): [m * gg + gi for m, gg, gi in zip(masks, g2, g)],
+            (False, True): [m * gg for m, gg in zip(masks, g2)],
+            (True, False): [gg + gi for gg, gi in zip(g2, g)],
+            (False, False): g2,
+        }
         ws = ref.step(ws, variants[plus, sparse_grad])
         train_step(opt, model, x, y)
         assert opt.last_sparsity == k
@@ -271,8 +285,9 @@ def test_cram_leaves_1d_params_unmasked_and_restores_w():
 
 def test_cram_compress_params_limits_the_mask():
     model = make_model()
-    opt = CrAM(model.parameters(), torch.optim.SGD, rho=0.2, sparsities=(0.5,), lr=0.0,
-               compress_params=[model[2].weight])
+    opt = CrAM(
+        model.parameters(), torch.optim.SGD, rho=0.2, sparsities=(0.5,), lr=0.0, compress_params=[model[2].weight]
+    )
     x, y = batches(1)[0]
     seen = {}
 
@@ -335,6 +350,7 @@ def test_cram_multi_draw_is_seeded_and_resumable():
 
 # -- S2-SAM --------------------------------------------------------------------------------------
 
+
 def test_s2sam_steps_match_reference():
     rho = 0.1
     model = make_model()
@@ -345,7 +361,7 @@ def test_s2sam_steps_match_reference():
         if prev is None:
             at = ws
         else:
-            norm = torch.sqrt(sum((g ** 2).sum() for g in prev))
+            norm = torch.sqrt(sum((g**2).sum() for g in prev))
             at = [w + rho * g / norm for w, g in zip(ws, prev)]
         g = grad_at(at, x, y)
         ws, prev = ref.step(ws, g), g
@@ -379,6 +395,7 @@ def test_s2sam_ignores_stale_grads():
     a = S2SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     b = S2SAM(twin.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     for x, y in batches(2):
+
         def closure(m=model, x=x, y=y):
             loss = F.cross_entropy(m(x), y)
             loss.backward()
@@ -470,11 +487,16 @@ def test_lr_is_shared_with_base_and_scheduler():
 
 # -- BatchNorm -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_frozen_bn_stats(momentum):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=momentum), nn.Linear(4, 2),
-                        nn.BatchNorm1d(2, track_running_stats=False))
+    net = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4, momentum=momentum),
+        nn.Linear(4, 2),
+        nn.BatchNorm1d(2, track_running_stats=False),
+    )
     net.train()
     x = torch.randn(16, 3)
     net(x)
@@ -491,9 +513,8 @@ def test_frozen_bn_stats(momentum):
     net(x + 1.0)
     assert not torch.equal(bn.running_mean, stats[0])  # tracking is back after the block
     assert int(bn.num_batches_tracked) == int(stats[2]) + 1
-    with pytest.raises(KeyError):
-        with frozen_bn_stats(net):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), frozen_bn_stats(net):
+        raise KeyError("boom")
     assert bn.track_running_stats and bn.momentum == momentum
     net.eval()
     evaluated = net(x)
@@ -503,28 +524,31 @@ def test_frozen_bn_stats(momentum):
 
 # -- fp16 GradScaler (the CPU scaler runs the same code path) and bf16 autocast ------------------
 
+
 @pytest.mark.parametrize("name", ["sam", "asam", "cram+multi", "cram", "s2sam"])
 def test_grad_scaler_matches_unscaled_run(name):
     data = batches(3)
     model_a, model_b = make_model(), make_model()
     opt_a, opt_b = FACTORIES[name](model_a.parameters()), FACTORIES[name](model_b.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for x, y in data:
         train_step(opt_a, model_a, x, y)
         train_step(opt_b, model_b, x, y, scaler=scaler)
         scaler.update()
-    assert scaler.get_scale() == 2.0 ** 12
+    assert scaler.get_scale() == 2.0**12
     # power-of-two scaling is exact, so the two runs agree bitwise
     assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
 
 
-@pytest.mark.parametrize("name,bad_pass", [("sam", "first"), ("sam", "second"), ("cram+multi", "first"),
-                                           ("cram+multi", "second"), ("s2sam", "second")])  # S2-SAM: one pass
+@pytest.mark.parametrize(
+    "name,bad_pass",
+    [("sam", "first"), ("sam", "second"), ("cram+multi", "first"), ("cram+multi", "second"), ("s2sam", "second")],
+)  # S2-SAM: one pass
 def test_grad_scaler_skips_non_finite_steps(name, bad_pass):
     data = batches(3)
     model, twin = make_model(), make_model()
     opt, ref = FACTORIES[name](model.parameters()), FACTORIES[name](twin.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     train_step(opt, model, *data[0], scaler=scaler)
     scaler.update()
     train_step(ref, twin, *data[0])
@@ -533,11 +557,12 @@ def test_grad_scaler_skips_non_finite_steps(name, bad_pass):
     if bad_pass == "first":
         train_step(opt, model, x, y, scaler=scaler, first_factor=float("inf"))
     else:
-        train_step(opt, model, x * float("nan"), y, scaler=scaler) if name == "s2sam" else \
-            _second_pass_nan_step(opt, model, x, y, scaler)
+        train_step(opt, model, x * float("nan"), y, scaler=scaler) if name == "s2sam" else _second_pass_nan_step(
+            opt, model, x, y, scaler
+        )
     scaler.update()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "a non-finite step must be skipped"
-    assert scaler.get_scale() == 2.0 ** 11
+    assert scaler.get_scale() == 2.0**11
     # and it leaves no trace: the next good step is the one an unscaled run takes after step one
     train_step(opt, model, *data[2], scaler=scaler)
     scaler.update()
@@ -578,6 +603,7 @@ def test_bf16_autocast_runs(name):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 F.cross_entropy(model(x), y).backward()
         loss = opt.step(closure)
-    assert torch.isfinite(loss) and all(torch.isfinite(p).all() and p.dtype == torch.float32
-                                        for p in model.parameters())
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters()
+    )
     assert differs(params_of(model), before)

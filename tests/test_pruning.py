@@ -1,9 +1,11 @@
 """Magnitude pruning: exact sparsity, ties, exclusions, masks (against the old stable argsort); N:M; BN re-tuning."""
+
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, prune_magnitude, realised_sparsity, recalibrate_bn
@@ -12,8 +14,9 @@ from varprune.numerics.pruning import PruningError, keep_mask_topk, nm_masks, pa
 
 def small_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3), nn.Flatten(),
-                         nn.LazyLinear(3))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3), nn.Flatten(), nn.LazyLinear(3)
+    )
 
 
 def net_with_weights(*tensors):
@@ -68,8 +71,9 @@ def test_ties_still_give_the_requested_count():
             if scope == "global":
                 assert zeros_in(net) == round(s * n)
             else:
-                assert [int((p == 0).sum()) for _, p in prunable_weights(net)] == \
-                    [round(s * p.numel()) for _, p in prunable_weights(net)]
+                assert [int((p == 0).sum()) for _, p in prunable_weights(net)] == [
+                    round(s * p.numel()) for _, p in prunable_weights(net)
+                ]
 
 
 def test_all_equal_tensor():
@@ -180,8 +184,12 @@ def weights_of_kind(kind, shapes, seed, dtype=torch.float32):
 
 
 def conv_net(*tensors):
-    layers = [nn.Conv2d(t.shape[1], t.shape[0], t.shape[2], bias=False) if t.dim() == 4
-              else nn.Linear(t.shape[1], t.shape[0], bias=False) for t in tensors]
+    layers = [
+        nn.Conv2d(t.shape[1], t.shape[0], t.shape[2], bias=False)
+        if t.dim() == 4
+        else nn.Linear(t.shape[1], t.shape[0], bias=False)
+        for t in tensors
+    ]
     net = nn.Sequential(*layers).to(tensors[0].dtype)
     with torch.no_grad():
         for layer, t in zip(net, tensors):
@@ -211,7 +219,7 @@ def test_pruner_masks_equal_the_stable_argsort_masks(kind, scope, dtype):
 
 def test_float64_global_scope_orders_beyond_float32_precision():
     # two magnitudes equal in float32 but not in float64: the smaller one is pruned, wherever it is
-    w = torch.tensor([[1.0 + 2 ** -40, 5.0, 1.0, 7.0]], dtype=torch.float64)
+    w = torch.tensor([[1.0 + 2**-40, 5.0, 1.0, 7.0]], dtype=torch.float64)
     net = net_with_weights(w).to(torch.float64)
     net[0].weight.data.copy_(w)
     assert MagnitudePruner(net).masks(0.25)["0.weight"].tolist() == [[True, True, False, True]]
@@ -258,9 +266,16 @@ def test_keep_mask_topk_equals_stable_argsort(method, dtype, kind):
 
 
 @settings(max_examples=100, deadline=None)
-@given(values=st.lists(st.sampled_from([0.0, -0.0, 1e-30, 0.5, -0.5, 0.50000006, 2.0, 3.5e38, float("inf")]) |
-                       st.floats(-10, 10, width=32), min_size=1, max_size=40),
-       frac=st.floats(0, 1), method=st.sampled_from(["radix", "sort"]))
+@given(
+    values=st.lists(
+        st.sampled_from([0.0, -0.0, 1e-30, 0.5, -0.5, 0.50000006, 2.0, 3.5e38, float("inf")])
+        | st.floats(-10, 10, width=32),
+        min_size=1,
+        max_size=40,
+    ),
+    frac=st.floats(0, 1),
+    method=st.sampled_from(["radix", "sort"]),
+)
 def test_keep_mask_topk_property(values, frac, method):
     flat = torch.tensor(values, dtype=torch.float32).abs()
     k = round(frac * flat.numel())
@@ -289,6 +304,7 @@ def test_keep_mask_topk_half_precision_is_ranked_exactly():
 
 # -- N:M semi-structured -------------------------------------------------------------------------
 
+
 def reference_nm_keep(w, n, m):
     """Per group of m along reshape(out, -1): keep the n largest; of equal magnitudes the later is kept."""
     rows = w.detach().double().reshape(w.shape[0], -1).abs().tolist()
@@ -296,9 +312,9 @@ def reference_nm_keep(w, n, m):
     for row in rows:
         out = []
         for start in range(0, len(row), m):
-            group = row[start:start + m]
+            group = row[start : start + m]
             order = sorted(range(m), key=lambda j: (group[j], j))  # ascending, earlier first among ties
-            kept = set(order[m - n:])
+            kept = set(order[m - n :])
             out += [j in kept for j in range(m)]
         keep.append(out)
     return torch.tensor(keep).view(w.shape)

@@ -4,6 +4,7 @@ input is one line with exit 2, and what was promised is kept.
 
 One tiny mlp run is trained once for the module and copied by every test that changes it.
 """
+
 import errno
 import json
 import os
@@ -22,8 +23,21 @@ from varprune.storage.checkpoint import load_checkpoint, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = ["--model", "mlp", "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
-        "--device", "cpu", "--quiet"]
+TINY = [
+    "--model",
+    "mlp",
+    "--epochs",
+    "1",
+    "--limit-train",
+    "256",
+    "--limit-test",
+    "128",
+    "--batch-size",
+    "64",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 SWEEP = ["--sparsities", "0.5,0.9", "--bnt-batches", "2", "--bnt-batch-size", "64"]
 
 
@@ -44,8 +58,14 @@ def one_line(rc, err, code=2):
 
 def spawn(*args, **kw):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "varprune", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "varprune", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def wait_for(predicate, proc, timeout=180.0, step=0.002):
@@ -57,8 +77,11 @@ def wait_for(predicate, proc, timeout=180.0, step=0.002):
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def idx_file(shape) -> bytes:
@@ -100,16 +123,21 @@ def run(trained, tmp_path):
 
 # ----------------------------------------------------------------- 7: no data loss without --overwrite
 
+
 def test_user_files_named_like_ours_survive_train_and_study(capsys, tmp_path, fmnist_dir):
     mine = tmp_path / "mine"
     mine.mkdir()
-    user = {"prune.json": b'{"my": "notes"}', "prune.png": b"not a plot", ".notes.tmp": b"draft",
-            ".prune.json.abcd1234.tmp": b"a user's temporary file, named like ours"}
+    user = {
+        "prune.json": b'{"my": "notes"}',
+        "prune.png": b"not a plot",
+        ".notes.tmp": b"draft",
+        ".prune.json.abcd1234.tmp": b"a user's temporary file, named like ours",
+    }
     for name, data in user.items():
         (mine / name).write_bytes(data)
     line = one_line(*vp(capsys, "train", *TINY, "--data-dir", fmnist_dir, "--out", mine)[::2])
     assert "did not make" in line and "prune.json" in line
-    assert snapshot(mine) == user                       # nothing written, nothing deleted
+    assert snapshot(mine) == user  # nothing written, nothing deleted
 
     # a folder of the user's without varprune's names: the run goes in, the user's files stay
     (mine / "prune.json").unlink()
@@ -127,13 +155,27 @@ def test_user_files_named_like_ours_survive_train_and_study(capsys, tmp_path, fm
     (inside / "prune.json").write_bytes(b"mine")
     (inside / ".notes.tmp").write_bytes(b"draft")
     args = [a for a in TINY if a != "--quiet"]
-    line = one_line(*vp(capsys, "study", "--out", study, *args, "--data-dir", fmnist_dir, "--methods", "sgd",
-                        "--no-analysis", *SWEEP)[::2])
+    line = one_line(
+        *vp(
+            capsys,
+            "study",
+            "--out",
+            study,
+            *args,
+            "--data-dir",
+            fmnist_dir,
+            "--methods",
+            "sgd",
+            "--no-analysis",
+            *SWEEP,
+        )[::2]
+    )
     assert "did not make" in line
     assert snapshot(inside) == {"prune.json": b"mine", ".notes.tmp": b"draft"}
 
 
 # ----------------------------------------------------------------- 8: no data loss with --overwrite
+
 
 def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(capsys, run, tmp_path, fmnist_dir):
     (run / ".notes.tmp").write_bytes(b"draft")
@@ -151,21 +193,56 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(caps
     assert snapshot(run) == before and not (run / ".replaced-run").exists()
 
     # diverges in the first epoch: the old run was moved aside, and is put back byte for byte
-    rc, out, err = vp(capsys, "train", *TINY, "--method", "var", "--var-lambda", "1e6", "--lr", "10",
-                      "--warmup-epochs", "0", "--data-dir", fmnist_dir, "--out", run, "--overwrite")
+    rc, out, err = vp(
+        capsys,
+        "train",
+        *TINY,
+        "--method",
+        "var",
+        "--var-lambda",
+        "1e6",
+        "--lr",
+        "10",
+        "--warmup-epochs",
+        "0",
+        "--data-dir",
+        fmnist_dir,
+        "--out",
+        run,
+        "--overwrite",
+    )
     assert rc == 3 and "non-finite" in err, err
     assert "previous run" in out and "restored" in out
     assert snapshot(run) == before and not (run / ".replaced-run").exists()
 
     # 65 examples in batches of 64: the last batch of one is dropped (BatchNorm), the new run replaces the old
-    rc, _, err = vp(capsys, "train", "--model", "mlp", "--epochs", "1", "--limit-train", "65", "--batch-size", "64",
-                    "--limit-test", "128", "--device", "cpu", "--quiet", "--data-dir", fmnist_dir, "--out", run,
-                    "--overwrite")
+    rc, _, err = vp(
+        capsys,
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "65",
+        "--batch-size",
+        "64",
+        "--limit-test",
+        "128",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data-dir",
+        fmnist_dir,
+        "--out",
+        run,
+        "--overwrite",
+    )
     assert rc == 0, err
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["train_examples"] == 65 and resolved["steps_per_epoch"] == 1
     assert (run / "model.safetensors").read_bytes() != before["model.safetensors"]
-    assert not (run / "prune.json").exists()        # made from the old weights: gone with them
+    assert not (run / "prune.json").exists()  # made from the old weights: gone with them
     assert (run / ".notes.tmp").read_bytes() == b"draft" and (run / "notes.txt").read_bytes() == b"mine"
     assert not (run / ".replaced-run").exists()
 
@@ -174,8 +251,23 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_comm
     (run / ".notes.tmp").write_bytes(b"draft")
     before = snapshot(run)
     # the whole training set: the first epoch takes seconds, long enough to be killed in
-    proc = spawn("train", "--model", "mlp", "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--quiet",
-                 "--data-dir", fmnist_dir, "--out", run, "--overwrite")
+    proc = spawn(
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data-dir",
+        fmnist_dir,
+        "--out",
+        run,
+        "--overwrite",
+    )
     try:
         wait_for(lambda: (run / ".replaced-run" / ".complete").exists(), proc)
     finally:
@@ -183,7 +275,7 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_comm
         proc.communicate()
     assert not (run / "checkpoint.safetensors").exists() and not (run / "model.safetensors").exists()
     (run / ".config.json.k1lled00.tmp").write_bytes(b"")  # as if killed inside the new config.json's write
-    rc, out, err = vp(capsys, "prune", run, *SWEEP)       # the old run is back, its sweep still valid
+    rc, out, err = vp(capsys, "prune", run, *SWEEP)  # the old run is back, its sweep still valid
     assert rc == 0, err
     assert "reusing" in out
     assert snapshot(run) == before and not (run / ".replaced-run").exists()
@@ -198,9 +290,10 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_comm
 
 # ----------------------------------------------------------------- 9: --bnt-batches 0
 
+
 def test_bnt_batches_zero_skips_retuning(capsys, trained, run):
     with_bnt = json.loads((trained / "prune.json").read_text())
-    assert any(r["accuracy"] != r["accuracy_bnt"] for r in with_bnt["results"])   # re-tuning changes something
+    assert any(r["accuracy"] != r["accuracy_bnt"] for r in with_bnt["results"])  # re-tuning changes something
     rc, _, err = vp(capsys, "prune", run, "--sparsities", "0.5,0.9", "--bnt-batches", "0")
     assert rc == 0, err
     doc = json.loads((run / "prune.json").read_text())
@@ -210,6 +303,7 @@ def test_bnt_batches_zero_skips_retuning(capsys, trained, run):
 
 
 # ----------------------------------------------------------------- 10: typos, interrupted sweeps, damaged files
+
 
 def test_exclude_typo_is_refused_and_list_weights_names_every_matrix(capsys, trained):
     before = snapshot(trained)
@@ -221,6 +315,7 @@ def test_exclude_typo_is_refused_and_list_weights_names_every_matrix(capsys, tra
     assert rc == 0, err
     from varprune.models import create_model
     from varprune.numerics.weights import classify_parameters
+
     model = create_model("mlp", 1, 10, 28)
     expected = classify_parameters(model)
     rows = [line.split() for line in out.strip().splitlines()]
@@ -228,7 +323,7 @@ def test_exclude_typo_is_refused_and_list_weights_names_every_matrix(capsys, tra
     shapes = dict(model.named_parameters())
     for name, shape, label in ((r[0], r[1], " ".join(r[2:])) for r in rows):
         assert label == expected[name] and shape == "x".join(map(str, shapes[name].shape))
-    assert snapshot(trained) == before              # listing sweeps nothing
+    assert snapshot(trained) == before  # listing sweeps nothing
 
     rc, out, _ = vp(capsys, "prune", trained, "--list-weights", "--exclude", "last")
     assert rc == 0 and out.strip().splitlines()[-1].endswith("excluded by --exclude")
@@ -239,7 +334,7 @@ def test_sweep_interrupted_before_its_plot_is_redone(capsys, run):
     mtime = (run / "prune.json").stat().st_mtime_ns
     rc, out, _ = vp(capsys, "prune", run, *SWEEP)
     assert rc == 0 and "reusing" in out and (run / "prune.json").stat().st_mtime_ns == mtime
-    (run / "prune.png").unlink()                    # killed between prune.json and prune.png
+    (run / "prune.png").unlink()  # killed between prune.json and prune.png
     rc, out, err = vp(capsys, "prune", run, *SWEEP)
     assert rc == 0 and "reusing" not in out, err
     assert (run / "prune.png").read_bytes()[:8] == PNG
@@ -273,13 +368,16 @@ def test_flipped_byte_in_weights_or_checkpoint_is_refused(capsys, trained, run):
     # a file of an older version, written by safetensors itself without a digest, still loads
     from safetensors.torch import load as st_load
     from safetensors.torch import save_file
-    meta = json.loads(weights[8:8 + int.from_bytes(weights[:8], "little")])["__metadata__"]
+
+    meta = json.loads(weights[8 : 8 + int.from_bytes(weights[:8], "little")])["__metadata__"]
     del meta["sha256"]
     save_file(st_load(weights), str(run / "model.safetensors"), metadata=meta)
     rc, out, err = vp(capsys, "prune", run, "--force", *SWEEP)
     assert rc == 0, err
-    assert json.loads((run / "prune.json").read_text())["results"] == \
-        json.loads((trained / "prune.json").read_text())["results"]
+    assert (
+        json.loads((run / "prune.json").read_text())["results"]
+        == json.loads((trained / "prune.json").read_text())["results"]
+    )
 
 
 def test_empty_splits_and_zero_image_idx_files_are_one_line(capsys, trained, tmp_path, fmnist_dir):
@@ -296,8 +394,17 @@ def test_empty_splits_and_zero_image_idx_files_are_one_line(capsys, trained, tmp
 
 # ----------------------------------------------------------------- 11: one line instead of a traceback
 
-@pytest.mark.parametrize("extra", [["--lr", "3.5e38"], ["--weight-decay", "1e30"], ["--method", "l1", "--l1-alpha",
-                                   "1e30"], ["--method", "cram", "--rho", "1e39"], ["--warmup-epochs", "1e308"]])
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--lr", "3.5e38"],
+        ["--weight-decay", "1e30"],
+        ["--method", "l1", "--l1-alpha", "1e30"],
+        ["--method", "cram", "--rho", "1e39"],
+        ["--warmup-epochs", "1e308"],
+    ],
+)
 def test_huge_hyperparameters_are_refused(capsys, tmp_path, extra):
     line = one_line(*vp(capsys, "train", *TINY, *extra, "--out", tmp_path / "x")[::2])
     assert extra[-2] + " must be in" in line
@@ -310,8 +417,14 @@ def test_prune_on_unsupported_devices_is_refused(capsys, trained, device):
     assert repr(device) in line and "cpu" in line
 
 
-DAMAGED = ["[]", "[" * 100_000 + "]" * 100_000, '{"results": "many"}', '{"dense_accuracy": 1}', "not json",
-           json.dumps({"results": [{"sparsity": "half", "accuracy": 1, "accuracy_bnt": 1}], "dense_accuracy": 1})]
+DAMAGED = [
+    "[]",
+    "[" * 100_000 + "]" * 100_000,
+    '{"results": "many"}',
+    '{"dense_accuracy": 1}',
+    "not json",
+    json.dumps({"results": [{"sparsity": "half", "accuracy": 1, "accuracy_bnt": 1}], "dense_accuracy": 1}),
+]
 
 
 @pytest.fixture
@@ -319,8 +432,18 @@ def study(capsys, trained, tmp_path, fmnist_dir):
     """A study of the shared run (copied in as runs/sgd-s0, so nothing is trained again)."""
     out = tmp_path / "study"
     shutil.copytree(trained, out / "runs" / "sgd-s0", symlinks=True)
-    args = ["study", "--out", out, *[a for a in TINY if a != "--quiet"], "--data-dir", fmnist_dir, "--methods",
-            "sgd", "--no-analysis", *SWEEP]
+    args = [
+        "study",
+        "--out",
+        out,
+        *[a for a in TINY if a != "--quiet"],
+        "--data-dir",
+        fmnist_dir,
+        "--methods",
+        "sgd",
+        "--no-analysis",
+        *SWEEP,
+    ]
     rc, out_text, err = vp(capsys, *args)
     assert rc == 0 and "reusing finished run" in out_text and "pruning /" not in out_text, err
     return out, args
@@ -342,7 +465,7 @@ def test_damaged_json_files_are_one_line(capsys, run, study):
             line = one_line(*vp(capsys, *cmd)[::2])
             assert name in line
         (folder / name).write_bytes(old)
-    (folder / "report.md").write_text("[]")                  # report.md is written from report.json
+    (folder / "report.md").write_text("[]")  # report.md is written from report.json
     rc, out, _ = vp(capsys, "report", folder)
     assert rc == 0 and out == report_md
     rc, out, err = vp(capsys, "report", folder, "--html", folder / "page.html")
@@ -353,8 +476,13 @@ def test_damaged_metrics_jsonl_names_the_file_and_the_line(capsys, study):
     folder, args = study
     metrics = folder / "runs" / "sgd-s0" / "metrics.jsonl"
     good = metrics.read_text()
-    for text, where in ((good + "garbage\n", "line 2"), (good + "[]\n", "line 2"), ("", "no epoch record"),
-                        ('{"epoch": 1}\n', "line 1"), ("[" * 100_000 + "\n", "line 1")):
+    for text, where in (
+        (good + "garbage\n", "line 2"),
+        (good + "[]\n", "line 2"),
+        ("", "no epoch record"),
+        ('{"epoch": 1}\n', "line 1"),
+        ("[" * 100_000 + "\n", "line 1"),
+    ):
         metrics.write_text(text)
         line = one_line(*vp(capsys, *args)[::2])
         assert str(metrics) in line and where in line and "--resume" in line
@@ -383,14 +511,16 @@ def test_doctor_reports_a_broken_import_and_exits_0(tmp_path, broken):
     (tmp_path / broken).mkdir()
     (tmp_path / broken / "__init__.py").write_text(f"raise ImportError('{broken} is broken for this test')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), SRC]))
-    r = subprocess.run([sys.executable, "-m", "varprune", "doctor"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "varprune", "doctor"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert f"import {broken}: FAILS" in r.stdout and f"{broken} is broken for this test" in r.stdout
 
 
 # ----------------------------------------------------------------- 12: bad paths, batches of one
+
 
 def test_bad_out_and_plot_paths_are_exit_2_before_any_work(capsys, run, tmp_path):
     afile = tmp_path / "afile"
@@ -407,22 +537,41 @@ def test_bad_out_and_plot_paths_are_exit_2_before_any_work(capsys, run, tmp_path
     for plot, expected in ((tmp_path, "is a folder"), (tmp_path / "notes.md", "does not end in .png")):
         line = one_line(*vp(capsys, "prune", run, "--force", *SWEEP, "--plot", plot)[::2])
         assert expected in line
-    assert snapshot(run) == before                   # refused before the sweep
+    assert snapshot(run) == before  # refused before the sweep
     line = one_line(*vp(capsys, "train", *TINY, "--limit-train", "1", "--out", tmp_path / "x")[::2])
     assert "--limit-train must be in [2" in line
 
 
 # ----------------------------------------------------------------- 13: signals, full disks, determinism
 
+
 def test_sigterm_keeps_completed_epochs_and_resume_takes_device_and_data_dir(capsys, tmp_path, fmnist_dir):
     data = data_copy(fmnist_dir, tmp_path / "data")
     run = tmp_path / "run"
-    epochs = 20                                          # one step each: seconds in all
-    proc = spawn("train", "--model", "mlp", "--epochs", epochs, "--limit-train", "64", "--limit-test", "64",
-                 "--batch-size", "64", "--device", "cpu", "--quiet", "--data-dir", data, "--out", run)
+    epochs = 20  # one step each: seconds in all
+    proc = spawn(
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        epochs,
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "64",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data-dir",
+        data,
+        "--out",
+        run,
+    )
     try:
         wait_for(lambda: (run / "checkpoint.safetensors").exists(), proc)
-        line = one_line(*vp(capsys, "prune", run)[::2])   # while it trains
+        line = one_line(*vp(capsys, "prune", run)[::2])  # while it trains
         assert "still training" in line and "wait" in line
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -435,10 +584,10 @@ def test_sigterm_keeps_completed_epochs_and_resume_takes_device_and_data_dir(cap
     done = len((run / "metrics.jsonl").read_text().splitlines())
     assert 1 <= done < epochs and not (run / "model.safetensors").exists()
 
-    moved = data.rename(tmp_path / "data-moved")     # the data now lives elsewhere
+    moved = data.rename(tmp_path / "data-moved")  # the data now lives elsewhere
     line = one_line(*vp(capsys, "train", "--resume", run)[::2])
     assert "not found" in line and str(data) in line
-    if not torch.cuda.is_available():                # --device reaches the configuration
+    if not torch.cuda.is_available():  # --device reaches the configuration
         line = one_line(*vp(capsys, "train", "--resume", run, "--device", "cuda")[::2])
         assert "cuda" in line
     rc, out, err = vp(capsys, "train", "--resume", run, "--device", "cpu", "--data-dir", moved)
@@ -455,6 +604,7 @@ def test_ctrl_c_during_prune_keeps_finished_runs(capsys, trained, tmp_path, monk
         for f in ("prune.json", "prune.csv", "prune.png"):
             (r / f).unlink()
     import varprune.engine.sweep as sweep
+
     real, calls = sweep.prune_sweep, []
 
     def ctrl_c_in_the_second(*a, **kw):
@@ -462,6 +612,7 @@ def test_ctrl_c_during_prune_keeps_finished_runs(capsys, trained, tmp_path, monk
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
+
     monkeypatch.setattr(sweep, "prune_sweep", ctrl_c_in_the_second)
     plot = tmp_path / "both.png"
     rc, _, err = vp(capsys, "prune", *runs, *SWEEP, "--plot", plot)
@@ -478,6 +629,7 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(capsys, run, monkeypatch
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(os, "fsync", full)
     rc, _, err = vp(capsys, "prune", run, "--force", "--sparsities", "0.5", "--bnt-batches", "0")
     monkeypatch.undo()
@@ -492,6 +644,8 @@ def test_two_identical_runs_write_identical_weights(capsys, trained, tmp_path, f
     assert rc == 0, err
     again = (tmp_path / "again" / "model.safetensors").read_bytes()
     assert again == (trained / "model.safetensors").read_bytes()
-    from safetensors.torch import load as st_load    # still plain safetensors, readable by the library
+    from safetensors.torch import load as st_load  # still plain safetensors, readable by the library
+
     from varprune.models import create_model
+
     assert set(st_load(again)) == set(create_model("mlp", 1, 10, 28).state_dict())

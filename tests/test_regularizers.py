@@ -1,18 +1,27 @@
 """VAR, l1 and Hoyer-square against independent float64 formulas."""
+
 import numpy as np
 import pytest
 import torch
 
-from varprune import (HoyerSquareRegularizer, L1Regularizer, VarRegularizer, hoyer_square_penalty, l1_penalty,
-                      var_penalty)
+from varprune import (
+    HoyerSquareRegularizer,
+    L1Regularizer,
+    VarRegularizer,
+    hoyer_square_penalty,
+    l1_penalty,
+    var_penalty,
+)
 
 SHAPES = [(16, 3, 3, 3), (10, 16), (32, 8, 1, 1), (4, 4, 5, 5)]
 
 
 def random_weights(dtype=torch.float64, seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=g, dtype=torch.float64) * (0.05 + 0.1 * i)).to(dtype).requires_grad_()
-            for i, s in enumerate(shapes)]
+    return [
+        (torch.randn(s, generator=g, dtype=torch.float64) * (0.05 + 0.1 * i)).to(dtype).requires_grad_()
+        for i, s in enumerate(shapes)
+    ]
 
 
 def psi_numpy(ws, r=1e-8, eps=1e-8):
@@ -21,7 +30,7 @@ def psi_numpy(ws, r=1e-8, eps=1e-8):
     for w in ws:
         a = w.detach().double().numpy().ravel()
         wt = np.sqrt(a * a + r)
-        total += 1.0 / ((wt ** 2).mean() - wt.mean() ** 2 + eps)
+        total += 1.0 / ((wt**2).mean() - wt.mean() ** 2 + eps)
     return total
 
 
@@ -30,7 +39,7 @@ def grad_numpy(w, r=1e-8, eps=1e-8):
     a = w.detach().double().numpy()
     wt = np.sqrt(a * a + r)
     n = a.size
-    v = (wt ** 2).mean() - wt.mean() ** 2
+    v = (wt**2).mean() - wt.mean() ** 2
     return -(2.0 / (n * (v + eps) ** 2)) * (wt - wt.mean()) * a / wt
 
 
@@ -82,8 +91,11 @@ def degenerate_layers(dtype):
     return [equal.requires_grad_(), torch.zeros(3, 5, dtype=dtype, requires_grad=True)]
 
 
-REGULARIZERS = [(VarRegularizer, dict(lam=2e-6)), (L1Regularizer, dict(strength=1e-3)),
-                (HoyerSquareRegularizer, dict(strength=1e-3))]
+REGULARIZERS = [
+    (VarRegularizer, dict(lam=2e-6)),
+    (L1Regularizer, dict(strength=1e-3)),
+    (HoyerSquareRegularizer, dict(strength=1e-3)),
+]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -157,7 +169,7 @@ def test_l1_and_hoyer_match_float64_formulas():
     hoyer_square_penalty(ws).backward()
     for w, a in zip(ws, arrays):
         s1, s2 = np.abs(a).sum(), (a * a).sum()
-        np.testing.assert_allclose(w.grad.numpy(), 2 * s1 * np.sign(a) / s2 - 2 * s1 ** 2 * a / s2 ** 2, rtol=1e-9)
+        np.testing.assert_allclose(w.grad.numpy(), 2 * s1 * np.sign(a) / s2 - 2 * s1**2 * a / s2**2, rtol=1e-9)
     for w in ws:
         w.grad = None
     l1_penalty(ws).backward()
@@ -207,7 +219,7 @@ def test_scale_follows_a_grad_scaler(cls, kw):
         net = small_net()
         reg = cls(net, **kw)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
         loss = torch.nn.functional.cross_entropy(net(x), y)
         if scaled:
             scaler.scale(loss).backward()
@@ -253,7 +265,9 @@ def test_apply_gradient_reads_nothing_back_to_the_host():
         def wrapper(self, *a, **k):
             reads["n"] += 1
             return fn(self, *a, **k)
+
         return wrapper
+
     try:
         for n, fn in saved.items():
             setattr(torch.Tensor, n, counted(fn))

@@ -12,6 +12,7 @@ torch._dynamo, which torch.optim pulls in), so the uninterrupted references and
 the final resumes run in this process and each kill is one subprocess; the runs
 are tiny (an MLP on 128 synthetic Fashion-MNIST-shaped images).
 """
+
 import fcntl
 import gzip
 import json
@@ -31,10 +32,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from varprune.storage.checkpoint import load_checkpoint, save_weights
 from varprune.cli import main
 from varprune.engine.sweep import finished_sweep
 from varprune.models import create_model
+from varprune.storage.checkpoint import load_checkpoint, save_weights
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 EPOCHS, N_TRAIN, N_TEST, BATCH = 3, 128, 100, 64
@@ -92,7 +93,7 @@ def write_fake_fmnist(root: Path, n_train=N_TRAIN, n_test=N_TEST) -> Path:
         y = rng.integers(0, 10, n).astype(np.uint8)
         x = rng.integers(0, 100, (n, 28, 28)).astype(np.uint8)
         for i, label in enumerate(y):
-            x[i, 2 + 2 * label: 4 + 2 * label] = 250
+            x[i, 2 + 2 * label : 4 + 2 * label] = 250
         (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x), compresslevel=1))
         (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(y), compresslevel=1))
     return root
@@ -104,8 +105,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny(data_dir: Path, method="sgd", epochs=EPOCHS) -> list[str]:
-    return ["--model", "mlp", "--method", method, "--epochs", str(epochs), "--batch-size", str(BATCH),
-            "--var-lambda", "1e-4", "--device", "cpu", "--quiet", "--data-dir", str(data_dir)]
+    return [
+        "--model",
+        "mlp",
+        "--method",
+        method,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(BATCH),
+        "--var-lambda",
+        "1e-4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data-dir",
+        str(data_dir),
+    ]
 
 
 def env(**extra) -> dict:
@@ -118,8 +134,13 @@ def kill_when_paused(args, pause: str, tmp_path: Path) -> float:
     """Run the CLI until it reaches ``pause`` (see DRIVER), SIGKILL it there; return the seconds it took."""
     marker = tmp_path / f"paused-{time.monotonic_ns()}"
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], env=env(VP_PAUSE=pause, VP_MARKER=marker),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *map(str, args)],
+        env=env(VP_PAUSE=pause, VP_MARKER=marker),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while not marker.exists():
@@ -136,8 +157,9 @@ def kill_when_paused(args, pause: str, tmp_path: Path) -> float:
 
 def kill_after(args, seconds: float) -> int | None:
     """SIGKILL the CLI ``seconds`` after its start (None: killed; else it had already exited)."""
-    p = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *map(str, args)], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         return p.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -161,7 +183,7 @@ def metrics(run: Path) -> list[dict]:
 
 def tensors_and_metadata(path: Path) -> tuple[dict, dict]:
     raw = path.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     return st_load(raw), header.get("__metadata__", {})
 
 
@@ -241,19 +263,22 @@ def test_s2sam_method_state_survives_a_kill(data_dir, tmp_path):
     assert_same_run(run, ref)
 
 
-def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, data_dir, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(
+    refs, data_dir, tmp_path, capsys, monkeypatch
+):
     import types
 
     import torch.nn.functional as F
 
     import varprune.tasks
+
     calls = [0]
 
     def poisoned(*a, **k):  # the cross-entropy of epoch 2, step 2 is NaN
         calls[0] += 1
         out = F.cross_entropy(*a, **k)
         return out * float("nan") if calls[0] == STEPS + 2 else out
+
     shim = types.ModuleType("F")
     shim.__dict__.update(F.__dict__)
     shim.cross_entropy = poisoned
@@ -273,8 +298,25 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes(refs, 
 def test_diverging_run_exits_3_naming_epoch_and_step(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     # the largest settings the configuration allows diverge (a learning rate of 1e9 is refused outright)
-    assert main(["train", *tiny(data_dir, "sgd", epochs=6), "--lr", "10", "--momentum", "0.99", "--weight-decay", "1",
-                 "--warmup-epochs", "0", "--out", str(run)]) == 3
+    assert (
+        main(
+            [
+                "train",
+                *tiny(data_dir, "sgd", epochs=6),
+                "--lr",
+                "10",
+                "--momentum",
+                "0.99",
+                "--weight-decay",
+                "1",
+                "--warmup-epochs",
+                "0",
+                "--out",
+                str(run),
+            ]
+        )
+        == 3
+    )
     err = one_line(capsys)
     found = re.search(rf"non-finite (loss|weights) at epoch (\d), step (\d) of {STEPS}", err)
     assert found, err
@@ -294,15 +336,49 @@ def one_line(capsys) -> str:
 
 def test_validation_reports_every_problem_before_any_work(tmp_path, capsys):
     out = tmp_path / "x"
-    rc = main(["train", "--out", str(out), "--var-lambda", "-1", "--var-r", "0", "--var-eps=-1e-8",
-               "--epochs", "0", "--batch-size", "0", "--model", "resnet1000", "--method", "adamw",
-               "--cram-sparsities", "0.5,0.5", "--lr", "nan", "--amp", "fp8", "--data-dir", str(tmp_path / "none")])
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--var-lambda",
+            "-1",
+            "--var-r",
+            "0",
+            "--var-eps=-1e-8",
+            "--epochs",
+            "0",
+            "--batch-size",
+            "0",
+            "--model",
+            "resnet1000",
+            "--method",
+            "adamw",
+            "--cram-sparsities",
+            "0.5,0.5",
+            "--lr",
+            "nan",
+            "--amp",
+            "fp8",
+            "--data-dir",
+            str(tmp_path / "none"),
+        ]
+    )
     assert rc == 2
     err = one_line(capsys)
-    for expected in ("--var-lambda must be in [0", "--var-r must be in (0", "--var-eps must be in (0",
-                     "--epochs must be in [1", "--batch-size must be in [1", "unknown model 'resnet1000'",
-                     "unknown method 'adamw'", "--cram-sparsities must be unique", "--lr must be in (0",
-                     "unknown --amp 'fp8'", "fashion-mnist not found"):
+    for expected in (
+        "--var-lambda must be in [0",
+        "--var-r must be in (0",
+        "--var-eps must be in (0",
+        "--epochs must be in [1",
+        "--batch-size must be in [1",
+        "unknown model 'resnet1000'",
+        "unknown method 'adamw'",
+        "--cram-sparsities must be unique",
+        "--lr must be in (0",
+        "unknown --amp 'fp8'",
+        "fashion-mnist not found",
+    ):
         assert expected in err
     assert not out.exists()
     assert main(["prune", str(tmp_path / "a"), str(tmp_path / "b"), "--bnt-batches", "-1"]) == 2
@@ -346,10 +422,10 @@ def test_damaged_or_foreign_checkpoints_are_one_line_exit_2(run_copy, refs, tmp_
     good = ckpt.read_bytes()
     os.remove(run_copy / "model.safetensors")
     cases = [
-        (good[: len(good) // 3], "not a readable safetensors file"),                      # truncated
+        (good[: len(good) // 3], "not a readable safetensors file"),  # truncated
         (good[:7], "not a readable safetensors file"),
         (b"\x00" * 100, "not a readable safetensors file"),
-        (st_save({"w": torch.ones(2)}), "not a varprune checkpoint"),                       # foreign
+        (st_save({"w": torch.ones(2)}), "not a varprune checkpoint"),  # foreign
         ((refs / "var" / "checkpoint.safetensors").read_bytes(), "belongs to another run"),  # another run
     ]
     for raw, expected in cases:
@@ -383,12 +459,26 @@ def test_interrupted_prune_sweep_resumes_and_never_touches_checkpoints(refs, tmp
     for run in runs:
         shutil.copytree(refs / run.name, run)
     before = {p: p.read_bytes() for r in runs for p in (r / "model.safetensors", r / "checkpoint.safetensors")}
-    args = ["prune", *map(str, runs), "--sparsities", "0.5,0.9", "--bnt-batches", "1", "--bnt-batch-size", "64",
-            "--plot", str(tmp_path / "both.png")]
+    args = [
+        "prune",
+        *map(str, runs),
+        "--sparsities",
+        "0.5,0.9",
+        "--bnt-batches",
+        "1",
+        "--bnt-batch-size",
+        "64",
+        "--plot",
+        str(tmp_path / "both.png"),
+    ]
     assert main(args) == 0
     assert finished_sweep(runs[0], [0.5, 0.9], "global", [], 1, 64) is not None
-    for other in (([0.5], "global", [], 1, 64), ([0.5, 0.9], "layerwise", [], 1, 64),
-                  ([0.5, 0.9], "global", ["last"], 1, 64), ([0.5, 0.9], "global", [], 2, 64)):
+    for other in (
+        ([0.5], "global", [], 1, 64),
+        ([0.5, 0.9], "layerwise", [], 1, 64),
+        ([0.5, 0.9], "global", ["last"], 1, 64),
+        ([0.5, 0.9], "global", [], 2, 64),
+    ):
         assert finished_sweep(runs[0], *other) is None  # other settings: swept again
     first = (runs[0] / "prune.json").read_text()
     (runs[1] / "prune.json").unlink()  # as if the sweep had been killed while pruning the second run
@@ -423,8 +513,26 @@ def test_corrupted_dataset_files_are_one_line_exit_2(tmp_path, capsys):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": np.zeros((4, 3000), np.uint8), b"labels": [0, 1, 2, 3]}  # wrong layout
         (cifar / name).write_bytes(pickle.dumps(batch))
-    assert main(["train", "--dataset", "cifar10", "--model", "mlp", "--epochs", "1", "--device", "cpu",
-                 "--data-dir", str(tmp_path / "cifar"), "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--model",
+                "mlp",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(tmp_path / "cifar"),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "expected (N, 3072)" in one_line(capsys)
 
 

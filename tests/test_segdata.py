@@ -4,6 +4,7 @@ Every reader runs on a tiny folder the test writes itself; Colin27 also on the
 Debian package's real files. Expected values come from independent numpy
 computations (float64 percentiles, the files' own pixels, AAL's lobe codes).
 """
+
 import json
 from pathlib import Path
 
@@ -15,14 +16,22 @@ nib = pytest.importorskip("nibabel")
 Image = pytest.importorskip("PIL.Image")
 
 from varprune.data import DatasetError  # noqa: E402
-from varprune.data.segmentation import (DEBIAN_MRICRON, load_segdata, locate_segdata, read_colin27, read_msd, read_seg_folder)
 from varprune.data.segcommon import split_cases
+from varprune.data.segmentation import (
+    DEBIAN_MRICRON,
+    load_segdata,
+    locate_segdata,
+    read_colin27,
+    read_msd,
+    read_seg_folder,
+)
 from varprune.data.volumes import AAL_GROUPS, COLIN27_CLASSES, aal_group, read_aal_names
 
 MRICRON = Path(DEBIAN_MRICRON)
-needs_mricron = pytest.mark.skipif(not (MRICRON / "aal.nii.gz").is_file(),
-                                   reason=f"Debian mricron-data not installed ({MRICRON} absent): "
-                                          f"apt-get install mricron-data")
+needs_mricron = pytest.mark.skipif(
+    not (MRICRON / "aal.nii.gz").is_file(),
+    reason=f"Debian mricron-data not installed ({MRICRON} absent): apt-get install mricron-data",
+)
 
 
 def reference_normalise(vol):
@@ -38,16 +47,16 @@ def save_nifti(path, data, affine=None):
 
 # ------------------------------------------------------------------- MSD
 
-SHAPE = (12, 10, 6)   # x, y, z: six axial slices of 12x10
+SHAPE = (12, 10, 6)  # x, y, z: six axial slices of 12x10
 
 
 def make_case(rng, k, channels=1):
     image = rng.normal(100.0 + 10 * k, 20.0, SHAPE + (channels,)).astype(np.float32)
-    image[0, 0, :, :] = 0.0                      # some zeros, outside the percentile
+    image[0, 0, :, :] = 0.0  # some zeros, outside the percentile
     labels = np.zeros(SHAPE, dtype=np.uint8)
     labels[2:6, 3:7, 1:5] = 1
     labels[6:9, 1:4, 2:6] = 2
-    labels[:, :, 0] = 0                          # slice 0 without foreground
+    labels[:, :, 0] = 0  # slice 0 without foreground
     return image, labels
 
 
@@ -69,11 +78,17 @@ def write_msd(root, n=5, channels=1, layout="msd", labels_json=None, seed=0):
                 save_nifti(root / "imagesTr" / f"{name}_{c:04d}.nii.gz", image[..., c])
         save_nifti(root / "labelsTr" / f"{name}.nii.gz", labels)
     if layout == "msd":
-        meta = {"labels": labels_json or {"0": "background", "1": "tumour", "2": "edema"},
-                "modality": {str(c): f"MR{c}" for c in range(channels)}, "training": training}
+        meta = {
+            "labels": labels_json or {"0": "background", "1": "tumour", "2": "edema"},
+            "modality": {str(c): f"MR{c}" for c in range(channels)},
+            "training": training,
+        }
     else:
-        meta = {"labels": labels_json or {"background": 0, "tumour": 1, "edema": 2},
-                "channel_names": {str(c): f"MR{c}" for c in range(channels)}, "file_ending": ".nii.gz"}
+        meta = {
+            "labels": labels_json or {"background": 0, "tumour": 1, "edema": 2},
+            "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+            "file_ending": ".nii.gz",
+        }
     (root / "dataset.json").write_text(json.dumps(meta))
     return cases
 
@@ -87,10 +102,9 @@ def test_msd_slices_normalises_and_splits_by_volume(tmp_path):
     train_vols = set(data.train_origin[:, 0].tolist())
     test_vols = set(data.test_origin[:, 0].tolist())
     assert not train_vols & test_vols and train_vols | test_vols == set(range(5)) and len(test_vols) == 2
-    assert len(data.train_x) == 3 * SHAPE[2] and len(data.test_x) == 2 * SHAPE[2]   # every slice of a volume
+    assert len(data.train_x) == 3 * SHAPE[2] and len(data.test_x) == 2 * SHAPE[2]  # every slice of a volume
     names = list(cases)
-    for x, y, origin in ((data.train_x, data.train_y, data.train_origin),
-                         (data.test_x, data.test_y, data.test_origin)):
+    for x, y, origin in ((data.train_x, data.train_y, data.train_origin), (data.test_x, data.test_y, data.test_origin)):
         for i, (v, s) in enumerate(origin.tolist()):
             image, labels = cases[names[v]]
             assert data.cases[v] == names[v]
@@ -122,7 +136,7 @@ def test_msd_multimodal_4d_equals_nnunet_channel_files(tmp_path):
     assert a.class_names == b.class_names == ("background", "tumour", "edema")
     for field in ("train_x", "train_y", "test_x", "test_y", "train_origin"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
-    assert not torch.equal(a.train_x[:, 0], a.train_x[:, 1])   # the channels are kept apart
+    assert not torch.equal(a.train_x[:, 0], a.train_x[:, 1])  # the channels are kept apart
     assert set(a.train_y.unique().tolist()) <= {0, 1, 2}
 
 
@@ -135,7 +149,7 @@ def test_msd_axis_resize_and_foreground_only(tmp_path):
     fg = read_msd(tmp_path, size=(12, 10), test_fraction=0.25, foreground_only=True)
     assert (fg.train_y > 0).flatten(1).any(1).all()
     assert len(fg.train_x) == int((full.train_y > 0).flatten(1).any(1).sum()) < len(full.train_x)
-    assert torch.equal(fg.test_y, full.test_y)                 # test keeps every slice
+    assert torch.equal(fg.test_y, full.test_y)  # test keeps every slice
 
 
 def test_msd_bad_inputs_name_the_file(tmp_path):
@@ -199,6 +213,7 @@ def test_msd_bad_inputs_name_the_file(tmp_path):
 
 # ------------------------------------------------------------ seg folders
 
+
 def write_folder(root, n=5, mode="RGB", mask="binary", suffix="", image_ext=".png", hw=(9, 11), seed=0):
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -229,12 +244,11 @@ def test_seg_folder_binary_rgb_seeded_split(tmp_path):
     assert data.channels == 3 and data.class_names == ("background", "foreground") and data.num_classes == 2
     assert len(data.test_x) == 2 and len(data.train_x) == 4
     assert not set(data.train_origin[:, 0].tolist()) & set(data.test_origin[:, 0].tolist())
-    for x, y, origin in ((data.train_x, data.train_y, data.train_origin),
-                         (data.test_x, data.test_y, data.test_origin)):
+    for x, y, origin in ((data.train_x, data.train_y, data.train_origin), (data.test_x, data.test_y, data.test_origin)):
         for i, (case, _) in enumerate(origin.tolist()):
             pixels, labels = written[data.cases[case]]
-            np.testing.assert_array_equal(x[i].permute(1, 2, 0).numpy(), pixels)   # 8-bit kept as is
-            np.testing.assert_array_equal(y[i].numpy(), labels)                     # 0/255 -> 0/1
+            np.testing.assert_array_equal(x[i].permute(1, 2, 0).numpy(), pixels)  # 8-bit kept as is
+            np.testing.assert_array_equal(y[i].numpy(), labels)  # 0/255 -> 0/1
     xs = data.train_x.double() / 255
     assert data.mean == pytest.approx(tuple(xs.mean(dim=(0, 2, 3)).tolist()))
 
@@ -302,7 +316,8 @@ def test_seg_folder_bad_inputs_name_the_file(tmp_path):
 
     root = fresh("colour")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8), "RGB").save(
-        root / "masks" / "img00.png")
+        root / "masks" / "img00.png"
+    )
     with pytest.raises(DatasetError, match=r"mask .*img00\.png is a colour image"):
         read_seg_folder(root)
 
@@ -343,15 +358,19 @@ def test_colin27_gap_and_grouping_on_a_tiny_head(tmp_path):
     data = read_colin27(tmp_path, size=(18, 16), gap=3, test_slab=(12, 17))
     train_k = data.train_origin[:, 1]
     test_k = data.test_origin[:, 1]
-    assert test_k.tolist() == list(range(12, 17))                             # a contiguous slab
-    assert train_k.tolist() == list(range(5, 9)) + list(range(20, 25))         # brain planes only, gap 3 each side
+    assert test_k.tolist() == list(range(12, 17))  # a contiguous slab
+    assert train_k.tolist() == list(range(5, 9)) + list(range(20, 25))  # brain planes only, gap 3 each side
     assert (train_k[:, None] - test_k[None, :]).abs().min() > 3
-    groups = {1: COLIN27_CLASSES.index("frontal"), 2: COLIN27_CLASSES.index("temporal"),
-              3: COLIN27_CLASSES.index("deep_grey"), 4: COLIN27_CLASSES.index("cerebellum")}
+    groups = {
+        1: COLIN27_CLASSES.index("frontal"),
+        2: COLIN27_CLASSES.index("temporal"),
+        3: COLIN27_CLASSES.index("deep_grey"),
+        4: COLIN27_CLASSES.index("cerebellum"),
+    }
     lut = np.zeros(256, np.int64)
     for region, group in groups.items():
         lut[region] = group
-    for i, k in enumerate(test_k.tolist()):   # 16x18 plane at its own size: rows anterior first, no resampling
+    for i, k in enumerate(test_k.tolist()):  # 16x18 plane at its own size: rows anterior first, no resampling
         np.testing.assert_array_equal(data.test_y[i].numpy(), lut[aal[:, ::-1, k].T])
     assert data.num_classes == 8 and data.channels == 1
 
@@ -385,8 +404,16 @@ def test_aal_grouping_table_agrees_with_the_lobe_codes():
         pytest.skip(f"Debian mricron-data not installed ({path} absent): apt-get install mricron-data")
     names = read_aal_names(path)
     codes = {int(line.split()[0]): int(line.split()[2]) for line in path.read_text().splitlines() if line.strip()}
-    by_lobe = {2: "frontal", 3: "limbic", 4: "limbic", 5: "occipital", 6: "parietal", 7: "deep_grey",
-               8: "temporal", 9: "cerebellum"}
+    by_lobe = {
+        2: "frontal",
+        3: "limbic",
+        4: "limbic",
+        5: "occipital",
+        6: "parietal",
+        7: "deep_grey",
+        8: "temporal",
+        9: "cerebellum",
+    }
     assert len(names) == 116
     for index, name in names.items():
         assert COLIN27_CLASSES[aal_group(name)] == by_lobe[codes[index] // 1000], name
@@ -410,18 +437,21 @@ def test_colin27_real_files(colin27):
     assert data.test_origin[:, 1].tolist() == [k for k in brain if lo <= k < hi]
     assert data.train_origin[:, 1].tolist() == [k for k in brain if k < lo - gap or k >= hi + gap]
     assert data.train_x.shape[1:] == (1, 96, 96) and data.num_classes == 8
-    assert set(data.train_y.unique().tolist()) == set(range(8))               # every structure in training
-    assert set(data.test_y.unique().tolist()) == set(range(7))                # all but the cerebellum in test
+    assert set(data.train_y.unique().tolist()) == set(range(8))  # every structure in training
+    assert set(data.test_y.unique().tolist()) == set(range(7))  # all but the cerebellum in test
 
     # alignment: an independent nearest-neighbour resampling of the 1 mm planes
-    codes = {int(ln.split()[0]): int(ln.split()[2]) for ln in (MRICRON / "aal.nii.txt").read_text().splitlines()
-             if ln.strip()}
+    codes = {
+        int(ln.split()[0]): int(ln.split()[2])
+        for ln in (MRICRON / "aal.nii.txt").read_text().splitlines()
+        if ln.strip()
+    }
     lobe_to_class = {2: 1, 6: 2, 8: 3, 5: 4, 3: 5, 4: 5, 7: 6, 9: 7}
     lut = np.zeros(256, np.int64)
     for index, code in codes.items():
         lut[index] = lobe_to_class[code // 1000]
     norm = reference_normalise(head)
-    side = max(head.shape[:2])                                                  # 217: square after padding
+    side = max(head.shape[:2])  # 217: square after padding
     centres = np.floor((np.arange(96) + 0.5) * side / 96).astype(int)
     for split in ("train", "test"):
         x, y, origin = (getattr(data, f"{split}_{f}") for f in ("x", "y", "origin"))
@@ -430,8 +460,8 @@ def test_colin27_real_files(colin27):
             plane_y = np.zeros((side, side), np.int64)
             plane_x = np.zeros((side, side))
             left = (side - head.shape[0]) // 2
-            plane_y[:, left:left + head.shape[0]] = lut[aal[:, ::-1, k].T]
-            plane_x[:, left:left + head.shape[0]] = norm[:, ::-1, k].T
+            plane_y[:, left : left + head.shape[0]] = lut[aal[:, ::-1, k].T]
+            plane_x[:, left : left + head.shape[0]] = norm[:, ::-1, k].T
             ref_y = plane_y[np.ix_(centres, centres)]
             ref_x = plane_x[np.ix_(centres, centres)]
             assert (y[i].numpy() == ref_y).mean() > 0.9, (split, k)
@@ -439,6 +469,7 @@ def test_colin27_real_files(colin27):
 
 
 # ------------------------------------------------------------------ locate
+
 
 def test_locate_segdata(tmp_path):
     write_msd(tmp_path / "msd", n=2)

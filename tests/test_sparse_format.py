@@ -1,4 +1,5 @@
 """Pruned-model files: bit-exact round trips, deterministic bytes, every damage detected, the size bound."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,17 @@ from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, realised_sparsity
 from varprune.storage.checkpoint import save_weights
-from varprune.storage.pruned_format import (MASKS_KEY, VALUES_KEY, PrunedFormatError, _serialize, load_pruned, pack_bits,
-                                    read_pruned_metadata, save_pruned, unpack_bits)
+from varprune.storage.pruned_format import (
+    MASKS_KEY,
+    VALUES_KEY,
+    PrunedFormatError,
+    _serialize,
+    load_pruned,
+    pack_bits,
+    read_pruned_metadata,
+    save_pruned,
+    unpack_bits,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ARGS = {"in_channels": 1, "num_classes": 10, "image_size": 28}
@@ -50,15 +60,14 @@ def random_masks(model: nn.Module, keep: float, seed: int = 1, negative_zero: bo
 
 
 def meta_for(name: str) -> dict:
-    return {"model": name, "model_args": ARGS, "dataset": {"shape": [1, 28, 28], "classes": 10},
-            "pattern": "random"}
+    return {"model": name, "model_args": ARGS, "dataset": {"shape": [1, 28, 28], "classes": 10}, "pattern": "random"}
 
 
 def rewrite(src: Path, dst: Path, edit) -> None:
     """Re-serialize a file after ``edit(meta, tensors)`` with a FRESH checksum: a consistent liar."""
     raw = src.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    meta = dict(json.loads(raw[8:8 + n])["__metadata__"])
+    meta = dict(json.loads(raw[8 : 8 + n])["__metadata__"])
     tensors = st_load(raw)
     edit(meta, tensors)
     dst.write_bytes(_serialize(tensors, meta))
@@ -102,7 +111,7 @@ def test_fp32_round_trip_is_bit_exact(tmp_path, name, negative_zero):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mlp"])
-@pytest.mark.parametrize("values,dtype,rel", [("fp16", torch.float16, 2.0 ** -11), ("bf16", torch.bfloat16, 2.0 ** -8)])
+@pytest.mark.parametrize("values,dtype,rel", [("fp16", torch.float16, 2.0**-11), ("bf16", torch.bfloat16, 2.0**-8)])
 def test_half_values_round_within_their_precision(tmp_path, name, values, dtype, rel):
     model = trained_looking(name)
     masks = random_masks(model, keep=0.1)
@@ -117,7 +126,7 @@ def test_half_values_round_within_their_precision(tmp_path, name, values, dtype,
         assert torch.equal(got[key], w.to(dtype).to(torch.float32)), key  # torch's own rounding
         err = (got[key].double() - w.double()).abs()
         # round to nearest: half a unit in the last place, plus fp16's subnormal spacing near zero
-        bound = w.double().abs() * rel + (2.0 ** -25 if dtype == torch.float16 else 0.0)
+        bound = w.double().abs() * rel + (2.0**-25 if dtype == torch.float16 else 0.0)
         assert bool((err <= bound).all()), key
         assert bool((got[key][~masks[key]] == 0).all())
 
@@ -135,14 +144,24 @@ def test_build_callable_and_metadata(tmp_path):
     assert [e[2] for e in meta["layout"]] == [int(m.sum()) for m in masks.values()]
     with pytest.raises(PrunedFormatError, match="does not name its model"):
         load_pruned(tmp_path / "m.safetensors")
-    loaded = load_pruned(tmp_path / "m.safetensors",
-                         build=lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)))
+    loaded = load_pruned(
+        tmp_path / "m.safetensors", build=lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    )
     for key, w in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], w)
     # a plain safetensors reader sees the same file
     plain = load_file(tmp_path / "m.safetensors")
-    assert set(plain) == {"0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-                          "1.num_batches_tracked", "2.bias", MASKS_KEY, VALUES_KEY}
+    assert set(plain) == {
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "2.bias",
+        MASKS_KEY,
+        VALUES_KEY,
+    }
 
 
 def test_registry_metadata_is_decoded(tmp_path):
@@ -168,12 +187,14 @@ def test_repeated_saves_are_byte_identical_even_across_processes(tmp_path):
     assert a == (tmp_path / "b.safetensors").read_bytes()
     # a fresh interpreter (its own hash seed) writes the same bytes
     torch.save({"state": model.state_dict(), "masks": masks}, tmp_path / "in.pt")  # test fixture only
-    code = (f"import torch, sys; sys.path.insert(0, {SRC!r})\n"
-            "from varprune import create_model\nfrom varprune.storage.pruned_format import save_pruned\n"
-            f"d = torch.load({str(tmp_path / 'in.pt')!r}, weights_only=True)\n"
-            f"m = create_model('resnet20', **{ARGS!r}); m.load_state_dict(d['state'])\n"
-            f"save_pruned({str(tmp_path / 'c.safetensors')!r}, m, d['masks'], {meta_for('resnet20')!r}, "
-            "values='fp16')\n")
+    code = (
+        f"import torch, sys; sys.path.insert(0, {SRC!r})\n"
+        "from varprune import create_model\nfrom varprune.storage.pruned_format import save_pruned\n"
+        f"d = torch.load({str(tmp_path / 'in.pt')!r}, weights_only=True)\n"
+        f"m = create_model('resnet20', **{ARGS!r}); m.load_state_dict(d['state'])\n"
+        f"save_pruned({str(tmp_path / 'c.safetensors')!r}, m, d['masks'], {meta_for('resnet20')!r}, "
+        "values='fp16')\n"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "random", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert (tmp_path / "c.safetensors").read_bytes() == a
@@ -268,6 +289,7 @@ def edit_layout(change):
         layout = json.loads(meta["layout"])
         change(layout)
         meta["layout"] = json.dumps(layout)
+
     return edit
 
 
@@ -285,8 +307,12 @@ def test_consistent_liars_are_caught(tmp_path):
     def reshaped(layout):
         layout[1][1] = [layout[1][1][0], layout[1][1][1], 9]  # same numel, not the model's shape
 
-    cases = [(more_kept, "keeps .* values"), (bigger_shape, "mask bits need"), (moved_kept, "mask bits set"),
-             (reshaped, "shape mismatch")]
+    cases = [
+        (more_kept, "keeps .* values"),
+        (bigger_shape, "mask bits need"),
+        (moved_kept, "mask bits set"),
+        (reshaped, "shape mismatch"),
+    ]
     for change, message in cases:
         path = lie_about(tmp_path, edit_layout(change))
         with pytest.raises(PrunedFormatError, match=message):
@@ -303,7 +329,6 @@ def test_consistent_liars_are_caught(tmp_path):
 
     with pytest.raises(PrunedFormatError, match="does not fit"):
         load_pruned(lie_about(tmp_path, other_classes))
-
 
 
 def test_set_spare_mask_bits_are_caught(tmp_path):
@@ -371,7 +396,8 @@ def test_resnet18_at_95_percent_is_small(tmp_path):
     dense = os.path.getsize(tmp_path / "dense.safetensors")
     masks = random_masks(model, keep=0.05)  # the size depends on the count kept, not on which
     for values, factor in (("fp32", 8), ("fp16", 14)):
-        save_pruned(tmp_path / f"{values}.safetensors", model, masks,
-                    {"model": "resnet18", "model_args": ARGS}, values=values)
+        save_pruned(
+            tmp_path / f"{values}.safetensors", model, masks, {"model": "resnet18", "model_args": ARGS}, values=values
+        )
         size = os.path.getsize(tmp_path / f"{values}.safetensors")
         assert size * factor <= dense, f"{values}: {size} bytes, dense {dense} (ratio {dense / size:.1f})"

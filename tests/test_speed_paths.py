@@ -9,19 +9,20 @@
   layer-wise pruning), whatever the number of sparsities;
 * ``apply_gradient_`` gives the same gradient for channels_last weights.
 """
+
 import contextlib
 
 import pytest
 import torch
 
 from varprune import VarRegularizer
-from varprune.numerics import regularizers as regularizers_module
 from varprune.data import DATASETS, DeviceLoader
-from varprune.engine.sweep import prune_sweep
-from varprune.tasks import Classification
-from varprune.models import create_model
 from varprune.engine.config import TrainConfig
 from varprune.engine.loop import train
+from varprune.engine.sweep import prune_sweep
+from varprune.models import create_model
+from varprune.numerics import regularizers as regularizers_module
+from varprune.tasks import Classification
 
 QUICK = dict(model="mlp", epochs=1, batch_size=64, limit_test=256, device="cpu")
 
@@ -38,6 +39,7 @@ def count_host_reads():
         def counted(self, *a, **k):
             counts["n"] += 1
             return fn(self, *a, **k)
+
         return counted
 
     for name, fn in saved.items():
@@ -96,6 +98,7 @@ def test_a_sweep_sorts_once_per_model(monkeypatch, scope, sorts):
         def counted(*a, _real=real, **k):
             calls["n"] += 1
             return _real(*a, **k)
+
         monkeypatch.setattr(torch, name, counted)
     torch.manual_seed(0)
     model = create_model("resnet20", 1, 10, 28)

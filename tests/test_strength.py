@@ -1,4 +1,5 @@
 """--var-strength s: lambda = s / psi(w_init), for var, var+sam, var+cram+ and finetune, against float64 psi."""
+
 import json
 
 import numpy as np
@@ -7,12 +8,27 @@ import torch
 
 from varprune import VarRegularizer
 from varprune.cli import main
-from varprune.engine.config import TrainConfig
 from varprune.data import dataset_info
+from varprune.engine.config import TrainConfig
 from varprune.engine.loop import build_model
 
-TINY = ["--dataset", "fashion-mnist", "--model", "mlp", "--epochs", "1", "--limit-train", "128", "--limit-test", "64",
-        "--batch-size", "64", "--device", "cpu", "--quiet"]
+TINY = [
+    "--dataset",
+    "fashion-mnist",
+    "--model",
+    "mlp",
+    "--epochs",
+    "1",
+    "--limit-train",
+    "128",
+    "--limit-test",
+    "64",
+    "--batch-size",
+    "64",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def psi64(tensors, r=1e-8, eps=1e-8) -> float:
@@ -21,7 +37,7 @@ def psi64(tensors, r=1e-8, eps=1e-8) -> float:
     for w in tensors:
         a = w.detach().double().numpy().ravel()
         wt = np.sqrt(a * a + r)
-        total += 1.0 / ((wt ** 2).mean() - wt.mean() ** 2 + eps)
+        total += 1.0 / ((wt**2).mean() - wt.mean() ** 2 + eps)
     return total
 
 
@@ -40,8 +56,12 @@ def resolved(run):
 @pytest.fixture(scope="module")
 def var_run(tmp_path_factory, fmnist_dir):
     run = tmp_path_factory.mktemp("strength") / "var"
-    assert main(["train", *TINY, "--data-dir", str(fmnist_dir), "--method", "var", "--var-strength", "2",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            ["train", *TINY, "--data-dir", str(fmnist_dir), "--method", "var", "--var-strength", "2", "--out", str(run)]
+        )
+        == 0
+    )
     return run
 
 
@@ -50,8 +70,23 @@ def test_strength_resolves_lambda_from_the_initial_psi(method, tmp_path, fmnist_
     s = 0.7 if method != "var" else 2.0
     run = var_run if method == "var" else tmp_path / "run"
     if method != "var":
-        assert main(["train", *TINY, "--data-dir", str(fmnist_dir), "--method", method, "--var-strength", str(s),
-                     "--out", str(run)]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *TINY,
+                    "--data-dir",
+                    str(fmnist_dir),
+                    "--method",
+                    method,
+                    "--var-strength",
+                    str(s),
+                    "--out",
+                    str(run),
+                ]
+            )
+            == 0
+        )
     doc = resolved(run)
     res = doc["resolved"]
     assert doc["train"]["var_strength"] == s
@@ -75,8 +110,23 @@ def test_both_flags_are_one_line_and_exit_2(command, tmp_path, capsys, fmnist_di
 
 
 def test_finetune_strength_lambda_and_inheritance(var_run, tmp_path, capsys):
-    base = ["finetune", str(var_run), "--sparsity", "0.9", "--epochs", "1", "--limit-train", "128",
-            "--limit-test", "64", "--batch-size", "64", "--device", "cpu", "--quiet"]
+    base = [
+        "finetune",
+        str(var_run),
+        "--sparsity",
+        "0.9",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "128",
+        "--limit-test",
+        "64",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     source = resolved(var_run)["resolved"]
     # nothing given: the source run's resolved lambda (not s re-resolved at the pruned, trained weights)
     assert main([*base, "--out", str(tmp_path / "inherit")]) == 0
@@ -91,7 +141,7 @@ def test_finetune_strength_lambda_and_inheritance(var_run, tmp_path, capsys):
     assert main([*base, "--var-strength", "0.5", "--out", str(tmp_path / "s")]) == 0
     res = resolved(tmp_path / "s")["resolved"]
     assert res["var_lambda"] * res["psi_init"] == pytest.approx(0.5, rel=1e-12)
-    assert res["psi_init"] != pytest.approx(source["psi_init"], rel=1e-3)   # another w_init than training's
+    assert res["psi_init"] != pytest.approx(source["psi_init"], rel=1e-3)  # another w_init than training's
     # both: exit 2, one line, nothing written
     capsys.readouterr()
     assert main([*base, "--var-lambda", "1e-3", "--var-strength", "1", "--out", str(tmp_path / "both")]) == 2
@@ -101,13 +151,14 @@ def test_finetune_strength_lambda_and_inheritance(var_run, tmp_path, capsys):
 
 def test_library_from_strength_on_a_model():
     from varprune.models import create_model
+
     torch.manual_seed(3)
     model = create_model("resnet20", 1, 10, 28)
     weights = [p for p in model.parameters() if p.ndim >= 2]
     reg = VarRegularizer.from_strength(model, 0.38)
     assert reg.psi_init == pytest.approx(psi64(weights), rel=1e-9)
     assert reg.lam == pytest.approx(0.38 / psi64(weights), rel=1e-9)
-    assert reg().item() == pytest.approx(0.38, rel=1e-5)          # the term at w_init is s (float32 forward)
+    assert reg().item() == pytest.approx(0.38, rel=1e-5)  # the term at w_init is s (float32 forward)
     # the same regularizer as a plain one with that lambda: same gradient
     plain = VarRegularizer(model, reg.lam)
     model.zero_grad()

@@ -1,18 +1,20 @@
 """The training loop on real data: determinism, the schedule, BN re-tuning of a trained, pruned model."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from varprune import prune_magnitude, recalibrate_bn
-from varprune.storage.checkpoint import load_weights
 from varprune.engine.config import TrainConfig
 from varprune.engine.loop import build_model, load_data, lr_factor, train
 from varprune.engine.sweep import bnt_inputs
+from varprune.storage.checkpoint import load_weights
 from varprune.tasks import Classification
 
 
 def accuracy(model, loader):
     return Classification(10).evaluate(model, loader)["accuracy"]
+
 
 QUICK = dict(model="mlp", epochs=2, batch_size=64, limit_train=2048, limit_test=1000, device="cpu")
 
@@ -40,6 +42,7 @@ def test_same_seed_gives_a_bitwise_identical_run_on_cpu(tmp_path, fmnist_dir):
 
 def test_var_widens_the_magnitude_distribution(tmp_path, fmnist_dir):
     import json
+
     run(tmp_path, "sgd", method="sgd")
     run(tmp_path, "var", method="var", var_lambda=1e-4)
     last = {n: json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1]) for n in ("sgd", "var")}
@@ -75,8 +78,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def _tiny():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
-                                torch.nn.Linear(5, 3, bias=False)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False)
+    ).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     return model, x, y
 
@@ -84,6 +88,7 @@ def _tiny():
 def _grads(x, y, ws, lam=0.0):
     """float64 autograd gradient of cross-entropy (+ lam * psi) of the tiny tanh network at weights ws."""
     from varprune.numerics.regularizers import var_penalty
+
     ws = [w.detach().clone().requires_grad_() for w in ws]
     h = torch.tanh(x @ ws[0].T) @ ws[1].T
     loss = torch.nn.functional.cross_entropy(h, y) + (lam * var_penalty(ws) if lam else 0.0)
@@ -106,9 +111,9 @@ def test_var_with_sam_matches_float64_references(every_pass):
     is added once to the final gradient (lambda means what it means for var).
     ``reg_in_every_pass``: VAR enters both passes (the composition of 0.1).
     """
-    from varprune.optim import SAM
-    from varprune.numerics.regularizers import VarRegularizer
     from varprune.engine.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.optim import SAM
 
     model, x, y = _tiny()
     lam, rho, lr = 1e-3, 0.05, 0.1
@@ -126,8 +131,16 @@ def test_var_with_sam_matches_float64_references(every_pass):
     expected = [w - lr * g for w, g in zip(w0, final)]
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
-    step = make_train_step(model, model, opt, [VarRegularizer(model, lam)], Classification(3), torch.device("cpu"),
-                           "none", reg_in_every_pass=every_pass)
+    step = make_train_step(
+        model,
+        model,
+        opt,
+        [VarRegularizer(model, lam)],
+        Classification(3),
+        torch.device("cpu"),
+        "none",
+        reg_in_every_pass=every_pass,
+    )
     step(x, y)
     for p, e in zip(model.parameters(), expected):
         assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
@@ -136,9 +149,9 @@ def test_var_with_sam_matches_float64_references(every_pass):
 @pytest.mark.parametrize("every_pass", [False, True])
 def test_var_with_cram_plus_matches_float64_references(every_pass):
     """var+cram+: g at w, w' = w + rho g, M = top-k keep-mask of |w'|, final = M g''(M w') + g (+ VAR)."""
-    from varprune.optim import CrAM
-    from varprune.numerics.regularizers import VarRegularizer
     from varprune.engine.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.optim import CrAM
 
     model, x, y = _tiny()
     lam, rho, lr, k = 1e-3, 0.2, 0.1, 0.5
@@ -154,8 +167,16 @@ def test_var_with_cram_plus_matches_float64_references(every_pass):
     expected = [w - lr * f for w, f in zip(w0, final)]
 
     opt = CrAM(model.parameters(), torch.optim.SGD, rho=rho, sparsities=(k,), plus=True, lr=lr)
-    step = make_train_step(model, model, opt, [VarRegularizer(model, lam)], Classification(3), torch.device("cpu"),
-                           "none", reg_in_every_pass=every_pass)
+    step = make_train_step(
+        model,
+        model,
+        opt,
+        [VarRegularizer(model, lam)],
+        Classification(3),
+        torch.device("cpu"),
+        "none",
+        reg_in_every_pass=every_pass,
+    )
     step(x, y)
     for p, e in zip(model.parameters(), expected):
         assert torch.allclose(p.detach(), e, rtol=1e-9, atol=1e-12)
@@ -163,14 +184,23 @@ def test_var_with_cram_plus_matches_float64_references(every_pass):
 
 def test_var_composition_options_differ():
     """The two compositions give measurably different steps: the tests above can tell them apart."""
-    from varprune.optim import SAM
-    from varprune.numerics.regularizers import VarRegularizer
     from varprune.engine.loop import make_train_step
+    from varprune.numerics.regularizers import VarRegularizer
+    from varprune.optim import SAM
+
     out = []
     for every_pass in (False, True):
         model, x, y = _tiny()
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-        make_train_step(model, model, opt, [VarRegularizer(model, 1e-3)], Classification(3), torch.device("cpu"),
-                        "none", reg_in_every_pass=every_pass)(x, y)
+        make_train_step(
+            model,
+            model,
+            opt,
+            [VarRegularizer(model, 1e-3)],
+            Classification(3),
+            torch.device("cpu"),
+            "none",
+            reg_in_every_pass=every_pass,
+        )(x, y)
         out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert (out[0] - out[1]).abs().max() > 1e-6

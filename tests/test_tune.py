@@ -1,4 +1,5 @@
 """`varprune tune` end to end on Fashion-MNIST's training files only (the test files absent)."""
+
 import contextlib
 import dataclasses
 import gzip
@@ -19,15 +20,40 @@ from varprune.engine.tune import default_rounds, schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GRID = [0.1, 1.0, 10.0]
-TUNE = ["tune", "--dataset", "fashion-mnist", "--model", "mlp", "--limit-train", "256", "--limit-test", "1500",
-        "--batch-size", "64", "--epochs", "2", "--device", "cpu", "--quiet", "--grid", ",".join(map(str, GRID)),
-        "--rounds", "2", "--sparsity", "0.9", "--bnt-batches", "2", "--bnt-batch-size", "128"]
+TUNE = [
+    "tune",
+    "--dataset",
+    "fashion-mnist",
+    "--model",
+    "mlp",
+    "--limit-train",
+    "256",
+    "--limit-test",
+    "1500",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--grid",
+    ",".join(map(str, GRID)),
+    "--rounds",
+    "2",
+    "--sparsity",
+    "0.9",
+    "--bnt-batches",
+    "2",
+    "--bnt-batch-size",
+    "128",
+]
 
 
 def raw_images(folder) -> np.ndarray:
     """The training images straight from the IDX file (an independent reader)."""
     raw = (folder / "train-images-idx3-ubyte").read_bytes()
-    n, h, w = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+    n, h, w = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h * w)
 
 
@@ -36,7 +62,7 @@ def tuned(tmp_path_factory, fmnist_dir):
     root = tmp_path_factory.mktemp("tune")
     data = root / "train-only"
     data.mkdir()
-    for f in fmnist_dir.glob("train-*.gz"):   # stored uncompressed: every run reads them again
+    for f in fmnist_dir.glob("train-*.gz"):  # stored uncompressed: every run reads them again
         (data / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
     assert len(list(data.iterdir())) == 2 and not list(data.glob("t10k-*"))
     out = root / "out"
@@ -54,8 +80,9 @@ def test_tune_writes_json_and_plot_and_follows_its_schedule(tuned):
     assert [(r["epochs"], len(r["candidates"])) for r in doc["rounds"]] == [(1, 3), (2, 2)]
     # round 2 holds round 1's better half, by round 1's scores
     first = {c["value"]: c["score"] for c in doc["rounds"][0]["candidates"]}
-    assert sorted(c["value"] for c in doc["rounds"][1]["candidates"]) == \
-        sorted(sorted(first, key=lambda v: -first[v])[:2])
+    assert sorted(c["value"] for c in doc["rounds"][1]["candidates"]) == sorted(
+        sorted(first, key=lambda v: -first[v])[:2]
+    )
     assert doc["baseline"]["method"] == "sgd" and doc["baseline"]["epochs"] == 2
     assert 0 <= doc["baseline"]["score"] <= 1
 
@@ -101,8 +128,9 @@ def test_validation_is_carved_from_the_training_set_and_disjoint_from_it(tuned):
     assert all(len(rows[b]) > 1 for b in set(train_all) & set(val_all))
     assert set(train) <= set(train_all) and set(val) <= set(val_all)
     # the candidates' validation accuracy is the model's accuracy on exactly these examples
-    from varprune.storage.checkpoint import load_weights
     from varprune.engine.loop import build_model
+    from varprune.storage.checkpoint import load_weights
+
     model = build_model(cfg, loaded.data.info, torch.device("cpu"))
     load_weights(run / "model.safetensors", model)
     model.eval()
@@ -121,7 +149,7 @@ def test_printed_command_parses_into_the_chosen_configuration(tuned):
     cfg = from_args(build_parser().parse_args(words[1:]))
     chosen = load_run_config(doc["choice"]["run"])
     assert chosen.epochs == 2 and cfg.var_strength == doc["choice"]["value"]
-    chosen.validation_fraction = None   # the real run measures on the test set
+    chosen.validation_fraction = None  # the real run measures on the test set
     assert cfg == chosen
 
 
@@ -133,22 +161,25 @@ def test_second_call_reuses_everything(tuned, capsys):
     assert json.loads((out / "tune.json").read_text())["choice"] == doc["choice"]
 
 
-@pytest.mark.parametrize("change, expected", [
-    (["--sparsity", None], "needs --sparsity"),
-    (["--grid", "0.1,0,1"], "--grid needs positive"),
-    (["--grid", "0.1,-1"], "--grid needs positive"),
-    (["--grid", "1,1"], "unique"),
-    (["--rounds", "9"], "--rounds must be in [1, 3]"),
-    (["--method", "sgd"], "--method must use VAR"),
-    (["--var-lambda", "1e-4"], "drop --var-lambda"),
-    (["--validation-fraction", "0.9"], "--validation-fraction must be in"),
-    (["--baseline", "adam"], "--baseline 'adam' is not a method"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--sparsity", None], "needs --sparsity"),
+        (["--grid", "0.1,0,1"], "--grid needs positive"),
+        (["--grid", "0.1,-1"], "--grid needs positive"),
+        (["--grid", "1,1"], "unique"),
+        (["--rounds", "9"], "--rounds must be in [1, 3]"),
+        (["--method", "sgd"], "--method must use VAR"),
+        (["--var-lambda", "1e-4"], "drop --var-lambda"),
+        (["--validation-fraction", "0.9"], "--validation-fraction must be in"),
+        (["--baseline", "adam"], "--baseline 'adam' is not a method"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(change, expected, tmp_path, capsys, fmnist_dir):
     args = list(TUNE)
     if change[1] is None:
         i = args.index(change[0])
-        del args[i:i + 2]
+        del args[i : i + 2]
     elif change[0] in args:
         args[args.index(change[0]) + 1] = change[1]
     else:

@@ -1,11 +1,12 @@
 """Segmentation models: shapes, padding of odd sizes, gradients, prunable weights, options, a tiny overfit."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprune.numerics.metrics import dice_score
 from varprune.models import ModelError, create_model, list_models, model_options, model_task
+from varprune.numerics.metrics import dice_score
 from varprune.numerics.weights import prunable_weights
 
 SMALL = {"unet": dict(width=4, depth=2), "unet_resnet18": dict(width=4)}
@@ -59,7 +60,7 @@ def test_every_conv_weight_is_prunable_final_1x1_included(name):
     assert len(named) == len(convs)
     assert any(isinstance(m, nn.ConvTranspose2d) for m in convs)
     assert named["head.weight"].shape == (4, 4, 1, 1)  # width 4 -> 4 classes, 1x1
-    assert list(named)[-1] == "head.weight"           # "last" in --exclude means the classifier
+    assert list(named)[-1] == "head.weight"  # "last" in --exclude means the classifier
     # every weight with dim >= 2 is prunable, nothing else is
     assert {n for n, p in model.named_parameters() if p.dim() >= 2} == set(named)
 
@@ -77,7 +78,7 @@ def test_gradient_reaches_every_parameter(name):
 
 def unet_weight_count(cin, classes, width, depth):
     """Conv weights of the U-Net, from its definition (3x3 double convs, 2x2 transposed ups, 1x1 head)."""
-    c = [width * 2 ** i for i in range(depth + 1)]
+    c = [width * 2**i for i in range(depth + 1)]
     double = lambda a, b: 9 * a * b + 9 * b * b  # noqa: E731
     total = double(cin, c[0]) + sum(double(c[i - 1], c[i]) for i in range(1, depth + 1))
     total += sum(4 * c[i] * c[i - 1] + double(2 * c[i - 1], c[i - 1]) for i in range(1, depth + 1))
@@ -100,14 +101,17 @@ def test_options_are_forwarded_and_counted():
     assert bilinear(torch.randn(1, 1, 12, 12)).shape == (1, 2, 12, 12)
 
 
-@pytest.mark.parametrize("name,kwargs,match", [
-    ("unet", dict(widht=8), r"model 'unet' has no option widht; its options: width=16, depth=3, up='transpose'"),
-    ("unet_resnet18", dict(depth=3), "model 'unet_resnet18' has no option depth"),
-    ("resnet20", dict(width=8), "model 'resnet20' has no option width; its options: none"),
-    ("unet", dict(width=0), "width must be an integer >= 1; got 0"),
-    ("unet", dict(depth=2.5), "depth must be an integer in 1..8"),
-    ("unet", dict(up="nearest"), "up must be 'transpose' or 'bilinear'"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("unet", dict(widht=8), r"model 'unet' has no option widht; its options: width=16, depth=3, up='transpose'"),
+        ("unet_resnet18", dict(depth=3), "model 'unet_resnet18' has no option depth"),
+        ("resnet20", dict(width=8), "model 'resnet20' has no option width; its options: none"),
+        ("unet", dict(width=0), "width must be an integer >= 1; got 0"),
+        ("unet", dict(depth=2.5), "depth must be an integer in 1..8"),
+        ("unet", dict(up="nearest"), "up must be 'transpose' or 'bilinear'"),
+    ],
+)
 def test_bad_options_raise_one_clear_error(name, kwargs, match):
     with pytest.raises(ModelError, match=match):
         create_model(name, 1, 2, 16, **kwargs)

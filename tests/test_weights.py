@@ -3,6 +3,7 @@
 The zoo tests build models on the meta device (names and shapes only) with
 torch.nn.init switched off, so that several dozen architectures cost seconds.
 """
+
 import contextlib
 import re
 import warnings
@@ -58,6 +59,7 @@ def torchvision_builders(limit=100e6):
 
 def test_torchvision_zoo_is_fully_classified():
     import torchvision
+
     names = torchvision_builders()
     assert len(names) >= 50 and "vit_b_16" in names and "swin_t" in names
     for name in names:
@@ -78,10 +80,22 @@ def test_torchvision_zoo_is_fully_classified():
     assert vit["class_token"] == vit["encoder.pos_embedding"] == "positional embedding/token"
 
 
-TIMM_MODELS = ["resnet18", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "convnext_atto",
-               "efficientnet_b0", "mobilenetv3_small_100", "swin_tiny_patch4_window7_224", "regnetx_002",
-               "levit_128s", "mobilevit_xxs", "xcit_nano_12_p16_224", "maxvit_tiny_rw_224", "fastvit_t8",
-               "crossvit_tiny_240"]
+TIMM_MODELS = [
+    "resnet18",
+    "vit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "convnext_atto",
+    "efficientnet_b0",
+    "mobilenetv3_small_100",
+    "swin_tiny_patch4_window7_224",
+    "regnetx_002",
+    "levit_128s",
+    "mobilevit_xxs",
+    "xcit_nano_12_p16_224",
+    "maxvit_tiny_rw_224",
+    "fastvit_t8",
+    "crossvit_tiny_240",
+]
 
 
 def test_timm_models_are_fully_classified():
@@ -104,8 +118,12 @@ def test_multihead_attention_projections_are_prunable_in_module_order():
     names = [n for n, _ in prunable_weights(block)]
     assert names == ["0.weight", "1.in_proj_weight", "1.out_proj.weight"]
     cross = nn.MultiheadAttention(8, 2, kdim=5, vdim=3)  # separate q/k/v projections
-    assert [n for n, _ in prunable_weights(cross)] == ["q_proj_weight", "k_proj_weight", "v_proj_weight",
-                                                       "out_proj.weight"]
+    assert [n for n, _ in prunable_weights(cross)] == [
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "out_proj.weight",
+    ]
 
 
 class Conv1D(nn.Module):
@@ -156,8 +174,13 @@ def test_rule_on_hand_built_modules():
         "rnn.weight_hh_l0": "prunable",
         "rnn.weight_hr_l0": "prunable",
     }
-    assert [n for n, _ in prunable_weights(model)] == ["c_attn.weight", "proj.weight", "rnn.weight_ih_l0",
-                                                       "rnn.weight_hh_l0", "rnn.weight_hr_l0"]
+    assert [n for n, _ in prunable_weights(model)] == [
+        "c_attn.weight",
+        "proj.weight",
+        "rnn.weight_ih_l0",
+        "rnn.weight_hh_l0",
+        "rnn.weight_hr_l0",
+    ]
     assert list(classes) == [n for n, p in model.named_parameters() if p.dim() >= 2]  # stable, module order
 
 
@@ -166,6 +189,7 @@ def test_norm_layers_with_matrix_parameters_are_excluded():
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.ones(3, 5))
+
     assert classify_parameters(nn.Sequential(LayerNorm2d())) == {"0.weight": "norm"}
 
 
@@ -183,7 +207,11 @@ def test_exclude_patterns_first_and_last():
 
 @pytest.mark.parametrize("pattern", ["fisrt", "1.weight", "conv*.weight"])
 def test_an_exclude_pattern_that_matches_nothing_is_an_error(pattern):
-    with pytest.raises(WeightSelectionError, match=re.escape(f"--exclude pattern '{pattern}' matches no prunable "
-                                                             "weight; see `varprune prune --list-weights`")):
+    with pytest.raises(
+        WeightSelectionError,
+        match=re.escape(
+            f"--exclude pattern '{pattern}' matches no prunable weight; see `varprune prune --list-weights`"
+        ),
+    ):
         prunable_weights(net(), ["first", pattern])
     assert issubclass(WeightSelectionError, ValueError)

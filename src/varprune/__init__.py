@@ -9,26 +9,41 @@ The core is VAR, the Variance Amplifying Regularizer (arXiv 2511.14282)::
 Names are imported on first use, so ``varprune doctor`` works (and says what
 is wrong) even where torch or numpy fail to import.
 """
+
 __version__ = "0.2.0"
 
 _EXPORTS = {
     # the regularizers: penalty (autograd) and closed-form gradient
-    "VarRegularizer": "numerics.regularizers", "L1Regularizer": "numerics.regularizers",
-    "HoyerSquareRegularizer": "numerics.regularizers", "var_penalty": "numerics.regularizers",
-    "l1_penalty": "numerics.regularizers", "hoyer_square_penalty": "numerics.regularizers",
+    "VarRegularizer": "numerics.regularizers",
+    "L1Regularizer": "numerics.regularizers",
+    "HoyerSquareRegularizer": "numerics.regularizers",
+    "var_penalty": "numerics.regularizers",
+    "l1_penalty": "numerics.regularizers",
+    "hoyer_square_penalty": "numerics.regularizers",
     # what is prunable, pruning, BN re-tuning
-    "prunable_weights": "numerics.weights", "classify_parameters": "numerics.weights",
-    "MagnitudePruner": "numerics.pruning", "prune_magnitude": "numerics.pruning",
-    "realised_sparsity": "numerics.pruning", "recalibrate_bn": "numerics.pruning", "nm_masks": "numerics.pruning",
-    "prune_nm": "numerics.pruning", "keep_mask_topk": "numerics.pruning",
+    "prunable_weights": "numerics.weights",
+    "classify_parameters": "numerics.weights",
+    "MagnitudePruner": "numerics.pruning",
+    "prune_magnitude": "numerics.pruning",
+    "realised_sparsity": "numerics.pruning",
+    "recalibrate_bn": "numerics.pruning",
+    "nm_masks": "numerics.pruning",
+    "prune_nm": "numerics.pruning",
+    "keep_mask_topk": "numerics.pruning",
     # models
-    "create_model": "models", "list_models": "models", "register_model": "models", "model_task": "models",
+    "create_model": "models",
+    "list_models": "models",
+    "register_model": "models",
+    "model_task": "models",
     # metrics and analysis
-    "dice_score": "numerics.metrics", "hessian_top_eigenvalue": "numerics.hessian",
+    "dice_score": "numerics.metrics",
+    "hessian_top_eigenvalue": "numerics.hessian",
     "loss_profile": "numerics.hessian",
     # shipping a pruned model
-    "save_pruned": "storage.pruned_format", "load_pruned": "storage.pruned_format",
-    "read_pruned_metadata": "storage.pruned_format", "MaskKeeper": "numerics.masking",
+    "save_pruned": "storage.pruned_format",
+    "load_pruned": "storage.pruned_format",
+    "read_pruned_metadata": "storage.pruned_format",
+    "MaskKeeper": "numerics.masking",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -37,6 +52,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 def __getattr__(name):
     if name in _EXPORTS:
         import importlib
+
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value

@@ -17,6 +17,7 @@ them; torchrun itself then exits 1 and lists the processes' exit codes).
 Nothing heavy is imported at module level, so ``varprune doctor`` runs even
 where torch or numpy are broken: that is when it is needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,18 @@ import signal
 import sys
 
 from varprune import __version__
-from varprune.errors import (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, NonFiniteError, UsageError, exit_code,
-                             one_line)
+from varprune.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    NonFiniteError,
+    UsageError,
+    exit_code,
+    one_line,
+)
 
-DATA_PARALLEL = ("train", "finetune", "study")   # the commands that run on every torchrun process
-COMMANDS = ("train", "prune", "study", "tune", "analyze", "export", "evaluate", "finetune", "report", "doctor",
-            "demo")
+DATA_PARALLEL = ("train", "finetune", "study")  # the commands that run on every torchrun process
+COMMANDS = ("train", "prune", "study", "tune", "analyze", "export", "evaluate", "finetune", "report", "doctor", "demo")
 
 
 class Terminated(Exception):
@@ -45,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from varprune.commands.common import epilog
+
     parser = _Parser(prog="varprune", description="Train networks that survive one-shot magnitude pruning.")
     parser.add_argument("--version", action="version", version=f"varprune {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
@@ -72,20 +80,21 @@ def _interrupted(argv) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["doctor"]:   # before anything that imports torch
+    if argv[:1] == ["doctor"]:  # before anything that imports torch
         return _doctor_only(argv)
     from varprune.engine import distributed
+
     who = f"varprune[rank {distributed.env_rank()}]" if distributed.env_rank() else "varprune"
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:   # not the main thread
+    except ValueError:  # not the main thread
         previous = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command not in DATA_PARALLEL and not distributed.main_only():
-            return 0     # under torchrun, rank 0 runs this command alone
+            return 0  # under torchrun, rank 0 runs this command alone
         return args.func(args)
     except Terminated:
         print(f"{who}: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
@@ -97,13 +106,13 @@ def main(argv=None) -> int:
         try:
             code = exit_code(e)
         except TypeError:
-            raise e from None     # a bug: the traceback is what a bug report needs
+            raise e from None  # a bug: the traceback is what a bug report needs
         print(f"{who}: error: {one_line(e)}", file=sys.stderr)
         return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        distributed.shutdown()   # after: torchrun's SIGTERM to a finished process must not raise in here
+        distributed.shutdown()  # after: torchrun's SIGTERM to a finished process must not raise in here
 
 
 def _doctor_only(argv) -> int:
@@ -116,6 +125,7 @@ def _doctor_only(argv) -> int:
         print(f"varprune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     from varprune.commands import doctor
+
     return doctor.run(args)
 
 

@@ -1,4 +1,5 @@
 """Device selection and mixed precision, in one place for training and evaluation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -78,6 +79,7 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -14,6 +14,7 @@
 :func:`exit_code` maps an exception to its code, :func:`one_line` to its
 message; ``varprune.cli.main`` uses both, and nothing else decides exit codes.
 """
+
 from __future__ import annotations
 
 EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
@@ -49,6 +50,7 @@ def _is_oom(e: BaseException) -> bool:
         return True
     try:
         import torch
+
         return isinstance(e, torch.OutOfMemoryError)
     except (ImportError, AttributeError):
         return False
@@ -74,12 +76,15 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, ValueError):
         return (e.strerror or str(e)) + (f": {e.filename}" if e.filename else "")
     if _is_oom(e) and not isinstance(e, OutOfMemory):
-        return ("out of memory: " + (str(e).strip().splitlines() or ["the allocation failed"])[0][:200]
-                + "; use a smaller --batch-size, --image-size or model")
+        return (
+            "out of memory: "
+            + (str(e).strip().splitlines() or ["the allocation failed"])[0][:200]
+            + "; use a smaller --batch-size, --image-size or model"
+        )
     return " ".join(str(e).split())
 
 
 def short(value, limit: int = 60) -> str:
     """``repr(value)`` on one line, at most ``limit`` characters (for error messages)."""
     text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

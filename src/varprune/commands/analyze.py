@@ -1,4 +1,5 @@
 """``varprune analyze``: weight distributions, per-layer sensitivity and flatness of finished runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,15 +10,19 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("analyze", help="weight distributions, per-layer sensitivity and flatness of runs",
-                       description="For finished RUNs: weight-magnitude histograms, per-layer variance of |w| over "
-                                   "training, the per-layer sparsity global pruning chooses, one-layer pruning "
-                                   "sensitivity against variance, the top Hessian eigenvalue and a loss profile. "
-                                   "Writes OUT/analysis.json and figures.")
+    p = sub.add_parser(
+        "analyze",
+        help="weight distributions, per-layer sensitivity and flatness of runs",
+        description="For finished RUNs: weight-magnitude histograms, per-layer variance of |w| over "
+        "training, the per-layer sparsity global pruning chooses, one-layer pruning "
+        "sensitivity against variance, the top Hessian eigenvalue and a loss profile. "
+        "Writes OUT/analysis.json and figures.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--out", required=True, help="folder for analysis.json and the figures")
-    p.add_argument("--sensitivity-sparsity", type=float, default=0.9,
-                   help="sparsity of the one-layer pruning (default 0.9)")
+    p.add_argument(
+        "--sensitivity-sparsity", type=float, default=0.9, help="sparsity of the one-layer pruning (default 0.9)"
+    )
     p.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity (L evaluations)")
     p.add_argument("--hessian-iters", type=int, default=20, help="power iterations (default 20)")
     c.add_bnt_flags(p)
@@ -29,15 +34,22 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.engine.analyze import analyze_runs
+
     c.recover([Path(r) for r in args.runs])
     found = c.bnt_problems(args) + c.device_problem(args.device)
     if not 0 < args.sensitivity_sparsity < 1:
         found.append(f"--sensitivity-sparsity must be in (0, 1), got {args.sensitivity_sparsity}")
     if found:
         raise UsageError("; ".join(found))
-    analyze_runs([Path(r) for r in args.runs], Path(args.out), args.sensitivity_sparsity,
-                 bnt_batches=args.bnt_batches, bnt_batch_size=args.bnt_batch_size,
-                 sensitivity=not args.no_sensitivity, hessian_iters=args.hessian_iters, device=args.device,
-                 data_dir=args.data_dir)
+    analyze_runs(
+        [Path(r) for r in args.runs],
+        Path(args.out),
+        args.sensitivity_sparsity,
+        bnt_batches=args.bnt_batches,
+        bnt_batch_size=args.bnt_batch_size,
+        sensitivity=not args.no_sensitivity,
+        hessian_iters=args.hessian_iters,
+        device=args.device,
+        data_dir=args.data_dir,
+    )
     return 0
-

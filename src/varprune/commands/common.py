@@ -2,6 +2,7 @@
 
 Each check returns a list of one-line problems, so a command can report every problem at once before any work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,17 @@ def sparsities(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"sparsities must be unique, got {text!r}")
     return values
 
+
 def names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
 
 def floats_arg(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
 
 def plot_path(text: str | None) -> Path | None:
     """A plot path, checked before any work: a .png file name in an existing folder."""
@@ -42,15 +46,19 @@ def plot_path(text: str | None) -> Path | None:
     if path.is_dir():
         raise UsageError(f"--plot {text} is a folder; give a file name such as {path / 'comparison.png'}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"--plot {text} does not end in .png; varprune writes PNG images and will not replace "
-                         f"a file of another kind")
+        raise UsageError(
+            f"--plot {text} does not end in .png; varprune writes PNG images and will not replace "
+            f"a file of another kind"
+        )
     if not path.parent.is_dir():
         raise UsageError(f"--plot {text}: folder {path.parent} does not exist")
     return path
 
+
 def device_problem(name: str) -> list[str]:
-    from varprune.engine.config import _device_check
     from varprune.device import resolve_device
+    from varprune.engine.config import _device_check
+
     msg = _device_check(name)
     if msg:
         return [msg]
@@ -60,11 +68,13 @@ def device_problem(name: str) -> list[str]:
         return [str(e)]
     return []
 
+
 def mask_problems(args) -> list[str]:
     """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both."""
     if (args.sparsity is None) == (args.pattern == "unstructured"):
         return ["give --sparsity for unstructured pruning, or --pattern N:M (not both)"]
     return []
+
 
 def bnt_problems(args) -> list[str]:
     found = []
@@ -74,17 +84,22 @@ def bnt_problems(args) -> list[str]:
         found.append(f"--bnt-batch-size must be in [1, 1048576], got {args.bnt_batch_size}")
     return found
 
+
 def recover(runs) -> None:
     """Folders where an ``--overwrite`` was killed before the new run's first checkpoint get
     their old run back before anything reads them (rundir.RunFolder.recover_if_idle)."""
     from varprune.engine.rundir import RunFolder
+
     for run in runs:
         RunFolder(run).recover_if_idle()
 
+
 def say_on_main(text: str) -> None:
     from varprune.engine import distributed
+
     if distributed.is_main():
         print(text)
+
 
 def meta_model(cfg):
     """The run's model on the meta device (shapes and names, no memory)."""
@@ -92,18 +107,23 @@ def meta_model(cfg):
 
     from varprune.data import dataset_info
     from varprune.models import create_model
+
     info = dataset_info(cfg.dataset)
     with torch.device("meta"):
         return create_model(cfg.model, info.channels or 1, info.num_classes or 2, info.size or 32, **cfg.model_args)
 
+
 def epilog() -> str:
     from varprune.engine.methods import method_help
     from varprune.models import describe_models
+
     models = "\n".join(f"  {k:<14} {v}" for k, v in describe_models().items())
     return f"methods:\n{method_help()}\n\nmodels:\n{models}"
 
+
 def patterns(text: str) -> list[str]:
     from varprune.numerics.pruning import PruningError, parse_pattern
+
     out = []
     for v in names(text):
         try:
@@ -115,18 +135,30 @@ def patterns(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"patterns must be unique, got {text!r}")
     return out
 
+
 def add_scope_flag(p) -> None:
     from varprune.numerics.pruning import SCOPES
-    p.add_argument("--scope", choices=SCOPES, default="global",
-                   help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
-                        "fraction from every tensor")
+
+    p.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="global",
+        help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
+        "fraction from every tensor",
+    )
+
 
 def add_bnt_flags(p) -> None:
-    p.add_argument("--bnt-batches", type=int, default=20,
-                   help="BN re-tuning batches (default 20 of 500 = 10,000 training images, the reference "
-                        "measurement's protocol; CrAM re-tunes on 100 batches of 128 = 12,800); 0 skips "
-                        "re-tuning")
+    p.add_argument(
+        "--bnt-batches",
+        type=int,
+        default=20,
+        help="BN re-tuning batches (default 20 of 500 = 10,000 training images, the reference "
+        "measurement's protocol; CrAM re-tunes on 100 batches of 128 = 12,800); 0 skips "
+        "re-tuning",
+    )
     p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
+
 
 def add_mask_flags(p) -> None:
     """One pruning setting (export, finetune): --sparsity or --pattern, and --scope."""
@@ -134,12 +166,21 @@ def add_mask_flags(p) -> None:
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
     add_scope_flag(p)
 
+
 def add_sweep_flags(p) -> None:
-    p.add_argument("--sparsities", type=sparsities, default=SWEEP_SPARSITIES,
-                   help="comma-separated sparsities in [0, 1) (default 0.5,...,0.99)")
-    p.add_argument("--patterns", type=patterns, default=[],
-                   help="comma-separated N:M semi-structured patterns swept beside the sparsities, e.g. 2:4,1:4,1:8 "
-                        "(N largest of every M consecutive weights along the input dimension; tensors whose input "
-                        "size is not a multiple of M stay dense)")
+    p.add_argument(
+        "--sparsities",
+        type=sparsities,
+        default=SWEEP_SPARSITIES,
+        help="comma-separated sparsities in [0, 1) (default 0.5,...,0.99)",
+    )
+    p.add_argument(
+        "--patterns",
+        type=patterns,
+        default=[],
+        help="comma-separated N:M semi-structured patterns swept beside the sparsities, e.g. 2:4,1:4,1:8 "
+        "(N largest of every M consecutive weights along the input dimension; tensors whose input "
+        "size is not a multiple of M stay dense)",
+    )
     add_scope_flag(p)
     add_bnt_flags(p)

@@ -1,4 +1,5 @@
 """``varprune demo``: SGD against VAR, pruned one-shot, sized to this machine."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,18 @@ from varprune.errors import UsageError
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SGD against VAR, pruned one-shot, sized to this machine")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
-    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
-                   help="classification: Fashion-MNIST; segmentation: the Colin27 brain MRI (mricron-data)")
-    p.add_argument("--size", choices=("auto", "cpu", "gpu", "tiny"), default="auto",
-                   help="auto: the GPU setup on a GPU, the CPU setup otherwise; tiny: a smoke test")
+    p.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="classification: Fashion-MNIST; segmentation: the Colin27 brain MRI (mricron-data)",
+    )
+    p.add_argument(
+        "--size",
+        choices=("auto", "cpu", "gpu", "tiny"),
+        default="auto",
+        help="auto: the GPU setup on a GPU, the CPU setup otherwise; tiny: a smoke test",
+    )
     p.add_argument("--data-dir", help="dataset folder (default: the Debian package's)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -23,9 +32,9 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.demo import run_demo
     from varprune.engine.rundir import path_problem
+
     bad = path_problem(args.out)
     if bad:
         raise UsageError(bad)
     run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet, task=args.task)
     return 0
-

@@ -6,6 +6,7 @@ every dataset where it was looked for and whether its files were found.
 Nothing is downloaded and no dataset file is read: only their presence is
 checked, so the report is instant even for large datasets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,21 @@ from pathlib import Path
 
 from varprune import __version__
 
-LIBRARIES = ("torch", "torchvision", "numpy", "safetensors", "tqdm", "matplotlib", "scipy", "nibabel", "pillow",
-             "timm", "monai", "hypothesis", "pytest")
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "safetensors",
+    "tqdm",
+    "matplotlib",
+    "scipy",
+    "nibabel",
+    "pillow",
+    "timm",
+    "monai",
+    "hypothesis",
+    "pytest",
+)
 IMPORTS = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "torchvision": "torchvision"}
 
 
@@ -33,22 +47,30 @@ def _torch_lines() -> list[str]:
     import torch
 
     from varprune.device import describe_device, resolve_device
-    lines = [f"torch:          {torch.__version__} ({Path(torch.__file__).parent})",
-             f"torch threads:  {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op "
-             f"({os.cpu_count()} CPUs)"]
+
+    lines = [
+        f"torch:          {torch.__version__} ({Path(torch.__file__).parent})",
+        f"torch threads:  {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op "
+        f"({os.cpu_count()} CPUs)",
+    ]
     cuda = torch.cuda.is_available()
-    lines.append(f"CUDA:           {'available' if cuda else 'not available'} (torch built with CUDA "
-                 f"{torch.version.cuda or 'none'}, cuDNN {torch.backends.cudnn.version() if cuda else 'n/a'})")
+    lines.append(
+        f"CUDA:           {'available' if cuda else 'not available'} (torch built with CUDA "
+        f"{torch.version.cuda or 'none'}, cuDNN {torch.backends.cudnn.version() if cuda else 'n/a'})"
+    )
     if cuda:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            lines.append(f"  cuda:{i}        {props.name}, {props.total_memory / 2**30:.1f} GiB, "
-                         f"compute capability {props.major}.{props.minor}, bf16 "
-                         f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+            lines.append(
+                f"  cuda:{i}        {props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                f"compute capability {props.major}.{props.minor}, bf16 "
+                f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+            )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         lines.append("MPS:            available (varprune uses cpu or cuda)")
     from varprune.device import cpu_bf16
+
     fast, how = cpu_bf16()
     lines.append(f"bf16 on CPU:    {'fast' if fast else 'slow'} ({how})")
     device = resolve_device("auto")
@@ -59,19 +81,23 @@ def _torch_lines() -> list[str]:
 def _import_lines() -> list[str]:
     """Whether the libraries varprune cannot run without import, with the error if not."""
     import importlib
+
     lines = []
     for name, module in IMPORTS.items():
         try:
             importlib.import_module(module)
         except Exception as e:  # a broken install is what doctor exists to report
             first = (str(e).strip().splitlines() or [""])[0][:120]
-            lines.append(f"import {module}: FAILS ({type(e).__name__}: {first}); reinstall it: "
-                         f"pip install --force-reinstall {name}")
+            lines.append(
+                f"import {module}: FAILS ({type(e).__name__}: {first}); reinstall it: "
+                f"pip install --force-reinstall {name}"
+            )
     return lines
 
 
 def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
     from varprune.data import DATASETS, default_data_dir, locate_dataset
+
     lines = []
     for name in sorted(DATASETS):
         root = data_dir if data_dir is not None else default_data_dir(name)
@@ -80,8 +106,10 @@ def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
             folders = sorted({str(p.parent) for p in where.found})
             lines.append(f"  {name:<14} found in {', '.join(folders)} ({len(where.found)} files)")
         elif where.found:
-            lines.append(f"  {name:<14} incomplete in {Path(root).absolute()} (missing {', '.join(where.missing)}; "
-                         f"expected {DATASETS[name].layout})")
+            lines.append(
+                f"  {name:<14} incomplete in {Path(root).absolute()} (missing {', '.join(where.missing)}; "
+                f"expected {DATASETS[name].layout})"
+            )
         else:
             lines.append(f"  {name:<14} not found in {Path(root).absolute()} (expected {DATASETS[name].layout})")
     return lines
@@ -89,9 +117,11 @@ def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
 
 def report(data_dir: str | os.PathLike | None = None) -> str:
     """The doctor report as text (one fact per line)."""
-    lines = [f"varprune:       {__version__} ({Path(__file__).resolve().parent})",
-             f"python:         {sys.version.split()[0]} ({sys.executable})",
-             f"platform:       {platform.platform()}"]
+    lines = [
+        f"varprune:       {__version__} ({Path(__file__).resolve().parent})",
+        f"python:         {sys.version.split()[0]} ({sys.executable})",
+        f"platform:       {platform.platform()}",
+    ]
     lines += [f"{lib + ':':<16}{_version(lib)}" for lib in LIBRARIES if lib != "torch"]
     broken = _import_lines()
     lines += broken
@@ -104,16 +134,21 @@ def report(data_dir: str | os.PathLike | None = None) -> str:
         lines.append(f"torch devices:  error {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}")
     env = {k: os.environ[k] for k in ("VARPRUNE_DATA", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     lines.append(f"environment:    {', '.join(f'{k}={v}' for k, v in env.items()) or 'VARPRUNE_DATA unset'}")
-    lines.append("datasets" + (f" (--data-dir {data_dir}):" if data_dir is not None else
-                               " (default folders; --data-dir overrides):"))
+    lines.append(
+        "datasets"
+        + (f" (--data-dir {data_dir}):" if data_dir is not None else " (default folders; --data-dir overrides):")
+    )
     lines += _dataset_lines(data_dir)
     return "\n".join(lines) + "\n"
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("doctor", help="print the environment (versions, devices, datasets) for bug reports",
-                       description="Print versions, the devices torch sees and where each dataset was looked "
-                                   "for and found. Reads no dataset file; paste the output into bug reports.")
+    p = sub.add_parser(
+        "doctor",
+        help="print the environment (versions, devices, datasets) for bug reports",
+        description="Print versions, the devices torch sees and where each dataset was looked "
+        "for and found. Reads no dataset file; paste the output into bug reports.",
+    )
     p.add_argument("--data-dir", help="look for the datasets here instead of their default folders")
     p.set_defaults(func=run)
     return p

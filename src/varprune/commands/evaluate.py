@@ -1,4 +1,5 @@
 """``varprune evaluate``: measure an exported model on its run's test split."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.engine.export import evaluate_file
+
     found = c.device_problem(args.device)
     if not Path(args.file).is_file():
         found.append(f"{args.file} is not a file; give a file written by `varprune export`")
@@ -28,9 +30,10 @@ def run(args) -> int:
         raise UsageError("; ".join(found))
     metrics = evaluate_file(Path(args.file), args.data_dir, args.device)
     m = metrics.pop("metric")
-    print(f"{m}: {100 * metrics[m]:.2f}%" + "".join(f"  {k}: {100 * v:.2f}%" for k, v in metrics.items()
-                                                    if k != m and isinstance(v, float)))
+    print(
+        f"{m}: {100 * metrics[m]:.2f}%"
+        + "".join(f"  {k}: {100 * v:.2f}%" for k, v in metrics.items() if k != m and isinstance(v, float))
+    )
     if args.json:
         print(json.dumps(metrics | {"metric": m}))
     return 0
-

@@ -1,4 +1,5 @@
 """``varprune export``: prune a run one-shot and write a compressed, shippable model file."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,16 +10,23 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="prune a run one-shot and write a compressed, shippable model file",
-                       description="Prune RUN's final weights exactly as `varprune prune` does, re-tune BatchNorm, "
-                                   "and write one compressed safetensors file (packed bit masks + kept values; "
-                                   "load it with varprune.load_pruned). No pickle.")
+    p = sub.add_parser(
+        "export",
+        help="prune a run one-shot and write a compressed, shippable model file",
+        description="Prune RUN's final weights exactly as `varprune prune` does, re-tune BatchNorm, "
+        "and write one compressed safetensors file (packed bit masks + kept values; "
+        "load it with varprune.load_pruned). No pickle.",
+    )
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", required=True, help="the file to write (.safetensors)")
     c.add_mask_flags(p)
     p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune")
-    p.add_argument("--values", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="dtype of the kept values (fp32: bit for bit the evaluated weights)")
+    p.add_argument(
+        "--values",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype of the kept values (fp32: bit for bit the evaluated weights)",
+    )
     c.add_bnt_flags(p)
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto")
@@ -28,11 +36,22 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.engine.export import export_run
+
     c.recover([Path(args.run)])
     found = c.mask_problems(args) + c.bnt_problems(args) + c.device_problem(args.device)
     if found:
         raise UsageError("; ".join(found))
-    export_run(Path(args.run), Path(args.out), args.sparsity, args.pattern, args.scope, c.names(args.exclude or ""),
-               args.values, args.bnt_batches, args.bnt_batch_size, args.device, args.data_dir)
+    export_run(
+        Path(args.run),
+        Path(args.out),
+        args.sparsity,
+        args.pattern,
+        args.scope,
+        c.names(args.exclude or ""),
+        args.values,
+        args.bnt_batches,
+        args.bnt_batch_size,
+        args.device,
+        args.data_dir,
+    )
     return 0
-

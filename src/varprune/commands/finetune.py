@@ -1,4 +1,5 @@
 """``varprune finetune``: prune a run one-shot, then train with the mask fixed."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,16 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("finetune", help="prune a run one-shot, then train with the mask fixed",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Prune RUN's final weights one-shot (the sweep's masks) and train them with the "
-                                   "mask fixed: pruned weights, their gradients and optimizer state stay exactly "
-                                   "zero. Model and data come from RUN; training flags default to RUN's, with a "
-                                   "tenth of its learning rate and no warm-up. Resumable like train.",
-                       epilog=epilog)
+    p = sub.add_parser(
+        "finetune",
+        help="prune a run one-shot, then train with the mask fixed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Prune RUN's final weights one-shot (the sweep's masks) and train them with the "
+        "mask fixed: pruned weights, their gradients and optimizer state stay exactly "
+        "zero. Model and data come from RUN; training flags default to RUN's, with a "
+        "tenth of its learning rate and no warm-up. Resumable like train.",
+        epilog=epilog,
+    )
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", required=True, help="run folder to create")
     c.add_mask_flags(p)
@@ -32,6 +36,7 @@ def run(args) -> int:
 
     from varprune.engine.config import given_fields, load_run_config, read_resolved
     from varprune.engine.loop import train
+
     source = Path(args.run)
     c.recover([source])
     found = c.mask_problems(args)
@@ -49,10 +54,16 @@ def run(args) -> int:
         known = isinstance(lam, (int, float)) and not isinstance(lam, bool)
         if known or "var_lambda" in given:
             defaults.update(var_lambda=float(lam) if known else base.var_lambda, var_strength=None)
-    cfg = dataclasses.replace(base, **{**defaults, **given}, finetune_from=str(source),
-                              finetune_sparsity=args.sparsity, finetune_pattern=args.pattern,
-                              finetune_scope=args.scope, init=None, init_exclude=None)   # RUN's weights, not --init
+    cfg = dataclasses.replace(
+        base,
+        **{**defaults, **given},
+        finetune_from=str(source),
+        finetune_sparsity=args.sparsity,
+        finetune_pattern=args.pattern,
+        finetune_scope=args.scope,
+        init=None,
+        init_exclude=None,
+    )  # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0
-

@@ -1,4 +1,5 @@
 """``varprune prune``: the one-shot pruning sweep of trained runs (prune.json, table, plot); ``--list-weights``."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,32 +10,45 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("prune", help="one-shot pruning sweep of trained runs",
-                       description="Prune every RUN's final weights one-shot at each sparsity, with and without "
-                                   "BN re-tuning, into RUN/prune.{json,csv,png}. Weights and checkpoints are "
-                                   "only read.")
+    p = sub.add_parser(
+        "prune",
+        help="one-shot pruning sweep of trained runs",
+        description="Prune every RUN's final weights one-shot at each sparsity, with and without "
+        "BN re-tuning, into RUN/prune.{json,csv,png}. Weights and checkpoints are "
+        "only read.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN")
     c.add_sweep_flags(p)
-    p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune; "
-                                     "'first' and 'last' name the stem and the classifier")
+    p.add_argument(
+        "--exclude",
+        help="comma-separated parameter names or patterns not to prune; "
+        "'first' and 'last' name the stem and the classifier",
+    )
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
-    p.add_argument("--list-weights", action="store_true",
-                   help="print every parameter with 2 or more dimensions of each RUN's model and whether it is "
-                        "pruned or why not (with --exclude: what the patterns exclude), then stop")
-    p.add_argument("--force", action="store_true",
-                   help="sweep every run again; by default a run whose prune.json was made from its current "
-                        "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "
-                        "interrupted sweep over several runs continues where it stopped")
+    p.add_argument(
+        "--list-weights",
+        action="store_true",
+        help="print every parameter with 2 or more dimensions of each RUN's model and whether it is "
+        "pruned or why not (with --exclude: what the patterns exclude), then stop",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="sweep every run again; by default a run whose prune.json was made from its current "
+        "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "
+        "interrupted sweep over several runs continues where it stopped",
+    )
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    from varprune.engine.sweep import check_runs, prune_runs
     from varprune.report.figures import sweep_plot
     from varprune.report.tables import sweep_table
-    from varprune.engine.sweep import check_runs, prune_runs
+
     runs = [Path(r) for r in args.runs]
     c.recover(runs)
     if args.list_weights:
@@ -50,8 +64,18 @@ def run(args) -> int:
         found += _exclude_problems(configs, exclude)
     if found:  # every problem at once, before any work
         raise UsageError("; ".join(found))
-    rows = prune_runs(runs, args.sparsities, args.scope, exclude, args.bnt_batches, args.bnt_batch_size,
-                      args.data_dir, args.device, reuse=not args.force, patterns=args.patterns)
+    rows = prune_runs(
+        runs,
+        args.sparsities,
+        args.scope,
+        exclude,
+        args.bnt_batches,
+        args.bnt_batch_size,
+        args.data_dir,
+        args.device,
+        reuse=not args.force,
+        patterns=args.patterns,
+    )
     print(sweep_table(rows))
     if plot is not None:
         sweep_plot(rows, plot)
@@ -63,11 +87,12 @@ def _list_weights(runs, exclude) -> int:
     """``prune RUN --list-weights``: every parameter with dim >= 2, prunable or why not."""
     from varprune.engine.config import load_run_config
     from varprune.numerics.weights import PRUNABLE, classify_parameters, prunable_weights
+
     for run in runs:
         cfg = load_run_config(run)
         model = c.meta_model(cfg)
         shapes = dict(model.named_parameters())
-        kept = {n for n, _ in prunable_weights(model, exclude)}   # a pattern matching nothing is refused here
+        kept = {n for n, _ in prunable_weights(model, exclude)}  # a pattern matching nothing is refused here
         if len(runs) > 1:
             print(f"{run} ({cfg.model}):")
         for name, label in classify_parameters(model).items():
@@ -81,6 +106,7 @@ def _list_weights(runs, exclude) -> int:
 def _exclude_problems(configs, exclude) -> list[str]:
     """An --exclude pattern that matches no prunable weight of some run is a typo, not a choice."""
     from varprune.numerics.weights import prunable_weights
+
     for cfg in configs:
         model = c.meta_model(cfg)
         try:
@@ -88,4 +114,3 @@ def _exclude_problems(configs, exclude) -> list[str]:
         except ValueError as e:
             return [str(e)]
     return []
-

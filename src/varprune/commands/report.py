@@ -1,4 +1,5 @@
 """``varprune report``: tables, a plot and an HTML page from prune.json files or a study folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,12 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("report", help="table, plot and HTML page from existing prune.json files or a study",
-                       description="Re-print the table of RUNs' prune.json files (or of a STUDY folder), and "
-                                   "optionally write a plot and one self-contained HTML page.")
+    p = sub.add_parser(
+        "report",
+        help="table, plot and HTML page from existing prune.json files or a study",
+        description="Re-print the table of RUNs' prune.json files (or of a STUDY folder), and "
+        "optionally write a plot and one self-contained HTML page.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN|STUDY")
     p.add_argument("--plot", help="write a combined plot here (.png)")
     p.add_argument("--html", help="write one self-contained HTML page here (figures embedded, configs, machine)")
@@ -25,15 +29,16 @@ def run(args) -> int:
     from varprune.report.pages import runs_html, study_html
     from varprune.report.results import read_prune_json, read_study_report
     from varprune.report.tables import metric_of, sweep_table
+
     plot = c.plot_path(args.plot)
     html = Path(args.html) if args.html else None
     if html is not None and (html.is_dir() or html.suffix.lower() not in (".html", ".htm")):
         raise UsageError(f"--html {args.html} must be a file name ending in .html")
     c.recover([Path(r) for r in args.runs])
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():   # a study folder
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():  # a study folder
         study = read_study_report(Path(args.runs[0]))
         if html is None:
-            print(study["table"], end="")   # report.md is this table; report.json is the source
+            print(study["table"], end="")  # report.md is this table; report.json is the source
             return 0
         print(f"html: {study_html(Path(args.runs[0]), html)}")
         return 0
@@ -51,4 +56,3 @@ def run(args) -> int:
         analysis = Path(args.analysis) if args.analysis else None
         print(f"html: {runs_html(rows, [Path(r) for r in args.runs], html, analysis)}")
     return 0
-

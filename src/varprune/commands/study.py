@@ -1,4 +1,5 @@
 """``varprune study``: train and prune several methods x seeds, one report."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,18 +11,24 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("study", help="train and prune several methods x seeds, one report",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train every (method, seed), prune each, and write report.md, report.json and "
-                                   "report.png in --out. Finished runs are reused, interrupted ones resumed.",
-                       epilog=epilog)
+    p = sub.add_parser(
+        "study",
+        help="train and prune several methods x seeds, one report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every (method, seed), prune each, and write report.md, report.json and "
+        "report.png in --out. Finished runs are reused, interrupted ones resumed.",
+        epilog=epilog,
+    )
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--methods", default="sgd,var", help="comma-separated methods (default sgd,var)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     c.add_sweep_flags(p)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--no-analysis", action="store_true",
-                   help="skip `analyze` of the first seed of each method (histograms, sensitivity, flatness)")
+    p.add_argument(
+        "--no-analysis",
+        action="store_true",
+        help="skip `analyze` of the first seed of each method (histograms, sensitivity, flatness)",
+    )
     add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=run)
     return p
@@ -30,6 +37,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.config import from_args
     from varprune.engine.study import run_study
+
     found = c.bnt_problems(args)
     seeds = []
     for v in c.names(args.seeds):
@@ -40,8 +48,17 @@ def run(args) -> int:
             break
     if found:
         raise UsageError("; ".join(found))
-    run_study(Path(args.out), from_args(args), c.names(args.methods), seeds, args.sparsities, args.scope,
-              args.bnt_batches, args.bnt_batch_size, progress=not args.quiet, analysis=not args.no_analysis,
-              patterns=args.patterns)
+    run_study(
+        Path(args.out),
+        from_args(args),
+        c.names(args.methods),
+        seeds,
+        args.sparsities,
+        args.scope,
+        args.bnt_batches,
+        args.bnt_batch_size,
+        progress=not args.quiet,
+        analysis=not args.no_analysis,
+        patterns=args.patterns,
+    )
     return 0
-

@@ -1,4 +1,5 @@
 """``varprune train``: train one run into a run folder, or continue one (``--resume``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,14 +11,26 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train one run", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a model with or without VAR into a run folder.", epilog=epilog)
+    p = sub.add_parser(
+        "train",
+        help="train one run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model with or without VAR into a run folder.",
+        epilog=epilog,
+    )
     p.add_argument("--out", help="run folder to create")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete epoch (--device and "
-                                                   "--data-dir may be given: they describe the machine)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (and the prune results made from its weights); the old run is "
-                        "kept until the new one has written its first checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN from its last complete epoch (--device and "
+        "--data-dir may be given: they describe the machine)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (and the prune results made from its weights); the old run is "
+        "kept until the new one has written its first checkpoint",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_flags(p)
     p.set_defaults(func=run)
@@ -27,13 +40,16 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.config import flag_of, from_args, given_fields, load_run_config
     from varprune.engine.loop import train
+
     if args.resume:
         given = given_fields(args)
-        machine = {k: given.pop(k) for k in ("device", "data_dir") if k in given}   # where, not what
+        machine = {k: given.pop(k) for k in ("device", "data_dir") if k in given}  # where, not what
         flags = [flag_of(k) for k in given] + ["--out"] * bool(args.out) + ["--overwrite"] * bool(args.overwrite)
         if flags:
-            raise UsageError(f"--resume takes its configuration from RUN/config.json; drop {', '.join(flags)} "
-                             f"(only --device and --data-dir may change)")
+            raise UsageError(
+                f"--resume takes its configuration from RUN/config.json; drop {', '.join(flags)} "
+                f"(only --device and --data-dir may change)"
+            )
         run = Path(args.resume)
         cfg = load_run_config(run)
         for key, value in machine.items():
@@ -45,4 +61,3 @@ def run(args) -> int:
     train(from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
     c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0
-

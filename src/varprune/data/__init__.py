@@ -9,13 +9,40 @@
 
 Data knows nothing of models, tasks or training.
 """
+
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images
 from varprune.data.loader import VALIDATION_SEED, DeviceLoader, share, subset, validation_indices
-from varprune.data.registry import (DATASETS, FOLDER_SETS, dataset_info, default_data_dir, list_datasets,
-                                    load_dataset, locate_dataset)
+from varprune.data.registry import (
+    DATASETS,
+    FOLDER_SETS,
+    dataset_info,
+    default_data_dir,
+    list_datasets,
+    load_dataset,
+    locate_dataset,
+)
 from varprune.data.vision import DEBIAN_FASHION_MNIST, parse_cifar_batch, parse_idx, read_idx
 
-__all__ = ["DATASETS", "DEBIAN_FASHION_MNIST", "FOLDER_SETS", "VALIDATION_SEED", "DatasetError", "DatasetInfo",
-           "DatasetLocation", "DeviceLoader", "ImageData", "dataset_info", "default_data_dir", "list_datasets",
-           "load_dataset", "locate_dataset", "parse_cifar_batch", "parse_idx", "read_idx", "resize_images", "share",
-           "subset", "validation_indices"]
+__all__ = [
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST",
+    "FOLDER_SETS",
+    "VALIDATION_SEED",
+    "DatasetError",
+    "DatasetInfo",
+    "DatasetLocation",
+    "DeviceLoader",
+    "ImageData",
+    "dataset_info",
+    "default_data_dir",
+    "list_datasets",
+    "load_dataset",
+    "locate_dataset",
+    "parse_cifar_batch",
+    "parse_idx",
+    "read_idx",
+    "resize_images",
+    "share",
+    "subset",
+    "validation_indices",
+]

@@ -4,6 +4,7 @@ A data family (vision.py: torchvision layouts; folders.py: image folders; segmen
 reads its files into :class:`ImageData` (or its own splits) and describes the set with a
 :class:`DatasetInfo`; registry.py maps names to families. Nothing here reads a file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from varprune.errors import DatasetError
 
-__all__ = ["DatasetError", "DatasetInfo", "ImageData", "DatasetLocation", "resize_images"]
+__all__ = ["DatasetError", "DatasetInfo", "DatasetLocation", "ImageData", "resize_images"]
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,17 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    crop_pad: int          # random-crop padding used for training
-    flip: bool             # horizontal flips (wrong for digits)
-    layout: str            # how the files sit on disk, for error messages
-    task: str = "classification"        # which tasks.Task reads it
-    class_names: tuple[str, ...] = ()   # filled in by readers that know them
-
+    crop_pad: int  # random-crop padding used for training
+    flip: bool  # horizontal flips (wrong for digits)
+    layout: str  # how the files sit on disk, for error messages
+    task: str = "classification"  # which tasks.Task reads it
+    class_names: tuple[str, ...] = ()  # filled in by readers that know them
 
 
 @dataclass
 class ImageData:
     """Whole splits as uint8 NCHW images and int64 labels, on the CPU."""
+
     info: DatasetInfo
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -44,15 +45,15 @@ class ImageData:
     source: str
 
 
-
 @dataclass
 class DatasetLocation:
     """Where a dataset's files are, without reading them (``varprune doctor``, validation)."""
+
     name: str
     root: Path
     found: list[Path]
     missing: list[str]
-    message: str | None = None      # what to tell the user when something is missing
+    message: str | None = None  # what to tell the user when something is missing
 
     @property
     def complete(self) -> bool:
@@ -72,9 +73,8 @@ def resize_images(x: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> 
         return x
     out = torch.empty((x.shape[0], x.shape[1], *size), dtype=torch.uint8)
     for i in range(0, x.shape[0], chunk):
-        part = x[i:i + chunk].float()
+        part = x[i : i + chunk].float()
         if tuple(part.shape[-2:]) != size:
             part = F.interpolate(part, size=size, mode="bilinear", align_corners=False, antialias=True)
-        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+        out[i : i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
-

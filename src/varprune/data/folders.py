@@ -45,6 +45,7 @@ Too big for the device
     DataLoader workers and crops/flips/normalises on the host, with the
     iteration interface of DeviceLoader.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,10 +55,10 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -76,6 +77,7 @@ _CHUNK = 64  # images per decoding task
 @dataclass
 class FolderImageData(ImageData):
     """ImageData plus class folder names (``classes``) and readable ``class_names``."""
+
     classes: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     from_cache: bool = False
@@ -84,6 +86,7 @@ class FolderImageData(ImageData):
 @dataclass
 class FileList:
     """What a reader found on disk, before decoding: paths and labels of both splits."""
+
     reader: str
     root: Path
     train_files: list[Path]
@@ -102,9 +105,18 @@ class FileList:
     def cache_key(self, image_size: int) -> str:
         """SHA-256 over reader, root, every file's (relative path, size, mtime) and the settings."""
         h = hashlib.sha256()
-        h.update(json.dumps({"format": FORMAT_VERSION, "reader": self.reader, "root": str(self.root.resolve()),
-                             "image_size": int(image_size), "classes": self.classes,
-                             "test_split": self.test_split}).encode())
+        h.update(
+            json.dumps(
+                {
+                    "format": FORMAT_VERSION,
+                    "reader": self.reader,
+                    "root": str(self.root.resolve()),
+                    "image_size": int(image_size),
+                    "classes": self.classes,
+                    "test_split": self.test_split,
+                }
+            ).encode()
+        )
         for tag, files in (("inputs", self.inputs), ("train", self.train_files), ("test", self.test_files)):
             h.update(f"\0{tag}\0".encode())
             for path in files:
@@ -119,6 +131,7 @@ class FileList:
 
 
 # ----------------------------------------------------------------- listing
+
 
 def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
@@ -171,8 +184,10 @@ def scan_imagefolder(root: str | os.PathLike) -> FileList:
         for c in names:
             found = _image_files(split_dir / c)
             if not found:
-                raise DatasetError(f"class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                   f"add images or remove the folder")
+                raise DatasetError(
+                    f"class folder {split_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    f"add images or remove the folder"
+                )
             files += found
             labels += [index[c]] * len(found)
         splits[split_dir.name] = (files, labels)
@@ -232,18 +247,33 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
         raise DatasetError(f"no images in {root / 'val' / 'images'}: expected {TINY_LAYOUT}")
     unlabelled = [p.name for p in val_files if p.name not in labelled]
     if unlabelled:
-        raise DatasetError(f"{root / 'val' / 'images' / unlabelled[0]} has no line in {ann} "
-                           f"({len(unlabelled)} such files); re-fetch the dataset")
+        raise DatasetError(
+            f"{root / 'val' / 'images' / unlabelled[0]} has no line in {ann} "
+            f"({len(unlabelled)} such files); re-fetch the dataset"
+        )
     absent = sorted(set(labelled) - {p.name for p in val_files})
     if absent:
-        raise DatasetError(f"{ann} lists {absent[0]}, which is not in {root / 'val' / 'images'} "
-                           f"({len(absent)} missing); re-fetch the dataset")
+        raise DatasetError(
+            f"{ann} lists {absent[0]}, which is not in {root / 'val' / 'images'} "
+            f"({len(absent)} missing); re-fetch the dataset"
+        )
     inputs = [root / "wnids.txt", ann] + ([root / "words.txt"] if (root / "words.txt").is_file() else [])
-    return FileList("tiny-imagenet", root, train_files, train_labels, val_files,
-                    [labelled[p.name] for p in val_files], wnids, [names[w] for w in wnids], "val", inputs)
+    return FileList(
+        "tiny-imagenet",
+        root,
+        train_files,
+        train_labels,
+        val_files,
+        [labelled[p.name] for p in val_files],
+        wnids,
+        [names[w] for w in wnids],
+        "val",
+        inputs,
+    )
 
 
 # ----------------------------------------------------------------- decoding
+
 
 def _short(e: BaseException) -> str:
     text = str(e).strip()
@@ -257,6 +287,7 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = No
     the rest into RGB. Shorter side resized to ``image_size``, centre crop.
     """
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             gray = im.mode in GRAY_MODES
@@ -280,6 +311,7 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = No
 
 def _progress(total: int, desc: str):
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
 
 
@@ -288,14 +320,16 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def decode_files(files: Sequence[Path], image_size: int, workers: int | None = None,
-                 desc: str = "decoding") -> tuple[np.ndarray, np.ndarray]:
+def decode_files(
+    files: Sequence[Path], image_size: int, workers: int | None = None, desc: str = "decoding"
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``files`` in threads: ``(uint8 (N, 3, S, S), bool (N,) was_grey)``; grey images fill all 3 planes."""
     n = len(files)
     out = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
     gray = np.zeros(n, dtype=bool)
     lock = threading.Lock()
     with _progress(n, desc) as bar:
+
         def work(start: int) -> None:
             for i in range(start, min(start + _CHUNK, n)):
                 a, g = decode_image(files[i], image_size)
@@ -303,6 +337,7 @@ def decode_files(files: Sequence[Path], image_size: int, workers: int | None = N
                 gray[i] = g
             with lock:
                 bar.update(min(_CHUNK, n - start))
+
         workers = workers or default_workers()
         if workers <= 1:
             for start in range(0, n, _CHUNK):
@@ -319,7 +354,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     s1 = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     for start in range(0, len(x), 1024):
-        chunk = x[start:start + 1024].double().div_(255.0)
+        chunk = x[start : start + 1024].double().div_(255.0)
         s1 += chunk.sum((0, 2, 3))
         s2 += chunk.square().sum((0, 2, 3))
     count = max(1, x.shape[0] * x.shape[2] * x.shape[3])
@@ -330,11 +365,21 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
 def _info(listing: FileList, channels: int, image_size: int, mean, std) -> DatasetInfo:
     layout = TINY_LAYOUT if listing.reader == "tiny-imagenet" else IMAGEFOLDER_LAYOUT
-    return DatasetInfo(listing.reader, channels, image_size, len(listing.classes), tuple(mean), tuple(std),
-                       max(1, image_size // 8), True, layout)
+    return DatasetInfo(
+        listing.reader,
+        channels,
+        image_size,
+        len(listing.classes),
+        tuple(mean),
+        tuple(std),
+        max(1, image_size // 8),
+        True,
+        layout,
+    )
 
 
 # ----------------------------------------------------------------- cache
+
 
 def default_cache_dir() -> Path:
     """``$VARPRUNE_CACHE``, else ``$XDG_CACHE_HOME/varprune``, else ``~/.cache/varprune``."""
@@ -351,6 +396,7 @@ def _cache_path(cache, listing: FileList, key: str) -> Path:
 
 def _read_cache(path: Path, listing: FileList, image_size: int, key: str) -> FolderImageData | None:
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -361,39 +407,60 @@ def _read_cache(path: Path, listing: FileList, image_size: int, key: str) -> Fol
     except (OSError, SafetensorError, KeyError, ValueError, RuntimeError):
         return None  # absent, torn or foreign: decode again and overwrite
     tx, ty, vx, vy = (tensors[k] for k in ("train_x", "train_y", "test_x", "test_y"))
-    if (tx.dtype != torch.uint8 or vx.dtype != torch.uint8 or len(tx) != len(listing.train_files)
-            or len(vx) != len(listing.test_files) or tx.shape[2:] != (image_size, image_size)):
+    if (
+        tx.dtype != torch.uint8
+        or vx.dtype != torch.uint8
+        or len(tx) != len(listing.train_files)
+        or len(vx) != len(listing.test_files)
+        or tx.shape[2:] != (image_size, image_size)
+    ):
         return None
     info = _info(listing, tx.shape[1], image_size, mean, std)
-    return FolderImageData(info, tx, ty, vx, vy, str(listing.root), list(listing.classes),
-                           list(listing.class_names), True)
+    return FolderImageData(
+        info, tx, ty, vx, vy, str(listing.root), list(listing.classes), list(listing.class_names), True
+    )
 
 
 def _write_cache(path: Path, data: FolderImageData, key: str) -> None:
     from safetensors.torch import save as st_save
 
     from varprune.storage.checkpoint import atomic_write_bytes
-    meta = {"format": CACHE_FORMAT, "key": key, "root": data.source, "mean": json.dumps(data.info.mean),
-            "std": json.dumps(data.info.std), "classes": json.dumps(data.classes)}
+
+    meta = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "root": data.source,
+        "mean": json.dumps(data.info.mean),
+        "std": json.dumps(data.info.std),
+        "classes": json.dumps(data.classes),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"train_x": data.train_x.contiguous(), "train_y": data.train_y.contiguous(),
-                   "test_x": data.test_x.contiguous(), "test_y": data.test_y.contiguous()}
+        tensors = {
+            "train_x": data.train_x.contiguous(),
+            "train_y": data.train_y.contiguous(),
+            "test_x": data.test_x.contiguous(),
+            "test_y": data.test_y.contiguous(),
+        }
         atomic_write_bytes(path, st_save(tensors, metadata=meta))
     except OSError as e:
-        warnings.warn(f"could not cache decoded images in {path.parent} ({e.strerror or e}); "
-                      f"set VARPRUNE_CACHE to a writable folder to avoid decoding again", stacklevel=3)
+        warnings.warn(
+            f"could not cache decoded images in {path.parent} ({e.strerror or e}); "
+            f"set VARPRUNE_CACHE to a writable folder to avoid decoding again",
+            stacklevel=3,
+        )
 
 
-def read_listing(listing: FileList, image_size: int, cache: bool | str | os.PathLike = True,
-                 workers: int | None = None) -> FolderImageData:
+def read_listing(
+    listing: FileList, image_size: int, cache: bool | str | os.PathLike = True, workers: int | None = None
+) -> FolderImageData:
     """Decode a :class:`FileList` (or read it back from the cache). ``cache``: True (default
     folder), False (no cache) or a folder."""
     image_size = int(image_size)
     if image_size < 1:
         raise DatasetError(f"image size must be >= 1, got {image_size}")
     use_cache = cache is not False and cache is not None
-    key = listing.cache_key(image_size) if use_cache else ""   # one stat() of every file
+    key = listing.cache_key(image_size) if use_cache else ""  # one stat() of every file
     path = _cache_path(cache, listing, key) if use_cache else None
     if path is not None and path.is_file():
         hit = _read_cache(path, listing, image_size, key)
@@ -406,17 +473,25 @@ def read_listing(listing: FileList, image_size: int, cache: bool | str | os.Path
     n = len(listing.train_files)
     tx, vx = torch.from_numpy(x[:n]), torch.from_numpy(x[n:])
     mean, std = channel_stats(tx)
-    data = FolderImageData(_info(listing, x.shape[1], image_size, mean, std), tx,
-                           torch.tensor(listing.train_labels, dtype=torch.int64), vx,
-                           torch.tensor(listing.test_labels, dtype=torch.int64), str(listing.root),
-                           list(listing.classes), list(listing.class_names), False)
+    data = FolderImageData(
+        _info(listing, x.shape[1], image_size, mean, std),
+        tx,
+        torch.tensor(listing.train_labels, dtype=torch.int64),
+        vx,
+        torch.tensor(listing.test_labels, dtype=torch.int64),
+        str(listing.root),
+        list(listing.classes),
+        list(listing.class_names),
+        False,
+    )
     if path is not None:
         _write_cache(path, data, key)
     return data
 
 
-def read_imagefolder(root: str | os.PathLike, image_size: int = 32, cache: bool | str | os.PathLike = True,
-                     workers: int | None = None) -> FolderImageData:
+def read_imagefolder(
+    root: str | os.PathLike, image_size: int = 32, cache: bool | str | os.PathLike = True, workers: int | None = None
+) -> FolderImageData:
     """Read DIR/train/<class>/* and DIR/val/<class>/* (or test/) as uint8 ``image_size`` px squares.
 
     See the module docstring for colour, resizing, errors and the cache.
@@ -424,8 +499,9 @@ def read_imagefolder(root: str | os.PathLike, image_size: int = 32, cache: bool 
     return read_listing(scan_imagefolder(root), image_size, cache, workers)
 
 
-def read_tiny_imagenet(root: str | os.PathLike, cache: bool | str | os.PathLike = True,
-                       workers: int | None = None, image_size: int = 64) -> FolderImageData:
+def read_tiny_imagenet(
+    root: str | os.PathLike, cache: bool | str | os.PathLike = True, workers: int | None = None, image_size: int = 64
+) -> FolderImageData:
     """Read Tiny ImageNet (200 classes, 64 px unless ``image_size``; the class count comes from wnids.txt).
 
     ``root`` is the folder holding wnids.txt, or its parent holding
@@ -438,9 +514,11 @@ def read_tiny_imagenet(root: str | os.PathLike, cache: bool | str | os.PathLike 
 
 # ----------------------------------------------------------------- cheap checks
 
+
 @dataclass
 class FolderLocation(DatasetLocation):
     """DatasetLocation for the folder readers, with what the listing found; ``message`` holds the scanner's error."""
+
     num_classes: int = 0
     num_images: int = 0
 
@@ -451,8 +529,15 @@ def _locate(name: str, root, scan) -> FolderLocation:
         listing = scan(root)
     except DatasetError as e:
         return FolderLocation(name, root, [], [str(e)], str(e))
-    return FolderLocation(name, listing.root, [listing.root / "train", listing.root / listing.test_split], [], None,
-                          len(listing.classes), listing.num_images)
+    return FolderLocation(
+        name,
+        listing.root,
+        [listing.root / "train", listing.root / listing.test_split],
+        [],
+        None,
+        len(listing.classes),
+        listing.num_images,
+    )
 
 
 def locate_imagefolder(root: str | os.PathLike) -> FolderLocation:
@@ -467,7 +552,7 @@ def locate_tiny_imagenet(root: str | os.PathLike) -> FolderLocation:
 
 # ----------------------------------------------------------------- the family's registry lines
 
-DATASETS = {   # shape and classes are read from the folder
+DATASETS = {  # shape and classes are read from the folder
     "imagefolder": DatasetInfo("imagefolder", 0, 0, 0, (), (), 4, True, IMAGEFOLDER_LAYOUT),
     "tiny-imagenet": DatasetInfo("tiny-imagenet", 3, 64, 200, (), (), 8, True, TINY_LAYOUT),
 }
@@ -487,8 +572,14 @@ def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
     return _locate(name, root, scan_imagefolder if name == "imagefolder" else scan_tiny_imagenet)
 
 
-def load(name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True,
-         listing: FileList | None = None) -> ImageData:
+def load(
+    name: str,
+    root: Path,
+    download: bool = False,
+    image_size: int | None = None,
+    need_test: bool = True,
+    listing: FileList | None = None,
+) -> ImageData:
     """The decoded folder (from the cache when it is there); ``listing``: a scan already made."""
     data = read_listing(listing or scan(name, root), image_size or DEFAULT_SIZE[name])
     info = dataclasses.replace(data.info, class_names=tuple(data.class_names))

@@ -5,6 +5,7 @@ Every set that fits is held whole on the accelerator as uint8 (CIFAR-10 train:
 flips and normalises whole batches there: no worker processes, no
 host-to-device copies and no host synchronisation per step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,6 +41,7 @@ def validation_indices(n: int, fraction: float) -> tuple[torch.Tensor, torch.Ten
 
 # ------------------------------------------------------------ device loader
 
+
 class DeviceLoader:
     """Batches from uint8 tensors held on ``device``; augmentation on the device.
 
@@ -63,9 +65,21 @@ class DeviceLoader:
     Evaluation loaders iterate over the process's contiguous share of the set.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch_size: int,
-                 train: bool, device="cpu", seed: int = 0, augment=None,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        info: DatasetInfo,
+        batch_size: int,
+        train: bool,
+        device="cpu",
+        seed: int = 0,
+        augment=None,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.rank, self.world = int(rank), int(world)
         self.device = torch.device(device)
         self.images = images.to(self.device)
@@ -119,7 +133,7 @@ class DeviceLoader:
                 end = min(start + self.batch_size, stop)
                 x, y = self.images[start:end], self.labels[start:end]
             else:
-                idx = order[start:start + self.batch_size]      # the global batch
+                idx = order[start : start + self.batch_size]  # the global batch
                 lo, hi = share(len(idx), self.rank, self.world)
                 if self.augment is None:
                     x, y = self.images[idx[lo:hi]], self.labels[idx[lo:hi]]

@@ -4,6 +4,7 @@ A family is a module with ``DATASETS`` (its registry lines: name -> :class:`Data
 need_test)``, ``load(name, root, download, image_size, need_test)`` and ``default_dir(name)``. Adding a dataset
 is one reader in its family and one line in that family's ``DATASETS``.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None, need_te
     return family_of(name).locate(name, _root(name, data_dir), need_test)
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 image_size: int | None = None, need_test: bool = True) -> ImageData:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    need_test: bool = True,
+) -> ImageData:
     """Load a whole dataset as uint8 tensors on the CPU.
 
     Without ``data_dir``, the offline defaults are read from their Debian packages (Fashion-MNIST from
@@ -57,5 +63,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     ``./data``. ``need_test=False`` reads the training files only where a layout allows it (MNIST/CIFAR/SVHN);
     ``image_size`` resizes every image once.
     """
-    return family_of(name).load(name, _root(name, data_dir), download=download, image_size=image_size,
-                                need_test=need_test)
+    return family_of(name).load(
+        name, _root(name, data_dir), download=download, image_size=image_size, need_test=need_test
+    )

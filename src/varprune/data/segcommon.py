@@ -15,6 +15,7 @@ folders):
   one line naming the file, the problem and the fix. Nothing is downloaded and
   nothing is written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,15 +36,16 @@ class SegSplits:
     ``cases`` (volume or image names); the slice index is the position along
     the slicing axis (0 for 2D images).
     """
-    train_x: torch.Tensor          # uint8 (N, C, H, W)
-    train_y: torch.Tensor          # int64 (N, H, W), 0 = background
+
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N, H, W), 0 = background
     test_x: torch.Tensor
     test_y: torch.Tensor
     channels: int
-    size: tuple[int, int]          # (H, W)
-    num_classes: int               # including background
+    size: tuple[int, int]  # (H, W)
+    num_classes: int  # including background
     class_names: tuple[str, ...]
-    mean: tuple[float, ...]        # per channel, of train_x / 255
+    mean: tuple[float, ...]  # per channel, of train_x / 255
     std: tuple[float, ...]
     source: str
     train_origin: torch.Tensor | None = None
@@ -52,6 +54,7 @@ class SegSplits:
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def _reason(e: BaseException) -> str:
     text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -78,8 +81,10 @@ def split_cases(n: int, test_fraction: float, seed: int, what: str) -> tuple[lis
     if not 0.0 < float(test_fraction) < 1.0:
         raise DatasetError(f"test_fraction {test_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
     if n < 2:
-        raise DatasetError(f"{what} holds {n} case(s), too few to split into train and test; "
-                           f"add cases or provide train/ and test/ folders")
+        raise DatasetError(
+            f"{what} holds {n} case(s), too few to split into train and test; "
+            f"add cases or provide train/ and test/ folders"
+        )
     n_test = min(n - 1, max(1, round(n * float(test_fraction))))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
     return sorted(order[n_test:]), sorted(order[:n_test])
@@ -110,12 +115,16 @@ def _resize_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _finish(train, test, channels, size, class_names, source, cases) -> SegSplits:
     """Stack per-case slices into the splits and compute the training mean/std."""
+
     def stack(parts):
         if not parts:
-            return (torch.zeros((0, channels, *size), dtype=torch.uint8), torch.zeros((0, *size), dtype=torch.int64),
-                    torch.zeros((0, 2), dtype=torch.int64))
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                torch.cat([p[2] for p in parts]))
+            return (
+                torch.zeros((0, channels, *size), dtype=torch.uint8),
+                torch.zeros((0, *size), dtype=torch.int64),
+                torch.zeros((0, 2), dtype=torch.int64),
+            )
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+
     tx, ty, to = stack(train)
     vx, vy, vo = stack(test)
     if len(tx) == 0 or len(vx) == 0:
@@ -124,8 +133,9 @@ def _finish(train, test, channels, size, class_names, source, cases) -> SegSplit
     xs = tx.to(torch.float64).div_(255.0)
     mean = tuple(float(v) for v in xs.mean(dim=(0, 2, 3)))
     std = tuple(max(float(v), 1e-6) for v in xs.std(dim=(0, 2, 3), correction=0))
-    return SegSplits(tx, ty, vx, vy, channels, size, len(class_names), tuple(class_names), mean, std, source,
-                     to, vo, tuple(cases))
+    return SegSplits(
+        tx, ty, vx, vy, channels, size, len(class_names), tuple(class_names), mean, std, source, to, vo, tuple(cases)
+    )
 
 
 # -------------------------------------------------------------------- NIfTI

@@ -1,26 +1,35 @@
 """2D segmentation from image/mask folders (Kvasir-SEG, ISIC): ``images/`` and ``masks/``, optionally under
 ``train/`` and ``test/``, read with PIL; masks matched to images by stem.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from varprune.data.base import DatasetError, resize_images
-from varprune.data.segcommon import (SegSplits, _check_size, _finish, _reason, _resize_labels, normalise_intensity,
-                                     split_cases)
+from varprune.data.segcommon import (
+    SegSplits,
+    _check_size,
+    _finish,
+    _reason,
+    _resize_labels,
+    normalise_intensity,
+    split_cases,
+)
 
 _IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_MASK_SUFFIXES = ("_segmentation", "_mask")   # ISIC: <stem>_segmentation.png
-_LABEL_LIMIT = 64                             # label-valued masks: values below this
+_MASK_SUFFIXES = ("_segmentation", "_mask")  # ISIC: <stem>_segmentation.png
+_LABEL_LIMIT = 64  # label-valued masks: values below this
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in _IMAGE_ENDINGS and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_ENDINGS and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _pair_folder(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
@@ -52,13 +61,16 @@ def _pair_folder(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
         mask_of[stem] = m
     for stem, image in by_stem.items():
         if stem not in mask_of:
-            raise DatasetError(f"image {image} has no mask in {masks} (expected {stem}.png or "
-                               f"{stem}_segmentation.png); add it or remove the image")
+            raise DatasetError(
+                f"image {image} has no mask in {masks} (expected {stem}.png or "
+                f"{stem}_segmentation.png); add it or remove the image"
+            )
     return [(stem, by_stem[stem], mask_of[stem]) for stem in sorted(by_stem)]
 
 
 def _open_pil(path: Path, what: str):
     from PIL import Image, UnidentifiedImageError
+
     try:
         img = Image.open(path)
         img.load()
@@ -96,14 +108,17 @@ def _read_mask(path: Path) -> tuple[np.ndarray, str]:
         if a.shape[2] in (2, 4):
             a = a[..., :-1]  # drop alpha
         if a.shape[2] == 3 and not ((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()):
-            raise DatasetError(f"mask {path} is a colour image; save masks as grayscale or palette PNGs "
-                               f"holding class indices (or 0/255)")
+            raise DatasetError(
+                f"mask {path} is a colour image; save masks as grayscale or palette PNGs "
+                f"holding class indices (or 0/255)"
+            )
         a = a[..., 0]
     return a.astype(np.int64), "gray"
 
 
-def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int = 0,
-                    class_names: Sequence[str] | None = None) -> SegSplits:
+def read_seg_folder(
+    root, size=(128, 128), test_fraction: float = 0.2, seed: int = 0, class_names: Sequence[str] | None = None
+) -> SegSplits:
     """Read a 2D image/mask folder (Kvasir-SEG, ISIC, ...).
 
     Layout: ``root/images/`` and ``root/masks/``, or ``root/train/`` and
@@ -133,14 +148,18 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder; point at a folder with images/ and masks/")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        groups = {"train": _pair_folder(root / "train" / "images", root / "train" / "masks"),
-                  "test": _pair_folder(root / "test" / "images", root / "test" / "masks")}
+        groups = {
+            "train": _pair_folder(root / "train" / "images", root / "train" / "masks"),
+            "test": _pair_folder(root / "test" / "images", root / "test" / "masks"),
+        }
         cases = groups["train"] + groups["test"]
         test_set = set(range(len(groups["train"]), len(cases)))
     else:
         if not (root / "images").is_dir():
-            raise DatasetError(f"{root} has neither images/ + masks/ nor train/ + test/; "
-                               f"arrange the files as images/<stem>.png and masks/<stem>.png")
+            raise DatasetError(
+                f"{root} has neither images/ + masks/ nor train/ + test/; "
+                f"arrange the files as images/<stem>.png and masks/<stem>.png"
+            )
         cases = _pair_folder(root / "images", root / "masks")
         _, test_ids = split_cases(len(cases), test_fraction, seed, f"{root} (image/mask folder)")
         test_set = set(test_ids)
@@ -150,8 +169,10 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
         image = _read_image(image_path)
         mask, kind = _read_mask(mask_path)
         if mask.shape != image.shape[:2]:
-            raise DatasetError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
-                               f"{image.shape[1]}x{image.shape[0]} (width x height); they must be the same size")
+            raise DatasetError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image {image_path} "
+                f"{image.shape[1]}x{image.shape[0]} (width x height); they must be the same size"
+            )
         values.append(np.unique(mask))
         images.append(resize_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], size))
         masks.append(_resize_labels(torch.from_numpy(mask)[None], size))
@@ -166,8 +187,10 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
         for i in gray:
             bad = [int(v) for v in values[i] if (v not in (0, 255) if some_binary else v >= _LABEL_LIMIT)]
             if bad:
-                raise DatasetError(f"mask {cases[i][2]} holds values {bad[:4]}: masks must be binary 0/255 or "
-                                   f"class indices below {_LABEL_LIMIT} across the whole set; re-export the masks")
+                raise DatasetError(
+                    f"mask {cases[i][2]} holds values {bad[:4]}: masks must be binary 0/255 or "
+                    f"class indices below {_LABEL_LIMIT} across the whole set; re-export the masks"
+                )
     for i in gray:
         if binary:
             masks[i] = (masks[i] == 255).to(torch.int64)
@@ -179,8 +202,10 @@ def read_seg_folder(root, size=(128, 128), test_fraction: float = 0.2, seed: int
             raise DatasetError(f"class_names {names} must name background and at least one class")
         for i, v in enumerate(values):
             if v.max(initial=0) >= len(names):
-                raise DatasetError(f"mask {cases[i][2]} holds label {int(v.max())} outside the {len(names)} "
-                                   f"declared classes; pass more class_names or fix the mask")
+                raise DatasetError(
+                    f"mask {cases[i][2]} holds label {int(v.max())} outside the {len(names)} "
+                    f"declared classes; pass more class_names or fix the mask"
+                )
     elif largest <= 1:
         names = ("background", "foreground")
     else:

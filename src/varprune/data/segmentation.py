@@ -5,6 +5,7 @@ Readers live in volumes.py (NIfTI) and segfolder.py (PNG/JPEG folders) and retur
 set is complete (:func:`locate_segdata`, listing files, reading nothing big) and turns the splits into the
 :class:`~varprune.data.base.ImageData` every task reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,14 @@ from varprune.data.volumes import _NIFTI, DEBIAN_MRICRON, read_colin27, read_msd
 SEG_DATASETS = ("msd", "seg-folder", "colin27")
 # shape and classes are read from the data: these are placeholders that load() fills in. Crops shift image and
 # mask together (tasks.augment.crop_flip).
-DATASETS = {name: DatasetInfo(name, 0, 0, 0, (), (), 4 if name == "colin27" else 8, True, layout,
-                              task="segmentation")
-            for name, layout in (
-                ("msd", "DIR/dataset.json, DIR/imagesTr/*.nii.gz, DIR/labelsTr/*.nii.gz (MSD / nnU-Net)"),
-                ("seg-folder", "DIR/images/*.png|jpg and DIR/masks/*.png (or DIR/train/... and DIR/test/...)"),
-                ("colin27", "ch2.nii.gz, aal.nii.gz, aal.nii.txt (Debian package mricron-data)"))}
+DATASETS = {
+    name: DatasetInfo(name, 0, 0, 0, (), (), 4 if name == "colin27" else 8, True, layout, task="segmentation")
+    for name, layout in (
+        ("msd", "DIR/dataset.json, DIR/imagesTr/*.nii.gz, DIR/labelsTr/*.nii.gz (MSD / nnU-Net)"),
+        ("seg-folder", "DIR/images/*.png|jpg and DIR/masks/*.png (or DIR/train/... and DIR/test/...)"),
+        ("colin27", "ch2.nii.gz, aal.nii.gz, aal.nii.txt (Debian package mricron-data)"),
+    )
+}
 
 
 def default_dir(name: str) -> str:
@@ -62,8 +65,10 @@ def locate_segdata(name: str, root=None) -> tuple[bool, str]:
     if name == "colin27":
         missing = [f for f in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt") if not (root / f).is_file()]
         if missing:
-            return False, (f"colin27: {', '.join(missing)} missing in {root}; "
-                           f"install Debian's mricron-data (apt-get install mricron-data)")
+            return False, (
+                f"colin27: {', '.join(missing)} missing in {root}; "
+                f"install Debian's mricron-data (apt-get install mricron-data)"
+            )
         return True, f"colin27: ch2.nii.gz, aal.nii.gz and aal.nii.txt in {root}"
     if name == "msd":
         if not (root / "dataset.json").is_file():
@@ -76,8 +81,10 @@ def locate_segdata(name: str, root=None) -> tuple[bool, str]:
     for base in bases:
         for sub in ("images", "masks"):
             if not _has_files(base / sub, _IMAGE_ENDINGS):
-                return False, (f"seg-folder: {base / sub} missing or without images; arrange the data as "
-                               f"images/<stem>.png + masks/<stem>.png (optionally under train/ and test/)")
+                return False, (
+                    f"seg-folder: {base / sub} missing or without images; arrange the data as "
+                    f"images/<stem>.png + masks/<stem>.png (optionally under train/ and test/)"
+                )
     return True, f"seg-folder: images/ and masks/ in {', '.join(str(b) for b in bases)}"
 
 
@@ -98,18 +105,26 @@ def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
     return DatasetLocation(name, root, [root] if complete else [], [] if complete else [message], None)
 
 
-def load(name: str, root: Path, download: bool = False, image_size: int | None = None,
-         need_test: bool = True) -> ImageData:
+def load(
+    name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True
+) -> ImageData:
     """A segmentation set as ImageData: images uint8 (N, C, H, W), label maps int64 (N, H, W)."""
     info = DATASETS[name]
     if not root.exists():
-        raise DatasetError(f"{info.name} not found: {root} does not exist (expected {info.layout}); "
-                           f"point --data-dir at it")
+        raise DatasetError(
+            f"{info.name} not found: {root} does not exist (expected {info.layout}); point --data-dir at it"
+        )
     seg = load_segdata(info.name, root, **({"size": (image_size, image_size)} if image_size else {}))
     h, w = seg.size
     if h != w:
         raise DatasetError(f"{info.name} slices are {h}x{w}; varprune's models take square inputs")
-    resolved = dataclasses.replace(info, channels=seg.channels, size=h, num_classes=seg.num_classes,
-                                   mean=tuple(seg.mean), std=tuple(max(s, 1e-3) for s in seg.std),
-                                   class_names=tuple(seg.class_names))
+    resolved = dataclasses.replace(
+        info,
+        channels=seg.channels,
+        size=h,
+        num_classes=seg.num_classes,
+        mean=tuple(seg.mean),
+        std=tuple(max(s, 1e-3) for s in seg.std),
+        class_names=tuple(seg.class_names),
+    )
     return ImageData(resolved, seg.train_x, seg.train_y, seg.test_x, seg.test_y, seg.source)

@@ -4,18 +4,27 @@
 decoded set does not fit, :class:`StreamingLoader` takes the place of
 :class:`varprune.data.loader.DeviceLoader` with the same iteration interface.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from varprune.data.base import DatasetError, DatasetInfo
-from varprune.data.folders import (GRAY_MODES, FileList, _info, _short, channel_stats, decode_files, decode_image,
-                                   default_workers)
+from varprune.data.folders import (
+    GRAY_MODES,
+    FileList,
+    _info,
+    _short,
+    channel_stats,
+    decode_files,
+    decode_image,
+    default_workers,
+)
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -47,9 +56,20 @@ class StreamingLoader:
     decode mode (1: L, 3: RGB).
     """
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], info: DatasetInfo, batch_size: int,
-                 train: bool, device="cpu", seed: int = 0, augment=None,
-                 num_workers: int | None = None, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int],
+        info: DatasetInfo,
+        batch_size: int,
+        train: bool,
+        device="cpu",
+        seed: int = 0,
+        augment=None,
+        num_workers: int | None = None,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         self.device = torch.device(device)
@@ -57,7 +77,7 @@ class StreamingLoader:
         self.info = info
         self.batch_size = int(batch_size)
         self.train = train
-        self.augment = augment if train else None   # a task's augment(x, y, generator), or None
+        self.augment = augment if train else None  # a task's augment(x, y, generator), or None
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self.channels_last = channels_last
         self.dtype = dtype
@@ -76,9 +96,13 @@ class StreamingLoader:
     def __iter__(self):
         n = len(self.dataset)
         order = torch.randperm(n, generator=self.generator).tolist() if self.train else list(range(n))
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=order,
-                                             num_workers=self.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for x, y in loader:
             if self.augment is not None:
                 x, y = self.augment(x, y, self.generator)
@@ -96,6 +120,7 @@ def streaming_info(listing: FileList, image_size: int, sample: int = 512, worker
     deterministic sample of up to ``sample`` training images.
     """
     from PIL import Image
+
     files = listing.train_files + listing.test_files
 
     def is_gray(path: Path) -> bool:

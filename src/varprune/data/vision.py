@@ -5,6 +5,7 @@ batch of the wrong layout raises :class:`DatasetError` with one clear line.
 CIFAR's pickles go through an allow-list unpickler. Nothing is downloaded
 unless ``download=True``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,24 +24,69 @@ from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, Image
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-DATASETS = {   # the family's registry lines
-    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 2, True,
-                                 "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/FashionMNIST/raw"),
-    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False,
-                         "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/MNIST/raw"),
-    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True,
-                           "DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}"),
-    "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True,
-                            "DIR/cifar-100-python/{train,test}"),
-    "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False,
-                        "DIR/train_32x32.mat and DIR/test_32x32.mat"),
+DATASETS = {  # the family's registry lines
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist",
+        1,
+        28,
+        10,
+        (0.2860,),
+        (0.3530,),
+        2,
+        True,
+        "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/FashionMNIST/raw",
+    ),
+    "mnist": DatasetInfo(
+        "mnist",
+        1,
+        28,
+        10,
+        (0.1307,),
+        (0.3081,),
+        2,
+        False,
+        "train-images-idx3-ubyte[.gz] etc. in DIR, DIR/raw or DIR/MNIST/raw",
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        3,
+        32,
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        4,
+        True,
+        "DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}",
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100",
+        3,
+        32,
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        4,
+        True,
+        "DIR/cifar-100-python/{train,test}",
+    ),
+    "svhn": DatasetInfo(
+        "svhn",
+        3,
+        32,
+        10,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        4,
+        False,
+        "DIR/train_32x32.mat and DIR/test_32x32.mat",
+    ),
 }
 
 _TORCHVISION_DIR = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
 
 def default_dir(name: str) -> str:
-    if name == "fashion-mnist":   # $VARPRUNE_FMNIST: a copy elsewhere (e.g. carried to a machine without it)
+    if name == "fashion-mnist":  # $VARPRUNE_FMNIST: a copy elsewhere (e.g. carried to a machine without it)
         return os.environ.get("VARPRUNE_FMNIST", DEBIAN_FASHION_MNIST)
     return os.environ.get("VARPRUNE_DATA", "data")
 
@@ -64,7 +110,7 @@ def parse_idx(raw: bytes, what: str = "IDX data") -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetError(f"{what} is truncated (short header); re-fetch the file")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(shape)
     if len(raw) != expected:
         raise DatasetError(f"{what} has {len(raw)} bytes, its header promises {expected}; re-fetch the file")
@@ -106,8 +152,13 @@ class _CifarUnpickler(pickle.Unpickler):
     """Loads CIFAR's python pickles without executing arbitrary code: only the
     numpy classes those files contain may be constructed."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -129,15 +180,19 @@ def parse_cifar_batch(raw: bytes, what: str, label_key: bytes) -> tuple[np.ndarr
     except (TypeError, ValueError, OverflowError, RecursionError, MemoryError):
         raise DatasetError(f"{what} holds data of the wrong type; re-fetch the file") from None
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
-        raise DatasetError(f"{what} has data {data.shape} and labels {labels.shape}, "
-                           f"expected (N, 3072) and (N,); re-fetch the file")
+        raise DatasetError(
+            f"{what} has data {data.shape} and labels {labels.shape}, expected (N, 3072) and (N,); re-fetch the file"
+        )
     return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar_layout(info: DatasetInfo) -> tuple[str, bytes, dict[str, list[str]]]:
     if info.name == "cifar10":
-        return "cifar-10-batches-py", b"labels", {"train": [f"data_batch_{i}" for i in range(1, 6)],
-                                                  "test": ["test_batch"]}
+        return (
+            "cifar-10-batches-py",
+            b"labels",
+            {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        )
     return "cifar-100-python", b"fine_labels", {"train": ["train"], "test": ["test"]}
 
 
@@ -171,6 +226,7 @@ def _load_svhn(info: DatasetInfo, root: Path, splits=("train", "test")):
             raise FileNotFoundError(path.name)
         try:
             from scipy.io import loadmat
+
             mat = loadmat(str(path))
             x = np.ascontiguousarray(np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
             y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # SVHN stores digit 0 as label 10
@@ -184,21 +240,27 @@ def _load_svhn(info: DatasetInfo, root: Path, splits=("train", "test")):
     return tuple(out)
 
 
-_READERS = {"fashion-mnist": _load_idx_dataset, "mnist": _load_idx_dataset,
-            "cifar10": _load_cifar, "cifar100": _load_cifar, "svhn": _load_svhn}
+_READERS = {
+    "fashion-mnist": _load_idx_dataset,
+    "mnist": _load_idx_dataset,
+    "cifar10": _load_cifar,
+    "cifar100": _load_cifar,
+    "svhn": _load_svhn,
+}
 
 
 def _download(info: DatasetInfo, root: Path) -> None:
     import torchvision.datasets as tvd
+
     if info.name == "svhn":
         for split in ("train", "test"):
             tvd.SVHN(str(root), split=split, download=True)
         return
-    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST,
-           "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[info.name]
+    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[
+        info.name
+    ]
     for train in (True, False):
         cls(str(root), train=train, download=True)
-
 
 
 def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
@@ -208,8 +270,12 @@ def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
     missing: list[str] = []
     try:
         if info.name in _TORCHVISION_DIR:
-            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")[:4 if need_test else 2]:
+            for stem in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )[: 4 if need_test else 2]:
                 path = _find_idx(root, info.name, stem)
                 (found.append(path) if path is not None else missing.append(stem))
         elif info.name in ("cifar10", "cifar100"):
@@ -218,7 +284,7 @@ def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
             for fname in splits["train"] + (splits["test"] if need_test else []):
                 (found.append(base / fname) if (base / fname).is_file() else missing.append(fname))
         else:
-            for split in ("train", "test")[:2 if need_test else 1]:
+            for split in ("train", "test")[: 2 if need_test else 1]:
                 path = root / f"{split}_32x32.mat"
                 (found.append(path) if path.is_file() else missing.append(path.name))
     except OSError as e:  # an unreadable folder: nothing found there
@@ -231,9 +297,10 @@ def _not_found(name: str, root: Path, missing: str) -> str:
     hint = "pass --download to fetch it"
     if name == "fashion-mnist":
         hint = "install it with `apt-get install dataset-fashion-mnist`, or " + hint
-    return (f"{name} not found in {root} (missing {missing}; expected {DATASETS[name].layout}): {hint}, "
-            f"or point --data-dir at it")
-
+    return (
+        f"{name} not found in {root} (missing {missing}; expected {DATASETS[name].layout}): {hint}, "
+        f"or point --data-dir at it"
+    )
 
 
 def _resized(data: ImageData, size: int | None) -> ImageData:
@@ -243,13 +310,19 @@ def _resized(data: ImageData, size: int | None) -> ImageData:
     if size is None or size == info.size:
         return data
     info = dataclasses.replace(info, size=size, crop_pad=round(info.crop_pad * size / info.size))
-    return ImageData(info, resize_images(data.train_x, (size, size)), data.train_y,
-                     resize_images(data.test_x, (size, size)), data.test_y, f"{data.source} (resized to {size} px)")
+    return ImageData(
+        info,
+        resize_images(data.train_x, (size, size)),
+        data.train_y,
+        resize_images(data.test_x, (size, size)),
+        data.test_y,
+        f"{data.source} (resized to {size} px)",
+    )
 
 
-
-def load(name: str, root: Path, download: bool = False, image_size: int | None = None,
-         need_test: bool = True) -> ImageData:
+def load(
+    name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True
+) -> ImageData:
     """The whole set as uint8 tensors; ``need_test=False`` reads the training files only (the test split comes
     back empty)."""
     info = DATASETS[name]
@@ -259,14 +332,22 @@ def load(name: str, root: Path, download: bool = False, image_size: int | None =
             _download(info, root)
         except Exception as e:  # network, disk or torchvision trouble: one line, not a traceback
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise DatasetError(f"downloading {name} into {root} failed ({reason}); fetch the files by hand "
-                               f"({info.layout}) and point --data-dir at them") from None
+            raise DatasetError(
+                f"downloading {name} into {root} failed ({reason}); fetch the files by hand "
+                f"({info.layout}) and point --data-dir at them"
+            ) from None
     try:
         tx, ty, vx, vy = _READERS[name](info, root, ("train", "test") if need_test else ("train",))
     except FileNotFoundError as e:
         raise DatasetError(_not_found(name, root, e.args[0] if e.args else str(e))) from None
-    data = ImageData(info, _tensor(tx, torch.uint8), _tensor(ty, torch.int64), _tensor(vx, torch.uint8),
-                     _tensor(vy, torch.int64), str(root))
+    data = ImageData(
+        info,
+        _tensor(tx, torch.uint8),
+        _tensor(ty, torch.int64),
+        _tensor(vx, torch.uint8),
+        _tensor(vy, torch.int64),
+        str(root),
+    )
     return _resized(data, image_size)
 
 

@@ -8,6 +8,7 @@
   seven structures, axial slices, the test slices a contiguous slab kept apart
   from the training slices by a gap.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from varprune.data.base import DatasetError, resize_images
-from varprune.data.segcommon import (SegSplits, _check_size, _finish, _reason, _resize_labels, normalise_intensity,
-                                     split_cases)
+from varprune.data.segcommon import (
+    SegSplits,
+    _check_size,
+    _finish,
+    _reason,
+    _resize_labels,
+    normalise_intensity,
+    split_cases,
+)
 
 DEBIAN_MRICRON = "/usr/share/mricron/templates"
 
@@ -58,42 +66,51 @@ def _as_labels(data: np.ndarray, path: Path, num_classes: int, hint: str) -> np.
     outside = (rounded < 0) | (rounded >= num_classes)
     if outside.any():
         bad = np.unique(rounded[outside])
-        raise DatasetError(f"label file {path} holds values {bad[:5].astype(int).tolist()} outside the "
-                           f"{num_classes} declared classes 0..{num_classes - 1}; {hint}")
+        raise DatasetError(
+            f"label file {path} holds values {bad[:5].astype(int).tolist()} outside the "
+            f"{num_classes} declared classes 0..{num_classes - 1}; {hint}"
+        )
     return rounded.astype(np.int64)
 
 
 def _parse_labels(labels, path: Path) -> tuple[str, ...]:
     """dataset.json "labels": MSD {"0": "background", ...} or nnU-Net v2 {"background": 0, ...}."""
     if not isinstance(labels, dict) or not labels:
-        raise DatasetError(f"{path}: \"labels\" must be a non-empty object; see the MSD/nnU-Net dataset.json format")
+        raise DatasetError(f'{path}: "labels" must be a non-empty object; see the MSD/nnU-Net dataset.json format')
     by_index: dict[int, str] = {}
-    msd = all(isinstance(k, str) and re.fullmatch(r"\d+", k.strip()) for k in labels) and \
-        all(isinstance(v, str) for v in labels.values())
+    msd = all(isinstance(k, str) and re.fullmatch(r"\d+", k.strip()) for k in labels) and all(
+        isinstance(v, str) for v in labels.values()
+    )
     for key, value in labels.items():
         if msd:
             index, name = int(key), value
         elif isinstance(value, int) and not isinstance(value, bool):
             index, name = value, key
         else:
-            raise DatasetError(f"{path}: label {key!r}: {value!r} is not a class index (region-based labels "
-                               f"are not supported); use {{\"0\": \"background\", ...}} or {{\"background\": 0, ...}}")
+            raise DatasetError(
+                f"{path}: label {key!r}: {value!r} is not a class index (region-based labels "
+                f'are not supported); use {{"0": "background", ...}} or {{"background": 0, ...}}'
+            )
         if index in by_index:
-            raise DatasetError(f"{path}: class index {index} appears twice in \"labels\"; give each class one index")
+            raise DatasetError(f'{path}: class index {index} appears twice in "labels"; give each class one index')
         by_index[index] = str(name)
     if sorted(by_index) != list(range(len(by_index))):
-        raise DatasetError(f"{path}: class indices {sorted(by_index)} are not 0..{len(by_index) - 1}; "
-                           f"number the classes consecutively from 0 (background)")
+        raise DatasetError(
+            f"{path}: class indices {sorted(by_index)} are not 0..{len(by_index) - 1}; "
+            f"number the classes consecutively from 0 (background)"
+        )
     if len(by_index) < 2:
-        raise DatasetError(f"{path}: \"labels\" declares only background; declare at least one foreground class")
+        raise DatasetError(f'{path}: "labels" declares only background; declare at least one foreground class')
     return tuple(by_index[i] for i in range(len(by_index)))
 
 
 def _read_dataset_json(root: Path) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
-        raise DatasetError(f"{path} not found; point at a Medical Segmentation Decathlon / nnU-Net folder "
-                           f"(dataset.json, imagesTr/, labelsTr/)")
+        raise DatasetError(
+            f"{path} not found; point at a Medical Segmentation Decathlon / nnU-Net folder "
+            f"(dataset.json, imagesTr/, labelsTr/)"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -122,12 +139,16 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
     if "training" in meta:
         entries = meta["training"]
         if not isinstance(entries, list):
-            raise DatasetError(f"{json_path}: \"training\" must be a list of {{\"image\", \"label\"}} pairs")
+            raise DatasetError(f'{json_path}: "training" must be a list of {{"image", "label"}} pairs')
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
-                    or not isinstance(entry.get("label"), str):
-                raise DatasetError(f"{json_path}: \"training\" entry {i} is not an {{\"image\", \"label\"}} pair "
-                                   f"of file names; fix the file")
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("image"), str)
+                or not isinstance(entry.get("label"), str)
+            ):
+                raise DatasetError(
+                    f'{json_path}: "training" entry {i} is not an {{"image", "label"}} pair of file names; fix the file'
+                )
             image, label = root / entry["image"], root / entry["label"]
             stem = _nifti_stem(image) or image.name
             if image.is_file():
@@ -135,19 +156,24 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
             else:  # nnU-Net v1 lists "x.nii.gz" but stores x_0000.nii.gz, x_0001.nii.gz, ...
                 files = _channel_files(image.parent, stem) if image.parent.is_dir() else []
                 if not files:
-                    raise DatasetError(f"image {image} (listed in {json_path}) not found; restore it or "
-                                       f"remove its entry")
+                    raise DatasetError(
+                        f"image {image} (listed in {json_path}) not found; restore it or remove its entry"
+                    )
             if not label.is_file():
-                raise DatasetError(f"label {label} for image {image.name} (listed in {json_path}) not found; "
-                                   f"restore it or remove the entry")
+                raise DatasetError(
+                    f"label {label} for image {image.name} (listed in {json_path}) not found; "
+                    f"restore it or remove the entry"
+                )
             cases.append((stem, files, label))
         return cases
 
     images, labels = root / "imagesTr", root / "labelsTr"
     for folder in (images, labels):
         if not folder.is_dir():
-            raise DatasetError(f"{folder} not found and {json_path} has no \"training\" list; "
-                               f"put the training volumes in imagesTr/ and labelsTr/")
+            raise DatasetError(
+                f'{folder} not found and {json_path} has no "training" list; '
+                f"put the training volumes in imagesTr/ and labelsTr/"
+            )
     ending = meta.get("file_ending")
     if ending is not None and ending not in _NIFTI:
         raise DatasetError(f"{json_path}: file_ending {ending!r} is not supported; convert the data to .nii.gz")
@@ -171,12 +197,16 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
         raise DatasetError(f"{images} holds no .nii.gz volumes; put the training images there")
     for case, slot in sorted(by_case.items()):
         if None in slot and len(slot) > 1:
-            raise DatasetError(f"{slot[None]} and {slot[min(k for k in slot if k is not None)]} mix a file without "
-                               f"and with a _0000 channel suffix for case {case}; keep one naming")
+            raise DatasetError(
+                f"{slot[None]} and {slot[min(k for k in slot if k is not None)]} mix a file without "
+                f"and with a _0000 channel suffix for case {case}; keep one naming"
+            )
         channels = sorted(k for k in slot if k is not None)
         if channels and channels != list(range(len(channels))):
-            raise DatasetError(f"case {case} in {images} has channels {channels}, not _0000.._{len(channels) - 1:04d}; "
-                               f"add the missing channel files")
+            raise DatasetError(
+                f"case {case} in {images} has channels {channels}, not _0000.._{len(channels) - 1:04d}; "
+                f"add the missing channel files"
+            )
         if case not in label_files:
             first = slot[None] if None in slot else slot[0]
             raise DatasetError(f"image {first} has no mask {labels / (case + '.nii.gz')}; add it or remove the image")
@@ -187,8 +217,9 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
     return cases
 
 
-def read_msd(root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, seed: int = 0,
-             foreground_only: bool = False) -> SegSplits:
+def read_msd(
+    root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, seed: int = 0, foreground_only: bool = False
+) -> SegSplits:
     """Read a Medical Segmentation Decathlon / nnU-Net folder as 2D slices.
 
     ``root/dataset.json`` gives the classes (``"labels"``: MSD's
@@ -221,11 +252,11 @@ def read_msd(root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, s
     meta = _read_dataset_json(root)
     json_path = root / "dataset.json"
     if "labels" not in meta:
-        raise DatasetError(f"{json_path} has no \"labels\"; add the class names, e.g. {{\"0\": \"background\", ...}}")
+        raise DatasetError(f'{json_path} has no "labels"; add the class names, e.g. {{"0": "background", ...}}')
     class_names = _parse_labels(meta["labels"], json_path)
     declared = meta.get("channel_names", meta.get("modality"))
     if declared is not None and (not isinstance(declared, dict) or not declared):
-        raise DatasetError(f"{json_path}: \"modality\"/\"channel_names\" must be a non-empty object")
+        raise DatasetError(f'{json_path}: "modality"/"channel_names" must be a non-empty object')
     channels = len(declared) if declared else None
     cases = _msd_cases(root, meta)
     train_ids, test_ids = split_cases(len(cases), test_fraction, seed, f"{root} (MSD)")
@@ -241,29 +272,38 @@ def read_msd(root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, s
             if data.ndim == 3:
                 data = data[..., None]
             if data.ndim != 4 or (len(files) > 1 and data.shape[3] != 1):
-                raise DatasetError(f"image {f} has shape {data.shape}; expected a 3-D volume "
-                                   f"(or 4-D with channels last in a single file)")
+                raise DatasetError(
+                    f"image {f} has shape {data.shape}; expected a 3-D volume "
+                    f"(or 4-D with channels last in a single file)"
+                )
             vols.append(data)
         shapes = {v.shape[:3] for v in vols}
         if len(shapes) > 1:
-            raise DatasetError(f"the channel files of case {case} ({files[0]}, ...) have different shapes "
-                               f"{sorted(shapes)}; re-export them on one grid")
+            raise DatasetError(
+                f"the channel files of case {case} ({files[0]}, ...) have different shapes "
+                f"{sorted(shapes)}; re-export them on one grid"
+            )
         image = np.concatenate(vols, axis=3)
         if channels is None:
             channels = image.shape[3]
         if image.shape[3] != channels:
-            raise DatasetError(f"image {files[0]} has {image.shape[3]} channel(s), {json_path} declares "
-                               f"{channels}; fix \"modality\"/\"channel_names\" or the image")
+            raise DatasetError(
+                f"image {files[0]} has {image.shape[3]} channel(s), {json_path} declares "
+                f'{channels}; fix "modality"/"channel_names" or the image'
+            )
         _, label_data = _load_nifti(label_path, "label")
         if label_data.ndim == 4 and label_data.shape[3] == 1:
             label_data = label_data[..., 0]
         if label_data.ndim == 2:
             label_data = label_data[:, :, None]
         if label_data.shape != image.shape[:3]:
-            raise DatasetError(f"label {label_path} has shape {label_data.shape}, its image {files[0]} "
-                               f"{image.shape[:3]}; image and label must share one voxel grid")
-        labels = _as_labels(label_data, label_path, len(class_names),
-                            f"declare them in {json_path} \"labels\" or fix the label file")
+            raise DatasetError(
+                f"label {label_path} has shape {label_data.shape}, its image {files[0]} "
+                f"{image.shape[:3]}; image and label must share one voxel grid"
+            )
+        labels = _as_labels(
+            label_data, label_path, len(class_names), f'declare them in {json_path} "labels" or fix the label file'
+        )
         image = np.stack([normalise_intensity(image[..., c]) for c in range(channels)], axis=-1)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, axis, 0))).permute(0, 3, 1, 2)
         y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(labels, axis, 0)))
@@ -283,12 +323,12 @@ def read_msd(root, axis: int = 2, size=(128, 128), test_fraction: float = 0.2, s
 
 
 AAL_GROUPS = (
-    (1, "frontal",    ("Precentral", "Frontal", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus")),
-    (2, "parietal",   ("Postcentral", "Parietal", "SupraMarginal", "Angular", "Precuneus", "Paracentral_Lobule")),
-    (3, "temporal",   ("Heschl", "Temporal")),
-    (4, "occipital",  ("Calcarine", "Cuneus", "Lingual", "Occipital", "Fusiform")),
-    (5, "limbic",     ("Insula", "Cingulum", "Hippocampus", "ParaHippocampal", "Amygdala")),
-    (6, "deep_grey",  ("Caudate", "Putamen", "Pallidum", "Thalamus")),
+    (1, "frontal", ("Precentral", "Frontal", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus")),
+    (2, "parietal", ("Postcentral", "Parietal", "SupraMarginal", "Angular", "Precuneus", "Paracentral_Lobule")),
+    (3, "temporal", ("Heschl", "Temporal")),
+    (4, "occipital", ("Calcarine", "Cuneus", "Lingual", "Occipital", "Fusiform")),
+    (5, "limbic", ("Insula", "Cingulum", "Hippocampus", "ParaHippocampal", "Amygdala")),
+    (6, "deep_grey", ("Caudate", "Putamen", "Pallidum", "Thalamus")),
     (7, "cerebellum", ("Cerebelum", "Vermis")),
 )
 COLIN27_CLASSES = ("background",) + tuple(name for _, name, _ in AAL_GROUPS)
@@ -346,14 +386,19 @@ def _resample_slices(image: np.ndarray, labels: np.ndarray, size: tuple[int, int
     out_x = resize_images(x, size)
     out_y = torch.empty((s, *size), dtype=torch.int64)
     for start in range(0, s, 16):  # one-hot in chunks: memory stays small
-        chunk = (y[start:start + 16, None] == torch.arange(num_classes)[None, :, None, None]).float()
+        chunk = (y[start : start + 16, None] == torch.arange(num_classes)[None, :, None, None]).float()
         chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False, antialias=True)
-        out_y[start:start + 16] = chunk.argmax(1)
+        out_y[start : start + 16] = chunk.argmax(1)
     return out_x, out_y
 
 
-def read_colin27(root=DEBIAN_MRICRON, size=(96, 96), gap: int = 8, test_slab: tuple[int, int] = COLIN27_TEST_SLAB,
-                 brain_only: bool = False) -> SegSplits:
+def read_colin27(
+    root=DEBIAN_MRICRON,
+    size=(96, 96),
+    gap: int = 8,
+    test_slab: tuple[int, int] = COLIN27_TEST_SLAB,
+    brain_only: bool = False,
+) -> SegSplits:
     """Colin27 T1 MRI with AAL structures: an offline 8-class 2D segmentation task.
 
     Files, from Debian's ``mricron-data`` in ``root``: ``ch2.nii.gz`` (the
@@ -385,8 +430,10 @@ def read_colin27(root=DEBIAN_MRICRON, size=(96, 96), gap: int = 8, test_slab: tu
     label_path, names_path = root / "aal.nii.gz", root / "aal.nii.txt"
     for p in (image_path, label_path, names_path):
         if not p.is_file():
-            raise DatasetError(f"{p} not found; install Debian's mricron-data (apt-get install mricron-data) "
-                               f"or point root at its templates folder")
+            raise DatasetError(
+                f"{p} not found; install Debian's mricron-data (apt-get install mricron-data) "
+                f"or point root at its templates folder"
+            )
     try:
         gap, lo, hi = int(gap), int(test_slab[0]), int(test_slab[1])
     except (TypeError, ValueError, IndexError):
@@ -399,30 +446,35 @@ def read_colin27(root=DEBIAN_MRICRON, size=(96, 96), gap: int = 8, test_slab: tu
     for index, name in names.items():
         group = aal_group(name)
         if group == 0:
-            raise DatasetError(f"{names_path}: region {index} {name!r} matches no structure in AAL_GROUPS; "
-                               f"add its prefix to the table")
+            raise DatasetError(
+                f"{names_path}: region {index} {name!r} matches no structure in AAL_GROUPS; add its prefix to the table"
+            )
         lut[index] = group
 
     image_nii, image = _load_nifti(image_path, "image")
     label_nii, atlas = _load_nifti(label_path, "label")
     import nibabel as nib
+
     if image.shape != atlas.shape or image.ndim != 3:
-        raise DatasetError(f"{image_path} has shape {image.shape}, {label_path} {atlas.shape}; "
-                           f"they must be 3-D volumes on one grid")
+        raise DatasetError(
+            f"{image_path} has shape {image.shape}, {label_path} {atlas.shape}; they must be 3-D volumes on one grid"
+        )
     if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3):
-        raise DatasetError(f"{image_path} and {label_path} have different affines (voxel-to-world maps); "
-                           f"they must share one grid")
+        raise DatasetError(
+            f"{image_path} and {label_path} have different affines (voxel-to-world maps); they must share one grid"
+        )
     if nib.aff2axcodes(image_nii.affine) != ("R", "A", "S"):
         image = np.asarray(nib.as_closest_canonical(image_nii).get_fdata(dtype=np.float32))
         atlas = np.asarray(nib.as_closest_canonical(label_nii).get_fdata(dtype=np.float32))
     atlas = _as_labels(atlas, label_path, 256, "reinstall mricron-data")
     undeclared = sorted(set(np.flatnonzero(np.bincount(atlas.ravel(), minlength=256)).tolist()) - set(names) - {0})
     if undeclared:
-        raise DatasetError(f"{label_path} holds region values {undeclared[:5]} not named in {names_path}; "
-                           f"reinstall mricron-data")
+        raise DatasetError(
+            f"{label_path} holds region values {undeclared[:5]} not named in {names_path}; reinstall mricron-data"
+        )
     labels = lut[atlas]
     depth = image.shape[2]
-    if not (0 <= lo and hi <= depth):
+    if not (lo >= 0 and hi <= depth):
         raise DatasetError(f"test_slab {test_slab!r} lies outside the {depth} axial planes; pick planes 0..{depth}")
 
     brain = np.flatnonzero(labels.any(axis=(0, 1)))
@@ -439,12 +491,20 @@ def read_colin27(root=DEBIAN_MRICRON, size=(96, 96), gap: int = 8, test_slab: tu
     origin = torch.stack([torch.zeros_like(k), k], dim=1)
     source = f"{image_path} + {label_path}"
     if not is_test.any() or not is_train.any():
-        raise DatasetError(f"test_slab {test_slab!r} with gap {gap} leaves the "
-                           f"{'test' if not is_test.any() else 'training'} split without brain planes "
-                           f"(brain: k = {int(k.min())}..{int(k.max())}); move or shrink the slab")
-    return _finish([(x[is_train], y[is_train], origin[is_train])], [(x[is_test], y[is_test], origin[is_test])],
-                   1, size, COLIN27_CLASSES, source, [image_path.name])
+        raise DatasetError(
+            f"test_slab {test_slab!r} with gap {gap} leaves the "
+            f"{'test' if not is_test.any() else 'training'} split without brain planes "
+            f"(brain: k = {int(k.min())}..{int(k.max())}); move or shrink the slab"
+        )
+    return _finish(
+        [(x[is_train], y[is_train], origin[is_train])],
+        [(x[is_test], y[is_test], origin[is_test])],
+        1,
+        size,
+        COLIN27_CLASSES,
+        source,
+        [image_path.name],
+    )
 
 
 # ------------------------------------------------------------------ locate
-

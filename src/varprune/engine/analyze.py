@@ -10,6 +10,7 @@ random direction (eval-mode BatchNorm, a fixed set of training batches).
 
 Writes OUT/analysis.json and OUT/*.png; reads runs, never changes them.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,27 @@ from pathlib import Path
 
 import torch
 
-from varprune.numerics.sensitivity import (global_layer_sparsity, layer_sensitivity, layer_variances, magnitude_histograms)
-from varprune.report.analysis_figures import (flatness_figure, layer_histogram_figure, layer_sparsity_figure, layer_variance_figure, magnitude_histogram_figure, sensitivity_figure, spearman)
-from varprune.storage.checkpoint import atomic_write_text
+from varprune.engine.rundir import read_metrics
+from varprune.engine.sweep import check_runs, load_trained, run_label
 from varprune.errors import RunError
 from varprune.numerics.hessian import hessian_top_eigenvalue, loss_profile
 from varprune.numerics.pruning import recalibrate_bn
-from varprune.engine.rundir import read_metrics
-from varprune.engine.sweep import check_runs, load_trained, run_label
+from varprune.numerics.sensitivity import (
+    global_layer_sparsity,
+    layer_sensitivity,
+    layer_variances,
+    magnitude_histograms,
+)
+from varprune.report.analysis_figures import (
+    flatness_figure,
+    layer_histogram_figure,
+    layer_sparsity_figure,
+    layer_variance_figure,
+    magnitude_histogram_figure,
+    sensitivity_figure,
+    spearman,
+)
+from varprune.storage.checkpoint import atomic_write_text
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 
@@ -38,10 +52,21 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def analyze_runs(runs: list[Path], out: Path, sensitivity_sparsity: float = 0.9, sparsities=SPARSITIES,
-                 batches: int = 4, batch_size: int = 128, hessian_iters: int = 20, bnt_batches: int = 20,
-                 bnt_batch_size: int = 500, sensitivity: bool = True, device: str = "auto",
-                 data_dir: str | None = None, log=print) -> dict:
+def analyze_runs(
+    runs: list[Path],
+    out: Path,
+    sensitivity_sparsity: float = 0.9,
+    sparsities=SPARSITIES,
+    batches: int = 4,
+    batch_size: int = 128,
+    hessian_iters: int = 20,
+    bnt_batches: int = 20,
+    bnt_batch_size: int = 500,
+    sensitivity: bool = True,
+    device: str = "auto",
+    data_dir: str | None = None,
+    log=print,
+) -> dict:
     """Analyse finished runs into ``out`` (analysis.json and figures); return the analysis document."""
     configs, found = check_runs(runs, data_dir)
     if out.exists() and not out.is_dir():
@@ -57,8 +82,10 @@ def analyze_runs(runs: list[Path], out: Path, sensitivity_sparsity: float = 0.9,
     doc: dict = {"runs": {}, "sensitivity_sparsity": sensitivity_sparsity, "sparsities": list(sparsities)}
 
     hists = magnitude_histograms({lab: t.model for lab, t in trained.items()})
-    figures = {"histograms": Path(magnitude_histogram_figure(hists, out / "histograms.png")).name,
-               "layer_histograms": Path(layer_histogram_figure(hists, out / "layer_histograms.png")).name}
+    figures = {
+        "histograms": Path(magnitude_histogram_figure(hists, out / "histograms.png")).name,
+        "layer_histograms": Path(layer_histogram_figure(hists, out / "layer_histograms.png")).name,
+    }
     profiles = {}
     for (lab, t), run in zip(trained.items(), runs):
         log(f"analysing {run} ({lab})")
@@ -68,36 +95,52 @@ def analyze_runs(runs: list[Path], out: Path, sensitivity_sparsity: float = 0.9,
         entry["layer_variance"] = variances
         slug = _slug(lab)
         history = _history(run)
-        entry["figures"] = {"layer_variance": Path(layer_variance_figure(
-            history, out / f"{slug}-variance.png", final=variances,
-            final_epoch=t.cfg.epochs, title=f"{lab}: per-layer variance of |w| over training")).name}
+        entry["figures"] = {
+            "layer_variance": Path(
+                layer_variance_figure(
+                    history,
+                    out / f"{slug}-variance.png",
+                    final=variances,
+                    final_epoch=t.cfg.epochs,
+                    title=f"{lab}: per-layer variance of |w| over training",
+                )
+            ).name
+        }
         layer_sparsity = global_layer_sparsity(model, sparsities)
         entry["layer_sparsity"] = {str(s): v for s, v in layer_sparsity.items()}
-        entry["figures"]["layer_sparsity"] = Path(layer_sparsity_figure(layer_sparsity, out / f"{slug}-sparsity.png"
-                                                                        )).name
+        entry["figures"]["layer_sparsity"] = Path(
+            layer_sparsity_figure(layer_sparsity, out / f"{slug}-sparsity.png")
+        ).name
         bnt = t.bnt(bnt_batches, bnt_batch_size)
         if sensitivity:
+
             def evaluate(m, task=task, t=t):
                 return task.evaluate(m, t.data.test_loader, t.amp)[task.primary]
 
             def retune(m, bnt=bnt):
                 if bnt:
                     recalibrate_bn(m, bnt)
+
             sens = layer_sensitivity(model, evaluate, retune, sensitivity_sparsity)
             entry["layer_sensitivity"] = sens
             common = [n for n in sens if n in variances]
-            entry["sensitivity_variance_spearman"] = spearman([variances[n] for n in common],
-                                                              [sens[n] for n in common]) if len(common) > 2 else None
-            entry["figures"]["sensitivity"] = Path(sensitivity_figure(
-                sens, variances, out / f"{slug}-sensitivity.png", metric=task.primary,
-                sparsity=sensitivity_sparsity)).name
+            entry["sensitivity_variance_spearman"] = (
+                spearman([variances[n] for n in common], [sens[n] for n in common]) if len(common) > 2 else None
+            )
+            entry["figures"]["sensitivity"] = Path(
+                sensitivity_figure(
+                    sens, variances, out / f"{slug}-sensitivity.png", metric=task.primary, sparsity=sensitivity_sparsity
+                )
+            ).name
         # flatness: fixed, unaugmented training batches, eval-mode BatchNorm
         images = t.data.train_loader.images
         labels_t = t.data.train_loader.labels
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(images), generator=g)[: batches * batch_size].to(images.device)
-        fixed = [(t.data.train_loader.normalize(images[pick[i:i + batch_size]]), labels_t[pick[i:i + batch_size]])
-                 for i in range(0, len(pick), batch_size)]
+        fixed = [
+            (t.data.train_loader.normalize(images[pick[i : i + batch_size]]), labels_t[pick[i : i + batch_size]])
+            for i in range(0, len(pick), batch_size)
+        ]
         model.eval()
         entry["hessian_top_eigenvalue"] = hessian_top_eigenvalue(model, task.loss, fixed, iters=hessian_iters)
         alphas = [i / 10 for i in range(-10, 11)]
@@ -107,6 +150,8 @@ def analyze_runs(runs: list[Path], out: Path, sensitivity_sparsity: float = 0.9,
     figures["flatness"] = Path(flatness_figure(profiles, out / "flatness.png")).name
     doc["figures"] = figures
     atomic_write_text(out / "analysis.json", json.dumps(doc, indent=2) + "\n")
-    log(f"wrote {out / 'analysis.json'} and {len(figures) + sum(len(e['figures']) for e in doc['runs'].values())} "
-        f"figures in {out}")
+    log(
+        f"wrote {out / 'analysis.json'} and {len(figures) + sum(len(e['figures']) for e in doc['runs'].values())} "
+        f"figures in {out}"
+    )
     return doc

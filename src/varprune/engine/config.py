@@ -9,15 +9,16 @@ A run's ``config.json`` holds ``{"train": asdict(config), "resolved": {...}}``:
 every default written out, plus what was resolved on the machine (device,
 precision, dataset shape and classes, versions, the command line).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from varprune.errors import RunError, short
 
@@ -28,8 +29,18 @@ LOCATION_KEYS = ("device", "data_dir", "download")
 DEFAULT_VAR_STRENGTH = 1.0
 
 
-def setting(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, check: Callable | None = None,
-            flag: bool = True, metavar: str | None = None):
+def setting(
+    default,
+    help: str,
+    *,
+    lo=None,
+    hi=None,
+    lo_open=False,
+    hi_open=False,
+    check: Callable | None = None,
+    flag: bool = True,
+    metavar: str | None = None,
+):
     """Declare one configuration field.
 
     ``lo``/``hi`` bound numbers (``*_open`` excludes the bound); ``check(value)``
@@ -48,21 +59,25 @@ def _one_of(names: Callable[[], list[str]], what: str, allow_prefix: tuple[str, 
         if value in names() or any(value.startswith(p) for p in allow_prefix):
             return None
         return f"unknown {what} {short(value)} (choose from {', '.join(names())})"
+
     return check
 
 
 def _datasets():
     from varprune.data import list_datasets
+
     return list_datasets()
 
 
 def _models():
     from varprune.models import list_models
+
     return list_models()
 
 
 def _methods():
     from varprune.engine.methods import METHODS
+
     return list(METHODS)
 
 
@@ -70,6 +85,7 @@ def _device_check(value):
     if value == "auto":
         return None
     import torch
+
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
@@ -92,89 +108,142 @@ def _sparsity_list(values):
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; written to ``config.json``."""
+
     dataset: str = setting("fashion-mnist", "dataset, see `varprune doctor`", check=_one_of(_datasets, "dataset"))
-    model: str = setting("resnet18", "a registered model (see below) or timm:NAME",
-                         check=_one_of(_models, "model", ("timm:",)))
-    model_args: dict = setting({}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)",
-                               metavar="KEY=VALUE")
-    init: str | None = setting(None, "initial weights: a local safetensors file or PyTorch state dict "
-                               "(loaded with weights_only=True); nothing is downloaded", metavar="FILE")
-    init_exclude: list[str] | None = setting(None, "comma-separated parameter patterns not taken from --init "
-                                             "(e.g. 'fc.*' for a classifier head of another size)")
-    image_size: int | None = setting(None, "resize images to this size, once when loading (default: the "
-                                     "dataset's own; imagefolder: 32)", lo=8, hi=4096)
+    model: str = setting(
+        "resnet18", "a registered model (see below) or timm:NAME", check=_one_of(_models, "model", ("timm:",))
+    )
+    model_args: dict = setting(
+        {}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)", metavar="KEY=VALUE"
+    )
+    init: str | None = setting(
+        None,
+        "initial weights: a local safetensors file or PyTorch state dict "
+        "(loaded with weights_only=True); nothing is downloaded",
+        metavar="FILE",
+    )
+    init_exclude: list[str] | None = setting(
+        None,
+        "comma-separated parameter patterns not taken from --init (e.g. 'fc.*' for a classifier head of another size)",
+    )
+    image_size: int | None = setting(
+        None,
+        "resize images to this size, once when loading (default: the dataset's own; imagefolder: 32)",
+        lo=8,
+        hi=4096,
+    )
     method: str = setting("sgd", "training method, see below", check=_one_of(_methods, "method"))
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
-    batch_size: int = setting(256, "batch size; under torchrun the global batch, split across the processes, so "
-                              "a run computes the same steps with any number of processes", lo=1, hi=1 << 20)
-    optimizer: str = setting("sgd", "base optimizer: sgd (nesterov momentum) or adamw; the SAM-type methods wrap it",
-                             check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} "
-                             f"(choose from sgd, adamw)")
-    lr: float | None = setting(None, "peak learning rate of warm-up + cosine (default 0.1 for sgd, 1e-3 for adamw)",
-                               lo=0, lo_open=True, hi=10)
+    batch_size: int = setting(
+        256,
+        "batch size; under torchrun the global batch, split across the processes, so "
+        "a run computes the same steps with any number of processes",
+        lo=1,
+        hi=1 << 20,
+    )
+    optimizer: str = setting(
+        "sgd",
+        "base optimizer: sgd (nesterov momentum) or adamw; the SAM-type methods wrap it",
+        check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} (choose from sgd, adamw)",
+    )
+    lr: float | None = setting(
+        None, "peak learning rate of warm-up + cosine (default 0.1 for sgd, 1e-3 for adamw)", lo=0, lo_open=True, hi=10
+    )
     momentum: float = setting(0.9, "SGD momentum (nesterov)", lo=0, hi=1, hi_open=True)
     nesterov: bool = setting(True, "Nesterov momentum for SGD", flag=False)
-    weight_decay: float | None = setting(None, "weight decay (default 5e-4 for sgd; 0.05 for adamw, decoupled)",
-                                         lo=0, hi=1)
+    weight_decay: float | None = setting(
+        None, "weight decay (default 5e-4 for sgd; 0.05 for adamw, decoupled)", lo=0, hi=1
+    )
     warmup_epochs: float = setting(1.0, "linear warm-up length in epochs", lo=0, hi=100_000)
-    var_lambda: float | None = setting(None, "VAR strength lambda, absolute (instead of --var-strength)",
-                                       lo=0, hi=1e6)
-    var_strength: float | None = setting(None, "VAR relative strength s: lambda = s / psi(initial weights) "
-                                         f"(default {DEFAULT_VAR_STRENGTH:g} unless --var-lambda is given; "
-                                         "README: the strength study)", lo=0, lo_open=True, hi=1e6)
+    var_lambda: float | None = setting(None, "VAR strength lambda, absolute (instead of --var-strength)", lo=0, hi=1e6)
+    var_strength: float | None = setting(
+        None,
+        "VAR relative strength s: lambda = s / psi(initial weights) "
+        f"(default {DEFAULT_VAR_STRENGTH:g} unless --var-lambda is given; "
+        "README: the strength study)",
+        lo=0,
+        lo_open=True,
+        hi=1e6,
+    )
     var_r: float = setting(1e-8, "VAR smoothing r in sqrt(w^2 + r)", lo=0, lo_open=True, hi=1)
     var_eps: float = setting(1e-8, "VAR eps in 1 / (Var + eps)", lo=0, lo_open=True, hi=1)
     l1_alpha: float = setting(1e-5, "l1 strength", lo=0, hi=1)
-    hoyer_alpha: float = setting(1e-6, "Hoyer-square strength; DeepHoyer's own examples use far larger values "
-                                 "with their pruning schedule: tune it for one-shot pruning", lo=0, hi=10)
-    reg_in_every_pass: bool = setting(False, "for var+sam / var+cram+: add the regularizer's gradient at every "
-                                      "(perturbed) pass, as before 0.2; default: once, at w, to the final gradient, "
-                                      "so lambda means the same as for var")
-    rho: float | None = setting(None, "perturbation radius of SAM-type methods (default: per method)",
-                                lo=0, lo_open=True, hi=10)
-    cram_sparsities: list[float] | None = setting(None, "CrAM sparsities drawn per step (default 0.3,...,0.9)",
-                                                  check=_sparsity_list)
-    seed: int = setting(0, "random seed; on CPU the same seed gives a bitwise identical run", lo=0, hi=2 ** 63,
-                        hi_open=True)
+    hoyer_alpha: float = setting(
+        1e-6,
+        "Hoyer-square strength; DeepHoyer's own examples use far larger values "
+        "with their pruning schedule: tune it for one-shot pruning",
+        lo=0,
+        hi=10,
+    )
+    reg_in_every_pass: bool = setting(
+        False,
+        "for var+sam / var+cram+: add the regularizer's gradient at every "
+        "(perturbed) pass, as before 0.2; default: once, at w, to the final gradient, "
+        "so lambda means the same as for var",
+    )
+    rho: float | None = setting(
+        None, "perturbation radius of SAM-type methods (default: per method)", lo=0, lo_open=True, hi=10
+    )
+    cram_sparsities: list[float] | None = setting(
+        None, "CrAM sparsities drawn per step (default 0.3,...,0.9)", check=_sparsity_list
+    )
+    seed: int = setting(
+        0, "random seed; on CPU the same seed gives a bitwise identical run", lo=0, hi=2**63, hi_open=True
+    )
     data_dir: str | None = setting(None, "dataset folder (torchvision's layout for the classification sets)")
     download: bool = setting(False, "download the dataset with torchvision if it is missing (off by default)")
-    limit_train: int | None = setting(None, "train on a fixed subset of N examples (slices for segmentation)",
-                                      lo=2, hi=2 ** 40)
-    limit_test: int | None = setting(None, "test on a fixed subset of N examples (slices for segmentation)",
-                                     lo=1, hi=2 ** 40)
+    limit_train: int | None = setting(
+        None, "train on a fixed subset of N examples (slices for segmentation)", lo=2, hi=2**40
+    )
+    limit_test: int | None = setting(
+        None, "test on a fixed subset of N examples (slices for segmentation)", lo=1, hi=2**40
+    )
     # `varprune tune`: measure on a validation split carved from the training examples (data.validation_indices,
     # fixed seed) instead of the test split, which is then never read; --limit-train/--limit-test apply after
-    validation_fraction: float | None = setting(None, "fraction of the training examples held out for validation",
-                                                lo=0, lo_open=True, hi=0.5, flag=False)
+    validation_fraction: float | None = setting(
+        None, "fraction of the training examples held out for validation", lo=0, lo_open=True, hi=0.5, flag=False
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", check=_device_check)
-    amp: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or none",
-                       check=lambda v: None if v in ("auto", "bf16", "none") else
-                       f"unknown --amp {short(v)} (choose from auto, bf16, none)")
+    amp: str = setting(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), bf16 or none",
+        check=lambda v: (
+            None if v in ("auto", "bf16", "none") else f"unknown --amp {short(v)} (choose from auto, bf16, none)"
+        ),
+    )
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
     augment: bool = setting(True, "random crop and flip (applied to image and mask alike)")
     # data parallel (torchrun); no effect in one process
-    sync_bn: bool = setting(False, "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), "
-                            "as one process computes them; default: each process normalises its share")
-    sam_local: bool = setting(False, "under torchrun, for sam, asam, var+sam: perturb with each process's own "
-                              "gradient, as the SAM paper does (m-sharpness, m = the per-process batch); default: "
-                              "the global gradient, so results do not depend on the number of processes")
+    sync_bn: bool = setting(
+        False,
+        "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), "
+        "as one process computes them; default: each process normalises its share",
+    )
+    sam_local: bool = setting(
+        False,
+        "under torchrun, for sam, asam, var+sam: perturb with each process's own "
+        "gradient, as the SAM paper does (m-sharpness, m = the per-process batch); default: "
+        "the global gradient, so results do not depend on the number of processes",
+    )
     # masked fine-tuning (`varprune finetune`): start from a run's final weights, pruned one-shot, mask fixed
     finetune_from: str | None = setting(None, "run folder whose final weights are pruned and fine-tuned", flag=False)
-    finetune_sparsity: float | None = setting(None, "sparsity of the fixed mask", lo=0, hi=1, hi_open=True,
-                                              flag=False)
+    finetune_sparsity: float | None = setting(None, "sparsity of the fixed mask", lo=0, hi=1, hi_open=True, flag=False)
     finetune_pattern: str = setting("unstructured", "unstructured or N:M", flag=False)
-    finetune_scope: str = setting("global", "global or layerwise", flag=False,
-                                  check=lambda v: None if v in ("global", "layerwise") else
-                                  f"must be global or layerwise, got {short(v)}")
+    finetune_scope: str = setting(
+        "global",
+        "global or layerwise",
+        flag=False,
+        check=lambda v: None if v in ("global", "layerwise") else f"must be global or layerwise, got {short(v)}",
+    )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """A configuration from JSON; wrong keys or types are one :class:`RunError` naming them all."""
         if not isinstance(d, dict):
             raise RunError(f"a configuration must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k != "extra"}   # `extra` was an unused field of 0.1
+        values = {k: v for k, v in d.items() if k != "extra"}  # `extra` was an unused field of 0.1
         unknown = sorted(map(str, set(values) - names))
         problems = [f"unknown keys {short(unknown)}; is it from another varprune version?"] if unknown else []
         problems += _type_problems(values)
@@ -201,7 +270,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def same_run(self, other: "TrainConfig") -> bool:
+    def same_run(self, other: TrainConfig) -> bool:
         """Would both configurations compute the same run (locations aside)?"""
         a, b = self.to_dict(), other.to_dict()
         return all(a[k] == b[k] for k in a if k not in LOCATION_KEYS)
@@ -223,18 +292,23 @@ def _is_number(v) -> bool:
         return False
     try:
         float(v)
-    except OverflowError:   # an int beyond float range
+    except OverflowError:  # an int beyond float range
         return False
     return True
 
 
-_TYPE_CHECKS = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
-                "str": lambda v: isinstance(v, str),
-                "dict": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, (bool, int, float, str))
-                                                              for k, x in v.items()),
-                "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                "list[float]": lambda v: isinstance(v, list) and all(map(_is_number, v)),
-                "None": lambda v: v is None}
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "dict": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, (bool, int, float, str)) for k, x in v.items())
+    ),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(map(_is_number, v)),
+    "None": lambda v: v is None,
+}
 
 
 def _type_problems(values: dict) -> list[str]:
@@ -286,9 +360,9 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
             msg = check(values[name])
             if msg:
                 found.append(msg if msg.startswith(("unknown", "device")) else f"{flag_of(name)} {msg}")
-    if check_device and "device" not in bad_type and not any(p.startswith(("unknown device", "device"))
-                                                              for p in found):
+    if check_device and "device" not in bad_type and not any(p.startswith(("unknown device", "device")) for p in found):
         from varprune.device import resolve_device
+
         try:
             resolve_device(cfg.device)
         except ValueError as e:
@@ -304,27 +378,34 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
     """The model against the dataset's task, its options, and the --init file."""
     from varprune.data import dataset_info
     from varprune.models import list_models, model_options, model_task
+
     found = []
     want = dataset_info(cfg.dataset).task
     have = model_task(cfg.model)
     if have != want:
-        found.append(f"--model {cfg.model} is a {have} model but --dataset {cfg.dataset} is a {want} task; "
-                     f"{want} models: {', '.join(list_models(want))}")
+        found.append(
+            f"--model {cfg.model} is a {have} model but --dataset {cfg.dataset} is a {want} task; "
+            f"{want} models: {', '.join(list_models(want))}"
+        )
     if cfg.model_args and not cfg.model.startswith("timm:"):
         known = model_options(cfg.model)
         unknown = sorted(set(cfg.model_args) - set(known))
         if unknown:
             offer = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
-            found.append(f"--model-arg {', '.join(unknown)}: model {cfg.model} has no such option; its options: "
-                         f"{offer}")
+            found.append(
+                f"--model-arg {', '.join(unknown)}: model {cfg.model} has no such option; its options: {offer}"
+            )
     if cfg.init is not None and not Path(cfg.init).is_file():
         found.append(f"--init {short(cfg.init)} is not a file; give a local .safetensors or state-dict file")
     if cfg.init_exclude and cfg.init is None:
         found.append("--init-exclude needs --init")
     from varprune.engine.methods import METHODS
+
     if cfg.sam_local and METHODS[cfg.method].optimizer not in ("sam", "asam"):
-        found.append(f"--sam-local applies to sam, asam and var+sam, not {cfg.method} (CrAM's mask and "
-                     f"CrAM+'s dense gradient must be the same on every process)")
+        found.append(
+            f"--sam-local applies to sam, asam and var+sam, not {cfg.method} (CrAM's mask and "
+            f"CrAM+'s dense gradient must be the same on every process)"
+        )
     if cfg.finetune_from is not None:
         if not (Path(cfg.finetune_from) / "model.safetensors").is_file():
             found.append(f"{cfg.finetune_from} has no model.safetensors to fine-tune; train it to the end first")
@@ -341,6 +422,7 @@ def validate(cfg: TrainConfig, check_device: bool = True) -> None:
 
 # ---------------------------------------------------------------- flags
 
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -356,23 +438,40 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
             continue
         kind = _kinds(f)[0]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = m["help"] + ("" if default is None or kind == "bool" else f" (default {default:g})"
-                            if isinstance(default, float) else f" (default {default})")
+        text = m["help"] + (
+            ""
+            if default is None or kind == "bool"
+            else f" (default {default:g})"
+            if isinstance(default, float)
+            else f" (default {default})"
+        )
         if kind == "dict":
-            parser.add_argument(flag_of(name), dest=name, type=_key_value, action="append", default=argparse.SUPPRESS,
-                                help=m["help"], metavar=m["metavar"])
+            parser.add_argument(
+                flag_of(name),
+                dest=name,
+                type=_key_value,
+                action="append",
+                default=argparse.SUPPRESS,
+                help=m["help"],
+                metavar=m["metavar"],
+            )
             continue
         if kind == "bool":
             if default:
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                    default=argparse.SUPPRESS, help="no " + m["help"])
+                parser.add_argument(
+                    "--no-" + name.replace("_", "-"),
+                    dest=name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help="no " + m["help"],
+                )
             else:
-                parser.add_argument(flag_of(name), dest=name, action="store_true", default=argparse.SUPPRESS,
-                                    help=text)
+                parser.add_argument(flag_of(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
             typ = {"int": int, "float": float, "str": str, "list[float]": _floats, "list[str]": _names}[kind]
-            parser.add_argument(flag_of(name), dest=name, type=typ, default=argparse.SUPPRESS, help=text,
-                                metavar=m["metavar"])
+            parser.add_argument(
+                flag_of(name), dest=name, type=typ, default=argparse.SUPPRESS, help=text, metavar=m["metavar"]
+            )
 
 
 def _names(text: str) -> list[str]:
@@ -408,22 +507,29 @@ def from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 # ---------------------------------------------------------------- config.json
 
+
 def load_run_config(run: Path) -> TrainConfig:
     """A run folder's configuration, checked; any problem is one :class:`RunError` line."""
     from varprune.engine.rundir import RUN_FILES
+
     run = Path(run)
     path = run / "config.json"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         if run.is_dir() and any((run / name).exists() for name in RUN_FILES):
-            raise RunError(f"{run} has no config.json but holds run files: the folder is damaged; retrain it with "
-                           f"`varprune train --overwrite --out {run} ...`") from None
+            raise RunError(
+                f"{run} has no config.json but holds run files: the folder is damaged; retrain it with "
+                f"`varprune train --overwrite --out {run} ...`"
+            ) from None
         if run.is_dir() and any(run.glob(".config.json.*.tmp")):
-            raise RunError(f"{run} was interrupted before its configuration was written, so nothing can be "
-                           f"resumed; start it again with `varprune train --out {run} ...`") from None
-        raise RunError(f"{run} is not a varprune run folder (no config.json); train one with "
-                       f"`varprune train --out {run} ...`") from None
+            raise RunError(
+                f"{run} was interrupted before its configuration was written, so nothing can be "
+                f"resumed; start it again with `varprune train --out {run} ...`"
+            ) from None
+        raise RunError(
+            f"{run} is not a varprune run folder (no config.json); train one with `varprune train --out {run} ...`"
+        ) from None
     except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"cannot read {path} ({type(e).__name__}); the run folder is damaged") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):

@@ -6,6 +6,7 @@ epochs, chosen by measurement to finish within 10 minutes on 2 cores and still
 show VAR's gap at high sparsity.
 Completed runs in the output folder are reused; interrupted ones resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,23 +15,31 @@ from pathlib import Path
 
 import torch
 
-from varprune.storage.checkpoint import atomic_write_text
-from varprune.engine.config import TrainConfig
 from varprune.device import describe_device, resolve_device
-from varprune.errors import RunError
+from varprune.engine.config import TrainConfig
 from varprune.engine.sweep import ensure_run, prune_runs
+from varprune.errors import RunError
+from varprune.storage.checkpoint import atomic_write_text
 
 SIZES = {
     # the reference setup of ../shared/METHOD.md section 4
-    "gpu": dict(model="resnet18", epochs=15, batch_size=256, var_lambda=1e-6, channels_last=True,
-                sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]),
+    "gpu": dict(
+        model="resnet18",
+        epochs=15,
+        batch_size=256,
+        var_lambda=1e-6,
+        channels_last=True,
+        sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99],
+    ),
     # measured on 2 CPU cores (see README): a ResNet-20 gets too few steps in 10 minutes for VAR to
     # matter; the MLP trains 4,690 steps and VAR 1e-4 keeps 83% at 95% sparsity where SGD keeps 67%
-    "cpu": dict(model="mlp", epochs=10, batch_size=128, var_lambda=1e-4,
-                sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]),
+    "cpu": dict(
+        model="mlp", epochs=10, batch_size=128, var_lambda=1e-4, sparsities=[0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
+    ),
     # a smoke test of the whole pipeline (seconds); shows nothing about VAR
-    "tiny": dict(model="mlp", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-4,
-                 sparsities=[0.5, 0.9]),
+    "tiny": dict(
+        model="mlp", epochs=1, batch_size=128, limit_train=1000, limit_test=500, var_lambda=1e-4, sparsities=[0.5, 0.9]
+    ),
 }
 DATASET = "fashion-mnist"
 TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
@@ -41,21 +50,34 @@ def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
     sparsities = spec.pop("sparsities")
     var = {k: spec.pop(k) for k in ("var_lambda", "var_strength") if k in spec}
     common = dict(dataset=dataset, data_dir=data_dir, **spec)
-    return [("sgd", TrainConfig(method="sgd", **common)),
-            ("var", TrainConfig(method="var", **var, **common))], sparsities
+    return [
+        ("sgd", TrainConfig(method="sgd", **common)),
+        ("var", TrainConfig(method="var", **var, **common)),
+    ], sparsities
 
 
-def run_demo(out: Path, size: str = "auto", data_dir: str | None = None, progress: bool = True, log=print,
-             task: str = "classification") -> dict:
+def run_demo(
+    out: Path,
+    size: str = "auto",
+    data_dir: str | None = None,
+    progress: bool = True,
+    log=print,
+    task: str = "classification",
+) -> dict:
     from varprune.report.figures import sweep_plot
     from varprune.report.tables import sweep_table
+
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a folder; choose another --out")
     device = resolve_device("auto")
     if size == "auto":
         size = "gpu" if device.type == "cuda" else "cpu"
     if task == "segmentation":
-        from varprune.engine.segdemo import SIZES as SEG_SIZES, DATASET as SEG_DATASET, TITLE as SEG_TITLE, figure
+        from varprune.engine.segdemo import DATASET as SEG_DATASET
+        from varprune.engine.segdemo import SIZES as SEG_SIZES
+        from varprune.engine.segdemo import TITLE as SEG_TITLE
+        from varprune.engine.segdemo import figure
+
         configs, sparsities = demo_configs(size, data_dir, SEG_SIZES, SEG_DATASET)
         title = SEG_TITLE
     else:
@@ -81,9 +103,11 @@ def run_demo(out: Path, size: str = "auto", data_dir: str | None = None, progres
         extra = f"Example slices: {out / 'examples.png'}\n\n"
     total_s = time.perf_counter() - t0
     machine = describe_device(device)
-    summary = (f"# varprune demo ({task}, {size})\n\nMachine: {machine}, torch {torch.__version__}. "
-               f"Wall time {total_s / 60:.1f} min ({train_s / 60:.1f} min training).\n\n"
-               f"Configuration: {json.dumps(configs[1][1].to_dict())}\n\n{extra}{table}")
+    summary = (
+        f"# varprune demo ({task}, {size})\n\nMachine: {machine}, torch {torch.__version__}. "
+        f"Wall time {total_s / 60:.1f} min ({train_s / 60:.1f} min training).\n\n"
+        f"Configuration: {json.dumps(configs[1][1].to_dict())}\n\n{extra}{table}"
+    )
     atomic_write_text(out / "results.md", summary)
     print(table)
     log(f"plot: {out / 'demo.png'}; summary: {out / 'results.md'}; {total_s / 60:.1f} min in all")

@@ -35,6 +35,7 @@ One step under N processes computes what one process computes with the same
 Rank 0 alone touches the run folder; decisions that end a run (bad input,
 non-finite loss) are reduced first so that every process takes them together.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +52,7 @@ _state = {"rank": 0, "world": 1, "local": 0, "active": False, "single": False}
 
 
 # ---------------------------------------------------------------- who am I
+
 
 def launched() -> bool:
     """Started by torchrun with more than one process (and not told to run alone)."""
@@ -86,19 +88,22 @@ def main_only() -> bool:
     other processes of a torchrun job return at once. True if this process should run the command."""
     if launched() and env_rank() != 0:
         return False
-    _state["single"] = True      # rank 0 never waits for partners that have left
+    _state["single"] = True  # rank 0 never waits for partners that have left
     return True
 
 
 # ---------------------------------------------------------------- joining the job
+
 
 def problems(cfg) -> list[str]:
     """What a configuration cannot do under this torchrun job (read from the environment; nothing starts)."""
     world = env_world()
     found = []
     if world > 1 and cfg.batch_size < 2 * world:
-        found.append(f"--batch-size {cfg.batch_size} is the global batch, split across {world} processes; "
-                     f"BatchNorm needs 2 examples in each: give at least {2 * world}")
+        found.append(
+            f"--batch-size {cfg.batch_size} is the global batch, split across {world} processes; "
+            f"BatchNorm needs 2 examples in each: give at least {2 * world}"
+        )
     return found
 
 
@@ -109,25 +114,29 @@ def setup(device_name: str = "auto") -> torch.device:
     Without torchrun, or with one process, nothing is initialised.
     """
     from varprune.device import resolve_device
+
     device = resolve_device(device_name)
     if not launched():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if device_name.startswith("cuda:") and env_world() > 1:
-            raise RunError(f"--device {device_name} names one GPU, but torchrun started {env_world()} processes; "
-                           f"give --device cuda (process k uses cuda:LOCAL_RANK)")
+            raise RunError(
+                f"--device {device_name} names one GPU, but torchrun started {env_world()} processes; "
+                f"give --device cuda (process k uses cuda:LOCAL_RANK)"
+            )
         if local >= torch.cuda.device_count():
-            raise RunError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this "
-                           f"node, but it has {torch.cuda.device_count()} GPU(s): give --nproc-per-node "
-                           f"{torch.cuda.device_count()} or fewer")
+            raise RunError(
+                f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this "
+                f"node, but it has {torch.cuda.device_count()} GPU(s): give --nproc-per-node "
+                f"{torch.cuda.device_count()} or fewer"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not _state["active"]:
         if not dist.is_initialized():
             # a long timeout: rank 0 may evaluate or write a large checkpoint while the others wait
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=60))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
         _state.update(rank=dist.get_rank(), world=dist.get_world_size(), local=local, active=True)
     return device
 
@@ -177,13 +186,16 @@ def from_main(fn):
 def held_by_main(make_context):
     """Enter ``make_context()`` (the run folder's lock) on rank 0 only; failing to is an error everywhere."""
     with contextlib.ExitStack() as stack:
+
         def enter() -> None:
             stack.enter_context(make_context())
+
         from_main(enter)
         yield
 
 
 # ---------------------------------------------------------------- reductions (device tensors)
+
 
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """All-reduce ``t`` in place (sum over processes); returned for chaining."""
@@ -201,8 +213,15 @@ def reduce_epoch_(stats: dict, seen: int) -> int:
     if not active():
         return seen
     dev = stats["loss"].device
-    sums = torch.stack([stats["loss"].double(), stats["reg"].double(), stats["hits"].double(),
-                        stats["count"].double(), torch.tensor(float(seen), dtype=torch.float64, device=dev)])
+    sums = torch.stack(
+        [
+            stats["loss"].double(),
+            stats["reg"].double(),
+            stats["hits"].double(),
+            stats["count"].double(),
+            torch.tensor(float(seen), dtype=torch.float64, device=dev),
+        ]
+    )
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     # min over processes, as a max of negatives (gloo and NCCL both have MAX)
     flags = torch.stack([(~stats["ok"]).long(), -stats["good_steps"].long()])
@@ -251,13 +270,16 @@ def check_identical(model: nn.Module) -> None:
     both = torch.stack([fp, -fp])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if not bool(torch.isfinite(both).all()):
-        return   # non-finite weights are reported by the caller
+        return  # non-finite weights are reported by the caller
     if float(both[0]) != -float(both[1]):
-        raise RuntimeError("the processes' weights differ: data-parallel training went out of step "
-                           "(a bug in varprune; please report it with the command line)")
+        raise RuntimeError(
+            "the processes' weights differ: data-parallel training went out of step "
+            "(a bug in varprune; please report it with the command line)"
+        )
 
 
 # ---------------------------------------------------------------- the model
+
 
 class _SumOverProcesses(torch.autograd.Function):
     """y = the sum of x over the processes; the gradient of x is the sum of y's gradients (it feeds
@@ -322,8 +344,9 @@ def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats)
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             for key in ("weight", "bias"):
                 if getattr(child, key, None) is not None:
                     setattr(new, key, getattr(child, key))
@@ -354,7 +377,11 @@ def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     # torch >= 2.14 names it forward_sync_buffers (buffers are still synchronised once, at construction)
-    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else "broadcast_buffers": False}
+    no_sync = {
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else "broadcast_buffers": False
+    }
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)

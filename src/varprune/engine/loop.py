@@ -16,6 +16,7 @@ here are few and marked: rank 0 alone writes the run folder, every process
 gets the checkpoint from rank 0, and the end-of-epoch decisions (non-finite,
 metrics) are reduced over the processes first, so they stop or go on together.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,18 +27,23 @@ from pathlib import Path
 import torch
 
 from varprune import __version__
-from varprune.engine import distributed
-from varprune.storage.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, \
-    save_weights
-from varprune.engine.config import TrainConfig, problems
 from varprune.device import describe_device, resolve_amp
-from varprune.errors import NonFiniteError, short
+from varprune.engine import distributed
+from varprune.engine.config import TrainConfig, problems
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
-from varprune.numerics.regularizers import VarRegularizer
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
 from varprune.engine.runs import build_model, data_problems, load_data
 from varprune.engine.step import lr_factor, make_train_step
+from varprune.errors import NonFiniteError, short
+from varprune.numerics.regularizers import VarRegularizer
+from varprune.storage.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -57,6 +63,7 @@ class _Progress:
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self):
@@ -73,14 +80,18 @@ def _finetune_start(cfg: TrainConfig, model, log):
     from varprune.numerics.masking import MaskKeeper
     from varprune.numerics.pruning import pattern_masks
     from varprune.storage.checkpoint import file_digest, load_weights
+
     source = Path(cfg.finetune_from)
     load_weights(source / WEIGHTS, model)
     masks, skipped = pattern_masks(model, cfg.finetune_sparsity, cfg.finetune_pattern, cfg.finetune_scope)
     keeper = MaskKeeper(model, masks)
     pruned = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    log(f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pattern}"
-        + (f", {len(skipped)} tensors left dense" if skipped else "") + "); pruned weights stay zero")
+    log(
+        f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pattern}"
+        + (f", {len(skipped)} tensors left dense" if skipped else "")
+        + "); pruned weights stay zero"
+    )
     return keeper, file_digest(source / WEIGHTS)
 
 
@@ -90,8 +101,10 @@ def weights_metadata(cfg: TrainConfig, info) -> dict[str, str]:
 
 # ---------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-          log=print, progress: bool = True) -> dict:
+
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True
+) -> dict:
     """Train one run into ``out``; return the last epoch's metrics.
 
     ``resume=True`` continues ``out`` from its last complete epoch (its own
@@ -101,10 +114,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     folder = RunFolder(out)
     found = problems(cfg) + data_problems(cfg) + distributed.problems(cfg)
     if not found:
-        distributed.setup(cfg.device)   # joins the torchrun job, if any (nothing happens in one process)
-    if distributed.is_main():           # rank 0 owns the run folder
+        distributed.setup(cfg.device)  # joins the torchrun job, if any (nothing happens in one process)
+    if distributed.is_main():  # rank 0 owns the run folder
         found += folder.resume_problems() if resume else folder.new_run_problems(overwrite)
-    distributed.raise_together(found)   # every problem at once, before any work, on every process
+    distributed.raise_together(found)  # every problem at once, before any work, on every process
     if not distributed.is_main():
         log, progress = (lambda *a, **k: None), False
     with distributed.held_by_main(folder.lock):
@@ -113,12 +126,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
 
 def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: bool) -> dict:
     out = folder.path
-    device = distributed.setup(cfg.device)   # cuda:LOCAL_RANK under torchrun
+    device = distributed.setup(cfg.device)  # cuda:LOCAL_RANK under torchrun
     main, world = distributed.is_main(), distributed.world_size()
     amp = resolve_amp(cfg.amp, device)
     method = get_method(cfg.method)
     state = None
     if resume:
+
         def read_checkpoint():
             folder.clean_temporaries()  # what a write interrupted by a crash left behind
             if (out / CHECKPOINT).exists():
@@ -126,7 +140,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
                 check_checkpoint(found, cfg, out / CHECKPOINT)
                 return found
             return None
-        state = distributed.from_main(read_checkpoint)   # rank 0 reads; every process gets it
+
+        state = distributed.from_main(read_checkpoint)  # rank 0 reads; every process gets it
 
     # may fail: nothing of an old run has been touched yet
     run = load_data(cfg, device, distributed.rank(), world)
@@ -147,31 +162,51 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     history: list[dict] = []
     start_epoch = 0
     info = run.data.info
-    resolved = {"train": cfg.to_dict(), "resolved": {
-        "device": str(device), "device_name": describe_device(device), "amp": amp, "task": task.name,
-        "metric": task.primary, "input_shape": [info.channels, info.size, info.size],
-        "num_classes": info.num_classes, "class_names": list(info.class_names),
-        "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples,
-        "steps_per_epoch": steps_per_epoch, "data_source": run.data.source, "processes": world,
-        "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
-        "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
-        "psi_init": next((r.psi_init for r in regularizers if isinstance(r, VarRegularizer)), None),
-        "torch": torch.__version__, "varprune": __version__, "command": " ".join(sys.argv)}}
+    resolved = {
+        "train": cfg.to_dict(),
+        "resolved": {
+            "device": str(device),
+            "device_name": describe_device(device),
+            "amp": amp,
+            "task": task.name,
+            "metric": task.primary,
+            "input_shape": [info.channels, info.size, info.size],
+            "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+            "train_examples": train_loader.num_examples,
+            "test_examples": test_loader.num_examples,
+            "steps_per_epoch": steps_per_epoch,
+            "data_source": run.data.source,
+            "processes": world,
+            "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
+            "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
+            "psi_init": next((r.psi_init for r in regularizers if isinstance(r, VarRegularizer)), None),
+            "torch": torch.__version__,
+            "varprune": __version__,
+            "command": " ".join(sys.argv),
+        },
+    }
     if state is not None:
         schedule = state.get("schedule")
         started = state.get("processes", 1)
         if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps and started != world:
-            raise CheckpointError(f"{out / CHECKPOINT} was written by {started} process(es) with "
-                                  f"{short(schedule.get('total_steps'))} steps; with {world} the last, partial "
-                                  f"batch of each epoch is dropped differently ({total_steps} steps): resume it "
-                                  f"with {started} process(es)")
+            raise CheckpointError(
+                f"{out / CHECKPOINT} was written by {started} process(es) with "
+                f"{short(schedule.get('total_steps'))} steps; with {world} the last, partial "
+                f"batch of each epoch is dropped differently ({total_steps} steps): resume it "
+                f"with {started} process(es)"
+            )
         if isinstance(schedule, dict) and schedule.get("total_steps") != total_steps:
-            raise CheckpointError(f"{out / CHECKPOINT} was written for {short(schedule.get('total_steps'))} steps, "
-                                  f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
-                                  f"at the original data or retrain with `varprune train --overwrite`")
+            raise CheckpointError(
+                f"{out / CHECKPOINT} was written for {short(schedule.get('total_steps'))} steps, "
+                f"but the data now gives {total_steps}: has the dataset changed? point --data-dir "
+                f"at the original data or retrain with `varprune train --overwrite`"
+            )
         if keeper is not None and state.get("finetune_source_sha256") != source_digest:
-            raise CheckpointError(f"{cfg.finetune_from}/{WEIGHTS} changed since {out} started fine-tuning from it: "
-                                  f"the mask cannot be rebuilt; start again with --overwrite")
+            raise CheckpointError(
+                f"{cfg.finetune_from}/{WEIGHTS} changed since {out} started fine-tuning from it: "
+                f"the mask cannot be rebuilt; start again with --overwrite"
+            )
         _restore(state, out / CHECKPOINT, model, optimizer, device, train_loader)
         history = state["history"]
         start_epoch = state["epoch"]
@@ -180,8 +215,10 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
                 _write_metrics(out, history)
             log(f"{out} has already finished all {cfg.epochs} epochs")
             return history[-1]
-        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}"
-            + (f" with {world} processes (it ran with {started})" if started != world else ""))
+        log(
+            f"resuming {out} after epoch {start_epoch}/{cfg.epochs}"
+            + (f" with {world} processes (it ran with {started})" if started != world else "")
+        )
     elif resume:
         log(f"{out} has no complete epoch yet: starting it from the beginning")
 
@@ -192,7 +229,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     extra_state = {"processes": world, **({"finetune_source_sha256": source_digest} if keeper else {})}
     replacing = main and not resume and bool(folder.existing())
     if replacing:
-        folder.set_aside()      # kept in .replaced-run/ until the new run's first checkpoint
+        folder.set_aside()  # kept in .replaced-run/ until the new run's first checkpoint
     try:
         if main:
             folder.clean_temporaries()
@@ -200,10 +237,32 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
                 atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
             _write_metrics(out, history)
-        result = _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader,
-                         test_loader, device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup,
-                         base_lr, log, progress, on_first_checkpoint=folder.commit if replacing else None,
-                         keeper=keeper, extra_state=extra_state, first_pass_local=local_first_pass)
+        result = _epochs(
+            cfg,
+            folder,
+            model,
+            forward,
+            optimizer,
+            regularizers,
+            monitor,
+            task,
+            train_loader,
+            test_loader,
+            device,
+            amp,
+            history,
+            start_epoch,
+            steps_per_epoch,
+            total_steps,
+            warmup,
+            base_lr,
+            log,
+            progress,
+            on_first_checkpoint=folder.commit if replacing else None,
+            keeper=keeper,
+            extra_state=extra_state,
+            first_pass_local=local_first_pass,
+        )
     except BaseException:
         if replacing and not (out / CHECKPOINT).exists():
             folder.restore()
@@ -214,20 +273,58 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     return result
 
 
-def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task, train_loader, test_loader,
-            device, amp, history, start_epoch, steps_per_epoch, total_steps, warmup, base_lr, log, progress,
-            on_first_checkpoint=None, keeper=None, extra_state=None, first_pass_local=None) -> dict:
+def _epochs(
+    cfg,
+    folder,
+    model,
+    forward,
+    optimizer,
+    regularizers,
+    monitor,
+    task,
+    train_loader,
+    test_loader,
+    device,
+    amp,
+    history,
+    start_epoch,
+    steps_per_epoch,
+    total_steps,
+    warmup,
+    base_lr,
+    log,
+    progress,
+    on_first_checkpoint=None,
+    keeper=None,
+    extra_state=None,
+    first_pass_local=None,
+) -> dict:
     out = folder.path
     main, parallel = distributed.is_main(), distributed.active()
-    train_step = make_train_step(forward, model, optimizer, regularizers, task, device, amp,
-                                 reg_in_every_pass=cfg.reg_in_every_pass,
-                                 after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None,
-                                 first_pass_local=first_pass_local)
+    train_step = make_train_step(
+        forward,
+        model,
+        optimizer,
+        regularizers,
+        task,
+        device,
+        amp,
+        reg_in_every_pass=cfg.reg_in_every_pass,
+        after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None,
+        first_pass_local=first_pass_local,
+    )
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-        stats = {"loss": zero(), "reg": zero(), "hits": zero(torch.long), "count": zero(torch.long),
-                 "ok": torch.ones((), dtype=torch.bool, device=device), "good_steps": zero(torch.long), "_n": 0}
+        stats = {
+            "loss": zero(),
+            "reg": zero(),
+            "hits": zero(torch.long),
+            "count": zero(torch.long),
+            "ok": torch.ones((), dtype=torch.bool, device=device),
+            "good_steps": zero(torch.long),
+            "_n": 0,
+        }
         bar = _Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         t0 = time.perf_counter()
         seen = 0
@@ -239,21 +336,28 @@ def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task,
             seen += len(y)
             bar.update()
         bar.close()
-        kept = (f"kept the checkpoint of epoch {epoch} in {out}" if epoch > 0 else
-                f"no epoch had completed, so {out} holds no checkpoint")
+        kept = (
+            f"kept the checkpoint of epoch {epoch} in {out}"
+            if epoch > 0
+            else f"no epoch had completed, so {out} holds no checkpoint"
+        )
         # data parallel: sums over every process, and a non-finite loss on any process stops them all here
         seen = distributed.reduce_epoch_(stats, seen)
         if not bool(stats["ok"]):
             bad_step = int(stats["good_steps"]) + 1
-            raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
-                                 f"{kept}; lower --lr or the regularizer strength")
+            raise NonFiniteError(
+                f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
+                f"{kept}; lower --lr or the regularizer strength"
+            )
         if not distributed.all_true(_all_finite(model.state_dict().values()), device):
-            raise NonFiniteError(f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
-                                 f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength")
+            raise NonFiniteError(
+                f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
+                f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength"
+            )
         train_time = time.perf_counter() - t0
         if parallel:
             if not cfg.sync_bn:
-                distributed.average_bn_buffers_(model)   # each process tracked the statistics of its share
+                distributed.average_bn_buffers_(model)  # each process tracked the statistics of its share
             distributed.check_identical(model)
         variances = monitor.variances()
         # each process evaluates its share of the test set; the counts are summed
@@ -271,22 +375,32 @@ def _epochs(cfg, folder, model, forward, optimizer, regularizers, monitor, task,
             "epoch_time_s": train_time,
         }
         if task.name == "classification":
-            metrics["cross_entropy"] = metrics.pop("task_loss")   # the key of varprune 0.1
+            metrics["cross_entropy"] = metrics.pop("task_loss")  # the key of varprune 0.1
         history.append(metrics)
-        if not main:     # rank 0 alone writes the run folder
+        if not main:  # rank 0 alone writes the run folder
             continue
         # the checkpoint first, then the metrics: a crash between the two is repaired by --resume
-        save_checkpoint(out / CHECKPOINT, {
-            "epoch": epoch + 1, "config": cfg.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": _rng_state(device, train_loader), "history": history,
-            "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup},
-            **(extra_state or {})})
+        save_checkpoint(
+            out / CHECKPOINT,
+            {
+                "epoch": epoch + 1,
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(device, train_loader),
+                "history": history,
+                "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup},
+                **(extra_state or {}),
+            },
+        )
         if on_first_checkpoint is not None:
             on_first_checkpoint()
             on_first_checkpoint = None
         _write_metrics(out, history)
         primary = metrics[f"test_{task.primary}"]
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
+        log(
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
             f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} {100 * primary:.2f}%  "
-            f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s")
+            f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s"
+        )
     return history[-1] if history else {}

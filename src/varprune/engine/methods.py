@@ -18,6 +18,7 @@ before the step, exactly as autograd would add the gradient of
 loss term (it is *not* decoupled like AdamW's weight decay, which shrinks
 ``w`` by ``lr * weight_decay`` outside the moments).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from varprune.numerics.weights import prunable_weights
 @dataclass(frozen=True)
 class Method:
     description: str
-    optimizer: str = "sgd"            # sgd | sam | asam | cram | cram+ | s2sam
+    optimizer: str = "sgd"  # sgd | sam | asam | cram | cram+ | s2sam
     regularizers: tuple[str, ...] = ()
-    hyper: str = ""                   # key hyper-parameters, for --help
+    hyper: str = ""  # key hyper-parameters, for --help
 
 
 METHODS = {
@@ -43,16 +44,25 @@ METHODS = {
     "hoyer": Method("SGD + Hoyer-square (DeepHoyer), per layer", regularizers=("hoyer",), hyper="--hoyer-alpha"),
     "sam": Method("Sharpness-Aware Minimization, two passes per step", optimizer="sam", hyper="--rho"),
     "asam": Method("Adaptive SAM (scale-invariant perturbation)", optimizer="asam", hyper="--rho"),
-    "cram": Method("CrAM: gradient at the compressed ascent point", optimizer="cram",
-                   hyper="--rho, --cram-sparsities"),
-    "cram+": Method("CrAM+: CrAM gradient (masked) plus the dense gradient", optimizer="cram+",
-                    hyper="--rho, --cram-sparsities"),
-    "s2sam": Method("single-step SAM: perturbation from the previous gradient, one pass", optimizer="s2sam",
-                    hyper="--rho"),
-    "var+sam": Method("VAR with SAM: VAR's gradient at w added once to SAM's", optimizer="sam",
-                      regularizers=("var",), hyper="--var-lambda, --rho"),
-    "var+cram+": Method("VAR with CrAM+: VAR's gradient at w added once to CrAM+'s", optimizer="cram+",
-                        regularizers=("var",), hyper="--var-lambda, --rho, --cram-sparsities"),
+    "cram": Method("CrAM: gradient at the compressed ascent point", optimizer="cram", hyper="--rho, --cram-sparsities"),
+    "cram+": Method(
+        "CrAM+: CrAM gradient (masked) plus the dense gradient", optimizer="cram+", hyper="--rho, --cram-sparsities"
+    ),
+    "s2sam": Method(
+        "single-step SAM: perturbation from the previous gradient, one pass", optimizer="s2sam", hyper="--rho"
+    ),
+    "var+sam": Method(
+        "VAR with SAM: VAR's gradient at w added once to SAM's",
+        optimizer="sam",
+        regularizers=("var",),
+        hyper="--var-lambda, --rho",
+    ),
+    "var+cram+": Method(
+        "VAR with CrAM+: VAR's gradient at w added once to CrAM+'s",
+        optimizer="cram+",
+        regularizers=("var",),
+        hyper="--var-lambda, --rho, --cram-sparsities",
+    ),
 }
 
 # rho when --rho is not given: SAM's CIFAR value (Foret et al.); 2.0 for ASAM, the value the davda54/sam
@@ -69,8 +79,9 @@ def get_method(name: str) -> Method:
 
 def method_help() -> str:
     width = max(map(len, METHODS))
-    return "\n".join(f"  {name:<{width}}  {m.description}" + (f" [{m.hyper}]" if m.hyper else "")
-                     for name, m in METHODS.items())
+    return "\n".join(
+        f"  {name:<{width}}  {m.description}" + (f" [{m.hyper}]" if m.hyper else "") for name, m in METHODS.items()
+    )
 
 
 def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regularizer]:
@@ -78,7 +89,7 @@ def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regu
     for kind in method.regularizers:
         if kind == "var":
             strength = getattr(cfg, "var_strength", None)
-            if strength is not None:   # lambda = s / psi(w_init): a strength that transfers across models
+            if strength is not None:  # lambda = s / psi(w_init): a strength that transfers across models
                 out.append(VarRegularizer.from_strength(model, strength, r=cfg.var_r, eps=cfg.var_eps))
             else:
                 out.append(VarRegularizer(model, cfg.var_lambda, r=cfg.var_r, eps=cfg.var_eps))
@@ -103,8 +114,9 @@ def base_optimizer(cfg) -> tuple[type[torch.optim.Optimizer], dict]:
     """
     kind = getattr(cfg, "optimizer", "sgd")
     if kind == "sgd":
-        return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                     weight_decay=cfg.weight_decay)
+        return torch.optim.SGD, dict(
+            lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     if kind == "adamw":
         betas = tuple(getattr(cfg, "betas", None) or ADAMW_BETAS)
         return torch.optim.AdamW, dict(lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
@@ -118,15 +130,23 @@ def build_optimizer(method: Method, model: torch.nn.Module, cfg) -> torch.optim.
     if method.optimizer == "sgd":  # the method's optimizer "sgd" means: the base optimizer alone
         return base_cls(params, **base)
     from varprune.numerics import optim
+
     rho = cfg.rho if cfg.rho is not None else DEFAULT_RHO[method.optimizer]
     if method.optimizer in ("sam", "asam"):
         return optim.SAM(params, base_cls, rho=rho, adaptive=method.optimizer == "asam", **base)
     if method.optimizer in ("cram", "cram+"):
         sparsities = tuple(cfg.cram_sparsities or DEFAULT_CRAM_SPARSITIES)
         # the compression CrAM trains against is the one the evaluation applies: the prunable weights
-        return optim.CrAM(params, base_cls, rho=rho, sparsities=sparsities,
-                          plus=method.optimizer == "cram+", seed=cfg.seed,
-                          compress_params=[p for _, p in prunable_weights(model)], **base)
+        return optim.CrAM(
+            params,
+            base_cls,
+            rho=rho,
+            sparsities=sparsities,
+            plus=method.optimizer == "cram+",
+            seed=cfg.seed,
+            compress_params=[p for _, p in prunable_weights(model)],
+            **base,
+        )
     if method.optimizer == "s2sam":
         return optim.S2SAM(params, base_cls, rho=rho, **base)
     raise AssertionError(method.optimizer)

@@ -14,6 +14,7 @@ new run has written its first complete checkpoint. If the new run fails
 before that, they are moved back; if it is killed, the next varprune command
 on the folder moves them back (:meth:`RunFolder.recover`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,18 +24,18 @@ import shutil
 from pathlib import Path
 
 from varprune import __version__
-from varprune.storage.checkpoint import atomic_write_text, remove_stale_temporaries
 from varprune.errors import RunError
+from varprune.storage.checkpoint import atomic_write_text, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS)
-DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")   # made from WEIGHTS; stale once it is replaced
+DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")  # made from WEIGHTS; stale once it is replaced
 MARKER = ".varprune-run"
 ASIDE = ".replaced-run"
-ASIDE_COMPLETE = ".complete"    # in ASIDE once every old file is in it: only then are files outside it new
+ASIDE_COMPLETE = ".complete"  # in ASIDE once every old file is in it: only then are files outside it new
 OWN_FILES = RUN_FILES + DERIVED_FILES + (MARKER,)
 
 
@@ -43,8 +44,12 @@ def _looks_like_our_config(path: Path) -> bool:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("train"), dict) and \
-        isinstance(data.get("resolved"), dict) and "varprune" in data["resolved"]
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("train"), dict)
+        and isinstance(data.get("resolved"), dict)
+        and "varprune" in data["resolved"]
+    )
 
 
 def path_problem(path, flag: str = "--out") -> str | None:
@@ -116,12 +121,16 @@ class RunFolder:
         ours = self.ours()
         mine = self.existing()
         if mine and not ours:
-            return [f"{out} holds files varprune did not make ({', '.join(mine)}); varprune will not touch them: "
-                    f"choose another --out"]
+            return [
+                f"{out} holds files varprune did not make ({', '.join(mine)}); varprune will not touch them: "
+                f"choose another --out"
+            ]
         run = self.existing(RUN_FILES)
         if run and not overwrite:
-            return [f"{out} already holds a run ({', '.join(run)}); use --resume {out} to continue it, "
-                    f"--overwrite to replace it, or choose another --out"]
+            return [
+                f"{out} already holds a run ({', '.join(run)}); use --resume {out} to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            ]
         return []
 
     def resume_problems(self) -> list[str]:
@@ -146,7 +155,7 @@ class RunFolder:
         try:
             yield from self._locked()
         finally:
-            if created:   # a run that failed before writing anything (bad data) leaves no folder behind
+            if created:  # a run that failed before writing anything (bad data) leaves no folder behind
                 self._remove_if_empty()
 
     def _remove_if_empty(self) -> None:
@@ -171,8 +180,9 @@ class RunFolder:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise RunError(f"{self.path} is being trained by another varprune process; wait for it or choose "
-                               f"another --out") from None
+                raise RunError(
+                    f"{self.path} is being trained by another varprune process; wait for it or choose another --out"
+                ) from None
             self.recover()
             yield
         finally:
@@ -201,8 +211,7 @@ class RunFolder:
             (aside / ASIDE_COMPLETE).touch()
         except OSError as e:
             self.restore()
-            raise RunError(f"cannot replace the run in {self.path} ({e.strerror or e}); nothing was changed") \
-                from None
+            raise RunError(f"cannot replace the run in {self.path} ({e.strerror or e}); nothing was changed") from None
 
     def commit(self) -> None:
         """The new run has a complete checkpoint: the old one can go."""
@@ -232,6 +241,7 @@ class RunFolder:
             return
         try:
             import fcntl
+
             f = open(self.path / ".lock", "a+")
         except (ImportError, OSError):
             return
@@ -239,7 +249,7 @@ class RunFolder:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            return          # a varprune process is working here: it recovers or commits itself
+            return  # a varprune process is working here: it recovers or commits itself
         try:
             self.recover()
         finally:
@@ -250,7 +260,7 @@ class RunFolder:
         if not (self.path / ASIDE).is_dir():
             return
         if (self.path / ASIDE / ASIDE_COMPLETE).exists() and (self.path / CHECKPOINT).exists():
-            self.commit()       # the new run's first checkpoint
+            self.commit()  # the new run's first checkpoint
         else:
             self.restore()
-        self.clean_temporaries()    # a write the kill interrupted (the new run's config.json, say)
+        self.clean_temporaries()  # a write the kill interrupted (the new run's config.json, say)

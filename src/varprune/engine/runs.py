@@ -3,6 +3,7 @@
 ``load_data`` and ``build_model`` are shared by training, the pruning sweep, export, evaluation and the
 analysis, so every command sees a run's data and model exactly as training did.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,8 @@ from pathlib import Path
 import torch
 
 from varprune.data import DeviceLoader, ImageData, load_dataset, locate_dataset, subset, validation_indices
-from varprune.engine.config import TrainConfig
 from varprune.device import fits_on_device
+from varprune.engine.config import TrainConfig
 from varprune.errors import RunError
 from varprune.models import create_model
 from varprune.tasks import Task, task_for
@@ -30,6 +31,7 @@ class RunData:
 def data_problems(cfg: TrainConfig) -> list[str]:
     """A missing dataset, found by looking for its files (nothing is read)."""
     from varprune.data import DATASETS
+
     if cfg.download or not isinstance(cfg.dataset, str) or cfg.dataset not in DATASETS:
         return []
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
@@ -46,20 +48,25 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int 
     ``rank``/``world``: the loaders give this process its share (data parallel).
     """
     from varprune.data import FOLDER_SETS, default_data_dir
-    if cfg.dataset in FOLDER_SETS:      # list the folder once: it decides streaming, and decoding reuses it
+
+    if cfg.dataset in FOLDER_SETS:  # list the folder once: it decides streaming, and decoding reuses it
         from varprune.data import folders
+
         root = Path(cfg.data_dir or default_data_dir(cfg.dataset))
         listing = folders.scan(cfg.dataset, root)
         size = cfg.image_size or folders.DEFAULT_SIZE[cfg.dataset]
         if not fits_on_device(folders.estimate_bytes(listing.num_images, 3, size), device):
             if world > 1:
-                raise RunError(f"{cfg.dataset} is too large for {device} and would be streamed from its files, "
-                               f"which is not sharded across processes yet; train it in one process")
+                raise RunError(
+                    f"{cfg.dataset} is too large for {device} and would be streamed from its files, "
+                    f"which is not sharded across processes yet; train it in one process"
+                )
             return _streaming_data(cfg, device, listing, size)
         data = folders.load(cfg.dataset, root, image_size=cfg.image_size, listing=listing)
     else:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size,
-                            need_test=cfg.validation_fraction is None)
+        data = load_dataset(
+            cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, need_test=cfg.validation_fraction is None
+        )
     task = task_for(data.info)
     tx, ty, vx, vy = data.train_x, data.train_y, data.test_x, data.test_y
     if cfg.validation_fraction is not None:  # tuning: the "test" loader is a validation split of the training set
@@ -68,23 +75,47 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int 
     tx, ty = subset(tx, ty, cfg.limit_train, salt=0)
     vx, vy = subset(vx, vy, cfg.limit_test, salt=1)
     if len(tx) < 2 * world:
-        raise RunError(f"{cfg.dataset} has {len(tx)} training example(s) here; BatchNorm needs at least 2"
-                       + (f" per process ({world} processes)" if world > 1 else "")
-                       + ": raise --limit-train or check the data folder")
+        raise RunError(
+            f"{cfg.dataset} has {len(tx)} training example(s) here; BatchNorm needs at least 2"
+            + (f" per process ({world} processes)" if world > 1 else "")
+            + ": raise --limit-train or check the data folder"
+        )
     if len(vx) == 0:
-        raise RunError(f"{cfg.dataset} has no test examples in {data.source}; the test split is needed to "
-                       f"measure anything: check the data folder")
-    train_loader = DeviceLoader(tx, ty, data.info, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                                augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last,
-                                rank=rank, world=world)
-    test_loader = DeviceLoader(vx, vy, data.info, max(cfg.batch_size, 500), train=False, device=device,
-                               channels_last=cfg.channels_last, rank=rank, world=world)
+        raise RunError(
+            f"{cfg.dataset} has no test examples in {data.source}; the test split is needed to "
+            f"measure anything: check the data folder"
+        )
+    train_loader = DeviceLoader(
+        tx,
+        ty,
+        data.info,
+        cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        augment=task.augment if cfg.augment else None,
+        channels_last=cfg.channels_last,
+        rank=rank,
+        world=world,
+    )
+    test_loader = DeviceLoader(
+        vx,
+        vy,
+        data.info,
+        max(cfg.batch_size, 500),
+        train=False,
+        device=device,
+        channels_last=cfg.channels_last,
+        rank=rank,
+        world=world,
+    )
     return RunData(data, task, train_loader, test_loader)
 
 
 def _streaming_data(cfg: TrainConfig, device: torch.device, listing, size: int) -> RunData:
     """RunData streaming an image folder from its files (it does not fit on the device)."""
     from varprune.data.streaming import StreamingLoader, streaming_info
+
     info = streaming_info(listing, size)
     info = dataclasses.replace(info, class_names=tuple(listing.class_names))
     task = task_for(info)
@@ -93,16 +124,27 @@ def _streaming_data(cfg: TrainConfig, device: torch.device, listing, size: int) 
         idx = torch.arange(len(files))
         _, idx = subset(idx, idx, limit, salt)
         return [files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
+
     tf, tl, vf, vl = listing.train_files, listing.train_labels, listing.test_files, listing.test_labels
     if cfg.validation_fraction is not None:  # as in load_data: validation carved from the training files
         keep, held = (i.tolist() for i in validation_indices(len(tf), cfg.validation_fraction))
         tf, tl, vf, vl = [tf[i] for i in keep], [tl[i] for i in keep], [tf[i] for i in held], [tl[i] for i in held]
     tf, tl = pick(tf, tl, cfg.limit_train, 0)
     vf, vl = pick(vf, vl, cfg.limit_test, 1)
-    train_loader = StreamingLoader(tf, tl, info, cfg.batch_size, train=True, device=device, seed=cfg.seed,
-                                   augment=task.augment if cfg.augment else None, channels_last=cfg.channels_last)
-    test_loader = StreamingLoader(vf, vl, info, max(cfg.batch_size, 500), train=False, device=device,
-                                  channels_last=cfg.channels_last)
+    train_loader = StreamingLoader(
+        tf,
+        tl,
+        info,
+        cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        augment=task.augment if cfg.augment else None,
+        channels_last=cfg.channels_last,
+    )
+    test_loader = StreamingLoader(
+        vf, vl, info, max(cfg.batch_size, 500), train=False, device=device, channels_last=cfg.channels_last
+    )
     empty = torch.zeros(0, dtype=torch.uint8)
     data = ImageData(info, empty, empty, empty, empty, f"{listing.root} (streamed: too large for {device})")
     return RunData(data, task, train_loader, test_loader)
@@ -113,6 +155,7 @@ def build_model(cfg: TrainConfig, info, device: torch.device) -> torch.nn.Module
     model = create_model(cfg.model, info.channels, info.num_classes, info.size, **cfg.model_args)
     if cfg.init:
         from varprune.storage.init_weights import load_initial_weights
+
         load_initial_weights(model, cfg.init, cfg.init_exclude or ())
     model = model.to(device)
     if cfg.channels_last:

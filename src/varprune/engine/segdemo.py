@@ -5,6 +5,7 @@ into seven structures plus background (segdata.read_colin27): a demonstration
 that runs offline on 2 CPU cores, not a benchmark. The sizes below were chosen
 by measurement (README, "Segmentation").
 """
+
 from __future__ import annotations
 
 import io
@@ -20,25 +21,41 @@ SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 # Chosen by measurement on 2 CPU cores (README, "Segmentation"): 64 px slices, batch 8, 80 epochs (1,120
 # steps) and VAR at the MLP's best relative strength s = 3; 96 px or 40 epochs learned too little to compare.
 SIZES = {
-    "gpu": dict(model="unet", image_size=96, epochs=150, batch_size=8, lr=0.05, var_strength=3.0,
-                sparsities=SPARSITIES),
-    "cpu": dict(model="unet", image_size=64, epochs=80, batch_size=8, lr=0.05, var_strength=3.0,
-                sparsities=SPARSITIES),
-    "tiny": dict(model="unet", image_size=64, epochs=1, batch_size=8, lr=0.05, limit_train=32, limit_test=8,
-                 var_strength=3.0, sparsities=[0.5, 0.9]),
+    "gpu": dict(
+        model="unet", image_size=96, epochs=150, batch_size=8, lr=0.05, var_strength=3.0, sparsities=SPARSITIES
+    ),
+    "cpu": dict(model="unet", image_size=64, epochs=80, batch_size=8, lr=0.05, var_strength=3.0, sparsities=SPARSITIES),
+    "tiny": dict(
+        model="unet",
+        image_size=64,
+        epochs=1,
+        batch_size=8,
+        lr=0.05,
+        limit_train=32,
+        limit_test=8,
+        var_strength=3.0,
+        sparsities=[0.5, 0.9],
+    ),
 }
 
 
-def figure(runs: list[Path], path: Path, sparsity: float = 0.95, slices: int = 3, bnt_batches: int = 20,
-           bnt_batch_size: int = 500) -> None:
+def figure(
+    runs: list[Path],
+    path: Path,
+    sparsity: float = 0.95,
+    slices: int = 3,
+    bnt_batches: int = 20,
+    bnt_batch_size: int = 500,
+) -> None:
     """Example test slices: input, ground truth, and each run's prediction dense and pruned
     one-shot at ``sparsity`` after BN re-tuning (the sweep's protocol)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from varprune.numerics.pruning import prune_magnitude, recalibrate_bn
     from varprune.engine.sweep import load_trained, run_label
+    from varprune.numerics.pruning import prune_magnitude, recalibrate_bn
 
     cache: dict = {}
     trained = [load_trained(run, data_cache=cache) for run in runs]
@@ -59,8 +76,7 @@ def figure(runs: list[Path], path: Path, sparsity: float = 0.95, slices: int = 3
             pruned = model(x).argmax(1).cpu()
         label = run_label(t.cfg)
         columns += [(f"{label}\ndense", dense), (f"{label}\n{100 * sparsity:g}% + BNT", pruned)]
-    fig, axes = plt.subplots(slices, len(columns), figsize=(2.1 * len(columns), 2.2 * slices), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(slices, len(columns), figsize=(2.1 * len(columns), 2.2 * slices), dpi=110, squeeze=False)
     image = loader.images[picks].float().cpu()[:, 0]
     for r in range(slices):
         for c, (title, labels) in enumerate(columns):

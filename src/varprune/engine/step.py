@@ -3,6 +3,7 @@
 The step never synchronises with the host: the first pass's loss, the task's training metric and a finite
 flag accumulate in device tensors that the loop reads once per epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,18 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_train_step(forward, model, optimizer, regularizers, task: Task, device: torch.device, amp: str,
-                    reg_in_every_pass: bool = False, after_step=None, first_pass_local=None):
+def make_train_step(
+    forward,
+    model,
+    optimizer,
+    regularizers,
+    task: Task,
+    device: torch.device,
+    amp: str,
+    reg_in_every_pass: bool = False,
+    after_step=None,
+    first_pass_local=None,
+):
     """One optimisation step for any method: ``step(x, y, stats=None, weight=1.0)``.
 
     ``forward`` is the (possibly compiled) model. Regularizer gradients are
@@ -93,16 +104,16 @@ def make_train_step(forward, model, optimizer, regularizers, task: Task, device:
     def step(x, y, stats=None, weight=1.0):
         current["stats"] = stats
         optimizer.zero_grad(set_to_none=True)
-        if two_pass is None:            # plain optimizer
+        if two_pass is None:  # plain optimizer
             forward_backward(x, y, stats, weight=weight)
             optimizer.step()
-        elif two_pass:                  # SAM, CrAM: caller's pass, then the perturbed pass
+        elif two_pass:  # SAM, CrAM: caller's pass, then the perturbed pass
             # --sam-local: the first backward without DDP's all-reduce (the optimizer then zeroes .grad,
             # so the second, synchronised backward reduces the perturbed gradient alone)
             with first_pass_local() if first_pass_local is not None else contextlib.nullcontext():
                 forward_backward(x, y, stats, weight=weight)
             optimizer.step(lambda: second_pass(x, y, weight))
-        else:                           # S2-SAM: its one pass happens inside step
+        else:  # S2-SAM: its one pass happens inside step
             optimizer.step(lambda: forward_backward(x, y, stats, weight=weight))
         if after_step is not None:
             after_step()

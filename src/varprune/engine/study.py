@@ -11,6 +11,7 @@ Under torchrun (``torchrun --nproc-per-node N -m varprune study ...``) every
 training runs data-parallel on all N processes; rank 0 alone writes the study
 folder and then prunes, analyses and reports while the others exit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,12 +19,12 @@ import json
 import statistics
 from pathlib import Path
 
-from varprune.storage.checkpoint import atomic_write_text
 from varprune.engine.config import LOCATION_KEYS, TrainConfig, problems
-from varprune.errors import RunError
-from varprune.report.tables import metric_of
 from varprune.engine.rundir import METRICS, path_problem, read_metrics
 from varprune.engine.sweep import ensure_run, finished_sweep, prune_runs
+from varprune.errors import RunError
+from varprune.report.tables import metric_of
+from varprune.storage.checkpoint import atomic_write_text
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -36,8 +37,10 @@ def _epoch_time(run: Path) -> float:
     for m in read_metrics(run):
         t = m.get("epoch_time_s")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-            raise RunError(f"{run / METRICS} line {m['epoch']} has no valid epoch_time_s (damaged or edited); "
-                           f"`varprune train --resume {run}` rewrites it from the run's checkpoint")
+            raise RunError(
+                f"{run / METRICS} line {m['epoch']} has no valid epoch_time_s (damaged or edited); "
+                f"`varprune train --resume {run}` rewrites it from the run's checkpoint"
+            )
         times.append(t)
     return statistics.median(times)
 
@@ -46,14 +49,26 @@ def _comparable(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in LOCATION_KEYS}
 
 
-def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int], sparsities: list[float],
-              scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500, progress: bool = True,
-              log=print, analysis: bool = True, html: bool = True, patterns: list[str] = ()) -> dict:
+def run_study(
+    out: Path,
+    base: TrainConfig,
+    methods: list[str],
+    seeds: list[int],
+    sparsities: list[float],
+    scope: str = "global",
+    bnt_batches: int = 20,
+    bnt_batch_size: int = 500,
+    progress: bool = True,
+    log=print,
+    analysis: bool = True,
+    html: bool = True,
+    patterns: list[str] = (),
+) -> dict:
     from varprune.engine import distributed
     from varprune.report.figures import study_plot
     from varprune.report.tables import study_table
 
-    distributed.setup(base.device)    # joins the torchrun job, if any
+    distributed.setup(base.device)  # joins the torchrun job, if any
     if not distributed.is_main():
         log, progress = (lambda *a, **k: None), False
     configs = {}
@@ -73,16 +88,24 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     if found:
         raise RunError("; ".join(found))
 
-    spec = {"methods": methods, "seeds": seeds, "sparsities": sparsities, "patterns": list(patterns), "scope": scope,
-            "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "train": base.to_dict()}
-    distributed.from_main(lambda: _write_spec(out, spec))   # rank 0 owns the study folder
+    spec = {
+        "methods": methods,
+        "seeds": seeds,
+        "sparsities": sparsities,
+        "patterns": list(patterns),
+        "scope": scope,
+        "bnt_batches": bnt_batches,
+        "bnt_batch_size": bnt_batch_size,
+        "train": base.to_dict(),
+    }
+    distributed.from_main(lambda: _write_spec(out, spec))  # rank 0 owns the study folder
 
     runs = {}
     for (method, seed), cfg in configs.items():
         runs[(method, seed)] = out / "runs" / f"{method}-s{seed}"
         ensure_run(cfg, runs[(method, seed)], log=log, progress=progress)
     if not distributed.is_main():
-        return {}      # the sweeps, analysis and report run on rank 0 alone
+        return {}  # the sweeps, analysis and report run on rank 0 alone
 
     docs = {}
     todo = []
@@ -93,8 +116,17 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
         else:
             docs[key] = doc
     if todo:
-        swept = prune_runs([runs[k] for k in todo], sparsities, scope, (), bnt_batches, bnt_batch_size,
-                           device=base.device, log=log, patterns=patterns)
+        swept = prune_runs(
+            [runs[k] for k in todo],
+            sparsities,
+            scope,
+            (),
+            bnt_batches,
+            bnt_batch_size,
+            device=base.device,
+            log=log,
+            patterns=patterns,
+        )
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
 
     m = metric_of(next(iter(docs.values())))
@@ -102,14 +134,19 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     summary = {"study": spec, "metric": m, "methods": {}}
     for meth in methods:
         per_seed = [docs[(meth, s)] for s in seeds]
-        entry = {"dense": _mean_std([d[f"dense_{m}"] for d in per_seed]), "epoch_time_s": times[meth],
-                 "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None, "sparsities": {}}
+        entry = {
+            "dense": _mean_std([d[f"dense_{m}"] for d in per_seed]),
+            "epoch_time_s": times[meth],
+            "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None,
+            "sparsities": {},
+        }
         for i, s in enumerate(list(sparsities) + list(patterns)):
             entry["sparsities"][str(s)] = {
                 f"{m}_bnt": _mean_std([d["results"][i][f"{m}_bnt"] for d in per_seed]),
                 m: _mean_std([d["results"][i][m] for d in per_seed]),
                 "per_seed_bnt": [d["results"][i][f"{m}_bnt"] for d in per_seed],
-                "per_seed": [d["results"][i][m] for d in per_seed]}
+                "per_seed": [d["results"][i][m] for d in per_seed],
+            }
         summary["methods"][meth] = entry
     table = study_table(summary)
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
@@ -117,15 +154,23 @@ def run_study(out: Path, base: TrainConfig, methods: list[str], seeds: list[int]
     study_plot(summary, out / "report.png")
     print(table)
     written = [out / "report.md", out / "report.png", out / "report.json"]
-    if analysis:   # the first seed of every method: distributions, sensitivity, flatness
+    if analysis:  # the first seed of every method: distributions, sensitivity, flatness
         from varprune.engine.analyze import analyze_runs
+
         first = [runs[(meth, seeds[0])] for meth in methods]
         if not _analysis_done(out / "analysis", first):
-            analyze_runs(first, out / "analysis", device=base.device, bnt_batches=bnt_batches,
-                         bnt_batch_size=bnt_batch_size, log=log)
+            analyze_runs(
+                first,
+                out / "analysis",
+                device=base.device,
+                bnt_batches=bnt_batches,
+                bnt_batch_size=bnt_batch_size,
+                log=log,
+            )
         written.append(out / "analysis" / "analysis.json")
     if html:
         from varprune.report.pages import study_html
+
         written.append(Path(study_html(out, out / "report.html")))
     log("report: " + ", ".join(map(str, written)))
     return summary
@@ -153,8 +198,9 @@ def _analysis_done(folder: Path, runs: list[Path]) -> bool:
     try:
         doc = json.loads((folder / "analysis.json").read_text())
         mine = sorted(str(r) for r in runs) == sorted(e["run"] for e in doc["runs"].values())
-        newer = all((folder / "analysis.json").stat().st_mtime >= (r / "model.safetensors").stat().st_mtime
-                    for r in runs)
+        newer = all(
+            (folder / "analysis.json").stat().st_mtime >= (r / "model.safetensors").stat().st_mtime for r in runs
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return mine and newer

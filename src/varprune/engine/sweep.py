@@ -10,29 +10,36 @@ meaning accuracy), ``dense_<metric>``, and per sparsity ``sparsity``,
 (after), fractions in [0, 1]. Tasks with several metrics (segmentation) also
 store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from varprune.engine.config import TrainConfig, load_run_config
 from varprune.device import autocast, resolve_amp, resolve_device
-from varprune.errors import RunError
-from varprune.numerics.pruning import (MagnitudePruner, apply_masks_, check_sparsity, pattern_masks, realised_sparsity,
-                                       recalibrate_bn)
-from varprune.storage.checkpoint import file_digest
-from varprune.report.results import write_sweep
-from varprune.report.tables import setting_key
+from varprune.engine.config import TrainConfig, load_run_config
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
 from varprune.engine.runs import build_model, data_problems, load_data
+from varprune.errors import RunError
+from varprune.numerics.pruning import (
+    MagnitudePruner,
+    apply_masks_,
+    check_sparsity,
+    pattern_masks,
+    realised_sparsity,
+    recalibrate_bn,
+)
+from varprune.report.results import write_sweep
+from varprune.report.tables import setting_key
+from varprune.storage.checkpoint import file_digest
 from varprune.tasks import Task
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
@@ -42,12 +49,21 @@ def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -
     """The re-tuning batches: the first ``batches * batch_size`` images given
     (unaugmented; the caller passes a deterministic subset), normalised."""
     n = min(len(images), batches * batch_size)
-    return [normalize(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [normalize(images[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_loader, bnt: list[torch.Tensor],
-                scope: str = "global", exclude: Iterable[str] = (), amp: str = "none", progress=None,
-                patterns: Iterable[str] = ()) -> dict:
+def prune_sweep(
+    model: nn.Module,
+    sparsities: Iterable[float],
+    task: Task,
+    test_loader,
+    bnt: list[torch.Tensor],
+    scope: str = "global",
+    exclude: Iterable[str] = (),
+    amp: str = "none",
+    progress=None,
+    patterns: Iterable[str] = (),
+) -> dict:
     """Evaluate ``model`` pruned one-shot at every sparsity (and N:M pattern), before and after BN re-tuning.
 
     Unstructured settings share one sort of the magnitudes (MagnitudePruner);
@@ -93,8 +109,11 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
             else:
                 after = before
             realised = realised_sparsity(masks)
-            row = {"sparsity": value, "realised_sparsity": realised} if kind == "sparsity" else \
-                {"pattern": value, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
+            row = (
+                {"sparsity": value, "realised_sparsity": realised}
+                if kind == "sparsity"
+                else {"pattern": value, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
+            )
             row.update({m: before[m], f"{m}_bnt": after[m]})
             if several:
                 row["metrics"], row["metrics_bnt"] = before, after
@@ -104,14 +123,22 @@ def prune_sweep(model: nn.Module, sparsities: Iterable[float], task: Task, test_
     finally:
         model.load_state_dict(dense_state)
     doc = {} if m == "accuracy" else {"metric": m}
-    doc.update({f"dense_{m}": dense[m], "scope": scope, "exclude": list(exclude), "results": results,
-                "timing": {"total_s": time.perf_counter() - t0, "prune_s": prune_time, "bnt_s": bnt_time}})
+    doc.update(
+        {
+            f"dense_{m}": dense[m],
+            "scope": scope,
+            "exclude": list(exclude),
+            "results": results,
+            "timing": {"total_s": time.perf_counter() - t0, "prune_s": prune_time, "bnt_s": bnt_time},
+        }
+    )
     if several:
         doc["dense_metrics"] = dense
     return doc
 
 
 # ---------------------------------------------------------------- run folders
+
 
 def run_label(cfg: TrainConfig) -> str:
     if "var" in cfg.method.split("+"):
@@ -134,8 +161,10 @@ def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
         configs.append(cfg)
         if not (run / WEIGHTS).is_file():
             if (run / CHECKPOINT).is_file():
-                found.append(f"{run} is still training or was interrupted (no {WEIGHTS} yet): wait for it, or "
-                             f"`varprune train --resume {run}` if it stopped")
+                found.append(
+                    f"{run} is still training or was interrupted (no {WEIGHTS} yet): wait for it, or "
+                    f"`varprune train --resume {run}` if it stopped"
+                )
             else:
                 found.append(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
         if data_dir is not None:
@@ -149,12 +178,16 @@ def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch
     (and its plot exists: a sweep interrupted between the two is redone)."""
     try:
         doc = json.loads((run / "prune.json").read_text())
-        same = ([setting_key(r) for r in doc["results"]] == list(sparsities) + list(patterns)
-                and doc["scope"] == scope
-                and list(doc["exclude"]) == list(exclude) and doc["bnt_batches"] == bnt_batches
-                and doc["bnt_batch_size"] == bnt_batch_size
-                and doc["weights_sha256"] == file_digest(run / WEIGHTS)
-                and (run / "prune.png").is_file() and (run / "prune.csv").is_file())
+        same = (
+            [setting_key(r) for r in doc["results"]] == list(sparsities) + list(patterns)
+            and doc["scope"] == scope
+            and list(doc["exclude"]) == list(exclude)
+            and doc["bnt_batches"] == bnt_batches
+            and doc["bnt_batch_size"] == bnt_batch_size
+            and doc["weights_sha256"] == file_digest(run / WEIGHTS)
+            and (run / "prune.png").is_file()
+            and (run / "prune.csv").is_file()
+        )
     except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError):
         return None
     return doc if same else None
@@ -163,10 +196,11 @@ def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch
 @dataclass
 class Trained:
     """A finished run, loaded: its configuration, model (final weights) and data."""
+
     run: Path
     cfg: TrainConfig
     model: nn.Module
-    data: object          # loop.RunData
+    data: object  # loop.RunData
     device: torch.device
     amp: str
 
@@ -185,29 +219,48 @@ class Trained:
 def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None) -> Trained:
     """Load a finished run's final weights and data (checked by :func:`check_runs` first)."""
     from varprune.storage.checkpoint import load_weights
+
     cfg = cfg or load_run_config(run)
     dev = resolve_device(device if device != "auto" else "auto")
     cfg.device = str(dev)
-    key = (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.limit_train, cfg.limit_test, cfg.channels_last,
-           cfg.validation_fraction)   # every field that changes what load_data returns
+    key = (
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.image_size,
+        cfg.limit_train,
+        cfg.limit_test,
+        cfg.channels_last,
+        cfg.validation_fraction,
+    )  # every field that changes what load_data returns
     cache = data_cache if data_cache is not None else {}
     if key not in cache:
         cache[key] = load_data(cfg, dev)
     data = cache[key]
-    model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev)   # its own weights, not --init's
+    model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev)  # its own weights, not --init's
     load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
     return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev))
 
 
-def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_batches=20, bnt_batch_size=500,
-               data_dir=None, device="auto", log=print, reuse=False, patterns=()) -> list[tuple[str, dict]]:
+def prune_runs(
+    runs: list[Path],
+    sparsities,
+    scope="global",
+    exclude=(),
+    bnt_batches=20,
+    bnt_batch_size=500,
+    data_dir=None,
+    device="auto",
+    log=print,
+    reuse=False,
+    patterns=(),
+) -> list[tuple[str, dict]]:
     """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
 
     ``reuse``: a run whose prune.json was made from its current weights with
     the same settings is not swept again (an interrupted sweep resumes).
     """
     dev = resolve_device(device)
-    configs, found = check_runs(runs, data_dir)   # every folder checked before any work
+    configs, found = check_runs(runs, data_dir)  # every folder checked before any work
     if found:
         raise RunError("; ".join(found))
     cache, out = {}, []
@@ -215,8 +268,7 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
     for run, cfg, label in zip(runs, configs, labels):
-        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns) \
-            if reuse else None
+        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns) if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label
@@ -226,13 +278,29 @@ def prune_runs(runs: list[Path], sparsities, scope="global", exclude=(), bnt_bat
         t = load_trained(run, cfg, str(dev), cache)
         log(f"pruning {run} ({label})")
         m = t.task.primary
-        doc = prune_sweep(t.model, sparsities, t.task, t.data.test_loader, t.bnt(bnt_batches, bnt_batch_size),
-                          scope, exclude, t.amp,
-                          progress=lambda s, a, b: log(f"  {s if isinstance(s, str) else f'{100 * s:g}%'}: {m} "
-                                                       f"{100 * b:.2f}% with BNT, {100 * a:.2f}% without"),
-                          patterns=patterns)
-        doc.update({"run": str(run), "label": label, "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size,
-                    "weights_sha256": digest})
+        doc = prune_sweep(
+            t.model,
+            sparsities,
+            t.task,
+            t.data.test_loader,
+            t.bnt(bnt_batches, bnt_batch_size),
+            scope,
+            exclude,
+            t.amp,
+            progress=lambda s, a, b: log(
+                f"  {s if isinstance(s, str) else f'{100 * s:g}%'}: {m} {100 * b:.2f}% with BNT, {100 * a:.2f}% without"
+            ),
+            patterns=patterns,
+        )
+        doc.update(
+            {
+                "run": str(run),
+                "label": label,
+                "bnt_batches": bnt_batches,
+                "bnt_batch_size": bnt_batch_size,
+                "weights_sha256": digest,
+            }
+        )
         write_sweep(run, doc, label)
         out.append((label, doc))
     return out
@@ -252,7 +320,8 @@ def ensure_run(cfg: TrainConfig, run: Path, log=print, progress: bool = True) ->
                 raise RunError(f"{run} holds a run with another configuration; choose another --out or remove it")
             return "reused" if (run / WEIGHTS).exists() else "resumed"
         return "trained"
-    found = distributed.from_main(what)   # under torchrun: rank 0's folder decides for every process
+
+    found = distributed.from_main(what)  # under torchrun: rank 0's folder decides for every process
     if found == "reused":
         log(f"reusing finished run {run}")
         return "reused"

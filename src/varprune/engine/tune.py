@@ -32,6 +32,7 @@ the same way, so the gain is visible. Outputs: ``DIR/tune.json`` (schedule,
 every score, the choice, the ``varprune train`` command to run with it) and
 ``DIR/tune.png`` (score against candidate, one line per round, log x).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,10 +41,10 @@ import math
 import shlex
 from pathlib import Path
 
-from varprune.storage.checkpoint import atomic_write_bytes, atomic_write_text
-from varprune.engine.config import FIELDS, TrainConfig, flag_of, problems, read_resolved
 from varprune.data import VALIDATION_SEED
+from varprune.engine.config import FIELDS, TrainConfig, flag_of, problems, read_resolved
 from varprune.errors import NonFiniteError, RunError, short
+from varprune.storage.checkpoint import atomic_write_bytes, atomic_write_text
 
 SEARCHES = ("strength", "lambda")
 DEFAULT_GRIDS = {"strength": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "lambda": (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)}
@@ -51,6 +52,7 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 
 
 # ---------------------------------------------------------------- the schedule
+
 
 def halvings(n: int) -> int:
     """Rounds until one candidate is left: 6 -> 3 -> 2 -> 1 is 4."""
@@ -82,15 +84,18 @@ def candidate_config(base: TrainConfig, search: str, value: float, epochs: int) 
 
 
 def candidate_name(search: str, value: float, epochs: int) -> str:
-    return f"{'s' if search == 'strength' else 'lambda'}{float(value)!r}-e{epochs}"   # exact: no two share a folder
+    return f"{'s' if search == 'strength' else 'lambda'}{float(value)!r}-e{epochs}"  # exact: no two share a folder
 
 
 # ---------------------------------------------------------------- checks
 
-def tune_problems(base: TrainConfig, sparsity: float | None, search: str, grid, rounds: int | None,
-                  baseline: str | None) -> list[str]:
+
+def tune_problems(
+    base: TrainConfig, sparsity: float | None, search: str, grid, rounds: int | None, baseline: str | None
+) -> list[str]:
     """Every problem with a tuning request, as one-line messages (nothing is read or written)."""
     from varprune.engine.methods import METHODS
+
     found = problems(base)
     if "var" not in str(base.method).split("+"):
         with_var = ", ".join(m for m in METHODS if "var" in m.split("+"))
@@ -112,14 +117,16 @@ def tune_problems(base: TrainConfig, sparsity: float | None, search: str, grid, 
             found.append(f"--grid: strengths must be below {FIELDS['var_strength'].metadata['hi']:g}")
     n = len(grid) if grid else len(DEFAULT_GRIDS.get(search, (1,)))
     if rounds is not None and not 1 <= rounds <= halvings(n):
-        found.append(f"--rounds must be in [1, {halvings(n)}] for {n} candidates (each round halves them), "
-                     f"got {rounds}")
+        found.append(
+            f"--rounds must be in [1, {halvings(n)}] for {n} candidates (each round halves them), got {rounds}"
+        )
     if baseline is not None and baseline not in METHODS:
         found.append(f"--baseline {short(baseline)} is not a method (choose from {', '.join(METHODS)}, or none)")
-    return found   # --validation-fraction is checked by problems(): it is a TrainConfig field
+    return found  # --validation-fraction is checked by problems(): it is a TrainConfig field
 
 
 # ---------------------------------------------------------------- the command to run afterwards
+
 
 def train_command(cfg: TrainConfig, out: str | Path) -> str:
     """A ``varprune train`` command line that trains ``cfg`` (every field that differs from its default)."""
@@ -145,18 +152,26 @@ def train_command(cfg: TrainConfig, out: str | Path) -> str:
 
 # ---------------------------------------------------------------- the search
 
+
 def _score(run: Path, doc: dict) -> dict:
     from varprune.report.tables import metric_of
+
     m = metric_of(doc)
     row = doc["results"][0]
-    return {"score": row[f"{m}_bnt"], "score_no_bnt": row[m], "dense": doc[f"dense_{m}"],
-            "realised_sparsity": row["realised_sparsity"]}
+    return {
+        "score": row[f"{m}_bnt"],
+        "score_no_bnt": row[m],
+        "dense": doc[f"dense_{m}"],
+        "realised_sparsity": row["realised_sparsity"],
+    }
 
 
-def _train_and_score(cfgs: dict[str, TrainConfig], folder: Path, sparsity, scope, bnt_batches, bnt_batch_size,
-                     log, progress) -> dict[str, dict]:
+def _train_and_score(
+    cfgs: dict[str, TrainConfig], folder: Path, sparsity, scope, bnt_batches, bnt_batch_size, log, progress
+) -> dict[str, dict]:
     """Train (or reuse, or resume) each named run, then score the finished ones by the sweep at ``sparsity``."""
     from varprune.engine.sweep import ensure_run, prune_runs
+
     entries, finished = {}, []
     for name, cfg in cfgs.items():
         run = folder / name
@@ -168,8 +183,17 @@ def _train_and_score(cfgs: dict[str, TrainConfig], folder: Path, sparsity, scope
             log(f"{name}: {e}")
             entries[name].update(score=None, diverged=str(e))
     if finished:
-        swept = prune_runs([folder / n for n in finished], [sparsity], scope, (), bnt_batches, bnt_batch_size,
-                           device=next(iter(cfgs.values())).device, log=log, reuse=True)
+        swept = prune_runs(
+            [folder / n for n in finished],
+            [sparsity],
+            scope,
+            (),
+            bnt_batches,
+            bnt_batch_size,
+            device=next(iter(cfgs.values())).device,
+            log=log,
+            reuse=True,
+        )
         for name, (_, doc) in zip(finished, swept):
             entries[name].update(_score(folder / name, doc))
     for name in cfgs:
@@ -183,15 +207,27 @@ def _rank(values: list[float], scores: dict[float, float | None]) -> list[float]
     return sorted(values, key=lambda v: (scores[v] is None, -(scores[v] or 0.0), v))
 
 
-def run_tune(out: Path, base: TrainConfig, sparsity: float, search: str = "strength", grid=None,
-             rounds: int | None = None, baseline: str | None = "sgd", validation_fraction: float =
-             DEFAULT_VALIDATION_FRACTION, scope: str = "global", bnt_batches: int = 20, bnt_batch_size: int = 500,
-             log=print, progress: bool = True) -> dict:
+def run_tune(
+    out: Path,
+    base: TrainConfig,
+    sparsity: float,
+    search: str = "strength",
+    grid=None,
+    rounds: int | None = None,
+    baseline: str | None = "sgd",
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    scope: str = "global",
+    bnt_batches: int = 20,
+    bnt_batch_size: int = 500,
+    log=print,
+    progress: bool = True,
+) -> dict:
     """Successive halving over ``grid``; writes ``out/tune.json`` and ``out/tune.png``; returns tune.json's document."""
     out = Path(out)
     base = dataclasses.replace(base, validation_fraction=validation_fraction)
     found = tune_problems(base, sparsity, search, grid, rounds, baseline)
     from varprune.engine.loop import data_problems
+
     found += [p for p in data_problems(base) if p not in found]
     if out.exists() and not out.is_dir():
         found.append(f"{out} exists and is not a folder; choose another --out")
@@ -201,60 +237,99 @@ def run_tune(out: Path, base: TrainConfig, sparsity: float, search: str = "stren
     rounds = rounds or default_rounds(len(values))
     plan = schedule(len(values), base.epochs, rounds)
     candidates = out / "candidates"
-    log(f"tuning VAR {search} for {100 * sparsity:g}% sparsity: " + " -> ".join(
-        f"{n} candidate{'s' * (n > 1)} x {e} epoch{'s' * (e > 1)}" for n, e in plan))
+    log(
+        f"tuning VAR {search} for {100 * sparsity:g}% sparsity: "
+        + " -> ".join(f"{n} candidate{'s' * (n > 1)} x {e} epoch{'s' * (e > 1)}" for n, e in plan)
+    )
 
-    doc = {"search": search, "method": base.method, "sparsity": sparsity, "scope": scope,
-           "bnt_batches": bnt_batches, "bnt_batch_size": bnt_batch_size, "grid": values, "epochs": base.epochs,
-           "schedule": [{"round": r, "candidates": n, "epochs": e} for r, (n, e) in enumerate(plan, 1)],
-           "train": base.to_dict(), "rounds": []}
+    doc = {
+        "search": search,
+        "method": base.method,
+        "sparsity": sparsity,
+        "scope": scope,
+        "bnt_batches": bnt_batches,
+        "bnt_batch_size": bnt_batch_size,
+        "grid": values,
+        "epochs": base.epochs,
+        "schedule": [{"round": r, "candidates": n, "epochs": e} for r, (n, e) in enumerate(plan, 1)],
+        "train": base.to_dict(),
+        "rounds": [],
+    }
     alive = values
     for r, (_, epochs) in enumerate(plan, 1):
         log(f"round {r}/{rounds}: {len(alive)} candidate(s), {epochs} epoch(s) each")
         names = {v: candidate_name(search, v, epochs) for v in alive}
-        entries = _train_and_score({names[v]: candidate_config(base, search, v, epochs) for v in alive},
-                                   candidates, sparsity, scope, bnt_batches, bnt_batch_size, log, progress)
+        entries = _train_and_score(
+            {names[v]: candidate_config(base, search, v, epochs) for v in alive},
+            candidates,
+            sparsity,
+            scope,
+            bnt_batches,
+            bnt_batch_size,
+            log,
+            progress,
+        )
         scores = {v: entries[names[v]]["score"] for v in alive}
         ranked = _rank(alive, scores)
-        kept = ranked[:math.ceil(len(alive) / 2)] if r < rounds else ranked[:1]
-        doc["rounds"].append({"round": r, "epochs": epochs,
-                              "candidates": [{"value": v, "name": names[v], **entries[names[v]]} for v in alive],
-                              "kept": kept})
+        kept = ranked[: math.ceil(len(alive) / 2)] if r < rounds else ranked[:1]
+        doc["rounds"].append(
+            {
+                "round": r,
+                "epochs": epochs,
+                "candidates": [{"value": v, "name": names[v], **entries[names[v]]} for v in alive],
+                "kept": kept,
+            }
+        )
         log(_round_table(doc["rounds"][-1], search))
         alive = kept
 
     best = alive[0]
     last = next(c for c in doc["rounds"][-1]["candidates"] if c["value"] == best)
     if last["score"] is None:
-        raise NonFiniteError(f"every candidate of the last round diverged (non-finite loss); lower --lr or try "
-                       f"smaller --grid values; the runs are in {candidates}")
+        raise NonFiniteError(
+            f"every candidate of the last round diverged (non-finite loss); lower --lr or try "
+            f"smaller --grid values; the runs are in {candidates}"
+        )
     final_cfg = dataclasses.replace(candidate_config(base, search, best, base.epochs), validation_fraction=None)
     if baseline is not None:
         # VAR at its default strength if the baseline method has VAR, not at the candidates' values
         ref_cfg = dataclasses.replace(base, method=baseline, var_lambda=None, var_strength=None)
         name = f"{baseline}-e{base.epochs}"
-        entry = _train_and_score({name: ref_cfg}, out / "baseline", sparsity, scope, bnt_batches, bnt_batch_size,
-                                 log, progress)[name]
+        entry = _train_and_score(
+            {name: ref_cfg}, out / "baseline", sparsity, scope, bnt_batches, bnt_batch_size, log, progress
+        )[name]
         doc["baseline"] = {"method": baseline, "epochs": base.epochs, **entry}
     else:
         doc["baseline"] = None
     resolved = read_resolved(Path(last["run"]))
-    doc["validation"] = {"fraction": validation_fraction, "seed": VALIDATION_SEED,
-                         "train_examples": resolved.get("train_examples"),
-                         "validation_examples": resolved.get("test_examples")}
+    doc["validation"] = {
+        "fraction": validation_fraction,
+        "seed": VALIDATION_SEED,
+        "train_examples": resolved.get("train_examples"),
+        "validation_examples": resolved.get("test_examples"),
+    }
     doc["metric"] = resolved.get("metric", "accuracy")
-    doc["choice"] = {"value": best, "search": search, "score": last["score"], "var_lambda": last["var_lambda"],
-                     "var_strength": last["var_strength"], "psi_init": last["psi_init"], "run": last["run"],
-                     "at_edge": len(values) > 1 and best in (values[0], values[-1])}
+    doc["choice"] = {
+        "value": best,
+        "search": search,
+        "score": last["score"],
+        "var_lambda": last["var_lambda"],
+        "var_strength": last["var_strength"],
+        "psi_init": last["psi_init"],
+        "run": last["run"],
+        "at_edge": len(values) > 1 and best in (values[0], values[-1]),
+    }
     doc["command"] = train_command(final_cfg, out / "final")
     atomic_write_text(out / "tune.json", json.dumps(doc, indent=2) + "\n")
     tune_plot(doc, out / "tune.png")
     m = doc["metric"]
     ref = doc["baseline"]
     lam = f" (lambda {last['var_lambda']:.3g})" if search == "strength" else ""
-    log(f"choice: {search} {best:g}{lam}: validation {m} {100 * last['score']:.2f}% "
+    log(
+        f"choice: {search} {best:g}{lam}: validation {m} {100 * last['score']:.2f}% "
         f"at {100 * sparsity:g}% sparsity + BNT"
-        + (f"; {ref['method']}: {100 * ref['score']:.2f}%" if ref and ref.get("score") is not None else ""))
+        + (f"; {ref['method']}: {100 * ref['score']:.2f}%" if ref and ref.get("score") is not None else "")
+    )
     if doc["choice"]["at_edge"]:
         log(f"note: {best:g} is at the edge of the grid; the best value may lie beyond it: extend --grid")
     log(f"wrote {out / 'tune.json'}, {out / 'tune.png'}")
@@ -270,8 +345,10 @@ def _round_table(entry: dict, search: str) -> str:
             lines.append(f"  {c['value']:>9g}  diverged")
             continue
         mark = "  kept" if c["value"] in entry["kept"] else ""
-        lines.append(f"  {c['value']:>9g}  {100 * c['score']:10.2f}%  {100 * c['score_no_bnt']:6.2f}%  "
-                     f"{100 * c['dense']:6.2f}%{mark}")
+        lines.append(
+            f"  {c['value']:>9g}  {100 * c['score']:10.2f}%  {100 * c['score_no_bnt']:6.2f}%  "
+            f"{100 * c['dense']:6.2f}%{mark}"
+        )
     return "\n".join(lines)
 
 
@@ -279,6 +356,7 @@ def tune_plot(doc: dict, path: Path) -> None:
     """Validation score against candidate value (log x), one line per round; the baseline dashed; the choice starred."""
     from varprune.report.figures import _figure
     from varprune.report.tables import metric_title
+
     plt, fig, ax = _figure()
     for entry in doc["rounds"]:
         pts = sorted((c["value"], 100 * c["score"]) for c in entry["candidates"] if c["score"] is not None)
@@ -297,6 +375,7 @@ def tune_plot(doc: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     import io
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

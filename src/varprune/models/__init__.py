@@ -1,7 +1,14 @@
 """Model registry. Importing this package registers every built-in model."""
-from . import mlp, resnet_cifar, unet, vgg, vit, wrn  # noqa: F401  (registration side effects)
-from .registry import (ModelError, create_model, describe_models, list_models, model_options, model_task,
-                       register_model)
 
-__all__ = ["create_model", "list_models", "describe_models", "register_model", "model_task", "model_options",
-           "ModelError"]
+from . import mlp, resnet_cifar, unet, vgg, vit, wrn  # noqa: F401  (registration side effects)
+from .registry import ModelError, create_model, describe_models, list_models, model_options, model_task, register_model
+
+__all__ = [
+    "ModelError",
+    "create_model",
+    "describe_models",
+    "list_models",
+    "model_options",
+    "model_task",
+    "register_model",
+]

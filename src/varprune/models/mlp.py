@@ -4,6 +4,7 @@ Two hidden layers of 1024 units hold 1.8M prunable weights for 28 px inputs at
 a fraction of a CNN's compute, so on two CPU cores it trains for enough steps
 for VAR's effect to show.
 """
+
 from __future__ import annotations
 
 from torch import nn

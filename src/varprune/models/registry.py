@@ -6,10 +6,11 @@ so a caller can refuse a model that does not fit its dataset before building it.
 Keyword options (``width=``, ``depth=``...) are forwarded to the builder; an
 option the builder does not take is a :class:`ModelError`.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -39,6 +40,7 @@ def register_model(name: str, description: str, task: str = "classification"):
             raise ModelError(f"model {name!r} registered twice")
         _MODELS[name] = (fn, description, task)
         return fn
+
     return wrap
 
 
@@ -82,12 +84,14 @@ def model_options(name: str) -> dict[str, object]:
     """``{option: default}`` for the keyword options ``create_model`` forwards to this model."""
     _check_name(name)
     sig = inspect.signature(_MODELS[name][0])
-    return {p.name: p.default for p in sig.parameters.values()
-            if p.name not in _BASE_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name not in _BASE_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
-def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                 **options) -> nn.Module:
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **options) -> nn.Module:
     """Build a registered model for ``in_channels`` x ``image_size`` px inputs.
 
     ``options`` go to the model's builder (see :func:`model_options`); an option
@@ -96,8 +100,10 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_s
     """
     if name.startswith("timm:"):
         from .timm_adapter import create_timm_model
-        return create_timm_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                                 **options)
+
+        return create_timm_model(
+            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options
+        )
     _check_name(name)
     if options:
         known = model_options(name)

@@ -6,10 +6,11 @@ three-stage CIFAR networks (16..64 channels); shortcuts that change shape are
 1x1 convolutions with BatchNorm (option B), so every weight is a conv or
 linear weight that pruning sees.
 """
+
 from __future__ import annotations
 
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 

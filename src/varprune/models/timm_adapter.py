@@ -14,6 +14,7 @@ models of varprune (resnet18, wrn28_10) are the usual choice there.
 
 timm is optional: ``pip install timm`` or ``pip install varprune[timm]``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,8 +32,9 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise TimmModelError("timm:<name> models need timm: pip install timm (or pip install 'varprune[timm]')") \
-            from None
+        raise TimmModelError(
+            "timm:<name> models need timm: pip install timm (or pip install 'varprune[timm]')"
+        ) from None
     return timm
 
 
@@ -47,19 +49,21 @@ def timm_model_problem(name: str) -> str | None:
 
 def _check(name: str):
     timm = _timm()
-    base = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    base = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     if not base:
         raise TimmModelError("empty timm model name: write timm:<name>, e.g. timm:resnet18")
     if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=4, cutoff=0.6)
-        hint = f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else \
-            "see timm.list_models() for the names"
+        hint = (
+            f"did you mean {', '.join(PREFIX + c for c in close)}?" if close else "see timm.list_models() for the names"
+        )
         raise TimmModelError(f"unknown timm model {base!r}: {hint}")
     return timm, base
 
 
-def create_timm_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                      **kwargs) -> nn.Module:
+def create_timm_model(
+    name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **kwargs
+) -> nn.Module:
     """Build timm model ``name`` (with or without the ``timm:`` prefix), random weights.
 
     Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_rate``);
@@ -67,8 +71,9 @@ def create_timm_model(name: str, in_channels: int = 3, num_classes: int = 10, im
     (a ValueError) when timm is missing or the name is unknown.
     """
     if kwargs.get("pretrained"):
-        raise TimmModelError("varprune builds timm models without downloaded weights; "
-                             "load trained weights with --init FILE instead")
+        raise TimmModelError(
+            "varprune builds timm models without downloaded weights; load trained weights with --init FILE instead"
+        )
     kwargs.pop("pretrained", None)
     timm, base = _check(name)
     args = dict(pretrained=False, in_chans=int(in_channels), num_classes=int(num_classes), **kwargs)
@@ -79,5 +84,7 @@ def create_timm_model(name: str, in_channels: int = 3, num_classes: int = 10, im
         return timm.create_model(base, **args)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise TimmModelError(f"timm could not build {base!r} for {in_channels} channel(s), {image_size} px, "
-                             f"{num_classes} classes ({text})") from None
+        raise TimmModelError(
+            f"timm could not build {base!r} for {in_channels} channel(s), {image_size} px, "
+            f"{num_classes} classes ({text})"
+        ) from None

@@ -24,6 +24,7 @@ parameters including BatchNorm and biases in brackets):
 
 (``tests/test_unet.py`` recomputes the defaults' counts.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,8 +59,9 @@ class Up(nn.Module):
         if mode == "transpose":
             self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
         else:
-            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                                    nn.Conv2d(cin, cout, 1, bias=False))
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cout, 1, bias=False)
+            )
         self.conv = DoubleConv(cout + cskip, cout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -100,8 +102,7 @@ class UNet(_PaddingSegmenter):
     logits per pixel.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
-                 up: str = "transpose"):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3, up: str = "transpose"):
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
@@ -109,10 +110,11 @@ class UNet(_PaddingSegmenter):
         check_int("depth", depth, 1, 8)
         if up not in ("transpose", "bilinear"):
             raise ModelError(f"up must be 'transpose' or 'bilinear', not {up!r}")
-        self.multiple = 2 ** depth
-        chans = [width * 2 ** i for i in range(depth + 1)]
-        self.down = nn.ModuleList([DoubleConv(in_channels, chans[0])]
-                                  + [DoubleConv(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
+        self.multiple = 2**depth
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList(
+            [DoubleConv(in_channels, chans[0])] + [DoubleConv(chans[i - 1], chans[i]) for i in range(1, depth + 1)]
+        )
         self.up = nn.ModuleList([Up(chans[i], chans[i - 1], chans[i - 1], up) for i in range(depth, 0, -1)])
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
@@ -167,15 +169,19 @@ class ResNet18UNet(_PaddingSegmenter):
         return self.head(x)
 
 
-@register_model("unet", "U-Net with BatchNorm, width 16, depth 3 (0.48M weights; options width, depth, up)",
-                task="segmentation")
+@register_model(
+    "unet", "U-Net with BatchNorm, width 16, depth 3 (0.48M weights; options width, depth, up)", task="segmentation"
+)
 def unet(in_channels=1, num_classes=2, image_size=128, width=16, depth=3, up="transpose"):
     """U-Net; ``image_size`` is not needed (any size works) and is ignored."""
     return UNet(in_channels, num_classes, width=width, depth=depth, up=up)
 
 
-@register_model("unet_resnet18", "U-Net decoder on a ResNet-18 encoder, width 64 (14.2M weights; options width, up)",
-                task="segmentation")
+@register_model(
+    "unet_resnet18",
+    "U-Net decoder on a ResNet-18 encoder, width 64 (14.2M weights; options width, up)",
+    task="segmentation",
+)
 def unet_resnet18(in_channels=1, num_classes=2, image_size=128, width=64, up="transpose"):
     """ResNet-18-encoder U-Net; ``image_size`` is ignored (any size works)."""
     return ResNet18UNet(in_channels, num_classes, width=width, up=up)

@@ -1,5 +1,6 @@
 """VGG-16 with BatchNorm for 28 and 32 pixel inputs (ceil-mode pooling keeps
 28 px inputs at 1x1 after five pools), one linear classifier."""
+
 from __future__ import annotations
 
 from torch import nn

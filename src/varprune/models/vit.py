@@ -5,11 +5,12 @@ output projections are prunable weights like any other linear layer. The
 patch embedding is a strided convolution (also prunable); positional
 embedding and class token are not.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import ModelError, check_int, register_model
 
@@ -60,8 +61,9 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-@register_model("vit_tiny", "ViT-Tiny, patch 4, dim 192, depth 12, 3 heads (5.3M weights; options patch, dim, "
-                "depth, heads)")
+@register_model(
+    "vit_tiny", "ViT-Tiny, patch 4, dim 192, depth 12, 3 heads (5.3M weights; options patch, dim, depth, heads)"
+)
 def vit_tiny(in_channels=3, num_classes=10, image_size=32, patch=4, dim=192, depth=12, heads=3):
     """The options make other ViTs of the same design (dim=96, depth=6: 0.67M weights)."""
     check_int("patch", patch, 1, image_size)

@@ -13,10 +13,11 @@ classifier bias at 0.
 WRN-28-10 holds 36.5M parameters and WRN-16-8 11.0M for 10 classes. Global
 average pooling makes the networks work at 28, 32 or 64 px.
 """
+
 from __future__ import annotations
 
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .registry import register_model
 
@@ -31,8 +32,7 @@ class WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.dropout = float(dropout)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-                         if stride != 1 or cin != cout else None)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if stride != 1 or cin != cout else None
 
     def forward(self, x):
         a = F.relu(self.bn1(x))
@@ -47,8 +47,7 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen``; ``depth`` must be 6n + 4."""
 
-    def __init__(self, depth: int, widen: int, in_channels: int = 3, num_classes: int = 10,
-                 dropout: float = 0.0):
+    def __init__(self, depth: int, widen: int, in_channels: int = 3, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"Wide ResNet depth must be 6n + 4 (10, 16, 22, 28, 40, ...), got {depth}")

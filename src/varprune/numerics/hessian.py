@@ -12,11 +12,12 @@ The loss throughout is ``mean over batches of loss_fn(model(x), y)`` for
 ``batches = [(x, y), ...]``: fixed batches, so that repeated evaluations see
 the same function.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -91,9 +92,15 @@ def _hvp(model, loss_fn, batches, params, v) -> list[torch.Tensor]:
     return out
 
 
-def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence, iters: int = 100,
-                           tol: float = 1e-4, seed: int = 0,
-                           params: Iterable[torch.Tensor] | None = None) -> float:
+def hessian_top_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence,
+    iters: int = 100,
+    tol: float = 1e-4,
+    seed: int = 0,
+    params: Iterable[torch.Tensor] | None = None,
+) -> float:
     """The Hessian eigenvalue of largest magnitude, by power iteration.
 
     The loss is ``mean over batches of loss_fn(model(x), y)``; the Hessian is
@@ -125,15 +132,14 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Sequence,
     if not params:
         raise AnalysisError("no parameters to differentiate: none has requires_grad; pass params=...")
     gen = torch.Generator().manual_seed(int(seed))
-    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
-         for p in params]
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=p.device, dtype=p.dtype) for p in params]
     norm = math.sqrt(_dot(v, v))
     v = [u / norm for u in v]
     eig = None
     with torch.enable_grad(), _buffers_kept(model):
         for _ in range(iters):
             hv = _hvp(model, loss_fn, batches, params, v)
-            new = _dot(v, hv)                      # Rayleigh quotient, |v| = 1
+            new = _dot(v, hv)  # Rayleigh quotient, |v| = 1
             hnorm = math.sqrt(_dot(hv, hv))
             if not math.isfinite(new) or not math.isfinite(hnorm):
                 raise AnalysisError("the Hessian-vector product is not finite: the loss is inf/nan at these weights")
@@ -170,8 +176,9 @@ def _direction(named: list[tuple[str, torch.Tensor]], gen: torch.Generator) -> l
     return out
 
 
-def loss_profile(model: nn.Module, loss_fn: LossFn, batches: Sequence, alphas: Sequence[float],
-                 seed: int = 0) -> list[float]:
+def loss_profile(
+    model: nn.Module, loss_fn: LossFn, batches: Sequence, alphas: Sequence[float], seed: int = 0
+) -> list[float]:
     """The loss along one filter-normalised random direction: ``[L(w + a d) for a in alphas]``.
 
     ``d`` is a Gaussian direction drawn with ``seed``, filter-normalised as in

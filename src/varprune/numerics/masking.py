@@ -37,9 +37,10 @@ state consistent with the sparse model.
 Pruned weights are set with ``masked_fill_`` (+0.0, also where the weight was
 inf or nan), never by multiplying with the mask.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -64,12 +65,16 @@ class MaskKeeper:
         self._entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
             if name not in params:
-                raise ValueError(f"mask {name!r} names no parameter of the model "
-                                 f"(e.g. {next(iter(params), '?')!r}); masks are keyed by parameter name")
+                raise ValueError(
+                    f"mask {name!r} names no parameter of the model "
+                    f"(e.g. {next(iter(params), '?')!r}); masks are keyed by parameter name"
+                )
             p = params[name]
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise ValueError(f"mask {name!r} must be a bool tensor (True = kept), "
-                                 f"got {getattr(mask, 'dtype', type(mask).__name__)}")
+                raise ValueError(
+                    f"mask {name!r} must be a bool tensor (True = kept), "
+                    f"got {getattr(mask, 'dtype', type(mask).__name__)}"
+                )
             if mask.shape != p.shape:
                 raise ValueError(f"mask {name!r} has shape {list(mask.shape)}, the parameter {list(p.shape)}")
             # the pruned positions, stored once: masked_fill_ wants True where zeros go
@@ -88,6 +93,7 @@ class MaskKeeper:
             if where is None:  # the model moved after the keeper was built
                 where = cache[grad.device] = pruned.to(grad.device)
             return grad.masked_fill(where, 0)
+
         return hook
 
     @property

@@ -20,6 +20,7 @@ counts once. Labels out of range are counted in a separate bin and reported by
 ``result`` as a :class:`MetricError`. For several processes, all-reduce (sum)
 ``counter.counts`` before ``result()``.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def _as_labels(x, what: str) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise MetricError(f"{what} must be a tensor or array of integer labels ({exc})") from None
     if x.dtype.is_floating_point or x.dtype.is_complex:
-        raise MetricError(f"{what} must hold integer class labels, not {x.dtype}; "
-                          "take logits.argmax(1) for predictions")
+        raise MetricError(
+            f"{what} must hold integer class labels, not {x.dtype}; take logits.argmax(1) for predictions"
+        )
     return x
 
 
@@ -66,16 +68,17 @@ def confusion_matrix(pred, target, num_classes: int) -> torch.Tensor:
     num_classes = _check_num_classes(num_classes)
     pred, target = _as_labels(pred, "pred"), _as_labels(target, "target")
     if pred.shape != target.shape:
-        raise MetricError(f"pred and target must have the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise MetricError(
+            f"pred and target must have the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     p, t = pred.reshape(-1).long(), target.reshape(-1).long()
     for name, v in (("pred", p), ("target", t)):
         if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
             raise MetricError(f"{name} labels must lie in [0, {num_classes}); found {int(v.min())}..{int(v.max())}")
-    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def scores_from_confusion(matrix: torch.Tensor, include_background: bool = False,
-                          exclude_empty: str = "both") -> dict:
+def scores_from_confusion(matrix: torch.Tensor, include_background: bool = False, exclude_empty: str = "both") -> dict:
     """Dice, IoU and pixel accuracy from a pooled confusion matrix (rows: target, columns: prediction).
 
     Returns ``{"dice", "dice_per_class", "iou", "iou_per_class", "pixel_accuracy"}``.
@@ -90,10 +93,10 @@ def scores_from_confusion(matrix: torch.Tensor, include_background: bool = False
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
         raise MetricError(f"confusion matrix must be square; got shape {tuple(cm.shape)}")
     tp = cm.diagonal()
-    in_target = cm.sum(1)           # tp + fn
-    in_pred = cm.sum(0)             # tp + fp
+    in_target = cm.sum(1)  # tp + fn
+    in_pred = cm.sum(0)  # tp + fp
     dice_den = in_target + in_pred  # 2tp + fp + fn
-    union = dice_den - tp           # tp + fp + fn
+    union = dice_den - tp  # tp + fp + fn
     kept = (in_target > 0) if exclude_empty == "target" else (dice_den > 0)
     dice_pc, iou_pc = [], []
     for c in range(cm.shape[0]):
@@ -116,8 +119,7 @@ def scores_from_confusion(matrix: torch.Tensor, include_background: bool = False
     }
 
 
-def dice_score(pred, target, num_classes: int, include_background: bool = False,
-               exclude_empty: str = "both") -> float:
+def dice_score(pred, target, num_classes: int, include_background: bool = False, exclude_empty: str = "both") -> float:
     """Mean Dice over classes, each class's Dice pooled over all of ``pred``/``target``.
 
     ``pred`` and ``target``: integer label maps of one shape, e.g. ``(N, H, W)``
@@ -128,8 +130,7 @@ def dice_score(pred, target, num_classes: int, include_background: bool = False,
     module docstring); it is NaN when no class remains. Bad shapes, float
     labels or labels out of range raise :class:`MetricError` (a ValueError).
     """
-    return scores_from_confusion(confusion_matrix(pred, target, num_classes), include_background,
-                                 exclude_empty)["dice"]
+    return scores_from_confusion(confusion_matrix(pred, target, num_classes), include_background, exclude_empty)["dice"]
 
 
 class SegConfusion:
@@ -144,13 +145,12 @@ class SegConfusion:
     pixels whose labels were out of range; ``result`` raises if it is not 0).
     """
 
-    def __init__(self, num_classes: int, device="cpu", include_background: bool = False,
-                 exclude_empty: str = "both"):
+    def __init__(self, num_classes: int, device="cpu", include_background: bool = False, exclude_empty: str = "both"):
         self.num_classes = _check_num_classes(num_classes)
         _check_exclude(exclude_empty)
         self.include_background = include_background
         self.exclude_empty = exclude_empty
-        self.counts = torch.zeros(num_classes ** 2 + 1, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(num_classes**2 + 1, dtype=torch.int64, device=device)
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -168,13 +168,16 @@ class SegConfusion:
         _as_labels(target, "target")
         if pred.dtype.is_floating_point:
             if pred.dim() != target.dim() + 1 or pred.shape[1] != self.num_classes:
-                raise MetricError(f"logits must have shape (N, {self.num_classes}, ...) for a target of shape "
-                                  f"{tuple(target.shape)}; got {tuple(pred.shape)}")
+                raise MetricError(
+                    f"logits must have shape (N, {self.num_classes}, ...) for a target of shape "
+                    f"{tuple(target.shape)}; got {tuple(pred.shape)}"
+                )
             pred = pred.argmax(1)
         _as_labels(pred, "pred")
         if pred.shape != target.shape:
-            raise MetricError(f"pred and target must have the same shape; got {tuple(pred.shape)} "
-                              f"and {tuple(target.shape)}")
+            raise MetricError(
+                f"pred and target must have the same shape; got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         c = self.num_classes
         p = pred.reshape(-1).to(self.counts.device, torch.int64)
         t = target.reshape(-1).to(self.counts.device, torch.int64)
@@ -187,8 +190,10 @@ class SegConfusion:
         counts = self.counts.cpu()
         bad = int(counts[-1])
         if bad:
-            raise MetricError(f"{bad} pixels had labels outside [0, {self.num_classes}); "
-                              f"check num_classes ({self.num_classes}) against the dataset's labels")
+            raise MetricError(
+                f"{bad} pixels had labels outside [0, {self.num_classes}); "
+                f"check num_classes ({self.num_classes}) against the dataset's labels"
+            )
         c = self.num_classes
         return scores_from_confusion(counts[: c * c].view(c, c), self.include_background, self.exclude_empty)
 
@@ -219,8 +224,9 @@ class ClassificationCounter:
             output = output.argmax(1)
         _as_labels(output, "predicted labels")
         if output.shape != target.shape:
-            raise MetricError(f"output must be logits (N, C) or labels (N,) for N={target.shape[0]}; "
-                              f"got {tuple(output.shape)}")
+            raise MetricError(
+                f"output must be logits (N, C) or labels (N,) for N={target.shape[0]}; got {tuple(output.shape)}"
+            )
         hits = (output.to(self.counts.device) == target.to(self.counts.device)).sum()
         self.counts[0] += hits
         self.counts[1] += target.shape[0]

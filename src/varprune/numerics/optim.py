@@ -40,17 +40,18 @@ Under DDP the caller's first backward must be synchronised for CrAM+ (its
 dense gradient enters the update); for SAM the popular recipe wraps it in
 ``model.no_sync()`` and perturbs with the local gradient.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from varprune.numerics.pruning import keep_mask_topk
 
-__all__ = ["SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"]
+__all__ = ["S2SAM", "SAM", "CrAM", "frozen_bn_stats", "is_two_pass"]
 
 # Keeps rho * g / ||g|| finite when every gradient is zero (a frozen model, a dead batch).
 _EPS = 1e-12
@@ -80,8 +81,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     is nan, so momentum 0 would write nan into the running stats). Restored on
     exit, exception included.
     """
-    changed = [m for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    changed = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     try:
         for m in changed:
             m.track_running_stats = False
@@ -105,8 +105,9 @@ def _global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float, dtype: torch.dtype = torch.bool,
-                buffers: dict | None = None) -> list[torch.Tensor]:
+def _keep_masks(
+    tensors: Sequence[torch.Tensor], sparsity: float, dtype: torch.dtype = torch.bool, buffers: dict | None = None
+) -> list[torch.Tensor]:
     """Global magnitude keep-masks (True = kept) zeroing exactly ``round(sparsity * N)`` entries.
 
     Ties go by position (the earlier of two equal magnitudes is pruned first,
@@ -131,8 +132,9 @@ def _keep_masks(tensors: Sequence[torch.Tensor], sparsity: float, dtype: torch.d
             torch.abs(t, out=piece)
         else:
             piece.copy_(t).abs_()
-    keep = keep_mask_topk(flat, round(sparsity * flat.numel()), dtype=dtype,
-                          out=_buffer(buffers, "mask", flat.numel(), dtype, device))
+    keep = keep_mask_topk(
+        flat, round(sparsity * flat.numel()), dtype=dtype, out=_buffer(buffers, "mask", flat.numel(), dtype, device)
+    )
     return [piece.view(t.shape).to(t.device) for piece, t in zip(keep.split(sizes), tensors)]
 
 
@@ -163,7 +165,7 @@ class _Scaling:
         self.finite = torch.ones((), dtype=torch.bool, device=device)
 
     @classmethod
-    def create(cls, scaler, device: torch.device) -> "_Scaling | None":
+    def create(cls, scaler, device: torch.device) -> _Scaling | None:
         if scaler is None or not scaler.is_enabled():
             return None
         return cls(scaler, device)
@@ -188,12 +190,14 @@ class _Wrapper(torch.optim.Optimizer):
     """Shared plumbing: the base optimizer, closure checks, and a resumable state_dict."""
 
     caller_runs_first_pass = True
-    final_gradient_hooks: list = []    # callables run just before the base step; set per instance
+    final_gradient_hooks: list = []  # callables run just before the base step; set per instance
 
     def __init__(self, params, base_optimizer_cls, own_defaults: dict, base_kwargs: dict):
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
-            raise TypeError(f"base_optimizer_cls must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
-                            f"got {base_optimizer_cls!r}")
+            raise TypeError(
+                f"base_optimizer_cls must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
+                f"got {base_optimizer_cls!r}"
+            )
         if own_defaults.get("rho", 0.0) < 0:
             raise ValueError(f"rho must be >= 0, got {own_defaults['rho']}")
         self._own_defaults = dict(own_defaults)
@@ -222,11 +226,15 @@ class _Wrapper(torch.optim.Optimizer):
     def _check_closure(self, closure: Callable | None) -> Callable:
         if closure is None:
             if self.caller_runs_first_pass:
-                how = ("run the first forward+backward yourself, then call step(closure) with a closure that "
-                       "runs forward+backward again (inside frozen_bn_stats(model)) and returns the loss")
+                how = (
+                    "run the first forward+backward yourself, then call step(closure) with a closure that "
+                    "runs forward+backward again (inside frozen_bn_stats(model)) and returns the loss"
+                )
             else:
-                how = ("call step(closure) with a closure that runs the step's only forward+backward and returns "
-                       "the loss; do not run a pass before it")
+                how = (
+                    "call step(closure) with a closure that runs the step's only forward+backward and returns "
+                    "the loss; do not run a pass before it"
+                )
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure: {how}")
         return closure
 
@@ -252,15 +260,20 @@ class _Wrapper(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         own = super().state_dict()
-        return {"state": own["state"], "param_groups": own["param_groups"],
-                "base_state": self.base_optimizer.state_dict()["state"],
-                "extra": {"optimizer": type(self).__name__, **self._extra_state()}}
+        return {
+            "state": own["state"],
+            "param_groups": own["param_groups"],
+            "base_state": self.base_optimizer.state_dict()["state"],
+            "extra": {"optimizer": type(self).__name__, **self._extra_state()},
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         missing = sorted({"state", "param_groups", "base_state", "extra"} - set(state_dict))
         if missing:
-            raise ValueError(f"not a {type(self).__name__} state dict (missing {', '.join(missing)}); "
-                             f"a plain optimizer's state cannot be loaded into a wrapper")
+            raise ValueError(
+                f"not a {type(self).__name__} state dict (missing {', '.join(missing)}); "
+                f"a plain optimizer's state cannot be loaded into a wrapper"
+            )
         saved_by = state_dict["extra"].get("optimizer")
         if saved_by != type(self).__name__:
             raise ValueError(f"state dict was saved by {saved_by}, cannot load it into {type(self).__name__}")
@@ -292,8 +305,12 @@ class SAM(_Wrapper):
         """Move every parameter with a gradient from w to w + e."""
         params = self._params_with_grad()
         device = self._device()
-        scaled = [(torch.abs(p) * p.grad if group["adaptive"] else p.grad)
-                  for group in self.param_groups for p in group["params"] if p.grad is not None]
+        scaled = [
+            (torch.abs(p) * p.grad if group["adaptive"] else p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         grad_norm = _global_norm(scaled, device)
         del scaled
         self._backup = {p: p.detach().clone() for p in params}
@@ -356,10 +373,19 @@ class CrAM(_Wrapper):
     ``last_sparsity`` holds the k of the latest step, for logging.
     """
 
-    def __init__(self, params, base_optimizer_cls, rho: float = 0.05, sparsities: Sequence[float] = (0.5,),
-                 plus: bool = True, normalize: bool = False, seed: int = 0,
-                 compress_params: Iterable[torch.Tensor] | None = None, sparse_grad: bool = True,
-                 **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer_cls,
+        rho: float = 0.05,
+        sparsities: Sequence[float] = (0.5,),
+        plus: bool = True,
+        normalize: bool = False,
+        seed: int = 0,
+        compress_params: Iterable[torch.Tensor] | None = None,
+        sparse_grad: bool = True,
+        **base_kwargs,
+    ):
         sparsities = tuple(float(s) for s in sparsities)
         if not sparsities:
             raise ValueError("CrAM needs at least one sparsity")
@@ -447,9 +473,14 @@ class CrAM(_Wrapper):
         return loss
 
     def _extra_state(self) -> dict:
-        return {"generator": self._generator.get_state(), "last_sparsity": self.last_sparsity,
-                "sparsities": list(self.sparsities), "plus": self.plus, "normalize": self.normalize,
-                "sparse_grad": self.sparse_grad}
+        return {
+            "generator": self._generator.get_state(),
+            "last_sparsity": self.last_sparsity,
+            "sparsities": list(self.sparsities),
+            "plus": self.plus,
+            "normalize": self.normalize,
+            "sparse_grad": self.sparse_grad,
+        }
 
     def _load_extra_state(self, extra: dict) -> None:
         # sparsities/plus/normalize/sparse_grad are saved for inspection; the constructor's values stay in charge

@@ -29,11 +29,12 @@ largest magnitudes in every group of M consecutive weights along the input
 dimension; they have no sparsity knob, so they are separate functions rather
 than a mode of :class:`MagnitudePruner`.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -42,9 +43,22 @@ from varprune.numerics.weights import prunable_weights
 
 SCOPES = ("global", "layerwise")
 
-__all__ = ["PruningError", "SCOPES", "MagnitudePruner", "prune_magnitude", "keep_mask_topk", "magnitude_bits",
-           "parse_pattern", "nm_masks", "prune_nm", "realised_sparsity", "recalibrate_bn", "batchnorm_layers",
-           "sparsity_of", "check_sparsity"]
+__all__ = [
+    "SCOPES",
+    "MagnitudePruner",
+    "PruningError",
+    "batchnorm_layers",
+    "check_sparsity",
+    "keep_mask_topk",
+    "magnitude_bits",
+    "nm_masks",
+    "parse_pattern",
+    "prune_magnitude",
+    "prune_nm",
+    "realised_sparsity",
+    "recalibrate_bn",
+    "sparsity_of",
+]
 
 
 class PruningError(ValueError):
@@ -85,8 +99,9 @@ def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes.contiguous().view(_INT_OF[magnitudes.dtype])
 
 
-def _mask_at(bits: torch.Tensor, kth: int, excess: int, dtype: torch.dtype = torch.bool,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def _mask_at(
+    bits: torch.Tensor, kth: int, excess: int, dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep ``bits > kth`` and, of the values equal to ``kth``, the last ``excess`` by position."""
     if out is None:
         out = torch.empty(bits.shape, dtype=dtype, device=bits.device)
@@ -94,7 +109,7 @@ def _mask_at(bits: torch.Tensor, kth: int, excess: int, dtype: torch.dtype = tor
     keep = torch.gt(bits, kth, out=out)
     if excess:  # equal magnitudes straddle the cut: the earliest of them are pruned
         equal = torch.nonzero(bits == kth).squeeze(1)
-        keep[equal[equal.numel() - excess:]] = 1
+        keep[equal[equal.numel() - excess :]] = 1
     return keep
 
 
@@ -137,8 +152,14 @@ def _keep_mask_sorted_nosync(bits: torch.Tensor, sorted_bits: torch.Tensor, k: i
     return keep | (equal & (torch.cumsum(equal, 0) > (k - n_less)))
 
 
-def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str = "auto",
-                   dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def keep_mask_topk(
+    flat_magnitudes: torch.Tensor,
+    n_pruned: int,
+    *,
+    method: str = "auto",
+    dtype: torch.dtype = torch.bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Keep-mask (True = kept) that prunes exactly the ``n_pruned`` smallest of ``flat_magnitudes``.
 
     ``flat_magnitudes``: a 1-D tensor of non-negative floats (``abs()`` of the
@@ -173,8 +194,10 @@ def keep_mask_topk(flat_magnitudes: torch.Tensor, n_pruned: int, *, method: str 
     if out is None:
         out = torch.empty(n, dtype=dtype, device=device)
     elif out.shape != (n,) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise PruningError(f"out must be a contiguous {dtype} tensor of shape ({n},) on {device}, got "
-                           f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        raise PruningError(
+            f"out must be a contiguous {dtype} tensor of shape ({n},) on {device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     if k == 0 or k == n:
         return out.fill_(1 if k == 0 else 0)
     bits = magnitude_bits(flat_magnitudes)
@@ -189,11 +212,16 @@ def _refuse_nan(sorted_bits: torch.Tensor, what: str) -> None:
     # sorted bit patterns of magnitudes: a NaN sorts above +inf (or below 0 if its sign bit survived abs)
     if sorted_bits.numel() == 0:
         return
-    inf_bits = int(magnitude_bits(torch.tensor([float("inf")], dtype=torch.float32 if sorted_bits.dtype == torch.int32
-                                                else torch.float64))[0])
+    inf_bits = int(
+        magnitude_bits(
+            torch.tensor([float("inf")], dtype=torch.float32 if sorted_bits.dtype == torch.int32 else torch.float64)
+        )[0]
+    )
     if int(sorted_bits[-1]) > inf_bits or int(sorted_bits[0]) < 0:
-        raise PruningError(f"cannot prune: {what} holds NaN weights; magnitude pruning needs finite weights "
-                           f"(check the checkpoint or the training run)")
+        raise PruningError(
+            f"cannot prune: {what} holds NaN weights; magnitude pruning needs finite weights "
+            f"(check the checkpoint or the training run)"
+        )
 
 
 class MagnitudePruner:
@@ -226,8 +254,9 @@ class MagnitudePruner:
                 self._bits = [magnitude_bits(flat)]
                 what = ["the model"]
             else:
-                self._bits = [magnitude_bits(p.detach().reshape(-1).abs().to(_magnitude_dtype([p])))
-                              for _, p in self.named]
+                self._bits = [
+                    magnitude_bits(p.detach().reshape(-1).abs().to(_magnitude_dtype([p]))) for _, p in self.named
+                ]
                 what = [name for name, _ in self.named]
             self._sorted = [torch.sort(b).values for b in self._bits]
         for s, w in zip(self._sorted, what):
@@ -242,7 +271,7 @@ class MagnitudePruner:
         n = bits.numel()
         if k == 0:
             return torch.ones(n, dtype=torch.bool, device=bits.device)
-        kth = sorted_bits[k - 1: k]
+        kth = sorted_bits[k - 1 : k]
         n_less_equal = int(torch.searchsorted(sorted_bits, kth, right=True))
         return _mask_at(bits, int(kth), n_less_equal - k)
 
@@ -276,8 +305,9 @@ def apply_masks_(named, masks: dict[str, torch.Tensor]) -> None:
             p.masked_fill_(~masks[name].to(p.device), 0.0)
 
 
-def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global",
-                    exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+def prune_magnitude(
+    model: nn.Module, sparsity: float, scope: str = "global", exclude: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
     """Zero the smallest-magnitude weights in place; return keep-masks by name.
 
     ``scope="global"`` ranks all prunable weights together; ``"layerwise"``
@@ -341,8 +371,7 @@ def _nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.view(weight.shape)
 
 
-def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()
-             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """N:M semi-structured keep-masks: ``(masks, skipped)``; the weights are not modified.
 
     ``model_or_named``: a model (its prunable weights, minus ``exclude``) or
@@ -361,8 +390,7 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()
     masks, skipped = {}, []
     for name, w in _select_named(model_or_named, exclude):
         if w.dim() < 2:
-            raise PruningError(f"N:M pruning needs a weight with an input dimension; {name} has shape "
-                               f"{tuple(w.shape)}")
+            raise PruningError(f"N:M pruning needs a weight with an input dimension; {name} has shape {tuple(w.shape)}")
         fan_in = w[0].numel()
         if fan_in % m:
             masks[name] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
@@ -376,8 +404,9 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()
 
 
 @torch.no_grad()
-def prune_nm(model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[str] = ()
-             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def prune_nm(
+    model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Apply :func:`nm_masks` in place (zero the pruned weights); return ``(masks, skipped)``."""
     n, m = parse_pattern(pattern)
     masks, skipped = nm_masks(model, n, m, exclude)
@@ -386,8 +415,13 @@ def prune_nm(model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[s
     return masks, skipped
 
 
-def pattern_masks(model: nn.Module, sparsity: float | None, pattern: str = "unstructured", scope: str = "global",
-                  exclude: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+def pattern_masks(
+    model: nn.Module,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    scope: str = "global",
+    exclude: Iterable[str] = (),
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Keep-masks (True = kept) for one pruning setting, and the tensors left dense.
 
     ``pattern`` "unstructured" uses ``sparsity`` and ``scope`` (the sweep's
@@ -449,4 +483,3 @@ def sparsity_of(model: nn.Module, exclude: Iterable[str] = ()) -> float:
     named = prunable_weights(model, exclude)
     zeros = sum(int((p == 0).sum()) for _, p in named)
     return zeros / sum(p.numel() for _, p in named)
-

@@ -38,6 +38,7 @@ passes from d, and zeroes the coefficient of any layer whose variance is 0.
 Hoyer-square: a layer that is all zeros has 0/0; like DeepHoyer, such a layer
 is skipped (it adds 0 to the value and to the gradient) in both paths.
 """
+
 from __future__ import annotations
 
 import torch
@@ -99,8 +100,7 @@ class _Group:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.compute_dtype = self.dtype if self.dtype in _COMPUTE_DTYPES else torch.float32
-        self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype,
-                                            device=self.device)
+        self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype, device=self.device)
         self.scratch: list[list[torch.Tensor]] | None = None  # regularizer-owned buffers
 
     def grads(self) -> list[torch.Tensor]:
@@ -115,8 +115,7 @@ class _Group:
         On CPU, fresh allocations the size of the weights cost more than the
         arithmetic (page faults); on CUDA they would only be cache hits."""
         if self.scratch is None or len(self.scratch) < count:
-            self.scratch = [[torch.empty_like(p, dtype=self.compute_dtype) for p in self.params]
-                            for _ in range(count)]
+            self.scratch = [[torch.empty_like(p, dtype=self.compute_dtype) for p in self.params] for _ in range(count)]
         return self.scratch[:count]
 
 
@@ -136,8 +135,10 @@ def _check_scale(scale):
         return None
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.dtype.is_complex or scale.dtype == torch.bool:
-            raise ValueError(f"apply_gradient_: scale must be a float or a one-element tensor, "
-                             f"got a tensor of shape {tuple(scale.shape)}")
+            raise ValueError(
+                f"apply_gradient_: scale must be a float or a one-element tensor, "
+                f"got a tensor of shape {tuple(scale.shape)}"
+            )
         return scale.reshape(())
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"apply_gradient_: scale must be a float or a one-element tensor, got {scale!r}")
@@ -201,8 +202,9 @@ class Regularizer:
             self._groups = _group_by_device_dtype(params)
             self._signature = sig
             perm = [i for g in self._groups for i in g.indices]
-            self._order = None if perm == list(range(len(perm))) else \
-                torch.argsort(torch.tensor(perm, device=params[0].device))
+            self._order = (
+                None if perm == list(range(len(perm))) else torch.argsort(torch.tensor(perm, device=params[0].device))
+            )
         return self._groups
 
     def _ordered(self, per_group: list[torch.Tensor]) -> torch.Tensor:
@@ -224,8 +226,9 @@ class Regularizer:
         synchronisation.
         """
         scale = _check_scale(scale)
-        values = [self._group_gradient_(g, g.grads(), _coefficient(self.coef, scale, g))
-                  for g in self._current_groups()]
+        values = [
+            self._group_gradient_(g, g.grads(), _coefficient(self.coef, scale, g)) for g in self._current_groups()
+        ]
         self._last_terms = self._ordered(values)
         return self._last_terms.sum() * self.coef
 
@@ -264,7 +267,7 @@ class VarRegularizer(Regularizer):
         self._strength: float | None = None
 
     @classmethod
-    def from_strength(cls, model_or_weights, strength: float, r: float = 1e-8, eps: float = 1e-8) -> "VarRegularizer":
+    def from_strength(cls, model_or_weights, strength: float, r: float = 1e-8, eps: float = 1e-8) -> VarRegularizer:
         """A VarRegularizer with ``lam = strength / psi(w)``, psi taken once on the weights given.
 
         Pass the model (or weights) at initialisation: ``strength`` is then
@@ -299,13 +302,13 @@ class VarRegularizer(Regularizer):
         torch._foreach_copy_(t, group.params)
         torch._foreach_mul_(t, t)
         torch._foreach_add_(t, self.r)
-        torch._foreach_sqrt_(t)                                  # t = w~
+        torch._foreach_sqrt_(t)  # t = w~
         torch._foreach_copy_(q, group.params)
-        torch._foreach_div_(q, t)                                # q = w / w~
-        torch._foreach_sub_(t, torch._foreach_max(t))            # t = d = w~ - max(w~) <= 0
+        torch._foreach_div_(q, t)  # q = w / w~
+        torch._foreach_sub_(t, torch._foreach_max(t))  # t = d = w~ - max(w~) <= 0
         inv_n = group.inv_numel
-        mean = torch.stack(torch._foreach_norm(t, 1)) * inv_n   # -mean(d)
-        torch._foreach_add_(t, list(mean.unbind()))             # t = e = d - mean(d) = w~ - mean(w~)
+        mean = torch.stack(torch._foreach_norm(t, 1)) * inv_n  # -mean(d)
+        torch._foreach_add_(t, list(mean.unbind()))  # t = e = d - mean(d) = w~ - mean(w~)
         var = torch.stack(torch._foreach_norm(t, 2)).square() * inv_n
         inv = (var + self.eps).reciprocal()
         # d psi / d w_i = -2 / (n (V + eps)^2) * e_i * q_i; exactly 0 when V == 0

@@ -5,10 +5,11 @@ Pure functions on models and tensors. Nothing here loads data or parses argument
 models, an ``evaluate(model) -> float`` callback (the task's primary metric) and a ``bnt(model)`` callback
 (BatchNorm re-tuning in place). The figures that draw these numbers are in varprune.report.analysis_figures.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +20,14 @@ from varprune.numerics.pruning import MagnitudePruner, check_sparsity
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.numerics.weights import prunable_weights
 
-__all__ = ["AnalysisError", "magnitude_histograms", "layer_variances", "global_layer_sparsity", "layer_sensitivity",
-           "spearman"]
+__all__ = [
+    "AnalysisError",
+    "global_layer_sparsity",
+    "layer_sensitivity",
+    "layer_variances",
+    "magnitude_histograms",
+    "spearman",
+]
 
 
 def _prunable(model: nn.Module, what: str) -> list[tuple[str, torch.Tensor]]:
@@ -49,8 +56,9 @@ def magnitude_histograms(named_models: Mapping[str, nn.Module], bins: int = 60) 
         raise AnalysisError(f"bins must be >= 1, got {bins}")
     mags = {}
     for label, model in named_models.items():
-        mags[label] = {n: p.detach().abs().reshape(-1).double().cpu().numpy()
-                       for n, p in _prunable(model, f"model {label!r}")}
+        mags[label] = {
+            n: p.detach().abs().reshape(-1).double().cpu().numpy() for n, p in _prunable(model, f"model {label!r}")
+        }
     nonzero = [m[m > 0] for per in mags.values() for m in per.values()]
     nonzero = np.concatenate(nonzero) if nonzero else np.zeros(0)
     if nonzero.size == 0:
@@ -62,8 +70,15 @@ def magnitude_histograms(named_models: Mapping[str, nn.Module], bins: int = 60) 
     edges = np.logspace(lo, hi, bins + 1)
     if nonzero.size:  # exact end points: no weight falls outside by rounding of 10**log10
         edges[0], edges[-1] = min(edges[0], nonzero.min()), max(edges[-1], nonzero.max())
-    out = {"edges": edges.tolist(), "labels": list(named_models), "global": {}, "zeros": {}, "numel": {},
-           "layers": {}, "layer_zeros": {}}
+    out = {
+        "edges": edges.tolist(),
+        "labels": list(named_models),
+        "global": {},
+        "zeros": {},
+        "numel": {},
+        "layers": {},
+        "layer_zeros": {},
+    }
     layer_order = list(next(iter(mags.values())))
     for per in list(mags.values())[1:]:
         layer_order += [n for n in per if n not in layer_order]
@@ -88,8 +103,9 @@ def layer_variances(model: nn.Module) -> dict[str, float]:
     return VarRegularizer(model, 0.0).variances()
 
 
-def global_layer_sparsity(model: nn.Module, sparsities: Iterable[float],
-                          exclude: Iterable[str] = ()) -> dict[float, dict[str, float]]:
+def global_layer_sparsity(
+    model: nn.Module, sparsities: Iterable[float], exclude: Iterable[str] = ()
+) -> dict[float, dict[str, float]]:
     """Fraction of each layer removed by global magnitude pruning, per requested sparsity.
 
     Uses the same masks as the pruning protocol (:class:`MagnitudePruner`,
@@ -124,9 +140,13 @@ def _restore(model: nn.Module, snap) -> None:
         m.training = t
 
 
-def layer_sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
-                      bnt: Callable[[nn.Module], object], sparsity: float = 0.9,
-                      exclude: Iterable[str] = ()) -> dict[str, float]:
+def layer_sensitivity(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    bnt: Callable[[nn.Module], object],
+    sparsity: float = 0.9,
+    exclude: Iterable[str] = (),
+) -> dict[str, float]:
     """Metric drop when one prunable layer alone is magnitude-pruned at ``sparsity``.
 
     For each prunable layer in turn (``exclude`` as in :func:`prunable_weights`):
@@ -171,7 +191,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 

@@ -45,10 +45,11 @@ its owners excludes it (an output layer tied to an input embedding is an
 embedding). Order follows ``model.named_modules()``, then registration order
 within a module, and is stable.
 """
+
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -134,8 +135,9 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
         else:
             hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise WeightSelectionError(f"--exclude pattern {pattern!r} matches no prunable weight; "
-                                       f"see `varprune prune --list-weights`")
+            raise WeightSelectionError(
+                f"--exclude pattern {pattern!r} matches no prunable weight; see `varprune prune --list-weights`"
+            )
         excluded.update(hits)
     return [(n, p) for n, p in found if n not in excluded]
 

@@ -4,26 +4,35 @@ layer sensitivity against variance, and loss flatness.
 Each writer takes the numbers of :mod:`varprune.numerics.sensitivity` (or of metrics.jsonl) and writes one
 PNG atomically; it returns the path it wrote, as a string.
 """
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from varprune.numerics.sensitivity import AnalysisError, spearman
 from varprune.storage.checkpoint import atomic_write_bytes
 
-__all__ = ["magnitude_histogram_figure", "layer_histogram_figure", "layer_variance_figure", "layer_sparsity_figure",
-           "sensitivity_figure", "flatness_figure"]
+__all__ = [
+    "flatness_figure",
+    "layer_histogram_figure",
+    "layer_sparsity_figure",
+    "layer_variance_figure",
+    "magnitude_histogram_figure",
+    "sensitivity_figure",
+]
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -38,7 +47,7 @@ def _save(plt, fig, path: str | Path) -> str:
 
 
 def _short(name: str) -> str:
-    return name[:-len(".weight")] if name.endswith(".weight") else name
+    return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 # ---------------------------------------------------------------------------- magnitudes
@@ -49,8 +58,9 @@ def _hist_lines(ax, edges, counts_by_label, zeros_by_label, labels):
         if label not in counts_by_label:
             continue
         z = zeros_by_label.get(label, 0)
-        ax.stairs(counts_by_label[label], edges, color=f"C{i % 10}",
-                  label=f"{label}" + (f" ({z} exact zeros)" if z else ""))
+        ax.stairs(
+            counts_by_label[label], edges, color=f"C{i % 10}", label=f"{label}" + (f" ({z} exact zeros)" if z else "")
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
 
@@ -88,7 +98,7 @@ def layer_histogram_figure(hists: dict, path: str | Path, max_layers: int = 48, 
         ax.set_title(_short(name), fontsize=8)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(shown):]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     note = "" if len(shown) == len(layers) else f" ({len(shown)} of {len(layers)} layers, evenly spaced)"
@@ -100,9 +110,13 @@ def layer_histogram_figure(hists: dict, path: str | Path, max_layers: int = 48, 
 # ---------------------------------------------------------------------------- variance
 
 
-def layer_variance_figure(history: Sequence[tuple[int, Mapping[str, float]]], path: str | Path,
-                          final: Mapping[str, float] | None = None, final_epoch: int | None = None,
-                          title: str = "Per-layer variance of |w| over training") -> str:
+def layer_variance_figure(
+    history: Sequence[tuple[int, Mapping[str, float]]],
+    path: str | Path,
+    final: Mapping[str, float] | None = None,
+    final_epoch: int | None = None,
+    title: str = "Per-layer variance of |w| over training",
+) -> str:
     """Per-layer variance of |w| against epoch, log y axis, one line per layer.
 
     ``history`` is ``[(epoch, {layer: variance}), ...]`` (from metrics.jsonl's
@@ -133,11 +147,20 @@ def layer_variance_figure(history: Sequence[tuple[int, Mapping[str, float]]], pa
         for n, v in final.items():
             ax.plot([x], [v], "o", color=colour[n], ms=4, label=None if history else _short(n))
     if not history:
-        ax.text(0.5, 0.02, "per-epoch variances were not recorded in this run: final weights only",
-                transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="0.3",
-                bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
+        ax.text(
+            0.5,
+            0.02,
+            "per-epoch variances were not recorded in this run: final weights only",
+            transform=ax.transAxes,
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.3",
+            bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9),
+        )
     ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("Var(|w|) per layer (log scale)")
@@ -147,6 +170,7 @@ def layer_variance_figure(history: Sequence[tuple[int, Mapping[str, float]]], pa
         ax.legend(fontsize=7)
     else:
         import matplotlib as mpl
+
         sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(0, len(layers) - 1))
         fig.colorbar(sm, ax=ax, label="layer index (input → output)")
     return _save(plt, fig, path)
@@ -155,8 +179,11 @@ def layer_variance_figure(history: Sequence[tuple[int, Mapping[str, float]]], pa
 # ---------------------------------------------------------------------------- where pruning cuts
 
 
-def layer_sparsity_figure(layer_sparsity: Mapping[float, Mapping[str, float]], path: str | Path,
-                          title: str = "Where global magnitude pruning cuts") -> str:
+def layer_sparsity_figure(
+    layer_sparsity: Mapping[float, Mapping[str, float]],
+    path: str | Path,
+    title: str = "Where global magnitude pruning cuts",
+) -> str:
     """Fraction pruned per layer (x: layers in order), one line per global sparsity."""
     plt = _plt()
     if not layer_sparsity:
@@ -180,8 +207,13 @@ def layer_sparsity_figure(layer_sparsity: Mapping[float, Mapping[str, float]], p
 # ---------------------------------------------------------------------------- sensitivity
 
 
-def sensitivity_figure(sensitivity: Mapping[str, float], variances: Mapping[str, float], path: str | Path,
-                       metric: str = "metric", sparsity: float | None = None) -> str:
+def sensitivity_figure(
+    sensitivity: Mapping[str, float],
+    variances: Mapping[str, float],
+    path: str | Path,
+    metric: str = "metric",
+    sparsity: float | None = None,
+) -> str:
     """Scatter of each layer's drop (y) against its variance of |w| (x, log), Spearman rho in the title.
 
     Only layers present in both mappings are drawn; each point is labelled
@@ -213,8 +245,12 @@ def sensitivity_figure(sensitivity: Mapping[str, float], variances: Mapping[str,
 
 # ---------------------------------------------------------------------------- flatness
 
-def flatness_figure(profiles: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
-                    title: str = "Loss along a filter-normalised random direction") -> str:
+
+def flatness_figure(
+    profiles: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    title: str = "Loss along a filter-normalised random direction",
+) -> str:
     """Loss profiles ``{label: (alphas, losses)}`` (from :func:`varprune.hessian.loss_profile`), overlaid.
 
     Put extra facts (the Hessian's top eigenvalue) in the labels.
@@ -225,8 +261,7 @@ def flatness_figure(profiles: Mapping[str, tuple[Sequence[float], Sequence[float
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, (label, (alphas, losses)) in enumerate(profiles.items()):
         if len(alphas) != len(losses):
-            raise AnalysisError(f"flatness_figure: profile {label!r} has {len(alphas)} alphas "
-                                f"but {len(losses)} losses")
+            raise AnalysisError(f"flatness_figure: profile {label!r} has {len(alphas)} alphas but {len(losses)} losses")
         ax.plot(alphas, losses, "o-", ms=3, color=f"C{i % 10}", label=label)
     ax.set_xlabel("step along the direction (alpha; 1 = each filter moved by its own norm)")
     ax.set_ylabel("loss")

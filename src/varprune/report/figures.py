@@ -2,6 +2,7 @@
 
 The x axis is -log10(1 - sparsity), so 90%, 99% and 99.9% are equally spaced: that is where pruning is decided.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,10 @@ from varprune.storage.checkpoint import atomic_write_bytes
 
 def _figure():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     return plt, fig, ax
 
@@ -55,11 +58,17 @@ def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One
         s = [_x(r["sparsity"]) for r in plain]
         ax.plot(s, [100 * r[f"{m}_bnt"] for r in plain], "o-", color=color, label=f"{label} (BNT)")
         ax.plot(s, [100 * r[m] for r in plain], "x--", color=color, alpha=0.6, label=f"{label} (no BNT)")
-        for r in doc["results"]:   # N:M patterns: one marker at their realised sparsity, after BNT
+        for r in doc["results"]:  # N:M patterns: one marker at their realised sparsity, after BNT
             if "pattern" in r:
                 ax.plot([_x(r["realised_sparsity"])], [100 * r[f"{m}_bnt"]], "D", color=color, markersize=6)
-                ax.annotate(r["pattern"], (_x(r["realised_sparsity"]), 100 * r[f"{m}_bnt"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points", color=color)
+                ax.annotate(
+                    r["pattern"],
+                    (_x(r["realised_sparsity"]), 100 * r[f"{m}_bnt"]),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    color=color,
+                )
     _finish(plt, fig, ax, Path(path), title, metric_of(rows[0][1]) if rows else "accuracy")
 
 
@@ -75,9 +84,16 @@ def study_plot(summary: dict, path: str | Path) -> None:
         mean = [100 * e["sparsities"][str(x)][f"{m}_bnt"][0] for x in s]
         std = [100 * e["sparsities"][str(x)][f"{m}_bnt"][1] for x in s]
         ax.plot(xs, mean, "o-", color=color, label=f"{method} (BNT)")
-        ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                        color=color, alpha=0.2)
-        ax.plot(xs, [100 * e["sparsities"][str(x)][m][0] for x in s], "--", color=color, alpha=0.5,
-                label=f"{method} (no BNT)")
+        ax.fill_between(
+            xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=color, alpha=0.2
+        )
+        ax.plot(
+            xs,
+            [100 * e["sparsities"][str(x)][m][0] for x in s],
+            "--",
+            color=color,
+            alpha=0.5,
+            label=f"{method} (no BNT)",
+        )
     seeds = summary["study"]["seeds"]
     _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)", m)

@@ -22,6 +22,7 @@ Input is plain data, easy to build from results files::
 Within a section the blocks come in the order paragraphs, tables, images,
 code, details.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,8 +33,9 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from varprune.storage.checkpoint import atomic_write_text
 
@@ -60,6 +62,7 @@ def machine_info() -> dict[str, str]:
         "cpu count": str(os.cpu_count()),
     }
     from importlib import metadata
+
     for dist in ("varprune", "torch", "numpy", "matplotlib", "monai", "timm"):
         try:
             info[dist] = metadata.version(dist)
@@ -67,6 +70,7 @@ def machine_info() -> dict[str, str]:
             pass
     try:
         import torch
+
         if torch.cuda.is_available():
             info["cuda"] = str(torch.version.cuda)
             info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -114,7 +118,7 @@ def _check_table(t: Mapping) -> dict:
 
 def _cell(tag: str, text: str) -> str:
     numeric = tag == "td" and bool(_NUMERIC.fullmatch(text)) and any(ch.isdigit() for ch in text)
-    return f'<{tag}{" class=num" if numeric else ""}>{_e(text)}</{tag}>'
+    return f"<{tag}{' class=num' if numeric else ''}>{_e(text)}</{tag}>"
 
 
 def _table_html(t) -> str:
@@ -172,8 +176,7 @@ def _section_html(i: int, section: Mapping) -> str:
         raise ReportError(f"section {i + 1} is not a dict with a 'heading'")
     unknown = sorted(set(section) - set(SECTION_KEYS))
     if unknown:
-        raise ReportError(f"section {i + 1} has unknown key(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(SECTION_KEYS)}")
+        raise ReportError(f"section {i + 1} has unknown key(s) {', '.join(unknown)}; known: {', '.join(SECTION_KEYS)}")
     if not section.get("heading"):
         raise ReportError(f"section {i + 1} has no 'heading'")
     out = [f'<section id="s{i + 1}"><h2>{_e(section["heading"])}</h2>']
@@ -211,8 +214,12 @@ dl.machine dd { margin: 0; font-family: ui-monospace, "DejaVu Sans Mono", monosp
 """
 
 
-def render_html(title: str, sections: Sequence[Mapping], configs: Mapping[str, Any] | None = None,
-                machine: Mapping[str, Any] | None = None) -> str:
+def render_html(
+    title: str,
+    sections: Sequence[Mapping],
+    configs: Mapping[str, Any] | None = None,
+    machine: Mapping[str, Any] | None = None,
+) -> str:
     """The page as a string; see :func:`write_html_report`."""
     if isinstance(sections, Mapping):
         sections = [sections]
@@ -224,26 +231,35 @@ def render_html(title: str, sections: Sequence[Mapping], configs: Mapping[str, A
         env.append("<p>Resolved configuration of each run (every default written):</p>")
         env += [_details_html({"summary": label, "json": cfg}) for label, cfg in configs.items()]
     info = machine_info() if machine is None else machine
-    env.append('<dl class="machine">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in info.items())
-               + "</dl></section>")
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        "<nav><ol>" + "".join(toc) + "</ol></nav>",
-        *body,
-        *env,
-        "</body></html>",
-        "",
-    ])
+    env.append(
+        '<dl class="machine">'
+        + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in info.items())
+        + "</dl></section>"
+    )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{_e(title)}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{_e(title)}</h1>",
+            "<nav><ol>" + "".join(toc) + "</ol></nav>",
+            *body,
+            *env,
+            "</body></html>",
+            "",
+        ]
+    )
 
 
-def write_html_report(path: str | os.PathLike, title: str, sections: Sequence[Mapping],
-                      configs: Mapping[str, Any] | None = None,
-                      machine: Mapping[str, Any] | None = None) -> str:
+def write_html_report(
+    path: str | os.PathLike,
+    title: str,
+    sections: Sequence[Mapping],
+    configs: Mapping[str, Any] | None = None,
+    machine: Mapping[str, Any] | None = None,
+) -> str:
     """Write one self-contained HTML page atomically; return its path.
 
     ``sections``: a list of dicts with ``heading`` (required) and any of

@@ -2,6 +2,7 @@
 
 Each page is one self-contained file: tables, the figures embedded, every run's resolved configuration.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,22 +21,38 @@ def _analysis_sections(folder: Path) -> list[dict]:
         runs = doc["runs"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    rows = [[label, f"{e.get('hessian_top_eigenvalue', float('nan')):.4g}",
-             "—" if e.get("sensitivity_variance_spearman") is None else f"{e['sensitivity_variance_spearman']:+.2f}"]
-            for label, e in runs.items()]
-    images = [folder / doc["figures"][k] for k in ("histograms", "layer_histograms", "flatness")
-              if k in doc.get("figures", {})]
+    rows = [
+        [
+            label,
+            f"{e.get('hessian_top_eigenvalue', float('nan')):.4g}",
+            "—" if e.get("sensitivity_variance_spearman") is None else f"{e['sensitivity_variance_spearman']:+.2f}",
+        ]
+        for label, e in runs.items()
+    ]
+    images = [
+        folder / doc["figures"][k]
+        for k in ("histograms", "layer_histograms", "flatness")
+        if k in doc.get("figures", {})
+    ]
     per_run = [folder / f for e in runs.values() for f in e.get("figures", {}).values()]
-    return [{"heading": "Why it works: weights, layers, flatness",
-             "paragraphs": ["Weight-magnitude histograms of the final weights (log scale), the largest Hessian "
-                            "eigenvalue of the training loss (eval-mode BatchNorm, fixed training batches) and the "
-                            "rank correlation between a layer's variance of |w| and the drop of the metric when "
-                            f"that layer alone is pruned to {100 * doc.get('sensitivity_sparsity', 0.9):g}% "
-                            "(after BN re-tuning)."],
-             "tables": [{"header": ["run", "top Hessian eigenvalue", "Spearman(variance, drop)"], "rows": rows}],
-             "images": [str(p) for p in images if p.is_file()]},
-            {"heading": "Per-run figures: variance over training, global layer sparsity, sensitivity",
-             "images": [str(p) for p in per_run if p.is_file()]}]
+    return [
+        {
+            "heading": "Why it works: weights, layers, flatness",
+            "paragraphs": [
+                "Weight-magnitude histograms of the final weights (log scale), the largest Hessian "
+                "eigenvalue of the training loss (eval-mode BatchNorm, fixed training batches) and the "
+                "rank correlation between a layer's variance of |w| and the drop of the metric when "
+                f"that layer alone is pruned to {100 * doc.get('sensitivity_sparsity', 0.9):g}% "
+                "(after BN re-tuning)."
+            ],
+            "tables": [{"header": ["run", "top Hessian eigenvalue", "Spearman(variance, drop)"], "rows": rows}],
+            "images": [str(p) for p in images if p.is_file()],
+        },
+        {
+            "heading": "Per-run figures: variance over training, global layer sparsity, sensitivity",
+            "images": [str(p) for p in per_run if p.is_file()],
+        },
+    ]
 
 
 def _configs(runs) -> dict:
@@ -68,11 +85,19 @@ def study_html(study: Path, path: Path) -> str:
     text = study_table(summary)
     tables = [block for block in text.split("\n\n") if block.lstrip().startswith("|")]
     titles = [block for block in text.split("\n\n") if block and not block.lstrip().startswith("|")]
-    sections = [{"heading": "Study: " + ", ".join(spec["methods"]) + f" over seeds {spec['seeds']}",
-                 "paragraphs": titles + [f"Model {spec['train']['model']} on {spec['train']['dataset']}, "
-                                         f"{spec['train']['epochs']} epochs; {spec['scope']} magnitude pruning, BN "
-                                         f"re-tuning on {spec['bnt_batches']} x {spec['bnt_batch_size']} training "
-                                         f"images."],
-                 "tables": tables, "images": [str(study / "report.png")]}]
+    sections = [
+        {
+            "heading": "Study: " + ", ".join(spec["methods"]) + f" over seeds {spec['seeds']}",
+            "paragraphs": titles
+            + [
+                f"Model {spec['train']['model']} on {spec['train']['dataset']}, "
+                f"{spec['train']['epochs']} epochs; {spec['scope']} magnitude pruning, BN "
+                f"re-tuning on {spec['bnt_batches']} x {spec['bnt_batch_size']} training "
+                f"images."
+            ],
+            "tables": tables,
+            "images": [str(study / "report.png")],
+        }
+    ]
     sections += _analysis_sections(study / "analysis")
     return write_html_report(path, f"varprune study: {study.name}", sections, configs=_configs(runs))

@@ -2,6 +2,7 @@
 
 Every function reads prune.json / report.json documents; none trains or loads a model.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,15 +53,16 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
             r = by_s.get(s)
             cells.append("—" if r is None else f"{pct(r[f'{m}_bnt'])} / {pct(r[m])}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\n{metric_title(metric)} (%) after one-shot magnitude pruning: "
-                               f"with BN re-tuning / without.\n")
+    return "\n".join(lines) + (
+        f"\n\n{metric_title(metric)} (%) after one-shot magnitude pruning: with BN re-tuning / without.\n"
+    )
 
 
 def sweep_csv(doc: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     m = metric_of(doc)
-    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])   # an N:M row names its pattern there
+    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])  # an N:M row names its pattern there
     for r in doc["results"]:
         w.writerow([setting_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
     return buf.getvalue()
@@ -80,16 +82,23 @@ def study_table(summary: dict) -> str:
     out = []
     for key, title in ((f"{m}_bnt", "after BN re-tuning"), (m, "before BN re-tuning")):
         head = ["method", "dense"] + [setting_label(s) for s in sparsities] + ["time/epoch vs SGD"]
-        lines = [f"{metric_title(m)} (%), mean ± std over seeds {seeds}, one-shot pruning {title}:", "",
-                 "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines = [
+            f"{metric_title(m)} (%), mean ± std over seeds {seeds}, one-shot pruning {title}:",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        ]
         for method, e in methods.items():
             ratio = "—" if e["time_vs_sgd"] is None else f"{e['time_vs_sgd']:.2f}x"
-            lines.append("| " + " | ".join([method, cell(e["dense"])] +
-                                           [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [method, cell(e["dense"])] + [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]
+                )
+                + " |"
+            )
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- one HTML page
-
-

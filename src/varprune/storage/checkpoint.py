@@ -18,6 +18,7 @@ loader verifies it (:func:`verify_digest`), so a flipped byte inside a tensor
 is refused instead of silently changing a weight; files of older versions,
 without the digest, still load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):   # "No space left on device" must say which file could not be written
+        if isinstance(e, OSError):  # "No space left on device" must say which file could not be written
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -91,6 +92,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
 
 def glob_escape(text: str) -> str:
     import glob
+
     return glob.escape(text)
 
 
@@ -130,9 +132,18 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 DIGEST_KEY = "sha256"
 
 
@@ -141,14 +152,20 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def _table(header: dict) -> list:
-    return [[name, info.get("dtype"), info.get("shape"), info.get("data_offsets")]
-            for name, info in sorted(header.items()) if name != "__metadata__" and isinstance(info, dict)]
+    return [
+        [name, info.get("dtype"), info.get("shape"), info.get("data_offsets")]
+        for name, info in sorted(header.items())
+        if name != "__metadata__" and isinstance(info, dict)
+    ]
 
 
 def _digest(meta: dict[str, str], table: list, data: bytes | memoryview) -> str:
     """sha256 over the metadata (less the digest), the tensor table and the data section."""
-    canon = json.dumps({"metadata": {k: v for k, v in meta.items() if k != DIGEST_KEY}, "tensors": table},
-                       sort_keys=True, separators=(",", ":"))
+    canon = json.dumps(
+        {"metadata": {k: v for k, v in meta.items() if k != DIGEST_KEY}, "tensors": table},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     h = hashlib.sha256(canon.encode())
     h.update(b"\0")
     h.update(data)
@@ -167,8 +184,11 @@ def serialize_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
     chunks, offset = [], 0
     for name in order:
         raw = _tensor_bytes(tensors[name])
-        header[name] = {"dtype": ST_DTYPES[tensors[name].dtype], "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": ST_DTYPES[tensors[name].dtype],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     data = b"".join(chunks)
@@ -184,13 +204,12 @@ def verify_digest(raw: bytes, path, fix: str) -> None:
     """Compare the sha256 that :func:`serialize_safetensors` stored with the bytes
     (a file that ``st_load`` accepted); files without one (older versions) pass."""
     header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or DIGEST_KEY not in meta:
         return
-    if _digest(meta, _table(header), memoryview(raw)[8 + header_len:]) != meta[DIGEST_KEY]:
-        raise CheckpointError(f"{path} fails its sha256 check: the file was damaged (a changed byte) or edited; "
-                              f"{fix}")
+    if _digest(meta, _table(header), memoryview(raw)[8 + header_len :]) != meta[DIGEST_KEY]:
+        raise CheckpointError(f"{path} fails its sha256 check: the file was damaged (a changed byte) or edited; {fix}")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -210,15 +229,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         tensors = st_load(raw)
         meta = _metadata(raw)
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
-                              f"it may be truncated: resume from an intact run or retrain") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_first_line(e)}); "
+            f"it may be truncated: resume from an intact run or retrain"
+        ) from None
     verify_digest(raw, path, "resume from an intact copy or retrain with `varprune train --overwrite`")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a varprune checkpoint (format {str(meta.get('format'))[:40]!r})")
     try:
         state = unflatten_state(json.loads(meta["state"]), tensors)
     except (KeyError, ValueError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{path} has corrupt metadata ({type(e).__name__}); retrain or resume elsewhere") from None
+        raise CheckpointError(
+            f"{path} has corrupt metadata ({type(e).__name__}); retrain or resume elsewhere"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} has corrupt metadata (not a mapping); retrain or resume elsewhere")
     return state
@@ -232,7 +255,7 @@ def _first_line(e: BaseException) -> str:
 def _metadata(raw: bytes) -> dict:
     """The ``__metadata__`` of a safetensors file that ``st_load`` accepted."""
     header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
 
@@ -258,14 +281,18 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[s
         state = st_load(raw)
         meta = _metadata(raw)
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
-                              f"it may be truncated: retrain the run") from None
-    verify_digest(raw, path, f"delete it and `varprune train --resume {path.parent}` rewrites it from the checkpoint, "
-                             f"or retrain")
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_first_line(e)}); it may be truncated: retrain the run"
+        ) from None
+    verify_digest(
+        raw, path, f"delete it and `varprune train --resume {path.parent}` rewrites it from the checkpoint, or retrain"
+    )
     for key, want in (expect or {}).items():
         if key in meta and meta[key] != want:
-            raise CheckpointError(f"{path} holds the weights of {key} {str(meta[key])[:40]!r}, not {want!r}: "
-                                  f"was it copied from another run?")
+            raise CheckpointError(
+                f"{path} holds the weights of {key} {str(meta[key])[:40]!r}, not {want!r}: "
+                f"was it copied from another run?"
+            )
     load_model_state(model, state, path)
 
 
@@ -278,8 +305,13 @@ def state_mismatch(model: torch.nn.Module, state: Any) -> str | None:
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        return (f"missing {missing[:2]}" if missing else
-                f"unexpected {unexpected[:2]}" if unexpected else f"shape mismatch at {wrong[:2]}")
+        return (
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+            if unexpected
+            else f"shape mismatch at {wrong[:2]}"
+        )
     return None
 
 

@@ -23,13 +23,14 @@ shape. One exception: BatchNorm's ``num_batches_tracked`` counters may be
 absent from the file (older PyTorch and many exporters drop them); the
 model's own are kept. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -46,9 +47,10 @@ class InitWeightsError(ValueError):
 @dataclass
 class InitReport:
     """What :func:`load_initial_weights` did."""
+
     path: str
-    format: str                                   # "safetensors" | "torch"
-    container_key: str | None = None              # e.g. "state_dict" when the file nested it
+    format: str  # "safetensors" | "torch"
+    container_key: str | None = None  # e.g. "state_dict" when the file nested it
     stripped_prefixes: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
     kept_from_model: list[str] = field(default_factory=list)  # excluded or optional: left at init
@@ -62,8 +64,7 @@ class InitReport:
         if self.stripped_prefixes:
             parts.append("stripped prefix " + "".join(self.stripped_prefixes))
         if self.kept_from_model:
-            parts.append(f"kept the model's own {len(self.kept_from_model)} "
-                         f"({_first(self.kept_from_model)})")
+            parts.append(f"kept the model's own {len(self.kept_from_model)} ({_first(self.kept_from_model)})")
         if self.ignored_from_file:
             parts.append(f"ignored {len(self.ignored_from_file)} from the file ({_first(self.ignored_from_file)})")
         return "; ".join(parts)
@@ -87,16 +88,19 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             head = f.read(16)
     except OSError as e:
         raise InitWeightsError(f"cannot read initial weights {path}: {e.strerror or e}") from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":        # zip archive (torch.save) or a legacy pickle
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling refusals, truncation: one line
-            raise InitWeightsError(f"{path} is not a loadable PyTorch weights file ({_short(e)}); "
-                                   f"only tensors and plain containers are read (weights_only=True)") from None
+            raise InitWeightsError(
+                f"{path} is not a loadable PyTorch weights file ({_short(e)}); "
+                f"only tensors and plain containers are read (weights_only=True)"
+            ) from None
         state, container = _unnest(obj, path)
         return state, "torch", container
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     try:
         state = load_file(str(path))
     except (SafetensorError, ValueError, OSError) as e:
@@ -107,8 +111,11 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 
 def _is_state(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                       for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _unnest(obj, path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -119,8 +126,9 @@ def _unnest(obj, path) -> tuple[dict[str, torch.Tensor], str | None]:
             if _is_state(obj.get(key)):
                 return dict(obj[key]), key
     what = f"a dict with keys {list(obj)[:4]}" if isinstance(obj, dict) else type(obj).__name__
-    raise InitWeightsError(f"{path} holds {what}, not a state dict of tensors (nor one under "
-                           f"{', '.join(CONTAINER_KEYS)})")
+    raise InitWeightsError(
+        f"{path} holds {what}, not a state dict of tensors (nor one under {', '.join(CONTAINER_KEYS)})"
+    )
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor], own: Iterable[str]) -> tuple[dict, list[str]]:
@@ -129,7 +137,7 @@ def _strip_wrappers(state: dict[str, torch.Tensor], own: Iterable[str]) -> tuple
     while True:
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in own):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped.append(prefix)
                 break
         else:
@@ -178,11 +186,14 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, exclude: Ite
         if wrong:
             k = wrong[0]
             more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
-            problems.append(f"{len(wrong)} of another shape ({k}: file {list(state[k].shape)}, "
-                            f"model {list(own[k].shape)}{more})")
+            problems.append(
+                f"{len(wrong)} of another shape ({k}: file {list(state[k].shape)}, model {list(own[k].shape)}{more})"
+            )
         hint = _suggest_excludes(wrong + missing + unexpected)
-        raise InitWeightsError(f"{path} does not fit this model: {'; '.join(problems)}; "
-                               f"check --model, or keep the model's own layers with {hint}")
+        raise InitWeightsError(
+            f"{path} does not fit this model: {'; '.join(problems)}; "
+            f"check --model, or keep the model's own layers with {hint}"
+        )
 
     new_state = dict(own)
     for k in own:
@@ -192,7 +203,7 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, exclude: Ite
     if not report.loaded:
         raise InitWeightsError(f"{path}: nothing left to load after --init-exclude {' '.join(patterns)}")
     try:
-        model.load_state_dict(new_state)   # copies, casting dtype, onto the parameters' own device
+        model.load_state_dict(new_state)  # copies, casting dtype, onto the parameters' own device
     except (RuntimeError, TypeError, ValueError) as e:
         raise InitWeightsError(f"{path} does not fit this model ({_short(e)})") from None
     report.kept_from_model = excluded_own + optional

@@ -36,13 +36,15 @@ writer is our own (checkpoint.serialize_safetensors, shared with run
 checkpoints and weights) because ``safetensors.torch.save`` orders metadata
 keys at random, which would break byte-identical saves.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -52,8 +54,19 @@ from torch import nn
 from varprune.storage.checkpoint import _digest, _first_line, _table, atomic_write_bytes, state_mismatch
 from varprune.storage.checkpoint import serialize_safetensors as _serialize  # the shared deterministic writer
 
-__all__ = ["PrunedFormatError", "save_pruned", "load_pruned", "read_pruned_metadata", "pack_bits", "unpack_bits",
-           "FORMAT", "FORMAT_VERSION", "VALUE_DTYPES", "MASKS_KEY", "VALUES_KEY"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MASKS_KEY",
+    "VALUES_KEY",
+    "VALUE_DTYPES",
+    "PrunedFormatError",
+    "load_pruned",
+    "pack_bits",
+    "read_pruned_metadata",
+    "save_pruned",
+    "unpack_bits",
+]
 
 FORMAT = "varprune-pruned"
 FORMAT_VERSION = 1
@@ -96,15 +109,21 @@ def _encode_meta(value: Any, key: str) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata {key!r} is not JSON-able ({_first_line(e)}); pass strings, numbers, "
-                         f"lists or dicts") from None
+        raise ValueError(
+            f"metadata {key!r} is not JSON-able ({_first_line(e)}); pass strings, numbers, lists or dicts"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- save
 
 
-def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torch.Tensor],
-                metadata: dict[str, Any], values: str = "fp32") -> None:
+def save_pruned(
+    path: str | os.PathLike,
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    values: str = "fp32",
+) -> None:
     """Write ``model`` with its keep-masks as one compressed safetensors file, atomically.
 
     ``masks`` maps state_dict names (``"layers.0.0.conv1.weight"``) to boolean
@@ -136,13 +155,17 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torc
     if clash:
         raise ValueError(f"metadata key(s) {', '.join(clash)} are written by save_pruned; remove them")
     if "model_args" in metadata and not isinstance(metadata["model_args"], dict):
-        raise ValueError(f"metadata 'model_args' must be a dict of create_model keyword arguments, "
-                         f"got {type(metadata['model_args']).__name__}")
+        raise ValueError(
+            f"metadata 'model_args' must be a dict of create_model keyword arguments, "
+            f"got {type(metadata['model_args']).__name__}"
+        )
     if "model" in metadata and not isinstance(metadata["model"], str):
         raise ValueError(f"metadata 'model' must be a registry name (str), got {type(metadata['model']).__name__}")
     if not masks:
-        raise ValueError("no masks given: a pruned-model file needs at least one pruned tensor "
-                         "(use checkpoint.save_weights for a dense model)")
+        raise ValueError(
+            "no masks given: a pruned-model file needs at least one pruned tensor "
+            "(use checkpoint.save_weights for a dense model)"
+        )
     state = model.state_dict()
     for key in (MASKS_KEY, VALUES_KEY):
         if key in state:
@@ -152,12 +175,15 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torc
     total = kept_total = 0
     for name, mask in masks.items():
         if name not in state:
-            raise ValueError(f"mask {name!r} names no entry of the model's state_dict "
-                             f"(e.g. {next(iter(state), '?')!r}): masks are keyed by parameter name")
+            raise ValueError(
+                f"mask {name!r} names no entry of the model's state_dict "
+                f"(e.g. {next(iter(state), '?')!r}): masks are keyed by parameter name"
+            )
         w = state[name].detach()
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} must be a bool tensor (True = kept), "
-                             f"got {getattr(mask, 'dtype', type(mask).__name__)}")
+            raise ValueError(
+                f"mask {name!r} must be a bool tensor (True = kept), got {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         if mask.shape != w.shape:
             raise ValueError(f"mask {name!r} has shape {list(mask.shape)}, the weight {list(w.shape)}")
         if not w.is_floating_point():
@@ -165,14 +191,18 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torc
         flat_w = w.reshape(-1).cpu()
         flat_m = mask.reshape(-1).cpu()
         if bool((flat_w[~flat_m] != 0).any()):
-            raise ValueError(f"{name!r} has non-zero weights where its mask is False: apply the masks "
-                             f"before saving (MagnitudePruner.apply or MaskKeeper.apply_)")
+            raise ValueError(
+                f"{name!r} has non-zero weights where its mask is False: apply the masks "
+                f"before saving (MagnitudePruner.apply or MaskKeeper.apply_)"
+            )
         kept = flat_w[flat_m]
         if vdtype is torch.float16:
             big = kept[torch.isfinite(kept)].abs()
             if big.numel() and float(big.max()) > torch.finfo(torch.float16).max:
-                raise ValueError(f"{name!r} keeps weights up to {float(big.max()):.4g}, beyond float16's "
-                                 f"range: save with values='bf16' or 'fp32'")
+                raise ValueError(
+                    f"{name!r} keeps weights up to {float(big.max()):.4g}, beyond float16's "
+                    f"range: save with values='bf16' or 'fp32'"
+                )
         layout.append([name, list(w.shape), int(kept.numel())])
         mask_parts.append(flat_m)
         value_parts.append(kept.to(vdtype))
@@ -182,13 +212,15 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, masks: dict[str, torc
     tensors[MASKS_KEY] = pack_bits(torch.cat(mask_parts))
     tensors[VALUES_KEY] = torch.cat(value_parts)
     meta = {k: _encode_meta(v, k) for k, v in metadata.items()}
-    meta.update({
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "layout": json.dumps(layout, separators=(",", ":")),
-        "values_dtype": values,
-        "realised_sparsity": json.dumps(1.0 - kept_total / total if total else 0.0),
-    })
+    meta.update(
+        {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "layout": json.dumps(layout, separators=(",", ":")),
+            "values_dtype": values,
+            "realised_sparsity": json.dumps(1.0 - kept_total / total if total else 0.0),
+        }
+    )
     atomic_write_bytes(path, _serialize(tensors, meta))
 
 
@@ -204,22 +236,27 @@ def _read_header(path: Path, raw: bytes | None = None) -> tuple[dict, int]:
                 head = f.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else -1
                 if not 0 < n <= size - 8:
-                    raise PrunedFormatError(f"{path} is not a safetensors file (header length {n} for "
-                                            f"{size} bytes); it may be truncated: export it again")
+                    raise PrunedFormatError(
+                        f"{path} is not a safetensors file (header length {n} for "
+                        f"{size} bytes); it may be truncated: export it again"
+                    )
                 text = f.read(n)
         else:
             n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
             if not 0 < n <= len(raw) - 8:
-                raise PrunedFormatError(f"{path} is not a safetensors file (header length {n} for "
-                                        f"{len(raw)} bytes); it may be truncated: export it again")
-            text = raw[8:8 + n]
+                raise PrunedFormatError(
+                    f"{path} is not a safetensors file (header length {n} for "
+                    f"{len(raw)} bytes); it may be truncated: export it again"
+                )
+            text = raw[8 : 8 + n]
     except OSError as e:
         raise PrunedFormatError(f"cannot read pruned model {path}: {e.strerror or e}") from None
     try:
         header = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise PrunedFormatError(f"{path} has an unreadable header ({_first_line(e)}); "
-                                f"the file is damaged: export it again") from None
+        raise PrunedFormatError(
+            f"{path} has an unreadable header ({_first_line(e)}); the file is damaged: export it again"
+        ) from None
     if not isinstance(header, dict):
         raise PrunedFormatError(f"{path} has an unreadable header (not a mapping); export it again")
     return header, 8 + n
@@ -228,11 +265,15 @@ def _read_header(path: Path, raw: bytes | None = None) -> tuple[dict, int]:
 def _check_format(path: Path, meta: Any) -> dict[str, str]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise PrunedFormatError(f"{path} is not a varprune pruned-model file (format {str(found)[:40]!r}); "
-                                f"was it written by checkpoint.save_weights or another tool?")
+        raise PrunedFormatError(
+            f"{path} is not a varprune pruned-model file (format {str(found)[:40]!r}); "
+            f"was it written by checkpoint.save_weights or another tool?"
+        )
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise PrunedFormatError(f"{path} has {FORMAT} version {str(meta.get('format_version'))[:20]!r}; this "
-                                f"varprune reads version {FORMAT_VERSION}: upgrade varprune or export again")
+        raise PrunedFormatError(
+            f"{path} has {FORMAT} version {str(meta.get('format_version'))[:20]!r}; this "
+            f"varprune reads version {FORMAT_VERSION}: upgrade varprune or export again"
+        )
     return meta
 
 
@@ -261,9 +302,11 @@ def _decode_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _check_layout(path: Path, layout: Any, masks: torch.Tensor, values: torch.Tensor,
-                  values_dtype: torch.dtype) -> list[tuple[str, list[int], int]]:
+def _check_layout(
+    path: Path, layout: Any, masks: torch.Tensor, values: torch.Tensor, values_dtype: torch.dtype
+) -> list[tuple[str, list[int], int]]:
     """Every shape, kept count and stream length consistent, before anything is allocated."""
+
     def bad(what: str) -> PrunedFormatError:
         return PrunedFormatError(f"{path} has inconsistent metadata: {what}; export it again")
 
@@ -271,9 +314,14 @@ def _check_layout(path: Path, layout: Any, masks: torch.Tensor, values: torch.Te
         raise bad("layout is not a non-empty list")
     out, seen, total, kept_total = [], set(), 0, 0
     for entry in layout:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                and isinstance(entry[1], list) and all(type(d) is int and d >= 0 for d in entry[1])
-                and type(entry[2]) is int):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+            and all(type(d) is int and d >= 0 for d in entry[1])
+            and type(entry[2]) is int
+        ):
             raise bad(f"layout entry {str(entry)[:60]} is not [name, shape, kept]")
         name, shape, kept = entry
         if name in seen:
@@ -313,26 +361,35 @@ def _shapes_on_meta(build: Callable[[], nn.Module]) -> dict[str, torch.Size] | N
         return None
 
 
-def _check_fits(path: Path, shapes: dict[str, torch.Size], dense: dict[str, torch.Tensor],
-                layout: list[tuple[str, list[int], int]]) -> None:
+def _check_fits(
+    path: Path, shapes: dict[str, torch.Size], dense: dict[str, torch.Tensor], layout: list[tuple[str, list[int], int]]
+) -> None:
     stored = {k: tuple(v.shape) for k, v in dense.items()}
     for name, shape, _ in layout:
         if name in stored:
-            raise PrunedFormatError(f"{path} has inconsistent metadata: {name!r} is stored both dense and pruned; "
-                                    f"export it again")
+            raise PrunedFormatError(
+                f"{path} has inconsistent metadata: {name!r} is stored both dense and pruned; export it again"
+            )
         stored[name] = tuple(shape)
     missing = sorted(set(shapes) - set(stored))
     unexpected = sorted(set(stored) - set(shapes))
     wrong = [k for k in shapes if k in stored and tuple(shapes[k]) != stored[k]]
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected else
-                  f"shape mismatch at {wrong[0]}: file {list(stored[wrong[0]])}, model {list(shapes[wrong[0]])}")
-        raise PrunedFormatError(f"{path} does not fit the model it names ({detail}); "
-                                f"was the file written for another model or edited?")
+        detail = (
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+            if unexpected
+            else f"shape mismatch at {wrong[0]}: file {list(stored[wrong[0]])}, model {list(shapes[wrong[0]])}"
+        )
+        raise PrunedFormatError(
+            f"{path} does not fit the model it names ({detail}); was the file written for another model or edited?"
+        )
 
 
-def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
-                build: Callable[[], nn.Module] | None = None) -> nn.Module:
+def load_pruned(
+    path: str | os.PathLike, device: str | torch.device = "cpu", build: Callable[[], nn.Module] | None = None
+) -> nn.Module:
     """Rebuild a model from a :func:`save_pruned` file; returned in eval mode on ``device``.
 
     The model comes from ``varprune.models.create_model(metadata["model"],
@@ -357,8 +414,9 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         tensors = st_load(raw)
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError) as e:
-        raise PrunedFormatError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
-                                f"it may be truncated: export it again") from None
+        raise PrunedFormatError(
+            f"{path} is not a readable safetensors file ({_first_line(e)}); it may be truncated: export it again"
+        ) from None
     meta = _check_format(path, header.get("__metadata__"))
     if not all(isinstance(v, str) for v in meta.values()):
         raise PrunedFormatError(f"{path} has corrupt metadata (non-string values); export it again")
@@ -378,16 +436,18 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
     if build is None:
         name, args = info.get("model"), info.get("model_args", {})
         if not isinstance(name, str) or not isinstance(args, dict):
-            raise PrunedFormatError(f"{path} does not name its model (metadata 'model' and 'model_args'); "
-                                    f"pass build= to load_pruned")
+            raise PrunedFormatError(
+                f"{path} does not name its model (metadata 'model' and 'model_args'); pass build= to load_pruned"
+            )
         from varprune.models import create_model
 
         def build() -> nn.Module:
             try:
                 return create_model(name, **args)
             except (TypeError, ValueError) as e:
-                raise PrunedFormatError(f"{path} names a model that cannot be built "
-                                        f"({name!r}, {str(args)[:60]}): {_first_line(e)}") from None
+                raise PrunedFormatError(
+                    f"{path} names a model that cannot be built ({name!r}, {str(args)[:60]}): {_first_line(e)}"
+                ) from None
 
     shapes = _shapes_on_meta(build)
     if shapes is not None:
@@ -397,18 +457,20 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
     _check_fits(path, {k: v.shape for k, v in own.items()}, tensors, layout)
 
     bits = unpack_bits(masks_bytes, (masks_bytes.numel() * 8))
-    if bool(bits[sum(math.prod(s) for _, s, _ in layout):].any()):
+    if bool(bits[sum(math.prod(s) for _, s, _ in layout) :].any()):
         raise PrunedFormatError(f"{path} has inconsistent metadata: spare mask bits are set; export it again")
     state = dict(tensors)
     bit_at = value_at = 0
     for name, shape, kept in layout:
         numel = math.prod(shape)
-        keep = bits[bit_at:bit_at + numel]
+        keep = bits[bit_at : bit_at + numel]
         if int(keep.sum()) != kept:
-            raise PrunedFormatError(f"{path} has inconsistent metadata: {name!r} has {int(keep.sum())} mask bits "
-                                    f"set but the layout says {kept} kept; export it again")
+            raise PrunedFormatError(
+                f"{path} has inconsistent metadata: {name!r} has {int(keep.sum())} mask bits "
+                f"set but the layout says {kept} kept; export it again"
+            )
         dense = torch.zeros(numel, dtype=own[name].dtype)
-        dense[keep] = values[value_at:value_at + kept].to(own[name].dtype)
+        dense[keep] = values[value_at : value_at + kept].to(own[name].dtype)
         state[name] = dense.view(shape)
         bit_at += numel
         value_at += kept
@@ -420,4 +482,3 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (RuntimeError, TypeError, ValueError) as e:
         raise PrunedFormatError(f"{path} does not fit the model it names ({_first_line(e)})") from None
     return model.to(device).eval()
-

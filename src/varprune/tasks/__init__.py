@@ -2,6 +2,7 @@
 
 Adding a task is one class in this package and its name in ``TASKS``; a dataset names its task.
 """
+
 from varprune.tasks.augment import crop_flip
 from varprune.tasks.base import Task
 from varprune.tasks.classification import Classification

@@ -1,4 +1,5 @@
 """Augmentation on the device: one random draw applied to an image and, for segmentation, its mask."""
+
 from __future__ import annotations
 
 import torch

@@ -17,11 +17,11 @@ demo are written once against this interface:
 
 Adding a task means one class here and a ``task=`` in the datasets it reads.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 
 
 class Task:

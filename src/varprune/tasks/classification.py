@@ -1,4 +1,5 @@
 """Image classification: cross-entropy, top-1 accuracy."""
+
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from varprune.tasks.base import Task
 
 class Classification(Task):
     """Image classification: cross-entropy, top-1 accuracy."""
+
     name = "classification"
     primary = "accuracy"
     metric_names = ("accuracy",)
@@ -32,7 +34,7 @@ class Classification(Task):
                 hits = (model(x).argmax(1) == y).sum()
             correct = hits if correct is None else correct + hits
             seen += len(y)
-        if reduce is not None:   # a process with an empty share still takes part
+        if reduce is not None:  # a process with an empty share still takes part
             counts = torch.zeros(2, dtype=torch.long, device=loader.device)
             counts[0] = 0 if correct is None else correct
             counts[1] = seen

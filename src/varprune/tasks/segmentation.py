@@ -1,4 +1,5 @@
 """Semantic segmentation: cross-entropy plus soft Dice; mean foreground Dice and the confusion-matrix metrics."""
+
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,7 @@ class Segmentation(Task):
     set (``metrics.SegConfusion``): Dice, IoU per foreground class, classes
     absent from both prediction and ground truth left out of the mean.
     """
+
     name = "segmentation"
     primary = "dice"
     metric_names = ("dice", "iou", "pixel_accuracy")
