@@ -108,7 +108,7 @@ def worker(args) -> int:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     info = torch.__config__.parallel_info()
-    backend = next((l.split(":", 1)[1].strip() for l in info.splitlines() if "parallel backend" in l), "?")
+    backend = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "parallel backend" in ln), "?")
     print(
         json.dumps(
             dict(

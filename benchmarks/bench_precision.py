@@ -192,7 +192,7 @@ def train_curves(name: str, spec: dict, args, out: Path) -> dict:
     print(f"\n{name}: training ({args.epochs} epochs) and one-shot pruning, per variant; accuracy % with BNT / without")
     print(sweep_table(swept))
     curves = {}
-    for v, (label, doc) in zip(spec["variants"], swept):
+    for v, (_label, doc) in zip(spec["variants"], swept):
         curves[v] = dict(
             train_s=seconds[v],
             dense=doc.get("dense_accuracy"),

@@ -135,10 +135,10 @@ def main(argv=None) -> int:
     t_masks, t_apply = [], []
     for s in sparsities:
         model.load_state_dict(dense)
-        dt, _ = timed(lambda: pruner.masks(s), device)
+        dt, _ = timed(lambda s=s: pruner.masks(s), device)
         t_masks.append(dt)
         model.load_state_dict(dense)
-        dt, _ = timed(lambda: pruner.apply(s), device)
+        dt, _ = timed(lambda s=s: pruner.apply(s), device)
         t_apply.append(dt)
     model.load_state_dict(dense)
     from varprune.device import autocast

@@ -191,10 +191,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         for _ in range(loader_batches):
             try:
-                x, y = next(it)
+                x, _ = next(it)
             except StopIteration:
                 it = iter(dl)
-                x, y = next(it)
+                x, _ = next(it)
         sync(device)
         alone["device-loader"] = loader_batches * batch / (time.perf_counter() - t)
         for w in sorted({0, 1, 2, workers}):
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
             startup = time.perf_counter() - t0
             t = time.perf_counter()
             for _ in range(loader_batches):
-                x, y = next(it)
+                x, _y = next(it)
                 x = x.to(device, non_blocking=True)
             sync(device)
             alone[f"torchvision w{w}"] = loader_batches * batch / (time.perf_counter() - t)

@@ -218,7 +218,7 @@ def fit_slope(x: list[float], y: list[float]) -> tuple[float, float]:
     n = len(x)
     if n < 3:
         return float("nan"), float("nan")
-    (slope, icept), res, *_ = np.polyfit(x, y, 1, full=True)
+    (slope, _icept), res, *_ = np.polyfit(x, y, 1, full=True)
     sxx = sum((v - statistics.fmean(x)) ** 2 for v in x)
     resid = float(res[0]) if len(res) else 0.0
     return float(slope), math.sqrt(resid / (n - 2) / sxx) if sxx > 0 else float("nan")

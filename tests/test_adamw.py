@@ -77,7 +77,7 @@ def test_adamw_with_var_closed_form_equals_autograd_float64():
         plain_opt.zero_grad()
         F.cross_entropy(plain(x), y).backward()
         plain_opt.step()
-    for a, b, c in zip(ours.parameters(), ref.parameters(), plain.parameters()):
+    for a, b, _c in zip(ours.parameters(), ref.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # the regulariser changed the trajectory: the comparison above can fail
     assert any((a - c).abs().max() > 1e-4 for a, c in zip(ours.parameters(), plain.parameters()))
@@ -95,7 +95,7 @@ def test_sam_over_adamw_equals_manual_float64():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
 
-        def closure():
+        def closure(x=x, y=y):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss

@@ -8,7 +8,7 @@ from varprune.cli import main
 
 def _flags():
     with open("/proc/cpuinfo") as f:
-        return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
 
 
 def test_cpu_bf16_follows_the_cpu_flags():
@@ -28,5 +28,5 @@ def test_amp_auto_stays_fp32_on_cpu_unless_switched_on(monkeypatch):
 
 def test_doctor_says_whether_bf16_is_fast(capsys):
     assert main(["doctor"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bf16 on CPU:"))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bf16 on CPU:"))
     assert line.split()[3] == ("fast" if dev.cpu_bf16()[0] else "slow")

@@ -110,7 +110,7 @@ def test_analyze_writes_json_and_figures(analysis, runs):
     assert len(doc["runs"]) == 2
     weights = load_file(str(runs / "sgd" / "model.safetensors"))
     prunable = {k for k, v in weights.items() if k.endswith("weight") and v.dim() == 2}
-    for label, entry in doc["runs"].items():
+    for _label, entry in doc["runs"].items():
         assert set(entry["layer_variance"]) == prunable
         assert set(entry["layer_sensitivity"]) == prunable
         assert all(np.isfinite(v) for v in entry["layer_sensitivity"].values())
@@ -175,7 +175,7 @@ def check_page(page: Path, tmp_path: Path) -> list[bytes]:
 
 def test_report_html_with_analysis(runs, analysis, tmp_path, capsys):
     page = tmp_path / "r.html"
-    rc, out, err = cli(capsys, "report", runs / "sgd", runs / "var", "--html", page, "--analysis", analysis)
+    rc, _out, err = cli(capsys, "report", runs / "sgd", runs / "var", "--html", page, "--analysis", analysis)
     assert rc == 0, err
     pngs = check_page(page, tmp_path)
     doc = json.loads((analysis / "analysis.json").read_text())
@@ -273,7 +273,7 @@ def test_load_pruned_weights_equal_the_sweeps(runs, exported):
         if name not in masks:
             assert torch.equal(got[name].detach(), want[name].detach()), name
     g16 = dict(varprune.load_pruned(exported / "fp16.safetensors").named_parameters())
-    for name, mask in masks.items():
+    for name in masks:
         w = want[name].detach()
         assert torch.equal(g16[name].detach(), w.half().float()), name  # fp16 rounding of each kept value
     assert (exported / "fp16.safetensors").stat().st_size < 0.75 * (exported / "fp32.safetensors").stat().st_size
@@ -305,8 +305,6 @@ def _check_mask_kept(run: Path, masks: dict):
 
     weights = load_file(str(run / "model.safetensors"))
     state = load_checkpoint(run / "checkpoint.safetensors")
-    names = [n for n, _ in state["model"].items()]
-    params = [n for n in names if n in weights and weights[n].is_floating_point()]
     opt = state["optimizer"]
     assert opt["param_groups"][0]["momentum"] == 0.9 and opt["param_groups"][0]["weight_decay"] > 0
     moved = 0

@@ -8,16 +8,15 @@ folders are written by the tests; Colin27 comes from Debian's mricron-data.
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-nib = pytest.importorskip("nibabel")
-Image = pytest.importorskip("PIL.Image")
-
-from helpers import cli, one_line_error  # noqa: E402
+from helpers import cli, one_line_error
 from varprune.data.segmentation import DEBIAN_MRICRON
-from varprune.tasks import Segmentation, crop_flip  # noqa: E402
+from varprune.tasks import Segmentation, crop_flip
 
 MRICRON = Path(DEBIAN_MRICRON)
 needs_colin = pytest.mark.skipif(

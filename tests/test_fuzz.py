@@ -470,7 +470,7 @@ def test_restoring_a_mutated_checkpoint_is_fine_or_a_checkpoint_error(data):
 
 
 def test_a_valid_training_state_restores():
-    state, cfg, model, opt, loader = training_state()
+    state, cfg, _model, _opt, loader = training_state()
     _check_checkpoint(state, cfg, Path("c"))
     _restore(
         state,

@@ -166,7 +166,7 @@ def test_protocol_flags():
 
 def numpy_keep_masks(tensors, sparsity):
     flat = np.concatenate([t.detach().abs().numpy().ravel() for t in tensors])
-    n_pruned = int(round(sparsity * flat.size))
+    n_pruned = round(sparsity * flat.size)
     keep = np.ones(flat.size, dtype=bool)
     keep[np.argsort(flat, kind="stable")[:n_pruned]] = False
     out, start = [], 0
@@ -321,7 +321,7 @@ def test_cram_multi_draw_is_seeded_and_resumable():
     for x, y in batches(10):
         zeros = []
 
-        def closure(x=x, y=y):
+        def closure(x=x, y=y, zeros=zeros):
             zeros.append(int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()))
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -366,7 +366,7 @@ def test_s2sam_steps_match_reference():
         g = grad_at(at, x, y)
         ws, prev = ref.step(ws, g), g
 
-        def closure():
+        def closure(t=t, x=x, y=y):
             passes.append(t)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -607,3 +607,32 @@ def test_bf16_autocast_runs(name):
         torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters()
     )
     assert differs(params_of(model), before)
+
+
+def test_final_gradient_hooks_belong_to_one_optimizer():
+    """A hook appended to one wrapper never runs inside another's step (the list was once shared by the class)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    calls = []
+    first = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    second = CrAM(model.parameters(), torch.optim.SGD, sparsities=(0.5,), lr=0.1)
+    third = S2SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    first.final_gradient_hooks.append(lambda: calls.append("first"))
+    for opt in (second, third):
+        assert opt.final_gradient_hooks == []
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        if opt.caller_runs_first_pass:
+            F.cross_entropy(model(x), y).backward()
+        opt.step(closure)
+    assert calls == []
+    first.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    first.step(lambda: F.cross_entropy(model(x), y).backward())
+    assert calls == ["first"]

@@ -372,7 +372,7 @@ def test_flipped_byte_in_weights_or_checkpoint_is_refused(capsys, trained, run):
     meta = json.loads(weights[8 : 8 + int.from_bytes(weights[:8], "little")])["__metadata__"]
     del meta["sha256"]
     save_file(st_load(weights), str(run / "model.safetensors"), metadata=meta)
-    rc, out, err = vp(capsys, "prune", run, "--force", *SWEEP)
+    rc, _out, err = vp(capsys, "prune", run, "--force", *SWEEP)
     assert rc == 0, err
     assert (
         json.loads((run / "prune.json").read_text())["results"]

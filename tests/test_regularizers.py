@@ -81,7 +81,7 @@ def test_var_regularizer_scales_and_reports_variances():
     assert reg().item() == pytest.approx(3e-6 * psi_numpy(ws), rel=1e-9)
     v = reg.variances()
     a = ws[0].detach().numpy().ravel()
-    assert list(v.values())[0] == pytest.approx(np.var(np.sqrt(a * a + 1e-8)), rel=1e-9)
+    assert next(iter(v.values())) == pytest.approx(np.var(np.sqrt(a * a + 1e-8)), rel=1e-9)
     assert len(v) == len(ws)
 
 

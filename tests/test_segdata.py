@@ -8,14 +8,13 @@ computations (float64 percentiles, the files' own pixels, AAL's lobe codes).
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-nib = pytest.importorskip("nibabel")
-Image = pytest.importorskip("PIL.Image")
-
-from varprune.data import DatasetError  # noqa: E402
+from varprune.data import DatasetError
 from varprune.data.segcommon import split_cases
 from varprune.data.segmentation import (
     DEBIAN_MRICRON,

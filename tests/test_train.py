@@ -1,5 +1,7 @@
 """The training loop on real data: determinism, the schedule, BN re-tuning of a trained, pruned model."""
 
+import itertools
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -58,7 +60,7 @@ def test_bn_retuning_restores_a_pruned_model(tmp_path, fmnist_dir):
     load_weights(tmp_path / "m" / "model.safetensors", model)
     dense = accuracy(model, test_loader)
     prune_magnitude(model, 0.9)
-    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)][0]
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
     stale_mean = bn.running_mean.clone()
     pruned = accuracy(model, test_loader)
     recalibrate_bn(model, bnt_inputs(train_loader.images, 4, 256, train_loader.normalize))
@@ -72,7 +74,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     total, warmup = 100, 10
     f = [lr_factor(s, total, warmup) for s in range(total)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))
     assert f[-1] < 0.01
 
 

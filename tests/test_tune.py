@@ -142,7 +142,7 @@ def test_validation_is_carved_from_the_training_set_and_disjoint_from_it(tuned):
 
 
 def test_printed_command_parses_into_the_chosen_configuration(tuned):
-    out, data, doc, stdout = tuned
+    _out, _data, doc, stdout = tuned
     line = [ln.strip() for ln in stdout.splitlines() if ln.strip().startswith("varprune train")][-1]
     assert line == doc["command"]
     words = shlex.split(line)

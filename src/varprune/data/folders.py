@@ -301,7 +301,7 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = No
             new = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
             im = im.resize(new, Image.Resampling.BILINEAR)
             w, h = new
-        left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
+        left, top = round((w - image_size) / 2.0), round((h - image_size) / 2.0)
         if (w, h) != (image_size, image_size):
             im = im.crop((left, top, left + image_size, top + image_size))
         return np.asarray(im, dtype=np.uint8), gray

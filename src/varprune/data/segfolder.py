@@ -165,7 +165,7 @@ def read_seg_folder(
         test_set = set(test_ids)
 
     images, masks, kinds, values = [], [], [], []
-    for stem, image_path, mask_path in cases:
+    for _stem, image_path, mask_path in cases:
         image = _read_image(image_path)
         mask, kind = _read_mask(mask_path)
         if mask.shape != image.shape[:2]:

@@ -259,7 +259,7 @@ def read_msd(
         raise DatasetError(f'{json_path}: "modality"/"channel_names" must be a non-empty object')
     channels = len(declared) if declared else None
     cases = _msd_cases(root, meta)
-    train_ids, test_ids = split_cases(len(cases), test_fraction, seed, f"{root} (MSD)")
+    _, test_ids = split_cases(len(cases), test_fraction, seed, f"{root} (MSD)")
     test_set = set(test_ids)
 
     train, test = [], []

@@ -173,7 +173,7 @@ class RunFolder:
             yield
             return
         try:
-            f = open(self.path / ".lock", "a+")
+            f = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
         except OSError as e:
             raise RunError(f"cannot write to {self.path} ({e.strerror or e})") from None
         try:
@@ -242,7 +242,7 @@ class RunFolder:
         try:
             import fcntl
 
-            f = open(self.path / ".lock", "a+")
+            f = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open while recovering)
         except (ImportError, OSError):
             return
         try:

@@ -287,7 +287,7 @@ def prune_runs(
             scope,
             exclude,
             t.amp,
-            progress=lambda s, a, b: log(
+            progress=lambda s, a, b, m=m: log(
                 f"  {s if isinstance(s, str) else f'{100 * s:g}%'}: {m} {100 * b:.2f}% with BNT, {100 * a:.2f}% without"
             ),
             patterns=patterns,

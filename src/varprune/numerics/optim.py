@@ -190,7 +190,6 @@ class _Wrapper(torch.optim.Optimizer):
     """Shared plumbing: the base optimizer, closure checks, and a resumable state_dict."""
 
     caller_runs_first_pass = True
-    final_gradient_hooks: list = []  # callables run just before the base step; set per instance
 
     def __init__(self, params, base_optimizer_cls, own_defaults: dict, base_kwargs: dict):
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
@@ -201,6 +200,9 @@ class _Wrapper(torch.optim.Optimizer):
         if own_defaults.get("rho", 0.0) < 0:
             raise ValueError(f"rho must be >= 0, got {own_defaults['rho']}")
         self._own_defaults = dict(own_defaults)
+        # callables run at w, just before the base step, with the final gradient in .grad: per instance, so a hook
+        # added to one optimizer never runs inside another's step
+        self.final_gradient_hooks: list[Callable[[], object]] = []
         super().__init__(params, {**own_defaults, **base_kwargs})
         # The base adds its defaults to the very dicts in self.param_groups: one set of groups, two views.
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)

@@ -103,7 +103,7 @@ def layer_histogram_figure(hists: dict, path: str | Path, max_layers: int = 48, 
     handles, labels = axes.flat[0].get_legend_handles_labels()
     note = "" if len(shown) == len(layers) else f" ({len(shown)} of {len(layers)} layers, evenly spaced)"
     fig.suptitle(f"|w| per layer, log-log{note}", fontsize=10)
-    fig.legend(handles, [l.split(" (")[0] for l in labels], loc="lower right", fontsize=7)
+    fig.legend(handles, [label.split(" (")[0] for label in labels], loc="lower right", fontsize=7)
     return _save(plt, fig, path)
 
 

@@ -26,6 +26,7 @@ code, details.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import html
 import json
@@ -63,11 +64,9 @@ def machine_info() -> dict[str, str]:
     }
     from importlib import metadata
 
-    for dist in ("varprune", "torch", "numpy", "matplotlib", "monai", "timm"):
-        try:
+    for dist in ("varprune", "torch", "numpy", "matplotlib", "monai", "timm", "transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
             info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     try:
         import torch
 

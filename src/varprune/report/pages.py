@@ -5,6 +5,7 @@ Each page is one self-contained file: tables, the figures embedded, every run's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -58,10 +59,8 @@ def _analysis_sections(folder: Path) -> list[dict]:
 def _configs(runs) -> dict:
     out = {}
     for run in runs:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             out[str(run)] = json.loads((Path(run) / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
     return out
 
 
