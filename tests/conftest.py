@@ -58,3 +58,10 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", None) or item.name.split("[")[0]
         if name in SLOW_TESTS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(slow)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder: a default output (prune_comparison.png, runs/demo) never lands in the
+    checkout, and no test sees another's."""
+    monkeypatch.chdir(tmp_path)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -410,3 +411,18 @@ def test_keep_mask_topk_float_masks_and_out_buffer(method, dtype):
         keep_mask_topk(flat, 3, dtype=dtype, out=torch.empty(4999, dtype=dtype))
     with pytest.raises(PruningError, match="mask dtype"):
         keep_mask_topk(flat, 3, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_raw_negative_zero_is_a_zero_on_both_selection_paths(dtype):
+    """-0.0 handed in without abs(): the radix path once raised, the sort path ranked it below +0.0."""
+    flat = torch.tensor([0.5, 0.0, -0.0, 0.25, -0.0, 0.0, 1.0, 0.125], dtype=dtype)
+    reference = flat.abs().numpy()  # numpy ranks -0.0 and +0.0 equal: ties by position
+    for k in range(flat.numel() + 1):
+        want = np.ones(flat.numel(), dtype=bool)
+        want[np.argsort(reference, kind="stable")[:k]] = False
+        for method in ("radix", "sort"):
+            got = keep_mask_topk(flat, k, method=method)
+            assert got.tolist() == want.tolist(), (k, method)
+    with pytest.raises(PruningError, match="non-negative"):
+        keep_mask_topk(torch.tensor([0.5, -0.25, -0.0], dtype=dtype), 1, method="radix")

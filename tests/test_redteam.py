@@ -190,7 +190,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(caps
     (broken / "train-images-idx3-ubyte.gz").write_bytes(raw[:5000])
     line = one_line(*vp(capsys, "train", *TINY, "--data-dir", broken, "--out", run, "--overwrite")[::2])
     assert "train-images-idx3-ubyte.gz" in line
-    assert snapshot(run) == before and not (run / ".replaced-run").exists()
+    assert snapshot(run) == before and not list(run.glob(".replaced-run*"))
 
     # diverges in the first epoch: the old run was moved aside, and is put back byte for byte
     rc, out, err = vp(
@@ -213,7 +213,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(caps
     )
     assert rc == 3 and "non-finite" in err, err
     assert "previous run" in out and "restored" in out
-    assert snapshot(run) == before and not (run / ".replaced-run").exists()
+    assert snapshot(run) == before and not list(run.glob(".replaced-run*"))
 
     # 65 examples in batches of 64: the last batch of one is dropped (BatchNorm), the new run replaces the old
     rc, _, err = vp(
@@ -244,10 +244,12 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(caps
     assert (run / "model.safetensors").read_bytes() != before["model.safetensors"]
     assert not (run / "prune.json").exists()  # made from the old weights: gone with them
     assert (run / ".notes.tmp").read_bytes() == b"draft" and (run / "notes.txt").read_bytes() == b"mine"
-    assert not (run / ".replaced-run").exists()
+    assert not list(run.glob(".replaced-run*"))
 
 
-def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_command(capsys, run, fmnist_dir):
+def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_train_resume_only(capsys, run, fmnist_dir):
+    """Readers (prune, report) refuse a half-replaced run and touch nothing; `train --resume` puts the previous
+    run back, acting only on what the killed --overwrite recorded."""
     (run / ".notes.tmp").write_bytes(b"draft")
     before = snapshot(run)
     # the whole training set: the first epoch takes seconds, long enough to be killed in
@@ -269,23 +271,61 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_comm
         "--overwrite",
     )
     try:
-        wait_for(lambda: (run / ".replaced-run" / ".complete").exists(), proc)
+        wait_for(
+            lambda: (
+                (run / ".varprune-replacing").exists()
+                and (run / "config.json").exists()
+                and '"moved"' in (run / ".varprune-replacing").read_text()
+            ),
+            proc,
+        )
     finally:
         proc.kill()
         proc.communicate()
     assert not (run / "checkpoint.safetensors").exists() and not (run / "model.safetensors").exists()
-    (run / ".config.json.k1lled00.tmp").write_bytes(b"")  # as if killed inside the new config.json's write
-    rc, out, err = vp(capsys, "prune", run, *SWEEP)  # the old run is back, its sweep still valid
+    (run / ".config.json.varprune-k1lled00.tmp").write_bytes(b"")  # as if killed inside the config.json write
+    half = snapshot(run)
+    for command in (
+        ["prune", run, *SWEEP],
+        ["report", run],
+        ["export", run, "--sparsity", "0.5", "--out", run.parent / "x.safetensors"],
+    ):
+        line = one_line(*vp(capsys, *command)[::2])
+        assert "half replaced" in line and f"varprune train --resume {run}" in line, line
+        assert snapshot(run) == half
+    rc, out, err = vp(capsys, "train", "--resume", run)
     assert rc == 0, err
-    assert "reusing" in out
-    assert snapshot(run) == before and not (run / ".replaced-run").exists()
+    assert snapshot(run) == before and not list(run.glob(".replaced-run*"))
+    rc, out, err = vp(capsys, "prune", run, *SWEEP)  # the old run is back, its sweep still valid
+    assert rc == 0 and "reusing" in out, err
 
-    # killed while the old files were being moved aside (config.json first): nothing is deleted either
-    (run / ".replaced-run").mkdir()
-    (run / "config.json").replace(run / ".replaced-run" / "config.json")
-    rc, out, err = vp(capsys, "report", run)
-    assert rc == 0 and "| sgd |" in out, err
+
+def test_a_folder_named_like_the_aside_folder_is_never_touched(capsys, run, tmp_path, fmnist_dir):
+    """No record of varprune's, no recovery: train, prune and report leave a user's .replaced-run alone."""
+    for folder in (run, tmp_path / "mine"):
+        folder.mkdir(exist_ok=True)
+        (folder / ".replaced-run").mkdir()
+        (folder / ".replaced-run" / "config.json").write_bytes(b"user's")
+        (folder / ".replaced-run-abcdefgh").mkdir()
+        (folder / ".replaced-run-abcdefgh" / "notes.txt").write_bytes(b"user's")
+    before = snapshot(run)
+    assert vp(capsys, "report", run)[0] == 0
+    assert vp(capsys, "prune", run, *SWEEP)[0] == 0
     assert snapshot(run) == before
+    mine = tmp_path / "mine"
+    rc, _, err = vp(capsys, "train", *TINY, "--data-dir", fmnist_dir, "--out", mine)
+    assert rc == 0, err
+    assert (mine / ".replaced-run" / "config.json").read_bytes() == b"user's"
+    assert (mine / ".replaced-run-abcdefgh" / "notes.txt").read_bytes() == b"user's"
+
+
+def test_resume_deletes_only_its_own_temporaries(capsys, run):
+    (run / ".model.safetensors.my-backup.tmp").write_bytes(b"user's")
+    (run / ".config.json.varprune-abcd1234.tmp").write_bytes(b"half")
+    rc, _, err = vp(capsys, "train", "--resume", run)
+    assert rc == 0, err
+    assert (run / ".model.safetensors.my-backup.tmp").read_bytes() == b"user's"
+    assert not (run / ".config.json.varprune-abcd1234.tmp").exists()
 
 
 # ----------------------------------------------------------------- 9: --bnt-batches 0

@@ -47,7 +47,7 @@ STEPS = N_TRAIN // BATCH
 DRIVER = r"""
 import os, sys, tempfile, time
 from pathlib import Path
-import varprune.storage.checkpoint as ck
+import varprune.storage.files as ck
 
 def pause():
     Path(os.environ["VP_MARKER"]).write_text("paused")
@@ -64,7 +64,8 @@ if spec:
                 if when == "before":
                     pause()
                 if when == "mid":
-                    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+                    pre = f".{Path(path).name}{ck.TMP_TAG}"
+                    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=pre, suffix=".tmp")
                     os.write(fd, data[: len(data) // 2])
                     os.fsync(fd)
                     pause()
@@ -248,7 +249,7 @@ def test_crash_while_writing_the_final_weights_is_resumed(refs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(refs / "var", run)
     (run / "model.safetensors").unlink()  # an atomic write killed midway leaves no file, only a temporary one
-    (run / ".model.safetensors.abc123.tmp").write_bytes(b"half")
+    (run / ".model.safetensors.varprune-abc123xy.tmp").write_bytes(b"half")
     assert main(["train", "--resume", str(run)]) == 0
     assert_same_run(run, refs / "var")
 

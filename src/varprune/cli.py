@@ -21,17 +21,21 @@ where torch or numpy are broken: that is when it is needed.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 from varprune import __version__
 from varprune.errors import (
     EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SYSTEM,
     EXIT_TERMINATED,
     EXIT_USAGE,
     NonFiniteError,
     UsageError,
     exit_code,
+    kept_note,
     one_line,
 )
 
@@ -63,14 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ended: dict = {"code": None, "who": "varprune"}  # set once the command has ended: a late SIGTERM keeps its code
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write, so the lines of two torchrun processes never run into each other."""
+    sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
 def _on_sigterm(signum, frame):
-    raise Terminated()
+    code = _ended["code"]
+    if code is None:
+        raise Terminated()
+    # the command has already ended (its line is said): a SIGTERM now (torchrun stopping the other processes
+    # after one failed, or a late kill) must not turn its exit code into a signal
+    if code == 0:
+        _say(f"{_ended['who']}: terminated (SIGTERM) after the command had finished; everything was written")
+    os._exit(code)
 
 
-def _interrupted(argv) -> str:
+def _interrupted(argv, e: BaseException) -> str:
+    note = kept_note(e)
+    if note is not None:
+        return note
     command = next((a for a in argv if not a.startswith("-")), "")
-    if command == "train":
-        return "completed epochs are kept (`varprune train --resume RUN` continues)"
+    if command in ("train", "finetune"):
+        return "nothing was left half-written"
     if command in ("study", "demo"):
         return "finished runs and sweeps are kept; the same command continues"
     if command == "prune":
@@ -85,34 +108,44 @@ def main(argv=None) -> int:
     from varprune.engine import distributed
 
     who = f"varprune[rank {distributed.env_rank()}]" if distributed.env_rank() else "varprune"
+    _ended.update(code=None, who=who)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
+    code = EXIT_OK
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command not in DATA_PARALLEL and not distributed.main_only():
-            return 0  # under torchrun, rank 0 runs this command alone
-        return args.func(args)
-    except Terminated:
-        print(f"{who}: terminated (SIGTERM); {_interrupted(argv)}", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted; {_interrupted(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            return EXIT_OK  # under torchrun, rank 0 runs this command alone
+        code = args.func(args)
+        return code
+    except Terminated as e:
+        code = EXIT_TERMINATED
+        _say(f"{who}: terminated (SIGTERM); {_interrupted(argv, e)}")
+        return code
+    except KeyboardInterrupt as e:
+        code = EXIT_INTERRUPTED
+        _say(f"{who}: interrupted; {_interrupted(argv, e)}")
+        return code
     except (ValueError, NonFiniteError, OSError, MemoryError, RuntimeError) as e:
         try:
             code = exit_code(e)
         except TypeError:
             raise e from None  # a bug: the traceback is what a bug report needs
-        print(f"{who}: error: {one_line(e)}", file=sys.stderr)
+        note = kept_note(e)
+        extra = f"; {note}" if note and code == EXIT_SYSTEM else ""
+        _say(f"{who}: error: {one_line(e)}{extra}")
         return code
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        distributed.shutdown()  # after: torchrun's SIGTERM to a finished process must not raise in here
+        _ended["code"] = code
+        try:
+            distributed.shutdown()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _doctor_only(argv) -> int:
@@ -122,7 +155,7 @@ def _doctor_only(argv) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        print(f"varprune: error: {e}", file=sys.stderr)
+        _say(f"varprune: error: {e}")
         return EXIT_USAGE
     from varprune.commands import doctor
 

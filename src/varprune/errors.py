@@ -17,6 +17,8 @@ message; ``varprune.cli.main`` uses both, and nothing else decides exit codes.
 
 from __future__ import annotations
 
+import contextlib
+
 EXIT_OK, EXIT_SYSTEM, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
@@ -82,6 +84,18 @@ def one_line(e: BaseException) -> str:
             + "; use a smaller --batch-size, --image-size or model"
         )
     return " ".join(str(e).split())
+
+
+def set_kept_note(e: BaseException, note: str) -> None:
+    """Attach to an exception what its run left behind ("nothing was kept", "the previous run was restored"):
+    the command line says it in its last line."""
+    with contextlib.suppress(AttributeError, TypeError):
+        e.varprune_kept = note  # type: ignore[attr-defined]
+
+
+def kept_note(e: BaseException) -> str | None:
+    note = getattr(e, "varprune_kept", None)
+    return note if isinstance(note, str) else None
 
 
 def short(value, limit: int = 60) -> str:

@@ -28,6 +28,11 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     c.add_bnt_flags(p)
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --out that varprune did not write (its own are replaced anyway)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -35,10 +40,14 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.analyze import analyze_runs
 
-    c.recover([Path(r) for r in args.runs])
-    found = c.bnt_problems(args) + c.device_problem(args.device)
-    if not 0 < args.sensitivity_sparsity < 1:
-        found.append(f"--sensitivity-sparsity must be in (0, 1), got {args.sensitivity_sparsity}")
+    found = c.half_replaced([Path(r) for r in args.runs])
+    if found:
+        raise UsageError("; ".join(found))
+    from varprune.engine.analyze import check_analysis_flags
+
+    found = check_analysis_flags(
+        args.sensitivity_sparsity, args.hessian_iters, args.bnt_batches, args.bnt_batch_size
+    ) + c.device_problem(args.device)
     if found:
         raise UsageError("; ".join(found))
     analyze_runs(
@@ -51,5 +60,6 @@ def run(args) -> int:
         hessian_iters=args.hessian_iters,
         device=args.device,
         data_dir=args.data_dir,
+        overwrite=args.overwrite,
     )
     return 0

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from varprune.errors import UsageError
 
-IMAGE_SUFFIXES = (".png",)
 SWEEP_SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
 
 
@@ -38,21 +37,29 @@ def floats_arg(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def plot_path(text: str | None) -> Path | None:
-    """A plot path, checked before any work: a .png file name in an existing folder."""
+def output_file(text: str | None, flag: str, overwrite: bool, kind: str) -> Path | None:
+    """A file a command will write (``kind``: "png", "html"), checked before any work against the output rule
+    (storage.files): never a run's file, never a file varprune did not write without --overwrite, never a
+    folder, device, FIFO or link, and its folder must exist. A problem is one UsageError line."""
+    from varprune.errors import RunError
+    from varprune.storage.files import check_output_file, html_is_ours, png_is_ours
+
     if text is None:
         return None
-    path = Path(text)
-    if path.is_dir():
-        raise UsageError(f"--plot {text} is a folder; give a file name such as {path / 'comparison.png'}")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(
-            f"--plot {text} does not end in .png; varprune writes PNG images and will not replace "
-            f"a file of another kind"
-        )
-    if not path.parent.is_dir():
-        raise UsageError(f"--plot {text}: folder {path.parent} does not exist")
-    return path
+    ours, suffixes = {"png": (png_is_ours, (".png",)), "html": (html_is_ours, (".html", ".htm"))}[kind]
+    try:
+        return check_output_file(text, flag, overwrite, ours=ours, suffixes=suffixes)
+    except RunError as e:
+        raise UsageError(str(e)) from None
+
+
+def add_overwrite_flag(p, what: str) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} even if varprune did not write it (its own files are replaced anyway; "
+        f"a run's files and anything that is not a regular file never are)",
+    )
 
 
 def device_problem(name: str) -> list[str]:
@@ -77,21 +84,17 @@ def mask_problems(args) -> list[str]:
 
 
 def bnt_problems(args) -> list[str]:
-    found = []
-    if not 0 <= args.bnt_batches <= 100_000:
-        found.append(f"--bnt-batches must be in [0, 100000] (0 skips re-tuning), got {args.bnt_batches}")
-    if not 1 <= args.bnt_batch_size <= 1 << 20:
-        found.append(f"--bnt-batch-size must be in [1, 1048576], got {args.bnt_batch_size}")
-    return found
+    from varprune.engine.sweep import bnt_problems as problems
+
+    return problems(args.bnt_batches, args.bnt_batch_size)
 
 
-def recover(runs) -> None:
-    """Folders where an ``--overwrite`` was killed before the new run's first checkpoint get
-    their old run back before anything reads them (rundir.RunFolder.recover_if_idle)."""
+def half_replaced(runs) -> list[str]:
+    """Runs an interrupted ``train --overwrite`` left half replaced: commands that only read runs refuse them,
+    naming the command that mends them (they never restore or delete anything themselves)."""
     from varprune.engine.rundir import RunFolder
 
-    for run in runs:
-        RunFolder(run).recover_if_idle()
+    return [p for p in (RunFolder(run).half_replaced_problem() for run in runs) if p]
 
 
 def say_on_main(text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from varprune.commands import common as c
 from varprune.errors import UsageError
 
 
@@ -25,6 +26,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="dataset folder (default: the Debian package's)")
     p.add_argument("--quiet", action="store_true")
+    c.add_overwrite_flag(p, "the demo's figure and results.md in --out")
     p.set_defaults(func=run)
     return p
 
@@ -36,5 +38,12 @@ def run(args) -> int:
     bad = path_problem(args.out)
     if bad:
         raise UsageError(bad)
-    run_demo(Path(args.out), size=args.size, data_dir=args.data_dir, progress=not args.quiet, task=args.task)
+    run_demo(
+        Path(args.out),
+        size=args.size,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+        task=args.task,
+        overwrite=args.overwrite,
+    )
     return 0

@@ -30,6 +30,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     c.add_bnt_flags(p)
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto")
+    c.add_overwrite_flag(p, "the --out file")
     p.set_defaults(func=run)
     return p
 
@@ -37,7 +38,9 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.export import export_run
 
-    c.recover([Path(args.run)])
+    found = c.half_replaced([Path(args.run)])
+    if found:
+        raise UsageError("; ".join(found))
     found = c.mask_problems(args) + c.bnt_problems(args) + c.device_problem(args.device)
     if found:
         raise UsageError("; ".join(found))
@@ -53,5 +56,6 @@ def run(args) -> int:
         args.bnt_batch_size,
         args.device,
         args.data_dir,
+        overwrite=args.overwrite,
     )
     return 0

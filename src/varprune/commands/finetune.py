@@ -38,7 +38,9 @@ def run(args) -> int:
     from varprune.engine.loop import train
 
     source = Path(args.run)
-    c.recover([source])
+    found = c.half_replaced([source])
+    if found:
+        raise UsageError("; ".join(found))
     found = c.mask_problems(args)
     if found:
         raise UsageError(found[0])

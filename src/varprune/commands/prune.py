@@ -27,6 +27,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
+    c.add_overwrite_flag(p, "the --plot file")
     p.add_argument(
         "--list-weights",
         action="store_true",
@@ -50,7 +51,9 @@ def run(args) -> int:
     from varprune.report.tables import sweep_table
 
     runs = [Path(r) for r in args.runs]
-    c.recover(runs)
+    found = c.half_replaced(runs)
+    if found:
+        raise UsageError("; ".join(found))
     if args.list_weights:
         return _list_weights(runs, c.names(args.exclude or ""))
     found = c.bnt_problems(args) + c.device_problem(args.device)
@@ -59,7 +62,9 @@ def run(args) -> int:
     configs, more = check_runs(runs, args.data_dir)
     found += more
     exclude = c.names(args.exclude or "")
-    plot = c.plot_path(args.plot) if args.plot else (Path("prune_comparison.png") if len(runs) > 1 else None)
+    plot = c.output_file(
+        args.plot or ("prune_comparison.png" if len(runs) > 1 else None), "--plot", args.overwrite, "png"
+    )
     if exclude and not found:
         found += _exclude_problems(configs, exclude)
     if found:  # every problem at once, before any work

@@ -20,6 +20,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a combined plot here (.png)")
     p.add_argument("--html", help="write one self-contained HTML page here (figures embedded, configs, machine)")
     p.add_argument("--analysis", help="an `analyze` output folder to include in the HTML page")
+    c.add_overwrite_flag(p, "the --plot and --html files")
     p.set_defaults(func=run)
     return p
 
@@ -30,11 +31,13 @@ def run(args) -> int:
     from varprune.report.results import read_prune_json, read_study_report
     from varprune.report.tables import metric_of, sweep_table
 
-    plot = c.plot_path(args.plot)
-    html = Path(args.html) if args.html else None
-    if html is not None and (html.is_dir() or html.suffix.lower() not in (".html", ".htm")):
-        raise UsageError(f"--html {args.html} must be a file name ending in .html")
-    c.recover([Path(r) for r in args.runs])
+    plot = c.output_file(args.plot, "--plot", args.overwrite, "png")
+    html = c.output_file(args.html, "--html", args.overwrite, "html")
+    found = c.half_replaced([Path(r) for r in args.runs])
+    if args.analysis is not None:
+        found += _analysis_problems(Path(args.analysis), html)
+    if found:
+        raise UsageError("; ".join(found))
     if len(args.runs) == 1 and (Path(args.runs[0]) / "report.json").is_file():  # a study folder
         study = read_study_report(Path(args.runs[0]))
         if html is None:
@@ -56,3 +59,30 @@ def run(args) -> int:
         analysis = Path(args.analysis) if args.analysis else None
         print(f"html: {runs_html(rows, [Path(r) for r in args.runs], html, analysis)}")
     return 0
+
+
+def _analysis_problems(folder: Path, html: Path | None) -> list[str]:
+    """--analysis must name an `analyze` output folder (its analysis.json), and only makes sense with --html."""
+    if html is None:
+        return [f"--analysis {folder} goes into the HTML page: add --html FILE.html"]
+    if not (folder / "analysis.json").is_file():
+        what = (
+            "a run folder"
+            if (folder / "config.json").is_file()
+            else "not an analysis folder"
+            if folder.is_dir()
+            else "not found"
+        )
+        return [f"--analysis {folder} is {what}; give the --out folder of `varprune analyze` (it holds analysis.json)"]
+    try:
+        import json
+
+        doc = json.loads((folder / "analysis.json").read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("runs"), dict):
+            raise ValueError
+    except (OSError, ValueError, RecursionError):
+        return [
+            f"--analysis {folder}/analysis.json is not varprune's analysis (damaged or edited); run "
+            f"`varprune analyze` again"
+        ]
+    return []

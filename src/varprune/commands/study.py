@@ -29,6 +29,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         action="store_true",
         help="skip `analyze` of the first seed of each method (histograms, sensitivity, flatness)",
     )
+    c.add_overwrite_flag(p, "report files in --out")
     add_flags(p, exclude=("method", "seed"))
     p.set_defaults(func=run)
     return p
@@ -60,5 +61,6 @@ def run(args) -> int:
         progress=not args.quiet,
         analysis=not args.no_analysis,
         patterns=args.patterns,
+        overwrite=args.overwrite,
     )
     return 0

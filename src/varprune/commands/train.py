@@ -38,8 +38,10 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from varprune.engine import distributed
     from varprune.engine.config import flag_of, from_args, given_fields, load_run_config
     from varprune.engine.loop import train
+    from varprune.engine.rundir import RunFolder
 
     if args.resume:
         given = given_fields(args)
@@ -51,6 +53,14 @@ def run(args) -> int:
                 f"(only --device and --data-dir may change)"
             )
         run = Path(args.resume)
+        folder = RunFolder(run)
+        if folder.replacement() is not None:  # an interrupted --overwrite: finish or undo it before reading
+            if distributed.launched():
+                raise UsageError(
+                    f"{run} is half replaced by an interrupted `varprune train --overwrite`; run "
+                    f"`varprune train --resume {run}` once without torchrun to mend it first"
+                )
+            folder.recover_if_idle()
         cfg = load_run_config(run)
         for key, value in machine.items():
             setattr(cfg, key, value)

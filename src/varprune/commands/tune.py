@@ -56,6 +56,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--method", default="var", help="a method with VAR: var (default), var+sam, var+cram+")
     add_flags(p, exclude=("method",))
+    c.add_overwrite_flag(p, "tune.json and tune.png in --out")
     p.set_defaults(func=run)
     return p
 
@@ -83,5 +84,6 @@ def run(args) -> int:
         args.bnt_batches,
         args.bnt_batch_size,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     return 0

@@ -68,7 +68,7 @@ class DatasetLocation:
 def resize_images(x: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
     """(N, C, h, w) images in 0..255 (uint8 or float) -> uint8 (N, C, H, W), bilinear, antialiased
     when shrinking (PIL's BILINEAR resize to within rounding), ``chunk`` images at a time."""
-    size = tuple(size)
+    size = (int(size[0]), int(size[1]))
     if tuple(x.shape[-2:]) == size and x.dtype == torch.uint8:
         return x
     out = torch.empty((x.shape[0], x.shape[1], *size), dtype=torch.uint8)

@@ -294,17 +294,17 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = No
             target = mode or ("L" if gray else "RGB")
             if im.format == "JPEG":
                 im.draft(target, (image_size, image_size))
-            im = im.convert(target)  # loads the pixels: truncation and decoder errors surface here
-        w, h = im.size
+            pixels: Image.Image = im.convert(target)  # loads the pixels: truncation and decoder errors surface here
+        w, h = pixels.size
         if min(w, h) != image_size:
             # torchvision's rule: the longer side is truncated, int(s * long / short)
             new = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
-            im = im.resize(new, Image.Resampling.BILINEAR)
+            pixels = pixels.resize(new, Image.Resampling.BILINEAR)
             w, h = new
         left, top = round((w - image_size) / 2.0), round((h - image_size) / 2.0)
         if (w, h) != (image_size, image_size):
-            im = im.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(im, dtype=np.uint8), gray
+            pixels = pixels.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(pixels, dtype=np.uint8), gray
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot decode image {path} ({_short(e)}); replace or remove the file") from None
 

@@ -212,7 +212,8 @@ def read_seg_folder(
         names = ("background",) + tuple(f"class{c}" for c in range(1, largest + 1))
 
     channels = max(int(x.shape[1]) for x in images)
-    train, test = [], []
+    train: list[tuple] = []
+    test: list[tuple] = []
     for number, (x, y) in enumerate(zip(images, masks)):
         if x.shape[1] != channels:
             x = x.expand(-1, channels, -1, -1)

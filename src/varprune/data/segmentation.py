@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
@@ -96,8 +97,12 @@ def load_segdata(name: str, root=None, **options) -> SegSplits:
         root = default_seg_root(name)
         if root is None:
             raise DatasetError(f"{name}: no folder given; pass --data-dir pointing at the data")
-    reader = {"msd": read_msd, "seg-folder": read_seg_folder, "colin27": read_colin27}[name]
-    return reader(root, **options)
+    readers: dict[str, Callable[..., SegSplits]] = {
+        "msd": read_msd,
+        "seg-folder": read_seg_folder,
+        "colin27": read_colin27,
+    }
+    return readers[name](root, **options)
 
 
 def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:

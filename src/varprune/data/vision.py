@@ -130,7 +130,10 @@ def _find_idx(root: Path, name: str, stem: str) -> Path | None:
 
 
 def _load_idx_dataset(info: DatasetInfo, root: Path, splits=("train", "test")):
-    arrays = {"testx": np.zeros((0, info.size, info.size), np.uint8), "testy": np.zeros(0, np.int64)}
+    arrays: dict[str, np.ndarray] = {
+        "testx": np.zeros((0, info.size, info.size), np.uint8),
+        "testy": np.zeros(0, np.int64),
+    }
     for split, prefix in (("train", "train"), ("test", "t10k")):
         if split not in splits:
             continue

@@ -51,7 +51,7 @@ def _load_nifti(path: Path, what: str):
         raise DatasetError("reading NIfTI needs nibabel: pip install nibabel") from None
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # type: ignore[attr-defined]  # nibabel's base class lacks it
     except Exception as e:  # any unreadable or truncated file: one line
         raise DatasetError(f"cannot read {what} {path} ({_reason(e)}); re-fetch or re-export the file") from None
     if not np.isfinite(data).all():

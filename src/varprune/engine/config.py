@@ -430,6 +430,13 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _default(f: dataclasses.Field):
+    """A field's default value (a fresh one for list and dict fields)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
     """One flag per field, with its help and default; absent flags stay absent (argparse.SUPPRESS)."""
     for name, f in FIELDS.items():
@@ -437,7 +444,7 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
         if not m["flag"] or name in exclude:
             continue
         kind = _kinds(f)[0]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         text = m["help"] + (
             ""
             if default is None or kind == "bool"
@@ -468,7 +475,14 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
             else:
                 parser.add_argument(flag_of(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
-            typ = {"int": int, "float": float, "str": str, "list[float]": _floats, "list[str]": _names}[kind]
+            types: dict[str, Callable[[str], object]] = {
+                "int": int,
+                "float": float,
+                "str": str,
+                "list[float]": _floats,
+                "list[str]": _names,
+            }
+            typ = types[kind]
             parser.add_argument(
                 flag_of(name), dest=name, type=typ, default=argparse.SUPPRESS, help=text, metavar=m["metavar"]
             )

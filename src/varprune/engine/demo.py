@@ -18,8 +18,7 @@ import torch
 from varprune.device import describe_device, resolve_device
 from varprune.engine.config import TrainConfig
 from varprune.engine.sweep import ensure_run, prune_runs
-from varprune.errors import RunError
-from varprune.storage.checkpoint import atomic_write_text
+from varprune.storage.files import OutputFolder
 
 SIZES = {
     # the reference setup of ../shared/METHOD.md section 4
@@ -63,12 +62,13 @@ def run_demo(
     progress: bool = True,
     log=print,
     task: str = "classification",
+    overwrite: bool = False,
 ) -> dict:
     from varprune.report.figures import sweep_plot
     from varprune.report.tables import sweep_table
 
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out} exists and is not a folder; choose another --out")
+    folder = OutputFolder(out, "demo", overwrite=overwrite, legacy=None)
+    folder.check(("demo.png", "results.md", "examples.png"))
     device = resolve_device("auto")
     if size == "auto":
         size = "gpu" if device.type == "cuda" else "cpu"
@@ -83,10 +83,7 @@ def run_demo(
     else:
         configs, sparsities = demo_configs(size, data_dir)
         title, figure = TITLE, None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
+    folder.mkdir()
     log(f"varprune demo ({task}, {size} size) on {describe_device(device)}, runs in {out}")
     t0 = time.perf_counter()
     runs = []
@@ -97,9 +94,11 @@ def run_demo(
     rows = prune_runs(runs, sparsities, data_dir=data_dir, log=log, reuse=True)
     table = sweep_table(rows)
     sweep_plot(rows, out / "demo.png", title=title)
+    folder.record("demo.png")
     extra = ""
     if figure is not None:
         figure(runs, out / "examples.png", sparsity=0.95)
+        folder.record("examples.png")
         extra = f"Example slices: {out / 'examples.png'}\n\n"
     total_s = time.perf_counter() - t0
     machine = describe_device(device)
@@ -108,7 +107,7 @@ def run_demo(
         f"Wall time {total_s / 60:.1f} min ({train_s / 60:.1f} min training).\n\n"
         f"Configuration: {json.dumps(configs[1][1].to_dict())}\n\n{extra}{table}"
     )
-    atomic_write_text(out / "results.md", summary)
+    folder.write_text("results.md", summary)
     print(table)
     log(f"plot: {out / 'demo.png'}; summary: {out / 'results.md'}; {total_s / 60:.1f} min in all")
     return {"rows": rows, "size": size, "seconds": total_s}

@@ -68,7 +68,7 @@ def env_world() -> int:
 
 
 def active() -> bool:
-    return _state["active"]
+    return bool(_state["active"])
 
 
 def rank() -> int:
@@ -155,7 +155,7 @@ _ERRORS = {c.__name__: c for c in (RunError, CheckpointError, DatasetError, NonF
 def raise_together(found: list[str]) -> None:
     """Raise RunError with every process's problems on every process (exit 2 everywhere, no hang)."""
     if active():
-        gathered = [None] * world_size()
+        gathered: list[list[str]] = [[] for _ in range(world_size())]
         dist.all_gather_object(gathered, list(found))
         found = list(dict.fromkeys(p for part in gathered for p in part))
     if found:
@@ -170,7 +170,7 @@ def from_main(fn):
     """
     if not active():
         return fn()
-    box = [None]
+    box: list = [None]
     if is_main():
         try:
             box[0] = ("ok", fn())
@@ -326,6 +326,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         centred = x - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None
+            assert self.running_var is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -379,7 +381,7 @@ def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # torch >= 2.14 names it forward_sync_buffers (buffers are still synchronised once, at construction)
-    no_sync = {
+    no_sync: dict = {
         "forward_sync_buffers"
         if "forward_sync_buffers" in inspect.signature(DDP).parameters
         else "broadcast_buffers": False

@@ -26,8 +26,8 @@ from varprune.engine.rundir import WEIGHTS
 from varprune.engine.sweep import check_runs, load_trained
 from varprune.errors import RunError
 from varprune.numerics.pruning import apply_masks_, pattern_masks, recalibrate_bn
-from varprune.storage.checkpoint import file_digest
-from varprune.storage.pruned_format import load_pruned, read_pruned_metadata, save_pruned
+from varprune.storage.files import check_output_file, file_digest
+from varprune.storage.pruned_format import load_pruned, pruned_is_ours, read_pruned_metadata, save_pruned
 
 
 def export_run(
@@ -43,15 +43,20 @@ def export_run(
     device: str = "auto",
     data_dir: str | None = None,
     log=print,
+    overwrite: bool = False,
 ) -> dict:
-    """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata."""
+    """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata.
+
+    ``out`` follows the output rule (storage.files): never a run's own file, never a file varprune did not
+    write unless ``overwrite``, never a folder, device, FIFO or link.
+    """
     configs, found = check_runs([run], data_dir)
+    try:
+        check_output_file(out, "--out", overwrite, ours=pruned_is_ours)
+    except RunError as e:
+        found.append(str(e))
     if found:
         raise RunError("; ".join(found))
-    if out.is_dir():
-        raise RunError(f"--out {out} is a folder; give a file name such as {out / 'pruned.safetensors'}")
-    if not out.parent.is_dir():
-        raise RunError(f"--out {out}: folder {out.parent} does not exist")
     t = load_trained(run, configs[0], device)
     info = t.data.data.info
     model = t.model

@@ -35,15 +35,10 @@ from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
 from varprune.engine.runs import build_model, data_problems, load_data
 from varprune.engine.step import lr_factor, make_train_step
-from varprune.errors import NonFiniteError, short
+from varprune.errors import NonFiniteError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
-from varprune.storage.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-)
+from varprune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
+from varprune.storage.files import atomic_write_text
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -79,7 +74,8 @@ def _finetune_start(cfg: TrainConfig, model, log):
     """Load the source run's final weights, prune them one-shot (the sweep's masks), and keep the mask."""
     from varprune.numerics.masking import MaskKeeper
     from varprune.numerics.pruning import pattern_masks
-    from varprune.storage.checkpoint import file_digest, load_weights
+    from varprune.storage.checkpoint import load_weights
+    from varprune.storage.files import file_digest
 
     source = Path(cfg.finetune_from)
     load_weights(source / WEIGHTS, model)
@@ -228,8 +224,10 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     local_first_pass = ddp.no_sync if cfg.sam_local and ddp is not model else None
     extra_state = {"processes": world, **({"finetune_source_sha256": source_digest} if keeper else {})}
     replacing = main and not resume and bool(folder.existing())
+    fresh = main and not resume and not replacing
+    had_checkpoint = (out / CHECKPOINT).exists()
     if replacing:
-        folder.set_aside()  # kept in .replaced-run/ until the new run's first checkpoint
+        folder.set_aside()  # kept aside until the new run's first checkpoint
     try:
         if main:
             folder.clean_temporaries()
@@ -263,10 +261,28 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             extra_state=extra_state,
             first_pass_local=local_first_pass,
         )
-    except BaseException:
-        if replacing and not (out / CHECKPOINT).exists():
-            folder.restore()
-            log(f"the new run failed before its first checkpoint: the previous run in {out} is restored")
+    except BaseException as e:
+        # what a failure or an interruption leaves: said by the CLI's last line (errors.kept_note)
+        if main and not (out / CHECKPOINT).exists():
+            if replacing:
+                folder.restore()
+                note = f"the previous run in {out} was restored"
+                log(f"the new run failed before its first checkpoint: the previous run in {out} is restored")
+            elif fresh:
+                folder.discard_new_run()  # no half-made run folder
+                note = f"nothing was kept: no epoch had completed, and {out} holds no run"
+            else:
+                note = f"{out} is as it was"
+        elif main:
+            note = (
+                f"completed epochs are kept (`varprune train --resume {out}` continues)"
+                if (had_checkpoint or not replacing)
+                else f"the new run's completed epochs are kept in {out}"
+            )
+        else:
+            note = None
+        if note is not None:
+            set_kept_note(e, note)
         raise
     if main:
         save_weights(out / WEIGHTS, model, weights_metadata(cfg, info))

@@ -85,7 +85,7 @@ def method_help() -> str:
 
 
 def build_regularizers(method: Method, model: torch.nn.Module, cfg) -> list[Regularizer]:
-    out = []
+    out: list[Regularizer] = []
     for kind in method.regularizers:
         if kind == "var":
             strength = getattr(cfg, "var_strength", None)

@@ -8,11 +8,17 @@ config.json of varprune's from before the marker existed). A user's files in
 the same folder are never touched.
 
 ``--overwrite`` never loses the old run to a new one that cannot start: the old
-files are moved aside into ``.replaced-run/`` only after the new run has
-checked its configuration and loaded its data, and are deleted only once the
-new run has written its first complete checkpoint. If the new run fails
-before that, they are moved back; if it is killed, the next varprune command
-on the folder moves them back (:meth:`RunFolder.recover`).
+files are moved aside into a folder ``.replaced-run-XXXXXXXX/`` only after the
+new run has checked its configuration and loaded its data, and are deleted only
+once the new run has written its first complete checkpoint. If the new run
+fails before that, they are moved back. Before moving anything, the
+replacement is recorded in ``.varprune-replacing`` (the aside folder's name and
+the files moved): if the process is killed, the next ``varprune train`` (or
+``finetune``) on the folder finishes or undoes exactly that, and nothing else
+(:meth:`RunFolder.recover`). A folder named like the aside folder that varprune
+did not record is a user's and is never touched. Commands that only read a run
+(prune, report, analyze, export) never restore or delete anything: they refuse
+a half-replaced run with the command that mends it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from varprune import __version__
 from varprune.errors import RunError
-from varprune.storage.checkpoint import atomic_write_text, remove_stale_temporaries
+from varprune.storage.files import atomic_write_text, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
@@ -34,8 +39,7 @@ METRICS = "metrics.jsonl"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS)
 DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")  # made from WEIGHTS; stale once it is replaced
 MARKER = ".varprune-run"
-ASIDE = ".replaced-run"
-ASIDE_COMPLETE = ".complete"  # in ASIDE once every old file is in it: only then are files outside it new
+REPLACING = ".varprune-replacing"  # the record of an --overwrite in progress: {"aside", "files", "state"}
 OWN_FILES = RUN_FILES + DERIVED_FILES + (MARKER,)
 
 
@@ -188,79 +192,126 @@ class RunFolder:
         finally:
             f.close()
 
+    def discard_new_run(self) -> None:
+        """Remove what a new run wrote before its first checkpoint (config.json, metrics.jsonl, the marker and
+        temporaries), so a failed start leaves no half-made run folder; a user's files stay."""
+        for name in (CONFIG, METRICS, MARKER):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
+        self.clean_temporaries(force=True)
+
     def mark(self) -> None:
         if not (self.path / MARKER).exists():
             atomic_write_text(self.path / MARKER, json.dumps({"varprune": __version__, "kind": "run"}) + "\n")
 
-    def clean_temporaries(self) -> None:
+    def clean_temporaries(self, force: bool = False) -> None:
         """Delete what an interrupted write of varprune's left (in a folder of varprune's only)."""
-        if self.ours():
+        if force or self.ours():
             remove_stale_temporaries(self.path, OWN_FILES)
 
+    # ------------------------------------------------------------ replacing a run (--overwrite)
+
+    def replacement(self) -> dict | None:
+        """The record of an --overwrite in progress (or killed), or None."""
+        try:
+            data = json.loads((self.path / REPLACING).read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+        ok = (
+            isinstance(data, dict)
+            and isinstance(data.get("aside"), str)
+            and data["aside"].startswith(".replaced-run-")
+            and "/" not in data["aside"]
+            and isinstance(data.get("files"), list)
+            and all(isinstance(n, str) and n in OWN_FILES for n in data["files"])
+            and data.get("state") in ("moving", "moved")
+        )
+        return data if ok else None
+
+    def _record(self, aside: str, files: list[str], state: str) -> None:
+        atomic_write_text(self.path / REPLACING, json.dumps({"aside": aside, "files": files, "state": state}) + "\n")
+
     def set_aside(self) -> None:
-        """Move the old run's files into ``.replaced-run/`` (``--overwrite``, after every check passed)."""
-        aside = self.path / ASIDE
+        """Move the old run's files into a fresh ``.replaced-run-XXXXXXXX/`` (``--overwrite``, after every check
+        passed), recording what is moved first."""
         names = self.existing()
         if not names:
             return
+        import tempfile
+
         try:
-            aside.mkdir(exist_ok=True)
+            aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=self.path)).name
             # config.json first: a folder caught half-moved is never mistaken for the old run by --resume
-            for name in sorted(names, key=lambda n: n != CONFIG):
-                (self.path / name).replace(aside / name)
-            (aside / ASIDE_COMPLETE).touch()
+            names = sorted(names, key=lambda n: n != CONFIG)
+            self._record(aside, names, "moving")
+            for name in names:
+                (self.path / name).replace(self.path / aside / name)
+            self._record(aside, names, "moved")
         except OSError as e:
             self.restore()
             raise RunError(f"cannot replace the run in {self.path} ({e.strerror or e}); nothing was changed") from None
 
     def commit(self) -> None:
-        """The new run has a complete checkpoint: the old one can go."""
-        shutil.rmtree(self.path / ASIDE, ignore_errors=True)
+        """The new run has a complete checkpoint: the recorded old files go (nothing else in the aside folder)."""
+        record = self.replacement()
+        if record is None:
+            return
+        aside = self.path / record["aside"]
+        for name in record["files"]:
+            with contextlib.suppress(OSError):
+                (aside / name).unlink()
+        with contextlib.suppress(OSError):
+            aside.rmdir()  # only when empty: anything else in it is not varprune's to delete
+        (self.path / REPLACING).unlink(missing_ok=True)
 
     def restore(self) -> None:
-        """Put the old run back (the new one failed before its first checkpoint):
-        the new run's beginnings (config.json, metrics.jsonl) are removed first. If
-        :meth:`set_aside` itself was interrupted, the files outside ``ASIDE`` are the
-        old run's that were not moved yet: they stay."""
-        aside = self.path / ASIDE
-        if not aside.is_dir():
+        """Put the old run back (the new one failed or was killed before its first checkpoint). When the move
+        had finished, the new run's beginnings (its config.json, metrics.jsonl) are removed first; when it
+        was interrupted, the files not moved yet are the old run's and stay."""
+        record = self.replacement()
+        if record is None:
             return
-        if (aside / ASIDE_COMPLETE).exists():
-            for name in RUN_FILES:
-                if (self.path / name).exists():
+        aside = self.path / record["aside"]
+        for name in record["files"]:
+            if not (aside / name).exists():
+                continue  # never moved (an interrupted set_aside): the old file is still in place
+            if record["state"] == "moved" and (self.path / name).exists():
+                (self.path / name).unlink()
+            (aside / name).replace(self.path / name)
+        if record["state"] == "moved":
+            for name in RUN_FILES:  # the new run's own beginnings that have no old counterpart
+                if name not in record["files"] and (self.path / name).exists():
                     (self.path / name).unlink()
-        for name in OWN_FILES:
-            if (aside / name).exists():
-                (aside / name).replace(self.path / name)
-        shutil.rmtree(aside, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        (self.path / REPLACING).unlink(missing_ok=True)
+
+    def half_replaced_problem(self) -> str | None:
+        """For commands that only read a run: why it cannot be read as it is (an interrupted --overwrite)."""
+        record = self.replacement()
+        if record is None:
+            return None
+        return (
+            f"{self.path} is half replaced: a `varprune train --overwrite` was interrupted (the previous run is "
+            f"in {self.path / record['aside']}); `varprune train --resume {self.path}` puts the previous run back, "
+            f"or continues the new one if it reached a checkpoint"
+        )
 
     def recover_if_idle(self) -> None:
-        """:meth:`recover`, if an ``--overwrite`` was killed here and no process holds the folder
-        (``prune``, ``report`` and the other readers call this first: they see the complete run)."""
-        if not (self.path / ASIDE).is_dir():
+        """:meth:`recover`, taking the folder's lock (``train --resume`` calls it before reading config.json,
+        which an interrupted --overwrite may have left as the new run's)."""
+        if self.replacement() is None:
             return
-        try:
-            import fcntl
-
-            f = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open while recovering)
-        except (ImportError, OSError):
-            return
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return  # a varprune process is working here: it recovers or commits itself
-        try:
-            self.recover()
-        finally:
-            f.close()
+        with self.lock():
+            pass  # lock() recovers once it holds the folder
 
     def recover(self) -> None:
-        """After a crash during ``--overwrite``: keep whichever run is complete."""
-        if not (self.path / ASIDE).is_dir():
-            return
-        if (self.path / ASIDE / ASIDE_COMPLETE).exists() and (self.path / CHECKPOINT).exists():
-            self.commit()  # the new run's first checkpoint
-        else:
-            self.restore()
+        """After a crash during ``--overwrite`` (only what :meth:`set_aside` recorded): keep whichever run is
+        complete. Called by the commands that write the run (train, finetune), holding its lock."""
+        record = self.replacement()
+        if record is not None:
+            if record["state"] == "moved" and (self.path / CHECKPOINT).exists():
+                self.commit()  # the new run's first checkpoint
+            else:
+                self.restore()
         self.clean_temporaries()  # a write the kill interrupted (the new run's config.json, say)

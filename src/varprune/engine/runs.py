@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from varprune.data import DeviceLoader, ImageData, load_dataset, locate_dataset, subset, validation_indices
+from varprune.data.streaming import StreamingLoader
 from varprune.device import fits_on_device
 from varprune.engine.config import TrainConfig
 from varprune.errors import RunError
@@ -24,8 +25,8 @@ from varprune.tasks import Task, task_for
 class RunData:
     data: ImageData
     task: Task
-    train_loader: DeviceLoader
-    test_loader: DeviceLoader
+    train_loader: DeviceLoader | StreamingLoader
+    test_loader: DeviceLoader | StreamingLoader
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:

@@ -8,12 +8,11 @@ by measurement (README, "Segmentation").
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 
-from varprune.storage.checkpoint import atomic_write_bytes
+from varprune.report.figures import save_png
 
 DATASET = "colin27"
 TITLE = "Colin27 brain MRI: SGD vs VAR, one-shot pruning (mean foreground Dice)"
@@ -90,7 +89,4 @@ def figure(
             if r == 0:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import time
 from pathlib import Path
 
 from varprune.engine.config import LOCATION_KEYS, TrainConfig, problems
@@ -24,7 +25,9 @@ from varprune.engine.rundir import METRICS, path_problem, read_metrics
 from varprune.engine.sweep import ensure_run, finished_sweep, prune_runs
 from varprune.errors import RunError
 from varprune.report.tables import metric_of
-from varprune.storage.checkpoint import atomic_write_text
+from varprune.storage.files import OutputFolder
+
+STUDY_FILES = ("study.json", "report.json", "report.md", "report.png", "report.html")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -62,7 +65,8 @@ def run_study(
     log=print,
     analysis: bool = True,
     html: bool = True,
-    patterns: list[str] = (),
+    patterns: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> dict:
     from varprune.engine import distributed
     from varprune.report.figures import study_plot
@@ -85,6 +89,12 @@ def run_study(
         found.append("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         found.append("--methods and --seeds must not repeat")
+    folder = OutputFolder(out, "study", overwrite=overwrite, legacy=("study.json", ("methods", "seeds", "train")))
+    if not found and distributed.is_main():
+        try:  # before any work: a study never replaces a file it did not write
+            folder.check(STUDY_FILES)
+        except RunError as e:
+            found.append(str(e))
     if found:
         raise RunError("; ".join(found))
 
@@ -98,7 +108,7 @@ def run_study(
         "bnt_batch_size": bnt_batch_size,
         "train": base.to_dict(),
     }
-    distributed.from_main(lambda: _write_spec(out, spec))  # rank 0 owns the study folder
+    distributed.from_main(lambda: _write_spec(folder, spec))  # rank 0 owns the study folder
 
     runs = {}
     for (method, seed), cfg in configs.items():
@@ -149,9 +159,10 @@ def run_study(
             }
         summary["methods"][meth] = entry
     table = study_table(summary)
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "report.md", table)
+    folder.write_text("report.json", json.dumps(summary, indent=2) + "\n")
+    folder.write_text("report.md", table)
     study_plot(summary, out / "report.png")
+    folder.record("report.png")
     print(table)
     written = [out / "report.md", out / "report.png", out / "report.json"]
     if analysis:  # the first seed of every method: distributions, sensitivity, flatness
@@ -159,6 +170,8 @@ def run_study(
 
         first = [runs[(meth, seeds[0])] for meth in methods]
         if not _analysis_done(out / "analysis", first):
+            # sized to the runs' own training (at most its cost again), so a small study stays small
+            t0 = time.perf_counter()
             analyze_runs(
                 first,
                 out / "analysis",
@@ -166,31 +179,33 @@ def run_study(
                 bnt_batches=bnt_batches,
                 bnt_batch_size=bnt_batch_size,
                 log=log,
+                overwrite=overwrite,
+                budget=1.0,
             )
+            log(f"analysis took {time.perf_counter() - t0:.0f} s (--no-analysis skips it)")
         written.append(out / "analysis" / "analysis.json")
     if html:
         from varprune.report.pages import study_html
 
         written.append(Path(study_html(out, out / "report.html")))
+        folder.record("report.html")
     log("report: " + ", ".join(map(str, written)))
     return summary
 
 
-def _write_spec(out: Path, spec: dict) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
-    spec_path = out / "study.json"
+def _write_spec(folder: OutputFolder, spec: dict) -> None:
+    folder.mkdir()
+    spec_path = folder.path / "study.json"
     if spec_path.exists():
         try:
             old = json.loads(spec_path.read_text())
-            same = _comparable(old["train"]) == _comparable(spec["train"])
+            # through TrainConfig: a field added since the study began takes its default on both sides
+            same = _comparable(TrainConfig.from_dict(old["train"]).to_dict()) == _comparable(spec["train"])
         except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             raise RunError(f"{spec_path} is damaged; remove it or choose another --out") from None
         if not same:
-            raise RunError(f"{out} holds a study with another training configuration; choose another --out")
-    atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+            raise RunError(f"{folder.path} holds a study with another training configuration; choose another --out")
+    folder.write_text("study.json", json.dumps(spec, indent=2) + "\n")
 
 
 def _analysis_done(folder: Path, runs: list[Path]) -> bool:

@@ -39,17 +39,34 @@ from varprune.numerics.pruning import (
 )
 from varprune.report.results import write_sweep
 from varprune.report.tables import setting_key
-from varprune.storage.checkpoint import file_digest
+from varprune.storage.files import file_digest
 from varprune.tasks import Task
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
+
+
+def bnt_problems(batches: int, batch_size: int) -> list[str]:
+    """The BN re-tuning settings' problems, naming the flags (every command that re-tunes checks them first)."""
+    found = []
+    if isinstance(batches, bool) or not isinstance(batches, int) or not 0 <= batches <= 100_000:
+        found.append(f"--bnt-batches must be an integer in [0, 100000] (0 skips re-tuning), got {batches}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= 1 << 20:
+        found.append(
+            f"--bnt-batch-size must be an integer in [2, 1048576] (BatchNorm cannot normalise a batch "
+            f"of one), got {batch_size}"
+        )
+    return found
 
 
 def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -> list[torch.Tensor]:
     """The re-tuning batches: the first ``batches * batch_size`` images given
     (unaugmented; the caller passes a deterministic subset), normalised."""
     n = min(len(images), batches * batch_size)
-    return [normalize(images[i : i + batch_size]) for i in range(0, n, batch_size)]
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:  # a last batch of one image: BatchNorm cannot normalise it
+        starts.pop()
+    ends = starts[1:] + [n]
+    return [normalize(images[a:b]) for a, b in zip(starts, ends)]
 
 
 def prune_sweep(
@@ -208,12 +225,34 @@ class Trained:
     def task(self) -> Task:
         return self.data.task
 
-    def bnt(self, batches: int, batch_size: int) -> list[torch.Tensor]:
-        """The protocol's re-tuning inputs: a fixed random subset of the training images (seed 0)."""
-        images = self.data.train_loader.images
+    def bnt(self, batches: int, batch_size: int, images: int | None = None) -> list[torch.Tensor]:
+        """The protocol's re-tuning inputs: a fixed random subset of the training images (seed 0), ``batches``
+        of ``batch_size`` (or ``images`` of them in batches of ``batch_size``, the last one smaller)."""
+        pool = self.data.train_loader.images
+        n = batches * batch_size if images is None else images
         g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(images), generator=g)[: batches * batch_size]
-        return bnt_inputs(images[pick.to(images.device)], batches, batch_size, self.data.train_loader.normalize)
+        pick = torch.randperm(len(pool), generator=g)[:n]
+        return bnt_inputs(pool[pick.to(pool.device)], -(-n // batch_size), batch_size, self.data.train_loader.normalize)
+
+    def fixed_batches(self, examples: int, batch_size: int, seed: int = 0) -> list[tuple]:
+        """``examples`` unaugmented training examples (a fixed random subset) as ``(input, target)`` batches:
+        what the analysis measures the training loss on (Hessian, loss profile)."""
+        loader = self.data.train_loader
+        images, labels = loader.images, loader.labels
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(images), generator=g)[:examples].to(images.device)
+        return [
+            (loader.normalize(images[pick[i : i + batch_size]]), labels[pick[i : i + batch_size]])
+            for i in range(0, len(pick), batch_size)
+        ]
+
+    @property
+    def train_examples(self) -> int:
+        return self.data.train_loader.num_examples
+
+    @property
+    def test_examples(self) -> int:
+        return self.data.test_loader.num_examples
 
 
 def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None) -> Trained:

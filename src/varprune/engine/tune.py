@@ -44,7 +44,8 @@ from pathlib import Path
 from varprune.data import VALIDATION_SEED
 from varprune.engine.config import FIELDS, TrainConfig, flag_of, problems, read_resolved
 from varprune.errors import NonFiniteError, RunError, short
-from varprune.storage.checkpoint import atomic_write_bytes, atomic_write_text
+from varprune.report.figures import save_png
+from varprune.storage.files import OutputFolder
 
 SEARCHES = ("strength", "lambda")
 DEFAULT_GRIDS = {"strength": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), "lambda": (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)}
@@ -221,6 +222,7 @@ def run_tune(
     bnt_batch_size: int = 500,
     log=print,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Successive halving over ``grid``; writes ``out/tune.json`` and ``out/tune.png``; returns tune.json's document."""
     out = Path(out)
@@ -229,8 +231,11 @@ def run_tune(
     from varprune.engine.loop import data_problems
 
     found += [p for p in data_problems(base) if p not in found]
-    if out.exists() and not out.is_dir():
-        found.append(f"{out} exists and is not a folder; choose another --out")
+    folder = OutputFolder(out, "tune", overwrite=overwrite, legacy=("tune.json", ("search", "rounds", "choice")))
+    try:  # a tuning never replaces a file it did not write
+        folder.check(("tune.json", "tune.png"))
+    except RunError as e:
+        found.append(str(e))
     if found:  # every problem at once, before any work
         raise RunError("; ".join(found))
     values = sorted(float(v) for v in (grid or DEFAULT_GRIDS[search]))
@@ -320,8 +325,9 @@ def run_tune(
         "at_edge": len(values) > 1 and best in (values[0], values[-1]),
     }
     doc["command"] = train_command(final_cfg, out / "final")
-    atomic_write_text(out / "tune.json", json.dumps(doc, indent=2) + "\n")
+    folder.write_text("tune.json", json.dumps(doc, indent=2) + "\n")
     tune_plot(doc, out / "tune.png")
+    folder.record("tune.png")
     m = doc["metric"]
     ref = doc["baseline"]
     lam = f" (lambda {last['var_lambda']:.3g})" if search == "strength" else ""
@@ -357,7 +363,7 @@ def tune_plot(doc: dict, path: Path) -> None:
     from varprune.report.figures import _figure
     from varprune.report.tables import metric_title
 
-    plt, fig, ax = _figure()
+    _, fig, ax = _figure()
     for entry in doc["rounds"]:
         pts = sorted((c["value"], 100 * c["score"]) for c in entry["candidates"] if c["score"] is not None)
         if pts:
@@ -374,9 +380,4 @@ def tune_plot(doc: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)

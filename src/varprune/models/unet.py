@@ -56,6 +56,7 @@ class Up(nn.Module):
 
     def __init__(self, cin: int, cskip: int, cout: int, mode: str = "transpose"):
         super().__init__()
+        self.up: nn.Module
         if mode == "transpose":
             self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
         else:

@@ -13,7 +13,8 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 class VGG(nn.Module):
     def __init__(self, plan, in_channels: int, num_classes: int):
         super().__init__()
-        layers, cin = [], in_channels
+        layers: list[nn.Module] = []
+        cin = in_channels
         for v in plan:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))

@@ -149,6 +149,7 @@ def hessian_top_eigenvalue(
             if eig is not None and abs(new - eig) <= tol * abs(new):
                 return new
             eig = new
+    assert eig is not None  # iters >= 1 was checked
     return eig
 
 
@@ -198,7 +199,7 @@ def loss_profile(
     alphas = [float(a) for a in alphas]
     if not alphas or not all(math.isfinite(a) for a in alphas):
         raise AnalysisError("alphas must be a non-empty list of finite numbers")
-    named = list(model.named_parameters())
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     if not any(p.dim() >= 2 for _, p in named):
         raise AnalysisError("the model has no parameter with dim() >= 2 to move along")
     direction = _direction(named, torch.Generator().manual_seed(int(seed)))

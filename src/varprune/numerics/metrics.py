@@ -98,7 +98,8 @@ def scores_from_confusion(matrix: torch.Tensor, include_background: bool = False
     dice_den = in_target + in_pred  # 2tp + fp + fn
     union = dice_den - tp  # tp + fp + fn
     kept = (in_target > 0) if exclude_empty == "target" else (dice_den > 0)
-    dice_pc, iou_pc = [], []
+    dice_pc: list[float | None] = []
+    iou_pc: list[float | None] = []
     for c in range(cm.shape[0]):
         if kept[c]:
             dice_pc.append(float(2 * tp[c] / dice_den[c]))

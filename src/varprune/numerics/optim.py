@@ -427,7 +427,8 @@ class CrAM(_Wrapper):
         scaling = _Scaling.create(scaler, device)
         if scaling is not None:
             scaling.unscale_(self._params())
-        first = {p: p.grad for p in self._params_with_grad()}  # g at w; the closure gets fresh .grad tensors
+        # g at w; the closure gets fresh .grad tensors
+        first: dict[torch.Tensor, torch.Tensor] = {p: p.grad for p in self._params_with_grad() if p.grad is not None}
         compressed_ids = {id(p) for p in self._compressed}
         backup = {p: p.detach().clone() for p in self._params() if p.grad is not None or id(p) in compressed_ids}
 
@@ -458,11 +459,11 @@ class CrAM(_Wrapper):
             scaling.unscale_(self._params())
 
         for p, w in backup.items():
-            g2 = p.grad
+            g2: torch.Tensor | None = p.grad
             if g2 is not None and self.sparse_grad:
-                m = masks.get(p)
-                if m is not None:
-                    g2.mul_(m)  # M * g'': the compressed point's gradient, on the kept weights only
+                keep = masks.get(p)
+                if keep is not None:
+                    g2.mul_(keep)  # M * g'': the compressed point's gradient, on the kept weights only
             if self.plus:
                 g = first.get(p)
                 if g2 is None:

@@ -99,6 +99,11 @@ def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes.contiguous().view(_INT_OF[magnitudes.dtype])
 
 
+def _canonical_zero(bits: torch.Tensor) -> torch.Tensor:
+    """-0.0's bit pattern (the sign bit alone, the integer minimum) as +0.0's: a magnitude of -0.0 is zero."""
+    return torch.where(bits == torch.iinfo(bits.dtype).min, torch.zeros((), dtype=bits.dtype, device=bits.device), bits)
+
+
 def _mask_at(
     bits: torch.Tensor, kth: int, excess: int, dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -166,7 +171,8 @@ def keep_mask_topk(
     weights; float32 or float64 are used as they are, other floats as float32).
     Ties are settled by position, the earlier of equal magnitudes pruned
     first, so the mask equals ``keep[argsort(flat, stable=True)[:n_pruned]] =
-    False`` bit for bit (NaN counts as larger than +inf).
+    False`` bit for bit (NaN counts as larger than +inf; a raw -0.0 is a zero
+    like +0.0, on both paths).
 
     ``method``: ``"radix"`` (histogram radix-select; host syncs; the default
     on CPU), ``"sort"`` (an integer sort, no host sync; the default elsewhere),
@@ -201,10 +207,17 @@ def keep_mask_topk(
     if k == 0 or k == n:
         return out.fill_(1 if k == 0 else 0)
     bits = magnitude_bits(flat_magnitudes)
-    if method == "sort":
+    if method == "sort":  # no host sync: -0.0 made +0.0 on the device, one elementwise pass
+        bits = _canonical_zero(bits)
         return out.copy_(_keep_mask_sorted_nosync(bits, torch.sort(bits).values, k))
     scratch = out.view(bits.dtype) if out.element_size() == bits.element_size() else None
-    kth, n_less, n_equal = _radix_select(bits, k, scratch)
+    try:
+        kth, n_less, n_equal = _radix_select(bits, k, scratch)
+    except PruningError:  # a sign bit: -0.0 (zero, canonicalised here only when present) or a negative value
+        bits = _canonical_zero(bits)
+        if bool((bits < 0).any()):
+            raise
+        kth, n_less, n_equal = _radix_select(bits, k, None)
     return _mask_at(bits, kth, n_less + n_equal - k, dtype, out)
 
 

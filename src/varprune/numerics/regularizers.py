@@ -102,12 +102,15 @@ class _Group:
         self.compute_dtype = self.dtype if self.dtype in _COMPUTE_DTYPES else torch.float32
         self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype, device=self.device)
         self.scratch: list[list[torch.Tensor]] | None = None  # regularizer-owned buffers
+        self.last_var: torch.Tensor | None = None  # VAR: per-layer variances of the last closed-form pass
 
     def grads(self) -> list[torch.Tensor]:
+        out = []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
+            out.append(p.grad)
+        return out
 
     def buffers(self, count: int) -> list[list[torch.Tensor]]:
         """``count`` lists of scratch tensors shaped like the weights, kept between calls.
@@ -321,7 +324,7 @@ class VarRegularizer(Regularizer):
     @torch.no_grad()
     def apply_gradient_(self, scale=None) -> torch.Tensor:
         value = super().apply_gradient_(scale)
-        self.last_variances = self._ordered([g.last_var for g in self._groups])
+        self.last_variances = self._ordered([g.last_var for g in self._groups if g.last_var is not None])
         return value
 
     @torch.no_grad()

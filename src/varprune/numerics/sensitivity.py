@@ -59,8 +59,8 @@ def magnitude_histograms(named_models: Mapping[str, nn.Module], bins: int = 60) 
         mags[label] = {
             n: p.detach().abs().reshape(-1).double().cpu().numpy() for n, p in _prunable(model, f"model {label!r}")
         }
-    nonzero = [m[m > 0] for per in mags.values() for m in per.values()]
-    nonzero = np.concatenate(nonzero) if nonzero else np.zeros(0)
+    pieces = [m[m > 0] for per in mags.values() for m in per.values()]
+    nonzero = np.concatenate(pieces) if pieces else np.zeros(0)
     if nonzero.size == 0:
         lo, hi = -8.0, 0.0
     else:
@@ -146,18 +146,23 @@ def layer_sensitivity(
     bnt: Callable[[nn.Module], object],
     sparsity: float = 0.9,
     exclude: Iterable[str] = (),
+    higher_is_better: bool = True,
+    progress: Callable[[int, int], object] | None = None,
 ) -> dict[str, float]:
     """Metric drop when one prunable layer alone is magnitude-pruned at ``sparsity``.
 
     For each prunable layer in turn (``exclude`` as in :func:`prunable_weights`):
     zero its ``round(sparsity * n)`` smallest-magnitude weights, call
     ``bnt(model)`` (BatchNorm re-tuning in place), then ``evaluate(model)``
-    (the primary metric, higher is better); drop = dense - pruned. The dense
+    (the primary metric); drop = dense - pruned when higher is better
+    (accuracy, Dice), pruned - dense when lower is better (perplexity): a
+    positive drop is always a loss. The dense
     reference goes through the same ``bnt`` + ``evaluate``, so a drop measures
     pruning alone (a layer that is already all zeros has drop 0 when ``bnt``
     and ``evaluate`` are deterministic). Parameters, buffers and train/eval
     flags are restored bit for bit after every layer and at the end, also on
-    error. Returns ``{layer: drop}`` in module order.
+    error. ``progress(done, total)`` is called after every evaluation.
+    Returns ``{layer: drop}`` in module order.
     """
     s = check_sparsity(sparsity)
     named = prunable_weights(model, exclude)
@@ -167,15 +172,20 @@ def layer_sensitivity(
     snap = _snapshot(model)
     out = {}
     try:
+        sign = 1.0 if higher_is_better else -1.0
         bnt(model)
         dense = float(evaluate(model))
         _restore(model, snap)
-        for name, p in named:
+        if progress is not None:
+            progress(1, len(named) + 1)
+        for i, (name, p) in enumerate(named):
             with torch.no_grad():
                 p.mul_(masks[name])
             bnt(model)
-            out[name] = dense - float(evaluate(model))
+            out[name] = sign * (dense - float(evaluate(model)))
             _restore(model, snap)
+            if progress is not None:
+                progress(i + 2, len(named) + 1)
     finally:
         _restore(model, snap)
     return out

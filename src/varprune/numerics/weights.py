@@ -113,7 +113,7 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
     return {name: label for name, _, label in _parameters_with_class(model)}
 
 
-def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, nn.Parameter]]:
+def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
     """Return ``[(name, parameter)]`` for every prunable weight (the rule in the module docstring).
 
     ``exclude`` holds parameter names or shell-style patterns (``"fc.*"``,
@@ -123,7 +123,9 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
     :class:`WeightSelectionError` (a ``ValueError``) naming it. Order follows
     ``model.named_modules()`` and is stable.
     """
-    found = [(name, p) for name, p, label in _parameters_with_class(model) if label == PRUNABLE]
+    found: list[tuple[str, torch.Tensor]] = [
+        (name, p) for name, p, label in _parameters_with_class(model) if label == PRUNABLE
+    ]
     exclude = list(exclude)
     if not exclude:
         return found
@@ -145,8 +147,8 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
 def as_weight_list(model_or_weights) -> list[tuple[str, torch.Tensor]]:
     """Accept a model, a list of tensors, or a list of ``(name, tensor)`` pairs."""
     if isinstance(model_or_weights, nn.Module):
-        return prunable_weights(model_or_weights)
-    out = []
+        return list(prunable_weights(model_or_weights))
+    out: list[tuple[str, torch.Tensor]] = []
     for i, item in enumerate(model_or_weights):
         if isinstance(item, tuple):
             out.append((str(item[0]), item[1]))

@@ -7,7 +7,6 @@ PNG atomically; it returns the path it wrote, as a string.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from varprune.numerics.sensitivity import AnalysisError, spearman
-from varprune.storage.checkpoint import atomic_write_bytes
+from varprune.report.figures import save_png
 
 __all__ = [
     "flatness_figure",
@@ -37,13 +36,8 @@ def _plt():
 
 
 def _save(plt, fig, path: str | Path) -> str:
-    path = Path(path)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")  # long layer names stay whole
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return str(path)
+    return save_png(fig, path, tight_bbox=True)  # long layer names stay whole
 
 
 def _short(name: str) -> str:
@@ -144,8 +138,8 @@ def layer_variance_figure(
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour[n], lw=1.2, label=_short(n))
     if final:
         x = final_epoch if final_epoch is not None else (history[-1][0] if history else 0)
-        for n, v in final.items():
-            ax.plot([x], [v], "o", color=colour[n], ms=4, label=None if history else _short(n))
+        for n, value in final.items():
+            ax.plot([x], [value], "o", color=colour[n], ms=4, label=None if history else _short(n))
     if not history:
         ax.text(
             0.5,

@@ -33,6 +33,25 @@ def _x(s: float) -> float:
     return -math.log10(1.0 - s)
 
 
+def save_png(fig, path: str | Path, tight_bbox: bool = False) -> str:
+    """Write a matplotlib figure as PNG atomically, tagged ``Software: varprune <version>`` (how varprune
+    recognises its own figures before replacing one); close it; return the path."""
+    import matplotlib.pyplot as plt
+
+    from varprune import __version__
+
+    buf = io.BytesIO()
+    fig.savefig(
+        buf,
+        format="png",
+        metadata={"Software": f"varprune {__version__}"},
+        **({"bbox_inches": "tight"} if tight_bbox else {}),
+    )
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
+
+
 def _finish(plt, fig, ax, path: Path, title: str, metric: str = "accuracy") -> None:
     ax.set_xlabel("sparsity (% of prunable weights removed, log scale of the kept fraction)")
     ax.set_ylabel(metric_title(metric).replace("Test", "test") + " (%)")
@@ -41,10 +60,7 @@ def _finish(plt, fig, ax, path: Path, title: str, metric: str = "accuracy") -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:

@@ -38,7 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from varprune.storage.checkpoint import atomic_write_text
+from varprune import __version__
+from varprune.storage.files import atomic_write_text
 
 SECTION_KEYS = ("heading", "paragraphs", "tables", "images", "code", "details")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -240,6 +241,7 @@ def render_html(
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f'<meta name="generator" content="varprune {_e(__version__)}">',
             f"<title>{_e(title)}</title>",
             f"<style>{_CSS}</style></head><body>",
             f"<h1>{_e(title)}</h1>",

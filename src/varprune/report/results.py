@@ -12,7 +12,7 @@ from pathlib import Path
 from varprune.errors import RunError
 from varprune.report.figures import sweep_plot
 from varprune.report.tables import metric_of, study_table, sweep_csv
-from varprune.storage.checkpoint import atomic_write_text
+from varprune.storage.files import atomic_write_text
 
 
 def write_sweep(run: Path, doc: dict, label: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,67 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 FORMAT = "varprune-checkpoint-1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 from varprune.errors import CheckpointError  # noqa: E402  (re-exported)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically. An OSError (a full disk, a read-only
-    folder) names ``path``, not the temporary file, and leaves the old file as it was."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a run folder should read like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # "No space left on device" must say which file could not be written
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
-    """Delete the temporary files an interrupted :func:`atomic_write_bytes` left
-    in ``folder`` for the files ``names`` (``.NAME.XXXX.tmp``); return what was
-    removed. Temporaries of other names are not ours to delete."""
-    removed = []
-    for name in names:
-        try:
-            candidates = list(Path(folder).glob(f".{glob_escape(name)}.*.tmp"))
-        except OSError:
-            return removed
-        for tmp in candidates:
-            try:
-                if tmp.is_file():
-                    tmp.unlink()
-                    removed.append(tmp)
-            except OSError:
-                pass
-    return removed
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
+from varprune.storage.files import atomic_write_bytes  # noqa: E402
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -324,12 +266,3 @@ def load_model_state(model: torch.nn.Module, state: Any, path: str | os.PathLike
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit this model ({_first_line(e)})") from None
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (a run's weights: which prune results are still its own)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -52,7 +52,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from varprune.storage.checkpoint import _digest, _first_line, _table, atomic_write_bytes, state_mismatch
-from varprune.storage.checkpoint import serialize_safetensors as _serialize  # the shared deterministic writer
+from varprune.storage.checkpoint import serialize_safetensors as _serialize
 
 __all__ = [
     "FORMAT",
@@ -424,7 +424,7 @@ def load_pruned(
         raise PrunedFormatError(f"{path} fails its sha256 check: the file was damaged or edited; export it again")
     # from here on the bytes are as written; what follows guards against a writer that lied
     info = _decode_meta(path, meta)
-    values_dtype = VALUE_DTYPES.get(info.get("values_dtype"))
+    values_dtype = VALUE_DTYPES.get(str(info.get("values_dtype")))
     if values_dtype is None:
         raise PrunedFormatError(f"{path} has unknown values_dtype {str(info.get('values_dtype'))[:20]!r}")
     if MASKS_KEY not in tensors or VALUES_KEY not in tensors:
@@ -441,9 +441,11 @@ def load_pruned(
             )
         from varprune.models import create_model
 
+        model_name: str = name
+
         def build() -> nn.Module:
             try:
-                return create_model(name, **args)
+                return create_model(model_name, **args)
             except (TypeError, ValueError) as e:
                 raise PrunedFormatError(
                     f"{path} names a model that cannot be built ({name!r}, {str(args)[:60]}): {_first_line(e)}"
@@ -482,3 +484,13 @@ def load_pruned(
     except (RuntimeError, TypeError, ValueError) as e:
         raise PrunedFormatError(f"{path} does not fit the model it names ({_first_line(e)})") from None
     return model.to(device).eval()
+
+
+def pruned_is_ours(path: str | os.PathLike) -> bool:
+    """Was ``path`` written by :func:`save_pruned` (and is it intact)? What ``export`` may replace without
+    ``--overwrite``."""
+    try:
+        read_pruned_metadata(path)
+        return True
+    except (PrunedFormatError, OSError):
+        return False

@@ -27,6 +27,7 @@ from torch import nn
 class Task:
     name = "?"
     primary = "?"
+    higher_is_better = True  # the primary metric's direction: every ranking and "best" respects it
     metric_names: tuple[str, ...] = ()
     train_key = "?"
 

@@ -39,4 +39,5 @@ class Classification(Task):
             counts[0] = 0 if correct is None else correct
             counts[1] = seen
             correct, seen = reduce(counts).tolist()
-        return {"accuracy": float(correct) / seen if seen else float("nan")}
+        n_correct = 0 if correct is None else int(correct)
+        return {"accuracy": n_correct / seen if seen else float("nan")}

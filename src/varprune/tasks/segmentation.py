@@ -51,6 +51,7 @@ class Segmentation(Task):
                 pred = model(x).argmax(1)
             conf.update(pred, y)
         if reduce is not None:
+            assert conf is not None
             reduce(conf.counts)
             if int(conf.counts.sum()) == 0:
                 conf = None
