@@ -36,10 +36,11 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from varprune.engine.config import from_args
+    from varprune.engine.config import from_args, given_fields, unused_problems
     from varprune.engine.study import run_study
 
-    found = c.bnt_problems(args)
+    base = from_args(args)
+    found = c.bnt_problems(args) + unused_problems(given_fields(args), c.names(args.methods), base.optimizer)
     seeds = []
     for v in c.names(args.seeds):
         try:
@@ -51,7 +52,7 @@ def run(args) -> int:
         raise UsageError("; ".join(found))
     run_study(
         Path(args.out),
-        from_args(args),
+        base,
         c.names(args.methods),
         seeds,
         args.sparsities,

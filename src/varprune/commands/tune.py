@@ -62,18 +62,22 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from varprune.engine.config import from_args, given_fields
+    from varprune.engine.config import from_args, given_fields, unused_problems
     from varprune.engine.tune import run_tune
 
-    searched = [f"--{k.replace('_', '-')}" for k in ("var_lambda", "var_strength") if k in given_fields(args)]
-    found = c.bnt_problems(args)
+    given = given_fields(args)
+    searched = [f"--{k.replace('_', '-')}" for k in ("var_lambda", "var_strength") if k in given]
+    base = from_args(args)
+    found = c.bnt_problems(args) + unused_problems(
+        [k for k in given if k not in ("var_lambda", "var_strength")], [args.method], base.optimizer
+    )
     if searched:
         found.append(f"tune searches VAR's strength: drop {' and '.join(searched)} (--grid sets the candidates)")
     if found:
         raise UsageError("; ".join(found))
     run_tune(
         Path(args.out),
-        from_args(args),
+        base,
         args.sparsity,
         args.search,
         args.grid,

@@ -40,6 +40,7 @@ def setting(
     check: Callable | None = None,
     flag: bool = True,
     metavar: str | None = None,
+    uses: str | None = None,
 ):
     """Declare one configuration field.
 
@@ -48,7 +49,9 @@ def setting(
     Finite bounds are what turn ``--lr 3.5e38`` into one clear line instead of
     an overflow deep inside torch.
     """
-    meta = dict(help=help, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, check=check, flag=flag, metavar=metavar)
+    meta = dict(
+        help=help, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, check=check, flag=flag, metavar=metavar, uses=uses
+    )
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -149,13 +152,15 @@ class TrainConfig:
     lr: float | None = setting(
         None, "peak learning rate of warm-up + cosine (default 0.1 for sgd, 1e-3 for adamw)", lo=0, lo_open=True, hi=10
     )
-    momentum: float = setting(0.9, "SGD momentum (nesterov)", lo=0, hi=1, hi_open=True)
+    momentum: float = setting(0.9, "SGD momentum (nesterov)", lo=0, hi=1, hi_open=True, uses="sgd")
     nesterov: bool = setting(True, "Nesterov momentum for SGD", flag=False)
     weight_decay: float | None = setting(
         None, "weight decay (default 5e-4 for sgd; 0.05 for adamw, decoupled)", lo=0, hi=1
     )
     warmup_epochs: float = setting(1.0, "linear warm-up length in epochs", lo=0, hi=100_000)
-    var_lambda: float | None = setting(None, "VAR strength lambda, absolute (instead of --var-strength)", lo=0, hi=1e6)
+    var_lambda: float | None = setting(
+        None, "VAR strength lambda, absolute (instead of --var-strength)", lo=0, hi=1e6, uses="var"
+    )
     var_strength: float | None = setting(
         None,
         "VAR relative strength s: lambda = s / psi(initial weights) "
@@ -164,28 +169,36 @@ class TrainConfig:
         lo=0,
         lo_open=True,
         hi=1e6,
+        uses="var",
     )
-    var_r: float = setting(1e-8, "VAR smoothing r in sqrt(w^2 + r)", lo=0, lo_open=True, hi=1)
-    var_eps: float = setting(1e-8, "VAR eps in 1 / (Var + eps)", lo=0, lo_open=True, hi=1)
-    l1_alpha: float = setting(1e-5, "l1 strength", lo=0, hi=1)
+    var_r: float = setting(1e-8, "VAR smoothing r in sqrt(w^2 + r)", lo=0, lo_open=True, hi=1, uses="var")
+    var_eps: float = setting(1e-8, "VAR eps in 1 / (Var + eps)", lo=0, lo_open=True, hi=1, uses="var")
+    l1_alpha: float = setting(1e-5, "l1 strength", lo=0, hi=1, uses="l1")
     hoyer_alpha: float = setting(
         1e-6,
         "Hoyer-square strength; DeepHoyer's own examples use far larger values "
         "with their pruning schedule: tune it for one-shot pruning",
         lo=0,
         hi=10,
+        uses="hoyer",
     )
     reg_in_every_pass: bool = setting(
         False,
         "for var+sam / var+cram+: add the regularizer's gradient at every "
         "(perturbed) pass, as before 0.2; default: once, at w, to the final gradient, "
         "so lambda means the same as for var",
+        uses="reg+perturbed",
     )
     rho: float | None = setting(
-        None, "perturbation radius of SAM-type methods (default: per method)", lo=0, lo_open=True, hi=10
+        None,
+        "perturbation radius of SAM-type methods (default: per method)",
+        lo=0,
+        lo_open=True,
+        hi=10,
+        uses="perturbed",
     )
     cram_sparsities: list[float] | None = setting(
-        None, "CrAM sparsities drawn per step (default 0.3,...,0.9)", check=_sparsity_list
+        None, "CrAM sparsities drawn per step (default 0.3,...,0.9)", check=_sparsity_list, uses="cram"
     )
     seed: int = setting(
         0, "random seed; on CPU the same seed gives a bitwise identical run", lo=0, hi=2**63, hi_open=True
@@ -411,6 +424,48 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
             found.append(f"{cfg.finetune_from} has no model.safetensors to fine-tune; train it to the end first")
         if cfg.finetune_pattern == "unstructured" and cfg.finetune_sparsity is None:
             found.append("fine-tuning with an unstructured mask needs --sparsity")
+    return found
+
+
+def _uses(kind: str, method: str, optimizer: str) -> bool:
+    """Does ``method`` on base ``optimizer`` read a field declared with ``uses=kind``?"""
+    from varprune.engine.methods import METHODS
+
+    m = METHODS.get(method)
+    if m is None:
+        return True  # an unknown method is reported by its own check
+    return {
+        "sgd": optimizer == "sgd",
+        "var": "var" in m.regularizers,
+        "l1": "l1" in m.regularizers,
+        "hoyer": "hoyer" in m.regularizers,
+        "perturbed": m.optimizer != "sgd",
+        "reg+perturbed": bool(m.regularizers) and m.optimizer != "sgd",
+        "cram": m.optimizer in ("cram", "cram+"),
+        "sam": m.optimizer in ("sam", "asam"),
+    }[kind]
+
+
+def _users(kind: str, optimizer: str) -> str:
+    from varprune.engine.methods import METHODS
+
+    if kind == "sgd":
+        return "--optimizer sgd"
+    return "--method " + ", ".join(name for name in METHODS if _uses(kind, name, optimizer))
+
+
+def unused_problems(given, methods: list[str], optimizer: str) -> list[str]:
+    """Flags given explicitly that none of ``methods`` (with base ``optimizer``) reads: each would be written to
+    config.json and change nothing, so it is refused, naming what it applies to. ``given``: field names."""
+    found = []
+    for name in given:
+        kind = FIELDS[name].metadata.get("uses") if name in FIELDS else None
+        if kind is None or any(_uses(kind, m, optimizer) for m in methods):
+            continue
+        whose = (f"--optimizer {optimizer}" if kind == "sgd" else
+                 ("--method " if len(methods) == 1 else "--methods ") + ",".join(methods))
+        found.append(f"{flag_of(name)} does nothing with {whose}: it applies to {_users(kind, optimizer)}; "
+                     f"drop it or choose such a method")
     return found
 
 
