@@ -462,10 +462,15 @@ def unused_problems(given, methods: list[str], optimizer: str) -> list[str]:
         kind = FIELDS[name].metadata.get("uses") if name in FIELDS else None
         if kind is None or any(_uses(kind, m, optimizer) for m in methods):
             continue
-        whose = (f"--optimizer {optimizer}" if kind == "sgd" else
-                 ("--method " if len(methods) == 1 else "--methods ") + ",".join(methods))
-        found.append(f"{flag_of(name)} does nothing with {whose}: it applies to {_users(kind, optimizer)}; "
-                     f"drop it or choose such a method")
+        whose = (
+            f"--optimizer {optimizer}"
+            if kind == "sgd"
+            else ("--method " if len(methods) == 1 else "--methods ") + ",".join(methods)
+        )
+        found.append(
+            f"{flag_of(name)} does nothing with {whose}: it applies to {_users(kind, optimizer)}; "
+            f"drop it or choose such a method"
+        )
     return found
 
 

@@ -107,7 +107,7 @@ def export_run(
 def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:
     """Load an exported model and measure it on its run's test split; returns the task's metrics."""
     from varprune.device import resolve_amp, resolve_device
-    from varprune.engine.loop import load_data
+    from varprune.engine.runs import check_same_data, load_data
 
     meta = read_pruned_metadata(path)
     try:
@@ -122,6 +122,19 @@ def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto")
     dev = resolve_device(device)
     cfg.device = str(dev)
     data = load_data(cfg, dev)
+    recorded = meta.get("dataset")
+    if isinstance(recorded, dict):
+        check_same_data(
+            {
+                "task": recorded.get("task"),
+                "input_shape": recorded.get("shape"),
+                "num_classes": recorded.get("num_classes"),
+                "class_names": recorded.get("class_names"),
+            },
+            data.data.info,
+            str(path),
+            data_dir,
+        )
     model = load_pruned(path, dev)
     if cfg.channels_last:  # the memory format the sweep evaluated in: the same arithmetic
         model = model.to(memory_format=torch.channels_last)

@@ -29,11 +29,11 @@ import torch
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
-from varprune.engine.config import TrainConfig, problems
+from varprune.engine.config import TrainConfig, problems, read_resolved
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
-from varprune.engine.runs import build_model, data_problems, load_data
+from varprune.engine.runs import build_model, check_same_data, data_identity, data_problems, load_data
 from varprune.engine.step import lr_factor, make_train_step
 from varprune.errors import NonFiniteError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
@@ -141,6 +141,14 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
 
     # may fail: nothing of an old run has been touched yet
     run = load_data(cfg, device, distributed.rank(), world)
+    if resume:  # the data must be the run's: other classes would train on while config.json kept the old ones
+        recorded = distributed.from_main(lambda: read_resolved(out))
+        if "num_classes" in recorded:
+            check_same_data(recorded, run.data.info, str(out), cfg.data_dir)
+    elif cfg.finetune_from:
+        recorded = read_resolved(Path(cfg.finetune_from))
+        if "num_classes" in recorded:
+            check_same_data(recorded, run.data.info, cfg.finetune_from, cfg.data_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device)
     keeper, source_digest = _finetune_start(cfg, model, log) if cfg.finetune_from else (None, None)
@@ -166,9 +174,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             "amp": amp,
             "task": task.name,
             "metric": task.primary,
-            "input_shape": [info.channels, info.size, info.size],
-            "num_classes": info.num_classes,
-            "class_names": list(info.class_names),
+            **data_identity(info),
             "train_examples": train_loader.num_examples,
             "test_examples": test_loader.num_examples,
             "steps_per_epoch": steps_per_epoch,

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from varprune.device import autocast, resolve_amp, resolve_device
-from varprune.engine.config import TrainConfig, load_run_config
+from varprune.engine.config import TrainConfig, load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
-from varprune.engine.runs import build_model, data_problems, load_data
+from varprune.engine.runs import build_model, check_same_data, data_problems, load_data
 from varprune.errors import RunError
 from varprune.numerics.pruning import (
     MagnitudePruner,
@@ -275,6 +275,9 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
     if key not in cache:
         cache[key] = load_data(cfg, dev)
     data = cache[key]
+    recorded = read_resolved(run)
+    if "num_classes" in recorded:  # runs of 0.1 recorded less: nothing to compare
+        check_same_data(recorded, data.data.info, str(run), cfg.data_dir if cfg.data_dir else None)
     model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev)  # its own weights, not --init's
     load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
     return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev))
