@@ -105,3 +105,58 @@ def test_study_tune_and_finetune_refuse_them_too(capsys, tmp_path, fmnist_dir):
     line = one_line_error(*cli(capsys, "train", "--resume", run, "--rho", "0.2")[::2])
     assert "--rho" in line
     shutil.rmtree(run)
+
+
+# ----------------------------------------------------------------- section 4: sizes nothing bounded
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--model", "mlp", "--model-arg", "depth=100000"], "--model-arg depth"),
+        (["--model", "mlp", "--model-arg", "width=100000000"], "--model-arg width"),
+        (["--model", "resnet20", "--image-size", "4096"], "--image-size"),
+        (["--model", "mlp", "--model-arg", "width=65536", "--model-arg", "depth=200"], "model's size"),
+        (["--model", "resnet18", "--image-size", "256", "--batch-size", "1048576"], "--batch-size"),
+    ],
+)
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_allocated(capsys, tmp_path, fmnist_dir, flags, words):
+    out = tmp_path / "run"
+    line = one_line_error(
+        *cli(
+            capsys,
+            "train",
+            "--data-dir",
+            fmnist_dir,
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--limit-test",
+            "10",
+            *flags,
+            "--out",
+            out,
+            "--quiet",
+        )[::2]
+    )
+    assert words in line, line
+    assert not out.exists()
+
+
+def test_an_allocation_that_fails_anyway_is_exit_1_with_one_line_and_no_folder(capsys, tmp_path, fmnist_dir,
+                                                                                monkeypatch):
+    import torch
+
+    import varprune.tasks.classification as classification
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(classification.F, "cross_entropy", out_of_memory)
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *TINY, "--data-dir", fmnist_dir, "--out", out)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "out of memory" in lines[0] and "Traceback" not in err, err
+    assert "nothing was kept" in lines[0]
+    assert not out.exists()

@@ -71,6 +71,15 @@ def resize_images(x: torch.Tensor, size: tuple[int, int], chunk: int = 4096) -> 
     size = (int(size[0]), int(size[1]))
     if tuple(x.shape[-2:]) == size and x.dtype == torch.uint8:
         return x
+    from varprune.device import available_memory
+
+    need = x.shape[0] * x.shape[1] * size[0] * size[1]
+    free = available_memory("cpu")
+    if free and need > 0.9 * free:
+        raise DatasetError(
+            f"{x.shape[0]} images at {size[0]}x{size[1]} px need {need / 2**30:.1f} GiB, but "
+            f"{free / 2**30:.1f} GiB of memory is free: use a smaller --image-size"
+        )
     out = torch.empty((x.shape[0], x.shape[1], *size), dtype=torch.uint8)
     for i in range(0, x.shape[0], chunk):
         part = x[i : i + chunk].float()

@@ -33,7 +33,14 @@ from varprune.engine.config import TrainConfig, problems, read_resolved
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
-from varprune.engine.runs import build_model, check_same_data, data_identity, data_problems, load_data
+from varprune.engine.runs import (
+    build_model,
+    check_same_data,
+    data_identity,
+    data_problems,
+    early_memory_problems,
+    load_data,
+)
 from varprune.engine.step import lr_factor, make_train_step
 from varprune.errors import NonFiniteError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
@@ -109,6 +116,8 @@ def train(
     """
     folder = RunFolder(out)
     found = problems(cfg) + data_problems(cfg) + distributed.problems(cfg)
+    if not found:
+        found += early_memory_problems(cfg)
     if not found:
         distributed.setup(cfg.device)  # joins the torchrun job, if any (nothing happens in one process)
     if distributed.is_main():  # rank 0 owns the run folder

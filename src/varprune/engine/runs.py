@@ -81,6 +81,11 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int 
             + (f" per process ({world} processes)" if world > 1 else "")
             + ": raise --limit-train or check the data folder"
         )
+    memory_problem = check_memory(
+        cfg, data.info, device, data_bytes=sum(t.numel() * t.element_size() for t in (tx, ty, vx, vy))
+    )
+    if memory_problem:
+        raise RunError(memory_problem)
     if len(vx) == 0:
         raise RunError(
             f"{cfg.dataset} has no test examples in {data.source}; the test split is needed to "
@@ -205,3 +210,56 @@ def check_same_data(recorded: dict, info, what: str, data_dir) -> None:
             f"{where} holds {_describe(have)}, but {what} was trained on {_describe(recorded)}; point "
             f"--data-dir at the data it was trained on"
         )
+
+
+def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int = 0) -> str | None:
+    """Would this run fit in ``device``'s free memory? A one-line problem naming the flag to change, or None.
+
+    The model is built on the meta device (no storage) for its size and one forward pass (engine/memory.py);
+    ``data_bytes`` counts only where the data moves to another device (on the CPU it is already in memory).
+    """
+    from varprune.engine import memory
+    from varprune.engine.methods import get_method
+    from varprune.models.registry import ModelError
+
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model, info.channels, info.num_classes, info.size, **cfg.model_args)
+            example = torch.zeros((1, info.channels, info.size, info.size))
+    except ModelError as e:  # an option out of its range: say which flag set it
+        option = str(e).split(" ", 1)[0]
+        raise RunError(f"--model-arg {e}" if option in cfg.model_args else str(e)) from None
+    on_device = data_bytes if device.type != "cpu" else 0
+    est = memory.estimate(model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device)
+    return memory.fits_problem(
+        est,
+        device,
+        {
+            "data": "--image-size",
+            "parameters": "the model's size (--model-arg)",
+            "activations": "--batch-size or --image-size",
+        },
+    )
+
+
+def early_memory_problems(cfg: TrainConfig) -> list[str]:
+    """:func:`check_memory` before any data is read, on the shape the dataset declares (or will be resized to):
+    a model or batch that cannot fit is refused in a second, not after minutes of loading."""
+    import dataclasses as dc
+
+    from varprune.data import dataset_info
+    from varprune.device import resolve_device
+
+    try:
+        info = dataset_info(cfg.dataset)
+        device = resolve_device(cfg.device)
+    except ValueError:
+        return []  # reported by the configuration's own checks
+    guess = dc.replace(
+        info, channels=info.channels or 3, size=cfg.image_size or info.size or 32, num_classes=info.num_classes or 2
+    )
+    try:
+        problem = check_memory(cfg, guess, device)
+    except RunError as e:
+        return [str(e)]
+    return [problem] if problem else []

@@ -13,8 +13,8 @@ from .registry import check_int, register_model
 
 
 def _mlp(in_features: int, num_classes: int, width: int = 1024, depth: int = 2) -> nn.Sequential:
-    check_int("width", width, 1)
-    check_int("depth", depth, 1)
+    check_int("width", width, 1, 65536)
+    check_int("depth", depth, 1, 256)
     layers: list[nn.Module] = [nn.Flatten()]
     cin = in_features
     for _ in range(depth):

@@ -107,7 +107,7 @@ class UNet(_PaddingSegmenter):
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
-        check_int("width", width, 1)
+        check_int("width", width, 1, 4096)
         check_int("depth", depth, 1, 8)
         if up not in ("transpose", "bilinear"):
             raise ModelError(f"up must be 'transpose' or 'bilinear', not {up!r}")
@@ -144,7 +144,7 @@ class ResNet18UNet(_PaddingSegmenter):
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("num_classes", num_classes, 1)
-        check_int("width", width, 1)
+        check_int("width", width, 1, 4096)
         if up not in ("transpose", "bilinear"):
             raise ModelError(f"up must be 'transpose' or 'bilinear', not {up!r}")
         self.multiple = 8

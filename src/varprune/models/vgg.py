@@ -32,5 +32,5 @@ class VGG(nn.Module):
 @register_model("vgg16_bn", "VGG-16 with BatchNorm, CIFAR head (14.7M weights; option width)")
 def vgg16_bn(in_channels=3, num_classes=10, image_size=32, width=64):
     """``width``: channels of the first stage (64); every stage scales with it (width=16: 0.92M weights)."""
-    check_int("width", width, 1)
+    check_int("width", width, 1, 4096)
     return VGG(tuple(v if v == "M" else v * width // 64 or 1 for v in VGG16), in_channels, num_classes)

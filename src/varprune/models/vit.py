@@ -67,9 +67,9 @@ class ViT(nn.Module):
 def vit_tiny(in_channels=3, num_classes=10, image_size=32, patch=4, dim=192, depth=12, heads=3):
     """The options make other ViTs of the same design (dim=96, depth=6: 0.67M weights)."""
     check_int("patch", patch, 1, image_size)
-    check_int("dim", dim, 1)
-    check_int("depth", depth, 1)
-    check_int("heads", heads, 1)
+    check_int("dim", dim, 1, 16384)
+    check_int("depth", depth, 1, 256)
+    check_int("heads", heads, 1, 1024)
     if dim % heads:
         raise ModelError(f"dim ({dim}) must be a multiple of heads ({heads})")
     return ViT(in_channels, num_classes, image_size=image_size, patch=patch, dim=dim, depth=depth, heads=heads)

@@ -1,0 +1,98 @@
+"""What a run needs in memory, estimated before anything large is allocated.
+
+A flag a user types must not be able to make varprune eat the machine's memory
+(``--model-arg depth=100000``, ``--image-size 4096``): the model is built on
+PyTorch's ``meta`` device (shapes, no storage) to count its parameters and to
+run one forward pass whose every layer output is measured; with the data held
+on the device and the optimizer's state that gives an estimate, compared with
+what the device has free. A run that cannot fit is refused with one line that
+names the flag to change; an allocation that fails anyway is exit 1 with one
+line (errors.exit_code), and a run that never reached its first checkpoint
+leaves no folder behind (loop.py).
+
+The estimate is deliberately rough (activations: every module's output kept
+for the backward pass, once more for its gradient), meant to catch requests
+that are orders of magnitude too large, not to pack memory tightly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varprune.device import available_memory
+
+# optimizer state per parameter, in parameter-sized tensors: momentum (SGD) or two moments (AdamW); the
+# wrappers keep a copy of w (SAM, CrAM) and CrAM+ the first gradient, S2-SAM the previous gradient
+_STATES = {"sgd": 1, "adamw": 2}
+_WRAPPER = {"sgd": 0, "sam": 1, "asam": 1, "cram": 1, "cram+": 2, "s2sam": 1}
+FRACTION = 0.9  # of the device's free memory a run may plan to use
+
+
+@dataclass(frozen=True)
+class Estimate:
+    data: int  # bytes of the data held on the device
+    parameters: int  # weights, gradients and optimizer state
+    activations: int | None  # one training batch (None: the model could not run on the meta device)
+
+    @property
+    def total(self) -> int:
+        return self.data + self.parameters + (self.activations or 0)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def activation_bytes(model: nn.Module, example: torch.Tensor | dict, batch_size: int) -> int | None:
+    """Bytes of one batch's activations: every leaf module's output for ``example`` (one example, on the meta
+    device), kept for the backward pass and matched by its gradient, times the batch size."""
+    total = [0]
+
+    def hook(_module, _inputs, output):
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        for o in outputs:
+            if isinstance(o, torch.Tensor):
+                total[0] += o.numel() * o.element_size()
+            elif hasattr(o, "logits") and isinstance(o.logits, torch.Tensor):
+                total[0] += o.logits.numel() * o.logits.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(example)
+    except Exception:  # a model that cannot run on the meta device: no activation estimate
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * total[0] * batch_size
+
+
+def estimate(
+    model_on_meta: nn.Module, example, batch_size: int, optimizer: str, method_optimizer: str, data_bytes: int
+) -> Estimate:
+    """The estimate for a model built on the meta device and one meta ``example`` input."""
+    n = sum(p.numel() for p in model_on_meta.parameters())
+    per = 2 + _STATES.get(optimizer, 2) + _WRAPPER.get(method_optimizer, 1)  # weight, gradient, state, wrapper
+    return Estimate(int(data_bytes), 4 * n * per, activation_bytes(model_on_meta, example, batch_size))
+
+
+def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> str | None:
+    """One line naming the flag to change, or None when the estimate fits in the device's free memory.
+
+    ``flags``: what to suggest for each part (``{"data": "--image-size", "parameters": "--model-arg ...",
+    "activations": "--batch-size"}``).
+    """
+    free = available_memory(device)
+    if free <= 0 or est.total <= FRACTION * free:
+        return None
+    parts = {"data": est.data, "parameters": est.parameters, "activations": est.activations or 0}
+    worst = max(parts, key=lambda k: parts[k])
+    detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+    return (
+        f"this run needs about {gib(est.total)} on {device} ({detail}) but {gib(free)} is free: "
+        f"lower {flags.get(worst, '--batch-size')}"
+    )
