@@ -34,7 +34,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     import dataclasses
 
-    from varprune.engine.config import given_fields, load_run_config, read_resolved, unused_problems
+    from varprune.engine.config import given_fields, load_run_config, read_resolved
     from varprune.engine.loop import train
 
     source = Path(args.run)
@@ -66,9 +66,6 @@ def run(args) -> int:
         init=None,
         init_exclude=None,
     )  # RUN's weights, not --init
-    found = unused_problems(given, [cfg.method], cfg.optimizer)
-    if found:
-        raise UsageError("; ".join(found))
-    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, given=given)
     c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0

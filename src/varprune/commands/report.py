@@ -21,6 +21,11 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--html", help="write one self-contained HTML page here (figures embedded, configs, machine)")
     p.add_argument("--analysis", help="an `analyze` output folder to include in the HTML page")
     c.add_overwrite_flag(p, "the --plot and --html files")
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="report a prune.json even if the run's weights changed since it was made",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -47,7 +52,7 @@ def run(args) -> int:
         return 0
     rows = []
     for run in map(Path, args.runs):
-        doc = read_prune_json(run)
+        doc = read_prune_json(run, allow_stale=args.allow_stale)
         rows.append((doc.get("label", str(run)), doc))
     if len({metric_of(d) for _, d in rows}) > 1:
         raise UsageError("these runs report different metrics (accuracy and dice): report them separately")

@@ -39,7 +39,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.engine import distributed
-    from varprune.engine.config import flag_of, from_args, given_fields, load_run_config, unused_problems
+    from varprune.engine.config import flag_of, from_args, given_fields, load_run_config
     from varprune.engine.loop import train
     from varprune.engine.rundir import RunFolder
 
@@ -68,10 +68,6 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise UsageError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-    cfg = from_args(args)
-    found = unused_problems(given_fields(args), [cfg.method], cfg.optimizer)
-    if found:
-        raise UsageError("; ".join(found))
-    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    train(from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet, given=given_fields(args))
     c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0

@@ -29,7 +29,7 @@ import torch
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
-from varprune.engine.config import TrainConfig, problems, read_resolved
+from varprune.engine.config import TrainConfig, problems, read_resolved, unused_problems
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
@@ -106,16 +106,24 @@ def weights_metadata(cfg: TrainConfig, info) -> dict[str, str]:
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    progress: bool = True,
+    given=(),
 ) -> dict:
     """Train one run into ``out``; return the last epoch's metrics.
 
     ``resume=True`` continues ``out`` from its last complete epoch (its own
     config.json is authoritative). Raises :class:`RunError` for bad input and
-    :class:`NonFiniteError` when the loss or weights stop being finite.
+    :class:`NonFiniteError` when the loss or weights stop being finite. ``given``: the fields set explicitly
+    (on the command line); one the method or optimizer does not read is refused (config.unused_problems).
     """
     folder = RunFolder(out)
-    found = problems(cfg) + data_problems(cfg) + distributed.problems(cfg)
+    found = problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer) + data_problems(cfg)
+    found += distributed.problems(cfg)
     if not found:
         found += early_memory_problems(cfg)
     if not found:

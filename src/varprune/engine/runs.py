@@ -263,3 +263,30 @@ def early_memory_problems(cfg: TrainConfig) -> list[str]:
     except RunError as e:
         return [str(e)]
     return [problem] if problem else []
+
+
+def data_fingerprint(cfg: TrainConfig) -> dict:
+    """Which data a measurement was made on, cheaply (no file is read): the dataset, its resolved folder, the size,
+    number and modification time of the files the family found there, and the settings that shape the test set.
+    A result is reused only on the same fingerprint (prune RUN, then prune RUN --data-dir OTHER, sweeps again)."""
+    import hashlib
+    import os
+
+    from varprune.data import default_data_dir
+
+    root = Path(cfg.data_dir if cfg.data_dir is not None else default_data_dir(cfg.dataset))
+    h = hashlib.sha256()
+    try:
+        where = locate_dataset(cfg.dataset, cfg.data_dir, need_test=cfg.validation_fraction is None)
+        for path in sorted(map(str, where.found)):
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except (OSError, ValueError):
+        pass
+    return {
+        "dataset": cfg.dataset,
+        "dir": str(root.resolve()),
+        "files": h.hexdigest()[:16],
+        "image_size": cfg.image_size,
+        "limit_test": cfg.limit_test,
+    }

@@ -27,7 +27,7 @@ from torch import nn
 from varprune.device import autocast, resolve_amp, resolve_device
 from varprune.engine.config import TrainConfig, load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
-from varprune.engine.runs import build_model, check_same_data, data_problems, load_data
+from varprune.engine.runs import build_model, check_same_data, data_fingerprint, data_problems, load_data
 from varprune.errors import RunError
 from varprune.numerics.pruning import (
     MagnitudePruner,
@@ -190,9 +190,12 @@ def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
     return configs, found
 
 
-def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns=()) -> dict | None:
-    """RUN/prune.json if it was made from RUN's current weights with exactly these settings
-    (and its plot exists: a sweep interrupted between the two is redone)."""
+def finished_sweep(
+    run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns=(), data: dict | None = None
+) -> dict | None:
+    """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
+    (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own), and its plot exists (a sweep
+    interrupted between the two is redone)."""
     try:
         doc = json.loads((run / "prune.json").read_text())
         same = (
@@ -202,6 +205,7 @@ def finished_sweep(run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch
             and doc["bnt_batches"] == bnt_batches
             and doc["bnt_batch_size"] == bnt_batch_size
             and doc["weights_sha256"] == file_digest(run / WEIGHTS)
+            and doc.get("data") == (data if data is not None else data_fingerprint(load_run_config(run)))
             and (run / "prune.png").is_file()
             and (run / "prune.csv").is_file()
         )
@@ -310,7 +314,12 @@ def prune_runs(
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
     for run, cfg, label in zip(runs, configs, labels):
-        done = finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns) if reuse else None
+        fingerprint = data_fingerprint(cfg)  # check_runs set cfg.data_dir to --data-dir
+        done = (
+            finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns, fingerprint)
+            if reuse
+            else None
+        )
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label
@@ -341,6 +350,7 @@ def prune_runs(
                 "bnt_batches": bnt_batches,
                 "bnt_batch_size": bnt_batch_size,
                 "weights_sha256": digest,
+                "data": fingerprint,
             }
         )
         write_sweep(run, doc, label)

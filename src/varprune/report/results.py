@@ -11,7 +11,7 @@ from pathlib import Path
 
 from varprune.errors import RunError
 from varprune.report.figures import sweep_plot
-from varprune.report.tables import metric_of, study_table, sweep_csv
+from varprune.report.tables import METRICS, metric_info, metric_of, study_table, sweep_csv
 from varprune.storage.files import atomic_write_text
 
 
@@ -24,34 +24,77 @@ def write_sweep(run: Path, doc: dict, label: str) -> None:
     sweep_plot([(label, doc)], run / "prune.png", title=f"{label}: one-shot magnitude pruning")
 
 
-def read_prune_json(run: Path) -> dict:
-    """RUN/prune.json, checked: missing, damaged or edited is a RunError naming the file and the fix."""
+def _prune_json_problem(doc) -> str | None:
+    """The first field of a prune.json document that is missing, of the wrong type or out of range."""
+    if not isinstance(doc, dict):
+        return "it is not a JSON object"
+    m = metric_of(doc)
+    if not isinstance(m, str) or m not in METRICS:
+        return f"metric {str(m)[:30]!r} is not one varprune writes ({', '.join(METRICS)})"
+    info = metric_info(m)
+    if not isinstance(doc.get("label", ""), str):
+        return "label is not a string"
+    if not info.valid(doc.get(f"dense_{m}")):
+        return f"dense_{m} is {str(doc.get(f'dense_{m}'))[:30]}, outside [{info.lo:g}, {info.hi:g}]"
+    results = doc.get("results")
+    if not isinstance(results, list) or not results:
+        return "results is not a non-empty list"
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            return f"results[{i}] is not an object"
+        s = r.get("sparsity")
+        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < 1):
+            return f"results[{i}].sparsity is {str(s)[:30]}, outside [0, 1)"
+        rs = r.get("realised_sparsity", s)
+        if not (isinstance(rs, (int, float)) and not isinstance(rs, bool) and 0 <= rs <= 1):
+            return f"results[{i}].realised_sparsity is {str(rs)[:30]}, outside [0, 1]"
+        for key in (m, f"{m}_bnt"):
+            if (key in r or key == m) and not info.valid(r.get(key)):
+                return f"results[{i}].{key} is {str(r.get(key))[:30]}, outside [{info.lo:g}, {info.hi:g}]"
+    return None
+
+
+def read_prune_json(run: Path, allow_stale: bool = False) -> dict:
+    """RUN/prune.json, checked: missing, unreadable, damaged, edited out of range, or made from other weights
+    than RUN's current model.safetensors (unless ``allow_stale``) is a RunError naming the file and the fix."""
     path = run / "prune.json"
     try:
-        doc = json.loads(path.read_text())
-        m = metric_of(doc)
-        label = doc.get("label", str(run))
-        ok = (
-            isinstance(label, str)
-            and isinstance(m, str)
-            and isinstance(doc[f"dense_{m}"], (int, float))
-            and isinstance(doc["results"], list)
-            and doc["results"]
-            and all(
-                isinstance(r, dict)
-                and all(
-                    isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for k in ("sparsity", m, f"{m}_bnt")
-                )
-                for r in doc["results"]
-            )
-        )
+        text = path.read_text()
     except FileNotFoundError:
         raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        ok = False
-    if not ok:
-        raise RunError(f"{path} is not a varprune prune.json (damaged or edited); rerun `varprune prune {run}`")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(
+            f"cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); check its "
+            f"permissions, or rerun `varprune prune {run}`"
+        ) from None
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RunError(f"{path} is not valid JSON (damaged or edited); rerun `varprune prune {run}`") from None
+    problem = _prune_json_problem(doc)
+    if problem is not None:
+        raise RunError(f"{path}: {problem} (damaged or edited); rerun `varprune prune {run}`")
+    if not allow_stale:
+        stale = _stale(run, doc)
+        if stale:
+            raise RunError(stale)
     return doc
+
+
+def _stale(run: Path, doc: dict) -> str | None:
+    """Why prune.json no longer describes RUN's weights (they were retrained or replaced since), or None."""
+    from varprune.storage.files import file_digest
+
+    recorded = doc.get("weights_sha256")
+    weights = run / "model.safetensors"
+    if not isinstance(recorded, str) or not weights.is_file():
+        return None  # a prune.json without its run (copied alone) or of 0.1: nothing to compare
+    if file_digest(weights) != recorded:
+        return (
+            f"{run / 'prune.json'} was made from other weights than {weights} (the run was retrained or its "
+            f"weights replaced since): rerun `varprune prune {run}`, or pass --allow-stale to report it anyway"
+        )
+    return None
 
 
 def read_study_report(study: Path) -> dict:

@@ -7,13 +7,52 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a metric of prune.json reads: its title, direction, valid range and unit."""
+
+    title: str
+    higher_is_better: bool = True
+    lo: float = 0.0
+    hi: float = 1.0
+    percent: bool = True  # a fraction shown in percent; else shown as is (perplexity)
+
+    def valid(self, x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and self.lo <= x <= self.hi
+
+    def fmt(self, x: float | None, digits: int = 2) -> str:
+        if x is None:
+            return "—"
+        return f"{100 * x:.{digits}f}" if self.percent else f"{x:.{digits}f}"
+
+    @property
+    def unit(self) -> str:
+        return " (%)" if self.percent else ""
+
+
+METRICS = {
+    "accuracy": Metric("Test accuracy"),
+    "dice": Metric("Test mean foreground Dice"),
+    "iou": Metric("Test mean foreground IoU"),
+    "pixel_accuracy": Metric("Test pixel accuracy"),
+    "next_token_accuracy": Metric("Test next-token accuracy"),
+    "perplexity": Metric("Test perplexity", higher_is_better=False, lo=1.0, hi=math.inf, percent=False),
+}
+
+
+def metric_info(name: str) -> Metric:
+    return METRICS.get(name, Metric(f"Test {name}"))
 
 
 def pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}"
 
 
-METRIC_TITLES = {"accuracy": "Test accuracy", "dice": "Test mean foreground Dice"}
+METRIC_TITLES = {name: m.title for name, m in METRICS.items()}
 
 
 def metric_of(doc: dict) -> str:

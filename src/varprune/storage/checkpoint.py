@@ -226,6 +226,11 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[s
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({_first_line(e)}); it may be truncated: retrain the run"
         ) from None
+    if meta.get("format") == "varprune-pruned":
+        raise CheckpointError(
+            f"{path} is a pruned model written by `varprune export`, not a run's final weights: evaluate it with "
+            f"`varprune evaluate {path}`, or put the run's own model.safetensors back"
+        )
     verify_digest(
         raw, path, f"delete it and `varprune train --resume {path.parent}` rewrites it from the checkpoint, or retrain"
     )
@@ -258,11 +263,27 @@ def state_mismatch(model: torch.nn.Module, state: Any) -> str | None:
 
 
 def load_model_state(model: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
-    """``model.load_state_dict(state)``, any mismatch a one-line CheckpointError."""
+    """``model.load_state_dict(state)``, any mismatch a one-line CheckpointError; non-finite values (inf, nan),
+    which training never writes, are refused too."""
     detail = state_mismatch(model, state)
     if detail is not None:
         raise CheckpointError(f"{path} does not fit this model ({detail}): was it trained with another --model?")
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-finite values (inf or nan) in {', '.join(bad[:3])}: training never writes them, so the "
+            f"file was damaged or edited; retrain the run"
+        )
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit this model ({_first_line(e)})") from None
+
+
+def non_finite(state: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding inf or nan."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]

@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from varprune.storage.checkpoint import _digest, _first_line, _table, atomic_write_bytes, state_mismatch
+from varprune.storage.checkpoint import _digest, _first_line, _table, atomic_write_bytes, non_finite, state_mismatch
 from varprune.storage.checkpoint import serialize_safetensors as _serialize
 
 __all__ = [
@@ -476,6 +476,12 @@ def load_pruned(
         state[name] = dense.view(shape)
         bit_at += numel
         value_at += kept
+    bad = non_finite(state)
+    if bad:
+        raise PrunedFormatError(
+            f"{path} holds non-finite values (inf or nan) in {', '.join(bad[:3])}: export never writes them, so the "
+            f"file was damaged or edited; export it again"
+        )
     detail = state_mismatch(model, state)
     if detail is not None:  # unreachable after _check_fits; kept as a guard
         raise PrunedFormatError(f"{path} does not fit the model it names ({detail})")
