@@ -1,6 +1,7 @@
 """The token loaders: windows of the stream, seeded and resumable, evaluation windows (the perplexity
 protocol's input), global-batch sharding, padding and attention masks, calibration inputs, memory checks."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,36 @@ def test_fortunes_end_to_end():
     data = tokenize(corpus, small, max_length=16)
     x, y = next(iter(text_loader(data, "train", 32, True)))
     assert x["input_ids"].shape == (32, 16) and int(y.max()) < corpus.info.num_classes
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count reads of tensor values into Python (each one a host synchronisation on a GPU)."""
+    counts = {"n": 0}
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(fn):
+        def read(self, *a, **k):
+            counts["n"] += 1
+            return fn(self, *a, **k)
+
+        return read
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, counted(fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_iterating_the_loaders_reads_nothing_back_to_the_host(tmp_path, tok):
+    data = tokenize(cls_corpus(tmp_path), tok, max_length=8)
+    loaders = [windows_loader(train=True, world=2, rank=1), windows_loader(train=False, world=3, rank=2)]
+    loaders += [text_loader(data, "train", 7, True, rank=1, world=2), text_loader(data, "test", 7, False)]
+    for loader in loaders:
+        with count_host_reads() as reads:
+            n = sum(1 for _ in loader) + sum(1 for _ in loader)
+        assert n == 2 * len(loader) > 0 and reads["n"] == 0, (type(loader).__name__, reads)
