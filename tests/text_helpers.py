@@ -1,0 +1,70 @@
+"""What the text tests share: a small training text, tiny corpora written to a folder, one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from varprune.data import text
+from varprune.data.base import DatasetError
+from varprune.data.tokenizer import TextTokenizer
+
+WORDS = (
+    "the quick brown fox jumps over the lazy dog while a pruned network keeps its accuracy and "
+    "the tokenizer learns merges from the training text only; numbers 1234 and 56789 stay digits. "
+)
+TRAIN_TEXT = "".join(f"{WORDS} line {i}\n" for i in range(40))
+# texts that test encoding in pieces: WikiText's look, odd whitespace, and '.\n' (one pre-token in Llama 3)
+PIECES_SAMPLES = [
+    TRAIN_TEXT,
+    TRAIN_TEXT.replace("\n", ".\n"),
+    " = Valkyria = \n \n Senjō no Valkyria 3 : <unk> ( 戦場のヴァルキュリア3 , lit @-@ 3 ) ,  "
+    "\n\n\tx  \n  y\u00a0z it's 'll  \x1c w\u2028 v   \n" * 20,
+]
+
+
+def one_line(call, *args, **kwargs) -> str:
+    with pytest.raises(DatasetError) as e:
+        call(*args, **kwargs)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def lm_corpus(root: Path, train=TRAIN_TEXT, test=None, valid=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.txt").write_text(train)
+    (root / "test.txt").write_text(test if test is not None else WORDS * 3)
+    if valid is not None:
+        (root / "valid.txt").write_text(valid)
+    return text.load("text", root)
+
+
+def cls_corpus(root: Path, n=30):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"{i}" + " word" * (i % 40), "label": ["a", "b", "c"][i % 3]} for i in range(n)]  # distinct
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return text.load("text-classification", root)
+
+
+def llama3_style_tokenizer():
+    """A byte-level BPE with Llama 3's splitting pattern, under which '.\\n' is one pre-token: pieces may not
+    be cut before a newline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([TRAIN_TEXT.replace("\n", ".\n")], trainer)
+    return TextTokenizer(tok, None, "llama-3 style")
