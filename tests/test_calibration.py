@@ -97,16 +97,34 @@ def test_the_block_stack_is_found_where_it_should_be():
     assert find_block_stack(vit, ["patch_embed.weight", "head.weight", "blocks.0.attn.qkv.weight"]) is None
 
 
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.fc2(torch.tanh(self.fc1(x)))
+
+
 class Parallel(nn.Module):
-    """A ModuleList of blocks that all read the same input: not a chain, so layer by layer."""
+    """A stack of blocks that all read the same input: not a chain, so layer by layer."""
 
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) for _ in range(3))
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         return self.head(sum(b(x) for b in self.blocks))
+
+
+class Scaled(Parallel):
+    """A chain of blocks, but each called with its own argument: block 0's cannot be reused, so layer by layer."""
+
+    def forward(self, x):
+        for i, b in enumerate(self.blocks):
+            x = b(x, scale=float(i + 1))
+        return self.head(x)
 
 
 class Shared(nn.Module):
@@ -121,16 +139,18 @@ class Shared(nn.Module):
         return self.out(self.lin(torch.tanh(self.lin(x))))
 
 
-@pytest.mark.parametrize("kind", ["parallel", "shared"])
+@pytest.mark.parametrize("kind", ["parallel", "scaled", "shared"])
 def test_models_that_are_not_chains_are_pruned_layer_by_layer(kind):
     torch.manual_seed(0)
-    make = Parallel if kind == "parallel" else Shared
+    make = {"parallel": Parallel, "scaled": Scaled, "shared": Shared}[kind]
     batches = [torch.randn(5, 8, dtype=torch.float64) for _ in range(2)]
     torch.manual_seed(1)
     model = make().double()
     groups = [[n.rpartition(".")[0]] for n, _ in prunable_weights(model)]  # forward order = module order here
     torch.manual_seed(1)
     expected = manual_sequential(make().double(), batches, groups, 0.5)
+    if kind != "shared":
+        assert find_block_stack(model, [n for n, _ in prunable_weights(model)])[0] == "blocks"
     result = prune_wanda(model, batches, sparsity=0.5)
     assert result.mode == "layers" and result.stack is None
     for name, keep in expected.items():
