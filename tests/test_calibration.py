@@ -208,6 +208,44 @@ def test_layers_the_pruners_cannot_handle_fall_back_to_magnitude_and_are_named(p
     assert model.training and model.attn.training  # modes restored
 
 
+class FirstCallOnly(nn.Module):
+    """Uses ``extra`` in its first forward only: the ordering pass sees it, the calibration passes never do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.extra, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.fc(x)
+        return self.out(h + self.extra(h) if self.calls == 1 else h)
+
+
+@pytest.mark.parametrize("pruner", list(PRUNERS))
+def test_a_layer_without_calibration_inputs_falls_back_instead_of_pruning_blind(pruner):
+    torch.manual_seed(0)
+    model = FirstCallOnly()
+    w = model.extra.weight.detach().clone()
+    result = PRUNERS[pruner](model, [torch.randn(4, 8)], sparsity=0.5)
+    assert (
+        list(result.fallback) == ["extra.weight"] and "not called in the calibration" in result.fallback["extra.weight"]
+    )
+    assert torch.equal(result["extra.weight"], keep_mask_topk(w.abs().reshape(-1), 32).view(8, 8))
+
+
+def test_a_torch_transformer_encoder_goes_block_by_block_with_attention_by_magnitude():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    model = nn.Sequential(nn.Linear(8, 16), encoder, nn.Linear(16, 4))
+    result = prune_sparsegpt(model, [torch.randn(2, 5, 8) for _ in range(2)], sparsity=0.5)
+    assert result.mode == "blocks" and result.stack == "1.layers"
+    packed = {f"1.layers.{i}.self_attn.{leaf}" for i in range(3) for leaf in ("in_proj_weight", "out_proj.weight")}
+    assert set(result.fallback) == packed  # linear1/linear2 are calibrated
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off for the calibration only
+
+
 def test_nm_layers_whose_input_is_not_a_multiple_of_m_stay_dense_and_listed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))

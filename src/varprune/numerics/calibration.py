@@ -18,20 +18,19 @@ views every weight as a matrix ``(out, in)`` with matching input rows, and drive
   used only if one forward pass of the first batch shows a chain: every block called once, in order, each
   block's hidden-state input being the previous block's output (or its ``[0]``), and every other argument
   the same as the first block's (attention mask, position embeddings, ...).
-* **Block by block** (when a chain is found): layers before the stack are calibrated layer by layer (below);
-  then the inputs (args and kwargs) of the first block are captured for every batch (the forward stops
-  there); each block is run on every captured input with hooks on all of its pruned layers (every layer of
-  a block from this one pass, as the references do), its layers are pruned, and the pruned block is re-run
-  to produce the next block's inputs; layers after the stack (a classifier or LM head) are calibrated layer
-  by layer at the end. ``config.use_cache`` of a Hugging Face model is off meanwhile.
+* **Block by block** (when a chain is found): layers before the stack go layer by layer (below); then the
+  first block's inputs (args and kwargs) are captured for every batch (the forward stops there); each block
+  runs on every captured input with hooks on all its pruned layers (all of a block's layers from this one
+  pass, as the references do), its layers are pruned, and the pruned block re-runs to make the next
+  block's inputs; layers after the stack (a classifier, an LM head) go layer by layer at the end.
 * **Layer by layer** (any other model): in forward order (each layer's first call), one layer at a time,
   each from forward passes of the model whose earlier layers are pruned already; a pass stops as soon as the
-  layer has been called as often as in the first batch's forward.
+  layer has been called as often as in the first batch's forward. A Hugging Face ``config.use_cache`` and
+  PyTorch's fused attention fast path are off meanwhile.
 
-Cost, with B batches: one forward of the first batch to find the order, then layer by layer one partial
-forward per batch and layer (up to that layer; at most L·B full forwards for L layers); block by block about
-B partial forwards to capture, 2·B block runs per block (B for the last), and B forwards per layer outside
-the stack. ``PruneResult.passes`` counts them.
+Cost with B batches (``PruneResult.passes`` counts it): one forward of the first batch for the order; layer
+by layer, B partial forwards per layer (up to it: at most L·B full forwards for L layers); block by block,
+B partial forwards to capture, 2·B block runs per block (B for the last), B forwards per outside layer.
 """
 
 from __future__ import annotations
@@ -70,16 +69,12 @@ class PruneResult(dict):
     ``damping``: SparseGPT's {name: percdamp used} where more damping than asked for was needed.
     """
 
-    def __init__(self, masks: dict[str, torch.Tensor], **record):
+    def __init__(self, masks, fallback=None, skipped=None, mode="layers", stack=None, passes=None, damping=None):
         super().__init__(masks)
         self.realised = {name: 1.0 - int(m.sum()) / m.numel() for name, m in masks.items()}
         self.realised_sparsity = realised_sparsity(masks)
-        self.fallback: dict[str, str] = record.get("fallback", {})
-        self.skipped: list[str] = record.get("skipped", [])
-        self.mode: str = record.get("mode", "layers")
-        self.stack: str | None = record.get("stack")
-        self.passes: dict[str, int] = record.get("passes", {})
-        self.damping: dict[str, float] = record.get("damping", {})
+        self.fallback, self.skipped, self.damping = dict(fallback or {}), list(skipped or []), dict(damping or {})
+        self.mode, self.stack, self.passes = mode, stack, dict(passes or {})
 
 
 @dataclass(frozen=True)
@@ -451,6 +446,8 @@ class _Run:
 
     def prune(self, t: Target, stats=None) -> None:
         """Prune one target in place: by the pruner from ``stats``, or by magnitude if it falls back."""
+        if t.kind is not None and getattr(stats, "tokens", 0) == 0:  # never prune from empty statistics
+            t.kind, t.reason = None, "not called in the calibration passes (a fused fast path may bypass it)"
         if t.kind is None:
             keep, skipped = _magnitude_keep(t, self.setting)
             if skipped:
@@ -534,7 +531,8 @@ def prune_sequentially(
     """Calibrate and prune every prunable weight (minus ``exclude``) in place, sequentially.
 
     ``new_stats(target)`` makes a layer's statistics (an object with ``add(rows)``, fed ``(tokens, in)``
-    input rows in float32, float64 for a float64 weight); ``prune_layer(target, stats)`` returns the
+    input rows in float32, float64 for a float64 weight, and ``tokens``, the rows seen: a layer with none
+    falls back to magnitude); ``prune_layer(target, stats)`` returns the
     ``(out, in)`` keep-mask and the updated ``(out, in)`` weights or None (no update). Pruned entries are
     set to +0.0. The model runs in eval mode under ``torch.no_grad()``; every module's mode (and a Hugging
     Face ``config.use_cache``) is restored afterwards, also on error.
@@ -554,8 +552,10 @@ def prune_sequentially(
     use_cache = getattr(config, "use_cache", None)
     found = find_block_stack(model, [t.name for t in targets])
     stack_name, stack = found if found else (None, None)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)  # fused encoder layers would bypass their Linears' hooks
         if use_cache:
             config.use_cache = False
         with torch.no_grad():
@@ -578,6 +578,7 @@ def prune_sequentially(
                 run.block_by_block(stack, inside, slot, inputs)
                 run.layer_by_layer([t for t in outside if t.order >= start])
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, training in modes:
             m.training = training
         if use_cache:
