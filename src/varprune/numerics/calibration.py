@@ -251,7 +251,8 @@ def materialise_batches(batches, device: torch.device) -> list:
             tensors = [v for v in b.values() if isinstance(v, torch.Tensor)]
             if not tensors or any(v.numel() == 0 for v in tensors):
                 raise PruningError(f"calibration batch {i} is an empty dict or holds an empty tensor; drop it")
-            out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+            b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            out.append({**b, "use_cache": False} if "use_cache" in b else b)  # a cache would grow with every run
         else:
             kind = type(b).__name__
             raise PruningError(f"calibration batch {i} is a {kind}; pass tensors or dicts of tensors (model(**batch))")
