@@ -1,6 +1,8 @@
 """The calibration machinery: matrix views, unfolded conv inputs, the block stack, fallbacks, skips, the record,
 and every bad input as a one-line PruningError. Both pruners go through the same driver."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -157,7 +159,53 @@ def test_models_that_are_not_chains_are_pruned_layer_by_layer(kind):
         assert torch.equal(result[name], keep), name
 
 
+class Named(nn.Module):
+    """A stack of blocks in an nn.Sequential with names of its own, between a stem and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.body = nn.Sequential(OrderedDict((k, Block()) for k in ("first", "second", "third")))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_a_stack_with_named_children_goes_block_by_block():
+    torch.manual_seed(0)
+    batches = [torch.randn(5, 4, dtype=torch.float64) for _ in range(2)]
+    blocks = [[f"body.{k}.fc1", f"body.{k}.fc2"] for k in ("first", "second", "third")]
+    torch.manual_seed(1)
+    expected = manual_sequential(Named().double(), batches, [["stem"], *blocks, ["head"]], "2:4")
+    torch.manual_seed(1)
+    result = prune_wanda(Named().double(), batches, pattern="2:4")
+    assert result.mode == "blocks" and result.stack == "body"
+    assert result.passes == {"model": 1 + 2 + 2 + 2, "block": 3 * 2 + 2 * 2}  # stem and head layer by layer
+    for name, keep in expected.items():
+        assert torch.equal(result[name], keep), name
+
+
 # -- fallbacks, skips, exclusions, the record --------------------------------------------------
+
+
+class Spare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.spare = Conv1D(4, 8)  # weight (in, out) = (8, 4); never called
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_conv1d_that_falls_back_to_n_m_magnitude_is_grouped_along_its_input():
+    torch.manual_seed(0)
+    model = Spare()
+    w = model.spare.weight.detach().clone()
+    result = prune_wanda(model, [torch.randn(3, 8)], pattern="2:4")
+    assert "never called" in result.fallback["spare.weight"]
+    assert torch.equal(result["spare.weight"], nm_masks([("w", w.t())], 2, 4)[0]["w"].t())
 
 
 class Mixed(nn.Module):

@@ -194,8 +194,9 @@ def _targets(model: nn.Module, exclude: Iterable[str]) -> list[Target]:
     return [Target(n, p, m, *layer_kind(m, n.rpartition(".")[2])) for (n, p), m in zip(named, owners)]
 
 
-def find_block_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[nn.Module]] | None:
-    """The model's stack of blocks, ``(module name, blocks)``, or None (the rule in the module docstring).
+def find_block_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[nn.Module], list[str]] | None:
+    """The model's stack of blocks, ``(module name, blocks, their name prefixes)``, or None (the rule in the
+    module docstring).
 
     ``names``: the parameter names to be pruned. Ties in length go to the stack holding more of them,
     then to the first in module order.
@@ -215,7 +216,7 @@ def find_block_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[
             continue
         key = (len(children), sum(held))
         if key > best_key:
-            best, best_key = (name, [c for _, c in children]), key
+            best, best_key = (name, [c for _, c in children], [f"{prefix}{child}." for child, _ in children]), key
     return best
 
 
@@ -324,13 +325,10 @@ def _main_out(out):
 
 
 def _slot_of(value, args, kwargs):
-    for j, a in enumerate(args):
-        if a is value:
-            return ("arg", j)
-    for k, v in kwargs.items():
-        if v is value:
-            return ("kw", k)
-    return None
+    slots = [("arg", j) for j, a in enumerate(args) if a is value] + [
+        ("kw", k) for k, v in kwargs.items() if v is value
+    ]
+    return slots[0] if slots else None
 
 
 def _with_slot(args, kwargs, slot, value):
@@ -419,9 +417,10 @@ PruneLayer = Callable[[Target, object], tuple[torch.Tensor, torch.Tensor | None]
 
 def _magnitude_keep(t: Target, setting: Setting) -> tuple[torch.Tensor, bool]:
     p = t.param.detach()
-    if setting.nm:
-        masks, skipped = nm_masks([(t.name, p)], *setting.nm)
-        return masks[t.name], bool(skipped)
+    if setting.nm:  # grouped along the input dimension: a Conv1D's first
+        view = p.t() if stores_transposed(t.module) else p
+        masks, skipped = nm_masks([(t.name, view)], *setting.nm)
+        return (masks[t.name].t().contiguous() if view is not p else masks[t.name]), bool(skipped)
     flat = p.reshape(-1).abs().to(compute_dtype(p))
     return keep_mask_topk(flat, round(setting.sparsity * flat.numel())).view(p.shape), False
 
@@ -552,7 +551,7 @@ def prune_sequentially(
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     found = find_block_stack(model, [t.name for t in targets])
-    stack_name, stack = found if found else (None, None)
+    stack_name, stack, prefixes = found if found else (None, None, None)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
@@ -569,7 +568,6 @@ def prune_sequentially(
                 stack_name = None
                 run.layer_by_layer(targets)
             else:
-                prefixes = [f"{stack_name}.{i}." if stack_name else f"{i}." for i in range(len(stack))]
                 inside = [[t for t in targets if t.name.startswith(p)] for p in prefixes]
                 in_stack = {t.name for ts in inside for t in ts}
                 start = min(t.order for ts in inside for t in ts if t.order >= 0)
