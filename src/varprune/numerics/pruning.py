@@ -52,12 +52,14 @@ __all__ = [
     "keep_mask_topk",
     "magnitude_bits",
     "nm_masks",
+    "owner_of",
     "parse_pattern",
     "prune_magnitude",
     "prune_nm",
     "realised_sparsity",
     "recalibrate_bn",
     "sparsity_of",
+    "stores_transposed",
 ]
 
 
@@ -356,6 +358,21 @@ def parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
     return n, m
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """True for a layer whose weight is stored ``(in, out)`` and used as ``x @ W``: transformers' ``Conv1D``.
+
+    Recognised by class name (GPT-2's family), as :mod:`varprune.numerics.weights` does, so that
+    nothing here imports transformers. Every other prunable weight is ``(out, in, ...)``.
+    """
+    return type(module).__name__ == "Conv1D"
+
+
+def owner_of(model: nn.Module, name: str) -> nn.Module:
+    """The module that owns parameter ``name`` (``"a.b.weight"`` -> ``model.a.b``)."""
+    module_name = name.rpartition(".")[0]
+    return model.get_submodule(module_name) if module_name else model
+
+
 def _select_named(model_or_named, exclude: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_named, nn.Module):
         return prunable_weights(model_or_named, exclude)
@@ -392,7 +409,11 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()) -> tup
     patterns, ``"first"``, ``"last"``). Each weight is viewed as
     ``weight.reshape(out, -1)`` (a conv's input dimension is in*kh*kw in
     PyTorch's row-major order); every group of ``m`` consecutive entries
-    along it keeps its ``n`` largest magnitudes. Ties are settled by position
+    along it keeps its ``n`` largest magnitudes. Given a model, a weight
+    stored transposed as ``(in, out)`` (GPT-2's ``Conv1D``, see
+    :func:`stores_transposed`) is grouped along its input dimension, which
+    is its first; ``(name, tensor)`` pairs carry no module, so they are all
+    read as ``(out, in, ...)``. Ties are settled by position
     as in magnitude pruning: of equal magnitudes the earlier is pruned first
     (the later kept). A tensor whose input dimension is not a multiple of
     ``m`` stays dense: its mask is all True (so :func:`realised_sparsity`
@@ -401,18 +422,24 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()) -> tup
     """
     n, m = parse_pattern((n, m))
     masks, skipped = {}, []
-    for name, w in _select_named(model_or_named, exclude):
+    named = _select_named(model_or_named, exclude)
+    transposed = set()
+    if isinstance(model_or_named, nn.Module):
+        transposed = {name for name, _ in named if stores_transposed(owner_of(model_or_named, name))}
+    for name, w in named:
         if w.dim() < 2:
             raise PruningError(f"N:M pruning needs a weight with an input dimension; {name} has shape {tuple(w.shape)}")
-        fan_in = w[0].numel()
+        view = w.t() if name in transposed else w
+        fan_in = view[0].numel()
         if fan_in % m:
             masks[name] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
             skipped.append(name)
         else:
             try:
-                masks[name] = _nm_mask(w, n, m)
+                keep = _nm_mask(view, n, m)
             except PruningError as err:
                 raise PruningError(f"{err} (in {name})") from None
+            masks[name] = keep.t().contiguous() if name in transposed else keep
     return masks, skipped
 
 
