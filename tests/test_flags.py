@@ -144,8 +144,9 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_allocated(capsys, t
     assert not out.exists()
 
 
-def test_an_allocation_that_fails_anyway_is_exit_1_with_one_line_and_no_folder(capsys, tmp_path, fmnist_dir,
-                                                                                monkeypatch):
+def test_an_allocation_that_fails_anyway_is_exit_1_with_one_line_and_no_folder(
+    capsys, tmp_path, fmnist_dir, monkeypatch
+):
     import torch
 
     import varprune.tasks.classification as classification
