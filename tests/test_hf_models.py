@@ -99,6 +99,9 @@ def test_estimate_counts_what_is_built(name, options):
     assert next(model.parameters()).device.type == "meta"
     built = sum(p.numel() for p in model.parameters())
     assert estimate_size(name, num_classes=5, **kw) == {"parameters": built, "bytes": 4 * built}
+    # varprune lists the weights on meta: the same names as the model built in memory
+    real = create_model(name, num_classes=5, **kw)
+    assert [n for n, _ in prunable_weights(model)] == [n for n, _ in prunable_weights(real)]
     assert estimate_size(name, dtype=torch.bfloat16, num_classes=5, **kw)["bytes"] == 2 * built
 
 
@@ -182,8 +185,11 @@ def folders(tmp_path_factory):
     return root
 
 
-def test_hf_folder_loads_as_a_causal_lm(folders):
+def test_hf_folder_loads_as_a_causal_lm(folders, capfd):
+    level = transformers.logging.get_verbosity()
     model = create_model(f"hf:{folders / 'gpt2'}")
+    assert "Loading weights" not in capfd.readouterr().err  # no progress bar of transformers' own
+    assert transformers.logging.get_verbosity() == level and transformers.utils.logging.is_progress_bar_enabled()
     reference = transformers.AutoModelForCausalLM.from_pretrained(folders / "gpt2", local_files_only=True)
     assert type(model).__name__ == "GPT2LMHeadModel" and model.training and model.varprune_new_parameters == []
     ids = torch.randint(0, 100, (2, 8))

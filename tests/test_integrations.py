@@ -198,6 +198,19 @@ def test_hf_refuses_deepspeed_and_fsdp(base, monkeypatch, args, env, message):
     assert callback.reg is None
 
 
+@pytest.mark.parametrize("callback", [HFVarCallback, PLVarCallback])
+def test_frozen_weights_are_left_out(base, callback):
+    model = copy.deepcopy(base)
+    model.transformer.h[0].requires_grad_(False)
+    var = callback(strength=1.0)
+    var._resolve(model)
+    names = [name for name, _ in var.reg.named]
+    assert names and not any(name.startswith("transformer.h.0.") for name in names)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable prunable weights"):
+        var._resolve(model)
+
+
 def _scaled_grads(model, data, scaler):
     x = data[:BATCH]
     model.zero_grad()

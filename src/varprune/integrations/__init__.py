@@ -6,7 +6,8 @@
   (``pip install 'varprune[lightning]'``).
 
 Both take ``strength=`` (lambda = strength / psi(w) on the weights at the
-start of training, as ``VarRegularizer.from_strength``) or ``lam=``, and add
+start of training, as ``VarRegularizer.from_strength``) or ``lam=``; both act
+on the model's trainable prunable weights (frozen ones are left out), and add
 VAR's closed-form gradient to ``.grad`` once per optimizer step, before the
 step, in the units of the other gradients (a GradScaler's scale included when
 the gradients are still scaled there). The added gradient is the one of
@@ -53,8 +54,14 @@ class VarCallbackBase:
         self.last_value: torch.Tensor | None = None  # lam * psi at the last step (a device tensor)
 
     def _resolve(self, model: nn.Module, saved_lam: float | None = None) -> VarRegularizer:
-        """Build the regularizer on ``model``'s prunable weights; ``saved_lam`` (a resumed run's) wins."""
-        weights = prunable_weights(model, self.exclude)
+        """Build the regularizer on ``model``'s trainable prunable weights; ``saved_lam`` (a resumed run's) wins.
+
+        Frozen weights (``requires_grad=False``: a frozen backbone, LoRA's base
+        layers) are left out: no optimizer moves them, and VAR would give each
+        of them a gradient buffer for nothing."""
+        weights = [(n, p) for n, p in prunable_weights(model, self.exclude) if p.requires_grad]
+        if not weights:
+            raise ValueError("VarCallback: the model has no trainable prunable weights")
         if saved_lam is not None:
             reg = VarRegularizer(weights, float(saved_lam), r=self.r, eps=self.eps)
         elif self.lam is not None:

@@ -41,6 +41,7 @@ parameters and bytes without building.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -508,16 +509,17 @@ def create_hf_folder_model(
         model.varprune_new_parameters = []
         return _causal_loss_type(model).train()
     try:
-        model, info = auto.from_pretrained(
-            str(path),
-            config=config,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-            dtype=_DTYPES[dtype],
-            output_loading_info=True,
-            **({"ignore_mismatched_sizes": True} if task == TC else {}),
-        )
+        with _quiet(t):
+            model, info = auto.from_pretrained(
+                str(path),
+                config=config,
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+                dtype=_DTYPES[dtype],
+                output_loading_info=True,
+                **({"ignore_mismatched_sizes": True} if task == TC else {}),
+            )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(
             f"hf:{path}: transformers could not load it ({str(e).strip().splitlines()[0][:160]})"
@@ -527,6 +529,21 @@ def create_hf_folder_model(
         new |= _new_head(model)
     model.varprune_new_parameters = sorted(new)
     return _causal_loss_type(model).train()
+
+
+@contextlib.contextmanager
+def _quiet(t):
+    """transformers' progress bar and load report off while loading (varprune says what it needs to)."""
+    logging, bar = t.utils.logging, t.utils.logging.is_progress_bar_enabled()
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bar:
+            logging.enable_progress_bar()
 
 
 @torch.no_grad()
