@@ -353,8 +353,9 @@ def test_lightning_refuses_two_optimizers(base, data):
             return [torch.optim.SGD(params[:half], lr=LR), torch.optim.SGD(params[half:], lr=LR)]
 
     trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[PLVarCallback(lam=1e-6)],
+        max_steps=1, max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,  # ends if not refused
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[PLVarCallback(lam=1e-6)],
     )  # fmt: skip
     with pytest.raises(ValueError, match="supports one optimizer, not 2"):
         trainer.fit(Two(copy.deepcopy(base)), DataLoader(TensorDataset(data), batch_size=BATCH))
