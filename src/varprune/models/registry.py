@@ -1,10 +1,24 @@
 """Model registry: ``create_model(name, in_channels, num_classes, image_size, **options)``.
 
-Every model is registered with a task, ``"classification"`` (output
-``(N, num_classes)``) or ``"segmentation"`` (output ``(N, num_classes, H, W)``),
-so a caller can refuse a model that does not fit its dataset before building it.
-Keyword options (``width=``, ``depth=``...) are forwarded to the builder; an
-option the builder does not take is a :class:`ModelError`.
+Every model is registered with a task, so a caller can refuse a model that does
+not fit its dataset before building it:
+
+* image tasks: ``"classification"`` (output ``(N, num_classes)``) and
+  ``"segmentation"`` (output ``(N, num_classes, H, W)``); builders are
+  ``fn(in_channels, num_classes, image_size, **options)``;
+* text tasks (models/hf.py, transformers): ``"language-modeling"`` (output
+  ``.logits`` of shape ``(N, T, vocab_size)``) and ``"text-classification"``
+  (``.logits`` of shape ``(N, num_classes)``); builders are
+  ``fn(vocab_size, max_positions, num_classes, bos_token_id, eos_token_id,
+  pad_token_id, **options)``. The data-dependent sizes (:data:`TEXT_SIZES`)
+  reach them as keywords of :func:`create_model`
+  (``create_model("gpt2", vocab_size=tok.get_vocab_size(), max_positions=seq_len)``);
+  ``in_channels`` and ``image_size`` are ignored there.
+
+Keyword options (``width=``, ``depth=``, ``n_layer=``...) are forwarded to the
+builder; an option the builder does not take is a :class:`ModelError`. The
+data-dependent arguments are never options (:func:`model_options` does not
+list them).
 """
 
 from __future__ import annotations
@@ -14,12 +28,17 @@ from collections.abc import Callable
 
 from torch import nn
 
-TASKS = ("classification", "segmentation")
+IMAGE_TASKS = ("classification", "segmentation")
+TEXT_TASKS = ("language-modeling", "text-classification")
+TASKS = IMAGE_TASKS + TEXT_TASKS
 
-# positional arguments every builder takes; not "options"
+# arguments every image builder takes; not "options"
 _BASE_ARGS = ("in_channels", "num_classes", "image_size")
-
+# data-dependent keywords every text builder takes (from the tokenizer and the dataset); not "options"
+TEXT_SIZES = ("vocab_size", "max_positions", "num_classes", "bos_token_id", "eos_token_id", "pad_token_id")
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str, str]] = {}
+# prefix -> {create, task, tasks, options, description}: families named PREFIX<something> (register_prefix)
+_PREFIXES: dict[str, dict] = {}
 
 
 class ModelError(ValueError):
@@ -27,10 +46,12 @@ class ModelError(ValueError):
 
 
 def register_model(name: str, description: str, task: str = "classification"):
-    """Decorator: register a builder ``fn(in_channels, num_classes, image_size, **options) -> nn.Module``.
+    """Decorator: register a builder ``fn(in_channels, num_classes, image_size, **options) -> nn.Module``
+    (a text task's builder: ``fn(vocab_size, max_positions, num_classes, bos_token_id, eos_token_id,
+    pad_token_id, **options)``).
 
-    ``task`` is ``"classification"`` or ``"segmentation"``. Keyword arguments of
-    the builder beyond the three base ones are the model's options.
+    ``task`` is one of :data:`TASKS`. Keyword arguments of the builder beyond
+    the base ones of its task are the model's options.
     """
     if task not in TASKS:
         raise ModelError(f"model {name!r}: task must be one of {', '.join(TASKS)}, not {task!r}")
@@ -42,6 +63,31 @@ def register_model(name: str, description: str, task: str = "classification"):
         return fn
 
     return wrap
+
+
+def register_prefix(
+    prefix: str,
+    *,
+    create: Callable[..., nn.Module],
+    task: Callable[[str], str],
+    tasks: tuple[str, ...],
+    options: dict[str, object],
+    description: str,
+) -> None:
+    """Register a family of models named ``PREFIX<something>`` (``hf:<dir>``, models/hf.py).
+
+    ``create(name, num_classes=..., **options)`` builds one; ``task(name)``
+    is the task it was made for, ``tasks`` every task it can serve;
+    ``options`` its ``{option: default}``. The family's module calls this at
+    import, so the registry never imports it (no import circle).
+    """
+    if prefix in _PREFIXES:
+        raise ModelError(f"model prefix {prefix!r} registered twice")
+    _PREFIXES[prefix] = dict(create=create, task=task, tasks=tasks, options=options, description=description)
+
+
+def _family(name: str) -> dict | None:
+    return next((f for p, f in _PREFIXES.items() if name.startswith(p)), None)
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -65,29 +111,58 @@ def list_models(task: str | None = None) -> list[str]:
 
 def describe_models(task: str | None = None) -> dict[str, str]:
     """``{name: one-line description}``, sorted by name, only those of ``task`` if given;
-    then the ``timm:<name>`` family (classification, not in list_models)."""
+    then the ``timm:<name>`` family (classification) and the ``hf:<dir>`` family (text tasks),
+    which are not in list_models."""
     out = {name: _MODELS[name][1] for name in list_models(task)}
     if task in (None, "classification"):
         out["timm:<name>"] = "any timm model, random weights (needs timm; --init FILE for trained weights)"
+    for prefix, family in _PREFIXES.items():
+        if task is None or task in family["tasks"]:
+            out[f"{prefix}<{family['description'][0]}>"] = family["description"][1]
     return out
 
 
 def model_task(name: str) -> str:
-    """The task (``"classification"`` or ``"segmentation"``) a model is for (timm models: classification)."""
+    """The task a model is for (timm models: classification).
+
+    ``hf:<dir>`` folders can serve both text tasks (:func:`model_tasks`); this
+    is the one the folder was saved for: ``"text-classification"`` for a
+    ``...ForSequenceClassification`` or an encoder, else ``"language-modeling"``.
+    """
     if name.startswith("timm:"):
         return "classification"
+    family = _family(name)
+    if family is not None:
+        return family["task"](name)
     _check_name(name)
     return _MODELS[name][2]
 
 
+def model_tasks(name: str) -> tuple[str, ...]:
+    """Every task a model can serve: its own, or both text tasks for an ``hf:<dir>`` folder
+    (a causal LM, or a sequence classifier with a new head). Check a dataset's task with
+    ``task in model_tasks(name)``."""
+    family = _family(name)
+    return family["tasks"] if family is not None else (model_task(name),)
+
+
+def _base_args(name: str) -> tuple[str, ...]:
+    return TEXT_SIZES if _MODELS[name][2] in TEXT_TASKS else _BASE_ARGS
+
+
 def model_options(name: str) -> dict[str, object]:
-    """``{option: default}`` for the keyword options ``create_model`` forwards to this model."""
+    """``{option: default}`` for the keyword options ``create_model`` forwards to this model
+    (never the data-dependent arguments: image size and channels, vocabulary size...)."""
+    family = _family(name)
+    if family is not None:
+        return dict(family["options"])
     _check_name(name)
     sig = inspect.signature(_MODELS[name][0])
+    base = _base_args(name)
     return {
         p.name: p.default
         for p in sig.parameters.values()
-        if p.name not in _BASE_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if p.name not in base and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
 
 
@@ -97,6 +172,12 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_s
     ``options`` go to the model's builder (see :func:`model_options`); an option
     the model does not take raises :class:`ModelError` naming the ones it does.
     ``timm:<name>`` builds timm model ``<name>`` (models/timm_adapter.py).
+
+    Text models (``gpt2``, ``llama``, ``bert``, ``hf:<dir>``; models/hf.py)
+    take their data-dependent sizes as keywords among ``options``
+    (:data:`TEXT_SIZES`: ``vocab_size``, ``max_positions``, ``pad_token_id``...;
+    ``hf:<dir>`` also ``task``), ``num_classes`` as the number of labels of a
+    text classifier, and ignore ``in_channels`` and ``image_size``.
     """
     if name.startswith("timm:"):
         from .timm_adapter import create_timm_model
@@ -104,11 +185,19 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_s
         return create_timm_model(
             name, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options
         )
+    family = _family(name)
+    if family is not None:
+        return family["create"](name, num_classes=num_classes, **options)
     _check_name(name)
+    text = _MODELS[name][2] in TEXT_TASKS
+    sizes = {k: options.pop(k) for k in TEXT_SIZES if k in options} if text else {}
     if options:
         known = model_options(name)
         unknown = sorted(set(options) - set(known))
         if unknown:
             offer = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
             raise ModelError(f"model {name!r} has no option {', '.join(unknown)}; its options: {offer}")
+    if text:
+        sizes.setdefault("num_classes", num_classes)
+        return _MODELS[name][0](**sizes, **options)
     return _MODELS[name][0](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **options)

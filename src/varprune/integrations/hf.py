@@ -1,0 +1,127 @@
+"""VAR in the Hugging Face ``Trainer``: ``trainer = Trainer(..., callbacks=[VarCallback(strength=1.0)])``.
+
+Where it sits (transformers 5.x, ``Trainer._inner_training_loop``; read from
+the installed source). For each optimizer step the Trainer runs every
+micro-batch's forward and ``accelerator.backward`` (the loss divided by the
+accumulation steps, or normalised by the step's token count), then
+
+1. ``_clip_grad_norm`` when ``max_grad_norm > 0``, else ``_get_grad_norm``
+   (a clip at infinity); both go through ``accelerator.clip_grad_norm_``,
+   which first unscales fp16 gradients (``scaler.unscale_``);
+2. ``on_pre_optimizer_step``: **this callback adds VAR's gradient here**;
+3. ``optimizer.step()`` (with fp16: ``scaler.step``, which skips the step if
+   the scaled gradients overflowed, then ``scaler.update``).
+
+Hence:
+
+* gradient accumulation: VAR's gradient is added once per optimizer step,
+  with the full lambda, onto the accumulated (averaged) loss gradient: the
+  update of ``mean loss + lam * psi``, exactly what a plain loop adding
+  ``reg()`` to the loss of the whole batch gets;
+* clipping: VAR's gradient is added after clipping, so it is not clipped
+  (a plain loop that clips ``loss + reg()`` clips both); with
+  ``max_grad_norm=0`` the two agree;
+* fp16 (GradScaler): the gradients are already unscaled at this point; the
+  callback checks the scaler's per-optimizer state anyway and, if they were
+  still scaled, adds VAR's gradient times the current scale so that
+  ``scaler.step`` unscales both alike. An overflowing step is skipped as a
+  whole, VAR's part too. bf16 has no scaler: nothing to do;
+* DDP: every process adds the same VAR gradient (same weights) after the
+  all-reduce: right. DataParallel: the model the callback sees holds the
+  reduced gradients: right;
+* DeepSpeed: refused. Accelerate steps DeepSpeed's engine inside
+  ``accelerator.backward`` and ZeRO partitions gradients, so no full gradient
+  exists before the step for this hook to add to;
+* FSDP: refused. Parameters are flattened shards (FSDP1) or DTensor shards
+  (FSDP2), and VAR's per-layer variance needs whole layers.
+
+Lambda is resolved in ``on_train_begin`` (after a checkpoint's weights are
+loaded), on the weights of that moment: ``lam = strength / psi(w)``. It is
+saved with checkpoints (``trainer_state.json``, ``stateful_callbacks``), and a
+resumed run takes the saved lambda instead of resolving again on trained
+weights. The VAR term ``lam * psi`` of the last step goes into the Trainer's
+``log_history`` (key ``var_term``) at each logging step (one host read there).
+"""
+
+from __future__ import annotations
+
+import os
+
+from varprune.integrations import VarCallbackBase, grad_scale, refuse_sharded
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError("varprune.integrations.hf needs Hugging Face transformers: pip install 'varprune[hf]'") from e
+
+
+def _refuse(args, model) -> None:
+    env = os.environ
+    if getattr(args, "deepspeed", None) or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ValueError(
+            "VarCallback cannot run under DeepSpeed: the engine steps the optimizer inside backward and ZeRO "
+            "partitions the gradients, so there is no full gradient to add VAR's to before the step; "
+            "train with DDP or on one device"
+        )
+    if getattr(args, "fsdp", None) or env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ValueError(
+            "VarCallback cannot run under FSDP: parameters are sharded and VAR's per-layer variance needs "
+            "each layer whole; train with DDP or on one device"
+        )
+    refuse_sharded(model, "this sharding")
+
+
+def _saved_lam(state, name: str) -> float | None:
+    saved = (getattr(state, "stateful_callbacks", None) or {}).get(name)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    value = saved.get("attributes", {}).get("resolved_lam") if isinstance(saved, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+class VarCallback(VarCallbackBase, TrainerCallback, ExportableState):
+    """Add VAR's closed-form gradient before each optimizer step of a ``transformers.Trainer``.
+
+    ``VarCallback(strength=1.0)``: lambda = strength / psi(w) at the start of
+    training (``VarRegularizer.from_strength``); or ``VarCallback(lam=1e-6)``.
+    Exactly one of the two. ``r``, ``eps``: VAR's smoothing constants;
+    ``exclude``: weight names or patterns left out (as
+    ``prunable_weights(model, exclude)``). After training starts,
+    ``callback.reg`` is the :class:`~varprune.VarRegularizer` (``reg.lam``,
+    ``reg.psi_init``) and ``callback.last_value`` the last step's ``lam * psi``.
+    See the module docstring for where it sits relative to clipping,
+    accumulation and fp16, and why DeepSpeed and FSDP are refused.
+    """
+
+    def state(self) -> dict:
+        return {
+            "args": {"strength": self.strength, "lam": self.lam, "r": self.r, "eps": self.eps, "exclude": self.exclude},
+            "attributes": {"resolved_lam": self.resolved_lam},
+        }
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError("VarCallback: the Trainer passed no model to on_train_begin")
+        _refuse(args, model)
+        saved = _saved_lam(state, type(self).__name__) if state.global_step > 0 else None
+        self._resolve(model, saved)
+        self.last_value = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        inner = optimizer
+        while hasattr(inner, "optimizer") and hasattr(inner, "scaler"):  # accelerate's AcceleratedOptimizer
+            inner = inner.optimizer
+        device = self.reg.weights[0].device if self.reg is not None else None
+        self._step(grad_scale(getattr(optimizer, "scaler", None), inner, device))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.last_value is None or not state.log_history:
+            return
+        value = float(self.last_value)
+        state.log_history[-1]["var_term"] = value
+        if logs is not None:
+            logs["var_term"] = value
+
+
+__all__ = ["VarCallback"]

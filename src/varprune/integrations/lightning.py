@@ -1,0 +1,106 @@
+"""VAR in Lightning: ``Trainer(callbacks=[VarCallback(strength=1.0)])``.
+
+Where it sits (Lightning 2.6, read from the installed source). Each optimizer
+step runs ``Precision.optimizer_step``: the closure (forward, backward,
+``on_after_backward``; with ``accumulate_grad_batches=k`` the loss is divided
+by k and the step comes after the k-th batch), then
+
+1. with AMP fp16 (``MixedPrecision`` with a GradScaler): ``scaler.unscale_``,
+   except for optimizers that unscale inside their own ``step`` (fused Adam);
+2. ``_after_closure``: the callbacks' ``on_before_optimizer_step``
+   (**this callback adds VAR's gradient here**), the LightningModule's, then
+   gradient clipping (``gradient_clip_val``);
+3. the optimizer step (fp16: ``scaler.step``, skipped on overflow, and
+   ``scaler.update``).
+
+Hence VAR's gradient is clipped together with the loss's (as in a plain loop
+that clips ``loss + reg()``), it is added once per optimizer step with the
+full lambda onto the averaged accumulated gradient (the update of
+``mean loss + lam * psi``), and with fp16 it is added unscaled, or times the
+current scale where the optimizer unscales in ``step`` (the scaler's state
+says which). bf16 and 32-bit need nothing. DDP: every process adds the same
+gradient after the all-reduce. DeepSpeed, FSDP and ModelParallel strategies
+are refused: they shard parameters or gradients, and VAR's per-layer variance
+needs whole layers (DeepSpeed also owns the step). Several optimizers are
+refused: each step would add the whole model's VAR gradient.
+
+Lambda is resolved in ``on_train_start``, after a checkpoint (weights and
+this callback's state) is restored, on the weights of that moment; it is
+saved in checkpoints (``state_dict``), and a resumed run keeps it. The VAR
+term ``lam * psi`` is logged as ``var_term`` after each optimizer step
+(``pl_module.log``: a device tensor, no host read).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from varprune.integrations import VarCallbackBase, grad_scale, refuse_sharded
+
+try:
+    import lightning.pytorch as pl
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise ImportError("varprune.integrations.lightning needs Lightning: pip install 'varprune[lightning]'") from e
+
+_SHARDED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class VarCallback(VarCallbackBase, pl.Callback):
+    """Add VAR's closed-form gradient before each optimizer step of a Lightning ``Trainer``.
+
+    ``VarCallback(strength=1.0)``: lambda = strength / psi(w) on the
+    LightningModule's prunable weights when training starts; or
+    ``VarCallback(lam=1e-6)``. Exactly one of the two. ``r``, ``eps``, ``exclude``
+    as in :class:`varprune.VarRegularizer` and ``prunable_weights``. After the
+    start, ``callback.reg`` is the regularizer and ``callback.last_value`` the
+    last step's ``lam * psi``. See the module docstring for its place relative
+    to AMP unscaling, clipping and accumulation, and for what is refused.
+    """
+
+    def __init__(self, *args, log_term: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_term = log_term
+        self._restored_lam: float | None = None
+        self._stepped = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        kind = type(trainer.strategy).__name__
+        if kind in _SHARDED:
+            raise ValueError(
+                f"VarCallback cannot run under {kind}: it shards parameters or gradients (DeepSpeed also steps "
+                f"the optimizer itself), and VAR's per-layer variance needs each layer whole; use DDP or one device"
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"VarCallback supports one optimizer, not {len(trainer.optimizers)}: each step would add "
+                f"the whole model's VAR gradient; add VarRegularizer(...)() to your loss instead"
+            )
+        refuse_sharded(pl_module, type(trainer.strategy).__name__)
+        self._resolve(pl_module, self._restored_lam)
+        self._restored_lam = None
+        self.last_value = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        device = self.reg.weights[0].device if self.reg is not None else None
+        self._step(grad_scale(scaler, optimizer, device))
+        self._stepped = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.log_term and self._stepped and self.last_value is not None:
+            pl_module.log("var_term", self.last_value, on_step=True, on_epoch=False, prog_bar=False)
+        self._stepped = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resolved_lam": self.resolved_lam, "strength": self.strength, "lam": self.lam}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        value = state_dict.get("resolved_lam")
+        self._restored_lam = float(value) if isinstance(value, (int, float)) else None
+
+
+__all__ = ["VarCallback"]
