@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from varprune.cli import build_parser
+from varprune.commands.flags import from_args
 from varprune.data import DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx
-from varprune.engine.config import TrainConfig, from_args, load_run_config, problems
+from varprune.engine.config import TrainConfig, load_run_config, problems
 from varprune.engine.loop import _restore, _rng_state
 from varprune.engine.loop import check_checkpoint as _check_checkpoint
 from varprune.errors import RunError, UsageError

@@ -63,7 +63,7 @@ def test_model_options_change_the_architecture(name, options, expected):
 @pytest.mark.parametrize(
     "name,options,message",
     [
-        ("mlp", dict(width=0), "width must be an integer >= 1"),
+        ("mlp", dict(width=0), "width must be an integer in 1..65536"),
         ("vgg16_bn", dict(width=2.5), "width must be an integer"),
         ("vit_tiny", dict(dim=50, heads=3), r"dim \(50\) must be a multiple of heads \(3\)"),
         ("vit_tiny", dict(patch=40), "patch must be an integer in 1..16"),

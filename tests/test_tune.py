@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from varprune.cli import build_parser, main
-from varprune.engine.config import from_args, load_run_config
+from varprune.commands.flags import from_args
+from varprune.engine.config import load_run_config
 from varprune.engine.loop import load_data
 from varprune.engine.tune import default_rounds, schedule
 

@@ -16,7 +16,9 @@ MULTIPLE = {"unet": 4, "unet_resnet18": 8}
 def test_tasks_and_listing():
     assert list_models("segmentation") == ["unet", "unet_resnet18"]
     assert model_task("unet") == "segmentation" and model_task("resnet20") == "classification"
-    assert set(list_models("classification")) | set(list_models("segmentation")) == set(list_models())
+    from varprune.models.registry import TASKS
+
+    assert set().union(*(list_models(t) for t in TASKS)) == set(list_models())
     with pytest.raises(ModelError, match="unknown task 'detection'"):
         list_models("detection")
     with pytest.raises(ModelError, match="unknown model 'unet3d'"):
@@ -107,7 +109,7 @@ def test_options_are_forwarded_and_counted():
         ("unet", dict(widht=8), r"model 'unet' has no option widht; its options: width=16, depth=3, up='transpose'"),
         ("unet_resnet18", dict(depth=3), "model 'unet_resnet18' has no option depth"),
         ("resnet20", dict(width=8), "model 'resnet20' has no option width; its options: none"),
-        ("unet", dict(width=0), "width must be an integer >= 1; got 0"),
+        ("unet", dict(width=0), "width must be an integer in 1..4096; got 0"),
         ("unet", dict(depth=2.5), "depth must be an integer in 1..8"),
         ("unet", dict(up="nearest"), "up must be 'transpose' or 'bilinear'"),
     ],

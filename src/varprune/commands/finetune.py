@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from varprune.commands import common as c
-from varprune.engine.config import add_flags
+from varprune.commands.flags import add_flags
 from varprune.errors import UsageError
 
 
@@ -34,7 +34,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     import dataclasses
 
-    from varprune.engine.config import given_fields, load_run_config, read_resolved
+    from varprune.commands.flags import given_fields
+    from varprune.engine.config import load_run_config, read_resolved
     from varprune.engine.loop import train
 
     source = Path(args.run)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from varprune.commands import common as c
-from varprune.engine.config import add_flags
+from varprune.commands.flags import add_flags
 from varprune.errors import UsageError
 
 
@@ -38,8 +38,9 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from varprune.commands.flags import from_args, given_fields
     from varprune.engine import distributed
-    from varprune.engine.config import flag_of, from_args, given_fields, load_run_config
+    from varprune.engine.config import flag_of, load_run_config
     from varprune.engine.loop import train
     from varprune.engine.rundir import RunFolder
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from varprune.commands import common as c
-from varprune.engine.config import add_flags
+from varprune.commands.flags import add_flags
 from varprune.errors import UsageError
 
 
@@ -62,7 +62,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from varprune.engine.config import from_args, given_fields, unused_problems
+    from varprune.commands.flags import from_args, given_fields
+    from varprune.engine.config import unused_problems
     from varprune.engine.tune import run_tune
 
     given = given_fields(args)

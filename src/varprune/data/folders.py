@@ -424,7 +424,7 @@ def _read_cache(path: Path, listing: FileList, image_size: int, key: str) -> Fol
 def _write_cache(path: Path, data: FolderImageData, key: str) -> None:
     from safetensors.torch import save as st_save
 
-    from varprune.storage.checkpoint import atomic_write_bytes
+    from varprune.storage.files import atomic_write_bytes
 
     meta = {
         "format": CACHE_FORMAT,

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from varprune.data.base import DatasetError
-from varprune.storage.checkpoint import atomic_write_text
+from varprune.storage.files import atomic_write_text
 
 __all__ = [
     "CLS",

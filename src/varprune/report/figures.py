@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from varprune.report.tables import metric_of, metric_title
-from varprune.storage.checkpoint import atomic_write_bytes
+from varprune.storage.files import atomic_write_bytes
 
 
 def _figure():
