@@ -321,3 +321,15 @@ def test_sam_local_perturbs_with_each_process_gradient(tmp_path, fmnist_dir):
     alone = one_process(tmp_path / "alone", method="sam", epochs=1)
     with pytest.raises(AssertionError, match="max difference"):
         assert_close(load_file(tmp_path / "local" / "model.safetensors"), alone, rel=1e-3)
+
+
+def test_bad_input_is_exit_2_on_every_process_each_with_its_own_line(tmp_path, fmnist_dir):
+    """Both processes reach their own exit 2 (torchrun's SIGTERM to the slower one once the first has failed
+    must not turn it into 143), and their error lines are whole lines, never run into each other."""
+    for _ in range(3):  # a race: a few tries
+        r = torchrun(["train", "--out", str(tmp_path / "x"), "--epochs", "1", "--rho", "0.1", *TINY])
+        text = r.stdout + r.stderr
+        assert text.count("exitcode  : 2") == 2 and "exitcode  : 143" not in text, text[-3000:]
+        lines = [ln for ln in text.splitlines() if "error: --rho does nothing" in ln]
+        assert len(lines) == 2 and all(ln.startswith(("varprune: error", "varprune[rank 1]: error")) for ln in lines)
+        assert not (tmp_path / "x").exists()

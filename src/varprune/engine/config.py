@@ -504,6 +504,13 @@ def load_run_config(run: Path) -> TrainConfig:
                 f"{run} was interrupted before its configuration was written, so nothing can be "
                 f"resumed; start it again with `varprune train --out {run} ...`"
             ) from None
+        if (run / "study.json").is_file():
+            raise RunError(
+                f"{run} is a study folder, not a run: its runs are in {run / 'runs'} (the study prunes "
+                f"them itself; `varprune report {run}` prints its table)"
+            ) from None
+        if (run / "tune.json").is_file():
+            raise RunError(f"{run} is a tuning folder, not a run: its runs are in {run / 'candidates'}") from None
         raise RunError(
             f"{run} is not a varprune run folder (no config.json); train one with `varprune train --out {run} ...`"
         ) from None

@@ -229,6 +229,9 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
     except ModelError as e:  # an option out of its range: say which flag set it
         option = str(e).split(" ", 1)[0]
         raise RunError(f"--model-arg {e}" if option in cfg.model_args else str(e)) from None
+    if cfg.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return (f"--batch-size {cfg.batch_size}: {cfg.model} has BatchNorm, which cannot normalise a batch of one; "
+                f"use --batch-size 2 or more")
     on_device = data_bytes if device.type != "cpu" else 0
     est = memory.estimate(model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device)
     return memory.fits_problem(

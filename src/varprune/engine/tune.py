@@ -135,7 +135,8 @@ def train_command(cfg: TrainConfig, out: str | Path) -> str:
     words = ["varprune", "train"]
     for name, f in FIELDS.items():
         value, usual = getattr(cfg, name), getattr(default, name)
-        if not f.metadata["flag"] or value == usual or value is None:
+        # the optimizer itself is always said when it is not the default: the defaults compared against are its own
+        if not f.metadata["flag"] or value is None or (value == usual and not (name == "optimizer" and value != "sgd")):
             continue
         flag = flag_of(name)
         if isinstance(value, bool):

@@ -61,6 +61,15 @@ def read_prune_json(run: Path, allow_stale: bool = False) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if (run / "study.json").is_file():
+            raise RunError(
+                f"{run} is a study folder: `varprune report {run}` reports it (its runs are in {run / 'runs'})"
+            ) from None
+        if (run / "tune.json").is_file():
+            raise RunError(
+                f"{run} is a tuning folder, not a run: its runs are in {run / 'candidates'}; "
+                f"`varprune report RUN` takes those"
+            ) from None
         raise RunError(f"{path} not found: run `varprune prune {run}` first") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RunError(

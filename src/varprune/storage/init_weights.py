@@ -89,12 +89,22 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     except OSError as e:
         raise InitWeightsError(f"cannot read initial weights {path}: {e.strerror or e}") from None
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or a legacy pickle
+        import pickle
+        import warnings
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refusals, truncation: one line
+            with warnings.catch_warnings():  # torch's own advice (to load unsafely) is not ours to print
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refused an object: say so in varprune's words
             raise InitWeightsError(
-                f"{path} is not a loadable PyTorch weights file ({_short(e)}); "
-                f"only tensors and plain containers are read (weights_only=True)"
+                f"{path} holds Python objects, not only tensors (a pickled model or optimizer?); varprune reads "
+                f"weights without executing code: save model.state_dict() with torch.save, or use safetensors"
+            ) from None
+        except Exception:  # truncated or damaged archives, and anything else torch refuses
+            raise InitWeightsError(
+                f"{path} is not a readable PyTorch weights file (truncated or damaged?); save model.state_dict() "
+                f"with torch.save again, or use safetensors"
             ) from None
         state, container = _unnest(obj, path)
         return state, "torch", container
