@@ -102,6 +102,10 @@ def _interrupted(argv, e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    """Run one command; return its exit code. As the program (``argv`` None), varprune's SIGTERM handler stays
+    until the process ends, so a SIGTERM after the command has ended (torchrun stopping the other processes once
+    one failed) keeps the exit code; called in-process with ``argv``, the caller's handler comes back."""
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["doctor"]:  # before anything that imports torch
         return _doctor_only(argv)
@@ -123,11 +127,11 @@ def main(argv=None) -> int:
         code = args.func(args)
         return code
     except Terminated as e:
-        code = EXIT_TERMINATED
+        code = _ended["code"] = EXIT_TERMINATED
         _say(f"{who}: terminated (SIGTERM); {_interrupted(argv, e)}")
         return code
     except KeyboardInterrupt as e:
-        code = EXIT_INTERRUPTED
+        code = _ended["code"] = EXIT_INTERRUPTED
         _say(f"{who}: interrupted; {_interrupted(argv, e)}")
         return code
     except (ValueError, NonFiniteError, OSError, MemoryError, RuntimeError) as e:
@@ -135,6 +139,7 @@ def main(argv=None) -> int:
             code = exit_code(e)
         except TypeError:
             raise e from None  # a bug: the traceback is what a bug report needs
+        _ended["code"] = code  # from here a SIGTERM keeps this code (see _on_sigterm)
         note = kept_note(e)
         extra = f"; {note}" if note and code == EXIT_SYSTEM else ""
         _say(f"{who}: error: {one_line(e)}{extra}")
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
         try:
             distributed.shutdown()
         finally:
-            if previous is not None:
+            if previous is not None and not program:
                 signal.signal(signal.SIGTERM, previous)
 
 
