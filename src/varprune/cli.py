@@ -102,9 +102,9 @@ def _interrupted(argv, e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    """Run one command; return its exit code. As the program (``argv`` None), varprune's SIGTERM handler stays
-    until the process ends, so a SIGTERM after the command has ended (torchrun stopping the other processes once
-    one failed) keeps the exit code; called in-process with ``argv``, the caller's handler comes back."""
+    """Run one command; return its exit code. As the program (``argv`` None), a SIGTERM after the command has
+    ended (torchrun stopping the other processes once one failed) does not change the exit code; called
+    in-process with ``argv``, the caller's handler comes back."""
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["doctor"]:  # before anything that imports torch
@@ -151,6 +151,10 @@ def main(argv=None) -> int:
         finally:
             if previous is not None and not program:
                 signal.signal(signal.SIGTERM, previous)
+            elif previous is not None:
+                # Python's finalisation puts a Python handler back to the default (a late SIGTERM would kill the
+                # process by the signal), but leaves "ignore" alone: the command has ended, its code stands
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _doctor_only(argv) -> int:
