@@ -151,7 +151,8 @@ def step_times(name: str, spec: dict, data, args, device) -> dict:
 
 def train_curves(name: str, spec: dict, args, out: Path) -> dict:
     """Train each variant with `varprune train` (the library), then its pruning sweep with BNT."""
-    from varprune.engine.sweep import ensure_run, prune_runs
+    from varprune.engine.sweep import prune_runs
+    from varprune.engine.trained import ensure_run
     from varprune.report.tables import sweep_table
 
     runs = []

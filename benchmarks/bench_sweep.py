@@ -40,7 +40,7 @@ import torch
 
 from varprune.data import DeviceLoader, load_dataset, subset
 from varprune.engine.sweep import DEFAULT_SPARSITIES, prune_sweep
-from varprune.engine.sweep import bnt_inputs as bnt_batches
+from varprune.engine.trained import bnt_inputs as bnt_batches
 from varprune.tasks import Classification
 
 TASK = Classification(10)

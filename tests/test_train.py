@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from varprune import prune_magnitude, recalibrate_bn
 from varprune.engine.config import TrainConfig
 from varprune.engine.loop import build_model, load_data, lr_factor, train
-from varprune.engine.sweep import bnt_inputs
+from varprune.engine.trained import bnt_inputs
 from varprune.storage.checkpoint import load_weights
 from varprune.tasks import Classification
 

@@ -84,7 +84,7 @@ def mask_problems(args) -> list[str]:
 
 
 def bnt_problems(args) -> list[str]:
-    from varprune.engine.sweep import bnt_problems as problems
+    from varprune.engine.trained import bnt_problems as problems
 
     return problems(args.bnt_batches, args.bnt_batch_size)
 
@@ -104,16 +104,40 @@ def say_on_main(text: str) -> None:
         print(text)
 
 
-def meta_model(cfg):
-    """The run's model on the meta device (shapes and names, no memory)."""
+def meta_model(cfg, run=None):
+    """The run's model on the meta device (shapes and names, no memory); a text run's sizes come from the
+    tokenizer recorded in RUN/config.json."""
+    import dataclasses
+    from types import SimpleNamespace
+
     import torch
 
     from varprune.data import dataset_info
+    from varprune.engine.config import read_resolved
+    from varprune.engine.runs import model_arguments
     from varprune.models import create_model
 
     info = dataset_info(cfg.dataset)
+    resolved = read_resolved(run) if run is not None else {}
+    info = dataclasses.replace(
+        info,
+        channels=info.channels or 1,
+        num_classes=resolved.get("num_classes") or info.num_classes or 2,
+        size=info.size or 32,
+    )
+    tok = resolved.get("tokenizer")
+    tokenizer = (
+        SimpleNamespace(vocab_size=tok["vocab_size"], pad_id=tok.get("pad_id"))
+        if isinstance(tok, dict)
+        else (
+            SimpleNamespace(vocab_size=cfg.vocab_size, pad_id=0)
+            if info.task in ("language-modeling", "text-classification")
+            else None
+        )
+    )
+    args, kwargs = model_arguments(cfg, info, tokenizer)
     with torch.device("meta"):
-        return create_model(cfg.model, info.channels or 1, info.num_classes or 2, info.size or 32, **cfg.model_args)
+        return create_model(cfg.model, *args, **kwargs)
 
 
 def epilog() -> str:
@@ -163,11 +187,51 @@ def add_bnt_flags(p) -> None:
     p.add_argument("--bnt-batch-size", type=int, default=500, help="BN re-tuning batch size (default 500)")
 
 
+def add_calibration_flags(p) -> None:
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=128,
+        help="Wanda and SparseGPT: calibration inputs drawn with a fixed seed from the training split "
+        "(windows of tokens, or images), never the test split (default 128, the references')",
+    )
+    p.add_argument(
+        "--calib-seq-len",
+        type=int,
+        help="Wanda and SparseGPT on text: tokens per calibration window (default: the run's --seq-len)",
+    )
+
+
 def add_mask_flags(p) -> None:
-    """One pruning setting (export, finetune): --sparsity or --pattern, and --scope."""
+    """One pruning setting (export, finetune): --sparsity or --pattern, --scope, and the pruner."""
     p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
     add_scope_flag(p)
+    p.add_argument(
+        "--pruner",
+        default="magnitude",
+        choices=("magnitude", "wanda", "sparsegpt"),
+        help="magnitude (default: global or layer-wise by --scope), or a calibrated one-shot pruner: "
+        "wanda (|W| x ||X||, per output row) or sparsegpt (OBS updates from calibration inputs)",
+    )
+    add_calibration_flags(p)
+
+
+def sweep_spec(args, pruners=None):
+    """The SweepSpec of a command's sweep flags (engine/sweep.py); its problems are checked by the caller."""
+    from varprune.engine.sweep import SweepSpec
+
+    return SweepSpec(
+        sparsities=tuple(args.sparsities),
+        patterns=tuple(args.patterns),
+        pruners=tuple(pruners if pruners is not None else names(args.pruners)),
+        scope=args.scope,
+        exclude=tuple(names(getattr(args, "exclude", None) or "")),
+        bnt_batches=args.bnt_batches,
+        bnt_batch_size=args.bnt_batch_size,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+    )
 
 
 def add_sweep_flags(p) -> None:
@@ -187,3 +251,10 @@ def add_sweep_flags(p) -> None:
     )
     add_scope_flag(p)
     add_bnt_flags(p)
+    p.add_argument(
+        "--pruners",
+        default="magnitude",
+        help="comma-separated one-shot pruners, each swept over every setting: magnitude (default), "
+        "wanda, sparsegpt (the calibrated pruners of the LLM literature; work on image models too)",
+    )
+    add_calibration_flags(p)

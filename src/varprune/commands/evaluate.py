@@ -29,10 +29,19 @@ def run(args) -> int:
     if found:
         raise UsageError("; ".join(found))
     metrics = evaluate_file(Path(args.file), args.data_dir, args.device)
+    from varprune.report.tables import METRICS, metric_info
+
     m = metrics.pop("metric")
+
+    def shown(k, v):
+        info = metric_info(k)
+        return f"{k}: {info.fmt(v)}{'%' if info.percent else ''}"
+
     print(
-        f"{m}: {100 * metrics[m]:.2f}%"
-        + "".join(f"  {k}: {100 * v:.2f}%" for k, v in metrics.items() if k != m and isinstance(v, float))
+        "  ".join(
+            [shown(m, metrics[m])]
+            + [shown(k, v) for k, v in metrics.items() if k != m and k in METRICS and isinstance(v, float)]
+        )
     )
     if args.json:
         print(json.dumps(metrics | {"metric": m}))

@@ -18,7 +18,17 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "load it with varprune.load_pruned). No pickle.",
     )
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--out", required=True, help="the file to write (.safetensors)")
+    p.add_argument(
+        "--out", required=True, help="the file to write (.safetensors), or with --format hf the model folder to create"
+    )
+    p.add_argument(
+        "--format",
+        choices=("varprune", "hf"),
+        default="varprune",
+        help="varprune: one compressed file (bit masks + kept values; varprune.load_pruned); hf: a "
+        "Hugging Face model folder with the pruned weights as zeros and the tokenizer, which "
+        "AutoModelForCausalLM.from_pretrained, lm-eval-harness or vLLM load (transformers models)",
+    )
     c.add_mask_flags(p)
     p.add_argument("--exclude", help="comma-separated parameter names or patterns not to prune")
     p.add_argument(
@@ -42,6 +52,8 @@ def run(args) -> int:
     if found:
         raise UsageError("; ".join(found))
     found = c.mask_problems(args) + c.bnt_problems(args) + c.device_problem(args.device)
+    if args.pruner != "magnitude" and not 1 <= args.calib_samples <= 1 << 20:
+        found.append(f"--calib-samples must be in [1, 1048576], got {args.calib_samples}")
     if found:
         raise UsageError("; ".join(found))
     export_run(
@@ -57,5 +69,9 @@ def run(args) -> int:
         args.device,
         args.data_dir,
         overwrite=args.overwrite,
+        pruner=args.pruner,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        format=args.format,
     )
     return 0

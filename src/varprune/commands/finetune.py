@@ -64,6 +64,9 @@ def run(args) -> int:
         finetune_sparsity=args.sparsity,
         finetune_pattern=args.pattern,
         finetune_scope=args.scope,
+        finetune_pruner=args.pruner,
+        finetune_calib_samples=args.calib_samples,
+        finetune_calib_seq_len=args.calib_seq_len,
         init=None,
         init_exclude=None,
     )  # RUN's weights, not --init

@@ -56,7 +56,8 @@ def run(args) -> int:
         raise UsageError("; ".join(found))
     if args.list_weights:
         return _list_weights(runs, c.names(args.exclude or ""))
-    found = c.bnt_problems(args) + c.device_problem(args.device)
+    spec = c.sweep_spec(args)
+    found = spec.problems() + c.device_problem(args.device)
     if len(set(map(str, runs))) != len(runs):
         found.append("a RUN is named twice")
     configs, more = check_runs(runs, args.data_dir)
@@ -66,21 +67,10 @@ def run(args) -> int:
         args.plot or ("prune_comparison.png" if len(runs) > 1 else None), "--plot", args.overwrite, "png"
     )
     if exclude and not found:
-        found += _exclude_problems(configs, exclude)
+        found += _exclude_problems(configs, exclude, runs)
     if found:  # every problem at once, before any work
         raise UsageError("; ".join(found))
-    rows = prune_runs(
-        runs,
-        args.sparsities,
-        args.scope,
-        exclude,
-        args.bnt_batches,
-        args.bnt_batch_size,
-        args.data_dir,
-        args.device,
-        reuse=not args.force,
-        patterns=args.patterns,
-    )
+    rows = prune_runs(runs, spec, args.data_dir, args.device, reuse=not args.force)
     print(sweep_table(rows))
     if plot is not None:
         sweep_plot(rows, plot)
@@ -95,7 +85,7 @@ def _list_weights(runs, exclude) -> int:
 
     for run in runs:
         cfg = load_run_config(run)
-        model = c.meta_model(cfg)
+        model = c.meta_model(cfg, run)
         shapes = dict(model.named_parameters())
         kept = {n for n, _ in prunable_weights(model, exclude)}  # a pattern matching nothing is refused here
         if len(runs) > 1:
@@ -108,12 +98,12 @@ def _list_weights(runs, exclude) -> int:
     return 0
 
 
-def _exclude_problems(configs, exclude) -> list[str]:
+def _exclude_problems(configs, exclude, runs) -> list[str]:
     """An --exclude pattern that matches no prunable weight of some run is a typo, not a choice."""
     from varprune.numerics.weights import prunable_weights
 
-    for cfg in configs:
-        model = c.meta_model(cfg)
+    for cfg, run in zip(configs, runs):
+        model = c.meta_model(cfg, run)
         try:
             prunable_weights(model, exclude)
         except ValueError as e:

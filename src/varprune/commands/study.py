@@ -21,7 +21,15 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--methods", default="sgd,var", help="comma-separated methods (default sgd,var)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated seeds (default 0,1,2: three, for intervals and paired tests; with two the "
+        "intervals are wide, with one there are none)",
+    )
+    p.add_argument(
+        "--baseline", help="the method every other is compared with, seed by seed (default: the first of --methods)"
+    )
     c.add_sweep_flags(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -51,18 +59,19 @@ def run(args) -> int:
             break
     if found:
         raise UsageError("; ".join(found))
+    spec = c.sweep_spec(args)
+    found += spec.problems()
+    if found:
+        raise UsageError("; ".join(found))
     run_study(
         Path(args.out),
         base,
         c.names(args.methods),
         seeds,
-        args.sparsities,
-        args.scope,
-        args.bnt_batches,
-        args.bnt_batch_size,
+        spec,
         progress=not args.quiet,
         analysis=not args.no_analysis,
-        patterns=args.patterns,
         overwrite=args.overwrite,
+        baseline=args.baseline,
     )
     return 0

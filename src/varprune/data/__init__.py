@@ -4,6 +4,8 @@
 * vision.py     torchvision layouts: MNIST, Fashion-MNIST, CIFAR-10/100, SVHN
 * folders.py    image folders (ImageFolder, Tiny ImageNet), decoded once and cached; streaming.py when too big
 * segmentation.py   segmentation sets: volumes.py (MSD, Colin27), segfolder.py (image/mask folders)
+* text.py       text: plain text and WikiText, JSONL classification, fortunes (a demonstration corpus);
+                tokenizer.py (byte-level BPE, or a model folder's), tokens.py (token streams and loaders)
 * registry.py   name -> family; ``load_dataset``, ``locate_dataset``
 * loader.py     DeviceLoader (data on the device), fixed subsets and validation splits
 
@@ -21,6 +23,16 @@ from varprune.data.registry import (
     load_dataset,
     locate_dataset,
 )
+from varprune.data.text import TextCorpus, TextSplit
+from varprune.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
+from varprune.data.tokens import (
+    TokenExampleLoader,
+    TokenizedText,
+    TokenWindowLoader,
+    calibration_inputs,
+    text_loader,
+    tokenize,
+)
 from varprune.data.vision import DEBIAN_FASHION_MNIST, parse_cifar_batch, parse_idx, read_idx
 
 __all__ = [
@@ -33,10 +45,18 @@ __all__ = [
     "DatasetLocation",
     "DeviceLoader",
     "ImageData",
+    "TextCorpus",
+    "TextSplit",
+    "TextTokenizer",
+    "TokenExampleLoader",
+    "TokenWindowLoader",
+    "TokenizedText",
+    "calibration_inputs",
     "dataset_info",
     "default_data_dir",
     "list_datasets",
     "load_dataset",
+    "load_tokenizer",
     "locate_dataset",
     "parse_cifar_batch",
     "parse_idx",
@@ -44,5 +64,8 @@ __all__ = [
     "resize_images",
     "share",
     "subset",
+    "text_loader",
+    "tokenize",
+    "train_tokenizer",
     "validation_indices",
 ]

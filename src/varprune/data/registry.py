@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from varprune.data import folders, segmentation, vision
+from varprune.data import folders, segmentation, text, vision
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
+from varprune.data.text import TextCorpus
 
-FAMILIES = (vision, folders, segmentation)
+FAMILIES = (vision, folders, segmentation, text)
 DATASETS: dict[str, DatasetInfo] = {name: info for family in FAMILIES for name, info in family.DATASETS.items()}
 _FAMILY_OF = {name: family for family in FAMILIES for name in family.DATASETS}
 FOLDER_SETS = tuple(folders.DATASETS)
@@ -55,8 +56,8 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     need_test: bool = True,
-) -> ImageData:
-    """Load a whole dataset as uint8 tensors on the CPU.
+) -> ImageData | TextCorpus:
+    """Load a whole dataset on the CPU: images as uint8 tensors (ImageData), text as a TextCorpus.
 
     Without ``data_dir``, the offline defaults are read from their Debian packages (Fashion-MNIST from
     ``dataset-fashion-mnist``, Colin27 from ``mricron-data``) and the others from ``$VARPRUNE_DATA`` or

@@ -255,3 +255,15 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
         if not isinstance(config, dict):
             raise DatasetError(f"{config_path} is not a JSON object; copy the model folder again")
     return TextTokenizer(tok, _pad_id(tok, text, config), str(path))
+
+
+def tokenizer_from_json(text: str, pad_id: int | None, source: str) -> TextTokenizer:
+    """A tokenizer from its JSON text (an exported model's file carries it); one-line DatasetError if it does
+    not parse."""
+    from tokenizers import Tokenizer
+
+    try:
+        return TextTokenizer(Tokenizer.from_str(text), pad_id, source)
+    except Exception as e:  # tokenizers raises a bare Exception for any malformed text
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise DatasetError(f"the tokenizer of {source} does not parse ({reason}); export the model again") from None

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from varprune.engine.rundir import read_metrics
-from varprune.engine.sweep import bnt_problems, check_runs, load_trained, run_label
+from varprune.engine.sweep import check_runs, load_trained, run_label
+from varprune.engine.trained import bnt_problems
 from varprune.errors import RunError, UsageError
 from varprune.numerics.hessian import hessian_top_eigenvalue, loss_profile
 from varprune.numerics.pruning import recalibrate_bn

@@ -83,6 +83,13 @@ def _methods():
     return list(METHODS)
 
 
+def _is_text(dataset) -> bool:
+    from varprune.data import DATASETS
+
+    info = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    return info is not None and info.task in ("language-modeling", "text-classification")
+
+
 def _device_check(value):
     if value == "auto":
         return None
@@ -113,7 +120,10 @@ class TrainConfig:
 
     dataset: str = setting("fashion-mnist", "dataset, see `varprune doctor`", check=_one_of(_datasets, "dataset"))
     model: str = setting(
-        "resnet18", "a registered model (see below) or timm:NAME", check=_one_of(_models, "model", ("timm:",))
+        "resnet18",
+        "a registered model (see below), timm:NAME, or hf:DIR (a local Hugging Face model folder; nothing is "
+        "downloaded)",
+        check=_one_of(_models, "model", ("timm:", "hf:")),
     )
     model_args: dict = setting(
         {}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)", metavar="KEY=VALUE"
@@ -143,9 +153,10 @@ class TrainConfig:
         lo=1,
         hi=1 << 20,
     )
-    optimizer: str = setting(
-        "sgd",
-        "base optimizer: sgd (nesterov momentum) or adamw; the SAM-type methods wrap it",
+    optimizer: str = setting(  # type: ignore[assignment]  # None until __post_init__ resolves it
+        None,
+        "base optimizer: sgd (nesterov momentum) or adamw (default: sgd for images, adamw for text, as each is "
+        "trained); the SAM-type methods wrap it",
         check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} (choose from sgd, adamw)",
     )
     lr: float | None = setting(
@@ -226,6 +237,24 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
     augment: bool = setting(True, "random crop and flip (applied to image and mask alike)")
+    grad_clip: float | None = setting(
+        None,
+        "clip the gradient's global norm to this before each step, 0 for none (default: 1.0 for text models, as "
+        "transformers are trained; none for images)",
+        lo=0,
+        hi=1e6,
+    )
+    # text (language modeling, text classification)
+    seq_len: int = setting(
+        128, "text: tokens per window (language modeling) or per example (classification)", lo=2, hi=1 << 16
+    )
+    vocab_size: int = setting(
+        4096,
+        "text: vocabulary of the byte-level BPE trained on the training split (a --model hf:DIR brings its own "
+        "tokenizer)",
+        lo=259,
+        hi=1 << 20,
+    )
     # data parallel (torchrun); no effect in one process
     sync_bn: bool = setting(
         False,
@@ -247,6 +276,18 @@ class TrainConfig:
         "global or layerwise",
         flag=False,
         check=lambda v: None if v in ("global", "layerwise") else f"must be global or layerwise, got {short(v)}",
+    )
+    finetune_pruner: str = setting(
+        "magnitude",
+        "the one-shot pruner of the fixed mask: magnitude, wanda or sparsegpt",
+        flag=False,
+        check=lambda v: None if v in ("magnitude", "wanda", "sparsegpt") else f"unknown pruner {short(v)}",
+    )
+    finetune_calib_samples: int = setting(
+        128, "calibration inputs of wanda and sparsegpt", lo=1, hi=1 << 20, flag=False
+    )
+    finetune_calib_seq_len: int | None = setting(
+        None, "tokens per calibration window (default: --seq-len)", lo=2, hi=1 << 16, flag=False
     )
 
     @classmethod
@@ -270,7 +311,12 @@ class TrainConfig:
         return cls(**values)
 
     def __post_init__(self):
-        # defaults that depend on the base optimizer: written out resolved, so config.json says what ran
+        # defaults that depend on the task and the base optimizer: written out resolved, so config.json says what ran
+        text = _is_text(self.dataset)
+        if self.optimizer is None:
+            self.optimizer = "adamw" if text else "sgd"
+        if self.grad_clip is None:
+            self.grad_clip = 1.0 if text else 0.0
         adamw = self.optimizer == "adamw"
         if self.lr is None:
             self.lr = 1e-3 if adamw else 0.1
@@ -389,17 +435,24 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
 def _task_problems(cfg: TrainConfig) -> list[str]:
     """The model against the dataset's task, its options, and the --init file."""
     from varprune.data import dataset_info
-    from varprune.models import list_models, model_options, model_task
+    from varprune.models import list_models, model_options
+    from varprune.models.registry import model_tasks
 
     found = []
     want = dataset_info(cfg.dataset).task
-    have = model_task(cfg.model)
-    if have != want:
+    if cfg.model.startswith("hf:"):
+        from varprune.models.hf import hf_folder_problem
+
+        problem = hf_folder_problem(cfg.model, want)
+        if problem:
+            return [problem]
+    have = model_tasks(cfg.model)
+    if want not in have:
         found.append(
-            f"--model {cfg.model} is a {have} model but --dataset {cfg.dataset} is a {want} task; "
+            f"--model {cfg.model} is a {' or '.join(have)} model but --dataset {cfg.dataset} is a {want} task; "
             f"{want} models: {', '.join(list_models(want))}"
         )
-    if cfg.model_args and not cfg.model.startswith("timm:"):
+    if cfg.model_args and not cfg.model.startswith(("timm:", "hf:")):
         known = model_options(cfg.model)
         unknown = sorted(set(cfg.model_args) - set(known))
         if unknown:

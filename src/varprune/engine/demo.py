@@ -17,7 +17,8 @@ import torch
 
 from varprune.device import describe_device, resolve_device
 from varprune.engine.config import TrainConfig
-from varprune.engine.sweep import ensure_run, prune_runs
+from varprune.engine.sweep import prune_runs
+from varprune.engine.trained import ensure_run
 from varprune.storage.files import OutputFolder
 
 SIZES = {

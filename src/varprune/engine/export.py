@@ -23,9 +23,12 @@ import torch
 from varprune.device import autocast
 from varprune.engine.config import TrainConfig
 from varprune.engine.rundir import WEIGHTS
-from varprune.engine.sweep import check_runs, load_trained
+from varprune.engine.runs import model_arguments
+from varprune.engine.trained import check_runs, load_trained
 from varprune.errors import RunError
-from varprune.numerics.pruning import apply_masks_, pattern_masks, recalibrate_bn
+from varprune.numerics.pruners import prune_once
+from varprune.numerics.pruning import recalibrate_bn
+from varprune.report.tables import metric_info
 from varprune.storage.files import check_output_file, file_digest
 from varprune.storage.pruned_format import load_pruned, pruned_is_ours, read_pruned_metadata, save_pruned
 
@@ -44,6 +47,10 @@ def export_run(
     data_dir: str | None = None,
     log=print,
     overwrite: bool = False,
+    pruner: str = "magnitude",
+    calib_samples: int = 128,
+    calib_seq_len: int | None = None,
+    format: str = "varprune",
 ) -> dict:
     """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata.
 
@@ -51,31 +58,52 @@ def export_run(
     write unless ``overwrite``, never a folder, device, FIFO or link.
     """
     configs, found = check_runs([run], data_dir)
-    try:
-        check_output_file(out, "--out", overwrite, ours=pruned_is_ours)
-    except RunError as e:
-        found.append(str(e))
+    if format not in ("varprune", "hf"):
+        found.append(f"--format {format}: choose varprune (compressed, one file) or hf (a Hugging Face model folder)")
+    elif format == "hf":
+        from varprune.storage.files import non_regular
+
+        if (
+            configs[0] is not None
+            and configs[0].model not in ("gpt2", "llama", "bert")
+            and not configs[0].model.startswith("hf:")
+        ):
+            found.append(
+                f"--format hf writes a Hugging Face model folder: {configs[0].model} is not a transformers "
+                f"model (gpt2, llama, bert, hf:DIR); use the default --format varprune"
+            )
+        if Path(out).exists() or non_regular(out):
+            found.append(
+                f"--out {out} exists; varprune writes a Hugging Face model folder only where there is none: "
+                f"remove it or choose another"
+            )
+        elif not Path(out).parent.is_dir():
+            found.append(f"--out {out}: folder {Path(out).parent} does not exist; create it first")
+    else:
+        try:
+            check_output_file(out, "--out", overwrite, ours=pruned_is_ours)
+        except RunError as e:
+            found.append(str(e))
     if found:
         raise RunError("; ".join(found))
     t = load_trained(run, configs[0], device)
     info = t.data.data.info
     model = t.model
-    masks, skipped = pattern_masks(model, sparsity, pattern, scope, exclude)
-    apply_masks_(model.named_parameters(), masks)
+    calibration = t.calibration(calib_samples, calib_seq_len) if pruner != "magnitude" else None
+    setting = pattern if pattern != "unstructured" else sparsity
+    if setting is None:
+        raise RunError("unstructured pruning needs a sparsity (--sparsity)")
+    masks, skipped, fallback = prune_once(model, pruner, setting, scope, exclude, calibration)
     bnt = t.bnt(bnt_batches, bnt_batch_size)
     if bnt:
         with autocast(bnt[0].device, t.amp):
             recalibrate_bn(model, bnt)
     metrics = t.task.evaluate(model, t.data.test_loader, t.amp)
     cfg = t.cfg.to_dict()
+    args, kwargs = model_arguments(t.cfg, info, t.data.tokenizer)
     meta = {
         "model": t.cfg.model,
-        "model_args": {
-            "in_channels": info.channels,
-            "num_classes": info.num_classes,
-            "image_size": info.size,
-            **t.cfg.model_args,
-        },
+        "model_args": {"in_channels": args[0], "num_classes": args[1], "image_size": args[2], **kwargs},
         "dataset": {
             "name": t.cfg.dataset,
             "task": info.task,
@@ -84,6 +112,8 @@ def export_run(
             "class_names": list(info.class_names),
         },
         "pattern": pattern if pattern != "unstructured" else f"unstructured {scope} {sparsity:g}",
+        "pruner": pruner,
+        "dense_fallback": json.dumps(fallback),
         "sparsity": json.dumps(sparsity),
         "scope": scope,
         "exclude": json.dumps(list(exclude)),
@@ -95,11 +125,40 @@ def export_run(
         "source_run": str(run),
         "source_weights_sha256": file_digest(run / WEIGHTS),
     }
+    if t.data.tokenizer is not None:  # a text model's file carries its tokenizer: evaluate needs nothing else
+        meta["tokenizer_json"] = t.data.tokenizer.to_json()
+        meta["tokenizer_pad_id"] = json.dumps(t.data.tokenizer.pad_id)
+    shown = metric_info(t.task.primary)
+    measured = f"{t.task.primary} {shown.fmt(metrics[t.task.primary])}{'%' if shown.percent else ''}" + (
+        " after BN re-tuning" if bnt else ""
+    )
+    if format == "hf":  # pruned weights as zeros in a folder that transformers, lm-eval and vLLM load
+        from varprune.storage.hf_folder import read_hf_metadata, save_hf_folder
+
+        strings = {
+            k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+            for k, v in meta.items()
+            if k not in ("tokenizer_json", "tokenizer_pad_id")
+        }
+        tokenizer = t.data.tokenizer.to_json() if t.data.tokenizer else None
+        if tokenizer is not None and info.task == "language-modeling":
+            # a causal LM's text is encoded without special tokens (the perplexity protocol): the folder's
+            # tokenizer must not add the classifier's <cls> when lm-eval or vLLM encode with it
+            doc = json.loads(tokenizer)
+            doc["post_processor"] = None
+            tokenizer = json.dumps(doc)
+        save_hf_folder(
+            model.cpu(),
+            out,
+            tokenizer_json=tokenizer,
+            metadata={"varprune_" + k: v for k, v in strings.items()},
+        )
+        log(f"wrote the Hugging Face model folder {out}: {measured}")
+        return read_hf_metadata(out)
     save_pruned(out, model.cpu(), {n: m.cpu() for n, m in masks.items()}, meta, values=values)
     log(
-        f"wrote {out} ({out.stat().st_size:,} bytes; model.safetensors is "
-        f"{(run / WEIGHTS).stat().st_size:,}): {t.task.primary} {100 * metrics[t.task.primary]:.2f}% "
-        f"after BN re-tuning"
+        f"wrote {out} ({out.stat().st_size:,} bytes; model.safetensors is {(run / WEIGHTS).stat().st_size:,}): "
+        f"{measured}"
     )
     return read_pruned_metadata(out)
 
@@ -121,7 +180,14 @@ def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto")
         cfg.data_dir = data_dir
     dev = resolve_device(device)
     cfg.device = str(dev)
-    data = load_data(cfg, dev)
+    tokenizer = None
+    if "tokenizer_json" in meta:
+        from varprune.data.tokenizer import tokenizer_from_json
+
+        tokenizer = tokenizer_from_json(
+            meta["tokenizer_json"], json.loads(meta.get("tokenizer_pad_id", "null")), str(path)
+        )
+    data = load_data(cfg, dev, tokenizer=tokenizer)
     recorded = meta.get("dataset")
     if isinstance(recorded, dict):
         check_same_data(

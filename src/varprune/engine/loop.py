@@ -32,7 +32,7 @@ from varprune.engine import distributed
 from varprune.engine.config import TrainConfig, problems, read_resolved, unused_problems
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
-from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, WEIGHTS, RunFolder
+from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, TOKENIZER, WEIGHTS, RunFolder
 from varprune.engine.runs import (
     build_model,
     check_same_data,
@@ -44,6 +44,7 @@ from varprune.engine.runs import (
 from varprune.engine.step import lr_factor, make_train_step
 from varprune.errors import NonFiniteError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
+from varprune.report.tables import metric_info
 from varprune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
 from varprune.storage.files import atomic_write_text
 
@@ -77,21 +78,27 @@ class _Progress:
             self.bar.close()
 
 
-def _finetune_start(cfg: TrainConfig, model, log):
-    """Load the source run's final weights, prune them one-shot (the sweep's masks), and keep the mask."""
+def _finetune_start(cfg: TrainConfig, model, log, run=None):
+    """Load the source run's final weights, prune them one-shot (the sweep's masks, or Wanda's or SparseGPT's from
+    the source data's calibration inputs), and keep the mask."""
     from varprune.numerics.masking import MaskKeeper
-    from varprune.numerics.pruning import pattern_masks
+    from varprune.numerics.pruners import prune_once
     from varprune.storage.checkpoint import load_weights
     from varprune.storage.files import file_digest
 
     source = Path(cfg.finetune_from)
     load_weights(source / WEIGHTS, model)
-    masks, skipped = pattern_masks(model, cfg.finetune_sparsity, cfg.finetune_pattern, cfg.finetune_scope)
+    setting = cfg.finetune_pattern if cfg.finetune_pattern != "unstructured" else cfg.finetune_sparsity
+    calibration = None
+    if cfg.finetune_pruner != "magnitude" and run is not None:
+        calibration = run.calibration(cfg.finetune_calib_samples, cfg.finetune_calib_seq_len or cfg.seq_len)
+    masks, skipped, _ = prune_once(model, cfg.finetune_pruner, setting, cfg.finetune_scope, (), calibration)
+    # the pruner zeroed the weights (and SparseGPT updated the kept ones): the fine-tuning starts from them
     keeper = MaskKeeper(model, masks)
     pruned = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     log(
-        f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pattern}"
+        f"fine-tuning {source} pruned to {100 * pruned / total:.2f}% ({cfg.finetune_pruner}, {cfg.finetune_pattern}"
         + (f", {len(skipped)} tensors left dense" if skipped else "")
         + "); pruned weights stay zero"
     )
@@ -157,7 +164,11 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         state = distributed.from_main(read_checkpoint)  # rank 0 reads; every process gets it
 
     # may fail: nothing of an old run has been touched yet
-    run = load_data(cfg, device, distributed.rank(), world)
+    # a text run's tokenizer: its own (resume), its source run's (fine-tuning), else trained or the model folder's
+    tokenizer_run = (
+        out if resume and (out / TOKENIZER).exists() else (Path(cfg.finetune_from) if cfg.finetune_from else None)
+    )
+    run = load_data(cfg, device, distributed.rank(), world, run=tokenizer_run)
     if resume:  # the data must be the run's: other classes would train on while config.json kept the old ones
         recorded = distributed.from_main(lambda: read_resolved(out))
         if "num_classes" in recorded:
@@ -167,8 +178,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if "num_classes" in recorded:
             check_same_data(recorded, run.data.info, cfg.finetune_from, cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, run.data.info, device)
-    keeper, source_digest = _finetune_start(cfg, model, log) if cfg.finetune_from else (None, None)
+    model = build_model(cfg, run.data.info, device, tokenizer=run.tokenizer)
+    keeper, source_digest = _finetune_start(cfg, model, log, run) if cfg.finetune_from else (None, None)
     optimizer = build_optimizer(method, model, cfg)
     if keeper is not None:
         keeper.apply_(optimizer)
@@ -192,10 +203,21 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             "task": task.name,
             "metric": task.primary,
             **data_identity(info),
+            **(
+                {
+                    "tokenizer": {
+                        "vocab_size": run.tokenizer.vocab_size,
+                        "pad_id": run.tokenizer.pad_id,
+                        "source": run.tokenizer.source,
+                    }
+                }
+                if run.tokenizer is not None
+                else {}
+            ),
             "train_examples": train_loader.num_examples,
             "test_examples": test_loader.num_examples,
             "steps_per_epoch": steps_per_epoch,
-            "data_source": run.data.source,
+            "data_source": getattr(run.data, "source", None) or ", ".join(getattr(run.data, "files", {}).values()),
             "processes": world,
             "var_lambda": next((r.lam for r in regularizers if isinstance(r, VarRegularizer)), None),
             "var_strength": next((r.strength for r in regularizers if isinstance(r, VarRegularizer)), None),
@@ -257,6 +279,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             folder.mark()
             if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
                 atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
+            if run.tokenizer is not None and not (out / TOKENIZER).exists():
+                atomic_write_text(out / TOKENIZER, run.tokenizer.to_json())
             _write_metrics(out, history)
         result = _epochs(
             cfg,
@@ -349,6 +373,7 @@ def _epochs(
         device,
         amp,
         reg_in_every_pass=cfg.reg_in_every_pass,
+        grad_clip=cfg.grad_clip or 0.0,
         after_step=(lambda: keeper.apply_(optimizer)) if keeper is not None else None,
         first_pass_local=first_pass_local,
     )
@@ -436,10 +461,11 @@ def _epochs(
             on_first_checkpoint()
             on_first_checkpoint = None
         _write_metrics(out, history)
-        primary = metrics[f"test_{task.primary}"]
+        shown = metric_info(task.primary)
         log(
             f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
-            f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} {100 * primary:.2f}%  "
+            f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} "
+            f"{shown.fmt(metrics[f'test_{task.primary}'])}{'%' if shown.percent else ''}  "
             f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s"
         )
     return history[-1] if history else {}

@@ -37,10 +37,11 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS)
+TOKENIZER = "tokenizer.json"  # a text run's tokenizer, written with config.json
 DERIVED_FILES = ("prune.json", "prune.csv", "prune.png")  # made from WEIGHTS; stale once it is replaced
 MARKER = ".varprune-run"
 REPLACING = ".varprune-replacing"  # the record of an --overwrite in progress: {"aside", "files", "state"}
-OWN_FILES = RUN_FILES + DERIVED_FILES + (MARKER,)
+OWN_FILES = (*RUN_FILES, TOKENIZER, *DERIVED_FILES, MARKER)
 
 
 def _looks_like_our_config(path: Path) -> bool:
@@ -195,7 +196,7 @@ class RunFolder:
     def discard_new_run(self) -> None:
         """Remove what a new run wrote before its first checkpoint (config.json, metrics.jsonl, the marker and
         temporaries), so a failed start leaves no half-made run folder; a user's files stay."""
-        for name in (CONFIG, METRICS, MARKER):
+        for name in (CONFIG, METRICS, TOKENIZER, MARKER):
             with contextlib.suppress(OSError):
                 (self.path / name).unlink()
         self.clean_temporaries(force=True)
@@ -279,7 +280,7 @@ class RunFolder:
                 (self.path / name).unlink()
             (aside / name).replace(self.path / name)
         if record["state"] == "moved":
-            for name in RUN_FILES:  # the new run's own beginnings that have no old counterpart
+            for name in (*RUN_FILES, TOKENIZER):  # the new run's own beginnings that have no old counterpart
                 if name not in record["files"] and (self.path / name).exists():
                     (self.path / name).unlink()
         with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,13 +21,44 @@ from varprune.errors import RunError
 from varprune.models import create_model
 from varprune.tasks import Task, task_for
 
+CALIBRATION_SEED = 8642  # as data.tokens: every run of a study is pruned from the same calibration draw
+
 
 @dataclass
 class RunData:
-    data: ImageData
+    """A run's data on its device: the dataset (images, or tokenized text), the task, the two loaders, and for
+    text the tokenizer."""
+
+    data: Any  # ImageData or data.TokenizedText
     task: Task
-    train_loader: DeviceLoader | StreamingLoader
-    test_loader: DeviceLoader | StreamingLoader
+    train_loader: Any  # DeviceLoader, StreamingLoader, TokenWindowLoader or TokenExampleLoader
+    test_loader: Any
+    tokenizer: Any = None  # data.TextTokenizer for text runs
+
+    @property
+    def info(self):
+        return self.data.info
+
+    def calibration(self, samples: int, seq_len: int) -> list:
+        """Inputs for the calibrated pruners (Wanda, SparseGPT), drawn with a fixed seed from the TRAINING split,
+        never the test split: ``samples`` windows of ``seq_len`` tokens (or examples) for text, ``samples``
+        images (normalised, in batches of 64) otherwise; on the loaders' device."""
+        device = self.train_loader.device
+        if self.tokenizer is not None:
+            from varprune.data import calibration_inputs
+
+            if self.data.examples and samples > len(self.data.examples["train"]):
+                raise RunError(
+                    f"--calib-samples {samples} is more than the {len(self.data.examples['train'])} training examples"
+                )
+            inputs = calibration_inputs(self.data, samples, seq_len)
+            return [{k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device) for x in inputs]
+        loader = self.train_loader
+        if samples > len(loader.images):
+            raise RunError(f"--calib-samples {samples} is more than the {len(loader.images)} training images")
+        g = torch.Generator().manual_seed(CALIBRATION_SEED)
+        pick = torch.randperm(len(loader.images), generator=g)[:samples].to(loader.images.device)
+        return [loader.normalize(loader.images[pick[i : i + 64]]) for i in range(0, len(pick), 64)]
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:
@@ -41,14 +73,26 @@ def data_problems(cfg: TrainConfig) -> list[str]:
     return [] if where.complete else [where.not_found_message()]
 
 
-def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> RunData:
+def load_data(
+    cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1, run: Path | None = None, tokenizer=None
+) -> RunData:
     """The run's data on ``device``: the task, a shuffling, augmenting training loader, a test loader.
 
     Sets are held whole on the device as uint8; an image folder too large for
     that (half the device's free memory) streams through DataLoader workers.
+    Text is tokenized with the run's tokenizer (``run``: an existing run's
+    folder, whose tokenizer.json is used; engine/textruns.py).
     ``rank``/``world``: the loaders give this process its share (data parallel).
     """
-    from varprune.data import FOLDER_SETS, default_data_dir
+    from varprune.data import FOLDER_SETS, dataset_info, default_data_dir
+    from varprune.engine.textruns import is_text_task, load_text_data
+
+    if is_text_task(dataset_info(cfg.dataset).task):
+        data = RunData(*load_text_data(cfg, device, rank, world, run, tokenizer))
+        problem = check_memory(cfg, data.info, device, tokenizer=data.tokenizer)
+        if problem:
+            raise RunError(problem)
+        return data
 
     if cfg.dataset in FOLDER_SETS:  # list the folder once: it decides streaming, and decoding reuses it
         from varprune.data import folders
@@ -120,7 +164,7 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int 
 
 def _streaming_data(cfg: TrainConfig, device: torch.device, listing, size: int) -> RunData:
     """RunData streaming an image folder from its files (it does not fit on the device)."""
-    from varprune.data.streaming import StreamingLoader, streaming_info
+    from varprune.data.streaming import streaming_info
 
     info = streaming_info(listing, size)
     info = dataclasses.replace(info, class_names=tuple(listing.class_names))
@@ -156,9 +200,20 @@ def _streaming_data(cfg: TrainConfig, device: torch.device, listing, size: int) 
     return RunData(data, task, train_loader, test_loader)
 
 
-def build_model(cfg: TrainConfig, info, device: torch.device) -> torch.nn.Module:
+def model_arguments(cfg: TrainConfig, info, tokenizer=None) -> tuple[tuple, dict]:
+    """``create_model``'s arguments for the run's data: image shape, classes, and for text the tokenizer's
+    vocabulary and padding and the sequence length (engine/textruns.model_sizes)."""
+    if tokenizer is not None:
+        from varprune.engine.textruns import model_sizes
+
+        return (0, max(info.num_classes, 2), 0), {**cfg.model_args, **model_sizes(cfg, info, tokenizer)}
+    return (info.channels, info.num_classes, info.size), dict(cfg.model_args)
+
+
+def build_model(cfg: TrainConfig, info, device: torch.device, tokenizer=None) -> torch.nn.Module:
     """The configured model for the data's shape (``--init`` weights loaded, if given)."""
-    model = create_model(cfg.model, info.channels, info.num_classes, info.size, **cfg.model_args)
+    args, kwargs = model_arguments(cfg, info, tokenizer)
+    model = create_model(cfg.model, *args, **kwargs)
     if cfg.init:
         from varprune.storage.init_weights import load_initial_weights
 
@@ -212,7 +267,7 @@ def check_same_data(recorded: dict, info, what: str, data_dir) -> None:
         )
 
 
-def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int = 0) -> str | None:
+def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int = 0, tokenizer=None) -> str | None:
     """Would this run fit in ``device``'s free memory? A one-line problem naming the flag to change, or None.
 
     The model is built on the meta device (no storage) for its size and one forward pass (engine/memory.py);
@@ -222,16 +277,23 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
     from varprune.engine.methods import get_method
     from varprune.models.registry import ModelError
 
+    args, kwargs = model_arguments(cfg, info, tokenizer)
     try:
         with torch.device("meta"):
-            model = create_model(cfg.model, info.channels, info.num_classes, info.size, **cfg.model_args)
-            example = torch.zeros((1, info.channels, info.size, info.size))
+            model = create_model(cfg.model, *args, **kwargs)
+            example = (
+                torch.zeros((1, cfg.seq_len), dtype=torch.long)
+                if tokenizer is not None
+                else torch.zeros((1, info.channels, info.size, info.size))
+            )
     except ModelError as e:  # an option out of its range: say which flag set it
         option = str(e).split(" ", 1)[0]
         raise RunError(f"--model-arg {e}" if option in cfg.model_args else str(e)) from None
     if cfg.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return (f"--batch-size {cfg.batch_size}: {cfg.model} has BatchNorm, which cannot normalise a batch of one; "
-                f"use --batch-size 2 or more")
+        return (
+            f"--batch-size {cfg.batch_size}: {cfg.model} has BatchNorm, which cannot normalise a batch of one; "
+            f"use --batch-size 2 or more"
+        )
     on_device = data_bytes if device.type != "cpu" else 0
     est = memory.estimate(model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device)
     return memory.fits_problem(
@@ -258,11 +320,20 @@ def early_memory_problems(cfg: TrainConfig) -> list[str]:
         device = resolve_device(cfg.device)
     except ValueError:
         return []  # reported by the configuration's own checks
+    from types import SimpleNamespace
+
+    from varprune.engine.textruns import is_text_task
+
+    tokenizer = None
+    if is_text_task(info.task):
+        if cfg.model.startswith("hf:"):
+            return []  # the folder's own vocabulary: checked once its tokenizer is read
+        tokenizer = SimpleNamespace(vocab_size=cfg.vocab_size, pad_id=0)  # the vocabulary it will be trained to
     guess = dc.replace(
         info, channels=info.channels or 3, size=cfg.image_size or info.size or 32, num_classes=info.num_classes or 2
     )
     try:
-        problem = check_memory(cfg, guess, device)
+        problem = check_memory(cfg, guess, device, tokenizer=tokenizer)
     except RunError as e:
         return [str(e)]
     return [problem] if problem else []

@@ -35,6 +35,7 @@ def make_train_step(
     reg_in_every_pass: bool = False,
     after_step=None,
     first_pass_local=None,
+    grad_clip: float = 0.0,
 ):
     """One optimisation step for any method: ``step(x, y, stats=None, weight=1.0)``.
 
@@ -62,6 +63,11 @@ def make_train_step(
     pass's gradient local, the SAM paper's per-process perturbation.
     Regularizer gradients are added after the reduction on every process
     alike: they depend on the weights only, which are the same everywhere.
+
+    ``grad_clip`` > 0 scales the final gradient to that global norm at most,
+    just before the (base) optimizer step: after the regularizers' gradients
+    are added, so VAR's gradient is clipped with the loss's (as in Lightning;
+    transformers' Trainer clips before its callbacks add anything).
     """
     two_pass = getattr(optimizer, "caller_runs_first_pass", None)
     hooked = two_pass is not None and regularizers and not reg_in_every_pass
@@ -75,12 +81,19 @@ def make_train_step(
             stats["ok"] &= torch.isfinite(value)
         return value
 
-    if hooked:
-        optimizer.final_gradient_hooks = [lambda: add_regularizers(current["stats"])]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def clip():
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+
+    if two_pass is not None:  # the wrapper restores w, then these run on the final gradient
+        optimizer.final_gradient_hooks = [lambda: add_regularizers(current["stats"])] if hooked else []
+        if grad_clip > 0:
+            optimizer.final_gradient_hooks.append(clip)
 
     def forward_backward(x, y, stats, first=True, weight=1.0):
         with autocast(device, amp):
-            output = forward(x)
+            output = task.forward(forward, x)
             loss = task.loss(output, y)
         (loss if weight == 1.0 else loss * weight).backward()
         if stats is not None:  # first pass only: what the epoch line reports
@@ -106,6 +119,8 @@ def make_train_step(
         optimizer.zero_grad(set_to_none=True)
         if two_pass is None:  # plain optimizer
             forward_backward(x, y, stats, weight=weight)
+            if grad_clip > 0:
+                clip()
             optimizer.step()
         elif two_pass:  # SAM, CrAM: caller's pass, then the perturbed pass
             # --sam-local: the first backward without DDP's all-reduce (the optimizer then zeroes .grad,

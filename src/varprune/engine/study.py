@@ -22,9 +22,9 @@ from pathlib import Path
 
 from varprune.engine.config import LOCATION_KEYS, TrainConfig, problems
 from varprune.engine.rundir import METRICS, path_problem, read_metrics
-from varprune.engine.sweep import ensure_run, finished_sweep, prune_runs
+from varprune.engine.sweep import SweepSpec, finished_sweep, prune_runs
+from varprune.engine.trained import ensure_run
 from varprune.errors import RunError
-from varprune.report.tables import metric_of
 from varprune.storage.files import OutputFolder
 
 STUDY_FILES = ("study.json", "report.json", "report.md", "report.png", "report.html")
@@ -57,26 +57,29 @@ def run_study(
     base: TrainConfig,
     methods: list[str],
     seeds: list[int],
-    sparsities: list[float],
-    scope: str = "global",
-    bnt_batches: int = 20,
-    bnt_batch_size: int = 500,
+    spec: SweepSpec | None = None,
     progress: bool = True,
     log=print,
     analysis: bool = True,
     html: bool = True,
-    patterns: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
+    baseline: str | None = None,
 ) -> dict:
+    """Train every (method, seed) of the study in ``out/runs``, sweep each with ``spec`` (pruners, sparsities,
+    patterns), and write the report: means with 95% intervals over seeds and paired tests against ``baseline``
+    (default: the first method). Returns report.json's document."""
     from varprune.engine import distributed
     from varprune.report.figures import study_plot
+    from varprune.report.summary import summarize
     from varprune.report.tables import study_table
 
+    spec = spec or SweepSpec()
+    baseline = baseline or (methods[0] if methods else None)
     distributed.setup(base.device)  # joins the torchrun job, if any
     if not distributed.is_main():
         log, progress = (lambda *a, **k: None), False
     configs = {}
-    found = []
+    found = spec.problems()
     bad_out = path_problem(out)
     if bad_out:
         found.append(bad_out)
@@ -89,6 +92,8 @@ def run_study(
         found.append("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         found.append("--methods and --seeds must not repeat")
+    if baseline is not None and baseline not in methods:
+        found.append(f"--baseline {baseline} is not one of --methods {','.join(methods)}")
     folder = OutputFolder(out, "study", overwrite=overwrite, legacy=("study.json", ("methods", "seeds", "train")))
     if not found and distributed.is_main():
         try:  # before any work: a study never replaces a file it did not write
@@ -98,17 +103,20 @@ def run_study(
     if found:
         raise RunError("; ".join(found))
 
-    spec = {
+    study = {
         "methods": methods,
         "seeds": seeds,
-        "sparsities": sparsities,
-        "patterns": list(patterns),
-        "scope": scope,
-        "bnt_batches": bnt_batches,
-        "bnt_batch_size": bnt_batch_size,
+        "sparsities": list(spec.sparsities),
+        "patterns": list(spec.patterns),
+        "pruners": list(spec.pruners),
+        "scope": spec.scope,
+        "bnt_batches": spec.bnt_batches,
+        "bnt_batch_size": spec.bnt_batch_size,
+        "calib_samples": spec.calib_samples,
+        "calib_seq_len": spec.calib_seq_len,
         "train": base.to_dict(),
     }
-    distributed.from_main(lambda: _write_spec(folder, spec))  # rank 0 owns the study folder
+    distributed.from_main(lambda: _write_spec(folder, study))  # rank 0 owns the study folder
 
     runs = {}
     for (method, seed), cfg in configs.items():
@@ -120,44 +128,17 @@ def run_study(
     docs = {}
     todo = []
     for key, run in runs.items():
-        doc = finished_sweep(run, sparsities, scope, [], bnt_batches, bnt_batch_size, patterns)
+        doc = finished_sweep(run, spec)
         if doc is None:
             todo.append(key)
         else:
             docs[key] = doc
     if todo:
-        swept = prune_runs(
-            [runs[k] for k in todo],
-            sparsities,
-            scope,
-            (),
-            bnt_batches,
-            bnt_batch_size,
-            device=base.device,
-            log=log,
-            patterns=patterns,
-        )
+        swept = prune_runs([runs[k] for k in todo], spec, device=base.device, log=log)
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
 
-    m = metric_of(next(iter(docs.values())))
     times = {meth: statistics.fmean(_epoch_time(runs[(meth, s)]) for s in seeds) for meth in methods}
-    summary = {"study": spec, "metric": m, "methods": {}}
-    for meth in methods:
-        per_seed = [docs[(meth, s)] for s in seeds]
-        entry = {
-            "dense": _mean_std([d[f"dense_{m}"] for d in per_seed]),
-            "epoch_time_s": times[meth],
-            "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None,
-            "sparsities": {},
-        }
-        for i, s in enumerate(list(sparsities) + list(patterns)):
-            entry["sparsities"][str(s)] = {
-                f"{m}_bnt": _mean_std([d["results"][i][f"{m}_bnt"] for d in per_seed]),
-                m: _mean_std([d["results"][i][m] for d in per_seed]),
-                "per_seed_bnt": [d["results"][i][f"{m}_bnt"] for d in per_seed],
-                "per_seed": [d["results"][i][m] for d in per_seed],
-            }
-        summary["methods"][meth] = entry
+    summary = summarize(study, docs, times, baseline)
     table = study_table(summary)
     folder.write_text("report.json", json.dumps(summary, indent=2) + "\n")
     folder.write_text("report.md", table)
@@ -176,8 +157,8 @@ def run_study(
                 first,
                 out / "analysis",
                 device=base.device,
-                bnt_batches=bnt_batches,
-                bnt_batch_size=bnt_batch_size,
+                bnt_batches=spec.bnt_batches,
+                bnt_batch_size=spec.bnt_batch_size,
                 log=log,
                 overwrite=overwrite,
                 budget=1.0,

@@ -1,20 +1,20 @@
-"""The pruning sweep: prune one-shot -> BN re-tune -> evaluate, over sparsities, for trained runs.
+"""The pruning sweep: prune one-shot -> BN re-tune -> evaluate, over pruners and sparsities, for trained runs.
 
-Used by ``varprune prune``, ``study`` and ``demo``. A sweep writes
-RUN/prune.{json,csv,png} only; a run's weights and checkpoint are read, never
-modified.
+Used by ``varprune prune``, ``study``, ``demo`` and ``tune``. A sweep writes RUN/prune.{json,csv,png} only; a
+run's weights and checkpoint are read, never modified.
 
-prune.json: ``metric`` (the task's primary metric; absent in files of 0.1,
-meaning accuracy), ``dense_<metric>``, and per sparsity ``sparsity``,
-``realised_sparsity``, ``<metric>`` (before BN re-tuning) and ``<metric>_bnt``
-(after), fractions in [0, 1]. Tasks with several metrics (segmentation) also
+prune.json: ``metric`` (the task's primary metric; absent in files of 0.1, meaning accuracy),
+``higher_is_better``, ``dense_<metric>``, ``bn_retuning`` (false for a model without BatchNorm: nothing is
+re-tuned and results carry no ``<metric>_bnt``), ``pruners``, ``calibration`` (when a calibrated pruner ran:
+samples and sequence length), and per result ``pruner``, ``sparsity`` (or ``pattern``), ``realised_sparsity``,
+``<metric>`` (before BN re-tuning) and ``<metric>_bnt`` (after), ``skipped`` (N:M tensors left dense) and
+``fallback`` (layers a calibrated pruner left to magnitude, with the reason). Tasks with several metrics also
 store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -24,54 +24,105 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from varprune.device import autocast, resolve_amp, resolve_device
-from varprune.engine.config import TrainConfig, load_run_config, read_resolved
-from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
-from varprune.engine.runs import build_model, check_same_data, data_fingerprint, data_problems, load_data
+from varprune.device import autocast, resolve_device
+from varprune.engine.config import load_run_config
+from varprune.engine.rundir import WEIGHTS
+from varprune.engine.runs import data_fingerprint
+from varprune.engine.trained import check_runs, load_trained, run_label
 from varprune.errors import RunError
+from varprune.numerics.pruners import CALIBRATED, PRUNERS, prune_once
 from varprune.numerics.pruning import (
     MagnitudePruner,
-    apply_masks_,
+    PruningError,
     check_sparsity,
-    pattern_masks,
+    parse_pattern,
     realised_sparsity,
     recalibrate_bn,
 )
 from varprune.report.results import write_sweep
-from varprune.report.tables import setting_key
+from varprune.report.tables import metric_info, setting_key
 from varprune.storage.files import file_digest
 from varprune.tasks import Task
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
+DEFAULT_CALIB_SAMPLES = 128  # the references' 128 calibration segments (images, for image models)
 
 
-def bnt_problems(batches: int, batch_size: int) -> list[str]:
-    """The BN re-tuning settings' problems, naming the flags (every command that re-tunes checks them first)."""
-    found = []
-    if isinstance(batches, bool) or not isinstance(batches, int) or not 0 <= batches <= 100_000:
-        found.append(f"--bnt-batches must be an integer in [0, 100000] (0 skips re-tuning), got {batches}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= 1 << 20:
-        found.append(
-            f"--bnt-batch-size must be an integer in [2, 1048576] (BatchNorm cannot normalise a batch "
-            f"of one), got {batch_size}"
-        )
-    return found
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything that defines a sweep of one run (what prune.json records and a reuse compares)."""
 
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    patterns: tuple[str, ...] = ()
+    pruners: tuple[str, ...] = ("magnitude",)
+    scope: str = "global"
+    exclude: tuple[str, ...] = ()
+    bnt_batches: int = 20
+    bnt_batch_size: int = 500
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    calib_seq_len: int | None = None  # text: windows of this many tokens (default: the run's --seq-len)
 
-def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -> list[torch.Tensor]:
-    """The re-tuning batches: the first ``batches * batch_size`` images given
-    (unaugmented; the caller passes a deterministic subset), normalised."""
-    n = min(len(images), batches * batch_size)
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:  # a last batch of one image: BatchNorm cannot normalise it
-        starts.pop()
-    ends = starts[1:] + [n]
-    return [normalize(images[a:b]) for a, b in zip(starts, ends)]
+    def __post_init__(self):
+        for name in ("sparsities", "patterns", "pruners", "exclude"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def calibrated(self) -> bool:
+        return any(p in CALIBRATED for p in self.pruners)
+
+    def settings(self) -> list[tuple[str, object]]:
+        """``(pruner, sparsity or pattern)`` in the order the results are written."""
+        return [(p, s) for p in self.pruners for s in (*self.sparsities, *self.patterns)]
+
+    def problems(self) -> list[str]:
+        from varprune.engine.trained import bnt_problems
+
+        found = []
+        unknown = [p for p in self.pruners if p not in PRUNERS]
+        if unknown or not self.pruners:
+            found.append(f"--pruner(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(PRUNERS)}")
+        if len(set(self.pruners)) != len(self.pruners):
+            found.append(f"--pruners must not repeat, got {','.join(self.pruners)}")
+        if not self.sparsities and not self.patterns:
+            found.append("give --sparsities or --patterns: nothing to prune")
+        for s in self.sparsities:
+            try:
+                check_sparsity(s)
+            except PruningError as e:
+                found.append(str(e))
+        for p in self.patterns:
+            try:
+                parse_pattern(p)
+            except PruningError as e:
+                found.append(str(e))
+        if self.calibrated:
+            if (
+                isinstance(self.calib_samples, bool)
+                or not isinstance(self.calib_samples, int)
+                or not 1 <= self.calib_samples <= 1 << 20
+            ):
+                found.append(f"--calib-samples must be an integer in [1, 1048576], got {self.calib_samples}")
+            if self.calib_seq_len is not None and not 2 <= self.calib_seq_len <= 1 << 16:
+                found.append(f"--calib-seq-len must be in [2, 65536], got {self.calib_seq_len}")
+        return found + bnt_problems(self.bnt_batches, self.bnt_batch_size)
+
+    def record(self) -> dict:
+        """The fields prune.json holds about its settings (compared by :func:`finished_sweep`)."""
+        doc = {
+            "scope": self.scope,
+            "exclude": list(self.exclude),
+            "pruners": list(self.pruners),
+            "bnt_batches": self.bnt_batches,
+            "bnt_batch_size": self.bnt_batch_size,
+        }
+        if self.calibrated:
+            doc["calibration"] = {"samples": self.calib_samples, "seq_len": self.calib_seq_len}
+        return doc
 
 
 def prune_sweep(
     model: nn.Module,
-    sparsities: Iterable[float],
+    sparsities: Iterable[float] | SweepSpec,
     task: Task,
     test_loader,
     bnt: list[torch.Tensor],
@@ -80,75 +131,102 @@ def prune_sweep(
     amp: str = "none",
     progress=None,
     patterns: Iterable[str] = (),
+    calibration: list | None = None,
 ) -> dict:
-    """Evaluate ``model`` pruned one-shot at every sparsity (and N:M pattern), before and after BN re-tuning.
+    """Evaluate ``model`` pruned one-shot at every setting of the sweep, before and after BN re-tuning.
 
-    Unstructured settings share one sort of the magnitudes (MagnitudePruner);
-    each N:M pattern keeps the N largest of every M consecutive weights along
-    the input dimension, tensors whose input size is not a multiple of M left
-    dense (listed under ``skipped``, counted as dense in ``realised_sparsity``).
-    With no re-tuning batches (``bnt == []``) re-tuning is skipped and the
-    "after" value equals the "before" one. The model is restored to its dense
-    state afterwards. Returns the ``prune.json`` document.
+    ``sparsities``: a :class:`SweepSpec` (pruners, sparsities, N:M patterns, scope...), or, as before, the
+    sparsities of a magnitude sweep (with ``scope``, ``exclude`` and ``patterns``). Magnitude's unstructured
+    settings share one sort of the magnitudes (MagnitudePruner); an N:M pattern keeps the N largest of every M
+    consecutive weights along the input dimension (tensors whose input size is not a multiple of M stay dense,
+    listed under ``skipped``). Wanda and SparseGPT prune from ``calibration`` (model inputs from the training
+    split, numerics/wanda.py, numerics/sparsegpt.py). With no re-tuning batches (``bnt == []``: none asked, or
+    no BatchNorm) nothing is re-tuned and the results carry no ``_bnt`` values. The model is restored to its
+    dense state afterwards. Returns the ``prune.json`` document.
     """
-    sparsities = [check_sparsity(s) for s in sparsities]
-    patterns = list(patterns)
+    spec = (
+        sparsities
+        if isinstance(sparsities, SweepSpec)
+        else SweepSpec(tuple(sparsities), tuple(patterns), ("magnitude",), scope, tuple(exclude))
+    )
+    if spec.calibrated and not calibration:
+        raise RunError("Wanda and SparseGPT need calibration inputs (--calib-samples)")
     m = task.primary
     several = len(task.metric_names) > 1
+    retune = bool(bnt)
     dense_state = copy.deepcopy(model.state_dict())
     t0 = time.perf_counter()
     dense = task.evaluate(model, test_loader, amp)
-    pruner = MagnitudePruner(model, scope, exclude) if sparsities else None  # one sort for every sparsity
-    results, prune_time, bnt_time = [], 0.0, 0.0
+    magnitude = (
+        MagnitudePruner(model, spec.scope, spec.exclude) if "magnitude" in spec.pruners and spec.sparsities else None
+    )  # one sort for every sparsity
+    results: list[dict] = []
+    prune_time = {p: 0.0 for p in spec.pruners}
+    bnt_time = 0.0
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-    settings = [("sparsity", s) for s in sparsities] + [("pattern", p) for p in patterns]
     try:
-        for kind, value in settings:
+        for pruner, setting in spec.settings():
             model.load_state_dict(dense_state)
             sync()
             t = time.perf_counter()
-            skipped = []
-            if kind == "sparsity":
-                masks = pruner.apply(value)
-            else:
-                masks, skipped = pattern_masks(model, None, value, scope, exclude)
-                apply_masks_(model.named_parameters(), masks)
+            masks, skipped, fallback = prune_once(
+                model, pruner, setting, spec.scope, spec.exclude, calibration, magnitude
+            )
             sync()
-            prune_time += time.perf_counter() - t
+            prune_time[pruner] += time.perf_counter() - t
             before = task.evaluate(model, test_loader, amp)
-            if bnt:
+            after = before
+            if retune:
                 t = time.perf_counter()
                 with autocast(bnt[0].device, amp):
                     recalibrate_bn(model, bnt)
                 sync()
                 bnt_time += time.perf_counter() - t
                 after = task.evaluate(model, test_loader, amp)
-            else:
-                after = before
             realised = realised_sparsity(masks)
-            row = (
-                {"sparsity": value, "realised_sparsity": realised}
-                if kind == "sparsity"
-                else {"pattern": value, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
-            )
-            row.update({m: before[m], f"{m}_bnt": after[m]})
+            row: dict = {"pruner": pruner}
+            if isinstance(setting, str):
+                row.update(
+                    {"pattern": setting, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
+                )
+            else:
+                row.update({"sparsity": setting, "realised_sparsity": realised})
+            row[m] = before[m]
+            if retune:
+                row[f"{m}_bnt"] = after[m]
+            if fallback:
+                row["fallback"] = fallback
             if several:
-                row["metrics"], row["metrics_bnt"] = before, after
+                row["metrics"] = before
+                if retune:
+                    row["metrics_bnt"] = after
             results.append(row)
             if progress is not None:
-                progress(value, before[m], after[m])
+                progress(pruner, setting, before[m], after[m] if retune else None)
     finally:
         model.load_state_dict(dense_state)
-    doc = {} if m == "accuracy" else {"metric": m}
+    doc: dict = {} if m == "accuracy" else {"metric": m}
     doc.update(
         {
+            "higher_is_better": task.higher_is_better,
             f"dense_{m}": dense[m],
-            "scope": scope,
-            "exclude": list(exclude),
+            "bn_retuning": retune,
+            **spec.record(),
             "results": results,
-            "timing": {"total_s": time.perf_counter() - t0, "prune_s": prune_time, "bnt_s": bnt_time},
+            "timing": {
+                "total_s": time.perf_counter() - t0,
+                "prune_s": sum(prune_time.values()),
+                "prune_s_by_pruner": prune_time,
+                "bnt_s": bnt_time,
+            },
         }
     )
+    if not retune:
+        doc["bn_retuning_note"] = (
+            "not applicable: the model has no BatchNorm"
+            if not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules())
+            else "skipped (--bnt-batches 0)"
+        )
     if several:
         doc["dense_metrics"] = dense
     return doc
@@ -157,53 +235,17 @@ def prune_sweep(
 # ---------------------------------------------------------------- run folders
 
 
-def run_label(cfg: TrainConfig) -> str:
-    if "var" in cfg.method.split("+"):
-        if cfg.var_strength is not None:
-            return f"{cfg.method} s={cfg.var_strength:g}"
-        return f"{cfg.method} λ={cfg.var_lambda:g}"
-    return cfg.method
-
-
-def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
-    """Every run folder's configuration, and every problem with them (nothing is loaded)."""
-    configs, found = [], []
-    for run in runs:
-        try:
-            cfg = load_run_config(run)
-        except RunError as e:
-            configs.append(None)
-            found.append(str(e))
-            continue
-        configs.append(cfg)
-        if not (run / WEIGHTS).is_file():
-            if (run / CHECKPOINT).is_file():
-                found.append(
-                    f"{run} is still training or was interrupted (no {WEIGHTS} yet): wait for it, or "
-                    f"`varprune train --resume {run}` if it stopped"
-                )
-            else:
-                found.append(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
-        if data_dir is not None:
-            cfg.data_dir = data_dir
-        found += [p for p in data_problems(cfg) if p not in found]
-    return configs, found
-
-
-def finished_sweep(
-    run: Path, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns=(), data: dict | None = None
-) -> dict | None:
+def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None) -> dict | None:
     """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
     (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own), and its plot exists (a sweep
     interrupted between the two is redone)."""
     try:
         doc = json.loads((run / "prune.json").read_text())
+        recorded = {k: doc.get(k) for k in spec.record()}
+        recorded["pruners"] = doc.get("pruners", ["magnitude"])  # files of 0.2: magnitude only
         same = (
-            [setting_key(r) for r in doc["results"]] == list(sparsities) + list(patterns)
-            and doc["scope"] == scope
-            and list(doc["exclude"]) == list(exclude)
-            and doc["bnt_batches"] == bnt_batches
-            and doc["bnt_batch_size"] == bnt_batch_size
+            [setting_key(r) for r in doc["results"]] == [(p, s) for p, s in spec.settings()]
+            and recorded == spec.record()
             and doc["weights_sha256"] == file_digest(run / WEIGHTS)
             and doc.get("data") == (data if data is not None else data_fingerprint(load_run_config(run)))
             and (run / "prune.png").is_file()
@@ -214,99 +256,30 @@ def finished_sweep(
     return doc if same else None
 
 
-@dataclass
-class Trained:
-    """A finished run, loaded: its configuration, model (final weights) and data."""
+def _say(log, metric: str):
+    shown = metric_info(metric)
 
-    run: Path
-    cfg: TrainConfig
-    model: nn.Module
-    data: object  # loop.RunData
-    device: torch.device
-    amp: str
+    def progress(pruner, setting, before, after):
+        where = setting if isinstance(setting, str) else f"{100 * setting:g}%"
+        unit = "%" if shown.percent else ""
+        text = f"  {pruner} {where}: {metric} {shown.fmt(after if after is not None else before)}{unit}"
+        log(text + (f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""))
 
-    @property
-    def task(self) -> Task:
-        return self.data.task
-
-    def bnt(self, batches: int, batch_size: int, images: int | None = None) -> list[torch.Tensor]:
-        """The protocol's re-tuning inputs: a fixed random subset of the training images (seed 0), ``batches``
-        of ``batch_size`` (or ``images`` of them in batches of ``batch_size``, the last one smaller)."""
-        pool = self.data.train_loader.images
-        n = batches * batch_size if images is None else images
-        g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(pool), generator=g)[:n]
-        return bnt_inputs(pool[pick.to(pool.device)], -(-n // batch_size), batch_size, self.data.train_loader.normalize)
-
-    def fixed_batches(self, examples: int, batch_size: int, seed: int = 0) -> list[tuple]:
-        """``examples`` unaugmented training examples (a fixed random subset) as ``(input, target)`` batches:
-        what the analysis measures the training loss on (Hessian, loss profile)."""
-        loader = self.data.train_loader
-        images, labels = loader.images, loader.labels
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(images), generator=g)[:examples].to(images.device)
-        return [
-            (loader.normalize(images[pick[i : i + batch_size]]), labels[pick[i : i + batch_size]])
-            for i in range(0, len(pick), batch_size)
-        ]
-
-    @property
-    def train_examples(self) -> int:
-        return self.data.train_loader.num_examples
-
-    @property
-    def test_examples(self) -> int:
-        return self.data.test_loader.num_examples
-
-
-def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None) -> Trained:
-    """Load a finished run's final weights and data (checked by :func:`check_runs` first)."""
-    from varprune.storage.checkpoint import load_weights
-
-    cfg = cfg or load_run_config(run)
-    dev = resolve_device(device if device != "auto" else "auto")
-    cfg.device = str(dev)
-    key = (
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.image_size,
-        cfg.limit_train,
-        cfg.limit_test,
-        cfg.channels_last,
-        cfg.validation_fraction,
-    )  # every field that changes what load_data returns
-    cache = data_cache if data_cache is not None else {}
-    if key not in cache:
-        cache[key] = load_data(cfg, dev)
-    data = cache[key]
-    recorded = read_resolved(run)
-    if "num_classes" in recorded:  # runs of 0.1 recorded less: nothing to compare
-        check_same_data(recorded, data.data.info, str(run), cfg.data_dir if cfg.data_dir else None)
-    model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev)  # its own weights, not --init's
-    load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
-    return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev))
+    return progress
 
 
 def prune_runs(
-    runs: list[Path],
-    sparsities,
-    scope="global",
-    exclude=(),
-    bnt_batches=20,
-    bnt_batch_size=500,
-    data_dir=None,
-    device="auto",
-    log=print,
-    reuse=False,
-    patterns=(),
+    runs: list[Path], spec: SweepSpec | None = None, data_dir=None, device="auto", log=print, reuse=False
 ) -> list[tuple[str, dict]]:
     """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
 
     ``reuse``: a run whose prune.json was made from its current weights with
     the same settings is not swept again (an interrupted sweep resumes).
     """
+    spec = spec or SweepSpec()
     dev = resolve_device(device)
     configs, found = check_runs(runs, data_dir)  # every folder checked before any work
+    found += spec.problems()
     if found:
         raise RunError("; ".join(found))
     cache, out = {}, []
@@ -315,11 +288,7 @@ def prune_runs(
         labels = [str(r) for r in runs]
     for run, cfg, label in zip(runs, configs, labels):
         fingerprint = data_fingerprint(cfg)  # check_runs set cfg.data_dir to --data-dir
-        done = (
-            finished_sweep(run, sparsities, scope, exclude, bnt_batches, bnt_batch_size, patterns, fingerprint)
-            if reuse
-            else None
-        )
+        done = finished_sweep(run, spec, fingerprint) if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label
@@ -328,59 +297,20 @@ def prune_runs(
         digest = file_digest(run / WEIGHTS)
         t = load_trained(run, cfg, str(dev), cache)
         log(f"pruning {run} ({label})")
-        m = t.task.primary
+        calibration = t.calibration(spec.calib_samples, spec.calib_seq_len) if spec.calibrated else None
         doc = prune_sweep(
             t.model,
-            sparsities,
+            spec,
             t.task,
             t.data.test_loader,
-            t.bnt(bnt_batches, bnt_batch_size),
-            scope,
-            exclude,
-            t.amp,
-            progress=lambda s, a, b, m=m: log(
-                f"  {s if isinstance(s, str) else f'{100 * s:g}%'}: {m} {100 * b:.2f}% with BNT, {100 * a:.2f}% without"
-            ),
-            patterns=patterns,
+            t.bnt(spec.bnt_batches, spec.bnt_batch_size),
+            amp=t.amp,
+            progress=_say(log, t.task.primary),
+            calibration=calibration,
         )
-        doc.update(
-            {
-                "run": str(run),
-                "label": label,
-                "bnt_batches": bnt_batches,
-                "bnt_batch_size": bnt_batch_size,
-                "weights_sha256": digest,
-                "data": fingerprint,
-            }
-        )
+        doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})
+        if spec.calibrated and t.is_text:
+            doc["calibration_seq_len"] = spec.calib_seq_len or t.cfg.seq_len  # what the default resolved to
         write_sweep(run, doc, label)
         out.append((label, doc))
     return out
-
-
-def ensure_run(cfg: TrainConfig, run: Path, log=print, progress: bool = True) -> str:
-    """Reuse, resume or train the run ``cfg`` in ``run`` (study, demo); return which it did.
-
-    A folder that holds a run of another configuration is an error, never replaced.
-    """
-    from varprune.engine import distributed
-    from varprune.engine.loop import train
-
-    def what() -> str:
-        if (run / CONFIG).exists():
-            if not load_run_config(run).same_run(cfg):
-                raise RunError(f"{run} holds a run with another configuration; choose another --out or remove it")
-            return "reused" if (run / WEIGHTS).exists() else "resumed"
-        return "trained"
-
-    found = distributed.from_main(what)  # under torchrun: rank 0's folder decides for every process
-    if found == "reused":
-        log(f"reusing finished run {run}")
-        return "reused"
-    if found == "resumed":
-        log(f"resuming {run}")
-        train(cfg, run, resume=True, log=log, progress=progress)
-        return "resumed"
-    log(f"training {run.name}: {cfg.model}, {cfg.method}, {cfg.epochs} epochs")
-    train(cfg, run, log=log, progress=progress)
-    return "trained"

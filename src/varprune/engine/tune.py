@@ -161,7 +161,7 @@ def _score(run: Path, doc: dict) -> dict:
     m = metric_of(doc)
     row = doc["results"][0]
     return {
-        "score": row[f"{m}_bnt"],
+        "score": row.get(f"{m}_bnt", row[m]),  # after re-tuning where the model has BatchNorm
         "score_no_bnt": row[m],
         "dense": doc[f"dense_{m}"],
         "realised_sparsity": row["realised_sparsity"],
@@ -172,7 +172,8 @@ def _train_and_score(
     cfgs: dict[str, TrainConfig], folder: Path, sparsity, scope, bnt_batches, bnt_batch_size, log, progress
 ) -> dict[str, dict]:
     """Train (or reuse, or resume) each named run, then score the finished ones by the sweep at ``sparsity``."""
-    from varprune.engine.sweep import ensure_run, prune_runs
+    from varprune.engine.sweep import prune_runs
+    from varprune.engine.trained import ensure_run
 
     entries, finished = {}, []
     for name, cfg in cfgs.items():
@@ -185,16 +186,11 @@ def _train_and_score(
             log(f"{name}: {e}")
             entries[name].update(score=None, diverged=str(e))
     if finished:
+        from varprune.engine.sweep import SweepSpec
+
+        spec = SweepSpec(sparsities=(sparsity,), scope=scope, bnt_batches=bnt_batches, bnt_batch_size=bnt_batch_size)
         swept = prune_runs(
-            [folder / n for n in finished],
-            [sparsity],
-            scope,
-            (),
-            bnt_batches,
-            bnt_batch_size,
-            device=next(iter(cfgs.values())).device,
-            log=log,
-            reuse=True,
+            [folder / n for n in finished], spec, device=next(iter(cfgs.values())).device, log=log, reuse=True
         )
         for name, (_, doc) in zip(finished, swept):
             entries[name].update(_score(folder / name, doc))
@@ -204,9 +200,17 @@ def _train_and_score(
     return entries
 
 
-def _rank(values: list[float], scores: dict[float, float | None]) -> list[float]:
-    """Best first; ties to the smaller value; diverged runs last."""
-    return sorted(values, key=lambda v: (scores[v] is None, -(scores[v] or 0.0), v))
+def _task(cfg: TrainConfig):
+    from varprune.data import dataset_info
+    from varprune.tasks import TASKS
+
+    return TASKS[dataset_info(cfg.dataset).task]
+
+
+def _rank(values: list[float], scores: dict[float, float | None], higher_is_better: bool = True) -> list[float]:
+    """Best first in the metric's direction; ties to the smaller value; diverged runs last."""
+    sign = -1.0 if higher_is_better else 1.0
+    return sorted(values, key=lambda v: (scores[v] is None, sign * (scores[v] or 0.0), v))
 
 
 def run_tune(
@@ -259,6 +263,7 @@ def run_tune(
         "epochs": base.epochs,
         "schedule": [{"round": r, "candidates": n, "epochs": e} for r, (n, e) in enumerate(plan, 1)],
         "train": base.to_dict(),
+        "metric": _task(base).primary,
         "rounds": [],
     }
     alive = values
@@ -276,7 +281,7 @@ def run_tune(
             progress,
         )
         scores = {v: entries[names[v]]["score"] for v in alive}
-        ranked = _rank(alive, scores)
+        ranked = _rank(alive, scores, _task(base).higher_is_better)
         kept = ranked[: math.ceil(len(alive) / 2)] if r < rounds else ranked[:1]
         doc["rounds"].append(
             {
@@ -286,7 +291,7 @@ def run_tune(
                 "kept": kept,
             }
         )
-        log(_round_table(doc["rounds"][-1], search))
+        log(_round_table(doc["rounds"][-1], search, doc["metric"]))
         alive = kept
 
     best = alive[0]
@@ -332,10 +337,13 @@ def run_tune(
     m = doc["metric"]
     ref = doc["baseline"]
     lam = f" (lambda {last['var_lambda']:.3g})" if search == "strength" else ""
+    from varprune.report.tables import metric_info
+
+    fmt = metric_info(m).fmt
     log(
-        f"choice: {search} {best:g}{lam}: validation {m} {100 * last['score']:.2f}% "
+        f"choice: {search} {best:g}{lam}: validation {m} {fmt(last['score'])} "
         f"at {100 * sparsity:g}% sparsity + BNT"
-        + (f"; {ref['method']}: {100 * ref['score']:.2f}%" if ref and ref.get("score") is not None else "")
+        + (f"; {ref['method']}: {fmt(ref['score'])}" if ref and ref.get("score") is not None else "")
     )
     if doc["choice"]["at_edge"]:
         log(f"note: {best:g} is at the edge of the grid; the best value may lie beyond it: extend --grid")
@@ -345,7 +353,10 @@ def run_tune(
     return doc
 
 
-def _round_table(entry: dict, search: str) -> str:
+def _round_table(entry: dict, search: str, metric: str = "accuracy") -> str:
+    from varprune.report.tables import metric_info
+
+    fmt = metric_info(metric).fmt
     lines = [f"  {search:>9}  score (BNT)  no BNT   dense"]
     for c in entry["candidates"]:
         if c["score"] is None:
@@ -353,30 +364,33 @@ def _round_table(entry: dict, search: str) -> str:
             continue
         mark = "  kept" if c["value"] in entry["kept"] else ""
         lines.append(
-            f"  {c['value']:>9g}  {100 * c['score']:10.2f}%  {100 * c['score_no_bnt']:6.2f}%  "
-            f"{100 * c['dense']:6.2f}%{mark}"
+            f"  {c['value']:>9g}  {fmt(c['score']):>11}  {fmt(c['score_no_bnt']):>7}  {fmt(c['dense']):>7}{mark}"
         )
     return "\n".join(lines)
 
 
 def tune_plot(doc: dict, path: Path) -> None:
     """Validation score against candidate value (log x), one line per round; the baseline dashed; the choice starred."""
-    from varprune.report.figures import _figure
-    from varprune.report.tables import metric_title
+    from varprune.report.figures import _figure, _value
+    from varprune.report.tables import metric_info
 
+    m = doc["metric"]
+    info = metric_info(m)
     _, fig, ax = _figure()
     for entry in doc["rounds"]:
-        pts = sorted((c["value"], 100 * c["score"]) for c in entry["candidates"] if c["score"] is not None)
+        pts = sorted((c["value"], _value(m, c["score"])) for c in entry["candidates"] if c["score"] is not None)
         if pts:
             ax.plot(*zip(*pts), "o-", label=f"round {entry['round']}: {entry['epochs']} epoch(s)")
     ref = doc.get("baseline")
     if ref and ref.get("score") is not None:
-        ax.axhline(100 * ref["score"], color="gray", ls="--", label=f"{ref['method']} ({ref['epochs']} epochs)")
+        ax.axhline(_value(m, ref["score"]), color="gray", ls="--", label=f"{ref['method']} ({ref['epochs']} epochs)")
     choice = doc["choice"]
-    ax.plot([choice["value"]], [100 * choice["score"]], "*", color="black", ms=14, label="choice")
+    ax.plot([choice["value"]], [_value(m, choice["score"])], "*", color="black", ms=14, label="choice")
     ax.set_xscale("log")
     ax.set_xlabel("VAR strength s (lambda = s / psi(w_init))" if doc["search"] == "strength" else "VAR lambda")
-    ax.set_ylabel(metric_title(doc["metric"]).replace("Test", "validation") + " (%)")
+    ax.set_ylabel(
+        info.title.replace("Test", "validation") + info.unit + ("" if info.higher_is_better else " (lower is better)")
+    )
     ax.set_title(f"{doc['method']}: {100 * doc['sparsity']:g}% sparsity + BN re-tuning, validation split")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

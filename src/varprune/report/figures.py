@@ -9,7 +9,7 @@ import io
 import math
 from pathlib import Path
 
-from varprune.report.tables import metric_of, metric_title
+from varprune.report.tables import metric_info, metric_of, pruner_of
 from varprune.storage.files import atomic_write_bytes
 
 
@@ -52,64 +52,108 @@ def save_png(fig, path: str | Path, tight_bbox: bool = False) -> str:
     return str(path)
 
 
+def _value(metric: str, v: float) -> float:
+    """What a figure plots: percent for fractions, the metric itself otherwise (perplexity)."""
+    return 100 * v if metric_info(metric).percent else v
+
+
 def _finish(plt, fig, ax, path: Path, title: str, metric: str = "accuracy") -> None:
+    info = metric_info(metric)
     ax.set_xlabel("sparsity (% of prunable weights removed, log scale of the kept fraction)")
-    ax.set_ylabel(metric_title(metric).replace("Test", "test") + " (%)")
+    ax.set_ylabel(
+        info.title.replace("Test", "test")
+        + info.unit
+        + ("" if info.higher_is_better else ", log scale (lower is better)")
+    )
     ax.set_title(title)
-    ax.set_ylim(0, 100)
+    if info.percent:
+        ax.set_ylim(0, 100)
+    else:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    # beside the axes, never on the curves (they fall towards the lower left, where a legend used to sit)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    save_png(fig, path)
+    save_png(fig, path, tight_bbox=True)
+
+
+_STYLES = {"magnitude": "o-", "wanda": "s-", "sparsegpt": "^-"}
 
 
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
-    """The primary metric against sparsity: solid lines after BN re-tuning, dashed before."""
+    """The primary metric against sparsity, one colour per run, one marker per pruner: solid lines after BN
+    re-tuning, dashed before (one line where nothing was re-tuned); N:M patterns as diamonds at their realised
+    sparsity."""
     plt, fig, ax = _figure()
     _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"] if "pattern" not in r])
     for i, (label, doc) in enumerate(rows):
         color = f"C{i % 10}"
         m = metric_of(doc)
-        plain = [r for r in doc["results"] if "pattern" not in r]
-        s = [_x(r["sparsity"]) for r in plain]
-        ax.plot(s, [100 * r[f"{m}_bnt"] for r in plain], "o-", color=color, label=f"{label} (BNT)")
-        ax.plot(s, [100 * r[m] for r in plain], "x--", color=color, alpha=0.6, label=f"{label} (no BNT)")
-        for r in doc["results"]:  # N:M patterns: one marker at their realised sparsity, after BNT
-            if "pattern" in r:
-                ax.plot([_x(r["realised_sparsity"])], [100 * r[f"{m}_bnt"]], "D", color=color, markersize=6)
-                ax.annotate(
-                    r["pattern"],
-                    (_x(r["realised_sparsity"]), 100 * r[f"{m}_bnt"]),
-                    fontsize=7,
-                    xytext=(4, 4),
-                    textcoords="offset points",
+        retuned = doc.get("bn_retuning", True) and all(f"{m}_bnt" in r for r in doc["results"])
+        pruners = list(dict.fromkeys(pruner_of(r) for r in doc["results"]))
+        for pruner in pruners:
+            mine = [r for r in doc["results"] if pruner_of(r) == pruner]
+            plain = [r for r in mine if "pattern" not in r]
+            name = label if pruners == ["magnitude"] else f"{label}, {pruner}"
+            s = [_x(r["sparsity"]) for r in plain]
+            style = _STYLES.get(pruner, "o-")
+            main = f"{m}_bnt" if retuned else m
+            ax.plot(
+                s, [_value(m, r[main]) for r in plain], style, color=color, label=f"{name} (BNT)" if retuned else name
+            )
+            if retuned:
+                ax.plot(
+                    s,
+                    [_value(m, r[m]) for r in plain],
+                    style[0] + "--",
                     color=color,
+                    alpha=0.5,
+                    label=f"{name} (no BNT)",
                 )
+            for r in mine:  # N:M patterns: one marker at their realised sparsity
+                if "pattern" in r:
+                    y = _value(m, r[main])
+                    ax.plot([_x(r["realised_sparsity"])], [y], "D", color=color, markersize=6)
+                    ax.annotate(
+                        r["pattern"] + ("" if pruner == "magnitude" else f" {pruner}"),
+                        (_x(r["realised_sparsity"]), y),
+                        fontsize=7,
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        color=color,
+                    )
     _finish(plt, fig, ax, Path(path), title, metric_of(rows[0][1]) if rows else "accuracy")
 
 
 def study_plot(summary: dict, path: str | Path) -> None:
-    """Mean metric after BNT per method with a ±1 std band; dashed: before BNT."""
+    """Mean metric per method (and pruner) with its 95% interval as a band (± 1 std for a summary of 0.2);
+    dashed: before BN re-tuning, where it applies."""
     m = summary.get("metric", "accuracy")
     plt, fig, ax = _figure()
     s = summary["study"]["sparsities"]
     _sparsity_axis(ax, s)
     xs = [_x(v) for v in s]
-    for i, (method, e) in enumerate(summary["methods"].items()):
-        color = f"C{i % 10}"
-        mean = [100 * e["sparsities"][str(x)][f"{m}_bnt"][0] for x in s]
-        std = [100 * e["sparsities"][str(x)][f"{m}_bnt"][1] for x in s]
-        ax.plot(xs, mean, "o-", color=color, label=f"{method} (BNT)")
-        ax.fill_between(
-            xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], color=color, alpha=0.2
-        )
-        ax.plot(
-            xs,
-            [100 * e["sparsities"][str(x)][m][0] for x in s],
-            "--",
-            color=color,
-            alpha=0.5,
-            label=f"{method} (no BNT)",
-        )
+    retuned = summary.get("bn_retuning", True)
+    main = f"{m}_bnt" if retuned else m
+    i = 0
+    for method, e in summary["methods"].items():
+        pruners = list(dict.fromkeys(c.get("pruner", "magnitude") for c in e["sparsities"].values()))
+        for pruner in pruners:
+            color = f"C{i % 10}"
+            i += 1
+            cells = [e["sparsities"][str(x) if pruner == "magnitude" else f"{pruner}:{x}"] for x in s]
+            mean = [_value(m, c[main][0]) for c in cells]
+            if all("ci95" in c for c in cells):
+                bands = [c.get("ci95_bnt" if retuned else "ci95") or [c[main][0]] * 2 for c in cells]
+                lo, hi = [_value(m, b[0]) for b in bands], [_value(m, b[1]) for b in bands]
+            else:
+                lo = [_value(m, c[main][0] - c[main][1]) for c in cells]
+                hi = [_value(m, c[main][0] + c[main][1]) for c in cells]
+            name = method if pruners == ["magnitude"] else f"{method}, {pruner}"
+            ax.plot(xs, mean, _STYLES.get(pruner, "o-"), color=color, label=f"{name} (BNT)" if retuned else name)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+            if retuned:
+                ax.plot(xs, [_value(m, c[m][0]) for c in cells], "--", color=color, alpha=0.5, label=f"{name} (no BNT)")
     seeds = summary["study"]["seeds"]
-    _finish(plt, fig, ax, Path(path), f"Study: mean ± std over {len(seeds)} seed(s)", m)
+    band = "95% interval" if "dense_ci95" in next(iter(summary["methods"].values())) else "± std"
+    _finish(plt, fig, ax, Path(path), f"Study: mean over {len(seeds)} seed(s), band {band}", m)

@@ -64,36 +64,73 @@ def metric_title(metric: str) -> str:
     return METRIC_TITLES.get(metric, f"Test {metric}")
 
 
-def setting_key(row: dict):
-    """A result row's setting: its N:M pattern or its requested sparsity."""
-    return row.get("pattern") or row["sparsity"]
+def pruner_of(row: dict) -> str:
+    """The pruner of a result row (files of 0.2 and before: magnitude)."""
+    return row.get("pruner", "magnitude")
+
+
+def setting_key(row: dict) -> tuple[str, object]:
+    """A result row's setting: ``(pruner, N:M pattern or requested sparsity)``."""
+    return pruner_of(row), (row.get("pattern") or row["sparsity"])
 
 
 def setting_label(key) -> str:
     return key if isinstance(key, str) else f"{100 * key:g}%"
 
 
-def _settings(rows) -> list:
-    keys = {setting_key(r) for _, doc in rows for r in doc["results"]}
-    return sorted(k for k in keys if not isinstance(k, str)) + sorted(k for k in keys if isinstance(k, str))
+def _order(settings) -> list:
+    return sorted(s for s in settings if not isinstance(s, str)) + sorted(s for s in settings if isinstance(s, str))
+
+
+def _retuned(doc: dict) -> bool:
+    """Did the sweep re-tune BatchNorm (a model without BatchNorm has nothing to re-tune)?"""
+    return bool(doc.get("bn_retuning", True)) and all(f"{metric_of(doc)}_bnt" in r for r in doc["results"])
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def sweep_table(rows: list[tuple[str, dict]]) -> str:
-    """Markdown table, one row per run: dense metric, then 'after BNT / before BNT' per sparsity (and pattern)."""
+    """Markdown table, one row per run (and pruner): dense metric, then per sparsity (and pattern) the metric
+    after BN re-tuning / before, or the one value when nothing was re-tuned."""
     metric = metric_of(rows[0][1]) if rows else "accuracy"
-    sparsities = _settings(rows)
-    head = ["run", "dense"] + [setting_label(s) for s in sparsities]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for label, doc in rows:
-        by_s = {setting_key(r): r for r in doc["results"]}
+    info = metric_info(metric)
+    settings = _order({setting_key(r)[1] for _, doc in rows for r in doc["results"]})
+    pruners = list(dict.fromkeys(pruner_of(r) for _, doc in rows for r in doc["results"]))
+    several = pruners != ["magnitude"]
+    retuned = [_retuned(doc) for _, doc in rows]
+    head = ["run"] + (["pruner"] if several else []) + ["dense"] + [setting_label(s) for s in settings]
+    lines = []
+    for (label, doc), rt in zip(rows, retuned):
+        by = {setting_key(r): r for r in doc["results"]}
         m = metric_of(doc)
-        cells = [label, pct(doc[f"dense_{m}"])]
-        for s in sparsities:
-            r = by_s.get(s)
-            cells.append("—" if r is None else f"{pct(r[f'{m}_bnt'])} / {pct(r[m])}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (
-        f"\n\n{metric_title(metric)} (%) after one-shot magnitude pruning: with BN re-tuning / without.\n"
+        for pruner in pruners:
+            if not any(k[0] == pruner for k in by):
+                continue
+            cells = [label] + ([pruner] if several else []) + [info.fmt(doc[f"dense_{m}"])]
+            for s in settings:
+                r = by.get((pruner, s))
+                cells.append(
+                    "—" if r is None else f"{info.fmt(r[f'{m}_bnt'])} / {info.fmt(r[m])}" if rt else info.fmt(r[m])
+                )
+            lines.append(cells)
+    what = "one-shot pruning" if several else "one-shot magnitude pruning"
+    if all(retuned):
+        note = "with BN re-tuning / without"
+    elif not any(retuned):
+        note = (
+            "BN re-tuning does not apply (no BatchNorm)"
+            if any("no BatchNorm" in doc.get("bn_retuning_note", "") for _, doc in rows)
+            else "no BN re-tuning"
+        )
+    else:
+        note = "with BN re-tuning / without where it applies; one value where the model has no BatchNorm"
+    direction = "higher" if info.higher_is_better else "lower"
+    return (
+        "\n".join(_table(head, lines)) + f"\n\n{info.title}{info.unit} after {what}: {note} ({direction} is better).\n"
     )
 
 
@@ -101,43 +138,85 @@ def sweep_csv(doc: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     m = metric_of(doc)
-    w.writerow(["sparsity", "realised_sparsity", m, f"{m}_bnt"])  # an N:M row names its pattern there
-    for r in doc["results"]:
-        w.writerow([setting_key(r), r["realised_sparsity"], r[m], r[f"{m}_bnt"]])
+    retuned = _retuned(doc)
+    w.writerow(["pruner", "sparsity", "realised_sparsity", m] + ([f"{m}_bnt"] if retuned else []))
+    for r in doc["results"]:  # an N:M row names its pattern under sparsity
+        pruner, setting = setting_key(r)
+        w.writerow([pruner, setting, r["realised_sparsity"], r[m]] + ([r[f"{m}_bnt"]] if retuned else []))
     return buf.getvalue()
 
 
+def _ci_cell(info: Metric, mean: float, interval, paired=None) -> str:
+    """``mean [low, high]``, with ``*`` when the paired difference to the baseline excludes zero."""
+    from varprune.report.stats import significant
+
+    text = info.fmt(mean) + (f" [{info.fmt(interval[0])}, {info.fmt(interval[1])}]" if interval else "")
+    return text + ("*" if significant(paired) else "")
+
+
 def study_table(summary: dict) -> str:
-    """Markdown: mean ± std over seeds per method and sparsity, after BNT and before."""
+    """Markdown: per method (and pruner), the mean over seeds with its 95% interval per setting, after BN
+    re-tuning and before; ``*`` marks a paired difference to the baseline whose interval excludes zero. Reads
+    report.json of varprune 0.2 too (mean ± std, no intervals)."""
     methods = summary["methods"]
-    sparsities = list(summary["study"]["sparsities"]) + list(summary["study"].get("patterns", []))
-    seeds = summary["study"]["seeds"]
-
+    spec = summary["study"]
+    seeds = spec["seeds"]
     m = summary.get("metric", "accuracy")
+    info = metric_info(m)
+    base = summary.get("baseline")
+    retuned = summary.get("bn_retuning", True)
+    first = next(iter(methods.values()))
+    keys = list(first["sparsities"])
+    pruners = list(dict.fromkeys(first["sparsities"][k].get("pruner", "magnitude") for k in keys))
+    settings = [s for s in (*spec["sparsities"], *spec.get("patterns", []))]
 
-    def cell(ms):
-        return f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
+    def key_of(pruner, s):
+        return str(s) if pruner == "magnitude" else f"{pruner}:{s}"
 
+    def cell(e, which):
+        ms = e[which]
+        interval = e.get("ci95_bnt" if which.endswith("_bnt") else "ci95")
+        if "ci95" not in e:  # a summary of 0.2
+            return f"{info.fmt(ms[0])} ± {info.fmt(ms[1])}"
+        return _ci_cell(info, ms[0], interval, e.get("paired_bnt" if which.endswith("_bnt") else "paired"))
+
+    kinds = [(f"{m}_bnt", "after BN re-tuning"), (m, "before BN re-tuning")] if retuned else [(m, "")]
     out = []
-    for key, title in ((f"{m}_bnt", "after BN re-tuning"), (m, "before BN re-tuning")):
-        head = ["method", "dense"] + [setting_label(s) for s in sparsities] + ["time/epoch vs SGD"]
-        lines = [
-            f"{metric_title(m)} (%), mean ± std over seeds {seeds}, one-shot pruning {title}:",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
-        ]
+    several = pruners != ["magnitude"]
+    for which, title in kinds:
+        head = (
+            ["method"]
+            + (["pruner"] if several else [])
+            + ["dense"]
+            + [setting_label(s) for s in settings]
+            + ["time/epoch vs SGD"]
+        )
+        rows = []
         for method, e in methods.items():
-            ratio = "—" if e["time_vs_sgd"] is None else f"{e['time_vs_sgd']:.2f}x"
-            lines.append(
-                "| "
-                + " | ".join(
-                    [method, cell(e["dense"])] + [cell(e["sparsities"][str(s)][key]) for s in sparsities] + [ratio]
-                )
-                + " |"
+            ratio = "—" if e.get("time_vs_sgd") is None else f"{e['time_vs_sgd']:.2f}x"
+            dense = (
+                _ci_cell(info, e["dense"][0], e.get("dense_ci95"), e.get("dense_paired"))
+                if "dense_ci95" in e
+                else f"{info.fmt(e['dense'][0])} ± {info.fmt(e['dense'][1])}"
             )
-        out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
+            for pruner in pruners:
+                cells = [method] + ([pruner] if several else []) + [dense]
+                for s in settings:
+                    c = e["sparsities"].get(key_of(pruner, s))
+                    cells.append("—" if c is None else cell(c, which))
+                rows.append(cells + [ratio])
+        stat = f"mean [95% interval] over seeds {seeds}" if "dense_ci95" in first else f"mean ± std over seeds {seeds}"
+        mark = f"; * the paired difference to {base} excludes zero" if base and "dense_ci95" in first else ""
+        label = f"{info.title}{info.unit}, {stat}, one-shot pruning {title}".rstrip(", ") + f"{mark}:"
+        if not retuned:
+            label = label.replace(":", " (BN re-tuning does not apply: no BatchNorm):", 1) if not title else label
+        out.append("\n".join([label, "", *_table(head, rows)]))
+    text = "\n\n".join(out) + "\n"
+    if summary.get("findings"):
+        text += "\nDifferences whose 95% interval excludes zero:\n\n" + "".join(f"* {f}\n" for f in summary["findings"])
+    elif base and "dense_ci95" in first:
+        text += f"\nNo difference to {base} has a 95% interval that excludes zero.\n"
+    return text
 
 
 # ---------------------------------------------------------------- one HTML page

@@ -7,8 +7,14 @@ from varprune.tasks.augment import crop_flip
 from varprune.tasks.base import Task
 from varprune.tasks.classification import Classification
 from varprune.tasks.segmentation import Segmentation
+from varprune.tasks.text import LanguageModeling, TextClassification, logits_of
 
-TASKS = {"classification": Classification, "segmentation": Segmentation}
+TASKS: dict[str, type[Task]] = {
+    "classification": Classification,
+    "segmentation": Segmentation,
+    "language-modeling": LanguageModeling,
+    "text-classification": TextClassification,
+}
 
 
 def task_for(info) -> Task:
@@ -16,4 +22,14 @@ def task_for(info) -> Task:
     return TASKS[info.task](info.num_classes, info.crop_pad, info.flip)
 
 
-__all__ = ["TASKS", "Classification", "Segmentation", "Task", "crop_flip", "task_for"]
+__all__ = [
+    "TASKS",
+    "Classification",
+    "LanguageModeling",
+    "Segmentation",
+    "Task",
+    "TextClassification",
+    "crop_flip",
+    "logits_of",
+    "task_for",
+]
