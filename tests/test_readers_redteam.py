@@ -4,7 +4,8 @@
 2. one rule for images too large to decode (Pillow's decompression-bomb limit) in every image reader;
 3. Tiny-ImageNet's val_annotations.txt naming one file twice with two labels is refused;
 4. a UTF-8 byte-order mark at the start of a text file the readers read is not part of the data;
-5. colin27 accepts the mricron package folder (the parent of templates/).
+5. colin27 accepts the mricron package folder (the parent of templates/);
+6. fashion-mnist --download uses complete files as they are and leaves no folder behind when it fails.
 """
 
 import contextlib
@@ -13,12 +14,15 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from helpers import cli, one_line_error
+from test_data import write_fake_mnist
 from test_folderdata import _folder, _tiny
 from test_segdata import AAL_TXT, write_fake_colin, write_folder, write_msd
 from varprune.data import DatasetError, locate_dataset
@@ -30,6 +34,7 @@ from varprune.data.folders import (
 )
 from varprune.data.segmentation import locate_segdata, read_colin27, read_msd, read_seg_folder
 from varprune.data.streaming import streaming_info
+from varprune.data.vision import load as vision_load
 from varprune.data.volumes import read_aal_names
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -303,3 +308,49 @@ def test_colin27_elsewhere_says_where_it_looked(tmp_path):
 def test_colin27_from_the_debian_package_folder():
     complete, message = locate_segdata("colin27", "/usr/share/mricron")
     assert complete, message
+
+
+# ------------------------------------------------------------------ 6. --download
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's downloads fail as they would without a network (its folder handling runs for real)."""
+    import torchvision.datasets.utils as tvu
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr(tvu, "_get_redirect_url", unreachable)
+    monkeypatch.setattr(tvu, "_urlretrieve", unreachable)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_download_uses_complete_files_as_they_are(tmp_path, offline, layout):
+    files = write_fake_mnist(tmp_path / "fm", layout=layout)
+    before = _tree(tmp_path)
+    data = vision_load("fashion-mnist", tmp_path / "fm", download=True)
+    assert data.train_x.shape == (30, 1, 28, 28)
+    assert np.array_equal(data.test_y.numpy(), files["t10k-labels-idx1-ubyte"])
+    assert _tree(tmp_path) == before
+
+
+def test_a_failed_download_into_a_new_folder_leaves_nothing(tmp_path, offline):
+    with pytest.raises(DatasetError, match="downloading fashion-mnist into .* failed"):
+        vision_load("fashion-mnist", tmp_path / "new" / "data", download=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_download_removes_only_the_folders_it_made(tmp_path, offline):
+    root = tmp_path / "data"
+    (root / "FashionMNIST").mkdir(parents=True)  # the user's, empty: stays
+    (root / "other").mkdir()
+    (root / "other" / "keep.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(DatasetError, match="failed"):
+        vision_load("fashion-mnist", root, download=True)
+    assert _tree(tmp_path) == before
