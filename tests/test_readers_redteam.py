@@ -1,15 +1,18 @@
-"""The red team's data-reader findings: each test failed before its fix.
+"""The red team's data-reader findings (and one of the HTML report): each test failed before its fix.
 
 1. a FIFO (or socket, device) named like data is refused by the listing, never opened: no reader hangs;
 2. one rule for images too large to decode (Pillow's decompression-bomb limit) in every image reader;
 3. Tiny-ImageNet's val_annotations.txt naming one file twice with two labels is refused;
 4. a UTF-8 byte-order mark at the start of a text file the readers read is not part of the data;
 5. colin27 accepts the mricron package folder (the parent of templates/);
-6. fashion-mnist --download uses complete files as they are and leaves no folder behind when it fails.
+6. fashion-mnist --download uses complete files as they are and leaves no folder behind when it fails;
+7. the study page puts each table's title directly above its own table.
 """
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -354,3 +357,50 @@ def test_a_failed_download_removes_only_the_folders_it_made(tmp_path, offline):
     with pytest.raises(DatasetError, match="failed"):
         vision_load("fashion-mnist", root, download=True)
     assert _tree(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 7. study page: each title above its table
+
+
+def _study(folder: Path) -> Path:
+    folder.mkdir()
+    summary = {
+        "metric": "accuracy",
+        "study": {
+            "methods": ["sgd", "var"],
+            "seeds": [0],
+            "sparsities": [0.9],
+            "scope": "global",
+            "bnt_batches": 2,
+            "bnt_batch_size": 64,
+            "train": {"model": "mlp", "dataset": "fashion-mnist", "epochs": 1},
+        },
+        "methods": {
+            m: {
+                "dense": [0.9, 0.0],
+                "sparsities": {"0.9": {"accuracy_bnt": [0.8 + k / 100, 0.01], "accuracy": [0.5 + k / 100, 0.02]}},
+                "time_vs_sgd": None if m == "sgd" else 1.5,
+            }
+            for k, m in enumerate(["sgd", "var"])
+        },
+    }
+    (folder / "report.json").write_text(json.dumps(summary))
+    Image.new("RGB", (4, 4)).save(folder / "report.png")
+    return folder
+
+
+def test_study_page_puts_each_title_directly_above_its_table(tmp_path):
+    from varprune.report.pages import study_html
+
+    study_html(_study(tmp_path / "study"), tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    after, before = page.index("after BN re-tuning"), page.index("before BN re-tuning")
+    cell_after, cell_before = page.index("80.00 ± 1.00"), page.index("50.00 ± 2.00")
+    assert after < cell_after < before < cell_before, (after, cell_after, before, cell_before)
+    tables = re.findall(r"<table>.*?</table>", page, re.S)
+    assert len(tables) == 2
+    assert "after BN re-tuning" in tables[0] and "80.00 ± 1.00" in tables[0] and "before BN" not in tables[0]
+    assert "before BN re-tuning" in tables[1] and "50.00 ± 2.00" in tables[1] and "after BN" not in tables[1]
+    for table in tables:  # the title is the table's first child, drawn above it
+        assert re.match(r"<table>\s*<caption class=title>", table), table[:80]
+    assert re.search(r"caption\.title\s*\{[^}]*caption-side:\s*top", page)
