@@ -3,7 +3,7 @@
 Readers are strict: a file with the wrong IDX magic, a short read or a CIFAR
 batch of the wrong layout raises :class:`DatasetError` with one clear line.
 CIFAR's pickles go through an allow-list unpickler. Nothing is downloaded
-unless ``download=True``.
+unless ``download=True`` and the files are incomplete.
 """
 
 from __future__ import annotations
@@ -362,7 +362,8 @@ def load(
     name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True
 ) -> ImageData:
     """The whole set as uint8 tensors; ``need_test=False`` reads the training files only (the test split comes
-    back empty)."""
+    back empty). ``download``: fetch the files with torchvision unless they are all there already; a failed
+    download removes what it created and raises DatasetError."""
     info = DATASETS[name]
     if download and not locate(name, root, need_test).complete:  # complete files are used as they are
         made = _new_paths(info, root)
