@@ -17,33 +17,29 @@ Layouts
                     DIR/words.txt (optional) for names. 64 px.
 
 Decoding (Pillow)
-    Colour: every image converted to RGB (alpha dropped, palette and CMYK
-    converted) unless *every* image of both splits is greyscale (modes 1, L,
-    LA, I, I;16, F), then all are kept as one channel (L). So MNIST-like
-    folders give 1-channel data and one stray colour image makes all RGB.
-    Size: shorter side resized to ``image_size`` (bilinear, antialiased as
-    Pillow does when shrinking), then the centre ``image_size`` square
-    cropped: torchvision's ``Resize(s) + CenterCrop(s)``. JPEGs are decoded
-    with Pillow's draft mode at the smallest power-of-two reduction that is
-    still at least ``image_size`` (much faster on large photos).
-    Errors: an unreadable or truncated image, an empty class folder, val
-    classes not in train, a missing train or val folder: DatasetError with
-    one line naming the path. Nothing is ever downloaded.
+    Colour: every image converted to RGB (alpha dropped, palette and CMYK converted) unless *every* image
+    of both splits is greyscale (modes 1, L, LA, I, I;16, F), then all are kept as one channel (L). So
+    MNIST-like folders give 1-channel data and one stray colour image makes all RGB.
+    Size: shorter side resized to ``image_size`` (bilinear, antialiased as Pillow does when shrinking),
+    then the centre ``image_size`` square cropped: torchvision's ``Resize(s) + CenterCrop(s)``. JPEGs are
+    decoded with Pillow's draft mode at the smallest power-of-two reduction that is still at least
+    ``image_size`` (much faster on large photos).
+    Errors: an unreadable, truncated or too large image (base.open_image), a FIFO, socket or device named
+    like an image or a text file of the layout (refused by the listing, never opened), an empty class
+    folder, val classes not in train, a missing train or val folder: DatasetError with one line naming
+    the path. Nothing is ever downloaded.
 
 Cache
-    Decoding is slow, so the decoded arrays are kept in
-    ``$VARPRUNE_CACHE`` (else ``$XDG_CACHE_HOME/varprune``, else
-    ``~/.cache/varprune``) as ``<reader>-<key>.safetensors``, key = SHA-256 of
-    (reader, resolved root, every file's relative path, size and mtime,
-    image_size, FORMAT_VERSION). Any change to a file or the settings makes a
-    new key; stale files are never read and may be deleted at any time (the
-    folder is safe to remove). Written atomically; no pickle.
+    Decoding is slow, so the decoded arrays are kept in ``$VARPRUNE_CACHE`` (else
+    ``$XDG_CACHE_HOME/varprune``, else ``~/.cache/varprune``) as ``<reader>-<key>.safetensors``, key =
+    SHA-256 of (reader, resolved root, every file's relative path, size and mtime, image_size,
+    FORMAT_VERSION). Any change to a file or the settings makes a new key; stale files are never read and
+    may be deleted at any time (the folder is safe to remove). Written atomically; no pickle.
 
 Too big for the device
-    :func:`estimate_bytes` and :func:`fits_on_device` say whether a decoded
-    set fits; if not, :class:`StreamingLoader` decodes from the files in
-    DataLoader workers and crops/flips/normalises on the host, with the
-    iteration interface of DeviceLoader.
+    :func:`estimate_bytes` and :func:`fits_on_device` say whether a decoded set fits; if not,
+    :class:`StreamingLoader` decodes from the files in DataLoader workers and crops/flips/normalises on
+    the host, with the iteration interface of DeviceLoader.
 """
 
 from __future__ import annotations
@@ -63,7 +59,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
+from varprune.data.base import (
+    DatasetError,
+    DatasetInfo,
+    DatasetLocation,
+    ImageData,
+    data_file,
+    open_image,
+    read_text,
+    refuse_special,
+)
 
 FORMAT_VERSION = 1
 CACHE_FORMAT = f"varprune-decoded-{FORMAT_VERSION}"
@@ -138,13 +143,23 @@ def _visible(p: Path) -> bool:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden entries skipped), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(Path(dirpath) / name)
+    """Image files under ``folder`` (recursive, links followed, hidden entries skipped), sorted. A name with
+    an image suffix that is not a regular file (a FIFO, socket, device) is refused from its stat, unopened."""
+    out, todo = [], [folder]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir():
+                        todo.append(Path(e.path))
+                    elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                        if not e.is_file():  # d_type tells most entries apart without a syscall
+                            refuse_special(e.path, "image")
+                        out.append(Path(e.path))
+        except OSError as e:
+            raise DatasetError(f"cannot list {e.filename} ({e.strerror or e}); check the dataset folder") from None
     return sorted(out)
 
 
@@ -196,18 +211,15 @@ def scan_imagefolder(root: str | os.PathLike) -> FileList:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); re-fetch the dataset") from None
+    return [line for line in read_text(path).splitlines() if line.strip()]  # read_text drops a byte-order mark
 
 
 def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
     """List a Tiny ImageNet tree (the official zip's layout); strict, reads no image."""
     root = Path(root)
-    if not (root / "wnids.txt").is_file():
+    if not data_file(root / "wnids.txt", "class list"):
         nested = root / "tiny-imagenet-200"
-        if (nested / "wnids.txt").is_file():
+        if data_file(nested / "wnids.txt", "class list"):
             root = nested
         else:
             raise DatasetError(f"no wnids.txt in {root}: expected {TINY_LAYOUT}")
@@ -216,8 +228,9 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
         raise DatasetError(f"{root / 'wnids.txt'} lists a class twice; re-fetch the dataset")
     index = {w: i for i, w in enumerate(wnids)}
     names = dict(zip(wnids, wnids))
-    if (root / "words.txt").is_file():
-        for line in _read_lines(root / "words.txt"):
+    words = root / "words.txt"
+    if data_file(words, "class name list"):
+        for line in _read_lines(words):
             wnid, _, words = line.partition("\t")
             if wnid in names and words.strip():
                 names[wnid] = words.split(",")[0].strip()
@@ -232,16 +245,19 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
         train_files += found
         train_labels += [index[w]] * len(found)
     ann = root / "val" / "val_annotations.txt"
-    if not ann.is_file():
+    if not data_file(ann, "annotation file"):
         raise DatasetError(f"no {ann}: expected {TINY_LAYOUT}")
-    labelled = {}
+    first: dict[str, tuple[int, str]] = {}  # a file listed twice: kept with one label (nothing changes), not two
     for n, line in enumerate(_read_lines(ann), 1):
         parts = line.split("\t")
         if len(parts) < 2:
             raise DatasetError(f"{ann} line {n} is not 'file<TAB>wnid<TAB>...'; re-fetch the dataset")
         if parts[1] not in index:
             raise DatasetError(f"{ann} line {n} names class {parts[1]!r}, which wnids.txt lacks")
-        labelled[parts[0]] = index[parts[1]]
+        m, wnid = first.setdefault(parts[0], (n, parts[1]))
+        if wnid != parts[1]:
+            raise DatasetError(f"{ann} lists {parts[0]} twice (line {m}: {wnid}, line {n}: {parts[1]}); keep one line")
+    labelled = {name: index[wnid] for name, (_, wnid) in first.items()}
     val_files = _image_files(root / "val" / "images")
     if not val_files:
         raise DatasetError(f"no images in {root / 'val' / 'images'}: expected {TINY_LAYOUT}")
@@ -257,7 +273,7 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
             f"{ann} lists {absent[0]}, which is not in {root / 'val' / 'images'} "
             f"({len(absent)} missing); re-fetch the dataset"
         )
-    inputs = [root / "wnids.txt", ann] + ([root / "words.txt"] if (root / "words.txt").is_file() else [])
+    inputs = [root / "wnids.txt", ann] + ([words] if data_file(words) else [])
     return FileList(
         "tiny-imagenet",
         root,
@@ -275,11 +291,6 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
 # ----------------------------------------------------------------- decoding
 
 
-def _short(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:100]
-
-
 def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = None) -> tuple[np.ndarray, bool]:
     """Decode one image: ``(uint8 array (S, S) for grey or (S, S, 3), was_grey)``.
 
@@ -288,25 +299,22 @@ def decode_image(path: str | os.PathLike, image_size: int, mode: str | None = No
     """
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            gray = im.mode in GRAY_MODES
-            target = mode or ("L" if gray else "RGB")
-            if im.format == "JPEG":
-                im.draft(target, (image_size, image_size))
-            pixels: Image.Image = im.convert(target)  # loads the pixels: truncation and decoder errors surface here
-        w, h = pixels.size
-        if min(w, h) != image_size:
-            # torchvision's rule: the longer side is truncated, int(s * long / short)
-            new = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
-            pixels = pixels.resize(new, Image.Resampling.BILINEAR)
-            w, h = new
-        left, top = round((w - image_size) / 2.0), round((h - image_size) / 2.0)
-        if (w, h) != (image_size, image_size):
-            pixels = pixels.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(pixels, dtype=np.uint8), gray
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"cannot decode image {path} ({_short(e)}); replace or remove the file") from None
+    with open_image(path, verb="decode") as im:  # one rule for every reader: special files, huge images
+        gray = im.mode in GRAY_MODES
+        target = mode or ("L" if gray else "RGB")
+        if im.format == "JPEG":
+            im.draft(target, (image_size, image_size))
+        pixels: Image.Image = im.convert(target)  # loads the pixels: truncation and decoder errors surface here
+    w, h = pixels.size
+    if min(w, h) != image_size:
+        # torchvision's rule: the longer side is truncated, int(s * long / short)
+        new = (image_size, int(image_size * h / w)) if w <= h else (int(image_size * w / h), image_size)
+        pixels = pixels.resize(new, Image.Resampling.BILINEAR)
+        w, h = new
+    left, top = round((w - image_size) / 2.0), round((h - image_size) / 2.0)
+    if (w, h) != (image_size, image_size):
+        pixels = pixels.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(pixels, dtype=np.uint8), gray
 
 
 def _progress(total: int, desc: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError, resize_images
+from varprune.data.base import DatasetError, data_file, open_image, resize_images
 from varprune.data.segcommon import (
     SegSplits,
     _check_size,
@@ -24,12 +24,17 @@ from varprune.data.segcommon import (
 _IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MASK_SUFFIXES = ("_segmentation", "_mask")  # ISIC: <stem>_segmentation.png
 _LABEL_LIMIT = 64  # label-valued masks: values below this
+_FIX = "re-fetch or re-export the file"
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_ENDINGS and not p.name.startswith(".") and p.is_file()
-    )
+    """The images (or masks) in ``folder``; a folder named like one is skipped, a FIFO, socket or device
+    refused from its stat (never opened: opening a FIFO blocks)."""
+    try:
+        names = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_ENDINGS and not p.name.startswith("."))
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder} ({_reason(e)}); check the dataset folder") from None
+    return [p for p in names if data_file(p, "image" if folder.name == "images" else "mask")]
 
 
 def _pair_folder(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
@@ -68,42 +73,31 @@ def _pair_folder(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
     return [(stem, by_stem[stem], mask_of[stem]) for stem in sorted(by_stem)]
 
 
-def _open_pil(path: Path, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot read {what} {path} ({_reason(e)}); re-fetch or re-export the file") from None
-    return img
-
-
 def _read_image(path: Path) -> np.ndarray:
     """(H, W, C) float32 in 0..255, C = 1 or 3: 8-bit kept, deeper images normalised per image."""
-    img = _open_pil(path, "image")
-    mode = img.mode
-    if mode in ("RGB", "L"):
-        a = np.asarray(img, dtype=np.float32)
-    elif mode in ("1", "LA", "La"):
-        a = np.asarray(img.convert("L"), dtype=np.float32)
-    elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = normalise_intensity(np.asarray(img, dtype=np.float32))
-    else:  # RGBA, P, CMYK, YCbCr, ...: as RGB, alpha dropped
-        a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    with open_image(path, "image", fix=_FIX) as img:
+        img.load()
+        mode = img.mode
+        if mode in ("RGB", "L"):
+            a = np.asarray(img, dtype=np.float32)
+        elif mode in ("1", "LA", "La"):
+            a = np.asarray(img.convert("L"), dtype=np.float32)
+        elif mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = normalise_intensity(np.asarray(img, dtype=np.float32))
+        else:  # RGBA, P, CMYK, YCbCr, ...: as RGB, alpha dropped
+            a = np.asarray(img.convert("RGB"), dtype=np.float32)
     return a[..., None] if a.ndim == 2 else a
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, str]:
     """(H, W) int64 raw values and their kind: 'labels' (palette, 1-bit), 'jpeg' (thresholded) or 'gray'."""
-    img = _open_pil(path, "mask")
-    if img.format == "JPEG":  # lossy: values near 0/255, threshold them
-        return (np.asarray(img.convert("L")) >= 128).astype(np.int64), "jpeg"
-    if img.mode == "P":
-        return np.asarray(img).astype(np.int64), "labels"
-    if img.mode == "1":
-        return np.asarray(img).astype(np.int64), "labels"
-    a = np.asarray(img)
+    with open_image(path, "mask", fix=_FIX) as img:
+        img.load()
+        if img.format == "JPEG":  # lossy: values near 0/255, threshold them
+            return (np.asarray(img.convert("L")) >= 128).astype(np.int64), "jpeg"
+        if img.mode in ("P", "1"):
+            return np.asarray(img).astype(np.int64), "labels"
+        a = np.asarray(img)
     if a.ndim == 3:
         if a.shape[2] in (2, 4):
             a = a[..., :-1]  # drop alpha

@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, data_file, refuse_special
 from varprune.data.segcommon import SegSplits
 from varprune.data.segfolder import _IMAGE_ENDINGS, read_seg_folder
-from varprune.data.volumes import _NIFTI, DEBIAN_MRICRON, read_colin27, read_msd
+from varprune.data.volumes import _NIFTI, DEBIAN_MRICRON, colin27_folder, read_colin27, read_msd
 
 SEG_DATASETS = ("msd", "seg-folder", "colin27")
 # shape and classes are read from the data: these are placeholders that load() fills in. Crops shift image and
@@ -36,11 +36,16 @@ def default_dir(name: str) -> str:
 
 
 def _has_files(folder: Path, endings: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds files with these endings; a FIFO, socket or device so named: DatasetError."""
     try:
         with os.scandir(folder) as it:
-            return any(e.name.lower().endswith(endings) and not e.name.startswith(".") for e in it)
+            named = [e for e in it if e.name.lower().endswith(endings) and not e.name.startswith(".")]
     except OSError:
         return False
+    for e in named:
+        if not e.is_file() and not e.is_dir():  # d_type alone for most entries: no syscall
+            refuse_special(e.path)
+    return any(e.is_file() for e in named)
 
 
 def default_seg_root(name: str) -> str | None:
@@ -62,17 +67,20 @@ def locate_segdata(name: str, root=None) -> tuple[bool, str]:
         root = default_seg_root(name)
         if root is None:
             return False, f"{name}: no folder given; pass --data-dir pointing at the data"
-    root = Path(root)
+    try:
+        return _locate_segdata(name, Path(root))
+    except DatasetError as e:  # a FIFO where a file should be, an unreadable folder
+        return False, f"{name}: {e}"
+
+
+def _locate_segdata(name: str, root: Path) -> tuple[bool, str]:
     if name == "colin27":
-        missing = [f for f in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt") if not (root / f).is_file()]
-        if missing:
-            return False, (
-                f"colin27: {', '.join(missing)} missing in {root}; "
-                f"install Debian's mricron-data (apt-get install mricron-data)"
-            )
-        return True, f"colin27: ch2.nii.gz, aal.nii.gz and aal.nii.txt in {root}"
+        found, message = colin27_folder(root)  # root, or root/templates (the package's folder)
+        if found is None:
+            return False, message
+        return True, f"colin27: ch2.nii.gz, aal.nii.gz and aal.nii.txt in {found}"
     if name == "msd":
-        if not (root / "dataset.json").is_file():
+        if not data_file(root / "dataset.json", "dataset description"):
             return False, f"msd: {root / 'dataset.json'} missing; point at an MSD/nnU-Net task folder"
         for sub in ("imagesTr", "labelsTr"):
             if not _has_files(root / sub, _NIFTI):

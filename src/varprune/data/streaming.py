@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError, DatasetInfo
+from varprune.data.base import DatasetInfo, open_image
 from varprune.data.folders import (
     GRAY_MODES,
     FileList,
     _info,
-    _short,
     channel_stats,
     decode_files,
     decode_image,
@@ -119,16 +118,11 @@ def streaming_info(listing: FileList, image_size: int, sample: int = 512, worker
     is greyscale), read from the image headers alone; mean/std come from a
     deterministic sample of up to ``sample`` training images.
     """
-    from PIL import Image
-
     files = listing.train_files + listing.test_files
 
     def is_gray(path: Path) -> bool:
-        try:
-            with Image.open(path) as im:
-                return im.mode in GRAY_MODES
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"cannot decode image {path} ({_short(e)}); replace or remove the file") from None
+        with open_image(path, verb="decode") as im:  # the rule of decode_image: special files, huge images
+            return im.mode in GRAY_MODES
 
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         all_gray = all(pool.map(is_gray, files))

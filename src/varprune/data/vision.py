@@ -3,18 +3,21 @@
 Readers are strict: a file with the wrong IDX magic, a short read or a CIFAR
 batch of the wrong layout raises :class:`DatasetError` with one clear line.
 CIFAR's pickles go through an allow-list unpickler. Nothing is downloaded
-unless ``download=True``.
+unless ``download=True`` and the files are incomplete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
 import math
 import os
 import pickle
+import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +271,36 @@ def _download(info: DatasetInfo, root: Path) -> None:
         cls(str(root), train=train, download=True)
 
 
+def _new_paths(info: DatasetInfo, root: Path) -> Callable[[], list[Path]]:
+    """Before a download: a function that lists what the attempt has created since, to remove it on failure.
+    That is the topmost folder of ``root`` that did not exist, or else the new entries of ``root`` and of the
+    folders torchvision writes into (``<Name>/``, ``<Name>/raw/``): never anything that was there before."""
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    if missing:
+        return lambda: [missing[-1]]
+    watched = [root] + (
+        [root / _TORCHVISION_DIR[info.name], root / _TORCHVISION_DIR[info.name] / "raw"]
+        if info.name in _TORCHVISION_DIR
+        else []
+    )
+
+    def entries() -> set[Path]:
+        return {p for folder in watched if folder.is_dir() for p in folder.iterdir()}
+
+    before = entries()
+    return lambda: sorted(entries() - before)
+
+
+def _remove_new(made: Callable[[], list[Path]]) -> None:
+    """Remove what a failed download created (best effort: a leftover is no reason to hide the failure)."""
+    with contextlib.suppress(OSError):
+        for path in made():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
 def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
     """Which of ``name``'s files exist under ``root``; the test files only if ``need_test``."""
     info = DATASETS[name]
@@ -329,13 +362,16 @@ def load(
     name: str, root: Path, download: bool = False, image_size: int | None = None, need_test: bool = True
 ) -> ImageData:
     """The whole set as uint8 tensors; ``need_test=False`` reads the training files only (the test split comes
-    back empty)."""
+    back empty). ``download``: fetch the files with torchvision unless they are all there already; a failed
+    download removes what it created and raises DatasetError."""
     info = DATASETS[name]
-    if download:
+    if download and not locate(name, root, need_test).complete:  # complete files are used as they are
+        made = _new_paths(info, root)
         try:
             root.mkdir(parents=True, exist_ok=True)
             _download(info, root)
         except Exception as e:  # network, disk or torchvision trouble: one line, not a traceback
+            _remove_new(made)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
             raise DatasetError(
                 f"downloading {name} into {root} failed ({reason}); fetch the files by hand "

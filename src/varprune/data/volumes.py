@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from varprune.data.base import DatasetError, resize_images
+from varprune.data.base import DatasetError, data_file, read_text, resize_images
 from varprune.data.segcommon import (
     SegSplits,
     _check_size,
@@ -41,6 +41,16 @@ def _nifti_stem(path: Path) -> str | None:
         if name.endswith(ending) and not name.startswith("."):  # '._x.nii.gz': macOS resource forks
             return name[: -len(ending)]
     return None
+
+
+def _nifti_entries(folder: Path) -> list[tuple[Path, str]]:
+    """(path, stem) of the NIfTI files in ``folder``, sorted; a folder named like one is skipped, a FIFO,
+    socket or device refused from its stat (never opened: opening a FIFO blocks)."""
+    try:
+        named = sorted((p, stem) for p in folder.iterdir() if (stem := _nifti_stem(p)) is not None)
+    except OSError as e:
+        raise DatasetError(f"cannot list {folder} ({_reason(e)}); check the dataset folder") from None
+    return [(p, stem) for p, stem in named if data_file(p, "volume")]
 
 
 def _load_nifti(path: Path, what: str):
@@ -106,14 +116,14 @@ def _parse_labels(labels, path: Path) -> tuple[str, ...]:
 
 def _read_dataset_json(root: Path) -> dict:
     path = root / "dataset.json"
-    if not path.is_file():
+    if not data_file(path, "dataset description"):
         raise DatasetError(
             f"{path} not found; point at a Medical Segmentation Decathlon / nnU-Net folder "
             f"(dataset.json, imagesTr/, labelsTr/)"
         )
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = json.loads(read_text(path, "fix or re-fetch the file"))  # a byte-order mark is dropped
+    except json.JSONDecodeError as e:
         raise DatasetError(f"cannot read {path} ({_reason(e)}); fix or re-fetch the file") from None
     if not isinstance(meta, dict):
         raise DatasetError(f"{path} is not a JSON object; see the MSD/nnU-Net dataset.json format")
@@ -124,9 +134,8 @@ def _channel_files(folder: Path, case: str) -> list[Path]:
     """nnU-Net's per-channel files <case>_0000.nii.gz, <case>_0001.nii.gz, ... in channel order."""
     found = {}
     pattern = re.compile(re.escape(case) + r"_(\d{4})$")
-    for entry in folder.iterdir():
-        stem = _nifti_stem(entry)
-        m = pattern.fullmatch(stem) if stem else None
+    for entry, stem in _nifti_entries(folder):
+        m = pattern.fullmatch(stem)
         if m:
             found[int(m.group(1))] = entry
     return [found[i] for i in sorted(found)]
@@ -151,7 +160,7 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
                 )
             image, label = root / entry["image"], root / entry["label"]
             stem = _nifti_stem(image) or image.name
-            if image.is_file():
+            if data_file(image, "image volume"):
                 files = [image]
             else:  # nnU-Net v1 lists "x.nii.gz" but stores x_0000.nii.gz, x_0001.nii.gz, ...
                 files = _channel_files(image.parent, stem) if image.parent.is_dir() else []
@@ -159,7 +168,7 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
                     raise DatasetError(
                         f"image {image} (listed in {json_path}) not found; restore it or remove its entry"
                     )
-            if not label.is_file():
+            if not data_file(label, "label volume"):
                 raise DatasetError(
                     f"label {label} for image {image.name} (listed in {json_path}) not found; "
                     f"restore it or remove the entry"
@@ -178,10 +187,7 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
     if ending is not None and ending not in _NIFTI:
         raise DatasetError(f"{json_path}: file_ending {ending!r} is not supported; convert the data to .nii.gz")
     by_case: dict[str, dict[int | None, Path]] = {}
-    for entry in sorted(images.iterdir()):
-        stem = _nifti_stem(entry)
-        if stem is None:
-            continue
+    for entry, stem in _nifti_entries(images):
         m = re.fullmatch(r"(.+)_(\d{4})", stem)
         case, channel = (m.group(1), int(m.group(2))) if m else (stem, None)
         slot = by_case.setdefault(case, {})
@@ -189,10 +195,8 @@ def _msd_cases(root: Path, meta: dict) -> list[tuple[str, list[Path], Path]]:
             raise DatasetError(f"{entry} duplicates {slot[channel]} (same case and channel); remove one of them")
         slot[channel] = entry
     label_files = {}
-    for entry in sorted(labels.iterdir()):
-        stem = _nifti_stem(entry)
-        if stem is not None:
-            label_files[stem] = entry
+    for entry, stem in _nifti_entries(labels):
+        label_files[stem] = entry
     if not by_case:
         raise DatasetError(f"{images} holds no .nii.gz volumes; put the training images there")
     for case, slot in sorted(by_case.items()):
@@ -348,13 +352,29 @@ def aal_group(name: str) -> int:
     return 0
 
 
+def colin27_folder(root, brain_only: bool = False) -> tuple[Path | None, str]:
+    """The folder holding Colin27's files: ``root`` itself, or ``root/templates`` when ``root`` is the
+    mricron package's folder (``/usr/share/mricron``). ``(None, message)`` when neither holds them all:
+    the message says where they were looked for and which folder to give."""
+    root = Path(root)
+    names = ("ch2bet.nii.gz" if brain_only else "ch2.nii.gz", "aal.nii.gz", "aal.nii.txt")
+    looked = []
+    for folder in (root, root / "templates") if (root / "templates").is_dir() else (root,):
+        missing = [n for n in names if not data_file(folder / n, "Colin27 file")]
+        if not missing:
+            return folder, ""
+        looked.append(f"{folder} (missing {', '.join(missing)})")
+    return None, (
+        f"colin27 not found in {' nor in '.join(looked)}; point --data-dir at the folder that holds "
+        f"{', '.join(names[:2])} and {names[2]} (Debian's mricron-data installs them in {DEBIAN_MRICRON}: "
+        f"apt-get install mricron-data)"
+    )
+
+
 def read_aal_names(path) -> dict[int, str]:
     """aal.nii.txt ('<index> <name> <code>' per line) as {index: name}."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {path} ({_reason(e)}); reinstall mricron-data") from None
+    text = read_text(path, "reinstall mricron-data")  # a byte-order mark is dropped
     names = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
@@ -401,7 +421,8 @@ def read_colin27(
 ) -> SegSplits:
     """Colin27 T1 MRI with AAL structures: an offline 8-class 2D segmentation task.
 
-    Files, from Debian's ``mricron-data`` in ``root``: ``ch2.nii.gz`` (the
+    Files, from Debian's ``mricron-data`` in ``root`` (or in ``root/templates``:
+    the package's folder ``/usr/share/mricron`` works too): ``ch2.nii.gz`` (the
     whole head; ``ch2bet.nii.gz``, brain only, with ``brain_only``),
     ``aal.nii.gz`` and ``aal.nii.txt``. The whole head is the default because
     it is harder: the network must find the brain among scalp, skull, eyes
@@ -424,16 +445,13 @@ def read_colin27(
     hold k. Defaults give 106 training and 24 test slices (brain planes
     k = 10..155), every structure in training, all but the cerebellum in test.
     """
-    root = Path(root)
     size = _check_size(size)
+    found, message = colin27_folder(root, brain_only)  # the package's folder above templates/ is accepted
+    if found is None:
+        raise DatasetError(message)
+    root = found
     image_path = root / ("ch2bet.nii.gz" if brain_only else "ch2.nii.gz")
     label_path, names_path = root / "aal.nii.gz", root / "aal.nii.txt"
-    for p in (image_path, label_path, names_path):
-        if not p.is_file():
-            raise DatasetError(
-                f"{p} not found; install Debian's mricron-data (apt-get install mricron-data) "
-                f"or point root at its templates folder"
-            )
     try:
         gap, lo, hi = int(gap), int(test_slab[0]), int(test_slab[1])
     except (TypeError, ValueError, IndexError):

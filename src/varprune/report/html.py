@@ -11,7 +11,8 @@ Input is plain data, easy to build from results files::
         {"heading": "Pruning sweep",
          "paragraphs": ["Test accuracy after one-shot global magnitude pruning."],
          "tables": [sweep_table_markdown,                      # a Markdown table string, or
-                    {"header": ["run", "dense"], "rows": [["sgd", "94.5"]], "caption": "..."}],
+                    {"header": ["run", "dense"], "rows": [["sgd", "94.5"]],
+                     "title": "...", "caption": "..."}],            # title above, caption below
          "images": ["prune.png", {"path": "hist.png", "caption": "|w| per layer"}],
          "code": ["varprune train --method var --lam 1e-5"],
          "details": [{"summary": "prune.json", "json": {...}}]},
@@ -82,14 +83,15 @@ def machine_info() -> dict[str, str]:
 
 
 def parse_markdown_table(text: str) -> dict:
-    """A Markdown pipe table as ``{"header", "rows", "caption"}``.
+    """A Markdown pipe table as ``{"header", "rows", "title", "caption"}``.
 
     Lines starting with ``|`` are the table (the first is the header, a
     ``|---|`` separator line is skipped); the other non-empty lines become the
-    caption. Raises :class:`ReportError` when there is no table or a row has
-    the wrong number of cells.
+    title when they come before the table (it is drawn above it) and the
+    caption when they come after (drawn below). Raises :class:`ReportError`
+    when there is no table or a row has the wrong number of cells.
     """
-    rows, caption = [], []
+    rows, title, caption = [], [], []
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("|"):
@@ -98,10 +100,10 @@ def parse_markdown_table(text: str) -> dict:
                 continue
             rows.append(cells)
         elif s:
-            caption.append(s)
+            (caption if rows else title).append(s)
     if not rows:
         raise ReportError("table text has no Markdown table lines (lines starting with '|')")
-    return _check_table({"header": rows[0], "rows": rows[1:], "caption": " ".join(caption)})
+    return _check_table({"header": rows[0], "rows": rows[1:], "title": " ".join(title), "caption": " ".join(caption)})
 
 
 def _check_table(t: Mapping) -> dict:
@@ -113,7 +115,7 @@ def _check_table(t: Mapping) -> dict:
     for i, r in enumerate(rows):
         if len(r) != width:
             raise ReportError(f"table row {i + 1} has {len(r)} cells but the header has {width}")
-    return {"header": header, "rows": rows, "caption": str(t.get("caption") or "")}
+    return {"header": header, "rows": rows, "title": str(t.get("title") or ""), "caption": str(t.get("caption") or "")}
 
 
 def _cell(tag: str, text: str) -> str:
@@ -123,14 +125,20 @@ def _cell(tag: str, text: str) -> str:
 
 def _table_html(t) -> str:
     t = parse_markdown_table(t) if isinstance(t, str) else _check_table(t)
+    # a table has one <caption>: the title (drawn above) if there is one, else the caption (drawn below);
+    # a caption next to a title follows the table as a note
     out = ["<table>"]
-    if t["caption"]:
+    if t["title"]:
+        out.append(f"<caption class=title>{_e(t['title'])}</caption>")
+    elif t["caption"]:
         out.append(f"<caption>{_e(t['caption'])}</caption>")
     if t["header"]:
         out.append("<thead><tr>" + "".join(_cell("th", c) for c in t["header"]) + "</tr></thead>")
     out.append("<tbody>")
     out += ["<tr>" + "".join(_cell("td", c) for c in r) + "</tr>" for r in t["rows"]]
     out.append("</tbody></table>")
+    if t["title"] and t["caption"]:
+        out.append(f"<p class=note>{_e(t['caption'])}</p>")
     return "\n".join(out)
 
 
@@ -198,6 +206,8 @@ nav ol { font-size: .95em; }
 a { color: #0a58ca; text-decoration: none; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 caption { caption-side: bottom; text-align: left; color: #555; font-size: .9em; padding-top: .4em; }
+caption.title { caption-side: top; color: inherit; font-size: 1em; font-weight: 600; padding: 0 0 .4em; }
+p.note { color: #555; font-size: .9em; margin-top: -.6em; }
 th, td { border: 1px solid #d0d7de; padding: .3em .7em; text-align: left; }
 th { background: #f3f5f7; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -265,10 +275,12 @@ def write_html_report(
 
     ``sections``: a list of dicts with ``heading`` (required) and any of
     ``paragraphs`` (strings), ``tables`` (Markdown pipe-table strings, e.g.
-    from report.sweep_table, or ``{"header": [...], "rows": [[...]],
-    "caption": ...}``), ``images`` (PNG paths or ``{"path", "caption"}``),
-    ``code`` (strings shown verbatim) and ``details`` (``{"summary", "json"}``
-    or ``{"summary", "text"}``, collapsed). ``configs``: ``{run label:
+    from report.sweep_table, text above the table its title and below it its
+    caption, or ``{"header": [...], "rows": [[...]], "title": ..., "caption":
+    ...}``; the title is drawn directly above its table, the caption below),
+    ``images`` (PNG paths or ``{"path", "caption"}``), ``code`` (strings
+    shown verbatim) and ``details`` (``{"summary", "json"}`` or
+    ``{"summary", "text"}``, collapsed). ``configs``: ``{run label:
     resolved config dict}``, shown as JSON in collapsed blocks. ``machine``:
     facts for the footer (default :func:`machine_info`).
 

@@ -81,13 +81,19 @@ def study_html(study: Path, path: Path) -> str:
     summary = json.loads((study / "report.json").read_text())
     spec = summary["study"]
     runs = [study / "runs" / f"{m}-s{s}" for m in spec["methods"] for s in spec["seeds"]]
-    text = study_table(summary)
-    tables = [block for block in text.split("\n\n") if block.lstrip().startswith("|")]
-    titles = [block for block in text.split("\n\n") if block and not block.lstrip().startswith("|")]
+    # study_table gives "title:", then its table, for each table: keep each title with its own table (as the
+    # Markdown text above it, which the page draws directly above the table)
+    tables, title = [], []
+    for block in study_table(summary).split("\n\n"):
+        if block.lstrip().startswith("|"):
+            tables.append("\n".join([*title, block]))
+            title = []
+        elif block.strip():
+            title.append(block)
     sections = [
         {
             "heading": "Study: " + ", ".join(spec["methods"]) + f" over seeds {spec['seeds']}",
-            "paragraphs": titles
+            "paragraphs": title  # text after the last table, if any
             + [
                 f"Model {spec['train']['model']} on {spec['train']['dataset']}, "
                 f"{spec['train']['epochs']} epochs; {spec['scope']} magnitude pruning, BN "
