@@ -88,10 +88,11 @@ def test_prune_writes_json_csv_table_and_plot(trained_runs, tmp_path):
         assert 0 <= doc["dense_accuracy"] <= 1
         assert [x["sparsity"] for x in doc["results"]] == [0.5, 0.9, 0.95]
         for x in doc["results"]:
-            assert set(x) == {"sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+            assert set(x) == {"pruner", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+            assert x["pruner"] == "magnitude"  # the default
             assert abs(x["realised_sparsity"] - x["sparsity"]) < 1e-5
             assert 0 <= x["accuracy"] <= 1 and 0 <= x["accuracy_bnt"] <= 1
-        assert (run / "prune.csv").read_text().startswith("sparsity,realised_sparsity,accuracy,accuracy_bnt\n")
+        assert (run / "prune.csv").read_text().startswith("pruner,sparsity,realised_sparsity,accuracy,accuracy_bnt\n")
         assert (run / "prune.png").read_bytes()[:8] == PNG
     assert (tmp_path / "both.png").read_bytes()[:8] == PNG
     assert before == {p: p.read_bytes() for p in before}  # checkpoints are read, never modified
@@ -222,7 +223,7 @@ def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
             assert cell["accuracy_bnt"][0] == pytest.approx(sum(cell["per_seed_bnt"]) / 2)
             a, b = cell["per_seed_bnt"]
             assert cell["accuracy_bnt"][1] == pytest.approx(abs(a - b) / 2**0.5)
-    assert "±" in (out / "report.md").read_text()
+    assert "mean [95% interval] over seeds [0, 1]" in (out / "report.md").read_text()
     assert json.loads((out / "study.json").read_text())["seeds"] == [0, 1]
     weights = {p: p.read_bytes() for p in out.glob("runs/*/model.safetensors")}
     assert len(weights) == 4

@@ -346,7 +346,9 @@ def test_classification_prune_json_keys_unchanged(tmp_path, capsys, fmnist_dir):
     doc = json.loads((run / "prune.json").read_text())
     assert "metric" not in doc and "dense_metrics" not in doc and 0 <= doc["dense_accuracy"] <= 1
     for r in doc["results"]:
-        assert set(r) == {"sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+        # the keys of 0.2, and the pruner of each result (0.3: several pruners side by side)
+        assert set(r) == {"pruner", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+        assert r["pruner"] == "magnitude"
 
 
 # ------------------------------------------------------------ the demo

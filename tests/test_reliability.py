@@ -13,6 +13,7 @@ the final resumes run in this process and each kill is one subprocess; the runs
 are tiny (an MLP on 128 synthetic Fashion-MNIST-shaped images).
 """
 
+import dataclasses
 import fcntl
 import gzip
 import json
@@ -33,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from varprune.cli import main
-from varprune.engine.sweep import finished_sweep
+from varprune.engine.sweep import SweepSpec, finished_sweep
 from varprune.models import create_model
 from varprune.storage.checkpoint import load_checkpoint, save_weights
 
@@ -472,14 +473,17 @@ def test_interrupted_prune_sweep_resumes_and_never_touches_checkpoints(refs, tmp
         str(tmp_path / "both.png"),
     ]
     assert main(args) == 0
-    assert finished_sweep(runs[0], [0.5, 0.9], "global", [], 1, 64) is not None
+    same = SweepSpec(sparsities=(0.5, 0.9), bnt_batches=1, bnt_batch_size=64)
+    assert finished_sweep(runs[0], same) is not None
     for other in (
-        ([0.5], "global", [], 1, 64),
-        ([0.5, 0.9], "layerwise", [], 1, 64),
-        ([0.5, 0.9], "global", ["last"], 1, 64),
-        ([0.5, 0.9], "global", [], 2, 64),
+        dict(sparsities=(0.5,)),
+        dict(scope="layerwise"),
+        dict(exclude=("last",)),
+        dict(bnt_batches=2),
+        dict(pruners=("magnitude", "wanda")),
+        dict(patterns=("2:4",)),
     ):
-        assert finished_sweep(runs[0], *other) is None  # other settings: swept again
+        assert finished_sweep(runs[0], dataclasses.replace(same, **other)) is None  # other settings: swept again
     first = (runs[0] / "prune.json").read_text()
     (runs[1] / "prune.json").unlink()  # as if the sweep had been killed while pruning the second run
     capsys.readouterr()
@@ -492,7 +496,7 @@ def test_interrupted_prune_sweep_resumes_and_never_touches_checkpoints(refs, tmp
     assert "reusing" not in out and f"pruning {runs[0]}" in out
     assert before == {p: p.read_bytes() for p in before}
     shutil.copy(runs[1] / "model.safetensors", runs[0] / "model.safetensors")  # retrained weights: swept again
-    assert finished_sweep(runs[0], [0.5, 0.9], "global", [], 1, 64) is None
+    assert finished_sweep(runs[0], same) is None
 
 
 def test_corrupted_dataset_files_are_one_line_exit_2(tmp_path, capsys):

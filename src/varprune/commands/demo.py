@@ -10,13 +10,14 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="SGD against VAR, pruned one-shot, sized to this machine")
+    p = sub.add_parser("demo", help="a method against itself with VAR, pruned one-shot, sized to this machine")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
     p.add_argument(
         "--task",
-        choices=("classification", "segmentation"),
+        choices=("classification", "segmentation", "lm"),
         default="classification",
-        help="classification: Fashion-MNIST; segmentation: the Colin27 brain MRI (mricron-data)",
+        help="classification: Fashion-MNIST; segmentation: the Colin27 brain MRI (mricron-data); "
+        "lm: a small GPT-2 on the BSD fortunes (fortunes), pruned by magnitude, Wanda and SparseGPT",
     )
     p.add_argument(
         "--size",

@@ -1,4 +1,5 @@
-"""``varprune demo``: SGD against VAR on Fashion-MNIST, pruned one-shot, sized to the machine.
+"""``varprune demo``: SGD against VAR on Fashion-MNIST, pruned one-shot, sized to the machine (``--task
+segmentation``: engine.segdemo; ``--task lm``: engine.lmdemo).
 
 On a GPU it runs the setup of the reference measurement (CIFAR-style ResNet-18,
 15 epochs, batch 256, bf16); on CPU a BatchNorm MLP on all 60k images for 10
@@ -17,7 +18,7 @@ import torch
 
 from varprune.device import describe_device, resolve_device
 from varprune.engine.config import TrainConfig
-from varprune.engine.sweep import prune_runs
+from varprune.engine.sweep import SweepSpec, prune_runs
 from varprune.engine.trained import ensure_run
 from varprune.storage.files import OutputFolder
 
@@ -45,15 +46,22 @@ DATASET = "fashion-mnist"
 TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 
 
+SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples")
+
+
 def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
-    spec = dict((sizes or SIZES)[size])
-    sparsities = spec.pop("sparsities")
-    var = {k: spec.pop(k) for k in ("var_lambda", "var_strength") if k in spec}
-    common = dict(dataset=dataset, data_dir=data_dir, **spec)
+    """The two runs (baseline without VAR, with VAR) and the sweep of one demo size."""
+    settings = dict((sizes or SIZES)[size])
+    spec = SweepSpec(**{k: settings.pop(k) for k in SWEEP_KEYS if k in settings})
+    var = {k: settings.pop(k) for k in ("var_lambda", "var_strength") if k in settings}
+    common = dict(dataset=dataset, data_dir=data_dir, **settings)
+    base = TrainConfig(method="sgd", **common)
+    # folder names say what ran: "sgd"/"var" on SGD, "adamw"/"adamw+var" where the task's optimizer is AdamW
+    prefix = "adamw+" if base.optimizer == "adamw" else ""
     return [
-        ("sgd", TrainConfig(method="sgd", **common)),
-        ("var", TrainConfig(method="var", **var, **common)),
-    ], sparsities
+        (base.optimizer, base),
+        (f"{prefix}var", TrainConfig(method="var", **var, **common)),
+    ], spec
 
 
 def run_demo(
@@ -79,10 +87,15 @@ def run_demo(
         from varprune.engine.segdemo import TITLE as SEG_TITLE
         from varprune.engine.segdemo import figure
 
-        configs, sparsities = demo_configs(size, data_dir, SEG_SIZES, SEG_DATASET)
+        configs, spec = demo_configs(size, data_dir, SEG_SIZES, SEG_DATASET)
         title = SEG_TITLE
+    elif task == "lm":
+        from varprune.engine import lmdemo
+
+        configs, spec = demo_configs(size, data_dir, lmdemo.SIZES, lmdemo.DATASET)
+        title, figure = lmdemo.TITLE, None
     else:
-        configs, sparsities = demo_configs(size, data_dir)
+        configs, spec = demo_configs(size, data_dir)
         title, figure = TITLE, None
     folder.mkdir()
     log(f"varprune demo ({task}, {size} size) on {describe_device(device)}, runs in {out}")
@@ -92,7 +105,7 @@ def run_demo(
         ensure_run(cfg, out / name, log=log, progress=progress)
         runs.append(out / name)
     train_s = time.perf_counter() - t0
-    rows = prune_runs(runs, sparsities, data_dir=data_dir, log=log, reuse=True)
+    rows = prune_runs(runs, spec, data_dir=data_dir, log=log, reuse=True)
     table = sweep_table(rows)
     sweep_plot(rows, out / "demo.png", title=title)
     folder.record("demo.png")

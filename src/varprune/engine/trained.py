@@ -46,11 +46,16 @@ def bnt_inputs(images: torch.Tensor, batches: int, batch_size: int, normalize) -
 
 
 def run_label(cfg: TrainConfig) -> str:
+    """A run's short name in tables and plots: its method, on AdamW prefixed so ("adamw", "adamw+var s=1"),
+    with VAR's strength."""
+    name = cfg.method
+    if cfg.optimizer == "adamw":
+        name = "adamw" if cfg.method == "sgd" else f"adamw+{cfg.method}"
     if "var" in cfg.method.split("+"):
         if cfg.var_strength is not None:
-            return f"{cfg.method} s={cfg.var_strength:g}"
-        return f"{cfg.method} λ={cfg.var_lambda:g}"
-    return cfg.method
+            return f"{name} s={cfg.var_strength:g}"
+        return f"{name} λ={cfg.var_lambda:g}"
+    return name
 
 
 def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
@@ -218,6 +223,6 @@ def ensure_run(cfg: TrainConfig, run: Path, log=print, progress: bool = True) ->
         log(f"resuming {run}")
         train(cfg, run, resume=True, log=log, progress=progress)
         return "resumed"
-    log(f"training {run.name}: {cfg.model}, {cfg.method}, {cfg.epochs} epochs")
+    log(f"training {run.name}: {cfg.model}, {run_label(cfg)}, {cfg.epochs} epochs")
     train(cfg, run, log=log, progress=progress)
     return "trained"

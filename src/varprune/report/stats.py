@@ -122,8 +122,8 @@ def paired(values: Sequence[float], baseline: Sequence[float], name: str, level:
         if sd > 0:
             t = mean / (sd / math.sqrt(len(diffs)))
             out["p_value"] = min(1.0, 2.0 * (1.0 - t_cdf(abs(t), len(diffs) - 1)))
-        elif mean != 0:
-            out["p_value"] = 0.0  # every seed moved by the same nonzero amount: no chance explains it
+        # sd == 0 (every seed moved by exactly the same amount, common with coarse metrics on small test sets):
+        # the t statistic is undefined, and a zero-width interval from a few seeds says nothing about the next
     return out
 
 
@@ -132,13 +132,14 @@ def why_undefined(entry: dict) -> str | None:
     if entry.get("n", 0) < 2:
         return "one seed: no interval or test (run more --seeds)"
     if entry.get("p_value") is None:
-        return "the seeds gave identical differences of zero: no test"
+        return "every seed gave the same difference: no variance to test against (run more --seeds)"
     return None
 
 
 def significant(entry: dict | None) -> bool:
-    """Does the paired difference's interval exclude zero?"""
-    if not entry or entry.get("ci95") is None:
+    """Does the paired difference's interval exclude zero (with a defined test: a zero-width interval from seeds
+    that all moved by the same amount is not evidence)?"""
+    if not entry or entry.get("ci95") is None or entry.get("p_value") is None:
         return False
     lo, hi = entry["ci95"]
     return lo > 0 or hi < 0
