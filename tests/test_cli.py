@@ -232,6 +232,13 @@ def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
     assert "training sgd seed" not in r.stdout and f"pruning {out}" not in r.stdout
     assert r.stdout.count("reusing") == 4
     assert weights == {p: p.read_bytes() for p in weights}
+    # the runs themselves, grouped by method: the study's intervals, computed from the runs' prune.json files
+    r = varprune("report", *sorted(out.glob("runs/*")))
+    assert r.returncode == 0, r.stderr
+    grouped = r.stdout.split("By method:")[1]
+    assert "mean [95% interval] over seeds [0, 1]" in grouped
+    row = lambda text: next(line for line in text.splitlines() if line.startswith("| sgd |"))  # noqa: E731
+    assert row(grouped).split("|")[2] == row((out / "report.md").read_text()).split("|")[2]  # dense cell
 
 
 def test_demo_tiny_end_to_end(tmp_path, fmnist_dir):

@@ -215,3 +215,24 @@ def test_an_exclude_pattern_that_matches_nothing_is_an_error(pattern):
     ):
         prunable_weights(net(), ["first", pattern])
     assert issubclass(WeightSelectionError, ValueError)
+
+
+def test_an_untied_lm_head_is_an_output_embedding():
+    """A Hugging Face model's output embeddings (its LM head) stay dense when untied, as Wanda and SparseGPT
+    leave them; a plain nn.Linear named lm_head in a model without get_output_embeddings is an ordinary layer."""
+    from varprune.models import create_model
+
+    untied = create_model("llama", vocab_size=50, max_positions=16, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=32)  # fmt: skip
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    classes = classify_parameters(untied)
+    assert classes["lm_head.weight"] == "output embedding"
+    assert classes["model.embed_tokens.weight"] == "embedding"
+    assert all(not n.startswith("lm_head") for n, _ in prunable_weights(untied))
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(4, 10)
+
+    assert classify_parameters(Plain()) == {"lm_head.weight": "prunable"}

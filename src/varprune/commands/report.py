@@ -57,6 +57,9 @@ def run(args) -> int:
     if len({metric_of(d) for _, d in rows}) > 1:
         raise UsageError("these runs report different metrics (accuracy and dice): report them separately")
     print(sweep_table(rows))
+    grouped = _by_method([Path(r) for r in args.runs], rows)
+    if grouped is not None:
+        print(grouped)
     if plot:
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
@@ -64,6 +67,51 @@ def run(args) -> int:
         analysis = Path(args.analysis) if args.analysis else None
         print(f"html: {runs_html(rows, [Path(r) for r in args.runs], html, analysis)}")
     return 0
+
+
+def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
+    """Runs that differ only in their seed, grouped by method: means with 95% intervals and paired tests against
+    the first method, as a study reports them (None when no method has two seeds; a note when grouping would pair
+    runs that are not comparable)."""
+    from varprune.engine.config import LOCATION_KEYS, load_run_config
+    from varprune.engine.study import epoch_time
+    from varprune.report.summary import summarize
+    from varprune.report.tables import setting_key, study_table
+
+    labels = [label for label, _ in rows]
+    if len(set(labels)) == len(labels):
+        return None
+    seeds: dict[str, list[int]] = {}
+    docs, base, times = {}, None, {}
+    for run, (label, doc) in zip(runs, rows):
+        cfg = load_run_config(run).to_dict()
+        seed = cfg.pop("seed")
+        common = {k: v for k, v in cfg.items() if k not in (*LOCATION_KEYS, "method", "var_lambda", "var_strength")}
+        if base is None:
+            base = common
+        elif common != base:
+            return "\n(not grouped by method: these runs differ in more than method and seed)\n"
+        if (label, seed) in docs:
+            return f"\n(not grouped by method: two runs of {label} with seed {seed})\n"
+        seeds.setdefault(label, []).append(seed)
+        docs[(label, seed)] = doc
+        times.setdefault(label, []).append(epoch_time(run))
+    order = [setting_key(r) for r in rows[0][1]["results"]]
+    if any(sorted(s) != sorted(next(iter(seeds.values()))) for s in seeds.values()) or any(
+        [setting_key(r) for r in doc["results"]] != order for doc in docs.values()
+    ):
+        return "\n(not grouped by method: the methods were not run with the same seeds and settings)\n"
+    first = rows[0][1]
+    spec = {
+        "methods": list(seeds),
+        "seeds": sorted(next(iter(seeds.values()))),
+        "sparsities": list(dict.fromkeys(s for _, s in order if not isinstance(s, str))),
+        "patterns": list(dict.fromkeys(s for _, s in order if isinstance(s, str))),
+        "pruners": list(dict.fromkeys(p for p, _ in order)),
+        "bnt_batches": first.get("bnt_batches"),
+    }
+    mean_times = {label: sum(t) / len(t) for label, t in times.items()}
+    return "\nBy method:\n\n" + study_table(summarize(spec, docs, mean_times))
 
 
 def _analysis_problems(folder: Path, html: Path | None) -> list[str]:

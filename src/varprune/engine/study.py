@@ -34,7 +34,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _epoch_time(run: Path) -> float:
+def epoch_time(run: Path) -> float:
     """Median training time per epoch (the median ignores the first epoch's warm-up)."""
     times = []
     for m in read_metrics(run):
@@ -137,7 +137,7 @@ def run_study(
         swept = prune_runs([runs[k] for k in todo], spec, device=base.device, log=log)
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
 
-    times = {meth: statistics.fmean(_epoch_time(runs[(meth, s)]) for s in seeds) for meth in methods}
+    times = {meth: statistics.fmean(epoch_time(runs[(meth, s)]) for s in seeds) for meth in methods}
     summary = summarize(study, docs, times, baseline)
     table = study_table(summary)
     folder.write_text("report.json", json.dumps(summary, indent=2) + "\n")

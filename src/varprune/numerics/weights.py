@@ -23,6 +23,11 @@ that applies:
 * ``"embedding"``: owned by ``nn.Embedding``/``nn.EmbeddingBag`` or a class
   whose name ends in ``Embedding``. A lookup table, not a multiply-accumulate:
   one row per token, and rare tokens would lose their rows first;
+* ``"output embedding"``: the weight of the module a Hugging Face model names as its output embeddings
+  (``get_output_embeddings()``: the LM head of a causal or masked language model) when it is not tied to the
+  input embedding (tied, it is an ``"embedding"`` already). One row per vocabulary token, as the input table;
+  the one-shot pruners of the LLM literature (Wanda, SparseGPT) leave it dense too, so varprune's numbers
+  compare with theirs;
 * ``"positional embedding/token"``: a ``_``-separated word of ``leaf``
   starts with ``pos`` or ends in ``token``/``tokens`` (``pos_embed``, ``pos_embedding``, ``position_embeddings``,
   ``relative_position_bias_table``, ``cls_token``, ``class_token``,
@@ -89,11 +94,13 @@ def _classify(module: nn.Module, leaf: str, p: torch.Tensor) -> str:
 def _parameters_with_class(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
     """``[(name, parameter, class)]`` for every parameter with dim >= 2, each listed once."""
     found: dict[int, list] = {}
+    heads = getattr(model, "get_output_embeddings", None)
+    head = heads() if callable(heads) else None
     for module_name, module in model.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
             if p.dim() < 2:
                 continue
-            label = _classify(module, leaf, p)
+            label = "output embedding" if module is head and leaf == "weight" else _classify(module, leaf, p)
             entry = found.get(id(p))
             if entry is None:
                 found[id(p)] = [f"{module_name}.{leaf}" if module_name else leaf, p, label]
@@ -105,7 +112,7 @@ def _parameters_with_class(model: nn.Module) -> list[tuple[str, nn.Parameter, st
 def classify_parameters(model: nn.Module) -> dict[str, str]:
     """For every parameter with ``dim() >= 2``: ``"prunable"`` or the reason it is excluded.
 
-    Reasons are ``"embedding"``, ``"positional embedding/token"``, ``"norm"``,
+    Reasons are ``"embedding"``, ``"output embedding"``, ``"positional embedding/token"``, ``"norm"``,
     ``"bias"``, ``"per-channel scale"`` and ``"unknown"`` (see the module
     docstring for the rule). Keys are parameter names in
     ``model.named_modules()`` order.

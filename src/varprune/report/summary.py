@@ -36,7 +36,8 @@ def _mean_std(values: list[float]) -> list[float]:
 
 
 def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | None = None) -> dict:
-    """``docs[(method, seed)]``: each run's prune.json; ``times[method]``: its mean training time per epoch."""
+    """``docs[(method, seed)]``: each run's prune.json; ``times[method]``: its mean training time per epoch (a
+    method missing from ``times`` gets None)."""
     methods, seeds = list(spec["methods"]), list(spec["seeds"])
     baseline = baseline or methods[0]
     first = next(iter(docs.values()))
@@ -58,8 +59,8 @@ def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | N
             "dense": _mean_std(dense),
             "dense_per_seed": dense,
             "dense_ci95": mean_interval(dense)[1],
-            "epoch_time_s": times[meth],
-            "time_vs_sgd": times[meth] / times["sgd"] if "sgd" in times else None,
+            "epoch_time_s": times.get(meth),
+            "time_vs_sgd": times[meth] / times["sgd"] if meth in times and "sgd" in times else None,
             "sparsities": {},
         }
         if meth != baseline:

@@ -1,0 +1,147 @@
+"""The three open questions of issue 23, each one resumable command on the 2-core CPU, three seeds or more.
+
+* ``segmentation``: Colin27 at the segmentation demo's budget (U-Net, 64 px, 80 epochs): SGD against VAR at
+  s = 0.3, 1, 3. Does VAR help segmentation here, at which strength, at what dense cost?
+* ``vit``: the ViT as ViTs are trained, with AdamW: AdamW against AdamW + VAR at s = 0.1, 0.3, 1, 3, pruned
+  at 80/90/95%. Does the strength transfer to a network without BatchNorm; is s = 1 a sound default?
+* ``combinations``: the MLP at the demo's budget: sgd, cram+, var, var+cram+, sam, var+sam. Does VAR add to
+  CrAM+ (and to SAM)?
+
+Each run is an ordinary ``varprune train`` folder under OUT/<study>/runs/<name>-s<seed>; finished runs and
+finished sweeps are reused, an interrupted run resumes, so the same command continues where it stopped.
+``--jobs`` runs go side by side, each on one torch thread. Then every run is swept (``varprune prune``) and
+``varprune report`` groups the runs by method: per setting the mean over seeds with its 95% interval (Student
+t) and the paired difference to the first method (same seed, same data order) with its interval and the paired
+t-test. Written: OUT/<study>/report.md (the grouped tables) and report.html.
+
+    python scripts/open_questions.py combinations --out studies/questions
+    python scripts/open_questions.py segmentation --out studies/questions --seeds 0,1,2 --jobs 2
+    python scripts/open_questions.py vit --out studies/questions --epochs 4     # a shorter budget, said in the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = ["--dataset", "fashion-mnist"]
+STUDIES = {
+    "segmentation": {
+        "train": [
+            "--dataset",
+            "colin27",
+            "--model",
+            "unet",
+            "--image-size",
+            "64",
+            "--epochs",
+            "80",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+        ],  # fmt: skip
+        "methods": [("sgd", ["--method", "sgd"])]
+        + [(f"var-s{s}", ["--method", "var", "--var-strength", s]) for s in ("0.3", "1", "3")],
+        "sweep": ["--sparsities", "0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99"],
+    },
+    "vit": {
+        "train": [*FMNIST, "--model", "vit_tiny", "--optimizer", "adamw", "--epochs", "10", "--batch-size", "128"],
+        "methods": [("adamw", ["--method", "sgd"])]
+        + [(f"var-s{s}", ["--method", "var", "--var-strength", s]) for s in ("0.1", "0.3", "1", "3")],
+        "sweep": ["--sparsities", "0.8,0.9,0.95"],
+    },
+    "combinations": {
+        "train": [*FMNIST, "--model", "mlp", "--epochs", "10", "--batch-size", "128"],
+        "methods": [
+            ("sgd", ["--method", "sgd"]),
+            ("var", ["--method", "var", "--var-lambda", "1e-4"]),
+            ("cram+", ["--method", "cram+"]),
+            ("var+cram+", ["--method", "var+cram+", "--var-lambda", "1e-4"]),
+            ("sam", ["--method", "sam"]),
+            ("var+sam", ["--method", "var+sam", "--var-lambda", "1e-4"]),
+        ],
+        "sweep": ["--sparsities", "0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99"],
+    },
+}
+
+
+def varprune(*args, log: Path | None = None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "varprune", *map(str, args)]
+    if log is None:
+        return subprocess.run(cmd, env=env).returncode
+    with open(log, "a") as f:
+        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def ensure(run: Path, train: list[str]) -> str:
+    """Train ``run`` unless it finished; resume it if it was interrupted."""
+    if (run / "model.safetensors").is_file():
+        return f"reused {run.name}"
+    log = run.parent / f"{run.name}.log"
+    if (run / "checkpoint.safetensors").is_file():
+        rc = varprune("train", "--resume", run, "--quiet", log=log)
+    else:
+        rc = varprune("train", *train, "--out", run, "--quiet", "--overwrite", log=log)
+    if rc != 0:
+        raise SystemExit(f"{run.name} failed (exit {rc}); see {log}")
+    return f"trained {run.name}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study", choices=list(STUDIES))
+    p.add_argument("--out", default="studies/questions")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
+    p.add_argument("--epochs", type=int, help="override the study's budget (the report says so)")
+    p.add_argument("--limit", type=int, help="--limit-train N and --limit-test N/2: a smoke test of the script")
+    args = p.parse_args(argv)
+    spec = STUDIES[args.study]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    folder = Path(args.out) / args.study
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    train = list(spec["train"])
+    if args.epochs:
+        train[train.index("--epochs") + 1] = str(args.epochs)
+    if args.limit:
+        train += ["--limit-train", str(args.limit), "--limit-test", str(args.limit // 2)]
+    jobs = {}
+    for name, flags in spec["methods"]:
+        for seed in seeds:
+            jobs[folder / "runs" / f"{name}-s{seed}"] = [*train, *flags, "--seed", str(seed)]
+    t0 = time.perf_counter()
+    with futures.ThreadPoolExecutor(args.jobs) as pool:
+        for done in futures.as_completed([pool.submit(ensure, run, flags) for run, flags in jobs.items()]):
+            print(f"[{time.perf_counter() - t0:6.0f} s] {done.result()}", flush=True)
+    runs = list(jobs)
+    # one sweep per run, side by side (prune reuses a finished sweep of the same weights and settings)
+    with futures.ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(lambda r: varprune("prune", r, *spec["sweep"], log=r.parent / f"{r.name}.log"), runs))
+    if any(codes):
+        raise SystemExit(f"a sweep failed: see the logs in {folder / 'runs'}")
+    with open(folder / "report.md", "w") as f:
+        f.write(f"# {args.study}: `python scripts/open_questions.py {' '.join(sys.argv[1:])}`\n\n")
+        f.write(f"Training flags: `{' '.join(train)}`; seeds {seeds}; sweep `{' '.join(spec['sweep'])}`.\n\n")
+    with open(folder / "report.md", "a") as f:
+        f.flush()
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        rc = subprocess.run(
+            [sys.executable, "-m", "varprune", "report", *runs, "--html", folder / "report.html", "--overwrite"],
+            env=env,
+            stdout=f,
+        ).returncode
+    print((folder / "report.md").read_text())
+    print(f"{time.perf_counter() - t0:.0f} s; {folder / 'report.md'}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
