@@ -371,9 +371,7 @@ def _order_pass(model, batch, targets, stack, passes):
     counter = itertools.count()
     first: dict[int, int] = {}
     calls: dict[int, int] = {}
-    records: list[dict[str, Any]] = [
-        {"calls": 0, "first": -1, "args": (), "kwargs": {}, "out": None} for _ in (stack or [])
-    ]
+    records: list[dict] = [{"calls": 0, "first": -1, "args": (), "kwargs": {}, "out": None} for _ in (stack or [])]
     handles = []
 
     def pre(module, args):
