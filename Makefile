@@ -1,15 +1,17 @@
 # The two commands the README names:
 #   make demo        set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
-#   make test        set everything up, then run the whole test suite (what CI runs: .ci/run),
-#                    one worker per core
+#   make test        set everything up, check lint and types (make lint), then run the whole test
+#                    suite (what CI runs: .ci/run), one worker per core
 # For developers:
+#   make lint        ruff (lint and format check) on src, tests, benchmarks and scripts, and mypy on
+#                    src/varprune (configured in pyproject.toml); `make test` fails on any finding
 #   make test-fast   the suite without the end-to-end tests marked `slow` (training runs, studies,
 #                    the demo, subprocesses, SIGKILL/resume; see tests/conftest.py): minutes less
 #   make gpu-data    copy Fashion-MNIST into .data/fashion-mnist (ignored by git) so it can travel
 #                    to a machine without the Debian package (the GPU check's prep step)
 #   make gpu-check   benchmarks/gpu_check.sh: every GPU speed figure in one bounded run (on a
 #                    machine without CUDA it runs small sizes on the CPU)
-.PHONY: setup demo test test-fast bench gpu-data gpu-check
+.PHONY: setup demo lint test test-fast bench gpu-data gpu-check
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -19,9 +21,18 @@ setup:
 demo: setup
 	varprune demo
 
+LINT_PATHS = src tests benchmarks scripts
+
+lint:
+	ruff check $(LINT_PATHS)
+	ruff format --check $(LINT_PATHS)
+	mypy
+
+# lint first (in its own make, after setup has installed ruff and mypy), so a lint or type error fails CI.
 # -n auto: one pytest worker per core (xdist); --dist loadfile keeps a file's tests, and so its
 # module fixtures (trained runs), on one worker. Each worker runs torch on one thread (conftest.py).
 test: setup
+	$(MAKE) lint
 	python -m pytest -q -n auto --dist loadfile
 
 test-fast:

@@ -49,14 +49,16 @@ def run(args) -> int:
     given = given_fields(args)
     # model and data come from RUN; training flags that are not given start from RUN's, with a
     # fine-tuning schedule: a tenth of its learning rate and no warm-up
-    defaults = {"lr": base.lr / 10, "warmup_epochs": 0.0}
+    assert base.lr is not None  # TrainConfig.__post_init__ resolves the default learning rate
+    defaults: dict[str, float | None] = {"lr": base.lr / 10, "warmup_epochs": 0.0}
     if "var_strength" not in given and base.var_strength is not None:
         # RUN's strength was relative to psi at ITS initial weights: keep the lambda it resolved to (not
         # s / psi(pruned trained weights), another lambda), unless --var-lambda is given
         lam = read_resolved(source).get("var_lambda")
-        known = isinstance(lam, (int, float)) and not isinstance(lam, bool)
-        if known or "var_lambda" in given:
-            defaults.update(var_lambda=float(lam) if known else base.var_lambda, var_strength=None)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):  # not recorded as a number
+            lam = None
+        if lam is not None or "var_lambda" in given:
+            defaults.update(var_lambda=float(lam) if lam is not None else base.var_lambda, var_strength=None)
     cfg = dataclasses.replace(
         base,
         **{**defaults, **given},

@@ -231,9 +231,9 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
     words = root / "words.txt"
     if data_file(words, "class name list"):
         for line in _read_lines(words):
-            wnid, _, words = line.partition("\t")
-            if wnid in names and words.strip():
-                names[wnid] = words.split(",")[0].strip()
+            wnid, _, synonyms = line.partition("\t")
+            if wnid in names and synonyms.strip():
+                names[wnid] = synonyms.split(",")[0].strip()
     train_files, train_labels = [], []
     for w in wnids:
         folder = root / "train" / w / "images"

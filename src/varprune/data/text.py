@@ -268,7 +268,7 @@ def _entry_kind(path: Path) -> str | None:
 
 def _lm_layout(root: Path) -> tuple[list[tuple[Path, tuple[str, ...]]], str | None]:
     """Every (folder, names) whose training file exists, and a problem to report (None when exactly one)."""
-    found = [
+    found: list[tuple[Path, tuple[str, ...]]] = [
         (folder, names)
         for folder in (root, *(root / sub for sub in _WIKITEXT_FOLDERS))
         for names in _LM_NAMES
@@ -392,7 +392,8 @@ def _fortune_files(root: Path) -> list[Path]:
 def parse_fortunes(text: str) -> list[str]:
     """The entries of a fortune file: the text between lines holding only ``%``, blank lines around an entry
     dropped (its inner lines, indentation included, kept); empty entries skipped."""
-    entries, lines = [], []
+    entries: list[str] = []
+    lines: list[str] = []
     for line in [*text.split("\n"), "%"]:
         if line.rstrip("\r") == "%":
             while lines and not lines[-1].strip():
@@ -455,16 +456,18 @@ def _load_fortunes(name: str, root: Path) -> tuple[dict[str, TextSplit], tuple[s
             f"{root} has {len(classes)} topic file(s) with at least {TOPIC_MIN_ENTRIES} entries; "
             f"fortunes-topics needs two or more"
         )
-    splits = {s: TextSplit(s, f"{root} ({s} entries)", 0, texts=[], labels=[]) for s in SPLITS}
+    texts: dict[str, list[str]] = {s: [] for s in SPLITS}  # each split's texts and labels lists, filled below
+    labels: dict[str, list[int]] = {s: [] for s in SPLITS}
+    splits = {s: TextSplit(s, f"{root} ({s} entries)", 0, texts=texts[s], labels=labels[s]) for s in SPLITS}
     for label, topic in enumerate(classes):
         for e in kept[topic]:
-            split = splits[split_of(e)]
-            split.texts.append(e)
-            split.labels.append(label)
-            split.num_bytes += len(e.encode())
-    for s, split in splits.items():
-        _require_entries(root, s, len(split.texts), sum(len(kept[t]) for t in classes))
-    absent = sorted(set(range(len(classes))) - set(splits["train"].labels))
+            s = split_of(e)
+            texts[s].append(e)
+            labels[s].append(label)
+            splits[s].num_bytes += len(e.encode())
+    for s in splits:
+        _require_entries(root, s, len(texts[s]), sum(len(kept[t]) for t in classes))
+    absent = sorted(set(range(len(classes))) - set(labels["train"]))
     if absent:  # not at TOPIC_MIN_ENTRIES: the chance is 0.2**50
         raise DatasetError(f"{root}: topic {classes[absent[0]]!r} has no training entry; remove it from the folder")
     return splits, classes

@@ -27,9 +27,13 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from varprune.data.base import DatasetError
 from varprune.storage.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = [
     "CLS",
@@ -87,7 +91,7 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.source = source
-        self._truncating: dict[int, object] = {}
+        self._truncating: dict[int, Tokenizer] = {}  # copies that truncate, by max_length
 
     @property
     def vocab_size(self) -> int:

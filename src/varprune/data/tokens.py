@@ -212,11 +212,14 @@ def _check_shard(rank: int, world: int) -> tuple[int, int]:
 class _Batches:
     """What both loaders share with DeviceLoader: the epoch's extent, the last-batch rule and loss weights."""
 
-    num_examples: int
     batch_size: int
     train: bool
     rank: int
     world: int
+
+    @property
+    def num_examples(self) -> int:  # each loader says how many windows or examples its split has
+        raise NotImplementedError
 
     def _stops(self) -> int:
         """Training drops a last batch that would leave some process fewer than 2 examples (as DeviceLoader)."""

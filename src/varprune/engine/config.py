@@ -153,7 +153,7 @@ class TrainConfig:
         lo=1,
         hi=1 << 20,
     )
-    optimizer: str = setting(  # type: ignore[assignment]  # None until __post_init__ resolves it
+    optimizer: str = setting(  # None until __post_init__ resolves it
         None,
         "base optimizer: sgd (nesterov momentum) or adamw (default: sgd for images, adamw for text, as each is "
         "trained); the SAM-type methods wrap it",

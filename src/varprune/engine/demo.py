@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,14 +82,12 @@ def run_demo(
     device = resolve_device("auto")
     if size == "auto":
         size = "gpu" if device.type == "cuda" else "cpu"
+    figure: Callable[..., None] | None  # the example predictions (examples.png): segmentation only
     if task == "segmentation":
-        from varprune.engine.segdemo import DATASET as SEG_DATASET
-        from varprune.engine.segdemo import SIZES as SEG_SIZES
-        from varprune.engine.segdemo import TITLE as SEG_TITLE
-        from varprune.engine.segdemo import figure
+        from varprune.engine import segdemo
 
-        configs, spec = demo_configs(size, data_dir, SEG_SIZES, SEG_DATASET)
-        title = SEG_TITLE
+        configs, spec = demo_configs(size, data_dir, segdemo.SIZES, segdemo.DATASET)
+        title, figure = segdemo.TITLE, segdemo.figure
     elif task == "lm":
         from varprune.engine import lmdemo
 

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,6 +87,7 @@ def _finetune_start(cfg: TrainConfig, model, log, run=None):
     from varprune.storage.checkpoint import load_weights
     from varprune.storage.files import file_digest
 
+    assert cfg.finetune_from is not None  # the caller only starts a fine-tune from a source run
     source = Path(cfg.finetune_from)
     load_weights(source / WEIGHTS, model)
     setting = cfg.finetune_pattern if cfg.finetune_pattern != "unstructured" else cfg.finetune_sparsity
@@ -380,7 +382,8 @@ def _epochs(
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         zero = lambda dtype=torch.float32: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-        stats = {
+        # the epoch's sums, as tensors on the device, and "_n", the current batch's size (engine/step.py)
+        stats: dict[str, Any] = {
             "loss": zero(),
             "reg": zero(),
             "hits": zero(torch.long),

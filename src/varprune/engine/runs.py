@@ -88,11 +88,11 @@ def load_data(
     from varprune.engine.textruns import is_text_task, load_text_data
 
     if is_text_task(dataset_info(cfg.dataset).task):
-        data = RunData(*load_text_data(cfg, device, rank, world, run, tokenizer))
-        problem = check_memory(cfg, data.info, device, tokenizer=data.tokenizer)
+        text = RunData(*load_text_data(cfg, device, rank, world, run, tokenizer))
+        problem = check_memory(cfg, text.info, device, tokenizer=text.tokenizer)
         if problem:
             raise RunError(problem)
-        return data
+        return text
 
     if cfg.dataset in FOLDER_SETS:  # list the folder once: it decides streaming, and decoding reuses it
         from varprune.data import folders
@@ -109,9 +109,11 @@ def load_data(
             return _streaming_data(cfg, device, listing, size)
         data = folders.load(cfg.dataset, root, image_size=cfg.image_size, listing=listing)
     else:
-        data = load_dataset(
+        loaded = load_dataset(
             cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, need_test=cfg.validation_fraction is None
         )
+        assert isinstance(loaded, ImageData), "text sets are loaded above (is_text_task)"
+        data = loaded
     task = task_for(data.info)
     tx, ty, vx, vy = data.train_x, data.train_y, data.test_x, data.test_y
     if cfg.validation_fraction is not None:  # tuning: the "test" loader is a validation split of the training set

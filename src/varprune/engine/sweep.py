@@ -27,7 +27,7 @@ from torch import nn
 from varprune.device import autocast, resolve_device
 from varprune.engine.config import load_run_config
 from varprune.engine.rundir import WEIGHTS
-from varprune.engine.runs import data_fingerprint
+from varprune.engine.runs import RunData, data_fingerprint
 from varprune.engine.trained import check_runs, load_trained, run_label
 from varprune.errors import RunError
 from varprune.numerics.pruners import CALIBRATED, PRUNERS, prune_once
@@ -282,7 +282,8 @@ def prune_runs(
     found += spec.problems()
     if found:
         raise RunError("; ".join(found))
-    cache, out = {}, []
+    cache: dict[tuple, RunData] = {}  # load_trained's data cache: runs on the same data share it
+    out = []
     labels = [run_label(c) for c in configs]
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]

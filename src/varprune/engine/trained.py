@@ -16,7 +16,7 @@ from torch import nn
 from varprune.device import resolve_amp, resolve_device
 from varprune.engine.config import TrainConfig, load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
-from varprune.engine.runs import build_model, check_same_data, data_problems, load_data
+from varprune.engine.runs import RunData, build_model, check_same_data, data_problems, load_data
 from varprune.errors import RunError
 from varprune.tasks import Task
 
@@ -60,7 +60,8 @@ def run_label(cfg: TrainConfig) -> str:
 
 def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
     """Every run folder's configuration, and every problem with them (nothing is loaded)."""
-    configs, found = [], []
+    configs: list[TrainConfig | None] = []  # None where the configuration could not be read
+    found: list[str] = []
     for run in runs:
         try:
             cfg = load_run_config(run)
@@ -90,7 +91,7 @@ class Trained:
     run: Path
     cfg: TrainConfig
     model: nn.Module
-    data: object  # loop.RunData
+    data: RunData
     device: torch.device
     amp: str
 

@@ -40,6 +40,7 @@ import json
 import math
 import shlex
 from pathlib import Path
+from typing import Any
 
 from varprune.data import VALIDATION_SEED
 from varprune.engine.config import FIELDS, TrainConfig, flag_of, problems, read_resolved
@@ -175,7 +176,8 @@ def _train_and_score(
     from varprune.engine.sweep import prune_runs
     from varprune.engine.trained import ensure_run
 
-    entries, finished = {}, []
+    entries: dict[str, dict[str, Any]] = {}
+    finished: list[str] = []
     for name, cfg in cfgs.items():
         run = folder / name
         entries[name] = {"run": str(run)}

@@ -67,6 +67,7 @@ class VarCallbackBase:
         elif self.lam is not None:
             reg = VarRegularizer(weights, self.lam, r=self.r, eps=self.eps)
         else:
+            assert self.strength is not None  # __init__ takes exactly one of strength and lam
             reg = VarRegularizer.from_strength(weights, self.strength, r=self.r, eps=self.eps)
         self.reg, self.resolved_lam = reg, reg.lam
         return reg
@@ -88,12 +89,13 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
             )
 
 
-def grad_scale(scaler, optimizer: torch.optim.Optimizer, device: torch.device):
+def grad_scale(scaler, optimizer: torch.optim.Optimizer, device: torch.device | None):
     """The scale of ``optimizer``'s gradients: None when unscaled, else the GradScaler's scale (a 0-d tensor).
 
     A ``torch.amp.GradScaler`` records per optimizer whether ``unscale_`` ran
     since the last ``update``; while it has not, the gradients carry the loss
     scale, and so must VAR's (``scaler.step`` then unscales both together).
+    ``device``: the weights' (None, before VAR is built: torch's default device).
     """
     if scaler is None or not scaler.is_enabled():
         return None

@@ -256,7 +256,7 @@ def _causal_loss_type(model: nn.Module) -> nn.Module:
     forward warns that ``loss_type=None`` is unrecognised).
     """
     if getattr(model, "loss_type", "") is None and type(model).__name__.endswith(_CAUSAL_SUFFIXES):
-        model.loss_type = "ForCausalLM"
+        model.loss_type = "ForCausalLM"  # type: ignore[assignment]  # Module.__setattr__ is typed for tensors/modules
     return model
 
 
@@ -553,7 +553,7 @@ def _new_head(model) -> set[str]:
     """Re-initialise every parameter outside the base model (the classification head); return their names."""
     prefix = model.base_model_prefix + "."
     std = getattr(model.config, "initializer_range", 0.02)
-    names = set()
+    names: set[str] = set()
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own or module_name.startswith(prefix):

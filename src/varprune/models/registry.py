@@ -72,13 +72,14 @@ def register_prefix(
     task: Callable[[str], str],
     tasks: tuple[str, ...],
     options: dict[str, object],
-    description: str,
+    description: tuple[str, str],
 ) -> None:
     """Register a family of models named ``PREFIX<something>`` (``hf:<dir>``, models/hf.py).
 
     ``create(name, num_classes=..., **options)`` builds one; ``task(name)``
     is the task it was made for, ``tasks`` every task it can serve;
-    ``options`` its ``{option: default}``. The family's module calls this at
+    ``options`` its ``{option: default}``; ``description`` is ``(placeholder, text)``
+    for the list of models (``hf:<dir>``). The family's module calls this at
     import, so the registry never imports it (no import circle).
     """
     if prefix in _PREFIXES:

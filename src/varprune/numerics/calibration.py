@@ -39,6 +39,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ class Target:
     """One pruned weight: its owner module, matrix view and place in the forward order."""
 
     name: str
-    param: nn.Parameter
+    param: torch.Tensor  # the nn.Parameter (prunable_weights gives it as a Tensor)
     module: nn.Module
     kind: str | None
     reason: str | None = None  # why it falls back to magnitude (kind None)
@@ -177,7 +178,7 @@ class Target:
         """The layer's input ``x`` as ``(tokens, in)`` rows in ``dtype``."""
         x = x.detach().to(dtype)
         if self.kind == "conv":
-            return unfold_conv(self.module, x)
+            return unfold_conv(cast(nn.modules.conv._ConvNd, self.module), x)  # kind "conv": layer_kind saw one
         if x.shape[-1] != self.columns:  # the layer itself would fail: reported as the batch's failure
             raise ValueError(f"{self.name} got inputs of size {x.shape[-1]}, its weight takes {self.columns}")
         return x.reshape(-1, self.columns)
@@ -240,7 +241,7 @@ def materialise_batches(batches, device: torch.device) -> list:
         raise PruningError(f"batches must be an iterable of batches, got {type(batches).__name__}") from None
     if not items:
         raise PruningError("no calibration batches: pass at least one batch of model inputs")
-    out = []
+    out: list[torch.Tensor | dict] = []
     for i, b in enumerate(items):
         if isinstance(b, (tuple, list)) and b:  # an (inputs, targets) pair, as recalibrate_bn takes
             b = b[0]
@@ -353,6 +354,7 @@ def _chain_slot(records: list[dict]):
         if s is None or (slot is not None and s != slot):
             return None
         slot = s
+    assert slot is not None  # two or more blocks (find_block_stack): the loop above set it
     first = records[0]
     if (slot[0] == "arg" and len(first["args"]) <= slot[1]) or (slot[0] == "kw" and slot[1] not in first["kwargs"]):
         return None
@@ -369,7 +371,7 @@ def _order_pass(model, batch, targets, stack, passes):
     counter = itertools.count()
     first: dict[int, int] = {}
     calls: dict[int, int] = {}
-    records = [{"calls": 0, "first": -1, "args": (), "kwargs": {}, "out": None} for _ in (stack or [])]
+    records: list[dict] = [{"calls": 0, "first": -1, "args": (), "kwargs": {}, "out": None} for _ in (stack or [])]
     handles = []
 
     def pre(module, args):
@@ -412,7 +414,7 @@ def _order_pass(model, batch, targets, stack, passes):
 # -- the driver ----------------------------------------------------------------------------------
 
 NewStats = Callable[[Target], object]  # returns an object with .add(rows) for the (tokens, in) input rows
-PruneLayer = Callable[[Target, object], tuple[torch.Tensor, torch.Tensor | None]]  # (keep, new weights or None)
+PruneLayer = Callable[[Target, Any], tuple[torch.Tensor, torch.Tensor | None]]  # (keep, new weights or None)
 
 
 def _magnitude_keep(t: Target, setting: Setting) -> tuple[torch.Tensor, bool]:
@@ -421,6 +423,7 @@ def _magnitude_keep(t: Target, setting: Setting) -> tuple[torch.Tensor, bool]:
         view = p.t() if stores_transposed(t.module) else p
         masks, skipped = nm_masks([(t.name, view)], *setting.nm)
         return (masks[t.name].t().contiguous() if view is not p else masks[t.name]), bool(skipped)
+    assert setting.sparsity is not None  # a Setting holds a sparsity or an N:M pattern (Setting.of)
     flat = p.reshape(-1).abs().to(compute_dtype(p))
     return keep_mask_topk(flat, round(setting.sparsity * flat.numel())).view(p.shape), False
 
@@ -453,6 +456,7 @@ class _Run:
             if skipped:
                 self.skipped.append(t.name)
             else:
+                assert t.reason is not None  # layer_kind, or the checks that set kind None, give the reason
                 self.fallback[t.name] = t.reason
         else:
             keep, new = self.prune_layer(t, stats)
@@ -556,7 +560,7 @@ def prune_sequentially(
     try:
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)  # fused encoder layers would bypass their Linears' hooks
-        if use_cache:
+        if config is not None and use_cache:  # use_cache is only set where there is a config
             config.use_cache = False
         with torch.no_grad():
             slot = _order_pass(model, batches[0], targets, stack, run.passes)
@@ -568,6 +572,7 @@ def prune_sequentially(
                 stack_name = None
                 run.layer_by_layer(targets)
             else:
+                assert stack is not None and prefixes is not None  # _order_pass finds a chain only in a stack
                 inside = [[t for t in targets if t.name.startswith(p)] for p in prefixes]
                 in_stack = {t.name for ts in inside for t in ts}
                 start = min(t.order for ts in inside for t in ts if t.order >= 0)
@@ -578,16 +583,16 @@ def prune_sequentially(
                 run.layer_by_layer([t for t in outside if t.order >= start])
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, training in modes:
-            m.training = training
-        if use_cache:
+        for module, training in modes:
+            module.training = training
+        if config is not None and use_cache:
             config.use_cache = use_cache
     order = {name: i for i, (name, _) in enumerate(prunable_weights(model, exclude))}
     masks = dict(sorted(run.masks.items(), key=lambda kv: order[kv[0]]))
     return PruneResult(
         masks,
         fallback=run.fallback,
-        skipped=sorted(run.skipped, key=order.get),
+        skipped=sorted(run.skipped, key=order.__getitem__),  # skipped names are masks' names: all in order
         mode="blocks" if stack_name is not None else "layers",
         stack=stack_name,
         passes=run.passes,

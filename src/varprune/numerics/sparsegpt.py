@@ -111,6 +111,8 @@ def sparsegpt_update(
     Hinv, used = inverse_factor(H, percdamp, name)
     pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     n, m = setting.nm or (0, 0)
+    sparsity = 0.0 if m else setting.sparsity  # unstructured: the fraction each block prunes
+    assert sparsity is not None  # a Setting holds a sparsity or an N:M pattern (Setting.of)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -119,9 +121,9 @@ def sparsegpt_update(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
         mask1 = torch.zeros(W1.shape, dtype=torch.bool, device=W.device)
-        if not m and setting.sparsity > 0:
+        if not m and sparsity > 0:
             tmp = W1.square() / d.square().reshape(1, -1)
-            thresh = torch.sort(tmp.flatten()).values[int(tmp.numel() * setting.sparsity)]
+            thresh = torch.sort(tmp.flatten()).values[int(tmp.numel() * sparsity)]
             mask1 = tmp <= thresh
         for i in range(i2 - i1):
             if m and i % m == 0:

@@ -57,6 +57,7 @@ def wanda_keep(weight: torch.Tensor, sq_norms: torch.Tensor, setting: Setting, n
         pruned = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]  # earlier of equal scores first
         keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
         return keep.scatter_(-1, pruned, False).reshape(rows, cols)
+    assert setting.sparsity is not None  # a Setting holds a sparsity or an N:M pattern (Setting.of)
     keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
     k = int(cols * setting.sparsity)
     if k:

@@ -91,7 +91,9 @@ def parse_markdown_table(text: str) -> dict:
     caption when they come after (drawn below). Raises :class:`ReportError`
     when there is no table or a row has the wrong number of cells.
     """
-    rows, title, caption = [], [], []
+    rows: list[list[str]] = []
+    title: list[str] = []
+    caption: list[str] = []
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("|"):

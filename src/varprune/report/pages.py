@@ -83,7 +83,8 @@ def study_html(study: Path, path: Path) -> str:
     runs = [study / "runs" / f"{m}-s{s}" for m in spec["methods"] for s in spec["seeds"]]
     # study_table gives "title:", then its table, for each table: keep each title with its own table (as the
     # Markdown text above it, which the page draws directly above the table)
-    tables, title = [], []
+    tables: list[str] = []
+    title: list[str] = []
     for block in study_table(summary).split("\n\n"):
         if block.lstrip().startswith("|"):
             tables.append("\n".join([*title, block]))

@@ -116,7 +116,7 @@ def _temporary_pattern(name: str) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(name)}(?:{re.escape(TMP_TAG)})?[a-z0-9_]{{8}}\.tmp$")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
     """Delete the temporary files an interrupted :func:`atomic_write_bytes` left in ``folder`` for the files
     ``names``; return what was removed. Only names of exactly the temporary pattern go; a user's
     ``.model.safetensors.my-backup.tmp`` is not ours to delete."""

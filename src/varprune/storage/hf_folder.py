@@ -110,7 +110,8 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        state = remove_tied_weights_from_state_dict(state, model)
+        # model: any transformers-like model with a config (save_hf_folder checks it), typed nn.Module here
+        state = remove_tied_weights_from_state_dict(state, model)  # type: ignore[arg-type]
     except ImportError:  # another transformers version: keep the first name of each storage
         seen: set = set()
         for key in list(state):
@@ -121,7 +122,7 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
-        state = revert_weight_conversion(model, state)
+        state = revert_weight_conversion(model, state)  # type: ignore[arg-type]  # as above
     except ImportError:
         pass
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -185,8 +186,9 @@ def save_hf_folder(
             cfg.dtype = str(dtype).split(".")[1]
         cfg.save_pretrained(tmp)
         can_generate = getattr(model, "can_generate", None)
-        if callable(can_generate) and can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if callable(can_generate) and can_generate() and generation_config is not None:
+            generation_config.save_pretrained(tmp)
         for name, data in {WEIGHTS: weights, **files}.items():
             with open(tmp / name, "wb") as f:
                 f.write(data)
