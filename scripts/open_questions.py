@@ -46,7 +46,7 @@ STUDIES = {
             "8",
             "--lr",
             "0.05",
-        ],  # fmt: skip
+        ],
         "methods": [("sgd", ["--method", "sgd"])]
         + [(f"var-s{s}", ["--method", "var", "--var-strength", s]) for s in ("0.3", "1", "3")],
         "sweep": ["--sparsities", "0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99"],

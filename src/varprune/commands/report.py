@@ -82,7 +82,9 @@ def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
     if len(set(labels)) == len(labels):
         return None
     seeds: dict[str, list[int]] = {}
-    docs, base, times = {}, None, {}
+    docs: dict = {}
+    base: dict | None = None
+    times: dict[str, list[float]] = {}
     for run, (label, doc) in zip(runs, rows):
         cfg = load_run_config(run).to_dict()
         seed = cfg.pop("seed")
