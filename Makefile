@@ -9,7 +9,10 @@
 #                    to a machine without the Debian package (the GPU check's prep step)
 #   make gpu-check   benchmarks/gpu_check.sh: every GPU speed figure in one bounded run (on a
 #                    machine without CUDA it runs small sizes on the CPU)
-.PHONY: setup demo test test-fast bench gpu-data gpu-check
+#   make docs        the documentation site (mkdocs-material + mkdocstrings) into site/; --strict: a
+#                    warning (a broken link or anchor, a docstring griffe cannot read) fails the build
+#   make dist        the sdist and the wheel into dist/
+.PHONY: setup demo test test-fast bench gpu-data gpu-check docs dist
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -37,3 +40,12 @@ gpu-data:
 
 gpu-check:
 	PYTHONPATH=src bash benchmarks/gpu_check.sh
+
+docs:
+	mkdocs build --strict -d site
+
+# An isolated build (the default) installs setuptools into a fresh environment from pip's configured index;
+# the version comes from varprune.__version__, read statically, so torch is not needed to build. On a machine
+# with no index at all: python -m build --no-isolation (uses the setuptools installed here).
+dist:
+	python -m build --outdir dist .
