@@ -1,6 +1,7 @@
 # The two commands the README names:
 #   make demo        set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
-#   make test        set everything up, check lint and types (make lint), then run the whole test
+#   make test        set everything up, check lint and types (make lint), build the docs strictly
+#                    (make docs), then run the whole test
 #                    suite (what CI runs: .ci/run), one worker per core
 # For developers:
 #   make lint        ruff (lint and format check) on src, tests, benchmarks and scripts, and mypy on
@@ -11,7 +12,10 @@
 #                    to a machine without the Debian package (the GPU check's prep step)
 #   make gpu-check   benchmarks/gpu_check.sh: every GPU speed figure in one bounded run (on a
 #                    machine without CUDA it runs small sizes on the CPU)
-.PHONY: setup demo lint test test-fast bench gpu-data gpu-check
+#   make docs        the documentation site (mkdocs-material + mkdocstrings) into site/; --strict: a
+#                    warning (a broken link or anchor, a docstring griffe cannot read) fails the build
+#   make dist        the sdist and the wheel into dist/
+.PHONY: setup demo lint test test-fast bench gpu-data gpu-check docs dist
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
@@ -28,11 +32,12 @@ lint:
 	ruff format --check $(LINT_PATHS)
 	mypy
 
-# lint first (in its own make, after setup has installed ruff and mypy), so a lint or type error fails CI.
+# lint and the strict docs build first (in their own make, after setup has installed ruff, mypy and mkdocs),
+# so a lint or type error or a broken docs reference fails CI.
 # -n auto: one pytest worker per core (xdist); --dist loadfile keeps a file's tests, and so its
 # module fixtures (trained runs), on one worker. Each worker runs torch on one thread (conftest.py).
 test: setup
-	$(MAKE) lint
+	$(MAKE) lint docs
 	python -m pytest -q -n auto --dist loadfile
 
 test-fast:
@@ -48,3 +53,12 @@ gpu-data:
 
 gpu-check:
 	PYTHONPATH=src bash benchmarks/gpu_check.sh
+
+docs:
+	mkdocs build --strict -d site
+
+# An isolated build (the default) installs setuptools into a fresh environment from pip's configured index;
+# the version comes from varprune.__version__, read statically, so torch is not needed to build. On a machine
+# with no index at all: python -m build --no-isolation (uses the setuptools installed here).
+dist:
+	python -m build --outdir dist .

@@ -118,7 +118,7 @@ def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
 def report(data_dir: str | os.PathLike | None = None) -> str:
     """The doctor report as text (one fact per line)."""
     lines = [
-        f"varprune:       {__version__} ({Path(__file__).resolve().parent})",
+        f"varprune:       {__version__} ({Path(__file__).resolve().parent.parent})",  # the package, not commands/
         f"python:         {sys.version.split()[0]} ({sys.executable})",
         f"platform:       {platform.platform()}",
     ]

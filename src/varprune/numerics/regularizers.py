@@ -188,6 +188,7 @@ class Regularizer:
         return [p for _, p in self.named]
 
     def penalty(self) -> torch.Tensor:
+        """The penalty over the weights, without ``coef``, with autograd."""
         raise NotImplementedError
 
     def __call__(self) -> torch.Tensor:
@@ -290,6 +291,7 @@ class VarRegularizer(Regularizer):
 
     @property
     def lam(self) -> float:
+        """The multiplier lambda of psi."""
         return self.coef
 
     @property
@@ -298,6 +300,7 @@ class VarRegularizer(Regularizer):
         return self._strength if self._strength is not None else self.coef * self.psi_init
 
     def penalty(self) -> torch.Tensor:
+        """psi(w), with autograd (``reg()`` is ``lam * reg.penalty()``)."""
         return var_penalty(self.named, self.r, self.eps)
 
     def _group_gradient_(self, group, grads, coef):
@@ -323,6 +326,8 @@ class VarRegularizer(Regularizer):
 
     @torch.no_grad()
     def apply_gradient_(self, scale=None) -> torch.Tensor:
+        """Add ``lam * d psi / d w * scale`` to each weight's ``.grad`` (as every regularizer does, see the base
+        class), keeping the per-layer variances in ``last_variances``; returns ``lam * psi``, detached."""
         value = super().apply_gradient_(scale)
         self.last_variances = self._ordered([g.last_var for g in self._groups if g.last_var is not None])
         return value

@@ -1,0 +1,124 @@
+"""The wheel users install: built from the source, installed into a fresh virtual environment, and run from there.
+
+The machine may hold an editable install of varprune (a ``.pth`` line that puts some checkout's ``src`` on
+``sys.path``). The venv is created with ``--system-site-packages`` so torch and the other dependencies come from
+the system and nothing is downloaded (``pip install --no-deps --no-index``); its own site-packages comes before
+the system's on ``sys.path``, so the wheel must shadow the editable copy. The test does not take that on trust:
+every command runs outside the checkout with ``PYTHONPATH`` removed, and each one says which copy answered.
+"""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "varprune"
+
+pytestmark = pytest.mark.slow
+
+
+def source_version() -> str:
+    """``__version__`` as the source states it (what setuptools' ``attr`` reads, statically)."""
+    for node in ast.parse((SRC / "__init__.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("no __version__ in src/varprune/__init__.py")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(PYTHONNOUSERSITE="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
+    return env
+
+
+def run(args, cwd, env=None, timeout=120) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{args} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+SNIPPET = r"""
+import json, sys
+import varprune
+from varprune import optim
+
+loaded = {}
+for name in varprune.__all__:
+    value = getattr(varprune, name)
+    assert value is not None, name
+    module = getattr(value, "__module__", None)
+    if module:
+        loaded[name] = sys.modules[module].__file__
+for name in optim.__all__:
+    value = getattr(optim, name)
+    assert callable(value), name
+    loaded["optim." + name] = sys.modules[value.__module__].__file__
+print(json.dumps({"file": varprune.__file__, "version": varprune.__version__, "loaded": loaded,
+                  "all": list(varprune.__all__), "optim": list(optim.__all__)}))
+"""
+
+
+def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
+    import json
+    import zipfile
+
+    version = source_version()
+
+    # build from a copy of what the wheel is made of, so the checkout gets no build/ or egg-info;
+    # without isolation (no index needed) but with torch made unimportable: building must not import it
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    shutil.copytree(SRC, tree / "src" / "varprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    blocker = tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch must not be needed to build varprune')\n")
+    dist = tmp_path / "dist"
+    run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, tree],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(blocker.parent)),
+    )
+    (wheel,) = dist.glob("*.whl")
+    assert wheel.name == f"varprune-{version}-py3-none-any.whl"
+
+    # every file of the package is in the wheel (a data file added later would need package-data)
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    source = {
+        p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert source - shipped == set(), f"not in the wheel: {sorted(source - shipped)}"
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--system-site-packages", venv], cwd=tmp_path)
+    python, script = venv / "bin" / "python", venv / "bin" / "varprune"
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
+    package = (venv / "lib").resolve()
+
+    # the console script: its version is the package's own
+    out = run([script, "--version"], cwd=tmp_path).stdout.strip()
+    assert out == f"varprune {version}", out
+
+    # doctor exits 0 and says which copy of varprune runs: the venv's
+    out = run([script, "doctor"], cwd=tmp_path).stdout
+    first = out.splitlines()[0]
+    assert first.startswith(f"varprune:       {version} ("), first
+    assert Path(first.split("(", 1)[1].rstrip(")")).resolve().is_relative_to(package), first
+
+    # every public name imports, from the wheel's files and not from any checkout's src/
+    for flags in ([], ["-I"]):  # as plain `python`, and isolated (no cwd, no user site, no PYTHON* variables)
+        found = json.loads(run([python, *flags, "-c", SNIPPET], cwd=tmp_path).stdout)
+        assert found["version"] == version
+        assert Path(found["file"]).resolve().is_relative_to(package), found["file"]
+        assert set(found["all"]) - {"__version__"} == {k for k in found["loaded"] if not k.startswith("optim.")}
+        assert {"SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"} <= set(found["optim"])
+        outside = {k: v for k, v in found["loaded"].items() if not Path(v).resolve().is_relative_to(package)}
+        assert not outside, f"loaded from outside the venv: {outside}"
