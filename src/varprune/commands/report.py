@@ -78,15 +78,18 @@ def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
     from varprune.report.summary import summarize
     from varprune.report.tables import setting_key, study_table
 
-    labels = [label for label, _ in rows]
+    from varprune.engine.trained import run_label
+
+    configs = [load_run_config(run) for run in runs]
+    labels = [run_label(cfg) for cfg in configs]  # by method (a sweep of several runs may label them by path)
     if len(set(labels)) == len(labels):
         return None
     seeds: dict[str, list[int]] = {}
     docs: dict = {}
     base: dict | None = None
     times: dict[str, list[float]] = {}
-    for run, (label, doc) in zip(runs, rows):
-        cfg = load_run_config(run).to_dict()
+    for run, label, config, (_, doc) in zip(runs, labels, configs, rows):
+        cfg = config.to_dict()
         seed = cfg.pop("seed")
         common = {k: v for k, v in cfg.items() if k not in (*LOCATION_KEYS, "method", "var_lambda", "var_strength")}
         if base is None:
