@@ -177,3 +177,47 @@ def test_bad_pruner_settings_are_one_line(lm_run, capsys, args, expected):
     assert expected in one_line_error(rc, err)
     after = (lm_run / "prune.json").read_bytes() if (lm_run / "prune.json").exists() else None
     assert before == after
+
+
+def test_calibration_from_a_local_jsonl_file(lm_run, corpus, capsys, tmp_path):
+    """--calib-data: the windows come from the file (C4's layout: JSON lines with "text"), tokenized with the run's
+    tokenizer; each is a contiguous slice of tokenizers' own encoding of the documents joined by blank lines."""
+    from tokenizers import Tokenizer
+
+    from varprune.engine.config import load_run_config
+    from varprune.engine.trained import load_trained
+
+    docs = [f"Calibration document {i}: the quick brown fox jumps over the lazy dog {i * 7} times." for i in range(60)]
+    calib = tmp_path / "c4-shard.jsonl"
+    calib.write_text("".join(json.dumps({"text": d, "url": "x"}) + "\n" for d in docs), encoding="utf-8")
+    t = load_trained(lm_run, load_run_config(lm_run), "cpu")
+    windows = t.calibration(5, SEQ, str(calib))
+    ids = Tokenizer.from_file(str(lm_run / "tokenizer.json")).encode("\n\n".join(docs), add_special_tokens=False).ids
+    text = " ".join(map(str, ids))
+    assert len(windows) == 5
+    for w in windows:
+        assert w.shape == (1, SEQ) and " ".join(map(str, w[0].tolist())) in text
+    assert not torch.equal(torch.cat(windows), torch.cat(t.calibration(5, SEQ)))  # not the training split's
+
+    rc, _, err = cli(capsys, "prune", lm_run, "--pruners", "wanda", "--sparsities", "0.5", "--calib-samples", "8",
+                     "--calib-data", calib)  # fmt: skip
+    assert rc == 0, err
+    doc = json.loads((lm_run / "prune.json").read_text())
+    assert doc["calibration"]["data"]["path"] == str(calib) and len(doc["calibration"]["data"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "name, content, args, expected",
+    [
+        ("c.jsonl", '{"text": "a b c"}\n', ["--pruners", "magnitude"], "does nothing with magnitude"),
+        ("c.gz", "x", ["--pruners", "wanda"], "unpack a .gz first"),
+        ("c.jsonl", '{"txt": "a"}\n', ["--pruners", "wanda"], 'line 1 has no string field "text"'),
+        (None, None, ["--pruners", "sparsegpt"], "is not a file"),
+    ],
+)
+def test_bad_calibration_files_are_one_line(lm_run, capsys, tmp_path, name, content, args, expected):
+    path = tmp_path / (name or "missing.jsonl")
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    rc, _, err = cli(capsys, "prune", lm_run, "--sparsities", "0.5", *args, "--calib-data", path)
+    assert expected in one_line_error(rc, err)

@@ -77,10 +77,22 @@ def device_problem(name: str) -> list[str]:
 
 
 def mask_problems(args) -> list[str]:
-    """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both."""
+    """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both; the calibration
+    flags of a calibrated pruner (checked by the sweep's own rules)."""
+    from varprune.engine.sweep import SweepSpec
+
+    found = []
     if (args.sparsity is None) == (args.pattern == "unstructured"):
-        return ["give --sparsity for unstructured pruning, or --pattern N:M (not both)"]
-    return []
+        found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
+    spec = SweepSpec(
+        sparsities=(),
+        patterns=("2:4",),  # a placeholder setting: only the pruner and calibration rules are wanted here
+        pruners=(args.pruner,),
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        calib_data=args.calib_data,
+    )
+    return found + [p for p in spec.problems() if p.startswith(("--calib", "--pruner"))]
 
 
 def bnt_problems(args) -> list[str]:
@@ -200,6 +212,13 @@ def add_calibration_flags(p) -> None:
         type=int,
         help="Wanda and SparseGPT on text: tokens per calibration window (default: the run's --seq-len)",
     )
+    p.add_argument(
+        "--calib-data",
+        metavar="FILE",
+        help="Wanda and SparseGPT on a language model: draw the calibration windows from this local file "
+        "instead of the training split: UTF-8 text (.txt) or JSON lines with a 'text' field (.jsonl, e.g. an "
+        "unpacked C4 shard, the literature's calibration set); tokenized with the run's tokenizer",
+    )
 
 
 def add_mask_flags(p) -> None:
@@ -231,6 +250,7 @@ def sweep_spec(args, pruners=None):
         bnt_batch_size=args.bnt_batch_size,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
+        calib_data=args.calib_data,
     )
 
 

@@ -52,8 +52,6 @@ def run(args) -> int:
     if found:
         raise UsageError("; ".join(found))
     found = c.mask_problems(args) + c.bnt_problems(args) + c.device_problem(args.device)
-    if args.pruner != "magnitude" and not 1 <= args.calib_samples <= 1 << 20:
-        found.append(f"--calib-samples must be in [1, 1048576], got {args.calib_samples}")
     if found:
         raise UsageError("; ".join(found))
     export_run(
@@ -72,6 +70,7 @@ def run(args) -> int:
         pruner=args.pruner,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
+        calib_data=args.calib_data,
         format=args.format,
     )
     return 0

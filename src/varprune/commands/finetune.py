@@ -69,6 +69,7 @@ def run(args) -> int:
         finetune_pruner=args.pruner,
         finetune_calib_samples=args.calib_samples,
         finetune_calib_seq_len=args.calib_seq_len,
+        finetune_calib_data=args.calib_data,
         init=None,
         init_exclude=None,
     )  # RUN's weights, not --init

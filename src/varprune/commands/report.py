@@ -75,10 +75,9 @@ def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
     runs that are not comparable)."""
     from varprune.engine.config import LOCATION_KEYS, load_run_config
     from varprune.engine.study import epoch_time
+    from varprune.engine.trained import run_label
     from varprune.report.summary import summarize
     from varprune.report.tables import setting_key, study_table
-
-    from varprune.engine.trained import run_label
 
     configs = [load_run_config(run) for run in runs]
     labels = [run_label(cfg) for cfg in configs]  # by method (a sweep of several runs may label them by path)

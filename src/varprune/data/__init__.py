@@ -23,13 +23,15 @@ from varprune.data.registry import (
     load_dataset,
     locate_dataset,
 )
-from varprune.data.text import TextCorpus, TextSplit
+from varprune.data.text import TextCorpus, TextSplit, read_calibration_text
 from varprune.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 from varprune.data.tokens import (
     TokenExampleLoader,
     TokenizedText,
     TokenWindowLoader,
     calibration_inputs,
+    encode_stream,
+    stream_windows,
     text_loader,
     tokenize,
 )
@@ -54,15 +56,18 @@ __all__ = [
     "calibration_inputs",
     "dataset_info",
     "default_data_dir",
+    "encode_stream",
     "list_datasets",
     "load_dataset",
     "load_tokenizer",
     "locate_dataset",
     "parse_cifar_batch",
     "parse_idx",
+    "read_calibration_text",
     "read_idx",
     "resize_images",
     "share",
+    "stream_windows",
     "subset",
     "text_loader",
     "tokenize",

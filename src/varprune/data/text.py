@@ -48,6 +48,7 @@ __all__ = [
     "load",
     "locate",
     "parse_fortunes",
+    "read_calibration_text",
     "read_jsonl",
     "read_text",
     "split_of",
@@ -204,6 +205,36 @@ def read_text(path: str | os.PathLike) -> tuple[str, int]:
     """A whole UTF-8 file (BOM stripped) and its size in bytes; anything wrong is a one-line DatasetError."""
     raw = read_bytes(path)
     return decode_utf8(raw, path), len(raw)
+
+
+def read_calibration_text(path: str | os.PathLike) -> str:
+    """The text of a calibration file (``--calib-data``): plain UTF-8 (``.txt``, read whole) or JSON lines with a
+    string field ``text`` (``.jsonl``/``.json``, as C4's shards come once unpacked), documents joined by blank
+    lines. Anything wrong is a one-line DatasetError naming the file (and the line)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".txt", ".raw", ".jsonl", ".json"):
+        raise DatasetError(
+            f"--calib-data {path}: give a .txt file or a .jsonl/.json file of "
+            '{"text": ...} lines (unpack a .gz first)'
+        )
+    if path.suffix.lower() in (".txt", ".raw"):
+        return read_text(path)[0]
+    docs = []
+    for number, line in enumerate(decode_utf8(read_bytes(path, JSONL_MEMORY_FACTOR), path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise DatasetError(
+                f'{path} line {number} is not JSON; each line must be one object {{"text": ...}}'
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DatasetError(f'{path} line {number} has no string field "text"')
+        docs.append(obj["text"])
+    if not docs:
+        raise DatasetError(f"{path} holds no document")
+    return "\n\n".join(docs)
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str | int], list[int]]:

@@ -400,6 +400,18 @@ def text_loader(
     return TokenExampleLoader(ex, batch_size, train, device, seed, rank, world, data.info)
 
 
+def stream_windows(stream: torch.Tensor, n: int, seq_len: int, name, seed: int = CALIBRATION_SEED) -> list:
+    """``n`` windows of ``seq_len`` tokens of ``stream`` at uniform random offsets drawn by a CPU generator
+    seeded with ``seed``, each a (1, seq_len) copy; ``name`` (the text's file) is named when it is too short."""
+    n = _positive(n, "the number of calibration inputs")
+    _positive(seq_len, "seq_len", 2)
+    if len(stream) < seq_len:
+        raise DatasetError(f"{name} holds {len(stream)} tokens, fewer than one calibration window of {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(stream) - seq_len + 1, (n,), generator=g).tolist()
+    return [stream[s : s + seq_len].clone().unsqueeze(0) for s in starts]
+
+
 def calibration_inputs(data: TokenizedText, n: int, seq_len: int | None = None, seed: int = CALIBRATION_SEED) -> list:
     """``n`` model inputs from the TRAINING split for a one-shot pruner, drawn with a fixed seed by a CPU
     generator (the same draws on any device): language modeling, ``n`` windows of ``seq_len`` tokens at
@@ -410,14 +422,7 @@ def calibration_inputs(data: TokenizedText, n: int, seq_len: int | None = None, 
     if data.streams:
         if seq_len is None:
             raise DatasetError("language-modeling calibration inputs need seq_len")
-        stream = data.streams["train"]
-        _positive(seq_len, "seq_len", 2)
-        if len(stream) < seq_len:
-            raise DatasetError(
-                f"{data.files['train']} holds {len(stream)} tokens, fewer than one calibration window of {seq_len}"
-            )
-        starts = torch.randint(len(stream) - seq_len + 1, (n,), generator=g).tolist()
-        return [stream[s : s + seq_len].clone().unsqueeze(0) for s in starts]
+        return stream_windows(data.streams["train"], n, seq_len, data.files["train"], seed)
     ex = data.examples["train"]
     if n > len(ex):
         raise DatasetError(f"{n} calibration examples asked, {data.files['train']} holds {len(ex)}")

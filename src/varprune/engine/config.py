@@ -289,6 +289,7 @@ class TrainConfig:
     finetune_calib_seq_len: int | None = setting(
         None, "tokens per calibration window (default: --seq-len)", lo=2, hi=1 << 16, flag=False
     )
+    finetune_calib_data: str | None = setting(None, "calibration text file (default: the training split)", flag=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

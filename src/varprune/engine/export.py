@@ -50,6 +50,7 @@ def export_run(
     pruner: str = "magnitude",
     calib_samples: int = 128,
     calib_seq_len: int | None = None,
+    calib_data: str | None = None,
     format: str = "varprune",
 ) -> dict:
     """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata.
@@ -89,7 +90,7 @@ def export_run(
     t = load_trained(run, configs[0], device)
     info = t.data.data.info
     model = t.model
-    calibration = t.calibration(calib_samples, calib_seq_len) if pruner != "magnitude" else None
+    calibration = t.calibration(calib_samples, calib_seq_len, calib_data) if pruner != "magnitude" else None
     setting = pattern if pattern != "unstructured" else sparsity
     if setting is None:
         raise RunError("unstructured pruning needs a sparsity (--sparsity)")

@@ -61,6 +61,7 @@ class SweepSpec:
     bnt_batch_size: int = 500
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     calib_seq_len: int | None = None  # text: windows of this many tokens (default: the run's --seq-len)
+    calib_data: str | None = None  # language models: draw the calibration windows from this local file
 
     def __post_init__(self):
         for name in ("sparsities", "patterns", "pruners", "exclude"):
@@ -104,11 +105,15 @@ class SweepSpec:
                 found.append(f"--calib-samples must be an integer in [1, 1048576], got {self.calib_samples}")
             if self.calib_seq_len is not None and not 2 <= self.calib_seq_len <= 1 << 16:
                 found.append(f"--calib-seq-len must be in [2, 65536], got {self.calib_seq_len}")
+            if self.calib_data is not None and not Path(self.calib_data).is_file():
+                found.append(f"--calib-data {self.calib_data} is not a file; give a local .txt or .jsonl file")
+        elif self.calib_data is not None:
+            found.append("--calib-data does nothing with magnitude pruning: add --pruners wanda or sparsegpt")
         return found + bnt_problems(self.bnt_batches, self.bnt_batch_size)
 
     def record(self) -> dict:
         """The fields prune.json holds about its settings (compared by :func:`finished_sweep`)."""
-        doc = {
+        doc: dict = {
             "scope": self.scope,
             "exclude": list(self.exclude),
             "pruners": list(self.pruners),
@@ -116,7 +121,10 @@ class SweepSpec:
             "bnt_batch_size": self.bnt_batch_size,
         }
         if self.calibrated:
-            doc["calibration"] = {"samples": self.calib_samples, "seq_len": self.calib_seq_len}
+            calibration: dict = {"samples": self.calib_samples, "seq_len": self.calib_seq_len}
+            if self.calib_data is not None:  # the file's bytes, so that a changed file is swept again
+                calibration["data"] = {"path": str(self.calib_data), "sha256": file_digest(Path(self.calib_data))}
+            doc["calibration"] = calibration
         return doc
 
 
@@ -298,7 +306,9 @@ def prune_runs(
         digest = file_digest(run / WEIGHTS)
         t = load_trained(run, cfg, str(dev), cache)
         log(f"pruning {run} ({label})")
-        calibration = t.calibration(spec.calib_samples, spec.calib_seq_len) if spec.calibrated else None
+        calibration = (
+            t.calibration(spec.calib_samples, spec.calib_seq_len, spec.calib_data) if spec.calibrated else None
+        )
         doc = prune_sweep(
             t.model,
             spec,

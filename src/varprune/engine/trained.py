@@ -133,10 +133,10 @@ class Trained:
             for i in range(0, len(pick), batch_size)
         ]
 
-    def calibration(self, samples: int, seq_len: int | None = None) -> list:
-        """Inputs for the calibrated pruners from the training split (:meth:`RunData.calibration`); text
-        windows of ``seq_len`` tokens, by default the run's --seq-len."""
-        return self.data.calibration(samples, seq_len or self.cfg.seq_len)
+    def calibration(self, samples: int, seq_len: int | None = None, source: str | None = None) -> list:
+        """Inputs for the calibrated pruners from the training split, or from ``source`` (``--calib-data``)
+        (:meth:`RunData.calibration`); text windows of ``seq_len`` tokens, by default the run's --seq-len."""
+        return self.data.calibration(samples, seq_len or self.cfg.seq_len, source)
 
     @property
     def train_examples(self) -> int:

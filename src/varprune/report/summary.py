@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 
-from varprune.report.stats import mean_interval, paired, significant
+from varprune.report.stats import mean_interval, paired, significant, why_undefined
 from varprune.report.tables import metric_info, metric_of, setting_key, setting_label
 
 
@@ -85,6 +85,7 @@ def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | N
             entry["sparsities"][summary_key(pruner, setting)] = cell
         summary["methods"][meth] = entry
     summary["cross"] = _cross(summary, docs, seeds, baseline)
+    summary["cross_text"] = cross_text(summary)
     summary["findings"] = findings(summary)
     return summary
 
@@ -130,6 +131,27 @@ def _say(diff: float, info, interval, p, n: int) -> str:
         unit = ""
     p_text = "p < 0.001" if p is not None and p < 0.001 else f"p = {p:.3f}" if p is not None else "p undefined"
     return f"{fmt(diff)}{unit} [{fmt(interval[0])}, {fmt(interval[1])}], {p_text}, {n} seeds"
+
+
+def cross_text(summary: dict) -> list[str]:
+    """Every cross comparison in words, significant or not: the question the calibrated pruners raise."""
+    info = metric_info(summary["metric"])
+    out = []
+    for c in summary.get("cross", []):
+        if c["ci95"] is None or c["p_value"] is None:
+            said = f"{_fmt_diff(c['diff'], info)} ({why_undefined(c)})"
+        else:
+            said = _say(c["diff"], info, c["ci95"], c["p_value"], c["n"])
+            said += "" if significant(c) else " (the interval includes zero)"
+        out.append(
+            f"{c['method']} + magnitude vs {c['against']} + {c['against_pruner']} at {setting_label(c['setting'])}: "
+            f"{said}"
+        )
+    return out
+
+
+def _fmt_diff(diff: float, info) -> str:
+    return f"{100 * diff:+.1f} points" if info.percent else f"{diff:+.2f}"
 
 
 def findings(summary: dict) -> list[str]:

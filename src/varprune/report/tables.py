@@ -212,6 +212,13 @@ def study_table(summary: dict) -> str:
             label = label.replace(":", " (BN re-tuning does not apply: no BatchNorm):", 1) if not title else label
         out.append("\n".join([label, "", *_table(head, rows)]))
     text = "\n\n".join(out) + "\n"
+    if summary.get("cross_text"):
+        which = "after BN re-tuning" if retuned else "as measured"
+        text += (
+            f"\nEach method pruned by magnitude against {base} pruned by a calibrated pruner, paired by seed "
+            f"(the first minus the second, {which}; {'higher' if info.higher_is_better else 'lower'} is better):\n\n"
+            + "".join(f"* {line}\n" for line in summary["cross_text"])
+        )
     if summary.get("findings"):
         text += "\nDifferences whose 95% interval excludes zero:\n\n" + "".join(f"* {f}\n" for f in summary["findings"])
     elif base and "dense_ci95" in first:
