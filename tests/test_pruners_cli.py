@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from tests.helpers import TINY, cli, one_line_error
 
 pytestmark = pytest.mark.slow
@@ -75,7 +74,7 @@ def test_bad_pruner_input_on_an_image_run_is_one_line(image_run, capsys, tmp_pat
 
 def test_study_of_method_by_pruner_states_the_cross_comparison(capsys, tmp_path, fmnist_dir):
     out = tmp_path / "study"
-    rc, text, err = cli(
+    rc, _, err = cli(
         capsys, "study", "--out", out, *[a for a in TINY if a != "--quiet"], "--data-dir", fmnist_dir,
         "--methods", "sgd,var", "--seeds", "0,1", "--pruners", "magnitude,sparsegpt", "--calib-samples", "32",
         "--sparsities", "0.5,0.9", "--bnt-batches", "2", "--bnt-batch-size", "64", "--no-analysis",
