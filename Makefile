@@ -55,7 +55,7 @@ gpu-check:
 	PYTHONPATH=src bash benchmarks/gpu_check.sh
 
 docs:
-	mkdocs build --strict -d site
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict -d site
 
 # An isolated build (the default) installs setuptools into a fresh environment from pip's configured index;
 # the version comes from varprune.__version__, read statically, so torch is not needed to build. On a machine

@@ -30,6 +30,10 @@ _EXPORTS = {
     "nm_masks": "numerics.pruning",
     "prune_nm": "numerics.pruning",
     "keep_mask_topk": "numerics.pruning",
+    # the calibrated one-shot pruners of the LLM literature (any model)
+    "prune_wanda": "numerics.wanda",
+    "prune_sparsegpt": "numerics.sparsegpt",
+    "PruneResult": "numerics.calibration",
     # models
     "create_model": "models",
     "list_models": "models",
@@ -44,6 +48,7 @@ _EXPORTS = {
     "load_pruned": "storage.pruned_format",
     "read_pruned_metadata": "storage.pruned_format",
     "MaskKeeper": "numerics.masking",
+    "save_hf_folder": "storage.hf_folder",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
