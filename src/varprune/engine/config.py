@@ -148,8 +148,9 @@ class TrainConfig:
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
     batch_size: int = setting(
         256,
-        "batch size; under torchrun the global batch, split across the processes, so "
-        "a run computes the same steps with any number of processes",
+        "batch size; under torchrun the global batch, split across the processes, so a run computes the same "
+        "steps with any number of processes, except that a last partial batch leaving some process fewer than "
+        "2 examples is dropped (with one process: a last batch of 1)",
         lo=1,
         hi=1 << 20,
     )
