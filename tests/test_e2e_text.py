@@ -221,3 +221,13 @@ def test_bad_calibration_files_are_one_line(lm_run, capsys, tmp_path, name, cont
         path.write_text(content, encoding="utf-8")
     rc, _, err = cli(capsys, "prune", lm_run, "--sparsities", "0.5", *args, "--calib-data", path)
     assert expected in one_line_error(rc, err)
+
+
+def test_analyze_a_language_model(lm_run, capsys, tmp_path):
+    """The Hessian's double backward goes through attention (the fused kernels have no second derivative)."""
+    rc, out, err = cli(capsys, "analyze", lm_run, "--out", tmp_path / "an")
+    assert rc == 0, err
+    entry = next(iter(json.loads((tmp_path / "an" / "analysis.json").read_text())["runs"].values()))
+    assert math.isfinite(entry["hessian_top_eigenvalue"]) and entry["hessian_top_eigenvalue"] > 0
+    assert set(entry["layer_sensitivity"]) == {n for n in entry["layer_variance"]}
+    assert "no BatchNorm to re-tune" in out

@@ -77,10 +77,16 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _hvp(model, loss_fn, batches, params, v) -> list[torch.Tensor]:
-    """Hessian-vector product of the mean loss, one double backward per batch."""
+    """Hessian-vector product of the mean loss, one double backward per batch.
+
+    Attention runs on PyTorch's math kernel here: the fused scaled-dot-product kernels (flash, memory-efficient,
+    the CPU flash kernel transformers' models use) have no second derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     out = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        loss = _batch_loss(model, loss_fn, x, y, len(batches))
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = _batch_loss(model, loss_fn, x, y, len(batches))
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         gv = sum((g * u).sum() for g, u in zip(grads, v) if g is not None)
         if not isinstance(gv, torch.Tensor) or not gv.requires_grad:
