@@ -192,9 +192,9 @@ def analyze_runs(
             sensitivity,
             budget if budget is not None else float("inf"),
         )
-        retune = f"BN re-tuning on {plan.bnt_images} images" if t.has_batchnorm else "no BatchNorm to re-tune"
+        retuning = f"BN re-tuning on {plan.bnt_images} images" if t.has_batchnorm else "no BatchNorm to re-tune"
         log(
-            f"analysing {run} ({lab}): {layers} layers, {retune}, Hessian on "
+            f"analysing {run} ({lab}): {layers} layers, {retuning}, Hessian on "
             f"{plan.hessian_examples} examples x {plan.hessian_iters} iterations "
             f"({plan.forward_passes / max(plan.training_passes, 1):.2f}x the run's training cost)"
         )
