@@ -544,8 +544,12 @@ def test_doctor_prints_the_environment(data_dir, tmp_path, capsys):
     assert main(["doctor", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert f"torch:          {torch.__version__}" in out and "CUDA:" in out and "--device auto:" in out
-    assert f"fashion-mnist  found in {data_dir}" in out
-    assert f"cifar10        not found in {data_dir}" in out
+    assert re.search(rf"\n  fashion-mnist +found in {re.escape(str(data_dir))}", out)
+    assert re.search(rf"\n  cifar10 +not found in {re.escape(str(data_dir))}", out)
+    # one column for every dataset's status, the longest name (text-classification) included
+    rows = [re.match(r"  (\S+)( +)(found|not found|incomplete) ", line) for line in out.splitlines()]
+    rows = [m for m in rows if m]
+    assert len(rows) >= 10 and len({m.start(3) for m in rows}) == 1, out
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     for name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn"):

@@ -30,6 +30,10 @@ LIBRARIES = (
     "pillow",
     "timm",
     "monai",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "lightning",
     "hypothesis",
     "pytest",
 )
@@ -99,19 +103,20 @@ def _dataset_lines(data_dir: str | os.PathLike | None) -> list[str]:
     from varprune.data import DATASETS, default_data_dir, locate_dataset
 
     lines = []
+    width = max(map(len, DATASETS)) + 1  # the longest name (text-classification) still leaves a space
     for name in sorted(DATASETS):
         root = data_dir if data_dir is not None else default_data_dir(name)
         where = locate_dataset(name, root)
         if where.complete:
             folders = sorted({str(p.parent) for p in where.found})
-            lines.append(f"  {name:<14} found in {', '.join(folders)} ({len(where.found)} files)")
+            lines.append(f"  {name:<{width}} found in {', '.join(folders)} ({len(where.found)} files)")
         elif where.found:
             lines.append(
-                f"  {name:<14} incomplete in {Path(root).absolute()} (missing {', '.join(where.missing)}; "
+                f"  {name:<{width}} incomplete in {Path(root).absolute()} (missing {', '.join(where.missing)}; "
                 f"expected {DATASETS[name].layout})"
             )
         else:
-            lines.append(f"  {name:<14} not found in {Path(root).absolute()} (expected {DATASETS[name].layout})")
+            lines.append(f"  {name:<{width}} not found in {Path(root).absolute()} (expected {DATASETS[name].layout})")
     return lines
 
 
