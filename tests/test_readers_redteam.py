@@ -404,3 +404,17 @@ def test_study_page_puts_each_title_directly_above_its_table(tmp_path):
     for table in tables:  # the title is the table's first child, drawn above it
         assert re.match(r"<table>\s*<caption class=title>", table), table[:80]
     assert re.search(r"caption\.title\s*\{[^}]*caption-side:\s*top", page)
+
+
+def test_fifos_named_like_the_idx_files_are_named_not_missing(tmp_path, capsys):
+    """A FIFO where a dataset file should be: the message names it, instead of calling the dataset missing."""
+    from varprune.cli import main
+
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+        os.mkfifo(tmp_path / f"{stem}.gz")
+    rc = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--model", "mlp", "--epochs", "1",
+               "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "train-images-idx3-ubyte.gz is a FIFO, not a regular file" in err, err
+    assert not (tmp_path / "run").exists()

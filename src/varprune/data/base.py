@@ -70,6 +70,25 @@ class ImageData:
     source: str
 
 
+def special_file(path: Path) -> str | None:
+    """``"a FIFO"``, ``"a folder"``... when ``path`` exists but is not a regular file (links followed: a link to
+    a data file is fine); None when it is a regular file or does not exist. Only ``stat``: nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 @dataclass
 class DatasetLocation:
     """Where a dataset's files are, without reading them (``varprune doctor``, validation)."""

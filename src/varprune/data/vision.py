@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images, special_file
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -328,7 +328,21 @@ def locate(name: str, root: Path, need_test: bool = True) -> DatasetLocation:
     except OSError as e:  # an unreadable folder: nothing found there
         found, missing = [], [f"{root} ({e.strerror or e})"]
     message = _not_found(name, root, missing[0]) if missing else None
+    odd = next(((p, k) for p in _candidates(info.name, root, missing) if (k := special_file(p))), None)
+    if odd is not None:  # a file of the right name that is a FIFO, device or folder: say so, not "not found"
+        message = f"{odd[0]} is {odd[1]}, not a regular file; put the dataset's file itself there"
     return DatasetLocation(name, root, found, missing, message)
+
+
+def _candidates(name: str, root: Path, missing: list[str]) -> list[Path]:
+    """Where the missing files would have been looked for."""
+    if name in _TORCHVISION_DIR:
+        folders = (root, root / "raw", root / _TORCHVISION_DIR[name] / "raw")
+        return [f / n for stem in missing for f in folders for n in (stem, f"{stem}.gz")]
+    if name in ("cifar10", "cifar100"):
+        folder = _cifar_layout(DATASETS[name])[0]
+        return [b / m for m in missing for b in (root, root / folder)]
+    return [root / m for m in missing]
 
 
 def _not_found(name: str, root: Path, missing: str) -> str:
