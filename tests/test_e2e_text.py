@@ -231,3 +231,15 @@ def test_analyze_a_language_model(lm_run, capsys, tmp_path):
     assert math.isfinite(entry["hessian_top_eigenvalue"]) and entry["hessian_top_eigenvalue"] > 0
     assert set(entry["layer_sensitivity"]) == {n for n in entry["layer_variance"]}
     assert "no BatchNorm to re-tune" in out
+
+
+@pytest.mark.parametrize("method", ["sam", "cram+", "hoyer", "var+sam"])
+def test_every_kind_of_method_trains_a_language_model(corpus, capsys, tmp_path, method):
+    """The perturbed optimizers (SAM, CrAM+), the other regularizers and the combinations on AdamW with clipping."""
+    args = [a for a in LM]
+    args[args.index("--limit-train") + 1] = "16"
+    rc, _, err = cli(capsys, "train", *args, "--method", method, "--data-dir", corpus, "--out", tmp_path / "run")
+    assert rc == 0, err
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["loss"]) and math.isfinite(last["test_perplexity"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["method"] == method
