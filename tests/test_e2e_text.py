@@ -243,3 +243,21 @@ def test_every_kind_of_method_trains_a_language_model(corpus, capsys, tmp_path, 
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(last["loss"]) and math.isfinite(last["test_perplexity"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["method"] == method
+
+
+def test_a_test_text_shorter_than_one_window_and_a_damaged_tokenizer_are_one_line(lm_run, capsys, tmp_path):
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "train.txt").write_text("hello world, this is the training text. " * 200, encoding="utf-8")
+    (short / "test.txt").write_text("tiny", encoding="utf-8")
+    rc, _, err = cli(capsys, "train", *LM, "--data-dir", short, "--out", tmp_path / "run")
+    assert "fewer than one window of seq_len 32" in one_line_error(rc, err) and not (tmp_path / "run").exists()
+
+    import shutil
+
+    copy = Path(shutil.copytree(lm_run, tmp_path / "copy"))
+    (copy / "tokenizer.json").write_text('{"not": "a tokenizer"', encoding="utf-8")
+    before = sorted(p.name for p in copy.iterdir())
+    rc, _, err = cli(capsys, "prune", copy, "--sparsities", "0.5")
+    assert "tokenizer.json is not a tokenizer.json" in one_line_error(rc, err)
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing written
