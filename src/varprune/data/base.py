@@ -70,13 +70,8 @@ class ImageData:
     source: str
 
 
-def special_file(path: Path) -> str | None:
-    """``"a FIFO"``, ``"a folder"``... when ``path`` exists but is not a regular file (links followed: a link to
-    a data file is fine); None when it is a regular file or does not exist. Only ``stat``: nothing is opened."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode that is not a regular file is, in words ("a FIFO", "a folder", ...)."""
     for test, what in (
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),
@@ -86,7 +81,17 @@ def special_file(path: Path) -> str | None:
     ):
         if test(mode):
             return what
-    return None if stat.S_ISREG(mode) else "not a regular file"
+    return "not a regular file"
+
+
+def special_file(path: Path) -> str | None:
+    """``"a FIFO"``, ``"a folder"``... when ``path`` exists but is not a regular file (links followed: a link to
+    a data file is fine); None when it is a regular file or does not exist. Only ``stat``: nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, file_kind
 from varprune.device import available_memory
 
 __all__ = [
@@ -134,26 +134,13 @@ def default_dir(name: str) -> str:
 # ----------------------------------------------------------------- strict reading
 
 
-def _kind(mode: int) -> str:
-    for test, what in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISDIR, "a folder"),
-    ):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
 def _check_regular(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise DatasetError(f"{path} is {_kind(st.st_mode)}, not a regular file; put the data file itself there")
+        raise DatasetError(f"{path} is {file_kind(st.st_mode)}, not a regular file; put the data file itself there")
 
 
 def read_bytes(path: str | os.PathLike, factor: int = TEXT_MEMORY_FACTOR) -> bytes:
@@ -294,7 +281,7 @@ def _entry_kind(path: Path) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return "unreadable"
-    return None if stat.S_ISREG(mode) else _kind(mode)
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _lm_layout(root: Path) -> tuple[list[tuple[Path, tuple[str, ...]]], str | None]:
