@@ -7,6 +7,8 @@
   the strength transfer to a network without BatchNorm; is s = 1 a sound default?
 * ``combinations``: the MLP at the demo's budget: sgd, cram+, var, var+cram+, sam, var+sam. Does VAR add to
   CrAM+ (and to SAM)?
+* ``pruners`` (issue 22's image case): the combinations study's SGD and VAR runs, each pruned by magnitude,
+  Wanda and SparseGPT at 50/70/90/95% and 2:4: does VAR + magnitude reach SGD + a calibrated pruner?
 
 Each run is an ordinary ``varprune train`` folder under OUT/<study>/runs/<name>-s<seed>; finished runs and
 finished sweeps are reused, an interrupted run resumes, so the same command continues where it stopped.
@@ -26,6 +28,7 @@ import argparse
 import concurrent.futures as futures
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -77,6 +80,14 @@ STUDIES = {
         ],
         "sweep": ["--sparsities", "0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99"],
     },
+    # issue 22's image case: the combinations study's SGD and VAR runs (copied, not retrained), each pruned by
+    # magnitude, Wanda and SparseGPT
+    "pruners": {
+        "runs_from": "combinations",
+        "train": [*FMNIST, "--model", "mlp", "--epochs", "10", "--batch-size", "128"],
+        "methods": [("sgd", ["--method", "sgd"]), ("var", ["--method", "var", "--var-lambda", "1e-4"])],
+        "sweep": ["--pruners", "magnitude,wanda,sparsegpt", "--sparsities", "0.5,0.7,0.9,0.95", "--patterns", "2:4"],
+    },
 }
 
 
@@ -126,6 +137,11 @@ def main(argv=None) -> int:
         for seed in seeds:
             jobs[folder / "runs" / f"{name}-s{seed}"] = [*train, *flags, "--seed", str(seed)]
     t0 = time.perf_counter()
+    if "runs_from" in spec:  # finished runs of another study with the same flags: copied without their sweeps
+        for run in jobs:
+            source = Path(args.out) / spec["runs_from"] / "runs" / run.name
+            if not run.exists() and (source / "model.safetensors").is_file():
+                shutil.copytree(source, run, ignore=shutil.ignore_patterns("prune.*", ".lock"))
     with futures.ThreadPoolExecutor(args.jobs) as pool:
         for done in futures.as_completed([pool.submit(ensure, run, flags) for run, flags in jobs.items()]):
             print(f"[{time.perf_counter() - t0:6.0f} s] {done.result()}", flush=True)
