@@ -56,11 +56,16 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+class Whole(str):
+    """A check's message that is a whole sentence naming the value itself ("unknown model 'x' ..."); any other
+    message a check returns is about the field and gets the flag's name in front."""
+
+
 def _one_of(names: Callable[[], list[str]], what: str, allow_prefix: tuple[str, ...] = ()):
     def check(value):
         if value in names() or any(value.startswith(p) for p in allow_prefix):
             return None
-        return f"unknown {what} {short(value)} (choose from {', '.join(names())})"
+        return Whole(f"unknown {what} {short(value)} (choose from {', '.join(names())})")
 
     return check
 
@@ -98,9 +103,9 @@ def _device_check(value):
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
-        return f"unknown device {short(value)}; use auto, cpu, cuda or cuda:N"
+        return Whole(f"unknown device {short(value)}; use auto, cpu, cuda or cuda:N")
     if device.type not in ("cpu", "cuda"):
-        return f"device {short(value)} is not supported; use auto, cpu, cuda or cuda:N"
+        return Whole(f"device {short(value)} is not supported; use auto, cpu, cuda or cuda:N")
     return None
 
 
@@ -158,7 +163,7 @@ class TrainConfig:
         None,
         "base optimizer: sgd (nesterov momentum) or adamw (default: sgd for images, adamw for text, as each is "
         "trained); the SAM-type methods wrap it",
-        check=lambda v: None if v in ("sgd", "adamw") else f"unknown optimizer {short(v)} (choose from sgd, adamw)",
+        check=_one_of(lambda: ["sgd", "adamw"], "optimizer"),
     )
     lr: float | None = setting(
         None, "peak learning rate of warm-up + cosine (default 0.1 for sgd, 1e-3 for adamw)", lo=0, lo_open=True, hi=10
@@ -231,9 +236,7 @@ class TrainConfig:
     amp: str = setting(
         "auto",
         "auto (bf16 on GPU, fp32 on CPU), bf16 or none",
-        check=lambda v: (
-            None if v in ("auto", "bf16", "none") else f"unknown --amp {short(v)} (choose from auto, bf16, none)"
-        ),
+        check=_one_of(lambda: ["auto", "bf16", "none"], "--amp"),
     )
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
@@ -282,7 +285,7 @@ class TrainConfig:
         "magnitude",
         "the one-shot pruner of the fixed mask: magnitude, wanda or sparsegpt",
         flag=False,
-        check=lambda v: None if v in ("magnitude", "wanda", "sparsegpt") else f"unknown pruner {short(v)}",
+        check=_one_of(lambda: ["magnitude", "wanda", "sparsegpt"], "pruner"),
     )
     finetune_calib_samples: int = setting(
         128, "calibration inputs of wanda and sparsegpt", lo=1, hi=1 << 20, flag=False
@@ -371,12 +374,13 @@ _TYPE_CHECKS = {
 }
 
 
+def _bad_types(values: dict) -> list[str]:
+    """The fields whose value has none of the field's types."""
+    return [n for n, f in FIELDS.items() if n in values and not any(_TYPE_CHECKS[k](values[n]) for k in _kinds(f))]
+
+
 def _type_problems(values: dict) -> list[str]:
-    problems = []
-    for name, f in FIELDS.items():
-        if name in values and not any(_TYPE_CHECKS[k](values[name]) for k in _kinds(f)):
-            problems.append(f"{name} must be {' or '.join(_kinds(f))}, got {short(values[name])}")
-    return problems
+    return [f"{n} must be {' or '.join(_kinds(FIELDS[n]))}, got {short(values[n])}" for n in _bad_types(values)]
 
 
 def flag_of(name: str) -> str:
@@ -410,7 +414,8 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
     """
     values = cfg.to_dict()
     found = _type_problems(values)
-    bad_type = {p.split(" ", 1)[0] for p in found}
+    bad_type = set(_bad_types(values))
+    failed = set(bad_type)
     for name, f in FIELDS.items():
         if name in bad_type:
             continue
@@ -419,8 +424,9 @@ def problems(cfg: TrainConfig, check_device: bool = True) -> list[str]:
         if check is not None and values[name] is not None:
             msg = check(values[name])
             if msg:
-                found.append(msg if msg.startswith(("unknown", "device")) else f"{flag_of(name)} {msg}")
-    if check_device and "device" not in bad_type and not any(p.startswith(("unknown device", "device")) for p in found):
+                failed.add(name)
+                found.append(msg if isinstance(msg, Whole) else f"{flag_of(name)} {msg}")
+    if check_device and "device" not in failed:
         from varprune.device import resolve_device
 
         try:
