@@ -97,9 +97,13 @@ def study_html(study: Path, path: Path) -> str:
             "paragraphs": title  # text after the last table, if any
             + [
                 f"Model {spec['train']['model']} on {spec['train']['dataset']}, "
-                f"{spec['train']['epochs']} epochs; {spec['scope']} magnitude pruning, BN "
-                f"re-tuning on {spec['bnt_batches']} x {spec['bnt_batch_size']} training "
-                f"images."
+                f"{spec['train']['epochs']} epochs; one-shot pruning by {', '.join(spec.get('pruners', ['magnitude']))}"
+                f" (magnitude {spec['scope']}); "
+                + (
+                    f"BN re-tuning on {spec['bnt_batches']} x {spec['bnt_batch_size']} training images."
+                    if summary.get("bn_retuning", True)
+                    else "no BatchNorm, nothing re-tuned."
+                )
             ],
             "tables": tables,
             "images": [str(study / "report.png")],
