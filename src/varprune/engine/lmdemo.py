@@ -26,7 +26,8 @@ SIZES = {
         var_strength=1.0,
         **SWEEP,
     ),
-    # 4 layers, width 128: 167 steps of 32 windows of 128 tokens an epoch, 111 s on 2 CPU cores (README)
+    # 4 layers, width 128: 167 steps of 32 windows of 128 tokens an epoch, about 100 s on 2 CPU cores; the
+    # whole demo 8.9 minutes (README)
     "cpu": dict(model="gpt2", seq_len=128, vocab_size=4096, epochs=2, batch_size=32, var_strength=1.0, **SWEEP),
     # a smoke test of the whole pipeline (seconds); shows nothing about VAR
     "tiny": dict(
