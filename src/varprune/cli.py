@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     finally:
         _ended["code"] = code
         try:
-            distributed.shutdown()
+            distributed.shutdown(together=code == EXIT_OK)
         finally:
             if previous is not None and not program:
                 signal.signal(signal.SIGTERM, previous)

@@ -141,8 +141,15 @@ def setup(device_name: str = "auto") -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. ``together`` (the command succeeded on every process): wait for the others
+    first, so that no process tears its connections down while a peer still uses them (gloo then aborts the
+    peer at exit: "terminate called without an active exception", seen under load). After a failure there is
+    no wait: the others may never come."""
     if _state["active"] and dist.is_initialized():
+        if together:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
     _state.update(rank=0, world=1, local=0, active=False, single=False)
 
