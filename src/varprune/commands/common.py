@@ -79,20 +79,12 @@ def device_problem(name: str) -> list[str]:
 def mask_problems(args) -> list[str]:
     """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both; the calibration
     flags of a calibrated pruner (checked by the sweep's own rules)."""
-    from varprune.engine.sweep import SweepSpec
+    from varprune.engine.sweep import calibration_problems
 
     found = []
     if (args.sparsity is None) == (args.pattern == "unstructured"):
         found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
-    spec = SweepSpec(
-        sparsities=(),
-        patterns=("2:4",),  # a placeholder setting: only the pruner and calibration rules are wanted here
-        pruners=(args.pruner,),
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        calib_data=args.calib_data,
-    )
-    return found + [p for p in spec.problems() if p.startswith(("--calib", "--pruner"))]
+    return found + calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
 
 
 def bnt_problems(args) -> list[str]:

@@ -15,6 +15,7 @@ store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -46,6 +47,21 @@ from varprune.tasks import Task
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 DEFAULT_CALIB_SAMPLES = 128  # the references' 128 calibration segments (images, for image models)
+
+
+def calibration_problems(pruners, samples, seq_len, data) -> list[str]:
+    """The calibration flags' problems for ``pruners`` (the sweep's, and export's and finetune's single one)."""
+    found = []
+    if any(p in CALIBRATED for p in pruners):
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 1 << 20:
+            found.append(f"--calib-samples must be an integer in [1, 1048576], got {samples}")
+        if seq_len is not None and not 2 <= seq_len <= 1 << 16:
+            found.append(f"--calib-seq-len must be in [2, 65536], got {seq_len}")
+        if data is not None and not Path(data).is_file():
+            found.append(f"--calib-data {data} is not a file; give a local .txt or .jsonl file")
+    elif data is not None:
+        found.append("--calib-data does nothing with magnitude pruning: add --pruners wanda or sparsegpt")
+    return found
 
 
 @dataclass(frozen=True)
@@ -96,20 +112,14 @@ class SweepSpec:
                 parse_pattern(p)
             except PruningError as e:
                 found.append(str(e))
-        if self.calibrated:
-            if (
-                isinstance(self.calib_samples, bool)
-                or not isinstance(self.calib_samples, int)
-                or not 1 <= self.calib_samples <= 1 << 20
-            ):
-                found.append(f"--calib-samples must be an integer in [1, 1048576], got {self.calib_samples}")
-            if self.calib_seq_len is not None and not 2 <= self.calib_seq_len <= 1 << 16:
-                found.append(f"--calib-seq-len must be in [2, 65536], got {self.calib_seq_len}")
-            if self.calib_data is not None and not Path(self.calib_data).is_file():
-                found.append(f"--calib-data {self.calib_data} is not a file; give a local .txt or .jsonl file")
-        elif self.calib_data is not None:
-            found.append("--calib-data does nothing with magnitude pruning: add --pruners wanda or sparsegpt")
+        found += calibration_problems(self.pruners, self.calib_samples, self.calib_seq_len, self.calib_data)
         return found + bnt_problems(self.bnt_batches, self.bnt_batch_size)
+
+    @functools.cached_property
+    def _calib_data_digest(self) -> str:
+        """The --calib-data file's sha256, read once per spec (record() is called for every run of a sweep)."""
+        assert self.calib_data is not None
+        return file_digest(Path(self.calib_data))
 
     def record(self) -> dict:
         """The fields prune.json holds about its settings (compared by :func:`finished_sweep`)."""
@@ -123,7 +133,7 @@ class SweepSpec:
         if self.calibrated:
             calibration: dict = {"samples": self.calib_samples, "seq_len": self.calib_seq_len}
             if self.calib_data is not None:  # the file's bytes, so that a changed file is swept again
-                calibration["data"] = {"path": str(self.calib_data), "sha256": file_digest(Path(self.calib_data))}
+                calibration["data"] = {"path": str(self.calib_data), "sha256": self._calib_data_digest}
             doc["calibration"] = calibration
         return doc
 
