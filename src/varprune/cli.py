@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread
         previous = None
     code = EXIT_OK
+    together = False  # every process failed at the same point (distributed.agreed): they leave the group together
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
         except TypeError:
             raise e from None  # a bug: the traceback is what a bug report needs
         _ended["code"] = code  # from here a SIGTERM keeps this code (see _on_sigterm)
+        together = distributed.is_agreed(e)
         note = kept_note(e)
         extra = f"; {note}" if note and code == EXIT_SYSTEM else ""
         _say(f"{who}: error: {one_line(e)}{extra}")
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     finally:
         _ended["code"] = code
         try:
-            distributed.shutdown(together=code == EXIT_OK)
+            distributed.shutdown(together=code == EXIT_OK or together)
         finally:
             if previous is not None and not program:
                 signal.signal(signal.SIGTERM, previous)

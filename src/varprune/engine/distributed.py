@@ -141,11 +141,23 @@ def setup(device_name: str = "auto") -> torch.device:
     return device
 
 
+def agreed(error: Exception) -> Exception:
+    """Mark ``error`` as raised by every process at the same point, after a collective decided it (a non-finite
+    loss on any process, a problem gathered from all, rank 0's verdict broadcast): they all reach `shutdown`."""
+    error.varprune_agreed = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_agreed(error: BaseException) -> bool:
+    return bool(getattr(error, "varprune_agreed", False))
+
+
 def shutdown(together: bool = False) -> None:
-    """Leave the process group. ``together`` (the command succeeded on every process): wait for the others
-    first, so that no process tears its connections down while a peer still uses them (gloo then aborts the
-    peer at exit: "terminate called without an active exception", seen under load). After a failure there is
-    no wait: the others may never come."""
+    """Leave the process group. ``together`` (the command succeeded on every process, or failed on every
+    process by an `agreed` error): wait for the others first, so that no process tears its connections down
+    while a peer still uses them (gloo then aborts the peer at exit: "terminate called without an active
+    exception", seen under load on success and on an agreed non-finite loss). After a failure of one process
+    alone there is no wait: the others may never come."""
     if _state["active"] and dist.is_initialized():
         if together:
             with contextlib.suppress(Exception):
@@ -166,7 +178,8 @@ def raise_together(found: list[str]) -> None:
         dist.all_gather_object(gathered, list(found))
         found = list(dict.fromkeys(p for part in gathered for p in part))
     if found:
-        raise RunError("; ".join(found))
+        error = RunError("; ".join(found))
+        raise agreed(error) if active() else error
 
 
 def from_main(fn):
@@ -185,7 +198,7 @@ def from_main(fn):
             box[0] = ("error", type(e).__name__ if type(e).__name__ in _ERRORS else "ValueError", str(e))
     dist.broadcast_object_list(box, src=0)
     if box[0][0] == "error":
-        raise _ERRORS[box[0][1]](box[0][2])
+        raise agreed(_ERRORS[box[0][1]](box[0][2]))
     return box[0][1]
 
 

@@ -414,14 +414,18 @@ def _epochs(
         seen = distributed.reduce_epoch_(stats, seen)
         if not bool(stats["ok"]):
             bad_step = int(stats["good_steps"]) + 1
-            raise NonFiniteError(
-                f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
-                f"{kept}; lower --lr or the regularizer strength"
+            raise distributed.agreed(
+                NonFiniteError(
+                    f"non-finite loss at epoch {epoch + 1}, step {bad_step} of {steps_per_epoch}; "
+                    f"{kept}; lower --lr or the regularizer strength"
+                )
             )
         if not distributed.all_true(_all_finite(model.state_dict().values()), device):
-            raise NonFiniteError(
-                f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
-                f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength"
+            raise distributed.agreed(
+                NonFiniteError(
+                    f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
+                    f"{steps_per_epoch}; {kept}; lower --lr or the regularizer strength"
+                )
             )
         train_time = time.perf_counter() - t0
         if parallel:
