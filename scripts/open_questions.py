@@ -9,6 +9,9 @@
   CrAM+ (and to SAM)?
 * ``pruners`` (issue 22's image case): the combinations study's SGD and VAR runs, each pruned by magnitude,
   Wanda and SparseGPT at 50/70/90/95% and 2:4: does VAR + magnitude reach SGD + a calibrated pruner?
+* ``lm`` (issue 22's language case, with intervals): the language-model demo's recipe (GPT-2 4 x 128 on the
+  fortunes, 2 epochs, AdamW) against AdamW + VAR at s = 1, over three seeds, each pruned by magnitude, Wanda and
+  SparseGPT at 50/70/90% and 2:4. Seed 0 is the demo's own pair of runs.
 
 Each run is an ordinary ``varprune train`` folder under OUT/<study>/runs/<name>-s<seed>; finished runs and
 finished sweeps are reused, an interrupted run resumes, so the same command continues where it stopped.
@@ -87,6 +90,17 @@ STUDIES = {
         "train": [*FMNIST, "--model", "mlp", "--epochs", "10", "--batch-size", "128"],
         "methods": [("sgd", ["--method", "sgd"]), ("var", ["--method", "var", "--var-lambda", "1e-4"])],
         "sweep": ["--pruners", "magnitude,wanda,sparsegpt", "--sparsities", "0.5,0.7,0.9,0.95", "--patterns", "2:4"],
+    },
+    # the flags `varprune demo --task lm` trains with (engine/lmdemo.py, size "cpu"); the text default optimizer
+    # is AdamW, so method sgd is the demo's "adamw" run
+    "lm": {
+        "train": shlex.split(
+            "--dataset fortunes --model gpt2 --seq-len 128 --vocab-size 4096 --epochs 2 --batch-size 32"
+        ),
+        "methods": [("adamw", ["--method", "sgd"]), ("var-s1", ["--method", "var", "--var-strength", "1"])],
+        "sweep": shlex.split(
+            "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.7,0.9 --patterns 2:4 --calib-samples 128"
+        ),
     },
 }
 
