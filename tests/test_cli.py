@@ -235,7 +235,8 @@ def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
     # the runs themselves, grouped by method: the study's intervals, computed from the runs' prune.json files
     r = varprune("report", *sorted(out.glob("runs/*")))
     assert r.returncode == 0, r.stderr
-    grouped = r.stdout.split("By method:")[1]
+    per_run, grouped = r.stdout.split("By method:")
+    assert "| sgd seed 0 |" in per_run and "| sgd seed 1 |" in per_run  # one method's seeds told apart
     assert "mean [95% interval] over seeds [0, 1]" in grouped
     row = lambda text: next(line for line in text.splitlines() if line.startswith("| sgd |"))  # noqa: E731
     assert row(grouped).split("|")[2] == row((out / "report.md").read_text()).split("|")[2]  # dense cell

@@ -60,3 +60,23 @@ def test_undefined_values_are_none_and_said():
     assert "same difference" in why_undefined(shifted)
     with pytest.raises(ValueError):
         paired([0.1, 0.2], [0.1], "sgd")
+
+
+def test_time_per_epoch_is_compared_with_the_baseline_whatever_its_name():
+    """A study of AdamW runs has no method named sgd: the time column compares with the baseline (it read "—")."""
+    from varprune.report.summary import summarize
+    from varprune.report.tables import study_table
+
+    def doc(ppl):
+        row = {"sparsity": 0.5, "pruner": "magnitude", "perplexity": ppl + 1}
+        return {"metric": "perplexity", "bn_retuning": False, "dense_perplexity": ppl, "results": [row]}
+
+    spec = {"methods": ["adamw", "var"], "seeds": [0, 1], "sparsities": [0.5]}
+    docs = {(m, s): doc(100.0 + 3 * s + (m == "var")) for m in spec["methods"] for s in spec["seeds"]}
+    times = {"adamw": 2.0, "var": 3.0}
+    summary = summarize(spec, docs, times)
+    assert summary["methods"]["var"]["time_vs_baseline"] == times["var"] / times["adamw"]
+    assert summary["methods"]["var"]["time_vs_sgd"] is None
+    table = study_table(summary)
+    assert "time/epoch vs adamw" in table
+    assert f"{times['var'] / times['adamw']:.2f}x" in next(line for line in table.splitlines() if "| var |" in line)

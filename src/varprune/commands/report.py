@@ -54,6 +54,7 @@ def run(args) -> int:
     for run in map(Path, args.runs):
         doc = read_prune_json(run, allow_stale=args.allow_stale)
         rows.append((doc.get("label", str(run)), doc))
+    rows = _distinct_labels([Path(r) for r in args.runs], rows)
     if len({metric_of(d) for _, d in rows}) > 1:
         raise UsageError("these runs report different metrics (accuracy and dice): report them separately")
     print(sweep_table(rows))
@@ -67,6 +68,21 @@ def run(args) -> int:
         analysis = Path(args.analysis) if args.analysis else None
         print(f"html: {runs_html(rows, [Path(r) for r in args.runs], html, analysis)}")
     return 0
+
+
+def _distinct_labels(runs: list[Path], rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Runs of one method under several seeds share a label ("adamw"): name each row by its seed, or by its
+    folder where the seed does not tell them apart, so that no two rows of the table or the plot read the same."""
+    from varprune.engine.config import load_run_config
+
+    labels = [label for label, _ in rows]
+    if len(set(labels)) == len(labels):
+        return rows
+    seeds = [load_run_config(run).seed for run in runs]
+    named = [f"{label} seed {seed}" if labels.count(label) > 1 else label for label, seed in zip(labels, seeds)]
+    if len(set(named)) < len(named):
+        named = [f"{label} ({run})" if labels.count(label) > 1 else label for label, run in zip(labels, runs)]
+    return [(name, doc) for name, (_, doc) in zip(named, rows)]
 
 
 def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:

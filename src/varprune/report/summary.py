@@ -6,7 +6,8 @@ Layout of report.json (every field of varprune 0.2 kept): ``study`` (the study's
 
 * ``dense`` ``[mean, std]``, ``dense_per_seed``, ``dense_ci95`` ``[low, high]`` and, for every method but
   the baseline, ``dense_paired`` ``{"baseline", "diff", "ci95", "p_value", "n"}``;
-* ``epoch_time_s``, ``time_vs_sgd``;
+* ``epoch_time_s``, ``time_vs_baseline`` (its ratio to the baseline's) and ``time_vs_sgd`` (to the method
+  named sgd, None without one);
 * ``sparsities[key]`` for every setting, ``key`` the sparsity (``"0.9"``) or pattern (``"2:4"``) for magnitude
   pruning and ``"wanda:0.9"`` for another pruner: ``pruner``, ``setting``, ``<metric>`` and ``<metric>_bnt``
   ``[mean, std]``, ``per_seed`` and ``per_seed_bnt``, ``ci95`` and ``ci95_bnt``, and against the baseline
@@ -35,6 +36,10 @@ def _mean_std(values: list[float]) -> list[float]:
     return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
+def _ratio(times: dict[str, float], meth: str, to: str) -> float | None:
+    return times[meth] / times[to] if meth in times and times.get(to) else None
+
+
 def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | None = None) -> dict:
     """``docs[(method, seed)]``: each run's prune.json; ``times[method]``: its mean training time per epoch (a
     method missing from ``times`` gets None)."""
@@ -60,7 +65,8 @@ def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | N
             "dense_per_seed": dense,
             "dense_ci95": mean_interval(dense)[1],
             "epoch_time_s": times.get(meth),
-            "time_vs_sgd": times[meth] / times["sgd"] if meth in times and "sgd" in times else None,
+            "time_vs_baseline": _ratio(times, meth, baseline),
+            "time_vs_sgd": _ratio(times, meth, "sgd"),
             "sparsities": {},
         }
         if meth != baseline:

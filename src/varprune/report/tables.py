@@ -189,11 +189,12 @@ def study_table(summary: dict) -> str:
             + (["pruner"] if several else [])
             + ["dense"]
             + [setting_label(s) for s in settings]
-            + ["time/epoch vs SGD"]
+            + [f"time/epoch vs {base or 'sgd'}"]
         )
         rows = []
         for method, e in methods.items():
-            ratio = "—" if e.get("time_vs_sgd") is None else f"{e['time_vs_sgd']:.2f}x"
+            time = e.get("time_vs_baseline", e.get("time_vs_sgd"))  # a summary of 0.2 has only time_vs_sgd
+            ratio = "—" if time is None else f"{time:.2f}x"
             dense = (
                 _ci_cell(info, e["dense"][0], e.get("dense_ci95"), e.get("dense_paired"))
                 if "dense_ci95" in e
