@@ -208,8 +208,9 @@ def add_calibration_flags(p) -> None:
         "--calib-data",
         metavar="FILE",
         help="Wanda and SparseGPT on a language model: draw the calibration windows from this local file "
-        "instead of the training split: UTF-8 text (.txt) or JSON lines with a 'text' field (.jsonl, e.g. an "
-        "unpacked C4 shard, the literature's calibration set); tokenized with the run's tokenizer",
+        "instead of the training split: UTF-8 text (.txt, windows of its whole token stream) or JSON lines with "
+        "a 'text' field (.jsonl, e.g. an unpacked C4 shard, the literature's calibration set: as the references "
+        "draw it, one window from one random document longer than the window); tokenized with the run's tokenizer",
     )
 
 

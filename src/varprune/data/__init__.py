@@ -13,6 +13,7 @@ Data knows nothing of models, tasks or training.
 """
 
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images
+from varprune.data.calibtext import calibration_windows
 from varprune.data.loader import VALIDATION_SEED, DeviceLoader, share, subset, validation_indices
 from varprune.data.registry import (
     DATASETS,
@@ -23,7 +24,7 @@ from varprune.data.registry import (
     load_dataset,
     locate_dataset,
 )
-from varprune.data.text import TextCorpus, TextSplit, read_calibration_text
+from varprune.data.text import TextCorpus, TextSplit
 from varprune.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 from varprune.data.tokens import (
     TokenExampleLoader,
@@ -54,6 +55,7 @@ __all__ = [
     "TokenWindowLoader",
     "TokenizedText",
     "calibration_inputs",
+    "calibration_windows",
     "dataset_info",
     "default_data_dir",
     "encode_stream",
@@ -63,7 +65,6 @@ __all__ = [
     "locate_dataset",
     "parse_cifar_batch",
     "parse_idx",
-    "read_calibration_text",
     "read_idx",
     "resize_images",
     "share",

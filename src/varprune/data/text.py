@@ -48,7 +48,6 @@ __all__ = [
     "load",
     "locate",
     "parse_fortunes",
-    "read_calibration_text",
     "read_jsonl",
     "read_text",
     "split_of",
@@ -143,21 +142,33 @@ def _check_regular(path: Path, st: os.stat_result) -> None:
         raise DatasetError(f"{path} is {file_kind(st.st_mode)}, not a regular file; put the data file itself there")
 
 
-def read_bytes(path: str | os.PathLike, factor: int = TEXT_MEMORY_FACTOR) -> bytes:
-    """The bytes of a regular, non-empty file that fits in memory (``factor`` x its size must be available),
-    or a one-line DatasetError. A FIFO or device is refused from ``stat`` before it is opened, and the file
-    is opened non-blocking and checked again, so nothing here ever blocks."""
+def open_regular(path: str | os.PathLike, missing: str = "check --data-dir"):
+    """``path`` opened for reading in binary, if it is a regular file; otherwise a one-line DatasetError (``missing``
+    is the fix said when it does not exist). A FIFO or device is refused from ``stat`` before it is opened, and
+    the file is opened non-blocking and checked again, so nothing here ever blocks."""
     path = Path(path)
     try:
         _check_regular(path, os.stat(path))
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise DatasetError(f"{path} not found; check --data-dir") from None
+        raise DatasetError(f"{path} not found; {missing}") from None
     except OSError as e:
         raise DatasetError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
-    with os.fdopen(fd, "rb") as f:
+    f = os.fdopen(fd, "rb")
+    try:
+        _check_regular(path, os.fstat(f.fileno()))  # swapped between stat and open: still refused
+    except DatasetError:
+        f.close()
+        raise
+    return f
+
+
+def read_bytes(path: str | os.PathLike, factor: int = TEXT_MEMORY_FACTOR) -> bytes:
+    """The bytes of a regular, non-empty file that fits in memory (``factor`` x its size must be available),
+    or a one-line DatasetError (:func:`open_regular`: nothing here ever blocks)."""
+    path = Path(path)
+    with open_regular(path) as f:
         st = os.fstat(f.fileno())
-        _check_regular(path, st)  # swapped between stat and open: still refused
         if st.st_size == 0:
             raise DatasetError(f"{path} is empty; it should hold the split's text")
         free = available_memory("cpu")
@@ -192,36 +203,6 @@ def read_text(path: str | os.PathLike) -> tuple[str, int]:
     """A whole UTF-8 file (BOM stripped) and its size in bytes; anything wrong is a one-line DatasetError."""
     raw = read_bytes(path)
     return decode_utf8(raw, path), len(raw)
-
-
-def read_calibration_text(path: str | os.PathLike) -> str:
-    """The text of a calibration file (``--calib-data``): plain UTF-8 (``.txt``, read whole) or JSON lines with a
-    string field ``text`` (``.jsonl``/``.json``, as C4's shards come once unpacked), documents joined by blank
-    lines. Anything wrong is a one-line DatasetError naming the file (and the line)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".txt", ".raw", ".jsonl", ".json"):
-        raise DatasetError(
-            f"--calib-data {path}: give a .txt file or a .jsonl/.json file of "
-            '{"text": ...} lines (unpack a .gz first)'
-        )
-    if path.suffix.lower() in (".txt", ".raw"):
-        return read_text(path)[0]
-    docs = []
-    for number, line in enumerate(decode_utf8(read_bytes(path, JSONL_MEMORY_FACTOR), path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise DatasetError(
-                f'{path} line {number} is not JSON; each line must be one object {{"text": ...}}'
-            ) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise DatasetError(f'{path} line {number} has no string field "text"')
-        docs.append(obj["text"])
-    if not docs:
-        raise DatasetError(f"{path} holds no document")
-    return "\n\n".join(docs)
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str | int], list[int]]:

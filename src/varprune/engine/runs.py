@@ -44,16 +44,17 @@ class RunData:
         never the test split: ``samples`` windows of ``seq_len`` tokens (or examples) for text, ``samples``
         images (normalised, in batches of 64) otherwise; on the loaders' device. ``source`` (``--calib-data``,
         language modeling): a local text or JSON-lines file the windows are drawn from instead, tokenized with
-        the run's tokenizer (the literature calibrates on C4)."""
+        the run's tokenizer (the literature calibrates on C4; JSON lines are drawn by its protocol, one window
+        from one document: data.calibtext)."""
         device = self.train_loader.device
         if source is not None:
-            from varprune.data import encode_stream, read_calibration_text, stream_windows
+            from varprune.data import calibration_windows
 
             if self.tokenizer is None or not self.data.streams:
                 raise RunError("--calib-data applies to language-model runs; image and classification runs calibrate "
                                "on their training split")  # fmt: skip
-            stream = encode_stream(self.tokenizer, read_calibration_text(source), what=str(source))
-            return [x.to(device) for x in stream_windows(stream, samples, seq_len, source, CALIBRATION_SEED)]
+            windows = calibration_windows(source, self.tokenizer, samples, seq_len, CALIBRATION_SEED)
+            return [x.to(device) for x in windows]
         if self.tokenizer is not None:
             from varprune.data import calibration_inputs
 
