@@ -235,11 +235,18 @@ def test_study_averages_seeds_and_reuses_runs(tmp_path, fmnist_dir):
     # the runs themselves, grouped by method: the study's intervals, computed from the runs' prune.json files
     r = varprune("report", *sorted(out.glob("runs/*")))
     assert r.returncode == 0, r.stderr
-    per_run, grouped = r.stdout.split("By method:")
-    assert "| sgd seed 0 |" in per_run and "| sgd seed 1 |" in per_run  # one method's seeds told apart
+    grouped = r.stdout.split("By method:")[1]
     assert "mean [95% interval] over seeds [0, 1]" in grouped
     row = lambda text: next(line for line in text.splitlines() if line.startswith("| sgd |"))  # noqa: E731
     assert row(grouped).split("|")[2] == row((out / "report.md").read_text()).split("|")[2]  # dense cell
+    # runs pruned one by one carry their method as label ("sgd"): the per-run table tells the seeds apart, and
+    # the folders where the seeds are the same too
+    from varprune.commands.report import _distinct_labels
+
+    sgd = sorted(out.glob("runs/sgd*"))
+    assert [n for n, _ in _distinct_labels(sgd, [("sgd", {}), ("sgd", {})])] == ["sgd seed 0", "sgd seed 1"]
+    same = _distinct_labels([sgd[0], sgd[0]], [("sgd", {}), ("sgd", {})])
+    assert [n for n, _ in same] == [f"sgd ({sgd[0]})"] * 2
 
 
 def test_demo_tiny_end_to_end(tmp_path, fmnist_dir):
