@@ -400,3 +400,54 @@ def test_a_hugging_face_model_given_tensors_it_cannot_take_says_so():
     with pytest.raises(PruningError, match="cannot run on calibration batch 0") as err:
         prune_wanda(tiny_gpt2(), [torch.randn(2, 8)], sparsity=0.5)  # float ids
     assert "\n" not in str(err.value)
+
+
+class _Signal(Exception):
+    """Stands for the CLI's Terminated (an Exception raised by the SIGTERM handler, wherever the process is)."""
+
+
+class _Interrupted(nn.Module):
+    def __init__(self, error):
+        super().__init__()
+        self.fc, self.error = nn.Linear(8, 4), error
+
+    def forward(self, x):
+        raise self.error
+
+
+@pytest.mark.parametrize("pruner", sorted(PRUNERS))
+def test_a_signal_or_an_allocation_failure_is_not_blamed_on_the_input(pruner):
+    """Only a model refusing its input becomes "cannot run on calibration batch"; a SIGTERM arriving mid-forward
+    or torch's CPU allocator failing goes on as it is (the CLI says "terminated" or "out of memory", exit 1)."""
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 32768 bytes")
+    for error in (_Signal(), alloc):
+        with pytest.raises(type(error)) as caught:
+            PRUNERS[pruner](_Interrupted(error), [torch.randn(4, 8)], sparsity=0.5)
+        assert caught.value is error
+
+
+def test_the_cpu_allocators_failure_is_out_of_memory_exit_1():
+    from varprune.errors import EXIT_SYSTEM, exit_code, one_line
+
+    e = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                     "tried to allocate 32768 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
+    assert exit_code(e) == EXIT_SYSTEM and one_line(e).startswith("out of memory: ")
+    with pytest.raises(TypeError):  # any other RuntimeError is a bug: its traceback is shown
+        exit_code(RuntimeError("something else"))
+
+
+# -- what calibration holds in memory (engine/memory.py: estimated before anything is drawn) ----------------------
+
+
+def test_block_state_bytes_is_one_inputs_hidden_state_between_two_blocks():
+    from varprune.engine.memory import block_state_bytes
+
+    gpt2, llama = tiny_gpt2(), tiny_llama()
+    ids = torch.zeros(1, 10, dtype=torch.int64)
+    for model, width in ((gpt2, gpt2.config.n_embd), (llama, llama.config.hidden_size)):
+        dtype_bytes = next(model.parameters()).element_size()
+        assert block_state_bytes(model, ids) == 10 * width * dtype_bytes
+    vit = create_model("vit_tiny", 1, 10).train()  # 32 x 32 by default, patches of 4: 64 tokens and the class token
+    assert block_state_bytes(vit, torch.zeros(1, 1, 32, 32)) == (64 + 1) * vit.blocks[0].norm1.normalized_shape[0] * 4
+    assert vit.training  # its mode is given back
+    assert block_state_bytes(create_model("mlp", 1, 10), torch.zeros(1, 1, 28, 28)) == 0  # layer by layer: nothing kept

@@ -221,6 +221,49 @@ def test_streaming_equals_device_loader_on_eval(tmp_path, workers):
         assert torch.equal(ys, yr)
 
 
+def test_streaming_take_equals_the_device_loaders(tmp_path):
+    """take(): the raw examples BN re-tuning, calibration and the analysis draw, decoded from the files in the
+    order asked; normalize() makes the same inputs as the device loader's."""
+    _folder(tmp_path / "d", size=(10, 9), per_class=3)
+    data = read_imagefolder(tmp_path / "d", 8, cache=False)
+    listing = scan_imagefolder(tmp_path / "d")
+    stream = StreamingLoader(listing.train_files, listing.train_labels, data.info, 4, train=True, num_workers=1)
+    ref = DeviceLoader(data.train_x, data.train_y, data.info, 4, train=True)
+    pick = torch.tensor([5, 0, 3, 3])
+    (xs, ys), (xr, yr) = stream.take(pick), ref.take(pick)
+    assert xs.dtype == xr.dtype == torch.uint8 and torch.equal(xs, xr) and torch.equal(ys, yr)
+    torch.testing.assert_close(stream.normalize(xs), ref.normalize(xr))
+
+
+@pytest.mark.slow
+def test_a_streamed_run_is_pruned_retuned_calibrated_and_analysed_as_a_held_one(tmp_path, monkeypatch):
+    """A run of a folder too large for the device streams its files; prune (BN re-tuning), Wanda and SparseGPT and
+    analyze used to fail on it ('StreamingLoader' has no attribute 'images'). Pruned streamed and held, the same
+    run gives the same numbers."""
+    import json
+
+    import varprune.engine.runs as runs
+    from varprune.cli import main
+
+    _folder(tmp_path / "d", per_class=12, size=(12, 12))
+    run = tmp_path / "run"
+    common = ["--bnt-batches", "2", "--bnt-batch-size", "8"]
+    train = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "d"), "--model", "mlp", "--image-size", "8"]
+    assert main(["train", *train, "--epochs", "1", "--batch-size", "8", "--out", str(run), "--quiet"]) == 0
+    sweep = ["prune", str(run), "--sparsities", "0.5,0.9", "--pruners", "magnitude,wanda,sparsegpt", "--force"]
+    export = ["export", str(run), "--sparsity", "0.5", "--pruner", "sparsegpt", "--calib-samples", "16", *common]
+    assert main([*sweep, "--calib-samples", "16", *common]) == 0
+    assert main([*export, "--out", str(tmp_path / "held.safetensors")]) == 0
+    held = json.loads((run / "prune.json").read_text())["results"]
+    monkeypatch.setattr(runs, "fits_on_device", lambda *a, **k: False)  # the set no longer fits: streamed
+    assert main([*sweep, "--calib-samples", "16", *common]) == 0
+    assert main([*export, "--out", str(tmp_path / "streamed.safetensors")]) == 0
+    assert json.loads((run / "prune.json").read_text())["results"] == held
+    # SparseGPT's updated weights and the re-tuned BatchNorm statistics depend on every input drawn
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "held.safetensors").read_bytes()
+    assert main(["analyze", str(run), "--out", str(tmp_path / "an"), *common]) == 0
+
+
 def test_streaming_train_epoch_augmented_and_reproducible(tmp_path):
     _folder(tmp_path / "d", per_class=3)
     listing = scan_imagefolder(tmp_path / "d")

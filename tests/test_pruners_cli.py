@@ -72,6 +72,21 @@ def test_bad_pruner_input_on_an_image_run_is_one_line(image_run, capsys, tmp_pat
     assert before == ((image_run / "prune.json").read_bytes() if (image_run / "prune.json").exists() else None)
 
 
+def test_calibration_that_cannot_fit_is_refused_before_anything_is_drawn(image_run, capsys, monkeypatch):
+    """--calib-samples is bounded by memory, not only by the training split: with 1 MiB free, 1000 images of
+    28 x 28 (3 MB as float32) are refused naming the flag, and nothing is written."""
+    import varprune.engine.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)
+    before = (image_run / "prune.json").read_bytes() if (image_run / "prune.json").exists() else None
+    rc, _, err = cli(
+        capsys, "prune", image_run, "--sparsities", "0.5", "--pruners", "sparsegpt", "--calib-samples", "1000"
+    )
+    line = one_line_error(rc, err)
+    assert "calibrating on 1000 inputs needs about 3 MiB" in line and "lower --calib-samples" in line
+    assert before == ((image_run / "prune.json").read_bytes() if (image_run / "prune.json").exists() else None)
+
+
 def test_study_of_method_by_pruner_states_the_cross_comparison(capsys, tmp_path, fmnist_dir):
     out = tmp_path / "study"
     rc, _, err = cli(

@@ -50,6 +50,8 @@ class OutOfMemory(RuntimeError):
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
+    if type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        return True  # torch's CPU allocator raises a plain RuntimeError
     try:
         import torch
 

@@ -99,6 +99,12 @@ class DeviceLoader:
     def num_examples(self) -> int:
         return len(self.images)
 
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``index`` (1-D), raw (unnormalised, unaugmented) and their targets, on the device: what
+        BN re-tuning, calibration and the analysis draw; :meth:`normalize` makes them model inputs."""
+        index = index.to(self.images.device)
+        return self.images[index], self.labels[index]
+
     def _stops(self) -> int:
         n = len(self.images)
         last = n % self.batch_size

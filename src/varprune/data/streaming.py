@@ -89,6 +89,20 @@ class StreamingLoader:
     def num_examples(self) -> int:
         return len(self.dataset)
 
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``index`` decoded from their files (raw uint8, unaugmented) and their labels, on the
+        device: :meth:`varprune.data.DeviceLoader.take` for a set that is not held there."""
+        rows = index.tolist()
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            pairs = list(pool.map(self.dataset.__getitem__, rows))
+        shape = (0, self.info.channels, self.info.size, self.info.size)
+        x = torch.stack([a for a, _ in pairs]) if pairs else torch.zeros(shape, dtype=torch.uint8)
+        return x.to(self.device), torch.tensor([label for _, label in pairs], dtype=torch.int64, device=self.device)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() * self.scale.to(x.device) + self.shift.to(x.device)).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
@@ -105,9 +119,7 @@ class StreamingLoader:
         for x, y in loader:
             if self.augment is not None:
                 x, y = self.augment(x, y, self.generator)
-            x = (x.float() * self.scale + self.shift).to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.normalize(x)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

@@ -94,7 +94,7 @@ def _finetune_start(cfg: TrainConfig, model, log, run=None):
     calibration = None
     if cfg.finetune_pruner != "magnitude" and run is not None:
         calibration = run.calibration(
-            cfg.finetune_calib_samples, cfg.finetune_calib_seq_len or cfg.seq_len, cfg.finetune_calib_data
+            cfg.finetune_calib_samples, cfg.finetune_calib_seq_len or cfg.seq_len, cfg.finetune_calib_data, model
         )
     masks, skipped, _ = prune_once(model, cfg.finetune_pruner, setting, cfg.finetune_scope, (), calibration)
     # the pruner zeroed the weights (and SparseGPT updated the kept ones): the fine-tuning starts from them

@@ -96,3 +96,54 @@ def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> 
         f"this run needs about {gib(est.total)} on {device} ({detail}) but {gib(free)} is free: "
         f"lower {flags.get(worst, '--batch-size')}"
     )
+
+
+def block_state_bytes(model: nn.Module, example) -> int:
+    """Bytes of one input's hidden state where the calibrated pruners keep it: between two blocks of the model's
+    block stack (numerics.calibration.find_block_stack), measured by running ``example`` (one input, on the
+    model's device) up to the first block; 0 for a model without a stack (pruned layer by layer, nothing kept)
+    or one that cannot run on it."""
+    from varprune.numerics.calibration import find_block_stack
+    from varprune.numerics.weights import prunable_weights
+
+    found = find_block_stack(model, [name for name, _ in prunable_weights(model)])
+    if found is None:
+        return 0
+    seen: list[int] = []
+
+    class Reached(Exception):
+        pass
+
+    def hook(_module, args, kwargs):
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        seen.append(x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0)
+        raise Reached
+
+    handle = found[1][0].register_forward_pre_hook(hook, with_kwargs=True)
+    training = model.training
+    model.eval()  # no dropout, no BatchNorm statistics updated
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(example)
+    except Reached:
+        pass
+    except Exception:  # a model that cannot run on a blank input: the inputs alone are counted
+        return 0
+    finally:
+        handle.remove()
+        model.train(training)
+    return seen[0] if seen else 0
+
+
+def calibration_problem(model: nn.Module, example, example_bytes: int, samples: int, device, flags: str) -> str | None:
+    """One line naming ``flags`` when ``samples`` calibration inputs (``example_bytes`` each) and the hidden
+    states the pruners keep for them (twice: a block's inputs and outputs) do not fit in the device's free
+    memory; None when they do."""
+    need = samples * (example_bytes + 2 * block_state_bytes(model, example))
+    free = available_memory(device)
+    if free <= 0 or need <= FRACTION * free:
+        return None
+    return (
+        f"calibrating on {samples} inputs needs about {gib(need)} on {device} (the inputs and the hidden states "
+        f"the pruners keep for each) but {gib(free)} is free: lower {flags}"
+    )

@@ -39,14 +39,17 @@ class RunData:
     def info(self):
         return self.data.info
 
-    def calibration(self, samples: int, seq_len: int, source: str | None = None) -> list:
+    def calibration(self, samples: int, seq_len: int, source: str | None = None, model=None) -> list:
         """Inputs for the calibrated pruners (Wanda, SparseGPT), drawn with a fixed seed from the TRAINING split,
         never the test split: ``samples`` windows of ``seq_len`` tokens (or examples) for text, ``samples``
         images (normalised, in batches of 64) otherwise; on the loaders' device. ``source`` (``--calib-data``,
         language modeling): a local text or JSON-lines file the windows are drawn from instead, tokenized with
         the run's tokenizer (the literature calibrates on C4; JSON lines are drawn by its protocol, one window
-        from one document: data.calibtext)."""
+        from one document: data.calibtext). Given the ``model`` to calibrate, inputs that would not fit in memory
+        with the hidden states the pruners keep for them are refused first, in one line (engine.memory)."""
         device = self.train_loader.device
+        if model is not None:
+            self._check_calibration_memory(model, samples, seq_len)
         if source is not None:
             from varprune.data import calibration_windows
 
@@ -65,11 +68,29 @@ class RunData:
             inputs = calibration_inputs(self.data, samples, seq_len)
             return [{k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device) for x in inputs]
         loader = self.train_loader
-        if samples > len(loader.images):
-            raise RunError(f"--calib-samples {samples} is more than the {len(loader.images)} training images")
+        if samples > loader.num_examples:
+            raise RunError(f"--calib-samples {samples} is more than the {loader.num_examples} training images")
         g = torch.Generator().manual_seed(CALIBRATION_SEED)
-        pick = torch.randperm(len(loader.images), generator=g)[:samples].to(loader.images.device)
-        return [loader.normalize(loader.images[pick[i : i + 64]]) for i in range(0, len(pick), 64)]
+        images = loader.take(torch.randperm(loader.num_examples, generator=g)[:samples])[0]
+        return [loader.normalize(images[i : i + 64]) for i in range(0, len(images), 64)]
+
+    def _check_calibration_memory(self, model, samples: int, seq_len: int) -> None:
+        from varprune.engine.memory import calibration_problem
+
+        device = self.train_loader.device
+        if self.tokenizer is not None:
+            ids = torch.zeros(1, seq_len, dtype=torch.int64, device=device)
+            lm = bool(self.data.streams)
+            example = ids if lm else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            size, flags = (8 if lm else 16) * seq_len, "--calib-samples or --calib-seq-len"
+        else:
+            example = torch.zeros(
+                1, *self.train_loader.take(torch.zeros(1, dtype=torch.int64))[0].shape[1:], device=device
+            )
+            size, flags = 4 * example.numel(), "--calib-samples"
+        problem = calibration_problem(model, example, size, samples, device, flags)
+        if problem:
+            raise RunError(problem)
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:

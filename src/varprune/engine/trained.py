@@ -113,11 +113,11 @@ class Trained:
         model without BatchNorm: there is nothing to re-tune."""
         if not self.has_batchnorm:
             return []
-        pool = self.data.train_loader.images
+        loader = self.data.train_loader
         n = batches * batch_size if images is None else images
         g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(pool), generator=g)[:n]
-        return bnt_inputs(pool[pick.to(pool.device)], -(-n // batch_size), batch_size, self.data.train_loader.normalize)
+        pick = torch.randperm(loader.num_examples, generator=g)[:n]
+        return bnt_inputs(loader.take(pick)[0], -(-n // batch_size), batch_size, loader.normalize)
 
     def fixed_batches(self, examples: int, batch_size: int, seed: int = 0) -> list[tuple]:
         """``examples`` unaugmented training examples (a fixed random subset) as ``(input, target)`` batches:
@@ -125,18 +125,18 @@ class Trained:
         if self.is_text:  # windows (or labelled examples) of the training split, as the task takes them
             return _text_batches(self.data.data, examples, batch_size, self.cfg.seq_len, seed, self.device)
         loader = self.data.train_loader
-        images, labels = loader.images, loader.labels
         g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(images), generator=g)[:examples].to(images.device)
+        images, labels = loader.take(torch.randperm(loader.num_examples, generator=g)[:examples])
         return [
-            (loader.normalize(images[pick[i : i + batch_size]]), labels[pick[i : i + batch_size]])
-            for i in range(0, len(pick), batch_size)
+            (loader.normalize(images[i : i + batch_size]), labels[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
         ]
 
     def calibration(self, samples: int, seq_len: int | None = None, source: str | None = None) -> list:
         """Inputs for the calibrated pruners from the training split, or from ``source`` (``--calib-data``)
-        (:meth:`RunData.calibration`); text windows of ``seq_len`` tokens, by default the run's --seq-len."""
-        return self.data.calibration(samples, seq_len or self.cfg.seq_len, source)
+        (:meth:`RunData.calibration`); text windows of ``seq_len`` tokens, by default the run's --seq-len.
+        Refused with one line, before anything is drawn, when they would not fit in memory (engine.memory)."""
+        return self.data.calibration(samples, seq_len or self.cfg.seq_len, source, self.model)
 
     @property
     def train_examples(self) -> int:

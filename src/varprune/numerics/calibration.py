@@ -1,9 +1,9 @@
 """Sequential calibration: the machinery shared by the calibrated one-shot pruners (Wanda, SparseGPT).
 
-A calibrated pruner needs, for every prunable layer, statistics of the inputs that layer sees (Wanda: the
-norm of every input feature; SparseGPT: the matrix ``X Xᵀ``), taken on inputs that the *already pruned*
-earlier part of the network produces (the references' sequential protocol). This module finds the layers,
-views every weight as a matrix ``(out, in)`` with matching input rows, and drives the calibration:
+A calibrated pruner needs, for every prunable layer, statistics of its inputs (Wanda: the norm of every input
+feature; SparseGPT: ``X Xᵀ``), taken on inputs that the *already pruned* earlier part of the network produces
+(the references' sequential protocol). This module finds the layers, views every weight as a matrix
+``(out, in)`` with matching input rows, and drives the calibration:
 
 * **Matrix view** (:class:`Target`): ``nn.Linear`` as it is; GPT-2's ``Conv1D`` (stored ``(in, out)``) as its
   transpose; ``nn.Conv1d/2d/3d`` (``groups=1``) as ``(out, in*k...)`` with unfolded inputs, so that
@@ -28,9 +28,10 @@ views every weight as a matrix ``(out, in)`` with matching input rows, and drive
   layer has been called as often as in the first batch's forward. A Hugging Face ``config.use_cache`` and
   PyTorch's fused attention fast path are off meanwhile.
 
-Cost with B batches (``PruneResult.passes`` counts it): one forward of the first batch for the order; layer
-by layer, B partial forwards per layer (up to it: at most L·B full forwards for L layers); block by block,
-B partial forwards to capture, 2·B block runs per block (B for the last), B forwards per outside layer.
+Cost with B batches (``PruneResult.passes`` counts it): one forward of the first batch for the order; layer by
+layer, B partial forwards per layer (at most L·B full forwards for L layers); block by block, B partial forwards
+to capture, 2·B block runs per block (B for the last), B forwards per outside layer. Memory: the inputs, and
+block by block every batch's hidden states twice (a block's inputs and outputs; engine.memory estimates it).
 """
 
 from __future__ import annotations
@@ -197,11 +198,8 @@ def _targets(model: nn.Module, exclude: Iterable[str]) -> list[Target]:
 
 def find_block_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[nn.Module], list[str]] | None:
     """The model's stack of blocks, ``(module name, blocks, their name prefixes)``, or None (the rule in the
-    module docstring).
-
-    ``names``: the parameter names to be pruned. Ties in length go to the stack holding more of them,
-    then to the first in module order.
-    """
+    module docstring). ``names``: the parameter names to be pruned. Ties in length go to the stack holding more
+    of them, then to the first in module order."""
     names = list(names)
     best, best_key = None, (0, 0)
     for name, mod in model.named_modules():
@@ -262,12 +260,14 @@ def materialise_batches(batches, device: torch.device) -> list:
 
 
 def _guarded(fn, index: int, pruned: int):
-    """``fn()``: a forward of calibration batch ``index``; any failure but ours becomes one PruningError line."""
+    """``fn()``: a forward of calibration batch ``index``; a model refusing its input is one PruningError line."""
     try:
         return fn()
-    except (_Stop, PruningError):
+    except (_Stop, PruningError, torch.OutOfMemoryError):  # and a signal's exception: not the input's fault
         raise
-    except Exception as err:
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        if "can't allocate memory" in str(err):  # torch's CPU allocator
+            raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise PruningError(
             f"the model cannot run on calibration batch {index} ({type(err).__name__}: {first}); pass inputs "
@@ -536,8 +536,8 @@ def prune_sequentially(
 
     ``new_stats(target)`` makes a layer's statistics (an object with ``add(rows)``, fed ``(tokens, in)``
     input rows in float32, float64 for a float64 weight, and ``tokens``, the rows seen: a layer with none
-    falls back to magnitude); ``prune_layer(target, stats)`` returns the
-    ``(out, in)`` keep-mask and the updated ``(out, in)`` weights or None (no update). Pruned entries are
+    falls back to magnitude); ``prune_layer(target, stats)`` returns the ``(out, in)`` keep-mask and the
+    updated ``(out, in)`` weights or None (no update). Pruned entries are
     set to +0.0. The model runs in eval mode under ``torch.no_grad()``; every module's mode (and a Hugging
     Face ``config.use_cache``) is restored afterwards, also on error.
     """
