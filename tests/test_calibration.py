@@ -448,6 +448,7 @@ def test_block_state_bytes_is_one_inputs_hidden_state_between_two_blocks():
         dtype_bytes = next(model.parameters()).element_size()
         assert block_state_bytes(model, ids) == 10 * width * dtype_bytes
     vit = create_model("vit_tiny", 1, 10).train()  # 32 x 32 by default, patches of 4: 64 tokens and the class token
+    vit.blocks[0].eval()  # a submodule frozen in eval mode inside a training model stays so
     assert block_state_bytes(vit, torch.zeros(1, 1, 32, 32)) == (64 + 1) * vit.blocks[0].norm1.normalized_shape[0] * 4
-    assert vit.training  # its mode is given back
+    assert vit.training and not vit.blocks[0].training and vit.blocks[1].training  # every module's mode given back
     assert block_state_bytes(create_model("mlp", 1, 10), torch.zeros(1, 1, 28, 28)) == 0  # layer by layer: nothing kept

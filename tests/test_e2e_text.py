@@ -169,6 +169,7 @@ def test_bad_text_settings_are_one_line(corpus, capsys, tmp_path, args, expected
         (["--pruners", "magnitude,obs"], "obs"),
         (["--pruners", "wanda", "--calib-samples", "0"], "--calib-samples"),
         (["--pruners", "sparsegpt", "--calib-seq-len", "1"], "--calib-seq-len"),
+        (["--pruners", "wanda", "--calib-seq-len", str(2 * SEQ)], f"is more than the model's {SEQ} positions"),
     ],
 )
 def test_bad_pruner_settings_are_one_line(lm_run, capsys, args, expected):
@@ -207,6 +208,7 @@ def test_calibration_from_a_local_jsonl_file(lm_run, corpus, capsys, tmp_path):
     assert rc == 0, err
     doc = json.loads((lm_run / "prune.json").read_text())
     assert doc["calibration"]["data"]["path"] == str(calib) and len(doc["calibration"]["data"]["sha256"]) == 64
+    assert doc["calibration"]["data"]["protocol"] == "documents"
 
 
 @pytest.mark.parametrize(

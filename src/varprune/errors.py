@@ -47,7 +47,14 @@ class OutOfMemory(RuntimeError):
     """Something did not fit in the device's memory although the estimate said it would (exit code 1)."""
 
 
-def _is_oom(e: BaseException) -> bool:
+# what a model's forward raises on an input it cannot take (a wrong shape, dtype, key or index); a signal's
+# exception or an allocation failure (is_out_of_memory) is not the input's fault
+MODEL_INPUT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA) or its CPU allocator's
+    plain RuntimeError."""
     if isinstance(e, MemoryError):
         return True
     if type(e) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(e):
@@ -66,7 +73,7 @@ def exit_code(e: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(e, NonFiniteError):
         return EXIT_NONFINITE
-    if isinstance(e, OutOfMemory) or _is_oom(e):
+    if isinstance(e, OutOfMemory) or is_out_of_memory(e):
         return EXIT_SYSTEM
     if isinstance(e, ValueError):
         return EXIT_USAGE
@@ -79,7 +86,7 @@ def one_line(e: BaseException) -> str:
     """The message of an exception that ended a command, on one line."""
     if isinstance(e, OSError) and not isinstance(e, ValueError):
         return (e.strerror or str(e)) + (f": {e.filename}" if e.filename else "")
-    if _is_oom(e) and not isinstance(e, OutOfMemory):
+    if is_out_of_memory(e) and not isinstance(e, OutOfMemory):
         return (
             "out of memory: "
             + (str(e).strip().splitlines() or ["the allocation failed"])[0][:200]

@@ -27,7 +27,14 @@ from varprune.data.base import DatasetError
 from varprune.data.text import JSONL_MEMORY_FACTOR, open_regular, read_text
 from varprune.device import available_memory
 
-__all__ = ["DOCUMENT_SUFFIXES", "MAX_DRAWS_PER_INPUT", "TEXT_SUFFIXES", "calibration_windows", "line_starts"]
+__all__ = [
+    "DOCUMENT_SUFFIXES",
+    "MAX_DRAWS_PER_INPUT",
+    "TEXT_SUFFIXES",
+    "calibration_protocol",
+    "calibration_windows",
+    "line_starts",
+]
 
 TEXT_SUFFIXES = (".txt", ".raw")
 DOCUMENT_SUFFIXES = (".jsonl", ".json")
@@ -37,6 +44,12 @@ _CHUNK = 16 * 2**20  # bytes read at a time while finding the line starts
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def calibration_protocol(path: str | os.PathLike) -> str:
+    """How windows are drawn from the file (prune.json records it): ``"documents"`` (one window from one document
+    of a JSON-lines file, the references' C4 protocol) or ``"stream"`` (windows of a plain text's token stream)."""
+    return "documents" if Path(path).suffix.lower() in DOCUMENT_SUFFIXES else "stream"
 
 
 def calibration_windows(path: str | os.PathLike, tokenizer, n: int, seq_len: int, seed: int) -> list[torch.Tensor]:
@@ -62,9 +75,11 @@ def calibration_windows(path: str | os.PathLike, tokenizer, n: int, seq_len: int
         starts = line_starts(f, path)
         g = torch.Generator().manual_seed(seed)
         windows: list[torch.Tensor] = []
-        draws = 0
+        draws = documents = 0
         while len(windows) < n:
             if draws == MAX_DRAWS_PER_INPUT * n:
+                if not documents:
+                    raise DatasetError(f"{path} holds no document in the {draws} lines drawn (blank lines only?)")
                 raise DatasetError(
                     f"{path}: {draws} documents drawn gave {len(windows)} of the {n} calibration windows: too few "
                     f"documents hold more than {seq_len} tokens; give longer documents (C4's train shards have them) "
@@ -72,7 +87,9 @@ def calibration_windows(path: str | os.PathLike, tokenizer, n: int, seq_len: int
                 )
             draws += 1
             line = int(torch.randint(len(starts) - 1, (1,), generator=g))
-            ids = tokenizer.encode(_document(f, path, starts, line))
+            text = _document(f, path, starts, line)
+            documents += bool(text)
+            ids = tokenizer.encode(text)
             if len(ids) > seq_len:
                 at = int(torch.randint(len(ids) - seq_len, (1,), generator=g))
                 windows.append(torch.tensor(ids[at : at + seq_len], dtype=torch.int64).unsqueeze(0))
@@ -120,7 +137,7 @@ def _document(f, path: Path, starts: np.ndarray, line: int) -> str:
     f.seek(begin)
     raw = f.read(end - begin)
     if line == 0 and raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8) :]
+        raw, begin = raw[len(codecs.BOM_UTF8) :], begin + len(codecs.BOM_UTF8)
     if not raw.strip():
         return ""
     try:

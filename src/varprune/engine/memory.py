@@ -103,6 +103,7 @@ def block_state_bytes(model: nn.Module, example) -> int:
     block stack (numerics.calibration.find_block_stack), measured by running ``example`` (one input, on the
     model's device) up to the first block; 0 for a model without a stack (pruned layer by layer, nothing kept)
     or one that cannot run on it."""
+    from varprune.errors import MODEL_INPUT_ERRORS, is_out_of_memory
     from varprune.numerics.calibration import find_block_stack
     from varprune.numerics.weights import prunable_weights
 
@@ -120,18 +121,21 @@ def block_state_bytes(model: nn.Module, example) -> int:
         raise Reached
 
     handle = found[1][0].register_forward_pre_hook(hook, with_kwargs=True)
-    training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout, no BatchNorm statistics updated
     try:
         with torch.no_grad():
             model(**example) if isinstance(example, dict) else model(example)
     except Reached:
         pass
-    except Exception:  # a model that cannot run on a blank input: the inputs alone are counted
+    except MODEL_INPUT_ERRORS as err:  # a model that cannot run on a blank input: the inputs alone are counted
+        if is_out_of_memory(err):
+            raise
         return 0
     finally:
         handle.remove()
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode
     return seen[0] if seen else 0
 
 

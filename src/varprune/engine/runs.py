@@ -75,10 +75,17 @@ class RunData:
         return [loader.normalize(images[i : i + 64]) for i in range(0, len(images), 64)]
 
     def _check_calibration_memory(self, model, samples: int, seq_len: int) -> None:
+        from varprune.engine import distributed
         from varprune.engine.memory import calibration_problem
 
         device = self.train_loader.device
         if self.tokenizer is not None:
+            config = getattr(model, "config", None)
+            positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+            if isinstance(positions, int) and seq_len > positions:
+                raise RunError(
+                    f"--calib-seq-len {seq_len} is more than the model's {positions} positions; use at most {positions}"
+                )
             ids = torch.zeros(1, seq_len, dtype=torch.int64, device=device)
             lm = bool(self.data.streams)
             example = ids if lm else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -89,8 +96,8 @@ class RunData:
             )
             size, flags = 4 * example.numel(), "--calib-samples"
         problem = calibration_problem(model, example, size, samples, device, flags)
-        if problem:
-            raise RunError(problem)
+        # under torchrun (finetune) each process measures its own free memory: one's refusal is every one's
+        distributed.raise_together([problem] if problem else [])
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from varprune.data.calibtext import DOCUMENT_SUFFIXES, TEXT_SUFFIXES
+from varprune.data.calibtext import DOCUMENT_SUFFIXES, TEXT_SUFFIXES, calibration_protocol
 from varprune.device import autocast, resolve_device
 from varprune.engine.config import load_run_config
 from varprune.engine.rundir import WEIGHTS
@@ -139,7 +139,11 @@ class SweepSpec:
         if self.calibrated:
             calibration: dict = {"samples": self.calib_samples, "seq_len": self.calib_seq_len}
             if self.calib_data is not None:  # the file's bytes, so that a changed file is swept again
-                calibration["data"] = {"path": str(self.calib_data), "sha256": self._calib_data_digest}
+                calibration["data"] = {
+                    "path": str(self.calib_data),
+                    "sha256": self._calib_data_digest,
+                    "protocol": calibration_protocol(self.calib_data),  # how windows are drawn from it
+                }
             doc["calibration"] = calibration
         return doc
 

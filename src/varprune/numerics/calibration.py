@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varprune.errors import MODEL_INPUT_ERRORS, is_out_of_memory
 from varprune.numerics.pruning import (
     PruningError,
     check_sparsity,
@@ -263,10 +264,10 @@ def _guarded(fn, index: int, pruned: int):
     """``fn()``: a forward of calibration batch ``index``; a model refusing its input is one PruningError line."""
     try:
         return fn()
-    except (_Stop, PruningError, torch.OutOfMemoryError):  # and a signal's exception: not the input's fault
+    except (_Stop, PruningError):  # and a signal's exception (not caught below): not the input's fault
         raise
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
-        if "can't allocate memory" in str(err):  # torch's CPU allocator
+    except MODEL_INPUT_ERRORS as err:
+        if is_out_of_memory(err):
             raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise PruningError(

@@ -189,7 +189,7 @@ def study_table(summary: dict) -> str:
             + (["pruner"] if several else [])
             + ["dense"]
             + [setting_label(s) for s in settings]
-            + [f"time/epoch vs {base or 'sgd'}"]
+            + [f"time/epoch vs {base if base and 'time_vs_baseline' in first else 'sgd'}"]  # 0.2: vs sgd
         )
         rows = []
         for method, e in methods.items():
