@@ -36,6 +36,7 @@ __all__ = [
     "DatasetLocation",
     "ImageData",
     "data_file",
+    "gib",
     "open_image",
     "read_text",
     "refuse_special",
@@ -68,6 +69,11 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str
+
+
+def gib(n: float) -> str:
+    """A size in bytes as the data readers' messages say it: "1.50 GiB"."""
+    return f"{n / 2**30:.2f} GiB"
 
 
 def file_kind(mode: int) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError
+from varprune.data.base import DatasetError, gib
 from varprune.data.text import JSONL_MEMORY_FACTOR, open_regular, read_text
 from varprune.device import available_memory
 
@@ -34,6 +34,7 @@ __all__ = [
     "calibration_protocol",
     "calibration_windows",
     "line_starts",
+    "suffix_problem",
 ]
 
 TEXT_SUFFIXES = (".txt", ".raw")
@@ -42,8 +43,11 @@ MAX_DRAWS_PER_INPUT = 200  # documents drawn per window asked before giving up (
 _CHUNK = 16 * 2**20  # bytes read at a time while finding the line starts
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def suffix_problem(path: str | os.PathLike) -> str | None:
+    """The one line refusing a --calib-data file by its name (a format not read here), or None."""
+    if Path(path).suffix.lower() in TEXT_SUFFIXES + DOCUMENT_SUFFIXES:
+        return None
+    return f'--calib-data {path}: give a .txt file or a .jsonl/.json file of {{"text": ...}} lines (unpack a .gz first)'
 
 
 def calibration_protocol(path: str | os.PathLike) -> str:
@@ -59,15 +63,12 @@ def calibration_windows(path: str | os.PathLike, tokenizer, n: int, seq_len: int
     from varprune.data.tokens import encode_stream, stream_windows
 
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in TEXT_SUFFIXES + DOCUMENT_SUFFIXES:
-        raise DatasetError(
-            f"--calib-data {path}: give a .txt file or a .jsonl/.json file of "
-            '{"text": ...} lines (unpack a .gz first)'
-        )
+    problem = suffix_problem(path)
+    if problem:
+        raise DatasetError(problem)
     if n < 1 or seq_len < 2:
         raise DatasetError(f"calibration needs at least one window of at least 2 tokens (asked {n} of {seq_len})")
-    if suffix in TEXT_SUFFIXES:
+    if calibration_protocol(path) == "stream":
         text, size = read_text(path)
         stream = encode_stream(tokenizer, text, what=str(path), num_bytes=size)
         return stream_windows(stream, n, seq_len, path, seed)
@@ -109,7 +110,7 @@ def line_starts(f, path: Path) -> np.ndarray:
     lines = count + (not _ends_with_newline(f, size))
     need, free = 8 * (lines + 1), available_memory("cpu")
     if need > free:
-        raise DatasetError(f"{path} has {lines} lines, whose index needs {_gib(need)} ({_gib(free)} available)")
+        raise DatasetError(f"{path} has {lines} lines, whose index needs {gib(need)} ({gib(free)} available)")
     starts = np.empty(lines + 1, dtype=np.int64)
     starts[0], at, offset = 0, 1, 0
     f.seek(0)
@@ -133,7 +134,7 @@ def _document(f, path: Path, starts: np.ndarray, line: int) -> str:
     """The text of line ``line`` (0-based) as a document; a blank line is an empty document (too short)."""
     begin, end = int(starts[line]), int(starts[line + 1])
     if (end - begin) * JSONL_MEMORY_FACTOR > available_memory("cpu"):
-        raise DatasetError(f"{path} line {line + 1} is too large to read into memory ({_gib(end - begin)})")
+        raise DatasetError(f"{path} line {line + 1} is too large to read into memory ({gib(end - begin)})")
     f.seek(begin)
     raw = f.read(end - begin)
     if line == 0 and raw.startswith(codecs.BOM_UTF8):

@@ -34,7 +34,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, file_kind
+from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, file_kind, gib
 from varprune.device import available_memory
 
 __all__ = [
@@ -133,10 +133,6 @@ def default_dir(name: str) -> str:
 # ----------------------------------------------------------------- strict reading
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def _check_regular(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise DatasetError(f"{path} is {file_kind(st.st_mode)}, not a regular file; put the data file itself there")
@@ -174,8 +170,8 @@ def read_bytes(path: str | os.PathLike, factor: int = TEXT_MEMORY_FACTOR) -> byt
         free = available_memory("cpu")
         if st.st_size * factor > free:
             raise DatasetError(
-                f"{path} is too large to read into memory ({_gib(st.st_size)}, about {factor}x that is needed, "
-                f"{_gib(free)} available); use a smaller file or a machine with more memory"
+                f"{path} is too large to read into memory ({gib(st.st_size)}, about {factor}x that is needed, "
+                f"{gib(free)} available); use a smaller file or a machine with more memory"
             )
         try:
             return f.read()

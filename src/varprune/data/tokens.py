@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from varprune.data.base import DatasetError, DatasetInfo
+from varprune.data.base import DatasetError, DatasetInfo, gib
 from varprune.data.loader import share, subset
 from varprune.data.tokenizer import CHUNK_CHARS, TextTokenizer, text_chunks
 from varprune.device import available_memory, fits_on_device
@@ -93,15 +93,11 @@ class TokenizedText:
         return self.info.task
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def _check_host(nbytes: int, what: str) -> None:
     free = available_memory("cpu")
     if nbytes > free:
         raise DatasetError(
-            f"encoding {what} may need {_gib(nbytes)} of memory, {_gib(free)} is available; "
+            f"encoding {what} may need {gib(nbytes)} of memory, {gib(free)} is available; "
             f"use a smaller text or a machine with more memory"
         )
 
@@ -109,7 +105,7 @@ def _check_host(nbytes: int, what: str) -> None:
 def _check_device(nbytes: int, device: torch.device, what: str) -> None:
     if not fits_on_device(nbytes, device):
         raise DatasetError(
-            f"{what} needs {_gib(nbytes)} on {device}, more than half of its {_gib(available_memory(device))} free; "
+            f"{what} needs {gib(nbytes)} on {device}, more than half of its {gib(available_memory(device))} free; "
             f"use a smaller corpus or max_length, or a device with more memory"
         )
 

@@ -91,8 +91,8 @@ class RunData:
             example = ids if lm else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             size, flags = (8 if lm else 16) * seq_len, "--calib-samples or --calib-seq-len"
         else:
-            example = torch.zeros(
-                1, *self.train_loader.take(torch.zeros(1, dtype=torch.int64))[0].shape[1:], device=device
+            example = torch.zeros_like(
+                self.train_loader.take(torch.zeros(1, dtype=torch.int64))[0], dtype=torch.float32
             )
             size, flags = 4 * example.numel(), "--calib-samples"
         problem = calibration_problem(model, example, size, samples, device, flags)

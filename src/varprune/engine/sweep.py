@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from varprune.data.calibtext import DOCUMENT_SUFFIXES, TEXT_SUFFIXES, calibration_protocol
+from varprune.data.calibtext import calibration_protocol, suffix_problem
 from varprune.device import autocast, resolve_device
 from varprune.engine.config import load_run_config
 from varprune.engine.rundir import WEIGHTS
@@ -60,11 +60,8 @@ def calibration_problems(pruners, samples, seq_len, data) -> list[str]:
             found.append(f"--calib-seq-len must be in [2, 65536], got {seq_len}")
         if data is not None and not Path(data).is_file():
             found.append(f"--calib-data {data} is not a file; give a local .txt or .jsonl file")
-        elif data is not None and Path(data).suffix.lower() not in TEXT_SUFFIXES + DOCUMENT_SUFFIXES:
-            found.append(
-                f"--calib-data {data}: give a .txt file or a .jsonl/.json file of "
-                '{"text": ...} lines (unpack a .gz first)'
-            )
+        elif data is not None and suffix_problem(data):
+            found.append(str(suffix_problem(data)))
     elif data is not None:
         found.append("--calib-data does nothing with magnitude pruning: add --pruners wanda or sparsegpt")
     return found
