@@ -614,7 +614,11 @@ def test_sigterm_keeps_completed_epochs_and_resume_takes_device_and_data_dir(cap
         run,
     )
     try:
-        wait_for(lambda: (run / "checkpoint.safetensors").exists(), proc)
+        # an epoch is complete once its metrics line is written: the loop writes the checkpoint first, then the
+        # metrics (atomically; the file exists, empty, from the start), so waiting on the checkpoint alone raced a
+        # SIGTERM between the two (seen under load: 0 metrics lines)
+        metrics = run / "metrics.jsonl"
+        wait_for(lambda: (run / "checkpoint.safetensors").exists() and metrics.exists() and metrics.read_text(), proc)
         line = one_line(*vp(capsys, "prune", run)[::2])  # while it trains
         assert "still training" in line and "wait" in line
         proc.send_signal(signal.SIGTERM)
