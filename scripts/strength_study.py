@@ -42,7 +42,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from varprune.engine.config import read_resolved
+from varprune.engine.runconfig import read_resolved
 from varprune.errors import RunError
 from varprune.report.results import read_prune_json
 from varprune.report.tables import metric_of, setting_key

@@ -186,7 +186,7 @@ def test_calibration_from_a_local_jsonl_file(lm_run, corpus, capsys, tmp_path):
     tests check the protocol)."""
     from tokenizers import Tokenizer
 
-    from varprune.engine.config import load_run_config
+    from varprune.engine.runconfig import load_run_config
     from varprune.engine.trained import load_trained
 
     docs = [" ".join(f"Calibration document {i}: the quick brown fox jumps over the lazy dog." for _ in range(4))

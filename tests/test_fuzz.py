@@ -25,9 +25,11 @@ from safetensors.torch import save as st_save
 from varprune.cli import build_parser
 from varprune.commands.flags import from_args
 from varprune.data import DATASETS, DatasetError, DeviceLoader, load_dataset, parse_cifar_batch, parse_idx
-from varprune.engine.config import TrainConfig, load_run_config, problems
+from varprune.engine.checks import problems
+from varprune.engine.config import TrainConfig
 from varprune.engine.loop import _restore, _rng_state
 from varprune.engine.loop import check_checkpoint as _check_checkpoint
+from varprune.engine.runconfig import load_run_config
 from varprune.errors import RunError, UsageError
 from varprune.storage.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_weights, save_checkpoint
 

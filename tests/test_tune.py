@@ -15,8 +15,8 @@ import torch
 
 from varprune.cli import build_parser, main
 from varprune.commands.flags import from_args
-from varprune.engine.config import load_run_config
 from varprune.engine.loop import load_data
+from varprune.engine.runconfig import load_run_config
 from varprune.engine.tune import default_rounds, schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"

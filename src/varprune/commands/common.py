@@ -117,7 +117,7 @@ def meta_model(cfg, run=None):
     import torch
 
     from varprune.data import dataset_info
-    from varprune.engine.config import read_resolved
+    from varprune.engine.runconfig import read_resolved
     from varprune.engine.runs import model_arguments
     from varprune.models import create_model
 

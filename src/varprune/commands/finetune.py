@@ -35,8 +35,8 @@ def run(args) -> int:
     import dataclasses
 
     from varprune.commands.flags import given_fields
-    from varprune.engine.config import load_run_config, read_resolved
     from varprune.engine.loop import train
+    from varprune.engine.runconfig import load_run_config, read_resolved
 
     source = Path(args.run)
     found = c.half_replaced([source])

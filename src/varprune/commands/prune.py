@@ -80,7 +80,7 @@ def run(args) -> int:
 
 def _list_weights(runs, exclude) -> int:
     """``prune RUN --list-weights``: every parameter with dim >= 2, prunable or why not."""
-    from varprune.engine.config import load_run_config
+    from varprune.engine.runconfig import load_run_config
     from varprune.numerics.weights import PRUNABLE, classify_parameters, prunable_weights
 
     for run in runs:

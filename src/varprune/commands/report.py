@@ -73,7 +73,7 @@ def run(args) -> int:
 def _distinct_labels(runs: list[Path], rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """Runs of one method under several seeds share a label ("adamw"): name each row by its seed, or by its
     folder where the seed does not tell them apart, so that no two rows of the table or the plot read the same."""
-    from varprune.engine.config import load_run_config
+    from varprune.engine.runconfig import load_run_config
 
     labels = [label for label, _ in rows]
     if len(set(labels)) == len(labels):
@@ -89,7 +89,8 @@ def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
     """Runs that differ only in their seed, grouped by method: means with 95% intervals and paired tests against
     the first method, as a study reports them (None when no method has two seeds; a note when grouping would pair
     runs that are not comparable)."""
-    from varprune.engine.config import LOCATION_KEYS, load_run_config
+    from varprune.engine.config import LOCATION_KEYS
+    from varprune.engine.runconfig import load_run_config
     from varprune.engine.study import epoch_time
     from varprune.engine.trained import run_label
     from varprune.report.summary import summarize

@@ -40,8 +40,9 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.commands.flags import from_args, given_fields
     from varprune.engine import distributed
-    from varprune.engine.config import flag_of, load_run_config
+    from varprune.engine.config import flag_of
     from varprune.engine.loop import train
+    from varprune.engine.runconfig import load_run_config
     from varprune.engine.rundir import RunFolder
 
     if args.resume:

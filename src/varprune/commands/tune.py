@@ -63,7 +63,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.commands.flags import from_args, given_fields
-    from varprune.engine.config import unused_problems
+    from varprune.engine.checks import unused_problems
     from varprune.engine.tune import run_tune
 
     given = given_fields(args)

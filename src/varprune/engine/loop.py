@@ -30,9 +30,11 @@ import torch
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
-from varprune.engine.config import TrainConfig, problems, read_resolved, unused_problems
+from varprune.engine.checks import problems, unused_problems
+from varprune.engine.config import TrainConfig
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
+from varprune.engine.runconfig import read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, TOKENIZER, WEIGHTS, RunFolder
 from varprune.engine.runs import (
     build_model,
@@ -130,7 +132,7 @@ def train(
     ``resume=True`` continues ``out`` from its last complete epoch (its own
     config.json is authoritative). Raises :class:`RunError` for bad input and
     :class:`NonFiniteError` when the loss or weights stop being finite. ``given``: the fields set explicitly
-    (on the command line); one the method or optimizer does not read is refused (config.unused_problems).
+    (on the command line); one the method or optimizer does not read is refused (checks.unused_problems).
     """
     folder = RunFolder(out)
     found = problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer) + data_problems(cfg)

@@ -20,7 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from varprune.engine.config import LOCATION_KEYS, TrainConfig, problems
+from varprune.engine.checks import problems
+from varprune.engine.config import LOCATION_KEYS, TrainConfig
 from varprune.engine.rundir import METRICS, path_problem, read_metrics
 from varprune.engine.sweep import SweepSpec, finished_sweep, prune_runs
 from varprune.engine.trained import ensure_run

@@ -27,7 +27,7 @@ from torch import nn
 
 from varprune.data.calibtext import calibration_protocol, suffix_problem
 from varprune.device import autocast, resolve_device
-from varprune.engine.config import load_run_config
+from varprune.engine.runconfig import load_run_config
 from varprune.engine.rundir import WEIGHTS
 from varprune.engine.runs import RunData, data_fingerprint
 from varprune.engine.trained import check_runs, load_trained, run_label

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from varprune.device import resolve_amp, resolve_device
-from varprune.engine.config import TrainConfig, load_run_config, read_resolved
+from varprune.engine.config import TrainConfig
+from varprune.engine.runconfig import load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
 from varprune.engine.runs import RunData, build_model, check_same_data, data_problems, load_data
 from varprune.errors import RunError

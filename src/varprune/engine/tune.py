@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from varprune.data import VALIDATION_SEED
-from varprune.engine.config import FIELDS, TrainConfig, flag_of, problems, read_resolved
+from varprune.engine.checks import problems
+from varprune.engine.config import FIELDS, TrainConfig, flag_of
+from varprune.engine.runconfig import read_resolved
 from varprune.errors import NonFiniteError, RunError, short
 from varprune.report.figures import save_png
 from varprune.storage.files import OutputFolder
