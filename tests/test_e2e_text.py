@@ -108,7 +108,7 @@ def test_every_pruner_and_the_exported_folder_agree_with_an_independent_perplexi
     dense = doc["dense_perplexity"]
     for r in doc["results"]:
         assert dense * 0.5 < r["perplexity"] < dense * 20, r
-    assert "| magnitude |" in out and "| wanda |" in out and "| sparsegpt |" in out
+    assert "| magnitude (layerwise) |" in out and "| wanda |" in out and "| sparsegpt |" in out
 
     for pruner in ("magnitude", "sparsegpt"):
         folder = tmp_path / f"hf-{pruner}"

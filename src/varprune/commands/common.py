@@ -173,9 +173,10 @@ def add_scope_flag(p) -> None:
     p.add_argument(
         "--scope",
         choices=SCOPES,
-        default="global",
-        help="global: rank all prunable weights together (CrAM's protocol); layerwise: the same "
-        "fraction from every tensor",
+        default=None,
+        help="magnitude pruning's scope: global ranks all prunable weights together (CrAM's protocol); layerwise "
+        "prunes the same fraction from every tensor (the LLM references' convention). Default: layerwise for "
+        "causal language models, global otherwise; prune.json and the tables say which was used",
     )
 
 
@@ -271,3 +272,82 @@ def add_sweep_flags(p) -> None:
         "wanda, sparsegpt (the calibrated pruners of the LLM literature; work on image models too)",
     )
     add_calibration_flags(p)
+
+
+def add_folder_flags(p, what: str) -> None:
+    """``--model hf:DIR`` and the data it is measured on, for the commands that take a model folder without a
+    run (prune, export, finetune; evaluate takes hf:DIR as its FILE). ``what``: what the command does with it."""
+    g = p.add_argument_group("a model folder without a run (engine/pretrained.py)")
+    g.add_argument(
+        "--model",
+        metavar="hf:DIR",
+        help=f"{what} a local Hugging Face model folder (config.json, model.safetensors, tokenizer.json) as it is, "
+        "instead of a RUN: needs --dataset; the folder's tokenizer is used",
+    )
+    add_folder_data_flags(g)
+
+
+def add_folder_data_flags(g) -> None:
+    g.add_argument("--dataset", help="with --model hf:DIR (or evaluate hf:DIR): the text dataset to measure it on")
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        help="with hf:DIR: tokens per window (language modeling) or per example (default 128, as text runs)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="with hf:DIR: how the weights are held (default fp32); the calibrated pruners' statistics are fp32",
+    )
+    g.add_argument(
+        "--batch-size",
+        dest="eval_batch_size",
+        type=int,
+        default=8,
+        help="with hf:DIR: windows (or examples) per evaluation batch (default 8)",
+    )
+    g.add_argument(
+        "--limit-test",
+        type=int,
+        help="with hf:DIR: measure on a fixed subset of N test windows (or examples)",
+    )
+
+
+def folder_problems(args, run_given: bool, command: str) -> list[str]:
+    """The refusals of --model hf:DIR before anything is read: with a RUN, without --dataset, not hf:DIR."""
+    model = getattr(args, "model", None)
+    if model is None:
+        used = [f for f, v in (("--dataset", args.dataset), ("--seq-len", args.seq_len)) if v is not None]
+        return (
+            [f"{', '.join(used)} applies to a model folder: give --model hf:DIR (a RUN keeps its own)"] if used else []
+        )
+    found = []
+    if not model.startswith("hf:"):
+        found.append(f"--model {model}: give a local Hugging Face model folder as hf:DIR")
+    if run_given:
+        found.append(f"give a RUN or --model {model}, not both: `varprune {command} --model {model} --dataset D ...`")
+    if args.dataset is None:
+        found.append(f"--model {model} needs --dataset (the text dataset to measure it on) and usually --data-dir")
+    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.eval_batch_size, 1),
+                             ("--limit-test", args.limit_test, 1)):  # fmt: skip
+        if value is not None and not low <= value <= 1 << 20:
+            found.append(f"{flag} must be an integer in [{low}, 1048576], got {value}")
+    return found
+
+
+def folder_config(args, keep_head: bool = True):
+    """The configuration a folder given by the flags is measured under (engine.pretrained)."""
+    from varprune.engine.pretrained import pretrained_config
+
+    return pretrained_config(
+        args.model,
+        args.dataset,
+        args.data_dir,
+        args.seq_len,
+        args.dtype,
+        args.device,
+        args.eval_batch_size,
+        args.limit_test,
+        keep_head=keep_head,
+    )

@@ -1,4 +1,5 @@
-"""``varprune prune``: the one-shot pruning sweep of trained runs (prune.json, table, plot); ``--list-weights``."""
+"""``varprune prune``: the one-shot pruning sweep of trained runs (prune.json, table, plot); ``--list-weights``;
+``--model hf:DIR --dataset D --out OUT``: the same sweep of a model folder without a run (engine/pretrained.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         help="one-shot pruning sweep of trained runs",
         description="Prune every RUN's final weights one-shot at each sparsity, with and without "
         "BN re-tuning, into RUN/prune.{json,csv,png}. Weights and checkpoints are "
-        "only read.",
+        "only read. With --model hf:DIR --dataset D --out OUT instead of RUNs: the same sweep of a "
+        "Hugging Face model folder as it is (no training), into OUT/prune.{json,csv,png}.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("runs", nargs="*", metavar="RUN")
     c.add_sweep_flags(p)
     p.add_argument(
         "--exclude",
@@ -25,6 +27,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "'first' and 'last' name the stem and the classifier",
     )
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    c.add_folder_flags(p, "sweep")
+    p.add_argument("--out", help="with --model hf:DIR: the folder to write prune.json, prune.csv and prune.png into")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
     c.add_overwrite_flag(p, "the --plot file")
@@ -51,7 +55,14 @@ def run(args) -> int:
     from varprune.report.tables import sweep_table
 
     runs = [Path(r) for r in args.runs]
-    found = c.half_replaced(runs)
+    found = c.folder_problems(args, bool(runs), "prune")
+    if args.model is not None or found:
+        return _prune_folder(args, found)
+    if args.out is not None:
+        found.append("--out applies to --model hf:DIR; a RUN's sweep is written into the RUN")
+    if not runs:
+        found.append("give one or more RUN folders, or --model hf:DIR --dataset D --out OUT")
+    found += c.half_replaced(runs)
     if found:
         raise UsageError("; ".join(found))
     if args.list_weights:
@@ -75,6 +86,29 @@ def run(args) -> int:
     if plot is not None:
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
+    return 0
+
+
+def _prune_folder(args, found: list[str]) -> int:
+    """``prune --model hf:DIR --dataset D --out OUT``: the sweep of a folder as it is."""
+    from varprune.engine.pretrained import load_pretrained, out_problems, pretrained_problems, prune_pretrained
+    from varprune.report.tables import sweep_table
+
+    if args.out is None:
+        found.append("--model hf:DIR needs --out, the folder to write prune.json, prune.csv and prune.png into")
+    if args.list_weights or args.plot or args.force:
+        found.append("--list-weights, --plot and --force apply to RUNs, not to --model hf:DIR")
+    spec = c.sweep_spec(args)
+    found += spec.problems() + c.device_problem(args.device)
+    if found:
+        raise UsageError("; ".join(found))
+    cfg = c.folder_config(args)
+    found = pretrained_problems(cfg) + out_problems(Path(args.out), Path(args.model[3:]))
+    if found:  # every problem at once, before any weight is read
+        raise UsageError("; ".join(found))
+    doc = prune_pretrained(load_pretrained(cfg), spec, Path(args.out))
+    print(sweep_table([(doc["label"], doc)]))
+    print(f"wrote {Path(args.out) / 'prune.json'}, prune.csv and prune.png")
     return 0
 
 

@@ -78,6 +78,8 @@ def _distinct_labels(runs: list[Path], rows: list[tuple[str, dict]]) -> list[tup
     labels = [label for label, _ in rows]
     if len(set(labels)) == len(labels):
         return rows
+    if any("pretrained" in doc for _, doc in rows):  # a model folder's sweep (prune --model hf:DIR): no seed
+        return [(f"{label} ({run})", doc) for run, (label, doc) in zip(runs, rows)]
     seeds = [load_run_config(run).seed for run in runs]
     named = [f"{label} seed {seed}" if labels.count(label) > 1 else label for label, seed in zip(labels, seeds)]
     if len(set(named)) < len(named):
@@ -96,6 +98,8 @@ def _by_method(runs: list[Path], rows: list[tuple[str, dict]]) -> str | None:
     from varprune.report.summary import summarize
     from varprune.report.tables import setting_key, study_table
 
+    if any("pretrained" in doc for _, doc in rows):
+        return None  # a model folder's sweep (prune --model hf:DIR) was not trained: no method, no seed
     configs = [load_run_config(run) for run in runs]
     labels = [run_label(cfg) for cfg in configs]  # by method (a sweep of several runs may label them by path)
     if len(set(labels)) == len(labels):

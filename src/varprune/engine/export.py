@@ -24,6 +24,7 @@ from varprune.device import autocast
 from varprune.engine.config import TrainConfig
 from varprune.engine.rundir import WEIGHTS
 from varprune.engine.runs import model_arguments
+from varprune.engine.sweep import default_scope
 from varprune.engine.trained import check_runs, load_trained
 from varprune.errors import RunError
 from varprune.numerics.pruners import prune_once
@@ -38,7 +39,7 @@ def export_run(
     out: Path,
     sparsity: float | None = None,
     pattern: str = "unstructured",
-    scope: str = "global",
+    scope: str | None = None,
     exclude=(),
     values: str = "fp32",
     bnt_batches: int = 20,
@@ -94,6 +95,7 @@ def export_run(
     setting = pattern if pattern != "unstructured" else sparsity
     if setting is None:
         raise RunError("unstructured pruning needs a sparsity (--sparsity)")
+    scope = scope or default_scope(info.task)
     masks, skipped, fallback = prune_once(model, pruner, setting, scope, exclude, calibration)
     bnt = t.bnt(bnt_batches, bnt_batch_size)
     if bnt:

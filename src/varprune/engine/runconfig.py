@@ -13,12 +13,21 @@ from varprune.errors import RunError
 # ---------------------------------------------------------------- config.json
 
 
+# where a model folder given as a RUN is sent (prune, export, evaluate and finetune take it as --model hf:DIR)
+_FOLDER_ROUTE = (
+    "give it as --model hf:{folder} with --dataset D (and --data-dir X), e.g. `varprune prune --model hf:{folder} "
+    "--dataset D --data-dir X --out OUT` (export and finetune alike; `varprune evaluate hf:{folder} --dataset D`)"
+)
+
+
 def load_run_config(run: Path) -> TrainConfig:
     """A run folder's configuration, checked; any problem is one :class:`RunError` line."""
     from varprune.engine.rundir import RUN_FILES
 
     run = Path(run)
     path = run / "config.json"
+    if str(run).startswith("hf:"):
+        raise RunError(f"{run} names a model folder, not a run: {_FOLDER_ROUTE.format(folder=str(run)[3:])}")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -44,6 +53,8 @@ def load_run_config(run: Path) -> TrainConfig:
         ) from None
     except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"cannot read {path} ({type(e).__name__}); the run folder is damaged") from None
+    if isinstance(data, dict) and isinstance(data.get("model_type"), str) and "train" not in data:
+        raise RunError(f"{run} is a Hugging Face model folder, not a run: {_FOLDER_ROUTE.format(folder=run)}")
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
         raise RunError(f"{path} is not a varprune run configuration")
     try:

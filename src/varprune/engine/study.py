@@ -103,6 +103,9 @@ def run_study(
             found.append(str(e))
     if found:
         raise RunError("; ".join(found))
+    from varprune.data import dataset_info
+
+    spec = spec.for_task(dataset_info(base.dataset).task)  # magnitude's default scope for the model's task
 
     study = {
         "methods": methods,

@@ -15,6 +15,7 @@ store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from varprune.data import dataset_info
 from varprune.data.calibtext import calibration_protocol, suffix_problem
 from varprune.device import autocast, resolve_device
 from varprune.engine.runconfig import load_run_config
@@ -34,6 +36,7 @@ from varprune.engine.trained import check_runs, load_trained, run_label
 from varprune.errors import RunError
 from varprune.numerics.pruners import CALIBRATED, PRUNERS, prune_once
 from varprune.numerics.pruning import (
+    SCOPES,
     MagnitudePruner,
     PruningError,
     check_sparsity,
@@ -41,6 +44,7 @@ from varprune.numerics.pruning import (
     realised_sparsity,
     recalibrate_bn,
 )
+from varprune.numerics.weights import prunable_weights
 from varprune.report.results import write_sweep
 from varprune.report.tables import metric_info, setting_key
 from varprune.storage.files import file_digest
@@ -48,6 +52,14 @@ from varprune.tasks import Task
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 DEFAULT_CALIB_SAMPLES = 128  # the references' 128 calibration segments (images, for image models)
+# magnitude pruning's scope when --scope is not given: per layer for causal LMs (the LLM references' convention,
+# locuslab/wanda's magnitude baseline), global for everything else (CrAM's protocol)
+DEFAULT_SCOPE = {"language-modeling": "layerwise"}
+
+
+def default_scope(task: str) -> str:
+    """Magnitude pruning's scope for a model of ``task`` (a task name) when none is asked for."""
+    return DEFAULT_SCOPE.get(task, "global")
 
 
 def calibration_problems(pruners, samples, seq_len, data) -> list[str]:
@@ -74,7 +86,7 @@ class SweepSpec:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     patterns: tuple[str, ...] = ()
     pruners: tuple[str, ...] = ("magnitude",)
-    scope: str = "global"
+    scope: str | None = None  # None: by the task (default_scope), resolved by for_task before a sweep
     exclude: tuple[str, ...] = ()
     bnt_batches: int = 20
     bnt_batch_size: int = 500
@@ -85,6 +97,10 @@ class SweepSpec:
     def __post_init__(self):
         for name in ("sparsities", "patterns", "pruners", "exclude"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def for_task(self, task: str) -> SweepSpec:
+        """This spec with its scope resolved for a model of ``task`` (a task name) if none was given."""
+        return self if self.scope is not None else dataclasses.replace(self, scope=default_scope(task))
 
     @property
     def calibrated(self) -> bool:
@@ -105,6 +121,8 @@ class SweepSpec:
             found.append(f"--pruners must not repeat, got {','.join(self.pruners)}")
         if not self.sparsities and not self.patterns:
             found.append("give --sparsities or --patterns: nothing to prune")
+        if self.scope is not None and self.scope not in SCOPES:
+            found.append(f"--scope {self.scope}: choose one of {', '.join(SCOPES)}")
         for s in self.sparsities:
             try:
                 check_sparsity(s)
@@ -151,12 +169,13 @@ def prune_sweep(
     task: Task,
     test_loader,
     bnt: list[torch.Tensor],
-    scope: str = "global",
+    scope: str | None = None,
     exclude: Iterable[str] = (),
     amp: str = "none",
     progress=None,
     patterns: Iterable[str] = (),
     calibration: list | None = None,
+    layers=None,
 ) -> dict:
     """Evaluate ``model`` pruned one-shot at every setting of the sweep, before and after BN re-tuning.
 
@@ -167,13 +186,19 @@ def prune_sweep(
     listed under ``skipped``). Wanda and SparseGPT prune from ``calibration`` (model inputs from the training
     split, numerics/wanda.py, numerics/sparsegpt.py). With no re-tuning batches (``bnt == []``: none asked, or
     no BatchNorm) nothing is re-tuned and the results carry no ``_bnt`` values. The model is restored to its
-    dense state afterwards. Returns the ``prune.json`` document.
+    dense state afterwards. Returns the ``prune.json`` document; each row records the seconds its pruning took
+    (``prune_s``) and a magnitude row its ``scope``.
+
+    ``progress(pruner, setting, before, after, seconds)``: called after each setting; ``layers(pruner, setting)``:
+    before each setting, a callback for the calibrated pruners to call with each layer's name as they prune it
+    (a progress bar), or None; it is called with None once the setting is done.
     """
     spec = (
         sparsities
         if isinstance(sparsities, SweepSpec)
         else SweepSpec(tuple(sparsities), tuple(patterns), ("magnitude",), scope, tuple(exclude))
-    )
+    ).for_task(task.name)
+    scope = spec.scope or default_scope(task.name)  # for_task resolved it
     if spec.calibrated and not calibration:
         raise RunError("Wanda and SparseGPT need calibration inputs (--calib-samples)")
     m = task.primary
@@ -183,7 +208,7 @@ def prune_sweep(
     t0 = time.perf_counter()
     dense = task.evaluate(model, test_loader, amp)
     magnitude = (
-        MagnitudePruner(model, spec.scope, spec.exclude) if "magnitude" in spec.pruners and spec.sparsities else None
+        MagnitudePruner(model, scope, spec.exclude) if "magnitude" in spec.pruners and spec.sparsities else None
     )  # one sort for every sparsity
     results: list[dict] = []
     prune_time = {p: 0.0 for p in spec.pruners}
@@ -194,11 +219,15 @@ def prune_sweep(
             model.load_state_dict(dense_state)
             sync()
             t = time.perf_counter()
+            each = layers(pruner, setting) if layers is not None else None
             masks, skipped, fallback = prune_once(
-                model, pruner, setting, spec.scope, spec.exclude, calibration, magnitude
+                model, pruner, setting, scope, spec.exclude, calibration, magnitude, progress=each
             )
             sync()
-            prune_time[pruner] += time.perf_counter() - t
+            took = time.perf_counter() - t
+            if each is not None:
+                each(None)
+            prune_time[pruner] += took
             before = task.evaluate(model, test_loader, amp)
             after = before
             if retune:
@@ -209,7 +238,7 @@ def prune_sweep(
                 bnt_time += time.perf_counter() - t
                 after = task.evaluate(model, test_loader, amp)
             realised = realised_sparsity(masks)
-            row: dict = {"pruner": pruner}
+            row: dict = {"pruner": pruner, **({"scope": scope} if pruner == "magnitude" else {})}
             if isinstance(setting, str):
                 row.update(
                     {"pattern": setting, "sparsity": realised, "realised_sparsity": realised, "skipped": skipped}
@@ -221,13 +250,14 @@ def prune_sweep(
                 row[f"{m}_bnt"] = after[m]
             if fallback:
                 row["fallback"] = fallback
+            row["prune_s"] = took
             if several:
                 row["metrics"] = before
                 if retune:
                     row["metrics_bnt"] = after
             results.append(row)
             if progress is not None:
-                progress(pruner, setting, before[m], after[m] if retune else None)
+                progress(pruner, setting, before[m], after[m] if retune else None, took)
     finally:
         model.load_state_dict(dense_state)
     doc: dict = {} if m == "accuracy" else {"metric": m}
@@ -281,16 +311,59 @@ def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None) -> dict
     return doc if same else None
 
 
-def _say(log, metric: str):
+def _where(setting) -> str:
+    return setting if isinstance(setting, str) else f"{100 * setting:g}%"
+
+
+def _say(log, metric: str, scope: str = "global"):
+    """One line per setting once it is measured: the metric, and how long the pruning took."""
     shown = metric_info(metric)
 
-    def progress(pruner, setting, before, after):
-        where = setting if isinstance(setting, str) else f"{100 * setting:g}%"
+    def progress(pruner, setting, before, after, seconds=None):
         unit = "%" if shown.percent else ""
-        text = f"  {pruner} {where}: {metric} {shown.fmt(after if after is not None else before)}{unit}"
-        log(text + (f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""))
+        name = f"{pruner} ({scope})" if pruner == "magnitude" else pruner
+        text = f"  {name} {_where(setting)}: {metric} {shown.fmt(after if after is not None else before)}{unit}"
+        text += f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""
+        log(text + (f"; pruned in {seconds:.1f} s" if seconds is not None else ""))
 
     return progress
+
+
+class LayerProgress:
+    """The calibrated pruners' progress through a model's layers, for one setting at a time: a bar with an ETA
+    on a terminal (as the training loop's), otherwise a line at every tenth of the layers with the time so far
+    (a log file gets a few lines, not hundreds)."""
+
+    def __init__(self, total: int, log=print, tty: bool | None = None):
+        import sys
+
+        self.total, self.log = total, log
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.bar = None
+
+    def __call__(self, pruner: str, setting):
+        if pruner not in CALIBRATED or self.total == 0:
+            return None
+        done, start, desc = [0], time.perf_counter(), f"  {pruner} {_where(setting)}"
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit="layer", leave=False, dynamic_ncols=True)
+        step = max(1, -(-self.total // 10))
+
+        def each(name):
+            if name is None:  # the setting is done
+                if self.bar is not None:
+                    self.bar.close()
+                    self.bar = None
+                return
+            done[0] += 1
+            if self.bar is not None:
+                self.bar.update()
+            elif done[0] % step == 0 or done[0] == self.total:
+                self.log(f"{desc}: {done[0]}/{self.total} layers pruned, {time.perf_counter() - start:.0f} s")
+
+        return each
 
 
 def prune_runs(
@@ -312,8 +385,10 @@ def prune_runs(
     labels = [run_label(c) for c in configs]
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
+    asked = spec
     for run, cfg, label in zip(runs, configs, labels):
         fingerprint = data_fingerprint(cfg)  # check_runs set cfg.data_dir to --data-dir
+        spec = asked.for_task(dataset_info(cfg.dataset).task)
         done = finished_sweep(run, spec, fingerprint) if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
@@ -333,8 +408,9 @@ def prune_runs(
             t.data.test_loader,
             t.bnt(spec.bnt_batches, spec.bnt_batch_size),
             amp=t.amp,
-            progress=_say(log, t.task.primary),
+            progress=_say(log, t.task.primary, spec.scope or "global"),
             calibration=calibration,
+            layers=LayerProgress(len(prunable_weights(t.model, spec.exclude)), log),
         )
         doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})
         if spec.calibrated and t.is_text:

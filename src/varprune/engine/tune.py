@@ -226,7 +226,7 @@ def run_tune(
     rounds: int | None = None,
     baseline: str | None = "sgd",
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    scope: str = "global",
+    scope: str | None = None,
     bnt_batches: int = 20,
     bnt_batch_size: int = 500,
     log=print,
@@ -247,6 +247,11 @@ def run_tune(
         found.append(str(e))
     if found:  # every problem at once, before any work
         raise RunError("; ".join(found))
+    if scope is None:  # magnitude's default scope for the model's task (engine.sweep)
+        from varprune.data import dataset_info
+        from varprune.engine.sweep import default_scope
+
+        scope = default_scope(dataset_info(base.dataset).task)
     values = sorted(float(v) for v in (grid or DEFAULT_GRIDS[search]))
     rounds = rounds or default_rounds(len(values))
     plan = schedule(len(values), base.epochs, rounds)

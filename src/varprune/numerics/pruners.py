@@ -23,13 +23,15 @@ def prune_once(
     exclude=(),
     calibration=None,
     magnitude: MagnitudePruner | None = None,
+    progress=None,
 ) -> tuple[dict, list[str], dict[str, str]]:
     """Prune ``model`` in place at one setting (a sparsity, or an "N:M" pattern) with ``pruner``; return
     ``(keep-masks, tensors left dense, {layer: why a calibrated pruner left it to magnitude})``.
 
     ``scope`` applies to magnitude pruning (Wanda compares within output rows, SparseGPT within column blocks);
     ``calibration``: model inputs for Wanda and SparseGPT; ``magnitude``: a MagnitudePruner already made from
-    these weights (a sweep sorts once for every sparsity).
+    these weights (a sweep sorts once for every sparsity); ``progress``: Wanda and SparseGPT call it with each
+    layer's name once they have pruned it (magnitude prunes every layer at once).
     """
     if pruner not in PRUNERS:
         raise PruningError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
@@ -46,5 +48,5 @@ def prune_once(
 
     prune = prune_wanda if pruner == "wanda" else prune_sparsegpt
     kind = {"pattern": setting} if isinstance(setting, str) else {"sparsity": setting}
-    result = prune(model, calibration, exclude=exclude, **kind)
+    result = prune(model, calibration, exclude=exclude, progress=progress, **kind)
     return dict(result), list(result.skipped), dict(result.fallback)

@@ -28,7 +28,7 @@ layout. Calibration is sequential (:mod:`varprune.numerics.calibration`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -149,6 +149,7 @@ def prune_sparsegpt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     exclude: Iterable[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with SparseGPT; return keep-masks by parameter name (a :class:`PruneResult`).
 
@@ -159,7 +160,8 @@ def prune_sparsegpt(
     The kept weights are updated to compensate for the pruned ones; pruned weights become +0.0. Layers
     SparseGPT cannot view as a matrix are pruned by magnitude at the same setting (``result.fallback``);
     N:M layers whose input size is not a multiple of M stay dense (``result.skipped``); layers that needed
-    more damping are in ``result.damping``. Bad input raises :class:`PruningError`.
+    more damping are in ``result.damping``. ``progress``: called with each layer's name once it is pruned.
+    Bad input raises :class:`PruningError`.
     """
     setting = Setting.of(sparsity, pattern)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
@@ -183,6 +185,8 @@ def prune_sparsegpt(
         )
         if used != percdamp:
             damping[t.name] = used
+        if progress is not None:
+            progress(t.name)
         return keep, W
 
     result = prune_sequentially(model, batches, setting, exclude, new_stats, prune_layer)

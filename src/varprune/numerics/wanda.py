@@ -17,7 +17,7 @@ the already pruned earlier part of the network produces.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -66,7 +66,12 @@ def wanda_keep(weight: torch.Tensor, sq_norms: torch.Tensor, setting: Setting, n
 
 
 def prune_wanda(
-    model: nn.Module, batches, sparsity: float | None = None, pattern: str | None = None, exclude: Iterable[str] = ()
+    model: nn.Module,
+    batches,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    exclude: Iterable[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with Wanda; return keep-masks by parameter name (a :class:`PruneResult`).
 
@@ -76,8 +81,8 @@ def prune_wanda(
     (``"N:M"``: keep N of every M consecutive inputs). ``exclude``: names or patterns of prunable weights to
     leave alone (as :func:`varprune.prunable_weights`). Pruned weights become +0.0. Layers Wanda cannot
     view as a matrix are pruned by magnitude at the same setting and listed in ``result.fallback``; N:M
-    layers whose input size is not a multiple of M stay dense, listed in ``result.skipped``. Bad input
-    raises :class:`PruningError`.
+    layers whose input size is not a multiple of M stay dense, listed in ``result.skipped``. ``progress``: called
+    with each layer's name once Wanda has pruned it (a progress bar). Bad input raises :class:`PruningError`.
     """
     setting = Setting.of(sparsity, pattern)
 
@@ -86,6 +91,9 @@ def prune_wanda(
 
     def prune_layer(t: Target, stats: FeatureNorms):
         w = t.matrix(compute_dtype(t.param))
-        return wanda_keep(w, stats.sq, setting, t.name), None
+        keep = wanda_keep(w, stats.sq, setting, t.name)
+        if progress is not None:
+            progress(t.name)
+        return keep, None
 
     return prune_sequentially(model, batches, setting, exclude, new_stats, prune_layer)

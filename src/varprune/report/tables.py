@@ -110,14 +110,16 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
         for pruner in pruners:
             if not any(k[0] == pruner for k in by):
                 continue
-            cells = [label] + ([pruner] if several else []) + [info.fmt(doc[f"dense_{m}"])]
+            shown = f"magnitude ({doc['scope']})" if pruner == "magnitude" and doc.get("scope") else pruner
+            cells = [label] + ([shown] if several else []) + [info.fmt(doc[f"dense_{m}"])]
             for s in settings:
                 r = by.get((pruner, s))
                 cells.append(
                     "—" if r is None else f"{info.fmt(r[f'{m}_bnt'])} / {info.fmt(r[m])}" if rt else info.fmt(r[m])
                 )
             lines.append(cells)
-    what = "one-shot pruning" if several else "one-shot magnitude pruning"
+    scopes = sorted({str(doc["scope"]) for _, doc in rows if doc.get("scope")})
+    what = "one-shot pruning" if several else "one-shot magnitude pruning" + (f" ({', '.join(scopes)})" * bool(scopes))
     if all(retuned):
         note = "with BN re-tuning / without"
     elif not any(retuned):
