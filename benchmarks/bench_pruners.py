@@ -3,7 +3,8 @@
 One process, one model: its dense weights are saved once and restored before every pruning call; the
 methods take turns in rounds (magnitude, Wanda, SparseGPT, then the next round), so a load change on a
 shared machine hits them alike. Every timer synchronises the device. Magnitude is layer-wise (the same
-fraction of every tensor, as the calibrated pruners do) or N:M (``prune_nm``); it needs no calibration.
+fraction of every tensor, as the calibrated pruners do) or N:M (``prune_magnitude(pattern=...)``); it needs
+no calibration.
 
 Printed and written as JSON (``--json``): per method and setting the median (and every) pruning time,
 its ratio to magnitude, the realised sparsity, the calibrated pruners' forward-pass counts
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 from common import add_device_args, load_average, machine, setup_device, sync, write_json
 
-from varprune.numerics.pruning import prune_magnitude, prune_nm, realised_sparsity
+from varprune.numerics.pruning import prune_magnitude, realised_sparsity
 from varprune.numerics.sparsegpt import prune_sparsegpt
 from varprune.numerics.wanda import prune_wanda
 from varprune.numerics.weights import prunable_weights
@@ -96,9 +97,7 @@ def output(model, batch):
 def prune(method, model, calib, setting, args):
     sparsity, pattern = (None, setting) if ":" in setting else (float(setting), None)
     if method == "magnitude":
-        if pattern:
-            return prune_nm(model, pattern)[0]
-        return prune_magnitude(model, sparsity, scope="layerwise")
+        return prune_magnitude(model, sparsity, scope="layerwise", pattern=pattern)
     if method == "wanda":
         return prune_wanda(model, calib, sparsity=sparsity, pattern=pattern)
     return prune_sparsegpt(model, calib, sparsity=sparsity, pattern=pattern, blocksize=args.blocksize)

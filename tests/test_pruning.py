@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from varprune import MagnitudePruner, create_model, prunable_weights, prune_magnitude, realised_sparsity, recalibrate_bn
-from varprune.numerics.pruning import PruningError, keep_mask_topk, nm_masks, parse_pattern, prune_nm, sparsity_of
+from varprune.numerics.pruning import (
+    PruneResult,
+    PruningError,
+    keep_mask_topk,
+    nm_masks,
+    parse_pattern,
+    prune_nm,
+    sparsity_of,
+)
 
 
 def small_net():
@@ -370,15 +378,44 @@ def test_nm_skips_tensors_whose_input_dimension_is_not_a_multiple_of_m():
     assert realised_sparsity(masks) == pytest.approx(pruned / total, abs=1e-12)
 
 
-def test_prune_nm_zeroes_in_place_and_honours_exclude():
+def test_prune_magnitude_nm_zeroes_in_place_and_honours_exclude():
     net = create_model("resnet20", 1, 10)
     head = net.fc.weight.detach().clone()
-    masks, skipped = prune_nm(net, "2:4", exclude=("last",))
+    masks = prune_magnitude(net, pattern="2:4", exclude=("last",))
+    assert isinstance(masks, PruneResult) and masks.skipped == ["conv1.weight"]
     assert "fc.weight" not in masks and torch.equal(net.fc.weight, head)
     for name, p in prunable_weights(net, ("last",)):
         assert torch.equal(p != 0, masks[name])
     assert masks.keys() == {name for name, _ in prunable_weights(net, ("last",))}
-    assert skipped == ["conv1.weight"]
+    assert masks.realised_sparsity == pytest.approx(realised_sparsity(dict(masks)))
+
+
+def test_one_result_type_and_the_old_shapes_still_work():
+    """Every public pruning function returns a PruneResult; prune_magnitude's (a dict before) still is one, and
+    prune_nm keeps its (masks, skipped) for one release, with a DeprecationWarning."""
+    import warnings
+
+    from varprune import PruneResult as Exported
+    from varprune.numerics.calibration import PruneResult as OldHome
+
+    assert Exported is PruneResult is OldHome
+    net = create_model("resnet20", 1, 10)
+    result = prune_magnitude(net, 0.5)
+    assert isinstance(result, PruneResult) and isinstance(result, dict) and result.skipped == []
+    assert result.realised_sparsity == pytest.approx(0.5, abs=1e-3) and result.fallback == {}
+    torch.manual_seed(1)
+    new = prune_magnitude(create_model("resnet20", 1, 10), pattern="2:4")
+    torch.manual_seed(1)
+    with pytest.warns(DeprecationWarning, match="prune_magnitude"):
+        masks, skipped = prune_nm(create_model("resnet20", 1, 10), "2:4")
+    assert skipped == new.skipped and masks.keys() == new.keys()
+    assert all(torch.equal(masks[k], new[k]) for k in masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_magnitude(create_model("resnet20", 1, 10), 0.5)  # the new way warns nothing
+    for bad in (dict(), dict(sparsity=0.5, pattern="2:4")):
+        with pytest.raises(PruningError, match="exactly one of sparsity"):
+            prune_magnitude(net, **bad)
 
 
 def test_nm_refuses_nan():

@@ -33,7 +33,7 @@ _EXPORTS = {
     # the calibrated one-shot pruners of the LLM literature (any model)
     "prune_wanda": "numerics.wanda",
     "prune_sparsegpt": "numerics.sparsegpt",
-    "PruneResult": "numerics.calibration",
+    "PruneResult": "numerics.pruning",
     # models
     "create_model": "models",
     "list_models": "models",

@@ -48,36 +48,18 @@ from torch import nn
 
 from varprune.errors import MODEL_INPUT_ERRORS, is_out_of_memory
 from varprune.numerics.pruning import (
+    PruneResult,  # defined beside the magnitude pruner, re-exported here where it lived before 0.4
     PruningError,
     check_sparsity,
     keep_mask_topk,
     nm_masks,
     owner_of,
     parse_pattern,
-    realised_sparsity,
     stores_transposed,
 )
 from varprune.numerics.weights import WeightSelectionError, prunable_weights
 
 __all__ = ["PruneResult", "Setting", "Target", "find_block_stack", "prune_sequentially", "unfold_conv"]
-
-
-class PruneResult(dict):
-    """Keep-masks by parameter name (bool, True = kept, the parameter's shape and device), and the record.
-
-    ``realised``: per-tensor realised sparsity; ``realised_sparsity``: over all pruned tensors; ``fallback``:
-    {name: reason} of layers pruned by magnitude at the same setting; ``skipped``: N:M layers left dense
-    (input size not a multiple of M); ``mode``: ``"blocks"``/``"layers"``; ``stack``: the block stack's name
-    or None; ``passes``: {"model": forwards, partial ones included, "block": runs of one block};
-    ``damping``: SparseGPT's {name: percdamp used} where more damping than asked for was needed.
-    """
-
-    def __init__(self, masks, fallback=None, skipped=None, mode="layers", stack=None, passes=None, damping=None):
-        super().__init__(masks)
-        self.realised = {name: 1.0 - int(m.sum()) / m.numel() for name, m in masks.items()}
-        self.realised_sparsity = realised_sparsity(masks)
-        self.fallback, self.skipped, self.damping = dict(fallback or {}), list(skipped or []), dict(damping or {})
-        self.mode, self.stack, self.passes = mode, stack, dict(passes or {})
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ SCOPES = ("global", "layerwise")
 __all__ = [
     "SCOPES",
     "MagnitudePruner",
+    "PruneResult",
     "PruningError",
     "batchnorm_layers",
     "check_sparsity",
@@ -320,17 +321,51 @@ def apply_masks_(named, masks: dict[str, torch.Tensor]) -> None:
             p.masked_fill_(~masks[name].to(p.device), 0.0)
 
 
-def prune_magnitude(
-    model: nn.Module, sparsity: float, scope: str = "global", exclude: Iterable[str] = ()
-) -> dict[str, torch.Tensor]:
-    """Zero the smallest-magnitude weights in place; return keep-masks by name.
+class PruneResult(dict):
+    """What every public pruning function returns (:func:`prune_magnitude`, :func:`~varprune.prune_wanda`,
+    :func:`~varprune.prune_sparsegpt`): keep-masks by parameter name (bool, True = kept, the parameter's shape and
+    device), a ``dict``, and the record.
 
-    ``scope="global"`` ranks all prunable weights together; ``"layerwise"``
-    removes the same fraction from every tensor. The realised sparsity over
-    the pruned tensors is ``round(sparsity * n) / n`` (per tensor for
-    layer-wise), ties broken by position (earlier pruned first).
+    ``realised``: per-tensor realised sparsity; ``realised_sparsity``: over all pruned tensors; ``fallback``:
+    {name: reason} of layers pruned by magnitude at the same setting; ``skipped``: N:M layers left dense
+    (input size not a multiple of M); ``mode``: ``"blocks"``/``"layers"``; ``stack``: the block stack's name
+    or None; ``passes``: {"model": forwards, partial ones included, "block": runs of one block};
+    ``damping``: SparseGPT's {name: percdamp used} where more damping than asked for was needed.
     """
-    return MagnitudePruner(model, scope, exclude).apply(sparsity)
+
+    def __init__(self, masks, fallback=None, skipped=None, mode="layers", stack=None, passes=None, damping=None):
+        super().__init__(masks)
+        self.realised = {name: 1.0 - int(m.sum()) / m.numel() for name, m in masks.items()}
+        self.realised_sparsity = realised_sparsity(masks)
+        self.fallback, self.skipped, self.damping = dict(fallback or {}), list(skipped or []), dict(damping or {})
+        self.mode, self.stack, self.passes = mode, stack, dict(passes or {})
+
+
+def prune_magnitude(
+    model: nn.Module,
+    sparsity: float | None = None,
+    scope: str = "global",
+    exclude: Iterable[str] = (),
+    pattern: str | None = None,
+) -> PruneResult:
+    """Zero the smallest-magnitude weights in place; return keep-masks by name (a :class:`PruneResult`).
+
+    Exactly one of ``sparsity`` (unstructured) and ``pattern`` (``"N:M"``: keep the N largest of every M consecutive
+    weights along the input dimension; tensors whose input size is not a multiple of M stay dense, listed in
+    ``result.skipped``), as :func:`~varprune.prune_wanda` and :func:`~varprune.prune_sparsegpt` take them.
+    ``scope="global"`` ranks all prunable weights together; ``"layerwise"`` removes the same fraction from every
+    tensor. The realised sparsity over the pruned tensors is ``round(sparsity * n) / n`` (per tensor for
+    layer-wise): exactly that many, ties broken by position (the earlier of two equal weights is pruned).
+    """
+    if (sparsity is None) == (pattern is None):
+        got = "both" if sparsity is not None else "neither"
+        raise PruningError(
+            f"give exactly one of sparsity= (unstructured, e.g. 0.5) or pattern= (N:M, e.g. '2:4'); got {got}"
+        )
+    if pattern is not None:
+        masks, skipped = _prune_nm(model, pattern, exclude)
+        return PruneResult(masks, skipped=skipped)
+    return PruneResult(MagnitudePruner(model, scope, exclude).apply(sparsity))
 
 
 # -- N:M semi-structured -------------------------------------------------------------------------
@@ -443,11 +478,27 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()) -> tup
     return masks, skipped
 
 
-@torch.no_grad()
 def prune_nm(
     model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[str] = ()
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Apply :func:`nm_masks` in place (zero the pruned weights); return ``(masks, skipped)``."""
+    """Deprecated (removed in 0.5): ``prune_magnitude(model, pattern="2:4")`` returns the one result type,
+    a :class:`PruneResult` (``result.skipped`` the tensors left dense). Applies :func:`nm_masks` in place (zero the
+    pruned weights) and returns ``(masks, skipped)`` as before."""
+    import warnings
+
+    warnings.warn(
+        "prune_nm is deprecated and will be removed in varprune 0.5: use prune_magnitude(model, pattern='N:M'), "
+        "which returns a PruneResult (masks as a dict, result.skipped the tensors left dense)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _prune_nm(model, pattern, exclude)
+
+
+@torch.no_grad()
+def _prune_nm(
+    model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     n, m = parse_pattern(pattern)
     masks, skipped = nm_masks(model, n, m, exclude)
     for name, p in prunable_weights(model, exclude):
