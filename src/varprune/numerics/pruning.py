@@ -362,8 +362,8 @@ def prune_magnitude(
         raise PruningError(
             f"give exactly one of sparsity= (unstructured, e.g. 0.5) or pattern= (N:M, e.g. '2:4'); got {got}"
         )
-    if pattern is not None:
-        masks, skipped = _prune_nm(model, pattern, exclude)
+    if sparsity is None:
+        masks, skipped = _prune_nm(model, str(pattern), exclude)
         return PruneResult(masks, skipped=skipped)
     return PruneResult(MagnitudePruner(model, scope, exclude).apply(sparsity))
 
