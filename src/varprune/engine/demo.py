@@ -65,6 +65,41 @@ def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
     ], spec
 
 
+def _pretrained_row(cfg: TrainConfig, spec: SweepSpec, out: Path, log) -> tuple[str, dict]:
+    """The folder the fine-tuning runs started from, swept as they are (engine.pretrained): same test
+    windows, same calibration draw. Reused when OUT/prune.json was made from the same weights and settings."""
+    from varprune.engine.pretrained import prune_folder, weights_digest
+    from varprune.report.tables import setting_key
+
+    spec = spec.for_task("lm")
+    try:
+        doc = json.loads((out / "prune.json").read_text())
+        if (
+            doc["weights_sha256"] == weights_digest(Path(cfg.model[3:]))
+            and {k: doc.get(k) for k in spec.record()} == spec.record()
+            and [setting_key(r) for r in doc["results"]] == spec.settings()
+            and doc["pretrained"]["data"].get("limit_test") == cfg.limit_test
+        ):
+            log(f"reusing {out / 'prune.json'} (same weights and settings)")
+            return "pretrained", doc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    doc = prune_folder(
+        cfg.model,
+        cfg.dataset,
+        cfg.data_dir,
+        out,
+        seq_len=cfg.seq_len,
+        pruners=spec.pruners,
+        sparsities=spec.sparsities,
+        patterns=spec.patterns,
+        limit_test=cfg.limit_test,
+        calib_samples=spec.calib_samples,
+        log=log,
+    )
+    return "pretrained", doc
+
+
 def run_demo(
     out: Path,
     size: str = "auto",
@@ -73,6 +108,7 @@ def run_demo(
     log=print,
     task: str = "classification",
     overwrite: bool = False,
+    model: str | None = None,
 ) -> dict:
     from varprune.report.figures import sweep_plot
     from varprune.report.tables import sweep_table
@@ -93,6 +129,13 @@ def run_demo(
 
         configs, spec = demo_configs(size, data_dir, lmdemo.SIZES, lmdemo.DATASET)
         title, figure = lmdemo.TITLE, None
+    elif task == "llm":
+        from varprune.engine import llmdemo
+
+        source = Path(model[3:]) if model else llmdemo.pretrained_folder(log)
+        configs, spec = llmdemo.demo_configs(size, data_dir, f"hf:{source}")
+        title = llmdemo.TITLE if model is None else f"fortunes, {source.name}: AdamW vs AdamW+VAR fine-tuning"
+        figure = None
     else:
         configs, spec = demo_configs(size, data_dir)
         title, figure = TITLE, None
@@ -105,6 +148,8 @@ def run_demo(
         runs.append(out / name)
     train_s = time.perf_counter() - t0
     rows = prune_runs(runs, spec, data_dir=data_dir, log=log, reuse=True)
+    if task == "llm":  # the pretrained model itself, pruned the same way: the row fine-tuning is measured against
+        rows.insert(0, _pretrained_row(configs[0][1], spec, out / "pretrained", log))
     table = sweep_table(rows)
     sweep_plot(rows, out / "demo.png", title=title)
     folder.record("demo.png")
