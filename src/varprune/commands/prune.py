@@ -25,6 +25,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "'first' and 'last' name the stem and the classifier",
     )
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    c.add_other_data_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
     c.add_overwrite_flag(p, "the --plot file")
@@ -70,7 +71,7 @@ def run(args) -> int:
         found += _exclude_problems(configs, exclude, runs)
     if found:  # every problem at once, before any work
         raise UsageError("; ".join(found))
-    rows = prune_runs(runs, spec, args.data_dir, args.device, reuse=not args.force)
+    rows = prune_runs(runs, spec, args.data_dir, args.device, reuse=not args.force, other_data=args.other_data)
     print(sweep_table(rows))
     if plot is not None:
         sweep_plot(rows, plot)
