@@ -27,6 +27,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--hessian-iters", type=int, default=20, help="power iterations (default 20)")
     c.add_bnt_flags(p)
     p.add_argument("--data-dir")
+    c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--overwrite",
@@ -61,5 +62,6 @@ def run(args) -> int:
         device=args.device,
         data_dir=args.data_dir,
         overwrite=args.overwrite,
+        other_data=args.other_data,
     )
     return 0

@@ -62,6 +62,18 @@ def add_overwrite_flag(p, what: str) -> None:
     )
 
 
+def add_other_data_flag(p) -> None:
+    """``--other-data``, the one escape from the data check (engine/identity.py), for every command that reads a
+    run's data again."""
+    p.add_argument(
+        "--other-data",
+        action="store_true",
+        help="accept a --data-dir whose text differs from the text the run was trained on (its recorded sha256 "
+        "digests), to measure on it deliberately; the text's digests are printed and recorded in the output. "
+        "Without it such a folder is refused. An edited or replaced tokenizer.json is refused either way",
+    )
+
+
 def device_problem(name: str) -> list[str]:
     from varprune.device import resolve_device
     from varprune.engine.config import _device_check

@@ -39,6 +39,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     )
     c.add_bnt_flags(p)
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
+    c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
     c.add_overwrite_flag(p, "the --out file")
     p.set_defaults(func=run)
@@ -72,5 +73,6 @@ def run(args) -> int:
         calib_seq_len=args.calib_seq_len,
         calib_data=args.calib_data,
         format=args.format,
+        other_data=args.other_data,
     )
     return 0

@@ -26,6 +26,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     c.add_mask_flags(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    c.add_other_data_flag(p)
     add_flags(p, exclude=("dataset", "model", "model_args", "init", "init_exclude", "image_size", "download"))
     p.set_defaults(func=run)
     return p
@@ -73,6 +74,6 @@ def run(args) -> int:
         init=None,
         init_exclude=None,
     )  # RUN's weights, not --init
-    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, given=given)
+    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, given=given, other_data=args.other_data)
     c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
     return 0

@@ -29,6 +29,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_folder_flags(p, "sweep")
     p.add_argument("--out", help="with --model hf:DIR: the folder to write prune.json, prune.csv and prune.png into")
+    c.add_other_data_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--plot", help="combined plot of all runs, a .png (default prune_comparison.png for several runs)")
     c.add_overwrite_flag(p, "the --plot file")
@@ -81,7 +82,7 @@ def run(args) -> int:
         found += _exclude_problems(configs, exclude, runs)
     if found:  # every problem at once, before any work
         raise UsageError("; ".join(found))
-    rows = prune_runs(runs, spec, args.data_dir, args.device, reuse=not args.force)
+    rows = prune_runs(runs, spec, args.data_dir, args.device, reuse=not args.force, other_data=args.other_data)
     print(sweep_table(rows))
     if plot is not None:
         sweep_plot(rows, plot)

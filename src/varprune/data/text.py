@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, file_kind, gib
+from varprune.data.identity import content_digest, sha256_hex, text_digests
 from varprune.device import available_memory
 
 __all__ = [
@@ -92,7 +93,9 @@ DATASETS = {  # the family's registry lines
 class TextSplit:
     """One split: ``text`` (language modeling: the split read whole) or ``texts`` and ``labels``
     (classification: class indices into :attr:`TextCorpus.class_names`). ``file`` names where it came from,
-    for messages; ``num_bytes`` is its UTF-8 size (an upper bound on a byte-level BPE's token count)."""
+    for messages; ``num_bytes`` is its UTF-8 size (an upper bound on a byte-level BPE's token count);
+    ``sha256`` is what the split was read from (data/identity.py: the file's bytes, or for fortunes the
+    entries drawn), which a run records and checks again."""
 
     name: str
     file: str
@@ -100,6 +103,7 @@ class TextSplit:
     text: str | None = None
     texts: list[str] | None = None
     labels: list[int] | None = None
+    sha256: str | None = None
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(self.text or "")
@@ -349,11 +353,21 @@ def _load_folder(name: str, root: Path, need_test: bool) -> tuple[dict[str, Text
     if name == "text":
         splits = {}
         for split, path in files.items():
-            text, size = read_text(path)
-            splits[split] = TextSplit(split, str(path), size, text=text)
+            raw = read_bytes(path)
+            text = decode_utf8(raw, path)
+            splits[split] = TextSplit(split, str(path), len(raw), text=text, sha256=sha256_hex(raw))
         return splits, ()
     read = {split: read_jsonl(path) for split, path in files.items()}  # every file checked before use
     classes = _class_order(read["train"][1])
+    if len(classes) < 2:  # a model trained on one class learns nothing, and scores 100% on a test of that class
+        raise DatasetError(
+            f"{files['train']}: every example has the label {classes[0]!r}; classification needs at least two "
+            f"classes in the training file"
+        )
+    try:
+        digests = text_digests(files)
+    except OSError as e:
+        raise DatasetError(f"cannot read {e.filename} again ({e.strerror or e}); check the file") from None
     index = {label: i for i, label in enumerate(classes)}
     splits = {}
     for split, (texts, labels, lines) in read.items():
@@ -365,7 +379,9 @@ def _load_folder(name: str, root: Path, need_test: bool) -> tuple[dict[str, Text
                     f"(its labels: {shown}); a model cannot learn a class it never sees"
                 )
         size = files[split].stat().st_size
-        splits[split] = TextSplit(split, str(files[split]), size, texts=texts, labels=[index[x] for x in labels])
+        splits[split] = TextSplit(
+            split, str(files[split]), size, texts=texts, labels=[index[x] for x in labels], sha256=digests[split]
+        )
     return splits, tuple(str(c) for c in classes)
 
 
@@ -438,7 +454,7 @@ def _load_fortunes(name: str, root: Path) -> tuple[dict[str, TextSplit], tuple[s
         for s, chosen in by_split.items():
             _require_entries(root, s, len(chosen), len(entries))
             text = "\n\n".join(chosen) + "\n"
-            splits[s] = TextSplit(s, f"{root} ({s} entries)", len(text.encode()), text=text)
+            splits[s] = TextSplit(s, f"{root} ({s} entries)", len(text.encode()), text=text, sha256=sha256_hex(text))
         return splits, ()
     owners: dict[str, set[str]] = {}
     for topic, entries in topics.items():
@@ -462,6 +478,8 @@ def _load_fortunes(name: str, root: Path) -> tuple[dict[str, TextSplit], tuple[s
             splits[s].num_bytes += len(e.encode())
     for s in splits:
         _require_entries(root, s, len(texts[s]), sum(len(kept[t]) for t in classes))
+    for s, split in splits.items():
+        split.sha256 = content_digest(texts[s], [classes[i] for i in labels[s]])
     absent = sorted(set(range(len(classes))) - set(labels["train"]))
     if absent:  # not at TOPIC_MIN_ENTRIES: the chance is 0.2**50
         raise DatasetError(f"{root}: topic {classes[absent[0]]!r} has no training entry; remove it from the folder")

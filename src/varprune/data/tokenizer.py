@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from varprune.data.base import DatasetError
+from varprune.data.identity import sha256_hex
 from varprune.storage.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -82,15 +83,17 @@ class TextTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` with what the data layer needs: the vocabulary size, the
     padding id, encoding without special tokens (language modeling) or with them, truncated (classification).
 
-    ``source`` says where it came from (a file, or "trained on ...") for messages.
+    ``source`` says where it came from (a file, or "trained on ...") for messages; ``sha256`` the digest of the
+    JSON it was read from (a file's bytes as they are on disk; None for one trained here).
     """
 
-    def __init__(self, tokenizer, pad_id: int | None, source: str):
+    def __init__(self, tokenizer, pad_id: int | None, source: str, sha256: str | None = None):
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.source = source
+        self.sha256 = sha256
         self._truncating: dict[int, Tokenizer] = {}  # copies that truncate, by max_length
 
     @property
@@ -186,11 +189,15 @@ def train_tokenizer(corpus, vocab_size: int, min_frequency: int = 2) -> TextToke
     return TextTokenizer(tok, PAD_ID, f"trained on {what}")
 
 
-def _read_json(path: Path, what: str) -> str:
+def _read_raw(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise DatasetError(f"cannot read {path} ({e.strerror or e}); check the file") from None
+
+
+def _read_json(path: Path, what: str, raw: bytes | None = None) -> str:
+    raw = _read_raw(path) if raw is None else raw
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -240,7 +247,8 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
             )
     elif not path.is_file():
         raise DatasetError(f"tokenizer file {path} not found; pass a tokenizer.json or a folder holding one")
-    text = _read_json(path, "a tokenizer.json")
+    raw = _read_raw(path)
+    text = _read_json(path, "a tokenizer.json", raw)
     try:
         tok = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for any malformed file
@@ -258,7 +266,7 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
             raise DatasetError(f"{config_path} is not JSON ({e}); copy the model folder again") from None
         if not isinstance(config, dict):
             raise DatasetError(f"{config_path} is not a JSON object; copy the model folder again")
-    return TextTokenizer(tok, _pad_id(tok, text, config), str(path))
+    return TextTokenizer(tok, _pad_id(tok, text, config), str(path), sha256_hex(raw))
 
 
 def tokenizer_from_json(text: str, pad_id: int | None, source: str) -> TextTokenizer:
@@ -267,7 +275,7 @@ def tokenizer_from_json(text: str, pad_id: int | None, source: str) -> TextToken
     from tokenizers import Tokenizer
 
     try:
-        return TextTokenizer(Tokenizer.from_str(text), pad_id, source)
+        return TextTokenizer(Tokenizer.from_str(text), pad_id, source, sha256_hex(text))
     except Exception as e:  # tokenizers raises a bare Exception for any malformed text
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise DatasetError(f"the tokenizer of {source} does not parse ({reason}); export the model again") from None

@@ -78,12 +78,14 @@ class EncodedExamples:
 class TokenizedText:
     """:func:`tokenize`'s result: ``streams`` (language modeling: split -> 1-D int64 tokens) or ``examples``
     (classification: split -> :class:`EncodedExamples`), the tokenizer's ``vocab_size`` and ``pad_id``, and
-    ``files`` (split -> where its text came from, for messages)."""
+    ``files`` (split -> where its text came from, for messages) and ``digests`` (split -> the sha256 of what it
+    was read from: data/identity.py)."""
 
     info: DatasetInfo
     vocab_size: int
     pad_id: int | None
     files: dict[str, str]
+    digests: dict[str, str] = field(default_factory=dict)
     streams: dict[str, torch.Tensor] = field(default_factory=dict)
     examples: dict[str, EncodedExamples] = field(default_factory=dict)
     max_length: int | None = None
@@ -182,7 +184,8 @@ def tokenize(corpus, tokenizer: TextTokenizer, device="cpu", max_length: int = D
     """Every split of ``corpus`` (a TextCorpus) encoded once onto ``device``: token streams for language
     modeling, padded examples of ``max_length`` tokens for classification."""
     files = {name: split.file for name, split in corpus.splits.items()}
-    out = TokenizedText(corpus.info, tokenizer.vocab_size, tokenizer.pad_id, files)
+    digests = {name: split.sha256 for name, split in corpus.splits.items() if split.sha256 is not None}
+    out = TokenizedText(corpus.info, tokenizer.vocab_size, tokenizer.pad_id, files, digests)
     for name, split in corpus.splits.items():
         if split.text is not None:
             out.streams[name] = encode_stream(tokenizer, split.text, device, split.file, split.num_bytes)

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from varprune.engine.identity import other_data_line
 from varprune.engine.rundir import read_metrics
 from varprune.engine.sweep import check_runs, load_trained, run_label
 from varprune.engine.trained import bnt_problems
@@ -143,8 +144,11 @@ def analyze_runs(
     log=print,
     overwrite: bool = False,
     budget: float | None = None,
+    other_data: bool = False,
 ) -> dict:
     """Analyse finished runs into ``out`` (analysis.json and figures); return the analysis document.
+    ``other_data`` (``--other-data``): measure on text other than the runs' (each run's entry records it);
+    without it such a ``data_dir`` is refused (engine/identity.py).
 
     ``budget``: the analysis of each run costs at most this many times its training (see
     :func:`analysis_plan`); None reads the full amounts given (``bnt_batches * bnt_batch_size`` re-tuning
@@ -163,7 +167,7 @@ def analyze_runs(
     folder.check(analysis_files(labels, sensitivity))  # before any work: nothing is written on a refusal
     started = time.perf_counter()
     cache: dict = {}
-    trained = {lab: load_trained(run, cfg, device, cache) for lab, run, cfg in zip(labels, runs, configs)}
+    trained = {lab: load_trained(run, cfg, device, cache, other_data) for lab, run, cfg in zip(labels, runs, configs)}
     doc: dict = {"runs": {}, "sensitivity_sparsity": sensitivity_sparsity, "sparsities": list(sparsities)}
     folder.mkdir()
 
@@ -200,6 +204,9 @@ def analyze_runs(
         )
         run_started = time.perf_counter()
         entry: dict = {"run": str(run), "plan": asdict(plan)}
+        if t.other_data is not None:
+            log(other_data_line(str(run), t.other_data))
+            entry["other_data"] = t.other_data
         variances = layer_variances(model)
         entry["layer_variance"] = variances
         slug = _slug(lab)

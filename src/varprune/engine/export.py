@@ -22,6 +22,7 @@ import torch
 
 from varprune.device import autocast
 from varprune.engine.config import TrainConfig
+from varprune.engine.identity import other_data_line
 from varprune.engine.rundir import WEIGHTS
 from varprune.engine.runs import model_arguments
 from varprune.engine.sweep import default_scope
@@ -53,8 +54,11 @@ def export_run(
     calib_seq_len: int | None = None,
     calib_data: str | None = None,
     format: str = "varprune",
+    other_data: bool = False,
 ) -> dict:
     """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata.
+    ``other_data`` (``--other-data``): measure on text other than the run's, recorded in the metadata
+    (``other_data``); without it such a ``data_dir`` is refused (engine/identity.py).
 
     ``out`` follows the output rule (storage.files): never a run's own file, never a file varprune did not
     write unless ``overwrite``, never a folder, device, FIFO or link.
@@ -88,7 +92,9 @@ def export_run(
             found.append(str(e))
     if found:
         raise RunError("; ".join(found))
-    t = load_trained(run, configs[0], device)
+    t = load_trained(run, configs[0], device, other_data=other_data)
+    if t.other_data is not None:
+        log(other_data_line(str(run), t.other_data))
     info = t.data.data.info
     model = t.model
     calibration = t.calibration(calib_samples, calib_seq_len, calib_data) if pruner != "magnitude" else None
@@ -113,6 +119,7 @@ def export_run(
             "shape": [info.channels, info.size, info.size],
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
+            **_trained_on(run, t),
         },
         "pattern": pattern if pattern != "unstructured" else f"unstructured {scope} {sparsity:g}",
         "pruner": pruner,
@@ -127,6 +134,7 @@ def export_run(
         "train_config": json.dumps(cfg, sort_keys=True),
         "source_run": str(run),
         "source_weights_sha256": file_digest(run / WEIGHTS),
+        **({"other_data": json.dumps(t.other_data, sort_keys=True)} if t.other_data is not None else {}),
     }
     if t.data.tokenizer is not None:  # a text model's file carries its tokenizer: evaluate needs nothing else
         meta["tokenizer_json"] = t.data.tokenizer.to_json()
@@ -166,10 +174,24 @@ def export_run(
     return read_pruned_metadata(out)
 
 
-def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto") -> dict:
-    """Load an exported model and measure it on its run's test split; returns the task's metrics."""
+def _trained_on(run: Path, t) -> dict:
+    """The digests of the text ``run`` was trained on, for an export's ``dataset`` (evaluate checks its
+    --data-dir against them): as the run recorded them, or for a run of older varprune the text read now
+    when it is not ``--other-data``."""
+    from varprune.engine.runconfig import read_resolved
+
+    texts = read_resolved(run).get("text_sha256")
+    if not isinstance(texts, dict) and t.other_data is None:
+        texts = getattr(t.data.data, "digests", None)
+    return {"text_sha256": dict(texts)} if texts else {}
+
+
+def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto", other_data: bool = False) -> dict:
+    """Load an exported model and measure it on its run's test split; returns the task's metrics (with
+    ``other_data``, measured on other text: returned under ``other_data``, engine/identity.py)."""
     from varprune.device import resolve_amp, resolve_device
-    from varprune.engine.runs import check_same_data, load_data
+    from varprune.engine.identity import check_same_data
+    from varprune.engine.runs import load_data
 
     meta = read_pruned_metadata(path)
     try:
@@ -192,19 +214,23 @@ def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto")
         )
     data = load_data(cfg, dev, tokenizer=tokenizer)
     recorded = meta.get("dataset")
+    other = None
     if isinstance(recorded, dict):
-        check_same_data(
+        other = check_same_data(
             {
                 "task": recorded.get("task"),
                 "input_shape": recorded.get("shape"),
                 "num_classes": recorded.get("num_classes"),
                 "class_names": recorded.get("class_names"),
+                "text_sha256": recorded.get("text_sha256"),
             },
-            data.data.info,
+            data,
             str(path),
             data_dir,
+            other_data,
         )
     model = load_pruned(path, dev)
     if cfg.channels_last:  # the memory format the sweep evaluated in: the same arithmetic
         model = model.to(memory_format=torch.channels_last)
-    return data.task.evaluate(model, data.test_loader, resolve_amp(cfg.amp, dev)) | {"metric": data.task.primary}
+    metrics = data.task.evaluate(model, data.test_loader, resolve_amp(cfg.amp, dev)) | {"metric": data.task.primary}
+    return metrics | ({"other_data": other} if other is not None else {})

@@ -32,20 +32,15 @@ from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
 from varprune.engine.checks import problems, unused_problems
 from varprune.engine.config import TrainConfig
+from varprune.engine.identity import check_same_data, other_data_line, recorded_identity
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.runconfig import read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, TOKENIZER, WEIGHTS, RunFolder
-from varprune.engine.runs import (
-    build_model,
-    check_same_data,
-    data_identity,
-    data_problems,
-    early_memory_problems,
-    load_data,
-)
+from varprune.engine.runs import build_model, data_problems, early_memory_problems, load_data
 from varprune.engine.step import lr_factor, make_train_step
-from varprune.errors import NonFiniteError, set_kept_note, short
+from varprune.engine.textruns import epoch_problem
+from varprune.errors import NonFiniteError, RunError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.report.tables import metric_info
 from varprune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
@@ -126,6 +121,7 @@ def train(
     log=print,
     progress: bool = True,
     given=(),
+    other_data: bool = False,
 ) -> dict:
     """Train one run into ``out``; return the last epoch's metrics.
 
@@ -133,6 +129,7 @@ def train(
     config.json is authoritative). Raises :class:`RunError` for bad input and
     :class:`NonFiniteError` when the loss or weights stop being finite. ``given``: the fields set explicitly
     (on the command line); one the method or optimizer does not read is refused (checks.unused_problems).
+    ``other_data`` (``finetune --other-data``): fine-tune on text other than the source run's (engine/identity.py).
     """
     folder = RunFolder(out)
     found = problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer) + data_problems(cfg)
@@ -147,10 +144,10 @@ def train(
     if not distributed.is_main():
         log, progress = (lambda *a, **k: None), False
     with distributed.held_by_main(folder.lock):
-        return _train(cfg, folder, resume, log, progress)
+        return _train(cfg, folder, resume, log, progress, other_data)
 
 
-def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: bool) -> dict:
+def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: bool, other_data: bool = False) -> dict:
     out = folder.path
     device = distributed.setup(cfg.device)  # cuda:LOCAL_RANK under torchrun
     main, world = distributed.is_main(), distributed.world_size()
@@ -175,14 +172,19 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         out if resume and (out / TOKENIZER).exists() else (Path(cfg.finetune_from) if cfg.finetune_from else None)
     )
     run = load_data(cfg, device, distributed.rank(), world, run=tokenizer_run)
+    if run.tokenizer is not None and not resume:
+        problem = epoch_problem(cfg, run.data)
+        if problem:
+            raise RunError(problem)
+    other = None
     if resume:  # the data must be the run's: other classes would train on while config.json kept the old ones
         recorded = distributed.from_main(lambda: read_resolved(out))
-        if "num_classes" in recorded:
-            check_same_data(recorded, run.data.info, str(out), cfg.data_dir)
+        check_same_data(recorded, run, str(out), cfg.data_dir, offered=False)
     elif cfg.finetune_from:
         recorded = read_resolved(Path(cfg.finetune_from))
-        if "num_classes" in recorded:
-            check_same_data(recorded, run.data.info, cfg.finetune_from, cfg.data_dir)
+        other = check_same_data(recorded, run, cfg.finetune_from, cfg.data_dir, other_data)
+        if other is not None:
+            log(other_data_line(f"fine-tuning {cfg.finetune_from}", other))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device, tokenizer=run.tokenizer)
     keeper, source_digest = _finetune_start(cfg, model, log, run) if cfg.finetune_from else (None, None)
@@ -199,7 +201,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     base_lr = cfg.lr
     history: list[dict] = []
     start_epoch = 0
-    info = run.data.info
+    tokenizer_json = run.tokenizer.to_json() if run.tokenizer is not None else None
     resolved = {
         "train": cfg.to_dict(),
         "resolved": {
@@ -208,18 +210,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             "amp": amp,
             "task": task.name,
             "metric": task.primary,
-            **data_identity(info),
-            **(
-                {
-                    "tokenizer": {
-                        "vocab_size": run.tokenizer.vocab_size,
-                        "pad_id": run.tokenizer.pad_id,
-                        "source": run.tokenizer.source,
-                    }
-                }
-                if run.tokenizer is not None
-                else {}
-            ),
+            **recorded_identity(run, tokenizer_json),
+            **({"other_data": {"source": cfg.finetune_from, **other}} if other is not None else {}),
             "train_examples": train_loader.num_examples,
             "test_examples": test_loader.num_examples,
             "steps_per_epoch": steps_per_epoch,
@@ -285,8 +277,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             folder.mark()
             if not resume or not (out / CONFIG).exists():  # a resumed run's config.json stays as it was
                 atomic_write_text(out / CONFIG, json.dumps(resolved, indent=2) + "\n")
-            if run.tokenizer is not None and not (out / TOKENIZER).exists():
-                atomic_write_text(out / TOKENIZER, run.tokenizer.to_json())
+            if tokenizer_json is not None and not (out / TOKENIZER).exists():
+                atomic_write_text(out / TOKENIZER, tokenizer_json)
             _write_metrics(out, history)
         result = _epochs(
             cfg,
@@ -338,7 +330,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             set_kept_note(e, note)
         raise
     if main:
-        save_weights(out / WEIGHTS, model, weights_metadata(cfg, info))
+        save_weights(out / WEIGHTS, model, weights_metadata(cfg, run.data.info))
     return result
 
 

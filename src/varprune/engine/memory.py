@@ -29,6 +29,7 @@ from varprune.device import available_memory
 _STATES = {"sgd": 1, "adamw": 2}
 _WRAPPER = {"sgd": 0, "sam": 1, "asam": 1, "cram": 1, "cram+": 2, "s2sam": 1}
 FRACTION = 0.9  # of the device's free memory a run may plan to use
+WINDOW_INDEX_BYTES = 8  # a language model's epoch: one int64 start offset per training window (data.tokens)
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,11 @@ class Estimate:
     data: int  # bytes of the data held on the device
     parameters: int  # weights, gradients and optimizer state
     activations: int | None  # one training batch (None: the model could not run on the meta device)
+    index: int = 0  # a language model's window index: the start offsets of an epoch's windows, drawn at once
 
     @property
     def total(self) -> int:
-        return self.data + self.parameters + (self.activations or 0)
+        return self.data + self.parameters + (self.activations or 0) + self.index
 
 
 def gib(n: float) -> str:
@@ -72,12 +74,20 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | dict, batch_size:
 
 
 def estimate(
-    model_on_meta: nn.Module, example, batch_size: int, optimizer: str, method_optimizer: str, data_bytes: int
+    model_on_meta: nn.Module,
+    example,
+    batch_size: int,
+    optimizer: str,
+    method_optimizer: str,
+    data_bytes: int,
+    windows: int = 0,
 ) -> Estimate:
-    """The estimate for a model built on the meta device and one meta ``example`` input."""
+    """The estimate for a model built on the meta device and one meta ``example`` input; ``windows``: a language
+    model's training windows an epoch (``--limit-train``), whose start offsets are drawn at once on the device."""
     n = sum(p.numel() for p in model_on_meta.parameters())
     per = 2 + _STATES.get(optimizer, 2) + _WRAPPER.get(method_optimizer, 1)  # weight, gradient, state, wrapper
-    return Estimate(int(data_bytes), 4 * n * per, activation_bytes(model_on_meta, example, batch_size))
+    activations = activation_bytes(model_on_meta, example, batch_size)
+    return Estimate(int(data_bytes), 4 * n * per, activations, WINDOW_INDEX_BYTES * int(windows))
 
 
 def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> str | None:
@@ -90,6 +100,7 @@ def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> 
     if free <= 0 or est.total <= FRACTION * free:
         return None
     parts = {"data": est.data, "parameters": est.parameters, "activations": est.activations or 0}
+    parts["window index"] = est.index
     worst = max(parts, key=lambda k: parts[k])
     detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
     return (

@@ -265,49 +265,6 @@ def build_model(cfg: TrainConfig, info, device: torch.device, tokenizer=None) ->
     return model
 
 
-def data_identity(info) -> dict:
-    """What a run records of its data and checks again whenever it is evaluated or continued."""
-    return {
-        "task": info.task,
-        "input_shape": [info.channels, info.size, info.size],
-        "num_classes": info.num_classes,
-        "class_names": list(info.class_names),
-    }
-
-
-def _describe(d: dict) -> str:
-    names = d.get("class_names") or []
-    shown = (": " + ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "")) if names else ""
-    shape = d.get("input_shape") or []
-    size = f", {shape[0]} channel(s) at {shape[1]}x{shape[2]}" if len(shape) == 3 and shape[0] else ""
-    return f"{d.get('num_classes')} classes{shown}{size} ({d.get('task')})"
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def check_same_data(recorded: dict, info, what: str, data_dir) -> None:
-    """Refuse data whose task, classes, class names, channels or image size differ from what ``what`` (a run
-    or an exported file) recorded: a number measured on other data would be silently wrong. The error blames
-    the data, naming both."""
-    have = data_identity(info)
-    diffs = [
-        key
-        for key in ("task", "num_classes", "input_shape")
-        if recorded.get(key) is not None and _plain(recorded[key]) != _plain(have[key])
-    ]
-    theirs, ours = recorded.get("class_names") or [], have["class_names"]
-    if theirs and ours and list(theirs) != list(ours):
-        diffs.append("class_names")
-    if diffs:
-        where = f"--data-dir {data_dir}" if data_dir is not None else "the data folder"
-        raise RunError(
-            f"{where} holds {_describe(have)}, but {what} was trained on {_describe(recorded)}; point "
-            f"--data-dir at the data it was trained on"
-        )
-
-
 def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int = 0, tokenizer=None) -> str | None:
     """Would this run fit in ``device``'s free memory? A one-line problem naming the flag to change, or None.
 
@@ -336,14 +293,18 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
             f"use --batch-size 2 or more"
         )
     on_device = data_bytes if device.type != "cpu" else 0
-    est = memory.estimate(model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device)
+    windows = (cfg.limit_train or 0) if tokenizer is not None and info.task == "language-modeling" else 0
+    est = memory.estimate(
+        model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device, windows
+    )
     return memory.fits_problem(
         est,
         device,
         {
             "data": "--image-size",
             "parameters": "the model's size (--model-arg)",
-            "activations": "--batch-size or --image-size",
+            "activations": "--batch-size or --image-size" if tokenizer is None else "--batch-size or --seq-len",
+            "window index": "--limit-train (training windows an epoch; more --epochs train as long)",
         },
     )
 

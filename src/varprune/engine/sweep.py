@@ -29,6 +29,7 @@ from torch import nn
 from varprune.data import dataset_info
 from varprune.data.calibtext import calibration_protocol, suffix_problem
 from varprune.device import autocast, resolve_device
+from varprune.engine.identity import other_data_line
 from varprune.engine.runconfig import load_run_config
 from varprune.engine.rundir import WEIGHTS
 from varprune.engine.runs import RunData, data_fingerprint
@@ -290,10 +291,11 @@ def prune_sweep(
 # ---------------------------------------------------------------- run folders
 
 
-def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None) -> dict | None:
+def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None, other_data: bool = False) -> dict | None:
     """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
     (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own), and its plot exists (a sweep
-    interrupted between the two is redone)."""
+    interrupted between the two is redone). One made on other text (``--other-data``) is reused only with
+    ``other_data``: without it the text is checked, and refused."""
     try:
         doc = json.loads((run / "prune.json").read_text())
         recorded = {k: doc.get(k) for k in spec.record()}
@@ -305,6 +307,7 @@ def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None) -> dict
             and doc.get("data") == (data if data is not None else data_fingerprint(load_run_config(run)))
             and (run / "prune.png").is_file()
             and (run / "prune.csv").is_file()
+            and (other_data or not doc.get("other_data"))
         )
     except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError):
         return None
@@ -367,12 +370,20 @@ class LayerProgress:
 
 
 def prune_runs(
-    runs: list[Path], spec: SweepSpec | None = None, data_dir=None, device="auto", log=print, reuse=False
+    runs: list[Path],
+    spec: SweepSpec | None = None,
+    data_dir=None,
+    device="auto",
+    log=print,
+    reuse=False,
+    other_data: bool = False,
 ) -> list[tuple[str, dict]]:
     """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
 
     ``reuse``: a run whose prune.json was made from its current weights with
     the same settings is not swept again (an interrupted sweep resumes).
+    ``other_data`` (``--other-data``): measure on text other than the run's (recorded as prune.json's
+    ``other_data``); without it such a ``data_dir`` is refused (engine/identity.py).
     """
     spec = spec or SweepSpec()
     dev = resolve_device(device)
@@ -389,14 +400,16 @@ def prune_runs(
     for run, cfg, label in zip(runs, configs, labels):
         fingerprint = data_fingerprint(cfg)  # check_runs set cfg.data_dir to --data-dir
         spec = asked.for_task(dataset_info(cfg.dataset).task)
-        done = finished_sweep(run, spec, fingerprint) if reuse else None
+        done = finished_sweep(run, spec, fingerprint, other_data) if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label
             out.append((label, done))
             continue
         digest = file_digest(run / WEIGHTS)
-        t = load_trained(run, cfg, str(dev), cache)
+        t = load_trained(run, cfg, str(dev), cache, other_data)
+        if t.other_data is not None:
+            log(other_data_line(str(run), t.other_data))
         log(f"pruning {run} ({label})")
         calibration = (
             t.calibration(spec.calib_samples, spec.calib_seq_len, spec.calib_data) if spec.calibrated else None
@@ -413,6 +426,8 @@ def prune_runs(
             layers=LayerProgress(len(prunable_weights(t.model, spec.exclude)), log),
         )
         doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})
+        if t.other_data is not None:
+            doc["other_data"] = t.other_data
         if spec.calibrated and t.is_text:
             doc["calibration_seq_len"] = spec.calib_seq_len or t.cfg.seq_len  # what the default resolved to
         write_sweep(run, doc, label)

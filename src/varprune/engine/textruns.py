@@ -43,6 +43,25 @@ def run_tokenizer(
     return train_tokenizer(corpus, cfg.vocab_size)
 
 
+def epoch_problem(cfg: TrainConfig, data) -> str | None:
+    """A language model's epoch draws ``--limit-train`` windows with replacement from the training text's start
+    offsets (data.tokens): more windows than the text has offsets repeats each several times an epoch, and a
+    number typed with a few zeros too many would run for days. One line naming the most it may be, or None."""
+    stream = data.streams.get("train") if data.streams else None
+    if stream is None or cfg.limit_train is None:
+        return None
+    offsets = max(len(stream) - cfg.seq_len + 1, 1)
+    if cfg.limit_train <= offsets:
+        return None
+    steps = -(-cfg.limit_train // cfg.batch_size)
+    return (
+        f"--limit-train {cfg.limit_train:,}: {data.files['train']} has {offsets:,} windows of --seq-len "
+        f"{cfg.seq_len} (one per starting token), drawn with replacement, so an epoch of {cfg.limit_train:,} "
+        f"({steps:,} steps) would repeat each about {cfg.limit_train / offsets:,.0f} times; use at most "
+        f"--limit-train {offsets} and more --epochs"
+    )
+
+
 def model_sizes(cfg: TrainConfig, info, tokenizer: TextTokenizer) -> dict:
     """The keyword sizes a text model is built with (models.hf): vocabulary, positions, labels, padding."""
     sizes = {"vocab_size": tokenizer.vocab_size, "max_positions": cfg.seq_len}

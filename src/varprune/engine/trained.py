@@ -15,9 +15,10 @@ from torch import nn
 
 from varprune.device import resolve_amp, resolve_device
 from varprune.engine.config import TrainConfig
+from varprune.engine.identity import check_same_data
 from varprune.engine.runconfig import load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
-from varprune.engine.runs import RunData, build_model, check_same_data, data_problems, load_data
+from varprune.engine.runs import RunData, build_model, data_problems, load_data
 from varprune.errors import RunError
 from varprune.tasks import Task
 
@@ -87,7 +88,8 @@ def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
 
 @dataclass
 class Trained:
-    """A finished run, loaded: its configuration, model (final weights) and data."""
+    """A finished run, loaded: its configuration, model (final weights) and data; ``other_data``: what the text
+    it is measured on is instead of its own (``--other-data``: engine/identity.check_same_data), else None."""
 
     run: Path
     cfg: TrainConfig
@@ -95,6 +97,7 @@ class Trained:
     data: RunData
     device: torch.device
     amp: str
+    other_data: dict | None = None
 
     @property
     def task(self) -> Task:
@@ -168,8 +171,11 @@ def _text_batches(data, examples: int, batch_size: int, seq_len: int, seed: int,
     ]
 
 
-def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None) -> Trained:
-    """Load a finished run's final weights and data (checked by :func:`check_runs` first)."""
+def load_trained(
+    run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None, other_data: bool = False
+) -> Trained:
+    """Load a finished run's final weights and data (checked by :func:`check_runs` first); data that is not the
+    run's is refused (engine/identity.py), other text accepted with ``other_data``."""
     from varprune.storage.checkpoint import load_weights
 
     cfg = cfg or load_run_config(run)
@@ -195,11 +201,10 @@ def load_trained(run: Path, cfg: TrainConfig | None = None, device="auto", data_
         cache[key] = load_data(cfg, dev, run=run)
     data = cache[key]
     recorded = read_resolved(run)
-    if "num_classes" in recorded:  # runs of 0.1 recorded less: nothing to compare
-        check_same_data(recorded, data.data.info, str(run), cfg.data_dir if cfg.data_dir else None)
+    other = check_same_data(recorded, data, str(run), cfg.data_dir if cfg.data_dir else None, other_data)
     model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev, tokenizer=data.tokenizer)
     load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
-    return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev))
+    return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev), other)
 
 
 def ensure_run(cfg: TrainConfig, run: Path, log=print, progress: bool = True) -> str:
