@@ -259,7 +259,7 @@ def test_hub_ids_are_refused_in_one_line(hub_id, monkeypatch, tmp_path):
         ("missing", {}, "no such folder; varprune loads only local"),
         ("noweights", {}, "no model.safetensors weights there"),
         ("broken", {}, "config.json is not readable JSON"),
-        ("pickle", {}, "only pytorch_model.bin weights"),
+        ("pickle", {}, "only pytorch_model.*bin weights"),
         ("bert", dict(task="language-modeling"), "holds a BertForMaskedLM, not a causal language model"),
         ("gpt2", dict(vocab_size=101), "the tokenizer has 101 tokens but the model's embedding only 100 rows"),
         ("gpt2", dict(max_positions=25), "the model takes at most 24 positions"),
