@@ -21,7 +21,9 @@ studies; set it with the options (``resid_pdrop=0``...).
 The data-dependent sizes are keywords of ``create_model`` (registry.TEXT_SIZES),
 never options: ``vocab_size`` (the tokenizer's), ``max_positions`` (the
 sequence length: GPT-2's and BERT's position tables, Llama's
-``max_position_embeddings``), ``num_classes`` (labels of a classifier) and the
+``max_position_embeddings``; a decoder's context may be made longer than the
+sequence length with the option ``n_positions``, gpt2, or
+``max_position_embeddings``, llama), ``num_classes`` (labels of a classifier) and the
 tokenizer's ``bos_token_id``/``eos_token_id``/``pad_token_id`` (a decoder used
 as a classifier needs ``pad_token_id`` to find each sequence's last token).
 
@@ -145,7 +147,7 @@ _DESCRIBE = "(transformers), random init; options: the config's fields"
 def gpt2(vocab_size=256, max_positions=256, num_classes=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
          n_layer=4, n_embd=128, n_head=4, n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
          embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02,
-         tie_word_embeddings=True) -> nn.Module:  # fmt: skip
+         tie_word_embeddings=True, n_positions=None) -> nn.Module:  # fmt: skip
     cfg = _gpt2_fields(**locals())
     return _build("GPT2Config", "GPT2LMHeadModel", cfg)
 
@@ -165,14 +167,25 @@ def _gpt2_fields(vocab_size, max_positions, num_classes, bos_token_id, eos_token
     _check_bool("tie_word_embeddings", o["tie_word_embeddings"])
     _transformers()
     _check_activation("activation_function", o["activation_function"])
-    return dict(o, vocab_size=vocab_size, n_positions=max_positions, **ids)
+    return dict(o, vocab_size=vocab_size, n_positions=_context("n_positions", o["n_positions"], max_positions), **ids)
+
+
+def _context(name: str, value, max_positions: int) -> int:
+    """The positions a decoder is built for: the sequence length, or more (``value``): a model generates past
+    the length it was trained on only when its context allows (GPT-2's learned table has a row per position)."""
+    if value is None:
+        return max_positions
+    check_int(name, value, *BOUNDS["max_positions"])
+    if value < max_positions:
+        raise ModelError(f"{name} ({value}) must be at least the sequence length ({max_positions})")
+    return value
 
 
 @register_model("llama", f"Llama decoder {_DESCRIBE} (num_hidden_layers=4, hidden_size=128)", task=LM)
 def llama(vocab_size=256, max_positions=256, num_classes=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
           num_hidden_layers=4, hidden_size=128, intermediate_size=384, num_attention_heads=4,
           num_key_value_heads=None, hidden_act="silu", attention_dropout=0.0, rms_norm_eps=1e-6, rope_theta=10000.0,
-          initializer_range=0.02, tie_word_embeddings=False) -> nn.Module:  # fmt: skip
+          initializer_range=0.02, tie_word_embeddings=False, max_position_embeddings=None) -> nn.Module:  # fmt: skip
     cfg = _llama_fields(**locals())
     return _build("LlamaConfig", "LlamaForCausalLM", cfg)
 
@@ -205,7 +218,7 @@ def _llama_fields(vocab_size, max_positions, num_classes, bos_token_id, eos_toke
             o,
             num_key_value_heads=kv,
             vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
+            max_position_embeddings=_context("max_position_embeddings", o["max_position_embeddings"], max_positions),
             rope_parameters=rope,
         )
         | ids
