@@ -74,5 +74,5 @@ def run(args) -> int:
         init_exclude=None,
     )  # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, given=given)
-    c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    c.say_on_main(c.finished_line(args.out))
     return 0
