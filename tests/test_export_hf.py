@@ -163,10 +163,8 @@ def test_a_gpt2_export_says_its_context_and_a_longer_one_generates_past_the_sequ
     folder = root / "hf"
     rc, out, err = cli(capsys, "export", run, "--sparsity", "0.5", "--format", "hf", "--out", folder)
     assert rc == 0, err
-    assert (
-        f"context: 64 positions (config.json; model_max_length in tokenizer_config.json); trained on windows of {SEQ}"
-        in out
-    )
+    context = "context: 64 positions (config.json; model_max_length in tokenizer_config.json); varprune ran it"
+    assert f"{context} on windows of {SEQ} tokens" in out
     assert "generate() takes at most" not in out
     assert json.loads((folder / "config.json").read_text())["n_positions"] == 64
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -186,11 +186,14 @@ def printed():
     root = transformers.utils.logging.get_logger()
     record = _Record()
     root.addHandler(record)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # as a user has it (other test modules turn it down)
     transformers.utils.logging.warning_once.cache_clear()  # so that a warning given once is due again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield record.messages, caught
     root.removeHandler(record)
+    transformers.logging.set_verbosity(level)
 
 
 def test_transformers_warnings_are_translated_not_printed(tmp_path, printed):

@@ -183,10 +183,10 @@ def _context_note(model, cfg: TrainConfig) -> str:
         None,
     )
     if positions is None:
-        return f"context: trained on windows of {cfg.seq_len} tokens"
+        return f"context: varprune ran it on windows of {cfg.seq_len} tokens"
     note = (
         f"context: {positions} positions (config.json; model_max_length in tokenizer_config.json); "
-        f"trained on windows of {cfg.seq_len} tokens"
+        f"varprune ran it on windows of {cfg.seq_len} tokens"
     )
     if positions == cfg.seq_len and cfg.model == "gpt2":
         note += (
