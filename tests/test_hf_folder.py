@@ -173,3 +173,17 @@ def test_a_changed_byte_is_caught(tokenizer, tmp_path):
         read_hf_metadata(out)
     with pytest.raises(CheckpointError, match="fails its sha256 check"):
         load_hf_folder(out)
+
+
+def test_fp16_values_beyond_its_range_are_refused_not_made_inf(tokenizer, tmp_path):
+    model = _gpt2(tokenizer)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[0, 0] = 1e6
+    with pytest.raises(HFFolderError, match=r"h.1.mlp.c_proj.weight holds values up to 1e\+06, beyond float16's"):
+        save_hf_folder(model, tmp_path / "out", values="fp16")
+    assert not (tmp_path / "out").exists()
+    out = save_hf_folder(model, tmp_path / "bf16", values="bf16")  # bfloat16 has float32's range
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("transformer.h.1.mlp.c_proj.weight").dtype == torch.bfloat16
+    with pytest.raises(HFFolderError, match="values must be one of fp32, fp16, bf16"):
+        save_hf_folder(model, tmp_path / "x", values="int8")

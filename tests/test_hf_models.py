@@ -131,6 +131,8 @@ def test_default_sizes_for_a_two_core_demo():
         ("llama", dict(intermediate_size=10**7), r"intermediate_size must be an integer in 1\.\.131072"),
         ("llama", dict(rope_theta=-1.0), r"rope_theta must be a number in \(0, "),
         ("bert", dict(num_hidden_layers=0), r"num_hidden_layers must be an integer in 1\.\.256"),
+        ("gpt2", dict(max_positions=32, n_positions=16), r"n_positions \(16\) must be at least the sequence length"),
+        ("llama", dict(max_positions=32, max_position_embeddings=0), "max_position_embeddings must be an integer"),
         ("bert", dict(hidden_size=100, num_attention_heads=3), r"hidden_size \(100\) must be a multiple"),
     ],
 )
@@ -259,7 +261,7 @@ def test_hub_ids_are_refused_in_one_line(hub_id, monkeypatch, tmp_path):
         ("missing", {}, "no such folder; varprune loads only local"),
         ("noweights", {}, "no model.safetensors weights there"),
         ("broken", {}, "config.json is not readable JSON"),
-        ("pickle", {}, "only pytorch_model.bin weights"),
+        ("pickle", {}, "only pytorch_model.*bin weights"),
         ("bert", dict(task="language-modeling"), "holds a BertForMaskedLM, not a causal language model"),
         ("gpt2", dict(vocab_size=101), "the tokenizer has 101 tokens but the model's embedding only 100 rows"),
         ("gpt2", dict(max_positions=25), "the model takes at most 24 positions"),

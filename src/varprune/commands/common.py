@@ -113,6 +113,21 @@ def half_replaced(runs) -> list[str]:
     return [p for p in (RunFolder(run).half_replaced_problem() for run in runs) if p]
 
 
+def finished_line(out) -> str:
+    """Train's and finetune's last line: what was written, what next, and that the checkpoint may go."""
+    from varprune.engine.rundir import CHECKPOINT
+
+    line = f"wrote {out}/model.safetensors; next: varprune prune {out}"
+    checkpoint = Path(out) / CHECKPOINT
+    if checkpoint.is_file():
+        mib = checkpoint.stat().st_size / 2**20
+        line += (
+            f"\n{checkpoint} ({mib:,.1f} MiB: weights and optimizer state) is needed only by `varprune train "
+            f"--resume`; delete it once the run is final (no other command reads it)"
+        )
+    return line
+
+
 def say_on_main(text: str) -> None:
     from varprune.engine import distributed
 

@@ -36,8 +36,10 @@ def run(args) -> int:
     import dataclasses
 
     from varprune.commands.flags import given_fields
+    from varprune.data import dataset_info
     from varprune.engine.loop import train
     from varprune.engine.runconfig import load_run_config, read_resolved
+    from varprune.engine.sweep import default_scope
 
     source = Path(args.run)
     found = c.half_replaced([source])
@@ -66,7 +68,7 @@ def run(args) -> int:
         finetune_from=str(source),
         finetune_sparsity=args.sparsity,
         finetune_pattern=args.pattern,
-        finetune_scope=args.scope,
+        finetune_scope=args.scope or default_scope(dataset_info(base.dataset).task),
         finetune_pruner=args.pruner,
         finetune_calib_samples=args.calib_samples,
         finetune_calib_seq_len=args.calib_seq_len,
@@ -75,5 +77,5 @@ def run(args) -> int:
         init_exclude=None,
     )  # RUN's weights, not --init
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, given=given, other_data=args.other_data)
-    c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    c.say_on_main(c.finished_line(args.out))
     return 0

@@ -71,5 +71,5 @@ def run(args) -> int:
     if not args.out:
         raise UsageError("train needs --out RUN_DIR (or --resume RUN_DIR)")
     train(from_args(args), args.out, overwrite=args.overwrite, progress=not args.quiet, given=given_fields(args))
-    c.say_on_main(f"wrote {args.out}/model.safetensors; next: varprune prune {args.out}")
+    c.say_on_main(c.finished_line(args.out))
     return 0

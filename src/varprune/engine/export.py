@@ -163,8 +163,12 @@ def export_run(
             out,
             tokenizer_json=tokenizer,
             metadata={"varprune_" + k: v for k, v in strings.items()},
+            values=values,
         )
-        log(f"wrote the Hugging Face model folder {out}: {measured}")
+        kind = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[values]
+        rounded = f" (measured in float32, before the weights were rounded to {kind})" if values != "fp32" else ""
+        log(f"wrote the Hugging Face model folder {out} ({kind} weights): {measured}{rounded}")
+        log(_context_note(model, t.cfg))
         return read_hf_metadata(out)
     save_pruned(out, model.cpu(), {n: m.cpu() for n, m in masks.items()}, meta, values=values)
     log(
@@ -184,6 +188,32 @@ def _trained_on(run: Path, t) -> dict:
     if not isinstance(texts, dict) and t.other_data is None:
         texts = getattr(t.data.data, "digests", None)
     return {"text_sha256": dict(texts)} if texts else {}
+
+
+def _context_note(model, cfg: TrainConfig) -> str:
+    """What the exported folder's context is: its config's positions (a model folder's own, or the sequence
+    length a model built from scratch was given), beside the windows it was trained on."""
+    config = model.config
+    positions = next(
+        (
+            getattr(config, k)
+            for k in ("n_positions", "max_position_embeddings")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
+    if positions is None:
+        return f"context: varprune ran it on windows of {cfg.seq_len} tokens"
+    note = (
+        f"context: {positions} positions (config.json; model_max_length in tokenizer_config.json); "
+        f"varprune ran it on windows of {cfg.seq_len} tokens"
+    )
+    if positions == cfg.seq_len and cfg.model == "gpt2":
+        note += (
+            f"; GPT-2 has one learned row per position, so generate() takes at most {positions} tokens, prompt "
+            f"included: train with --model-arg n_positions=N for a longer context"
+        )
+    return note
 
 
 def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto", other_data: bool = False) -> dict:

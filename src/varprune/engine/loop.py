@@ -165,6 +165,13 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             return None
 
         state = distributed.from_main(read_checkpoint)  # rank 0 reads; every process gets it
+        if state is None and distributed.from_main(lambda: (out / WEIGHTS).exists()):
+            # a finished run whose checkpoint was dropped (train's last line says it may be): starting over would
+            # replace the final weights
+            raise RunError(
+                f"{out} has finished ({WEIGHTS} is there) and has no {CHECKPOINT} to resume from (deleted?): its "
+                f"weights stay as they are; to train it further, start a new run (or --overwrite this one)"
+            )
 
     # may fail: nothing of an old run has been touched yet
     # a text run's tokenizer: its own (resume), its source run's (fine-tuning), else trained or the model folder's

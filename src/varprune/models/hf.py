@@ -21,7 +21,9 @@ studies; set it with the options (``resid_pdrop=0``...).
 The data-dependent sizes are keywords of ``create_model`` (registry.TEXT_SIZES),
 never options: ``vocab_size`` (the tokenizer's), ``max_positions`` (the
 sequence length: GPT-2's and BERT's position tables, Llama's
-``max_position_embeddings``), ``num_classes`` (labels of a classifier) and the
+``max_position_embeddings``; a decoder's context may be made longer than the
+sequence length with the option ``n_positions``, gpt2, or
+``max_position_embeddings``, llama), ``num_classes`` (labels of a classifier) and the
 tokenizer's ``bos_token_id``/``eos_token_id``/``pad_token_id`` (a decoder used
 as a classifier needs ``pad_token_id`` to find each sequence's last token).
 
@@ -32,6 +34,10 @@ labels for text classification (``task=`` keyword; default: the task the
 folder was saved for). Nothing is ever downloaded: every load passes
 ``local_files_only=True``, a name that is not a folder is refused with how to
 make one. The models come back in train mode, in float32 unless ``dtype=``.
+The folder's weight files are checked before transformers reads them and its
+load report after (models/hf_files.py): pickle and GGUF are refused with how
+to convert them, a damaged file, a missing weight or a non-finite value is one
+line, and transformers' own warnings are collected, not printed.
 
 Every integer is bounded before transformers is imported (:data:`BOUNDS`),
 so ``n_layer=100000`` is one line, not a machine out of memory. On the meta
@@ -42,7 +48,6 @@ parameters and bytes without building.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -51,6 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .hf_files import check_loaded, check_weight_files, clear_bad_token_ids, refuse_non_folder, transformers_quiet
 from .registry import TEXT_TASKS, ModelError, check_int, register_model, register_prefix
 
 LM, TC = TEXT_TASKS
@@ -141,7 +147,7 @@ _DESCRIBE = "(transformers), random init; options: the config's fields"
 def gpt2(vocab_size=256, max_positions=256, num_classes=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
          n_layer=4, n_embd=128, n_head=4, n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
          embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02,
-         tie_word_embeddings=True) -> nn.Module:  # fmt: skip
+         tie_word_embeddings=True, n_positions=None) -> nn.Module:  # fmt: skip
     cfg = _gpt2_fields(**locals())
     return _build("GPT2Config", "GPT2LMHeadModel", cfg)
 
@@ -161,14 +167,25 @@ def _gpt2_fields(vocab_size, max_positions, num_classes, bos_token_id, eos_token
     _check_bool("tie_word_embeddings", o["tie_word_embeddings"])
     _transformers()
     _check_activation("activation_function", o["activation_function"])
-    return dict(o, vocab_size=vocab_size, n_positions=max_positions, **ids)
+    return dict(o, vocab_size=vocab_size, n_positions=_context("n_positions", o["n_positions"], max_positions), **ids)
+
+
+def _context(name: str, value, max_positions: int) -> int:
+    """The positions a decoder is built for: the sequence length, or more (``value``): a model generates past
+    the length it was trained on only when its context allows (GPT-2's learned table has a row per position)."""
+    if value is None:
+        return max_positions
+    check_int(name, value, *BOUNDS["max_positions"])
+    if value < max_positions:
+        raise ModelError(f"{name} ({value}) must be at least the sequence length ({max_positions})")
+    return value
 
 
 @register_model("llama", f"Llama decoder {_DESCRIBE} (num_hidden_layers=4, hidden_size=128)", task=LM)
 def llama(vocab_size=256, max_positions=256, num_classes=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
           num_hidden_layers=4, hidden_size=128, intermediate_size=384, num_attention_heads=4,
           num_key_value_heads=None, hidden_act="silu", attention_dropout=0.0, rms_norm_eps=1e-6, rope_theta=10000.0,
-          initializer_range=0.02, tie_word_embeddings=False) -> nn.Module:  # fmt: skip
+          initializer_range=0.02, tie_word_embeddings=False, max_position_embeddings=None) -> nn.Module:  # fmt: skip
     cfg = _llama_fields(**locals())
     return _build("LlamaConfig", "LlamaForCausalLM", cfg)
 
@@ -201,7 +218,7 @@ def _llama_fields(vocab_size, max_positions, num_classes, bos_token_id, eos_toke
             o,
             num_key_value_heads=kv,
             vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
+            max_position_embeddings=_context("max_position_embeddings", o["max_position_embeddings"], max_positions),
             rope_parameters=rope,
         )
         | ids
@@ -328,6 +345,7 @@ def _folder(name: str) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    refuse_non_folder(path)
     if _HUB_ID.fullmatch(text) and not path.exists():
         raise ModelError(
             f"hf:{text}: no such local folder, and varprune loads only local Hugging Face model folders "
@@ -344,6 +362,7 @@ def _folder(name: str) -> Path:
 def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
+        check_weight_files(path)  # a GGUF or a pickle-only folder: say how to convert it
         raise ModelError(f"hf:{path}: no config.json there; it is not a Hugging Face model folder")
     try:
         data = json.loads(cfg.read_text())
@@ -352,18 +371,6 @@ def _read_config(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise ModelError(f"hf:{path}: config.json names no model_type; it is not a transformers model configuration")
     return data
-
-
-def _check_weights(path: Path) -> None:
-    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
-        return
-    if any(path.glob("pytorch_model*.bin")):
-        raise ModelError(
-            f"hf:{path}: only pytorch_model.bin weights (pickle), which varprune does not load; convert them with "
-            f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) (or the folder's own class; "
-            f"it writes model.safetensors)"
-        )
-    raise ModelError(f"hf:{path}: no model.safetensors weights there (config.json alone); save the model into it")
 
 
 def _natural_task(data: dict) -> str:
@@ -399,16 +406,22 @@ def hf_folder_problem(name: str, task: str | None = None) -> str | None:
     return None
 
 
-def _load_config(path: Path, task: str | None):
+def _load_config(path: Path, task: str | None, notes: list[str] | None = None, given=frozenset()):
+    """The folder's checked config and task; transformers' warnings go to ``notes`` (out-of-vocabulary token
+    ids not in ``given`` are cleared and said there)."""
     data = _read_config(path)
-    _check_weights(path)
     t = _transformers()
     if task is None:
         task = _natural_task(data)
     if task not in TEXT_TASKS:
         raise ModelError(f"hf:{path}: task must be one of {', '.join(TEXT_TASKS)}, not {task!r}")
+    check_weight_files(path, task)
+    notes = [] if notes is None else notes
     try:
-        config = t.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        with transformers_quiet(notes):
+            config = t.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        notes[:] = [n for n in notes if "_token_id must be" not in n]  # translated just below
+        clear_bad_token_ids(config, set(given), notes)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"hf:{path}: transformers cannot read its config.json ({str(e).strip().splitlines()[0][:120]})"
@@ -480,7 +493,9 @@ def create_hf_folder_model(
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
     _check_bool("keep_head", keep_head)
-    config, task = _load_config(path, task)
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    notes: list[str] = []  # transformers' warnings, translated where they matter
+    config, task = _load_config(path, task, notes, {k for k, v in ids.items() if v is not None})
     t = _transformers()
     if vocab_size is not None:
         check_int("vocab_size", vocab_size, 1)
@@ -492,7 +507,6 @@ def create_hf_folder_model(
     limit = _max_positions(config)
     if max_positions is not None and limit is not None and max_positions > limit:
         raise ModelError(f"hf:{path}: the model takes at most {limit} positions; max_positions is {max_positions}")
-    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     for key, value in ids.items():
         if value is not None:
             check_int(key, value, 0, config.vocab_size - 1)
@@ -507,11 +521,12 @@ def create_hf_folder_model(
             )
         config.num_labels = num_classes
     if torch.get_default_device().type == "meta":
-        model = auto.from_config(config, dtype=_DTYPES[dtype])
+        with transformers_quiet(notes):
+            model = auto.from_config(config, dtype=_DTYPES[dtype])
         model.varprune_new_parameters = []
         return _causal_loss_type(model).train()
     try:
-        with _quiet(t):
+        with transformers_quiet(notes):
             model, info = auto.from_pretrained(
                 str(path),
                 config=config,
@@ -520,32 +535,25 @@ def create_hf_folder_model(
                 trust_remote_code=False,
                 dtype=_DTYPES[dtype],
                 output_loading_info=True,
-                **({"ignore_mismatched_sizes": True} if task == TC else {}),
+                ignore_mismatched_sizes=True,  # no raise after a report: check_loaded reads it and refuses
             )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(
-            f"hf:{path}: transformers could not load it ({str(e).strip().splitlines()[0][:160]})"
-        ) from None
-    new = set(info.get("missing_keys", ())) | {k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]}
+        raise ModelError(f"hf:{path}: transformers could not load it ({' '.join(str(e).split())[:200]})") from None
+    new = check_loaded(path, model, info, task, keep_head)
     if task == TC and not keep_head:
         new |= _new_head(model)
     model.varprune_new_parameters = sorted(new)
+    # what transformers said and varprune did not translate: kept, not printed (varprune's line is the only one)
+    model.varprune_load_notes = [n for n in notes if "LOAD REPORT" not in n]
+    if task == LM:  # varprune's windows are never padded: transformers' guess from a pad id in them is noise
+        for module in model.modules():
+            if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+                module.warn_if_padding_and_no_attention_mask = _unpadded
     return _causal_loss_type(model).train()
 
 
-@contextlib.contextmanager
-def _quiet(t):
-    """transformers' progress bar and load report off while loading (varprune says what it needs to)."""
-    logging, bar = t.utils.logging, t.utils.logging.is_progress_bar_enabled()
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bar:
-            logging.enable_progress_bar()
+def _unpadded(*args, **kwargs) -> None:
+    return None
 
 
 @torch.no_grad()

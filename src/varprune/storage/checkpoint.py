@@ -38,19 +38,50 @@ from varprune.errors import CheckpointError  # noqa: E402  (re-exported)
 from varprune.storage.files import atomic_write_bytes  # noqa: E402
 
 
-def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """Replace every tensor in a nested structure by ``{"__tensor__": key}``."""
+def _identity(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors one (the same storage, offset, shape, strides and dtype); None where that cannot be
+    told (meta or empty tensors, whose storage pointers say nothing)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def tied_entries(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: first name}`` for every entry of a state dict that is the same tensor as an earlier entry (a tied
+    ``lm_head.weight`` and the token embedding): what a file needs to store only once."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, t in state.items():
+        key = _identity(t)
+        if key is None:
+            continue
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str, seen: dict | None = None) -> Any:
+    """Replace every tensor in a nested structure by ``{"__tensor__": key}``; a tensor met again (a tied weight)
+    refers to the key it was first stored under, so it is stored once and comes back as one tensor."""
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        ident = _identity(obj)
+        if ident is not None and ident in seen:
+            return {"__tensor__": seen[ident]}
         key = prefix
         tensors[key] = obj.detach().cpu().contiguous()
+        if ident is not None:
+            seen[ident] = key
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, (str, int)) for k in obj):
             raise TypeError(f"cannot checkpoint a dict with keys {list(obj)[:3]}")
         # JSON keys are strings: remember which were ints (optimizer state is keyed by int)
-        return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+        return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}", seen)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        items = [flatten_state(v, tensors, f"{prefix}.{i}", seen) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -202,10 +233,20 @@ def _metadata(raw: bytes) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+TIED_KEY = "tied"
+
+
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
-    """Final weights and buffers as plain safetensors (readable by any tool)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, serialize_safetensors(state, metadata))
+    """Final weights and buffers as plain safetensors (readable by any tool). Tied weights are stored once, under
+    the first name (as ``save_pretrained`` does: a tied ``lm_head.weight`` is left out); the metadata's ``tied``
+    maps each name left out to the one stored (JSON), and :func:`load_weights` ties them again."""
+    own = model.state_dict()
+    tied = tied_entries(own)
+    state = {k: v.detach().cpu().contiguous() for k, v in own.items() if k not in tied}
+    meta = dict(metadata)
+    if tied:
+        meta[TIED_KEY] = json.dumps(tied, sort_keys=True)
+    atomic_write_bytes(path, serialize_safetensors(state, meta))
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[str, str] | None = None) -> None:
@@ -264,7 +305,13 @@ def state_mismatch(model: torch.nn.Module, state: Any) -> str | None:
 
 def load_model_state(model: torch.nn.Module, state: Any, path: str | os.PathLike) -> None:
     """``model.load_state_dict(state)``, any mismatch a one-line CheckpointError; non-finite values (inf, nan),
-    which training never writes, are refused too."""
+    which training never writes, are refused too. An entry the model ties to another (a tied ``lm_head.weight``)
+    may be absent from ``state``: the tensor it shares is loaded once and serves both."""
+    if isinstance(state, dict):
+        state = dict(state)
+        for name, kept in tied_entries(model.state_dict()).items():
+            if name not in state and kept in state:
+                state[name] = state[kept]
     detail = state_mismatch(model, state)
     if detail is not None:
         raise CheckpointError(f"{path} does not fit this model ({detail}): was it trained with another --model?")

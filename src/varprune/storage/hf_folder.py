@@ -7,7 +7,8 @@
 * ``generation_config.json`` where transformers writes one (models that can
   generate);
 * ``model.safetensors``: every tensor of the state dict (pruned weights are
-  exact zeros), tied weights stored once under the name transformers keeps
+  exact zeros; floating-point tensors in the model's dtype, or fp16/bf16 with
+  ``values=``), tied weights stored once under the name transformers keeps
   (``lm_head.weight`` tied to the embedding is left out, as
   ``save_pretrained`` does), written by :func:`serialize_safetensors`: sorted,
   deterministic bytes, metadata ``"format": "pt"`` (transformers refuses
@@ -100,6 +101,28 @@ def _tokenizer_files(text: str, config, special_tokens: dict | None) -> dict[str
     }
 
 
+VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor as ``dtype``; a finite value beyond float16's range is refused, not made inf."""
+    if dtype is None:
+        return state
+    out = {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.dtype != dtype:
+            if dtype == torch.float16:
+                finite = t[torch.isfinite(t)].abs()
+                if finite.numel() and float(finite.max()) > torch.finfo(torch.float16).max:
+                    raise HFFolderError(
+                        f"{name} holds values up to {float(finite.max()):.4g}, beyond float16's range: "
+                        f"write bf16 or fp32 values"
+                    )
+            t = t.to(dtype)
+        out[name] = t
+    return out
+
+
 def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as save_pretrained stores it: ignored keys and tied duplicates removed."""
     state = model.state_dict()
@@ -143,6 +166,7 @@ def save_hf_folder(
     metadata: dict[str, str] | None = None,
     *,
     special_tokens: dict[str, str] | None = None,
+    values: str | None = None,
 ) -> Path:
     """Write ``model`` (a transformers ``PreTrainedModel``) as a Hugging Face model folder ``out_dir``.
 
@@ -152,7 +176,10 @@ def save_hf_folder(
     eos and pad tokens of the model's config and the tokenizer's unk token;
     ``special_tokens`` (``{"cls_token": "[CLS]", ...}``) adds or replaces
     roles. ``metadata``: strings stored in model.safetensors' header (not
-    ``format`` or ``sha256``). Returns the folder's path.
+    ``format`` or ``sha256``). ``values``: ``"fp32"``, ``"fp16"`` or ``"bf16"``
+    writes every floating-point tensor in that dtype (and config.json's
+    ``dtype`` says so; a value beyond float16's range is refused); None (the
+    default) keeps the model's dtypes. Returns the folder's path.
 
     Raises :class:`HFFolderError` (a ValueError) if ``out_dir`` exists or the
     model/tokenizer is not fit, OSError (naming ``out_dir``) if the disk fails;
@@ -164,6 +191,9 @@ def save_hf_folder(
         raise HFFolderError(f"a Hugging Face model folder needs a transformers model, not a {type(model).__name__}")
     if os.path.lexists(out):
         raise HFFolderError(f"{out} exists; varprune does not replace a folder: remove it or choose another")
+    if values is not None and values not in VALUE_DTYPES:
+        raise HFFolderError(f"values must be one of {', '.join(VALUE_DTYPES)}, not {values!r}")
+    cast = VALUE_DTYPES[values] if values is not None else None
     meta = dict(metadata or {})
     bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str) or k in _RESERVED]
     if bad:
@@ -173,7 +203,7 @@ def save_hf_folder(
         files.update(_tokenizer_files(_tokenizer_text(tokenizer_json), config, special_tokens))
     elif special_tokens:
         raise HFFolderError("special_tokens needs tokenizer_json")
-    weights = serialize_safetensors(_state_to_save(model), {**meta, "format": "pt"})
+    weights = serialize_safetensors(_cast(_state_to_save(model), cast), {**meta, "format": "pt"})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
@@ -181,7 +211,7 @@ def save_hf_folder(
         os.chmod(tmp, 0o777 & ~_umask())
         cfg = copy.deepcopy(config)
         cfg.architectures = [type(model).__name__]
-        dtype = getattr(model, "dtype", None)
+        dtype = cast or getattr(model, "dtype", None)
         if isinstance(dtype, torch.dtype):
             cfg.dtype = str(dtype).split(".")[1]
         cfg.save_pretrained(tmp)

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from varprune.storage.checkpoint import tied_entries
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net")
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -181,7 +183,8 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, exclude: Ite
 
     report.ignored_from_file = sorted(k for k in state if _matches(k, patterns))
     excluded_own = [k for k in own if _matches(k, patterns)]
-    missing = [k for k in own if k not in state and not _matches(k, patterns)]
+    tied = tied_entries(own)  # a tied weight stored once (a run's, save_pretrained's lm_head): loaded by its twin
+    missing = [k for k in own if k not in state and not _matches(k, patterns) and tied.get(k) not in state]
     optional = [k for k in missing if k.rsplit(".", 1)[-1] in _OPTIONAL_SUFFIXES]
     missing = [k for k in missing if k not in optional]
     unexpected = sorted(k for k in state if k not in own and not _matches(k, patterns))
