@@ -62,6 +62,10 @@ def run(args) -> int:
         found.append("a RUN is named twice")
     configs, more = check_runs(runs, args.data_dir)
     found += more
+    if not more:  # calibration flags where no calibration happens, or not for these runs' task
+        from varprune.engine.checks import Scope
+
+        found += c.calibration_flag_problems(args, Scope.of_runs(configs, runs, spec.pruners))
     exclude = c.names(args.exclude or "")
     plot = c.output_file(
         args.plot or ("prune_comparison.png" if len(runs) > 1 else None), "--plot", args.overwrite, "png"

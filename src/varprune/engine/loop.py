@@ -30,7 +30,7 @@ import torch
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
-from varprune.engine.checks import problems, unused_problems
+from varprune.engine.checks import Scope, problems, unused_problems
 from varprune.engine.config import TrainConfig
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
 from varprune.engine.resume import _restore, _rng_state, check_checkpoint
@@ -44,7 +44,9 @@ from varprune.engine.runs import (
     early_memory_problems,
     load_data,
 )
+from varprune.engine.schedule import loss_text, schedule_lines
 from varprune.engine.step import lr_factor, make_train_step
+from varprune.engine.textruns import vocabulary_note
 from varprune.errors import NonFiniteError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.report.tables import metric_info
@@ -135,7 +137,9 @@ def train(
     (on the command line); one the method or optimizer does not read is refused (checks.unused_problems).
     """
     folder = RunFolder(out)
-    found = problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer) + data_problems(cfg)
+    found = (
+        problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer, Scope.of_config(cfg)) + data_problems(cfg)
+    )
     found += distributed.problems(cfg)
     if not found:
         found += early_memory_problems(cfg)
@@ -196,6 +200,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    vocabulary = vocabulary_note(cfg, run.tokenizer, resumed=resume or cfg.finetune_from is not None)
     base_lr = cfg.lr
     history: list[dict] = []
     start_epoch = 0
@@ -215,6 +220,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
                         "vocab_size": run.tokenizer.vocab_size,
                         "pad_id": run.tokenizer.pad_id,
                         "source": run.tokenizer.source,
+                        **({"requested_vocab_size": cfg.vocab_size} if vocabulary else {}),
                     }
                 }
                 if run.tokenizer is not None
@@ -268,6 +274,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         )
     elif resume:
         log(f"{out} has no complete epoch yet: starting it from the beginning")
+    if start_epoch == 0:
+        for line in ([vocabulary] if vocabulary else []) + schedule_lines(cfg, steps_per_epoch, warmup):
+            log(line)
 
     # DDP (under torchrun) after the weights are final: its constructor broadcasts rank 0's to every process
     ddp = distributed.wrap(model, device, cfg.sync_bn)
@@ -473,8 +482,9 @@ def _epochs(
             on_first_checkpoint = None
         _write_metrics(out, history)
         shown = metric_info(task.primary)
+        loss = loss_text(cfg, metrics["loss"], metrics["var_term"], bool(regularizers))
         log(
-            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  {loss}  "
             f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} "
             f"{shown.fmt(metrics[f'test_{task.primary}'])}{'%' if shown.percent else ''}  "
             f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s"
