@@ -73,10 +73,14 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
     """The model against the dataset's task, its options, and the --init file."""
     from varprune.data import dataset_info
     from varprune.models import list_models, model_options
+    from varprune.models.hf import library_problem
     from varprune.models.registry import model_tasks
 
     found = []
     want = dataset_info(cfg.dataset).task
+    missing = library_problem(cfg.model, want in TEXT_TASKS)
+    if missing:
+        return [missing]
     if cfg.model.startswith("hf:"):
         from varprune.models.hf import hf_folder_problem
 

@@ -40,6 +40,7 @@ def setting(
     flag: bool = True,
     metavar: str | None = None,
     uses: str | tuple[str, ...] | None = None,
+    name: str | None = None,
 ):
     """Declare one configuration field.
 
@@ -47,10 +48,20 @@ def setting(
     returns an error message or None for anything ranges cannot say (names).
     Finite bounds are what turn ``--lr 3.5e38`` into one clear line instead of
     an overflow deep inside torch. ``uses`` names what the field applies to (a kind of method, or of task and
-    tokenizer: engine.checks); given explicitly where it does not apply, the flag is refused.
+    tokenizer: engine.checks); given explicitly where it does not apply, the flag is refused. ``name``: the flag's
+    name where it is not the field's (a repeatable flag is named in the singular: ``--model-arg``).
     """
     meta = dict(
-        help=help, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, check=check, flag=flag, metavar=metavar, uses=uses
+        help=help,
+        lo=lo,
+        hi=hi,
+        lo_open=lo_open,
+        hi_open=hi_open,
+        check=check,
+        flag=flag,
+        metavar=metavar,
+        uses=uses,
+        name=name,
     )
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -132,7 +143,10 @@ class TrainConfig:
         check=_one_of(_models, "model", ("timm:", "hf:")),
     )
     model_args: dict = setting(
-        {}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)", metavar="KEY=VALUE"
+        {},
+        "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)",
+        metavar="KEY=VALUE",
+        name="--model-arg",
     )
     init: str | None = setting(
         None,
@@ -394,4 +408,6 @@ def _type_problems(values: dict) -> list[str]:
 
 
 def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The command-line flag of field ``name``: its declared ``name``, else the field's name with dashes."""
+    declared = FIELDS[name].metadata.get("name") if name in FIELDS else None
+    return declared or "--" + name.replace("_", "-")

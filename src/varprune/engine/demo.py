@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from varprune.device import describe_device, resolve_device
+from varprune.engine.checks import problems
 from varprune.engine.config import TrainConfig
 from varprune.engine.sweep import SweepSpec, prune_runs
 from varprune.engine.trained import ensure_run
+from varprune.errors import RunError
 from varprune.storage.files import OutputFolder
 
 SIZES = {
@@ -96,6 +98,9 @@ def run_demo(
     else:
         configs, spec = demo_configs(size, data_dir)
         title, figure = TITLE, None
+    found = [p for _, cfg in configs for p in problems(cfg)]  # a missing library, say: before anything is written
+    if found:
+        raise RunError(found[0])
     folder.mkdir()
     log(f"varprune demo ({task}, {size} size) on {describe_device(device)}, runs in {out}")
     t0 = time.perf_counter()
