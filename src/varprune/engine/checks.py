@@ -73,7 +73,7 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
     """The model against the dataset's task, its options, and the --init file."""
     from varprune.data import dataset_info
     from varprune.models import list_models, model_options
-    from varprune.models.hf import library_problem
+    from varprune.models.libraries import library_problem
     from varprune.models.registry import model_tasks
 
     found = []

@@ -83,30 +83,6 @@ def _transformers():
     return transformers
 
 
-def _installed(module: str) -> bool:
-    """Can ``module`` be imported here (without importing it: transformers takes seconds)?"""
-    import importlib.util
-    import sys
-
-    if module in sys.modules:
-        return sys.modules[module] is not None
-    return importlib.util.find_spec(module) is not None
-
-
-def library_problem(model: str, text: bool) -> str | None:
-    """What a run of ``model`` (on a text dataset if ``text``) needs that is not installed, in one line naming the
-    install; None when nothing is missing. Checked before anything is read or trained."""
-    needs = []
-    if (model in ("gpt2", "llama", "bert") or model.startswith("hf:")) and not _installed("transformers"):
-        needs.append("transformers")
-    if text and not _installed("tokenizers"):
-        needs.append("tokenizers")
-    if not needs:
-        return None
-    what = f"--model {model}" if "transformers" in needs else "a text dataset"
-    return f"{what} needs Hugging Face {' and '.join(needs)}, not installed: pip install 'varprune[hf]'"
-
-
 # ------------------------------------------------------------------ option checks
 
 
