@@ -54,3 +54,25 @@ def test_demo_lm_without_transformers_fails_in_one_line_before_training(capsys, 
     assert not out.exists()
     line = one_line_error(*cli(capsys, "train", "--dataset", "text", "--model", "gpt2", "--out", tmp_path / "r")[::2])
     assert "--model gpt2 needs Hugging Face transformers" in line and not (tmp_path / "r").exists()
+
+
+def test_load_pruned_of_an_unregistered_model_names_build(tmp_path):
+    import torch
+
+    from varprune import load_pruned, prune_magnitude, save_pruned
+    from varprune.storage.pruned_format import PrunedFormatError
+
+    def my_net():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    model = my_net()
+    masks = prune_magnitude(model, 0.5)
+    path = tmp_path / "mine.safetensors"
+    save_pruned(path, model, masks, {"model": "my_net", "model_args": {}})
+    with pytest.raises(PrunedFormatError) as e:
+        load_pruned(path)
+    assert "'my_net', which is not registered here: pass build=" in str(e.value) and "\n" not in str(e.value)
+    loaded = load_pruned(path, build=my_net)  # what the message says works
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
