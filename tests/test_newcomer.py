@@ -76,3 +76,23 @@ def test_load_pruned_of_an_unregistered_model_names_build(tmp_path):
     loaded = load_pruned(path, build=my_net)  # what the message says works
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_an_export_no_smaller_than_the_dense_file_says_so(capsys, tmp_path):
+    from test_flag_scope import TEXT
+    from text_helpers import lm_corpus
+
+    corpus = tmp_path / "text"
+    lm_corpus(corpus)
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *TEXT, "--quiet", "--data-dir", corpus, "--out", run)[0] == 0
+    out = tmp_path / "e.safetensors"
+    rc, text, err = cli(capsys, "export", run, "--sparsity", "0.1", "--out", out)
+    assert rc == 0, err
+    size, dense = out.stat().st_size, (run / "model.safetensors").stat().st_size
+    assert size > dense  # a tiny model at 10%: the tokenizer in the metadata outweighs what pruning saves
+    assert f"is not smaller than the dense model.safetensors ({size:,} against {dense:,} bytes)" in text, text
+    out2 = tmp_path / "e2.safetensors"
+    rc, text, err = cli(capsys, "export", run, "--sparsity", "0.99", "--values", "fp16", "--out", out2)
+    assert rc == 0, err
+    assert (out2.stat().st_size < dense) == ("not smaller" not in text), text
