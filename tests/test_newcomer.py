@@ -96,3 +96,25 @@ def test_an_export_no_smaller_than_the_dense_file_says_so(capsys, tmp_path):
     rc, text, err = cli(capsys, "export", run, "--sparsity", "0.99", "--values", "fp16", "--out", out2)
     assert rc == 0, err
     assert (out2.stat().st_size < dense) == ("not smaller" not in text), text
+
+
+def test_list_weights_lists_every_parameter_with_its_reason_tied_ones_too(capsys, tmp_path):
+    from test_flag_scope import TEXT
+    from text_helpers import lm_corpus
+    from varprune.models import create_model
+
+    corpus = tmp_path / "text"
+    lm_corpus(corpus)
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *TEXT, "--quiet", "--data-dir", corpus, "--out", run)[0] == 0
+    rc, out, err = cli(capsys, "prune", run, "--list-weights")
+    assert rc == 0, err
+    rows = {line.split()[0]: line for line in out.strip().splitlines()}
+    model = create_model("gpt2", vocab_size=300, max_positions=16, n_layer=1, n_embd=16, n_head=2)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert list(rows) == names
+    assert rows["transformer.h.0.ln_1.bias"].endswith("not pruned: one-dimensional (bias, norm or scale; only "
+                                                      "matrices and kernels are pruned)")  # fmt: skip
+    assert rows["transformer.wte.weight"].endswith("not pruned: embedding")
+    assert rows["lm_head.weight"].endswith("tied to transformer.wte.weight (decided there)")
+    assert rows["transformer.h.0.attn.c_attn.weight"].endswith("prunable")

@@ -31,8 +31,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--list-weights",
         action="store_true",
-        help="print every parameter with 2 or more dimensions of each RUN's model and whether it is "
-        "pruned or why not (with --exclude: what the patterns exclude), then stop",
+        help="print every parameter of each RUN's model and whether it is pruned or why not (with --exclude: "
+        "what the patterns exclude), then stop",
     )
     p.add_argument(
         "--force",
@@ -83,21 +83,32 @@ def run(args) -> int:
 
 
 def _list_weights(runs, exclude) -> int:
-    """``prune RUN --list-weights``: every parameter with dim >= 2, prunable or why not."""
+    """``prune RUN --list-weights``: every parameter of the model, prunable or why not (a tied one once under
+    each name)."""
     from varprune.engine.runconfig import load_run_config
     from varprune.numerics.weights import PRUNABLE, classify_parameters, prunable_weights
 
     for run in runs:
         cfg = load_run_config(run)
         model = c.meta_model(cfg, run)
-        shapes = dict(model.named_parameters())
         kept = {n for n, _ in prunable_weights(model, exclude)}  # a pattern matching nothing is refused here
+        labels = classify_parameters(model)
         if len(runs) > 1:
             print(f"{run} ({cfg.model}):")
-        for name, label in classify_parameters(model).items():
-            if label == PRUNABLE and name not in kept:
-                label = "excluded by --exclude"
-            shape = "x".join(map(str, shapes[name].shape)) if name in shapes else "?"
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            owner = first.setdefault(id(p), name)
+            if owner != name:
+                label = f"tied to {owner} (decided there)"
+            elif name in labels:
+                label = labels[name]
+                if label == PRUNABLE and name not in kept:
+                    label = "excluded by --exclude"
+                elif label != PRUNABLE:
+                    label = f"not pruned: {label}"
+            else:
+                label = "not pruned: one-dimensional (bias, norm or scale; only matrices and kernels are pruned)"
+            shape = "x".join(map(str, p.shape)) or "scalar"
             print(f"{name:<40} {shape:<16} {label}")
     return 0
 
