@@ -118,3 +118,25 @@ def test_list_weights_lists_every_parameter_with_its_reason_tied_ones_too(capsys
     assert rows["transformer.wte.weight"].endswith("not pruned: embedding")
     assert rows["lm_head.weight"].endswith("tied to transformer.wte.weight (decided there)")
     assert rows["transformer.h.0.attn.c_attn.weight"].endswith("prunable")
+
+
+def test_progress_across_steps_estimates_the_time_left_from_the_steps_that_did_work():
+    from varprune.engine.progress import Progress, Step, duration
+
+    now = [0.0]
+    lines = []
+    steps = [Step("training a", "train", 10), Step("training b", "train", 20), Step("pruning 2 runs", "prune", 2)]
+    p = Progress("demo", steps, lines.append, clock=lambda: now[0])
+    p.begin(0)
+    now[0] = 5.0  # a finished run, reused: it teaches no price
+    p.end(0, reused=True)
+    p.begin(1)
+    now[0] = 105.0  # 20 epochs in 100 s: 5 s an epoch
+    p.end(1)
+    p.begin(2)  # pruning has not run yet: priced at every kind's 5 s per unit, 2 units
+    assert lines == [
+        "[demo 1/3] training a (0 s so far, estimating the time left)",
+        "[demo 2/3] training b (5 s so far, estimating the time left)",
+        "[demo 3/3] pruning 2 runs (1 min 45 s so far, about 10 s left)",
+    ]
+    assert (duration(59.4), duration(61), duration(3725)) == ("59 s", "1 min 01 s", "1 h 02 min")
