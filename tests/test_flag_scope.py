@@ -133,3 +133,23 @@ def test_a_vocabulary_that_stops_short_is_said_and_both_sizes_recorded(capsys, t
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     shown = f"loss {metrics['loss']:.4f} (task {metrics['loss'] - metrics['var_term']:.4f} + var "
     assert shown in text, text
+
+
+def test_finetune_and_study_refuse_them_too(capsys, tmp_path, image_run, fmnist_dir):
+    before = snapshot(image_run)
+    out = tmp_path / "ft"
+    line = one_line_error(
+        *cli(capsys, "finetune", image_run, "--sparsity", "0.5", "--seq-len", "64", "--out", out)[::2]
+    )
+    assert "--seq-len does nothing on --dataset fashion-mnist" in line and not out.exists()
+    line = one_line_error(
+        *cli(capsys, "finetune", image_run, "--sparsity", "0.5", "--calib-samples", "8", "--out", out)[::2]
+    )
+    assert "--calib-samples does nothing with magnitude" in line and not out.exists()
+    assert snapshot(image_run) == before
+    study = ["study", "--out", tmp_path / "s", *TINY, "--data-dir", fmnist_dir, "--methods", "sgd", "--seeds", "0"]
+    line = one_line_error(*cli(capsys, *study, "--pruners", "magnitude", "--calib-samples", "8")[::2])
+    assert "--calib-samples does nothing with magnitude" in line
+    line = one_line_error(*cli(capsys, *study, "--vocab-size", "500")[::2])
+    assert "--vocab-size does nothing on --dataset fashion-mnist" in line
+    assert not (tmp_path / "s").exists()
