@@ -51,11 +51,11 @@ from varprune.report.tables import metric_of, setting_key
 # vit 5.0e4, resnet20 6.9e4, vgg16-w16 about 1e5); narrowed where the full model would not fit
 # the CPU budget.
 MODELS = {
-    "mlp-w256": ["--model", "mlp", "--model-args", "width=256"],
+    "mlp-w256": ["--model", "mlp", "--model-arg", "width=256"],
     "mlp": ["--model", "mlp"],
-    "vit-d96x6": ["--model", "vit_tiny", "--model-args", "dim=96", "--model-args", "depth=6"],
+    "vit-d96x6": ["--model", "vit_tiny", "--model-arg", "dim=96", "--model-arg", "depth=6"],
     "resnet20": ["--model", "resnet20"],
-    "vgg16-w16": ["--model", "vgg16_bn", "--model-args", "width=16"],
+    "vgg16-w16": ["--model", "vgg16_bn", "--model-arg", "width=16"],
 }
 # One budget for all, equal in steps (the best lambda moves with the number of steps): 2 epochs of
 # 16,000 Fashion-MNIST images (28 px) at batch 128 = 250 steps. Measured on 2 CPU cores, one torch

@@ -256,5 +256,9 @@ def test_demo_tiny_end_to_end(tmp_path, fmnist_dir):
     assert "| sgd |" in r.stdout and "| var" in r.stdout
     assert (out / "demo.png").read_bytes()[:8] == PNG
     assert "Machine:" in (out / "results.md").read_text()
+    # command-level progress: one line per step, with the time so far and, once a step has run, the time left
+    steps = [line for line in r.stdout.splitlines() if line.startswith("[demo ")]
+    assert [line.split("]")[0] for line in steps] == ["[demo 1/3", "[demo 2/3", "[demo 3/3"], r.stdout
+    assert "estimating the time left" in steps[0] and all(" left)" in line for line in steps[1:]), steps
     r = varprune("demo", "--size", "tiny", "--out", out, "--quiet")
     assert r.returncode == 0 and "reusing finished run" in r.stdout

@@ -88,15 +88,37 @@ def device_problem(name: str) -> list[str]:
     return []
 
 
-def mask_problems(args) -> list[str]:
+def mask_problems(args, run_config=None) -> list[str]:
     """export and finetune prune once: a sparsity (unstructured) or an N:M pattern, never both; the calibration
-    flags of a calibrated pruner (checked by the sweep's own rules)."""
+    flags of a calibrated pruner (checked by the sweep's own rules), and none given where no calibration happens
+    (``run_config``: the run's configuration, for its task; None if it could not be read)."""
+    from varprune.engine.checks import Scope
     from varprune.engine.sweep import calibration_problems
 
     found = []
     if (args.sparsity is None) == (args.pattern == "unstructured"):
         found.append("give --sparsity for unstructured pruning, or --pattern N:M (not both)")
-    return found + calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
+    pruners = (args.pruner,)
+    scope = Scope.of_config(run_config, pruners) if run_config is not None else Scope(pruners=pruners)
+    found += calibration_flag_problems(args, scope)
+    return found + calibration_problems(pruners, calib_samples(args), args.calib_seq_len, args.calib_data)
+
+
+def calib_samples(args) -> int:
+    """--calib-samples, or its default when not given (the flag's default is None, so that a --calib-samples
+    given where no calibration happens is seen and refused)."""
+    from varprune.engine.sweep import DEFAULT_CALIB_SAMPLES
+
+    return DEFAULT_CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
+
+
+def calibration_flag_problems(args, scope) -> list[str]:
+    """The calibration flags given where they do nothing: magnitude pruning, --calib-seq-len on an image run,
+    --calib-data on a run that is no language model (engine.checks, the one rule)."""
+    from varprune.engine.checks import flag_problems
+
+    given = {"--calib-samples": args.calib_samples, "--calib-seq-len": args.calib_seq_len}
+    return flag_problems({**given, "--calib-data": args.calib_data}, scope)
 
 
 def bnt_problems(args) -> list[str]:
@@ -223,7 +245,6 @@ def add_calibration_flags(p) -> None:
     p.add_argument(
         "--calib-samples",
         type=int,
-        default=128,
         help="Wanda and SparseGPT: calibration inputs drawn with a fixed seed from the training split "
         "(windows of tokens, or images), never the test split (default 128, the references')",
     )
@@ -269,7 +290,7 @@ def sweep_spec(args, pruners=None):
         exclude=tuple(names(getattr(args, "exclude", None) or "")),
         bnt_batches=args.bnt_batches,
         bnt_batch_size=args.bnt_batch_size,
-        calib_samples=args.calib_samples,
+        calib_samples=calib_samples(args),
         calib_seq_len=args.calib_seq_len,
         calib_data=args.calib_data,
     )

@@ -37,6 +37,18 @@ LIBRARIES = (
     "hypothesis",
     "pytest",
 )
+# what each optional package enables, and how to get it: doctor says it beside a package that is missing
+ENABLES = {
+    "scipy": "the svhn dataset; pip install 'varprune[svhn]'",
+    "timm": "--model timm:NAME; pip install 'varprune[timm]'",
+    "transformers": "language models (gpt2, llama, bert, --model hf:DIR), text datasets, demo --task lm, "
+    "export --format hf, the Trainer VarCallback; pip install 'varprune[hf]'",
+    "tokenizers": "text datasets (the byte-level BPE) and demo --task lm; pip install 'varprune[hf]'",
+    "accelerate": "the Hugging Face Trainer (its VarCallback); pip install 'varprune[hf]'",
+    "lightning": "the Lightning VarCallback; pip install 'varprune[lightning]'",
+    "hypothesis": "some tests; pip install 'varprune[test]'",
+    "pytest": "the tests; pip install 'varprune[test]'",
+}
 IMPORTS = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "torchvision": "torchvision"}
 
 
@@ -127,7 +139,11 @@ def report(data_dir: str | os.PathLike | None = None) -> str:
         f"python:         {sys.version.split()[0]} ({sys.executable})",
         f"platform:       {platform.platform()}",
     ]
-    lines += [f"{lib + ':':<16}{_version(lib)}" for lib in LIBRARIES if lib != "torch"]
+    for lib in LIBRARIES:
+        if lib != "torch":
+            version = _version(lib)
+            missing = version == "not installed" and lib in ENABLES
+            lines.append(f"{lib + ':':<16}{version}" + (f" (without it, no {ENABLES[lib]})" if missing else ""))
     broken = _import_lines()
     lines += broken
     if broken:

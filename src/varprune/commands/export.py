@@ -52,7 +52,7 @@ def run(args) -> int:
     found = c.half_replaced([Path(args.run)])
     if found:
         raise UsageError("; ".join(found))
-    found = c.mask_problems(args) + c.bnt_problems(args) + c.device_problem(args.device)
+    found = c.mask_problems(args, _run_config(Path(args.run))) + c.bnt_problems(args) + c.device_problem(args.device)
     if found:
         raise UsageError("; ".join(found))
     export_run(
@@ -69,10 +69,22 @@ def run(args) -> int:
         args.data_dir,
         overwrite=args.overwrite,
         pruner=args.pruner,
-        calib_samples=args.calib_samples,
+        calib_samples=c.calib_samples(args),
         calib_seq_len=args.calib_seq_len,
         calib_data=args.calib_data,
         format=args.format,
         other_data=args.other_data,
     )
     return 0
+
+
+def _run_config(run: Path):
+    """RUN's configuration for the checks of the flags (its task), or None when it cannot be read: export_run
+    reports that in its own words."""
+    from varprune.engine.runconfig import load_run_config
+    from varprune.errors import RunError
+
+    try:
+        return load_run_config(run)
+    except (RunError, OSError, ValueError):
+        return None

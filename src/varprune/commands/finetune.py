@@ -45,10 +45,10 @@ def run(args) -> int:
     found = c.half_replaced([source])
     if found:
         raise UsageError("; ".join(found))
-    found = c.mask_problems(args)
+    base = load_run_config(source)
+    found = c.mask_problems(args, base)
     if found:
         raise UsageError(found[0])
-    base = load_run_config(source)
     given = given_fields(args)
     # model and data come from RUN; training flags that are not given start from RUN's, with a
     # fine-tuning schedule: a tenth of its learning rate and no warm-up
@@ -70,7 +70,7 @@ def run(args) -> int:
         finetune_pattern=args.pattern,
         finetune_scope=args.scope or default_scope(dataset_info(base.dataset).task),
         finetune_pruner=args.pruner,
-        finetune_calib_samples=args.calib_samples,
+        finetune_calib_samples=c.calib_samples(args),
         finetune_calib_seq_len=args.calib_seq_len,
         finetune_calib_data=args.calib_data,
         init=None,

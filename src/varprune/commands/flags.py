@@ -49,6 +49,15 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
                 help=m["help"],
                 metavar=m["metavar"],
             )
+            if flag_of(name) != "--" + name.replace("_", "-"):  # the field's own name (0.2's), kept but not shown
+                parser.add_argument(
+                    "--" + name.replace("_", "-"),
+                    dest=name,
+                    type=_key_value,
+                    action="append",
+                    default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS,
+                )
             continue
         if kind == "bool":
             if default:

@@ -36,8 +36,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--list-weights",
         action="store_true",
-        help="print every parameter with 2 or more dimensions of each RUN's model and whether it is "
-        "pruned or why not (with --exclude: what the patterns exclude), then stop",
+        help="print every parameter of each RUN's model and whether it is pruned or why not (with --exclude: "
+        "what the patterns exclude), then stop",
     )
     p.add_argument(
         "--force",
@@ -74,6 +74,10 @@ def run(args) -> int:
         found.append("a RUN is named twice")
     configs, more = check_runs(runs, args.data_dir)
     found += more
+    if not more:  # calibration flags where no calibration happens, or not for these runs' task
+        from varprune.engine.checks import Scope
+
+        found += c.calibration_flag_problems(args, Scope.of_runs(configs, runs, spec.pruners))
     exclude = c.names(args.exclude or "")
     plot = c.output_file(
         args.plot or ("prune_comparison.png" if len(runs) > 1 else None), "--plot", args.overwrite, "png"
@@ -114,21 +118,32 @@ def _prune_folder(args, found: list[str]) -> int:
 
 
 def _list_weights(runs, exclude) -> int:
-    """``prune RUN --list-weights``: every parameter with dim >= 2, prunable or why not."""
+    """``prune RUN --list-weights``: every parameter of the model, prunable or why not (a tied one once under
+    each name)."""
     from varprune.engine.runconfig import load_run_config
     from varprune.numerics.weights import PRUNABLE, classify_parameters, prunable_weights
 
     for run in runs:
         cfg = load_run_config(run)
         model = c.meta_model(cfg, run)
-        shapes = dict(model.named_parameters())
         kept = {n for n, _ in prunable_weights(model, exclude)}  # a pattern matching nothing is refused here
+        labels = classify_parameters(model)
         if len(runs) > 1:
             print(f"{run} ({cfg.model}):")
-        for name, label in classify_parameters(model).items():
-            if label == PRUNABLE and name not in kept:
-                label = "excluded by --exclude"
-            shape = "x".join(map(str, shapes[name].shape)) if name in shapes else "?"
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            owner = first.setdefault(id(p), name)
+            if owner != name:
+                label = f"tied to {owner} (decided there)"
+            elif name in labels:
+                label = labels[name]
+                if label == PRUNABLE and name not in kept:
+                    label = "excluded by --exclude"
+                elif label != PRUNABLE:
+                    label = f"not pruned: {label}"
+            else:
+                label = "not pruned: one-dimensional (bias, norm or scale; only matrices and kernels are pruned)"
+            shape = "x".join(map(str, p.shape)) or "scalar"
             print(f"{name:<40} {shape:<16} {label}")
     return 0
 

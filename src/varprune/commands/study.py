@@ -45,11 +45,13 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.commands.flags import from_args, given_fields
-    from varprune.engine.checks import unused_problems
+    from varprune.engine.checks import Scope, unused_problems
     from varprune.engine.study import run_study
 
     base = from_args(args)
-    found = c.bnt_problems(args) + unused_problems(given_fields(args), c.names(args.methods), base.optimizer)
+    scope = Scope.of_config(base, tuple(c.names(args.pruners)))
+    found = c.bnt_problems(args) + unused_problems(given_fields(args), c.names(args.methods), base.optimizer, scope)
+    found += c.calibration_flag_problems(args, scope)
     seeds = []
     for v in c.names(args.seeds):
         try:

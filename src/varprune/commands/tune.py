@@ -63,14 +63,17 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from varprune.commands.flags import from_args, given_fields
-    from varprune.engine.checks import unused_problems
+    from varprune.engine.checks import Scope, unused_problems
     from varprune.engine.tune import run_tune
 
     given = given_fields(args)
     searched = [f"--{k.replace('_', '-')}" for k in ("var_lambda", "var_strength") if k in given]
     base = from_args(args)
     found = c.bnt_problems(args) + unused_problems(
-        [k for k in given if k not in ("var_lambda", "var_strength")], [args.method], base.optimizer
+        [k for k in given if k not in ("var_lambda", "var_strength")],
+        [args.method],
+        base.optimizer,
+        Scope.of_config(base),
     )
     if searched:
         found.append(f"tune searches VAR's strength: drop {' and '.join(searched)} (--grid sets the candidates)")

@@ -8,6 +8,8 @@ written.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from varprune.engine.config import FIELDS, TrainConfig, Whole, _bad_types, _is_number, _type_problems, flag_of
@@ -71,10 +73,14 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
     """The model against the dataset's task, its options, and the --init file."""
     from varprune.data import dataset_info
     from varprune.models import list_models, model_options
+    from varprune.models.libraries import library_problem
     from varprune.models.registry import model_tasks
 
     found = []
     want = dataset_info(cfg.dataset).task
+    missing = library_problem(cfg.model, want in TEXT_TASKS)
+    if missing:
+        return [missing]
     if cfg.model.startswith("hf:"):
         from varprune.models.hf import hf_folder_problem
 
@@ -141,12 +147,17 @@ def _users(kind: str, optimizer: str) -> str:
     return "--method " + ", ".join(name for name in METHODS if _uses(kind, name, optimizer))
 
 
-def unused_problems(given, methods: list[str], optimizer: str) -> list[str]:
-    """Flags given explicitly that none of ``methods`` (with base ``optimizer``) reads: each would be written to
-    config.json and change nothing, so it is refused, naming what it applies to. ``given``: field names."""
+def unused_problems(given, methods: list[str], optimizer: str, scope: Scope | None = None) -> list[str]:
+    """Flags given explicitly that none of ``methods`` (with base ``optimizer``) reads, or that do not apply to
+    ``scope`` (the task, tokenizer: :data:`SCOPE_KINDS`): each would be written to config.json and change nothing,
+    so it is refused, naming what it applies to. ``given``: field names."""
     found = []
     for name in given:
         kind = FIELDS[name].metadata.get("uses") if name in FIELDS else None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if kinds[0] in SCOPE_KINDS:
+            found += [p for p in [scope_problem(flag_of(name), kinds, scope)] if p]
+            continue
         if kind is None or any(_uses(kind, m, optimizer) for m in methods):
             continue
         whose = (
@@ -159,6 +170,113 @@ def unused_problems(given, methods: list[str], optimizer: str) -> list[str]:
             f"drop it or choose such a method"
         )
     return found
+
+
+# ---------------------------------------------------------------- flags that apply to some runs only
+# One rule for every flag that applies to some tasks, tokenizers or pruners only: a training field declares its
+# kind with ``setting(uses=...)``, a command's own flag is listed in FLAG_USES; given where it does not apply, it
+# is refused in one line naming why (the method-specific fields above are the same rule over methods).
+
+TEXT_TASKS = ("language-modeling", "text-classification")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a command works on, as far as a flag's relevance goes. ``tasks``: the runs' tasks (prune takes
+    several runs: a flag applies when it applies to one of them); ``pruners``: the pruners that will run;
+    ``own_tokenizer``: a text run trains its byte-level BPE here (not a --model hf:DIR's, not a fine-tune's
+    source run's); ``subject``: the runs or dataset in words, for the message. None: not known, not judged."""
+
+    tasks: tuple[str, ...] | None = None
+    pruners: tuple[str, ...] | None = None
+    own_tokenizer: bool | None = None
+    subject: str = ""
+
+    @classmethod
+    def of_config(cls, cfg: TrainConfig, pruners: tuple[str, ...] | None = None) -> Scope:
+        from varprune.data import DATASETS
+
+        info = DATASETS.get(cfg.dataset)
+        if info is None:  # an unknown dataset is reported by its own check
+            return cls(pruners=pruners)
+        text = info.task in TEXT_TASKS
+        own = text and not cfg.model.startswith("hf:") and cfg.finetune_from is None
+        return cls((info.task,), pruners, own, f"--dataset {cfg.dataset} (a {info.task} task)")
+
+    @classmethod
+    def of_runs(cls, configs, runs, pruners: tuple[str, ...] | None = None) -> Scope:
+        from varprune.data import DATASETS
+
+        infos = [DATASETS.get(c.dataset) for c in configs]
+        tasks = tuple(i.task for i in infos if i is not None)
+        named = ", ".join(f"{r} (a {i.task} run)" for r, i in zip(runs, infos) if i is not None)
+        return cls(tasks, pruners, None, named)
+
+
+def _calibrated(pruners) -> bool:
+    from varprune.numerics.pruners import CALIBRATED
+
+    return any(p in CALIBRATED for p in pruners)
+
+
+# kind -> (does it apply to the scope? None: not known; what it applies to, in words; the scope's side, in words)
+SCOPE_KINDS: dict[str, tuple[Callable[[Scope], bool | None], str, Callable[[Scope], str]]] = {
+    "image": (
+        lambda s: None if s.tasks is None else any(t not in TEXT_TASKS for t in s.tasks),
+        "image datasets",
+        lambda s: s.subject,
+    ),
+    "text": (
+        lambda s: None if s.tasks is None else any(t in TEXT_TASKS for t in s.tasks),
+        "text datasets (language modeling, text classification)",
+        lambda s: s.subject,
+    ),
+    "lm": (
+        lambda s: None if s.tasks is None else "language-modeling" in s.tasks,
+        "language-model runs (image and classification runs calibrate on their training split)",
+        lambda s: s.subject,
+    ),
+    "bpe": (
+        lambda s: s.own_tokenizer,
+        "text runs that train their own byte-level BPE (a --model hf:DIR brings its tokenizer, a fine-tune keeps "
+        "its source run's)",
+        lambda s: "here (this run's tokenizer is not trained on its text)",
+    ),
+    "calibrated": (
+        lambda s: None if s.pruners is None else _calibrated(s.pruners),
+        "the calibrated pruners, wanda and sparsegpt",
+        lambda s: f"with {', '.join(s.pruners or ())} pruning (no calibration happens)",
+    ),
+}
+# a command's own flags (not training fields) that apply to some runs only: every kind listed must apply
+FLAG_USES = {
+    "--calib-samples": ("calibrated",),
+    "--calib-seq-len": ("calibrated", "text"),
+    "--calib-data": ("calibrated", "lm"),
+}
+
+
+def scope_problem(flag: str, kinds: tuple[str, ...], scope: Scope | None) -> str | None:
+    """The one-line refusal of ``flag`` if one of its ``kinds`` does not apply to ``scope``, else None."""
+    for kind in kinds:
+        applies, what, here = SCOPE_KINDS[kind]
+        if scope is not None and applies(scope) is False:
+            side = here(scope)
+            side = side if side.startswith(("with", "here")) else f"on {side}"
+            return f"{flag} does nothing {side}; it applies to {what}: drop it"
+    return None
+
+
+def flag_problems(given: dict[str, object], scope: Scope) -> list[str]:
+    """The command flags of :data:`FLAG_USES` given (``given``: flag -> value, None when not given) that do not
+    apply to ``scope``."""
+    return [
+        p
+        for flag, value in given.items()
+        if value is not None
+        for p in [scope_problem(flag, FLAG_USES[flag], scope)]
+        if p
+    ]
 
 
 def validate(cfg: TrainConfig, check_device: bool = True) -> None:

@@ -23,6 +23,9 @@ LOCATION_KEYS = ("device", "data_dir", "download")
 # VAR's default is a relative strength, lambda = s / psi(w_init): the best lambda moves about 100x between
 # models, s = 1 sits within a few x of every model's best in the strength study (README).
 DEFAULT_VAR_STRENGTH = 1.0
+# the default batches: images as the reference measurement; text as the LM demo (engine.lmdemo), where a batch of
+# 256 windows would leave a small text a few optimizer steps an epoch
+IMAGE_BATCH_SIZE, TEXT_BATCH_SIZE = 256, 32
 
 
 def setting(
@@ -36,17 +39,29 @@ def setting(
     check: Callable | None = None,
     flag: bool = True,
     metavar: str | None = None,
-    uses: str | None = None,
+    uses: str | tuple[str, ...] | None = None,
+    name: str | None = None,
 ):
     """Declare one configuration field.
 
     ``lo``/``hi`` bound numbers (``*_open`` excludes the bound); ``check(value)``
     returns an error message or None for anything ranges cannot say (names).
     Finite bounds are what turn ``--lr 3.5e38`` into one clear line instead of
-    an overflow deep inside torch.
+    an overflow deep inside torch. ``uses`` names what the field applies to (a kind of method, or of task and
+    tokenizer: engine.checks); given explicitly where it does not apply, the flag is refused. ``name``: the flag's
+    name where it is not the field's (a repeatable flag is named in the singular: ``--model-arg``).
     """
     meta = dict(
-        help=help, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, check=check, flag=flag, metavar=metavar, uses=uses
+        help=help,
+        lo=lo,
+        hi=hi,
+        lo_open=lo_open,
+        hi_open=hi_open,
+        check=check,
+        flag=flag,
+        metavar=metavar,
+        uses=uses,
+        name=name,
     )
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -128,7 +143,10 @@ class TrainConfig:
         check=_one_of(_models, "model", ("timm:", "hf:")),
     )
     model_args: dict = setting(
-        {}, "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)", metavar="KEY=VALUE"
+        {},
+        "a model option, KEY=VALUE, repeatable (e.g. --model-arg width=32 for unet)",
+        metavar="KEY=VALUE",
+        name="--model-arg",
     )
     init: str | None = setting(
         None,
@@ -145,13 +163,15 @@ class TrainConfig:
         "resize images to this size, once when loading (default: the dataset's own; imagefolder: 32)",
         lo=8,
         hi=4096,
+        uses="image",
     )
     method: str = setting("sgd", "training method, see below", check=_one_of(_methods, "method"))
     epochs: int = setting(15, "training epochs", lo=1, hi=100_000)
-    batch_size: int = setting(
-        256,
-        "batch size; under torchrun the global batch, split across the processes, so a run computes the same "
-        "steps with any number of processes, except that a last partial batch leaving some process fewer than "
+    batch_size: int = setting(  # None until __post_init__ resolves it
+        None,
+        "batch size (default 256 for images; 32 for text, the LM demo's: a small text still gives an epoch of "
+        "several optimizer steps); under torchrun the global batch, split across the processes, so a run computes "
+        "the same steps with any number of processes, except that a last partial batch leaving some process fewer than "
         "2 examples is dropped (with one process: a last batch of 1)",
         lo=1,
         hi=1 << 20,
@@ -247,7 +267,11 @@ class TrainConfig:
     )
     # text (language modeling, text classification)
     seq_len: int = setting(
-        128, "text: tokens per window (language modeling) or per example (classification)", lo=2, hi=1 << 16
+        128,
+        "text: tokens per window (language modeling) or per example (classification)",
+        lo=2,
+        hi=1 << 16,
+        uses="text",
     )
     vocab_size: int = setting(
         4096,
@@ -255,6 +279,7 @@ class TrainConfig:
         "tokenizer)",
         lo=259,
         hi=1 << 20,
+        uses=("text", "bpe"),
     )
     # data parallel (torchrun); no effect in one process
     sync_bn: bool = setting(
@@ -319,6 +344,8 @@ class TrainConfig:
             self.optimizer = "adamw" if text else "sgd"
         if self.grad_clip is None:
             self.grad_clip = 1.0 if text else 0.0
+        if self.batch_size is None:
+            self.batch_size = TEXT_BATCH_SIZE if text else IMAGE_BATCH_SIZE
         adamw = self.optimizer == "adamw"
         if self.lr is None:
             self.lr = 1e-3 if adamw else 0.1
@@ -381,4 +408,6 @@ def _type_problems(values: dict) -> list[str]:
 
 
 def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The command-line flag of field ``name``: its declared ``name``, else the field's name with dashes."""
+    declared = FIELDS[name].metadata.get("name") if name in FIELDS else None
+    return declared or "--" + name.replace("_", "-")

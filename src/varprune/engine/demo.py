@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 
 from varprune.device import describe_device, resolve_device
+from varprune.engine.checks import problems
 from varprune.engine.config import TrainConfig
+from varprune.engine.progress import Progress, Step, training_cost
 from varprune.engine.sweep import SweepSpec, prune_runs
 from varprune.engine.trained import ensure_run
+from varprune.errors import RunError
 from varprune.storage.files import OutputFolder
 
 SIZES = {
@@ -139,17 +142,27 @@ def run_demo(
     else:
         configs, spec = demo_configs(size, data_dir)
         title, figure = TITLE, None
+    found = [p for _, cfg in configs for p in problems(cfg)]  # a missing library, say: before anything is written
+    if found:
+        raise RunError(found[0])
     folder.mkdir()
     log(f"varprune demo ({task}, {size} size) on {describe_device(device)}, runs in {out}")
     t0 = time.perf_counter()
+    steps = [Step(f"training {out / name}", "train", training_cost(cfg)) for name, cfg in configs]
+    steps.append(Step(f"pruning {len(configs)} runs", "prune", float(len(configs))))
+    tracker = Progress("demo", steps, log)
     runs = []
-    for name, cfg in configs:
-        ensure_run(cfg, out / name, log=log, progress=progress)
+    for i, (name, cfg) in enumerate(configs):
+        tracker.begin(i)
+        done = ensure_run(cfg, out / name, log=log, progress=progress)
+        tracker.end(i, reused=done == "reused")
         runs.append(out / name)
     train_s = time.perf_counter() - t0
+    tracker.begin(len(configs))
     rows = prune_runs(runs, spec, data_dir=data_dir, log=log, reuse=True)
     if task == "llm":  # the pretrained model itself, pruned the same way: the row fine-tuning is measured against
         rows.insert(0, _pretrained_row(configs[0][1], spec, out / "pretrained", log))
+    tracker.end(len(configs))
     table = sweep_table(rows)
     sweep_plot(rows, out / "demo.png", title=title)
     folder.record("demo.png")

@@ -171,10 +171,10 @@ def export_run(
         log(_context_note(model, t.cfg))
         return read_hf_metadata(out)
     save_pruned(out, model.cpu(), {n: m.cpu() for n, m in masks.items()}, meta, values=values)
-    log(
-        f"wrote {out} ({out.stat().st_size:,} bytes; model.safetensors is {(run / WEIGHTS).stat().st_size:,}): "
-        f"{measured}"
-    )
+    size, dense = out.stat().st_size, (run / WEIGHTS).stat().st_size
+    log(f"wrote {out} ({size:,} bytes; model.safetensors is {dense:,}): {measured}")
+    if size >= dense:
+        log(_larger_note(out, size, dense))
     return read_pruned_metadata(out)
 
 
@@ -214,6 +214,19 @@ def _context_note(model, cfg: TrainConfig) -> str:
             f"included: train with --model-arg n_positions=N for a longer context"
         )
     return note
+
+
+def _larger_note(out: Path, size: int, dense: int) -> str:
+    """Why a compressed export came out no smaller than the dense weights: what its header (metadata) holds, and
+    what the masks cost."""
+    with open(out, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return (
+        f"note: {out.name} is not smaller than the dense model.safetensors ({size:,} against {dense:,} bytes): "
+        f"{header:,} bytes of it are metadata (the run's configuration, a text model's tokenizer), and each prunable "
+        f"weight costs a mask bit, so few pruned weights save little; it pays at high sparsity or with "
+        f"--values fp16 or bf16"
+    )
 
 
 def evaluate_file(path: Path, data_dir: str | None = None, device: str = "auto", other_data: bool = False) -> dict:

@@ -28,9 +28,10 @@ def data_identity(info) -> dict:
     }
 
 
-def recorded_identity(data, tokenizer_json: str | None = None) -> dict:
+def recorded_identity(data, tokenizer_json: str | None = None, requested_vocab_size: int | None = None) -> dict:
     """The ``resolved`` entries of a run trained on ``data`` (a RunData): :func:`data_identity`, and for text the
-    digests of its splits and the tokenizer (``tokenizer_json``: the text written to RUN/tokenizer.json)."""
+    digests of its splits and the tokenizer (``tokenizer_json``: the text written to RUN/tokenizer.json;
+    ``requested_vocab_size``: a --vocab-size the BPE stopped short of, recorded beside the size it reached)."""
     from varprune.data.identity import sha256_hex
 
     out = data_identity(data.data.info)
@@ -43,6 +44,7 @@ def recorded_identity(data, tokenizer_json: str | None = None) -> dict:
             "pad_id": data.tokenizer.pad_id,
             "source": data.tokenizer.source,
             **({"sha256": sha256_hex(tokenizer_json)} if tokenizer_json is not None else {}),
+            **({"requested_vocab_size": requested_vocab_size} if requested_vocab_size is not None else {}),
         }
     return out
 

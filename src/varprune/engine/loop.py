@@ -30,7 +30,7 @@ import torch
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
 from varprune.engine import distributed
-from varprune.engine.checks import problems, unused_problems
+from varprune.engine.checks import Scope, problems, unused_problems
 from varprune.engine.config import TrainConfig
 from varprune.engine.identity import check_same_data, other_data_line, recorded_identity
 from varprune.engine.methods import build_optimizer, build_regularizers, get_method
@@ -38,8 +38,9 @@ from varprune.engine.resume import _restore, _rng_state, check_checkpoint
 from varprune.engine.runconfig import read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, TOKENIZER, WEIGHTS, RunFolder
 from varprune.engine.runs import build_model, data_problems, early_memory_problems, load_data
+from varprune.engine.schedule import loss_text, schedule_lines
 from varprune.engine.step import lr_factor, make_train_step
-from varprune.engine.textruns import epoch_problem
+from varprune.engine.textruns import epoch_problem, vocabulary_note
 from varprune.errors import NonFiniteError, RunError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.report.tables import metric_info
@@ -132,7 +133,9 @@ def train(
     ``other_data`` (``finetune --other-data``): fine-tune on text other than the source run's (engine/identity.py).
     """
     folder = RunFolder(out)
-    found = problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer) + data_problems(cfg)
+    found = (
+        problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer, Scope.of_config(cfg)) + data_problems(cfg)
+    )
     found += distributed.problems(cfg)
     if not found:
         found += early_memory_problems(cfg)
@@ -205,6 +208,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    vocabulary = vocabulary_note(cfg, run.tokenizer, resumed=resume or cfg.finetune_from is not None)
     base_lr = cfg.lr
     history: list[dict] = []
     start_epoch = 0
@@ -217,7 +221,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             "amp": amp,
             "task": task.name,
             "metric": task.primary,
-            **recorded_identity(run, tokenizer_json),
+            **recorded_identity(run, tokenizer_json, cfg.vocab_size if vocabulary else None),
             **({"other_data": {"source": cfg.finetune_from, **other}} if other is not None else {}),
             "train_examples": train_loader.num_examples,
             "test_examples": test_loader.num_examples,
@@ -267,6 +271,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         )
     elif resume:
         log(f"{out} has no complete epoch yet: starting it from the beginning")
+    if start_epoch == 0:
+        for line in ([vocabulary] if vocabulary else []) + schedule_lines(cfg, steps_per_epoch, warmup):
+            log(line)
 
     # DDP (under torchrun) after the weights are final: its constructor broadcasts rank 0's to every process
     ddp = distributed.wrap(model, device, cfg.sync_bn)
@@ -472,8 +479,9 @@ def _epochs(
             on_first_checkpoint = None
         _write_metrics(out, history)
         shown = metric_info(task.primary)
+        loss = loss_text(cfg, metrics["loss"], metrics["var_term"], bool(regularizers))
         log(
-            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {metrics['loss']:.4f}  "
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  {loss}  "
             f"train {100 * metrics[task.train_key]:.2f}%  test {task.primary} "
             f"{shown.fmt(metrics[f'test_{task.primary}'])}{'%' if shown.percent else ''}  "
             f"var|w| {metrics['mean_layer_variance']:.3g}  {train_time:.1f}s"

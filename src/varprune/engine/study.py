@@ -22,6 +22,7 @@ from pathlib import Path
 
 from varprune.engine.checks import problems
 from varprune.engine.config import LOCATION_KEYS, TrainConfig
+from varprune.engine.progress import Progress, Step, training_cost
 from varprune.engine.rundir import METRICS, path_problem, read_metrics
 from varprune.engine.sweep import SweepSpec, finished_sweep, prune_runs
 from varprune.engine.trained import ensure_run
@@ -122,13 +123,21 @@ def run_study(
     }
     distributed.from_main(lambda: _write_spec(folder, study))  # rank 0 owns the study folder
 
-    runs = {}
-    for (method, seed), cfg in configs.items():
-        runs[(method, seed)] = out / "runs" / f"{method}-s{seed}"
-        ensure_run(cfg, runs[(method, seed)], log=log, progress=progress)
+    runs = {key: out / "runs" / f"{key[0]}-s{key[1]}" for key in configs}
+    steps = [Step(f"training {runs[key]}", "train", training_cost(cfg)) for key, cfg in configs.items()]
+    steps.append(Step(f"pruning {len(runs)} runs", "prune", float(len(runs))))
+    if analysis:  # sized to the first seed's runs' own training, at most its cost again (below)
+        analyzed = [training_cost(configs[(meth, seeds[0])]) for meth in methods]
+        steps.append(Step(f"analysing {len(methods)} runs", "analyze", sum(analyzed) / 2))
+    tracker = Progress("study", steps, log)
+    for i, (key, cfg) in enumerate(configs.items()):
+        tracker.begin(i)
+        done = ensure_run(cfg, runs[key], log=log, progress=progress)
+        tracker.end(i, reused=done == "reused")
     if not distributed.is_main():
         return {}  # the sweeps, analysis and report run on rank 0 alone
 
+    tracker.begin(len(configs))
     docs = {}
     todo = []
     for key, run in runs.items():
@@ -140,6 +149,7 @@ def run_study(
     if todo:
         swept = prune_runs([runs[k] for k in todo], spec, device=base.device, log=log)
         docs.update({k: doc for k, (_, doc) in zip(todo, swept)})
+    tracker.end(len(configs), reused=not todo)
 
     times = {meth: statistics.fmean(epoch_time(runs[(meth, s)]) for s in seeds) for meth in methods}
     summary = summarize(study, docs, times, baseline)
@@ -154,7 +164,9 @@ def run_study(
         from varprune.engine.analyze import analyze_runs
 
         first = [runs[(meth, seeds[0])] for meth in methods]
-        if not _analysis_done(out / "analysis", first):
+        tracker.begin(len(configs) + 1)
+        reused = _analysis_done(out / "analysis", first)
+        if not reused:
             # sized to the runs' own training (at most its cost again), so a small study stays small
             t0 = time.perf_counter()
             analyze_runs(
@@ -168,6 +180,7 @@ def run_study(
                 budget=1.0,
             )
             log(f"analysis took {time.perf_counter() - t0:.0f} s (--no-analysis skips it)")
+        tracker.end(len(configs) + 1, reused=reused)
         written.append(out / "analysis" / "analysis.json")
     if html:
         from varprune.report.pages import study_html
@@ -175,6 +188,7 @@ def run_study(
         written.append(Path(study_html(out, out / "report.html")))
         folder.record("report.html")
     log("report: " + ", ".join(map(str, written)))
+    tracker.finish()
     return summary
 
 

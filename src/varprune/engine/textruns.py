@@ -121,3 +121,15 @@ def load_text_data(
     if len(train_loader) == 0:
         raise RunError(f"{cfg.dataset} gives no training batch here: raise --limit-train or lower --batch-size")
     return data, task, train_loader, test_loader, tokenizer
+
+
+def vocabulary_note(cfg: TrainConfig, tokenizer: TextTokenizer | None, resumed: bool = False) -> str | None:
+    """A line saying that the byte-level BPE trained here stopped short of --vocab-size (a merge needs two
+    occurrences in the training split, so a small text runs out of merges); None when it did not, or when the
+    tokenizer was not trained in this run (``resumed``: its own or its source run's; a --model hf:DIR's)."""
+    if tokenizer is None or resumed or cfg.model.startswith("hf:") or tokenizer.vocab_size >= cfg.vocab_size:
+        return None
+    return (
+        f"note: the tokenizer has {tokenizer.vocab_size:,} tokens, not the {cfg.vocab_size:,} of --vocab-size: the "
+        f"training text has no more merges (config.json records both)"
+    )

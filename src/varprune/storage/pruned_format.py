@@ -439,8 +439,14 @@ def load_pruned(
             raise PrunedFormatError(
                 f"{path} does not name its model (metadata 'model' and 'model_args'); pass build= to load_pruned"
             )
-        from varprune.models import create_model
+        from varprune.models import create_model, list_models
 
+        if name not in list_models() and not name.startswith(("timm:", "hf:")):
+            raise PrunedFormatError(
+                f"{path} names model {name!r}, which is not registered here: pass build= to load_pruned, a "
+                f"function returning the model (load_pruned(path, build=lambda: MyModel())), or register it under "
+                f"that name first (@register_model({name!r}, ...))"
+            )
         model_name: str = name
 
         def build() -> nn.Module:
