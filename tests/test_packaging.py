@@ -1,15 +1,19 @@
 """The wheel users install: built from the source, installed into a fresh virtual environment, and run from there.
 
 The machine may hold an editable install of varprune (a ``.pth`` line that puts some checkout's ``src`` on
-``sys.path``). The venv is created with ``--system-site-packages`` so torch and the other dependencies come from
-the system and nothing is downloaded (``pip install --no-deps --no-index``); its own site-packages comes before
-the system's on ``sys.path``, so the wheel must shadow the editable copy. The test does not take that on trust:
-every command runs outside the checkout with ``PYTHONPATH`` removed, and each one says which copy answered.
+``sys.path``). Nothing is downloaded (``pip install --no-deps --no-index``): torch and the other dependencies
+come from wherever the interpreter running the tests finds them, through a ``.pth`` file in the new venv that
+adds that interpreter's site-packages (and so their own ``.pth`` files) after the venv's own. Not
+``--system-site-packages``: run from inside a venv, that means the base Python's site-packages, not the venv's
+where the dependencies are (issue 26). The venv's own site-packages comes first on ``sys.path``, so the wheel
+must shadow the editable copy. The test does not take that on trust: every command runs outside the checkout
+with ``PYTHONPATH`` removed, and each one says which copy answered.
 """
 
 import ast
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -98,8 +102,11 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert source - shipped == set(), f"not in the wheel: {sorted(source - shipped)}"
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python, script = venv / "bin" / "python", venv / "bin" / "varprune"
+    own = run([python, "-c", "import site; print(site.getsitepackages()[0])"], cwd=tmp_path).stdout.strip()
+    ours = [str(Path(d)) for d in site.getsitepackages()]  # where this interpreter's dependencies are
+    (Path(own) / "zz-test-dependencies.pth").write_text(f"import site; list(map(site.addsitedir, {ours!r}))\n")
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
     package = (venv / "lib").resolve()
 
