@@ -79,7 +79,7 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     # without isolation (no index needed) but with torch made unimportable: building must not import it
     tree = tmp_path / "tree"
     tree.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(SRC, tree / "src" / "varprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     blocker = tmp_path / "blocker" / "torch"
@@ -100,6 +100,7 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     }
     assert source - shipped == set(), f"not in the wheel: {sorted(source - shipped)}"
+    assert f"varprune-{version}.dist-info/licenses/LICENSE" in shipped, "the wheel carries no LICENSE"
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
@@ -129,3 +130,33 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         assert {"SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"} <= set(found["optim"])
         outside = {k: v for k, v in found["loaded"].items() if not Path(v).resolve().is_relative_to(package)}
         assert not outside, f"loaded from outside the venv: {outside}"
+
+
+def test_the_sdist_ships_the_tests_and_what_they_need(tmp_path):
+    """An sdist is the source users can test: every file of tests/ (conftest.py and the helpers the tests
+    import among them), what the tests read (docs/, CHANGELOG.md), the LICENSE and what the README names."""
+    import tarfile
+
+    tree = tmp_path / "tree"
+    junk = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.egg-info", "site", "runs", "build", "dist")
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CHANGELOG.md", "Makefile", "mkdocs.yml"):
+        tree.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    for folder in ("src", "tests", "docs", "scripts", "benchmarks"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=junk)
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", dist, tree], cwd=tmp_path)
+    (sdist,) = dist.glob("*.tar.gz")
+    top = f"varprune-{source_version()}/"
+    with tarfile.open(sdist) as archive:
+        shipped = {name.removeprefix(top) for name in archive.getnames()}
+    wanted = {
+        p.relative_to(tree).as_posix()
+        for folder in ("tests", "docs", "scripts")
+        for p in (tree / folder).rglob("*")
+        if p.is_file()
+    }
+    assert {"tests/conftest.py", "tests/helpers.py", "docs/api.md"} <= wanted  # the check checks something
+    assert wanted - shipped == set(), f"not in the sdist: {sorted(wanted - shipped)}"
+    assert {"LICENSE", "CHANGELOG.md", "Makefile", "mkdocs.yml", "benchmarks/common.py"} <= shipped
+    assert not [name for name in shipped if "__pycache__" in name or name.endswith(".pyc")]
