@@ -1,4 +1,4 @@
-"""VAR in a trainer you already use: thin callbacks over :class:`varprune.VarRegularizer`.
+"""VAR in a trainer you already use: thin callbacks over ``varprune.VarRegularizer``.
 
 * ``from varprune.integrations.hf import VarCallback``: Hugging Face ``Trainer``
   (``pip install 'varprune[hf]'``);

@@ -94,10 +94,11 @@ class VarCallback(VarCallbackBase, TrainerCallback, ExportableState):
 
     ``VarCallback(strength=1.0)``: lambda = strength / psi(w) at the start of
     training (``VarRegularizer.from_strength``); or ``VarCallback(lam=1e-6)``.
-    Exactly one of the two. ``r``, ``eps``: VAR's smoothing constants;
-    ``exclude``: weight names or patterns left out (as
-    ``prunable_weights(model, exclude)``). After training starts,
-    ``callback.reg`` is the :class:`~varprune.VarRegularizer` (``reg.lam``,
+    Exactly one of the two. ``r``, ``eps``: VAR's smoothing constants
+    (finite, > 0); ``exclude``: a list of weight names or patterns left out
+    (as ``prunable_weights(model, exclude)``). The arguments are checked when
+    the callback is made: a ValueError naming the one at fault. After training starts,
+    ``callback.reg`` is the [`VarRegularizer`][varprune.numerics.regularizers.VarRegularizer] (``reg.lam``,
     ``reg.psi_init``) and ``callback.last_value`` the last step's ``lam * psi``.
     See the module docstring for where it sits relative to clipping,
     accumulation and fp16, and why DeepSpeed and FSDP are refused.

@@ -54,14 +54,26 @@ class VarCallback(VarCallbackBase, pl.Callback):
     ``VarCallback(strength=1.0)``: lambda = strength / psi(w) on the
     LightningModule's prunable weights when training starts; or
     ``VarCallback(lam=1e-6)``. Exactly one of the two. ``r``, ``eps``, ``exclude``
-    as in :class:`varprune.VarRegularizer` and ``prunable_weights``. After the
+    as in [`VarRegularizer`][varprune.numerics.regularizers.VarRegularizer] and ``prunable_weights``, checked
+    when the callback is made (a ValueError naming the argument at fault). After the
     start, ``callback.reg`` is the regularizer and ``callback.last_value`` the
     last step's ``lam * psi``. See the module docstring for its place relative
     to AMP unscaling, clipping and accumulation, and for what is refused.
     """
 
-    def __init__(self, *args, log_term: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        strength: float | None = None,
+        lam: float | None = None,
+        r: float = 1e-8,
+        eps: float = 1e-8,
+        exclude=(),
+        *,
+        log_term: bool = True,
+    ):
+        super().__init__(strength, lam, r, eps, exclude)
+        if not isinstance(log_term, bool):
+            raise ValueError(f"VarCallback: log_term must be True or False, got {log_term!r}")
         self.log_term = log_term
         self._restored_lam: float | None = None
         self._stepped = False

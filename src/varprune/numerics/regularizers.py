@@ -243,11 +243,13 @@ class Regularizer:
 class VarRegularizer(Regularizer):
     """The Variance Amplifying Regularizer: ``lam * sum_l 1 / (Var(|w_l|) + eps)``.
 
-    Two-line use in your own loop::
+    Two-line use in your own loop:
 
-        reg = VarRegularizer(model, lam=1e-6)
-        loss = criterion(model(x), y) + reg()        # autograd path
-        # or, faster: loss.backward(); reg.apply_gradient_()
+    ```python
+    reg = VarRegularizer(model, lam=1e-6)
+    loss = criterion(model(x), y) + reg()        # autograd path
+    # or, faster: loss.backward(); reg.apply_gradient_()
+    ```
 
     Or state the strength relative to the penalty at initialisation:
     ``VarRegularizer.from_strength(model, 0.1)`` chooses ``lam`` so that
