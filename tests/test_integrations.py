@@ -244,6 +244,12 @@ def test_constants_are_checked_on_construction(callback, kwargs, name):
         callback(strength=1.0, **kwargs)
 
 
+def test_lightning_log_term_is_a_bool():
+    with pytest.raises(ValueError, match="log_term must be True or False"):
+        PLVarCallback(strength=1.0, log_term="no")  # a truthy string would log anyway
+    assert PLVarCallback(1.0, log_term=False).log_term is False  # strength is the first argument, as for HF
+
+
 def test_hf_refuses_a_second_var_callback(base, data, tmp_path):
     # two callbacks (even of different arguments) would each add VAR's gradient: refused at Trainer(...)
     with pytest.raises(ValueError, match="more than one VarCallback"):
