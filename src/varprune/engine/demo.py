@@ -24,7 +24,7 @@ from varprune.engine.trained import ensure_run
 from varprune.storage.files import OutputFolder
 
 SIZES = {
-    # the reference setup of ../shared/METHOD.md section 4
+    # the reference measurement's setup (docs/background.md)
     "gpu": dict(
         model="resnet18",
         epochs=15,

@@ -1,6 +1,6 @@
 """Evaluation metrics: classification accuracy, segmentation Dice, IoU, pixel accuracy.
 
-Segmentation scores follow METHOD.md section 7: per class, Dice and IoU are
+Segmentation scores follow MONAI's DiceMetric (include_background=False): per class, Dice and IoU are
 computed from the confusion matrix pooled over the whole evaluated set (every
 pixel of every image counted together; *not* a per-image score averaged over
 images), then averaged over the foreground classes (background, class 0, is

@@ -2,7 +2,7 @@
 
 Each class wraps a base optimizer (``torch.optim.SGD`` in varprune) that does
 the actual update; the wrapper only decides *where* the gradient is taken
-(../shared/METHOD.md section 2). The base optimizer is built on the wrapper's
+(the papers: docs/background.md). The base optimizer is built on the wrapper's
 own ``param_groups`` (the same dicts), so an LR scheduler attached to
 ``opt.base_optimizer`` and a write to ``opt.param_groups[i]["lr"]`` are the
 same thing.

@@ -1,6 +1,6 @@
 """One-shot magnitude pruning (global, layer-wise, N:M) and BatchNorm re-tuning.
 
-Protocol (CrAM convention, ../shared/METHOD.md section 3): global unstructured
+Protocol (CrAM convention, docs/background.md): global unstructured
 magnitude pruning over every prunable weight (first conv and classifier
 included), or layer-wise uniform pruning; sparsity is counted over the pruned
 tensors only. Ties are broken by position so that the number of removed
