@@ -1,8 +1,9 @@
 # The two commands the README names:
-#   make demo        set everything up, then train SGD and VAR on Fashion-MNIST, prune, report
-#   make test        set everything up, check lint and types (make lint), build the docs strictly
-#                    (make docs), then run the whole test
-#                    suite (what CI runs: .ci/run), one worker per core
+#   make demo        set up what the demo needs (scripts/setup.sh --demo: the package without extras and
+#                    Fashion-MNIST), then train SGD and VAR on Fashion-MNIST, prune, report
+#   make test        set everything up (scripts/setup.sh: test and dev extras, the data of every demo and
+#                    test), check lint and types (make lint), build the docs strictly (make docs), then run
+#                    the whole test suite (what CI runs: .ci/run), one worker per core
 # For developers:
 #   make lint        ruff (lint and format check) on src, tests, benchmarks and scripts, and mypy on
 #                    src/varprune (configured in pyproject.toml); `make test` fails on any finding
@@ -15,14 +16,17 @@
 #   make docs        the documentation site (mkdocs-material + mkdocstrings) into site/; --strict: a
 #                    warning (a broken link or anchor, a docstring griffe cannot read) fails the build
 #   make dist        the sdist and the wheel into dist/
-.PHONY: setup demo lint test test-fast bench gpu-data gpu-check docs dist
+.PHONY: setup setup-demo demo lint test test-fast bench gpu-data gpu-check docs dist
 
 FMNIST ?= /usr/share/datasets/fashion-mnist
 
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+setup-demo:
+	bash scripts/setup.sh --demo
+
+demo: setup-demo
 	varprune demo
 
 LINT_PATHS = src tests benchmarks scripts

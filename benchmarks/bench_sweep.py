@@ -23,7 +23,7 @@ the fraction at the reduced size actually run is printed too). This benchmark
 reads "small" as below 0.10.
 
 On CPU the test set and the BNT batches are reduced (printed); on a GPU the
-defaults are the full 10k test set and BNT = 20 batches of 500 (METHOD.md 4).
+defaults are the full 10k test set and BNT = 20 batches of 500 (docs/background.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from varprune.numerics.pruning import MagnitudePruner, keep_mask_topk
 from varprune.numerics.weights import prunable_weights
 
 SMALL_FRACTION = 0.10
-PROTOCOL_BNT = (20, 500)  # batches x images: METHOD.md section 4, `varprune prune`'s default
+PROTOCOL_BNT = (20, 500)  # batches x images: the reference measurement's (docs/background.md), prune's default
 
 
 def timed(fn, device):

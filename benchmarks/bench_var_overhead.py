@@ -12,7 +12,7 @@ and clock drift hit every variant alike:
                     regularizer's _foreach ops fused into a few kernels
 * ``var-autograd``  loss + ``reg()`` through autograd
 * ``var-naive``     loss + a plain per-layer Python loop written the obvious way
-                    (what METHOD.md section 4 measured at +30..60% on an H100)
+                    (what the reference measurement of docs/background.md saw at +30..60% on an H100)
 
 Judged ratio (issue 4): median step time of ``var-fast`` / median step time of
 ``sgd``; target <= 1.05 on CPU (resnet20, batch 128), <= 1.02 on GPU (ResNet-18,

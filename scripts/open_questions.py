@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ["--dataset", "fashion-mnist"]
 STUDIES = {
     "segmentation": {
+        "title": "SGD against VAR on Colin27 segmentation (U-Net)",
         "train": [
             "--dataset",
             "colin27",
@@ -66,6 +67,7 @@ STUDIES = {
         "sweep": ["--sparsities", "0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99"],
     },
     "vit": {
+        "title": "AdamW against AdamW + VAR on a ViT (Fashion-MNIST)",
         # the strength study's ViT (dim 96, depth 6, 3 heads; no BatchNorm) and data budget, on AdamW: what the
         # 2-core CPU fits for 15 runs; 500 steps
         "train": FMNIST
@@ -78,6 +80,7 @@ STUDIES = {
         "sweep": ["--sparsities", "0.8,0.9,0.95"],
     },
     "combinations": {
+        "title": "Six methods on the MLP (Fashion-MNIST): does VAR add to CrAM+ and to SAM?",
         "train": [*FMNIST, "--model", "mlp", "--epochs", "10", "--batch-size", "128"],
         "methods": [
             ("sgd", ["--method", "sgd"]),
@@ -92,6 +95,7 @@ STUDIES = {
     # issue 22's image case: the combinations study's SGD and VAR runs (copied, not retrained), each pruned by
     # magnitude, Wanda and SparseGPT
     "pruners": {
+        "title": "Magnitude, Wanda and SparseGPT on the MLP's SGD and VAR runs (Fashion-MNIST)",
         "runs_from": "combinations",
         "train": [*FMNIST, "--model", "mlp", "--epochs", "10", "--batch-size", "128"],
         "methods": [("sgd", ["--method", "sgd"]), ("var", ["--method", "var", "--var-lambda", "1e-4"])],
@@ -100,6 +104,7 @@ STUDIES = {
     # the flags `varprune demo --task lm` trains with (engine/lmdemo.py, size "cpu"); the text default optimizer
     # is AdamW, so method sgd is the demo's "adamw" run
     "lm": {
+        "title": "GPT-2 on the fortunes: AdamW against AdamW + VAR, pruned by magnitude, Wanda and SparseGPT",
         "train": shlex.split(
             "--dataset fortunes --model gpt2 --seq-len 128 --vocab-size 4096 --epochs 2 --batch-size 32"
         ),
@@ -172,6 +177,22 @@ def ensure(run: Path, train: list[str]) -> str:
     return f"trained {run.name}"
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command as a reader can run it: ``--out``'s folder as ``OUT``, not this machine's path."""
+    shown, skip = ["python", "scripts/open_questions.py"], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--out" and i + 1 < len(argv):
+            shown += ["--out", "OUT"]
+            skip = True
+        elif arg.startswith("--out="):
+            shown.append("--out=OUT")
+        else:
+            shown.append(arg)
+    return shlex.join(shown)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", choices=list(STUDIES))
@@ -212,18 +233,26 @@ def main(argv=None) -> int:
         codes = list(pool.map(lambda r: varprune("prune", r, *spec["sweep"], log=r.parent / f"{r.name}.log"), runs))
     if any(codes):
         raise SystemExit(f"a sweep failed: see the logs in {folder / 'runs'}")
-    with open(folder / "report.md", "w") as f:
-        f.write(f"# {args.study}: `python scripts/open_questions.py {' '.join(sys.argv[1:])}`\n\n")
-        f.write(f"Training flags: `{' '.join(train)}`; seeds {seeds}; sweep `{' '.join(spec['sweep'])}`.\n\n")
-    with open(folder / "report.md", "a") as f:
-        f.flush()
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        rc = subprocess.run(
-            [sys.executable, "-m", "varprune", "report", *runs, "--html", folder / "report.html", "--overwrite"],
-            env=env,
-            stdout=f,
-        ).returncode
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "varprune", "report", *runs, "--html", folder / "report.html", "--overwrite"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rc = done.returncode
+    # the page is published as it is (docs/results/): a title, the command without this machine's paths, the
+    # budget; the tables and findings of `varprune report`, without its line naming the HTML file written here
+    title = spec["title"] + (f" ({args.epochs} epoch{'s' * (args.epochs != 1)})" if args.epochs else "")
+    table = "".join(line for line in done.stdout.splitlines(keepends=True) if not line.startswith("html: "))
+    (folder / "report.md").write_text(
+        f"# {title}\n\n"
+        f"Made by `{shown_command(argv if argv is not None else sys.argv[1:])}` (resumable; `--out` holds the "
+        f"runs and this report).\n\n"
+        f"Training flags: `{' '.join(train)}`; seeds {seeds}; sweep `{' '.join(spec['sweep'])}`.\n\n" + table
+    )
     print((folder / "report.md").read_text())
+    print(f"html: {folder / 'report.html'}")
     print(f"{time.perf_counter() - t0:.0f} s; {folder / 'report.md'}")
     return rc
 

@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Installs everything varprune needs on a fresh machine: the Python package with
-# its test extras, and the data the demos and tests read from Debian packages:
-# Fashion-MNIST (dataset-fashion-mnist), the Colin27 MRI with its AAL labels
-# (mricron-data), the BSD quotations the language-model demo and tests train on (fortunes),
-# and headless Chromium for the HTML report test (optional:
-# that one test is skipped, with its reason, where it cannot be installed).
+# scripts/setup.sh (make test): installs everything varprune's tests need on a fresh
+# machine: the Python package with its test and development extras, and the data the
+# demos and tests read from Debian packages: Fashion-MNIST (dataset-fashion-mnist), the
+# Colin27 MRI with its AAL labels (mricron-data), the BSD quotations the language-model
+# demo and tests train on (fortunes), and headless Chromium for the HTML report test
+# (optional: that one test is skipped, with its reason, where it cannot be installed).
+#
+# scripts/setup.sh --demo (make demo): only what the Fashion-MNIST demo needs: the
+# package without extras (torch, torchvision and the small dependencies) and
+# dataset-fashion-mnist.
+#
+# On a machine without an NVIDIA GPU, install the CPU build of torch first (pip's
+# default torch wheel carries CUDA, several GB):
+#   pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+demo=0
+case "${1:-}" in
+  "") ;;
+  --demo) demo=1 ;;
+  *) echo "setup: unknown option '$1'; use: scripts/setup.sh [--demo]" >&2; exit 2 ;;
+esac
+
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
-[ -f /usr/share/mricron/templates/aal.nii.gz ] || need+=(mricron-data)
-[ -f /usr/share/games/fortunes/fortunes ] || need+=(fortunes)
+if [ "$demo" = 0 ]; then
+  [ -f /usr/share/mricron/templates/aal.nii.gz ] || need+=(mricron-data)
+  [ -f /usr/share/games/fortunes/fortunes ] || need+=(fortunes)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
@@ -22,6 +39,19 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+installed_here() {  # varprune imports from this checkout's src/
+  [ "$(python -c 'import varprune, os; print(os.path.realpath(varprune.__file__))' 2>/dev/null)" \
+    = "$(realpath src/varprune/__init__.py)" ]
+}
+
+if [ "$demo" = 1 ]; then
+  if ! python -c "import torch, torchvision, numpy, safetensors, tqdm, matplotlib, PIL, nibabel" 2>/dev/null || ! installed_here; then
+    echo "setup: pip install -e . (the demo's needs: torch, torchvision and a few small packages)"
+    python -m pip install -q --disable-pip-version-check -e .
+  fi
+  exit 0
+fi
+
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "setup: installing chromium (headless browser for the HTML report test)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
@@ -29,7 +59,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 
 if ! python -c "import varprune, pytest, xdist, hypothesis, scipy, nibabel, monai, timm, PIL, transformers, tokenizers, lightning, ruff, mypy, mkdocs" 2>/dev/null \
-   || [ "$(python -c 'import varprune, os; print(os.path.realpath(varprune.__file__))')" != "$(realpath src/varprune/__init__.py)" ]; then
+   || ! installed_here; then
   echo "setup: pip install -e .[test,dev] (takes torch from the local mirror; a few minutes)"
   python -m pip install -q --disable-pip-version-check -e ".[test,dev]"
 fi

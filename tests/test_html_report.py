@@ -169,3 +169,76 @@ def test_rendered_in_headless_chromium(tmp_path):
     p.feed(dom)
     assert p.tags.count("img") == 2 and p.tags.count("table") == 2
     assert "varprune report" in "".join(p.text)
+
+
+# ---------------------------------------------------------------- wide tables: split, captioned above
+
+
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]  # a sweep to 99%: was cut off after 95%
+
+
+def _prune_doc(seed: int, shift: float) -> dict:
+    acc = lambda s, k: round(0.88 - shift - s * k - 0.003 * seed, 6)  # noqa: E731
+    rows = [{"sparsity": s, "realised_sparsity": s, "accuracy": acc(s, 0.6), "accuracy_bnt": acc(s, 0.3)}
+            for s in SPARSITIES]  # fmt: skip
+    return {"metric": "accuracy", "dense_accuracy": 0.88 - shift - 0.003 * seed, "results": rows}
+
+
+def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of every Markdown table in ``text``, parsed here independently of the code under test."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = [line.strip() for line in block.strip().splitlines() if line.strip().startswith("|")]
+        if lines:
+            cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+            out.append((cells[0], cells[2:]))
+    return out
+
+
+def test_a_wide_sweep_table_is_split_to_fit_and_its_caption_comes_first():
+    from varprune.report.tables import MAX_COLUMNS, markdown_blocks, sweep_table
+
+    runs = [(f"{m} seed {s}", _prune_doc(s, 0.01 * i)) for i, m in enumerate(["sgd", "var", "cram+"]) for s in range(3)]
+    text = sweep_table(runs)
+    assert text.splitlines()[0].startswith("Test accuracy (%) after one-shot magnitude pruning")  # above, not below
+    tables = _tables(text)
+    assert len(tables) > 1 and all(len(head) <= MAX_COLUMNS for head, _ in tables)
+    # every value is in exactly one table, in order, under its own column and on its own run's row
+    columns = [c for head, _ in tables for c in head[1:]]
+    assert columns == ["dense"] + [f"{100 * s:g}%" for s in SPARSITIES]
+    for r, (label, doc) in enumerate(runs):
+        cells = [c for _, rows in tables for c in rows[r][1:]]
+        assert all(rows[r][0] == label for _, rows in tables)
+        expected = [f"{100 * doc['dense_accuracy']:.2f}"] + [
+            f"{100 * x['accuracy_bnt']:.2f} / {100 * x['accuracy']:.2f}" for x in doc["results"]
+        ]
+        assert cells == expected
+    # the HTML page takes one table per block, each drawn whole
+    blocks, rest = markdown_blocks(text)
+    assert len(blocks) == len(tables) and rest == []
+    page = render_html("sweep", [{"heading": "h", "tables": blocks}], configs={}, machine={"host": "m"})
+    assert page.count("<table") == len(tables)
+
+
+def test_a_narrow_table_stays_whole():
+    from varprune.report.tables import sweep_table
+
+    doc = _prune_doc(0, 0.0)
+    doc["results"] = doc["results"][:3]
+    assert len(_tables(sweep_table([("sgd", doc)]))) == 1
+
+
+def test_a_wide_study_table_is_split_with_dense_first_and_time_last():
+    from varprune.report.summary import summarize
+    from varprune.report.tables import MAX_COLUMNS, study_table
+
+    spec = {"methods": ["sgd", "var"], "seeds": [0, 1, 2], "sparsities": SPARSITIES}
+    docs = {(m, s): _prune_doc(s, 0.02 * (m == "var")) for m in spec["methods"] for s in spec["seeds"]}
+    text = study_table(summarize(spec, docs, {"sgd": 1.0, "var": 1.5}))
+    tables = _tables(text)
+    assert len(tables) == 4  # after BN re-tuning and before, each in two parts
+    assert all(len(head) <= MAX_COLUMNS for head, _ in tables)
+    for first, second in (tables[0:2], tables[2:4]):
+        assert first[0][1] == "dense" and second[0][-1] == "time/epoch vs sgd"
+        assert first[0][2:] + second[0][1:-1] == [f"{100 * s:g}%" for s in SPARSITIES]
+        assert [r[-1] for r in second[1]] == ["1.00x", "1.50x"]

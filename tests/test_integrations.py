@@ -9,6 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import contextlib
 import copy
 import importlib
+import json
 import logging
 import sys
 import types
@@ -22,6 +23,8 @@ from varprune.numerics.regularizers import VarRegularizer
 
 transformers = pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
+from transformers.trainer_callback import ExportableState  # noqa: E402
+
 from varprune.integrations import grad_scale  # noqa: E402
 from varprune.integrations.hf import VarCallback as HFVarCallback  # noqa: E402
 from varprune.integrations.lightning import VarCallback as PLVarCallback  # noqa: E402
@@ -162,6 +165,48 @@ def test_hf_resume_keeps_the_lambda_of_the_start(base, data, tmp_path):
     assert_same(again, plain_loop(base, data, reg=True))
 
 
+class VarianceLogger(transformers.TrainerCallback, ExportableState):
+    """Another library's stateful callback that happens to share VarCallback's class name."""
+
+    def state(self):
+        return {"args": {}, "attributes": {"seen": 1}}
+
+
+VarianceLogger.__name__ = VarianceLogger.__qualname__ = "VarCallback"
+
+
+@pytest.mark.parametrize("restore_states", [False, True])
+def test_hf_resume_finds_its_own_lambda_among_states_of_that_name(base, data, tmp_path, restore_states):
+    """The checkpoint lists every state saved under the class name "VarCallback" (at the start, lambda not
+    yet known, then at each save): the resumed callback takes the newest one saved with its arguments."""
+    first = HFVarCallback(strength=STRENGTH)
+    model = copy.deepcopy(base)
+    hf_trainer(model, data, tmp_path, [first, VarianceLogger()], steps=2, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "trainer" / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["VarCallback"]
+    assert len(saved) == 4 and saved[0]["attributes"]["resolved_lam"] is None  # the case: the first has none
+    resumed = HFVarCallback(strength=STRENGTH)
+    again = copy.deepcopy(base)
+    trainer = hf_trainer(
+        again, data, tmp_path, [resumed, VarianceLogger()], restore_callback_states_from_checkpoint=restore_states
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    ours = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, HFVarCallback)]
+    assert len(ours) == 1 and ours[0].reg.lam == first.resolved_lam
+    assert_same(again, plain_loop(base, data, reg=True))
+
+
+def test_hf_resume_with_other_arguments_resolves_anew(base, data, tmp_path):
+    first = HFVarCallback(strength=STRENGTH)
+    model = copy.deepcopy(base)
+    hf_trainer(model, data, tmp_path, [first], steps=2, save_strategy="steps", save_steps=2).train()
+    other = HFVarCallback(strength=2 * STRENGTH)
+    trainer = hf_trainer(copy.deepcopy(base), data, tmp_path, [other])
+    with pytest.warns(UserWarning, match="no lambda of a VarCallback with these arguments"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
+    assert other.reg.lam == VarRegularizer.from_strength(model, 2 * STRENGTH).lam  # on the resumed weights
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -176,6 +221,62 @@ def test_hf_resume_keeps_the_lambda_of_the_start(base, data, tmp_path):
 def test_arguments_are_checked(callback, kwargs, message):
     with pytest.raises(ValueError, match=message):
         callback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(eps=float("inf")), "eps"),  # every term 1 / (V + eps) exactly 0: training without VAR
+        (dict(eps=float("nan")), "eps"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps="1e-8"), "eps"),
+        (dict(r=-1e-8), "r"),
+        (dict(r=float("nan")), "r"),
+        (dict(r=float("inf")), "r"),
+        (dict(exclude="lm_head.weight"), "exclude"),  # a string would be read as one pattern per character
+        (dict(exclude=[3]), "exclude"),
+        (dict(exclude=3), "exclude"),
+    ],
+)
+@pytest.mark.parametrize("callback", [HFVarCallback, PLVarCallback])
+def test_constants_are_checked_on_construction(callback, kwargs, name):
+    with pytest.raises(ValueError, match=rf"^VarCallback: (VAR's )?{name} must be"):
+        callback(strength=1.0, **kwargs)
+
+
+def test_lightning_log_term_is_a_bool():
+    with pytest.raises(ValueError, match="log_term must be True or False"):
+        PLVarCallback(strength=1.0, log_term="no")  # a truthy string would log anyway
+    assert PLVarCallback(1.0, log_term=False).log_term is False  # strength is the first argument, as for HF
+
+
+def test_hf_refuses_a_second_var_callback(base, data, tmp_path):
+    # two callbacks (even of different arguments) would each add VAR's gradient: refused at Trainer(...)
+    with pytest.raises(ValueError, match="more than one VarCallback"):
+        hf_trainer(copy.deepcopy(base), data, tmp_path, [HFVarCallback(strength=1.0), HFVarCallback(lam=1e-6)])
+    one = HFVarCallback(strength=1.0)
+    with pytest.raises(ValueError, match="more than one VarCallback"):  # the same one listed twice
+        hf_trainer(copy.deepcopy(base), data, tmp_path, [one, one])
+    # one added after Trainer(...): refused when training starts, before any step
+    model = copy.deepcopy(base)
+    trainer = hf_trainer(model, data, tmp_path, [HFVarCallback(strength=1.0)])
+    trainer.add_callback(HFVarCallback(strength=2.0))
+    with pytest.raises(ValueError, match="more than one VarCallback"):
+        trainer.train()
+    assert_same(model, base)
+    assert trainer.state.global_step == 0
+
+
+def test_lightning_refuses_a_second_var_callback(base, data):
+    class Mine(PLVarCallback):  # another class: Lightning's own check of duplicate state keys lets it pass
+        pass
+
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="more than one VarCallback"):
+        pl_fit(model, data, [PLVarCallback(strength=1.0), Mine(lam=1e-6)])
+    assert_same(model, base)
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `VarCallback`"):
+        pl_fit(model, data, [PLVarCallback(strength=1.0), PLVarCallback(lam=1e-6)])  # refused by Lightning
 
 
 @pytest.mark.parametrize(
@@ -329,6 +430,24 @@ def test_lightning_resume_keeps_the_lambda_of_the_start(base, data, tmp_path):
     pl_fit(again, data, [resumed], steps=STEPS, ckpt_path=tmp_path / "two.ckpt")
     assert resumed.reg.lam == first.resolved_lam
     assert resumed.reg.lam != VarRegularizer.from_strength(model, STRENGTH).lam
+
+
+def test_lightning_resume_takes_only_the_lambda_of_its_arguments(base, data, tmp_path):
+    first = PLVarCallback(strength=STRENGTH)
+    model = copy.deepcopy(base)
+    trainer = pl_fit(model, data, [first], steps=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    other = PLVarCallback(strength=2 * STRENGTH)
+    with pytest.warns(UserWarning, match="belongs to a VarCallback with other arguments"):
+        pl_fit(copy.deepcopy(base), data, [other], steps=STEPS, ckpt_path=tmp_path / "two.ckpt")
+    assert other.reg.lam == VarRegularizer.from_strength(model, 2 * STRENGTH).lam  # on the resumed weights
+    # a checkpoint of varprune 0.3 (its state has no arguments) keeps its lambda, as it did
+    checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    del checkpoint["callbacks"]["VarCallback"]["args"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = PLVarCallback(strength=STRENGTH)
+    pl_fit(copy.deepcopy(base), data, [resumed], steps=STEPS, ckpt_path=tmp_path / "old.ckpt")
+    assert resumed.reg.lam == first.resolved_lam
 
 
 @pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy"])

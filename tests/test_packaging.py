@@ -1,15 +1,19 @@
 """The wheel users install: built from the source, installed into a fresh virtual environment, and run from there.
 
 The machine may hold an editable install of varprune (a ``.pth`` line that puts some checkout's ``src`` on
-``sys.path``). The venv is created with ``--system-site-packages`` so torch and the other dependencies come from
-the system and nothing is downloaded (``pip install --no-deps --no-index``); its own site-packages comes before
-the system's on ``sys.path``, so the wheel must shadow the editable copy. The test does not take that on trust:
-every command runs outside the checkout with ``PYTHONPATH`` removed, and each one says which copy answered.
+``sys.path``). Nothing is downloaded (``pip install --no-deps --no-index``): torch and the other dependencies
+come from wherever the interpreter running the tests finds them, through a ``.pth`` file in the new venv that
+adds that interpreter's site-packages (and so their own ``.pth`` files) after the venv's own. Not
+``--system-site-packages``: run from inside a venv, that means the base Python's site-packages, not the venv's
+where the dependencies are (issue 26). The venv's own site-packages comes first on ``sys.path``, so the wheel
+must shadow the editable copy. The test does not take that on trust: every command runs outside the checkout
+with ``PYTHONPATH`` removed, and each one says which copy answered.
 """
 
 import ast
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +79,7 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     # without isolation (no index needed) but with torch made unimportable: building must not import it
     tree = tmp_path / "tree"
     tree.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(SRC, tree / "src" / "varprune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     blocker = tmp_path / "blocker" / "torch"
@@ -96,10 +100,14 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         p.relative_to(SRC.parent).as_posix() for p in SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     }
     assert source - shipped == set(), f"not in the wheel: {sorted(source - shipped)}"
+    assert f"varprune-{version}.dist-info/licenses/LICENSE" in shipped, "the wheel carries no LICENSE"
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python, script = venv / "bin" / "python", venv / "bin" / "varprune"
+    own = run([python, "-c", "import site; print(site.getsitepackages()[0])"], cwd=tmp_path).stdout.strip()
+    ours = [str(Path(d)) for d in site.getsitepackages()]  # where this interpreter's dependencies are
+    (Path(own) / "zz-test-dependencies.pth").write_text(f"import site; list(map(site.addsitedir, {ours!r}))\n")
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
     package = (venv / "lib").resolve()
 
@@ -122,3 +130,33 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         assert {"SAM", "CrAM", "S2SAM", "frozen_bn_stats", "is_two_pass"} <= set(found["optim"])
         outside = {k: v for k, v in found["loaded"].items() if not Path(v).resolve().is_relative_to(package)}
         assert not outside, f"loaded from outside the venv: {outside}"
+
+
+def test_the_sdist_ships_the_tests_and_what_they_need(tmp_path):
+    """An sdist is the source users can test: every file of tests/ (conftest.py and the helpers the tests
+    import among them), what the tests read (docs/, CHANGELOG.md), the LICENSE and what the README names."""
+    import tarfile
+
+    tree = tmp_path / "tree"
+    junk = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.egg-info", "site", "runs", "build", "dist")
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CHANGELOG.md", "Makefile", "mkdocs.yml"):
+        tree.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    for folder in ("src", "tests", "docs", "scripts", "benchmarks"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=junk)
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", dist, tree], cwd=tmp_path)
+    (sdist,) = dist.glob("*.tar.gz")
+    top = f"varprune-{source_version()}/"
+    with tarfile.open(sdist) as archive:
+        shipped = {name.removeprefix(top) for name in archive.getnames()}
+    wanted = {
+        p.relative_to(tree).as_posix()
+        for folder in ("tests", "docs", "scripts")
+        for p in (tree / folder).rglob("*")
+        if p.is_file()
+    }
+    assert {"tests/conftest.py", "tests/helpers.py", "docs/api.md"} <= wanted  # the check checks something
+    assert wanted - shipped == set(), f"not in the sdist: {sorted(wanted - shipped)}"
+    assert {"LICENSE", "CHANGELOG.md", "Makefile", "mkdocs.yml", "benchmarks/common.py"} <= shipped
+    assert not [name for name in shipped if "__pycache__" in name or name.endswith(".pyc")]

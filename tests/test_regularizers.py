@@ -181,8 +181,11 @@ def test_bad_arguments_are_rejected():
     w = torch.randn(3, 3)
     with pytest.raises(ValueError, match="lam|strength"):
         VarRegularizer([w], lam=-1.0)
-    with pytest.raises(ValueError, match="r > 0"):
-        VarRegularizer([w], lam=1.0, r=0.0)
+    # eps = inf made every term 1 / (V + eps) exactly 0 (training without VAR), NaN made it NaN
+    for constants in (dict(r=0.0), dict(r=-1e-8), dict(r=float("nan")), dict(eps=float("inf")), dict(eps=float("nan"))):
+        (name,) = constants
+        with pytest.raises(ValueError, match=rf"VAR's {name} must be a finite number > 0"):
+            VarRegularizer([w], lam=1.0, **constants)
     with pytest.raises(ValueError, match="no prunable"):
         VarRegularizer(torch.nn.BatchNorm2d(3), lam=1.0)
 

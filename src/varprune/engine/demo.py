@@ -27,7 +27,7 @@ from varprune.errors import RunError
 from varprune.storage.files import OutputFolder
 
 SIZES = {
-    # the reference setup of ../shared/METHOD.md section 4
+    # the reference measurement's setup (docs/background.md)
     "gpu": dict(
         model="resnet18",
         epochs=15,

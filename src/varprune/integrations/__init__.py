@@ -1,4 +1,4 @@
-"""VAR in a trainer you already use: thin callbacks over :class:`varprune.VarRegularizer`.
+"""VAR in a trainer you already use: thin callbacks over ``varprune.VarRegularizer``.
 
 * ``from varprune.integrations.hf import VarCallback``: Hugging Face ``Trainer``
   (``pip install 'varprune[hf]'``);
@@ -47,11 +47,40 @@ class VarCallbackBase:
             raise ValueError(f"VarCallback: {which} must be a finite number >= 0, got {value!r}")
         self.strength = None if strength is None else float(strength)
         self.lam = None if lam is None else float(lam)
-        self.r, self.eps = float(r), float(eps)
-        self.exclude = list(exclude)
+        try:
+            self.r, self.eps = VarRegularizer.check_constants(r, eps)
+        except ValueError as e:
+            raise ValueError(f"VarCallback: {e}") from None
+        try:
+            names = None if isinstance(exclude, str) else list(exclude)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(x, str) for x in names):
+            raise ValueError(
+                f"VarCallback: exclude must be a list of weight names or patterns (exclude=['fc.*']), got {exclude!r}"
+            )
+        self.exclude: list[str] = names
         self.reg: VarRegularizer | None = None  # built when training starts
         self.resolved_lam: float | None = None  # the lambda in use (saved with checkpoints)
         self.last_value: torch.Tensor | None = None  # lam * psi at the last step (a device tensor)
+
+    def args(self) -> dict:
+        """The arguments that make this callback: the key its saved lambda is found by on resume."""
+        return {"strength": self.strength, "lam": self.lam, "r": self.r, "eps": self.eps, "exclude": self.exclude}
+
+    def own_saved_lam(self, saved) -> float | None:
+        """The lambda a checkpoint saved for a callback made with this one's arguments (the newest such), or None.
+
+        ``saved``: one saved state or a list of them, each ``{"args": ..., "attributes": {"resolved_lam": ...}}``.
+        Keyed by the arguments, not by position: a Trainer's checkpoint can hold several states of one callback
+        class (transformers appends each save's states to those of the start, when lambda was not yet known)."""
+        for entry in reversed(saved if isinstance(saved, list) else [saved]):
+            if not isinstance(entry, dict) or entry.get("args") != self.args():
+                continue
+            value = (entry.get("attributes") or {}).get("resolved_lam")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
 
     def _resolve(self, model: nn.Module, saved_lam: float | None = None) -> VarRegularizer:
         """Build the regularizer on ``model``'s trainable prunable weights; ``saved_lam`` (a resumed run's) wins.

@@ -37,15 +37,18 @@ Hence:
 
 Lambda is resolved in ``on_train_begin`` (after a checkpoint's weights are
 loaded), on the weights of that moment: ``lam = strength / psi(w)``. It is
-saved with checkpoints (``trainer_state.json``, ``stateful_callbacks``), and a
-resumed run takes the saved lambda instead of resolving again on trained
-weights. The VAR term ``lam * psi`` of the last step goes into the Trainer's
+saved with checkpoints (``trainer_state.json``, ``stateful_callbacks``, with
+the callback's arguments), and a resumed run takes the lambda saved by a
+VarCallback of the same arguments instead of resolving again on trained
+weights. A second VarCallback in one Trainer is refused: VAR would be applied
+twice. The VAR term ``lam * psi`` of the last step goes into the Trainer's
 ``log_history`` (key ``var_term``) at each logging step (one host read there).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 from varprune.integrations import VarCallbackBase, grad_scale, refuse_sharded
 
@@ -72,12 +75,18 @@ def _refuse(args, model) -> None:
     refuse_sharded(model, "this sharding")
 
 
-def _saved_lam(state, name: str) -> float | None:
-    saved = (getattr(state, "stateful_callbacks", None) or {}).get(name)
-    if isinstance(saved, list):
-        saved = saved[0] if saved else None
-    value = saved.get("attributes", {}).get("resolved_lam") if isinstance(saved, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None
+def _claim(state) -> None:
+    """Refuse a second VarCallback in one Trainer: each would add VAR's gradient, applying it twice.
+
+    Each hook below runs once per callback in the Trainer's list, on one TrainerState (made afresh by
+    ``Trainer(...)`` and by every ``train()``): a second call on the same state is a second VarCallback, or
+    the same one listed twice. The mark is an attribute, not a dataclass field: trainer_state.json omits it."""
+    if getattr(state, "_varprune_var_callback", False):
+        raise ValueError(
+            "VarCallback: this Trainer has more than one VarCallback, and each would add VAR's gradient "
+            "(VAR twice); pass one (its exclude= chooses the weights)"
+        )
+    state._varprune_var_callback = True
 
 
 class VarCallback(VarCallbackBase, TrainerCallback, ExportableState):
@@ -85,27 +94,36 @@ class VarCallback(VarCallbackBase, TrainerCallback, ExportableState):
 
     ``VarCallback(strength=1.0)``: lambda = strength / psi(w) at the start of
     training (``VarRegularizer.from_strength``); or ``VarCallback(lam=1e-6)``.
-    Exactly one of the two. ``r``, ``eps``: VAR's smoothing constants;
-    ``exclude``: weight names or patterns left out (as
-    ``prunable_weights(model, exclude)``). After training starts,
-    ``callback.reg`` is the :class:`~varprune.VarRegularizer` (``reg.lam``,
+    Exactly one of the two. ``r``, ``eps``: VAR's smoothing constants
+    (finite, > 0); ``exclude``: a list of weight names or patterns left out
+    (as ``prunable_weights(model, exclude)``). The arguments are checked when
+    the callback is made: a ValueError naming the one at fault. After training starts,
+    ``callback.reg`` is the [`VarRegularizer`][varprune.numerics.regularizers.VarRegularizer] (``reg.lam``,
     ``reg.psi_init``) and ``callback.last_value`` the last step's ``lam * psi``.
     See the module docstring for where it sits relative to clipping,
     accumulation and fp16, and why DeepSpeed and FSDP are refused.
     """
 
     def state(self) -> dict:
-        return {
-            "args": {"strength": self.strength, "lam": self.lam, "r": self.r, "eps": self.eps, "exclude": self.exclude},
-            "attributes": {"resolved_lam": self.resolved_lam},
-        }
+        return {"args": self.args(), "attributes": {"resolved_lam": self.resolved_lam}}
+
+    def on_init_end(self, args, state, control, **kwargs):
+        _claim(state)  # at Trainer(...): the earliest a second VarCallback is seen
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise RuntimeError("VarCallback: the Trainer passed no model to on_train_begin")
         _refuse(args, model)
-        saved = _saved_lam(state, type(self).__name__) if state.global_step > 0 else None
-        self._resolve(model, saved)
+        _claim(state)  # again: add_callback() can add one after Trainer(...)
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step > 0 else None
+        lam = self.own_saved_lam(saved) if saved else None
+        if saved and lam is None:
+            warnings.warn(
+                "VarCallback: the checkpoint holds no lambda of a VarCallback with these arguments "
+                f"({self.args()}); lambda is resolved anew, on the resumed weights",
+                stacklevel=2,
+            )
+        self._resolve(model, lam)
         self.last_value = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):

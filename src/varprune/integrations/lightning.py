@@ -26,13 +26,16 @@ refused: each step would add the whole model's VAR gradient.
 
 Lambda is resolved in ``on_train_start``, after a checkpoint (weights and
 this callback's state) is restored, on the weights of that moment; it is
-saved in checkpoints (``state_dict``), and a resumed run keeps it. The VAR
+saved in checkpoints (``state_dict``, with the callback's arguments), and a
+resumed run with the same arguments keeps it. A second VarCallback in one
+Trainer is refused: VAR would be applied twice. The VAR
 term ``lam * psi`` is logged as ``var_term`` after each optimizer step
 (``pl_module.log``: a device tensor, no host read).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from varprune.integrations import VarCallbackBase, grad_scale, refuse_sharded
@@ -51,14 +54,26 @@ class VarCallback(VarCallbackBase, pl.Callback):
     ``VarCallback(strength=1.0)``: lambda = strength / psi(w) on the
     LightningModule's prunable weights when training starts; or
     ``VarCallback(lam=1e-6)``. Exactly one of the two. ``r``, ``eps``, ``exclude``
-    as in :class:`varprune.VarRegularizer` and ``prunable_weights``. After the
+    as in [`VarRegularizer`][varprune.numerics.regularizers.VarRegularizer] and ``prunable_weights``, checked
+    when the callback is made (a ValueError naming the argument at fault). After the
     start, ``callback.reg`` is the regularizer and ``callback.last_value`` the
     last step's ``lam * psi``. See the module docstring for its place relative
     to AMP unscaling, clipping and accumulation, and for what is refused.
     """
 
-    def __init__(self, *args, log_term: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        strength: float | None = None,
+        lam: float | None = None,
+        r: float = 1e-8,
+        eps: float = 1e-8,
+        exclude=(),
+        *,
+        log_term: bool = True,
+    ):
+        super().__init__(strength, lam, r, eps, exclude)
+        if not isinstance(log_term, bool):
+            raise ValueError(f"VarCallback: log_term must be True or False, got {log_term!r}")
         self.log_term = log_term
         self._restored_lam: float | None = None
         self._stepped = False
@@ -66,6 +81,11 @@ class VarCallback(VarCallbackBase, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if sum(isinstance(cb, VarCallbackBase) for cb in getattr(trainer, "callbacks", ())) > 1:
+            raise ValueError(
+                "VarCallback: this Trainer has more than one VarCallback, and each would add VAR's gradient "
+                "(VAR twice); pass one (its exclude= chooses the weights)"
+            )
         kind = type(trainer.strategy).__name__
         if kind in _SHARDED:
             raise ValueError(
@@ -96,11 +116,18 @@ class VarCallback(VarCallbackBase, pl.Callback):
         self._stepped = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"resolved_lam": self.resolved_lam, "strength": self.strength, "lam": self.lam}
+        return {"resolved_lam": self.resolved_lam, "strength": self.strength, "lam": self.lam, "args": self.args()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        value = state_dict.get("resolved_lam")
-        self._restored_lam = float(value) if isinstance(value, (int, float)) else None
+        # keyed by the arguments (a checkpoint of varprune <= 0.3 has none: its lambda is taken as before)
+        entry = {"args": state_dict.get("args", self.args()), "attributes": state_dict}
+        self._restored_lam = self.own_saved_lam(entry)
+        if self._restored_lam is None and state_dict.get("resolved_lam") is not None:
+            warnings.warn(
+                f"VarCallback: the checkpoint's lambda belongs to a VarCallback with other arguments "
+                f"({state_dict.get('args')}); lambda is resolved anew, on the resumed weights",
+                stacklevel=2,
+            )
 
 
 __all__ = ["VarCallback"]

@@ -10,14 +10,14 @@ not fit its dataset before building it:
   ``.logits`` of shape ``(N, T, vocab_size)``) and ``"text-classification"``
   (``.logits`` of shape ``(N, num_classes)``); builders are
   ``fn(vocab_size, max_positions, num_classes, bos_token_id, eos_token_id,
-  pad_token_id, **options)``. The data-dependent sizes (:data:`TEXT_SIZES`)
-  reach them as keywords of :func:`create_model`
+  pad_token_id, **options)``. The data-dependent sizes (`TEXT_SIZES`)
+  reach them as keywords of `create_model`
   (``create_model("gpt2", vocab_size=tok.get_vocab_size(), max_positions=seq_len)``);
   ``in_channels`` and ``image_size`` are ignored there.
 
 Keyword options (``width=``, ``depth=``, ``n_layer=``...) are forwarded to the
-builder; an option the builder does not take is a :class:`ModelError`. The
-data-dependent arguments are never options (:func:`model_options` does not
+builder; an option the builder does not take is a `ModelError`. The
+data-dependent arguments are never options (`model_options` does not
 list them).
 """
 
@@ -50,7 +50,7 @@ def register_model(name: str, description: str, task: str = "classification"):
     (a text task's builder: ``fn(vocab_size, max_positions, num_classes, bos_token_id, eos_token_id,
     pad_token_id, **options)``).
 
-    ``task`` is one of :data:`TASKS`. Keyword arguments of the builder beyond
+    ``task`` is one of `TASKS`. Keyword arguments of the builder beyond
     the base ones of its task are the model's options.
     """
     if task not in TASKS:
@@ -126,7 +126,7 @@ def describe_models(task: str | None = None) -> dict[str, str]:
 def model_task(name: str) -> str:
     """The task a model is for (timm models: classification).
 
-    ``hf:<dir>`` folders can serve both text tasks (:func:`model_tasks`); this
+    ``hf:<dir>`` folders can serve both text tasks (`model_tasks`); this
     is the one the folder was saved for: ``"text-classification"`` for a
     ``...ForSequenceClassification`` or an encoder, else ``"language-modeling"``.
     """
@@ -170,13 +170,13 @@ def model_options(name: str) -> dict[str, object]:
 def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **options) -> nn.Module:
     """Build a registered model for ``in_channels`` x ``image_size`` px inputs.
 
-    ``options`` go to the model's builder (see :func:`model_options`); an option
-    the model does not take raises :class:`ModelError` naming the ones it does.
+    ``options`` go to the model's builder (see `model_options`); an option
+    the model does not take raises `ModelError` naming the ones it does.
     ``timm:<name>`` builds timm model ``<name>`` (models/timm_adapter.py).
 
     Text models (``gpt2``, ``llama``, ``bert``, ``hf:<dir>``; models/hf.py)
     take their data-dependent sizes as keywords among ``options``
-    (:data:`TEXT_SIZES`: ``vocab_size``, ``max_positions``, ``pad_token_id``...;
+    (`TEXT_SIZES`: ``vocab_size``, ``max_positions``, ``pad_token_id``...;
     ``hf:<dir>`` also ``task``), ``num_classes`` as the number of labels of a
     text classifier, and ignore ``in_channels`` and ``image_size``.
     """

@@ -5,7 +5,7 @@ Both return logits of shape ``(N, num_classes, H, W)`` for inputs of shape
 hold every weight that multiplies activations in an ``nn.Conv2d`` or
 ``nn.ConvTranspose2d`` (the final 1x1 classifier conv included), so
 ``varprune.weights.prunable_weights`` sees all of them, as the segmentation
-protocol (METHOD.md section 7) asks.
+protocol (docs/background.md) asks.
 
 Input sizes: the encoders halve the resolution ``depth`` times (3 for
 ``unet_resnet18``), so H and W must be multiples of ``2**depth`` for the skip

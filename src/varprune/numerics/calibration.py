@@ -5,13 +5,13 @@ feature; SparseGPT: ``X Xᵀ``), taken on inputs that the *already pruned* earli
 (the references' sequential protocol). This module finds the layers, views every weight as a matrix
 ``(out, in)`` with matching input rows, and drives the calibration:
 
-* **Matrix view** (:class:`Target`): ``nn.Linear`` as it is; GPT-2's ``Conv1D`` (stored ``(in, out)``) as its
+* **Matrix view** (`Target`): ``nn.Linear`` as it is; GPT-2's ``Conv1D`` (stored ``(in, out)``) as its
   transpose; ``nn.Conv1d/2d/3d`` (``groups=1``) as ``(out, in*k...)`` with unfolded inputs, so that
   ``conv(x) = rows @ W.T + b``. Other prunable weights fall back to magnitude pruning at the same setting,
   the reason recorded: grouped and transposed convolutions, ``nn.MultiheadAttention``'s packed projections
   and ``out_proj`` (its parent uses the weight directly: the layer never runs), recurrent weights,
   ``nn.Bilinear``, linear classes that are not ``nn.Linear``, any layer not called in a forward pass.
-* **Block stack** (:func:`find_block_stack`): the longest ``nn.ModuleList``/``nn.Sequential`` of two or
+* **Block stack** (`find_block_stack`): the longest ``nn.ModuleList``/``nn.Sequential`` of two or
   more children of one class (not itself a container class) in which every child holds a pruned weight
   and the children together hold at least half of the pruned tensors (``transformer.h`` of GPT-2,
   ``model.layers`` of Llama, ``blocks`` of varprune's ViT; no CNN or MLP of this package qualifies). It is
@@ -206,7 +206,7 @@ def find_block_stack(model: nn.Module, names: Iterable[str]) -> tuple[str, list[
 
 
 class _Stop(Exception):
-    """Raised by a hook to end a forward pass early; caught by :func:`_run_model`."""
+    """Raised by a hook to end a forward pass early; caught by `_run_model`."""
 
 
 def materialise_batches(batches, device: torch.device) -> list:

@@ -1,15 +1,15 @@
 """Masked fine-tuning: keep pruned weights at exactly zero through any optimizer.
 
-A :class:`MaskKeeper` holds one keep-mask per pruned parameter (True = kept)
+A `MaskKeeper` holds one keep-mask per pruned parameter (True = kept)
 and enforces it three ways:
 
 * a gradient hook on each masked parameter zeroes the pruned entries of every
   gradient autograd produces for it (``hooks=True``, the default), so a
   wrapper that runs its own backward passes inside ``step`` (SAM, CrAM,
   S2-SAM) only ever sees masked gradients and never perturbs a pruned weight;
-* :meth:`MaskKeeper.mask_grads_` does the same to ``.grad`` explicitly (for
+* `MaskKeeper.mask_grads_` does the same to ``.grad`` explicitly (for
   ``hooks=False``, or gradients written by hand);
-* :meth:`MaskKeeper.apply_` zeroes the pruned weights, and given the
+* `MaskKeeper.apply_` zeroes the pruned weights, and given the
   optimizer, the pruned entries of every state buffer shaped like the
   parameter (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, S2-SAM's ``prev_grad``), in the wrapper's own state and

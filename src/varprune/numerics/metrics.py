@@ -1,6 +1,6 @@
 """Evaluation metrics: classification accuracy, segmentation Dice, IoU, pixel accuracy.
 
-Segmentation scores follow METHOD.md section 7: per class, Dice and IoU are
+Segmentation scores follow MONAI's DiceMetric (include_background=False): per class, Dice and IoU are
 computed from the confusion matrix pooled over the whole evaluated set (every
 pixel of every image counted together; *not* a per-image score averaged over
 images), then averaged over the foreground classes (background, class 0, is
@@ -14,10 +14,10 @@ predicted somewhere scores Dice 0 and counts. MONAI's ``DiceMetric`` with
 predicted or not; ``exclude_empty="target"`` reproduces that rule. If no class
 remains, the mean is NaN.
 
-:class:`SegConfusion` and :class:`ClassificationCounter` accumulate on the
+`SegConfusion` and `ClassificationCounter` accumulate on the
 device: ``update`` never synchronises with the host; ``result`` reads the
 counts once. Labels out of range are counted in a separate bin and reported by
-``result`` as a :class:`MetricError`. For several processes, all-reduce (sum)
+``result`` as a `MetricError`. For several processes, all-reduce (sum)
 ``counter.counts`` before ``result()``.
 """
 
@@ -62,7 +62,7 @@ def confusion_matrix(pred, target, num_classes: int) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts: entry ``[t, p]`` counts pixels of target ``t`` predicted ``p``.
 
     ``pred`` and ``target`` are integer label maps of the same shape (any number
-    of dims), values in ``[0, num_classes)``; otherwise :class:`MetricError`.
+    of dims), values in ``[0, num_classes)``; otherwise `MetricError`.
     The matrix is on the inputs' device.
     """
     num_classes = _check_num_classes(num_classes)
@@ -129,7 +129,7 @@ def dice_score(pred, target, num_classes: int, include_background: bool = False,
     of the input at once. The mean leaves out background (class 0) unless
     ``include_background`` and classes left out by ``exclude_empty`` (see the
     module docstring); it is NaN when no class remains. Bad shapes, float
-    labels or labels out of range raise :class:`MetricError` (a ValueError).
+    labels or labels out of range raise `MetricError` (a ValueError).
     """
     return scores_from_confusion(confusion_matrix(pred, target, num_classes), include_background, exclude_empty)["dice"]
 
@@ -141,7 +141,7 @@ class SegConfusion:
     logits with the class dimension at dim 1 (``(N, C, ...)`` for a target
     ``(N, ...)``, reduced by argmax); it adds to an int64 count tensor without
     any host synchronisation. ``result()`` syncs once and returns
-    :func:`scores_from_confusion`'s dict (``dice`` is the primary metric).
+    `scores_from_confusion`'s dict (``dice`` is the primary metric).
     ``counts`` holds ``num_classes**2 + 1`` int64 counts (the last one counts
     pixels whose labels were out of range; ``result`` raises if it is not 0).
     """

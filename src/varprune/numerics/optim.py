@@ -2,7 +2,7 @@
 
 Each class wraps a base optimizer (``torch.optim.SGD`` in varprune) that does
 the actual update; the wrapper only decides *where* the gradient is taken
-(../shared/METHOD.md section 2). The base optimizer is built on the wrapper's
+(the papers: docs/background.md). The base optimizer is built on the wrapper's
 own ``param_groups`` (the same dicts), so an LR scheduler attached to
 ``opt.base_optimizer`` and a write to ``opt.param_groups[i]["lr"]`` are the
 same thing.
@@ -112,7 +112,7 @@ def _keep_masks(
 
     Ties go by position (the earlier of two equal magnitudes is pruned first,
     as a stable argsort would) so the realised sparsity is always the
-    requested one. The selection is :func:`varprune.pruning.keep_mask_topk`:
+    requested one. The selection is [`keep_mask_topk`][varprune.numerics.pruning.keep_mask_topk]:
     a histogram radix-select on the magnitudes' bit patterns on CPU, an
     integer sort without host synchronisation elsewhere. ``dtype``: bool, or
     a floating dtype for 0/1 masks to multiply by. ``buffers``: a dict the

@@ -1,6 +1,6 @@
 """One-shot magnitude pruning (global, layer-wise, N:M) and BatchNorm re-tuning.
 
-Protocol (CrAM convention, ../shared/METHOD.md section 3): global unstructured
+Protocol (CrAM convention, docs/background.md): global unstructured
 magnitude pruning over every prunable weight (first conv and classifier
 included), or layer-wise uniform pruning; sparsity is counted over the pruned
 tensors only. Ties are broken by position so that the number of removed
@@ -13,10 +13,10 @@ How the masks are found. Non-negative IEEE floats order like their bit
 patterns read as integers, so the magnitudes are viewed as int32 (int64 for
 float64) and compared as integers:
 
-* :class:`MagnitudePruner` (a sweep over sparsities) sorts the bit patterns
+* `MagnitudePruner` (a sweep over sparsities) sorts the bit patterns
   once, values only (an integer sort: radix on CPU and CUDA), and reads every
   sparsity's mask as one comparison with the k-th value;
-* :func:`keep_mask_topk` (one mask, e.g. CrAM's every step) finds the k-th
+* `keep_mask_topk` (one mask, e.g. CrAM's every step) finds the k-th
   value on CPU by a histogram radix-select (a 16-bit then a 15-bit digit: two
   ``bincount`` passes, the second over the few candidates left), and on other
   devices from an integer sort without a host synchronisation.
@@ -24,10 +24,10 @@ float64) and compared as integers:
 Only where equal magnitudes straddle the cut is position consulted: the
 earliest of the values equal to the k-th one are pruned, so that exactly k are.
 
-N:M semi-structured masks (:func:`nm_masks`, :func:`prune_nm`) keep the N
+N:M semi-structured masks (`nm_masks`, `prune_nm`) keep the N
 largest magnitudes in every group of M consecutive weights along the input
 dimension; they have no sparsity knob, so they are separate functions rather
-than a mode of :class:`MagnitudePruner`.
+than a mode of `MagnitudePruner`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class PruningError(ValueError):
 
 
 def check_sparsity(sparsity: float) -> float:
-    """``float(sparsity)`` if it lies in [0, 1); else :class:`PruningError`."""
+    """``float(sparsity)`` if it lies in [0, 1); else `PruningError`."""
     s = float(sparsity)
     if not 0.0 <= s < 1.0:
         raise PruningError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -152,7 +152,7 @@ def _radix_select(bits: torch.Tensor, k: int, scratch: torch.Tensor | None = Non
 
 
 def _keep_mask_sorted_nosync(bits: torch.Tensor, sorted_bits: torch.Tensor, k: int) -> torch.Tensor:
-    """Same mask as :func:`keep_mask_topk`, from the sorted bit patterns, with no host synchronisation."""
+    """Same mask as `keep_mask_topk`, from the sorted bit patterns, with no host synchronisation."""
     kth = sorted_bits[k - 1]
     n_less = torch.searchsorted(sorted_bits, kth.reshape(1))
     keep = bits > kth
@@ -179,7 +179,7 @@ def keep_mask_topk(
 
     ``method``: ``"radix"`` (histogram radix-select; host syncs; the default
     on CPU), ``"sort"`` (an integer sort, no host sync; the default elsewhere),
-    or ``"auto"``. Negative inputs raise :class:`PruningError` with ``"radix"``
+    or ``"auto"``. Negative inputs raise `PruningError` with ``"radix"``
     and give a meaningless mask with ``"sort"``: pass magnitudes.
 
     ``dtype``: the mask's dtype, ``torch.bool`` or a floating dtype (1 kept,
@@ -251,7 +251,7 @@ class MagnitudePruner:
     Magnitudes are compared in float64 when any pruned tensor is float64
     (per tensor for layer-wise), else in float32.
 
-    Raises :class:`PruningError` for an unknown scope, nothing to prune, or
+    Raises `PruningError` for an unknown scope, nothing to prune, or
     NaN weights.
     """
 
@@ -376,7 +376,7 @@ _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 def parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
     """``"2:4" -> (2, 4)``: keep N of every M. Requires integers with 0 < N < M.
 
-    A ``(n, m)`` pair is validated the same way. Raises :class:`PruningError`.
+    A ``(n, m)`` pair is validated the same way. Raises `PruningError`.
     """
     if isinstance(pattern, str):
         match = _PATTERN.match(pattern)
@@ -396,7 +396,7 @@ def parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
 def stores_transposed(module: nn.Module) -> bool:
     """True for a layer whose weight is stored ``(in, out)`` and used as ``x @ W``: transformers' ``Conv1D``.
 
-    Recognised by class name (GPT-2's family), as :mod:`varprune.numerics.weights` does, so that
+    Recognised by class name (GPT-2's family), as `varprune.numerics.weights` does, so that
     nothing here imports transformers. Every other prunable weight is ``(out, in, ...)``.
     """
     return type(module).__name__ == "Conv1D"
@@ -446,14 +446,14 @@ def nm_masks(model_or_named, n: int, m: int, exclude: Iterable[str] = ()) -> tup
     PyTorch's row-major order); every group of ``m`` consecutive entries
     along it keeps its ``n`` largest magnitudes. Given a model, a weight
     stored transposed as ``(in, out)`` (GPT-2's ``Conv1D``, see
-    :func:`stores_transposed`) is grouped along its input dimension, which
+    `stores_transposed`) is grouped along its input dimension, which
     is its first; ``(name, tensor)`` pairs carry no module, so they are all
     read as ``(out, in, ...)``. Ties are settled by position
     as in magnitude pruning: of equal magnitudes the earlier is pruned first
     (the later kept). A tensor whose input dimension is not a multiple of
-    ``m`` stays dense: its mask is all True (so :func:`realised_sparsity`
+    ``m`` stays dense: its mask is all True (so [`realised_sparsity`][varprune.numerics.pruning.realised_sparsity]
     counts it as dense) and its name is in ``skipped``. Raises
-    :class:`PruningError` for a bad pattern or NaN weights.
+    `PruningError` for a bad pattern or NaN weights.
     """
     n, m = parse_pattern((n, m))
     masks, skipped = {}, []
@@ -482,8 +482,9 @@ def prune_nm(
     model: nn.Module, pattern: str | Sequence[int], exclude: Iterable[str] = ()
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Deprecated (removed in 0.5): ``prune_magnitude(model, pattern="2:4")`` returns the one result type,
-    a :class:`PruneResult` (``result.skipped`` the tensors left dense). Applies :func:`nm_masks` in place (zero the
-    pruned weights) and returns ``(masks, skipped)`` as before."""
+    a `PruneResult` (``result.skipped`` the tensors left dense). Applies
+    [`nm_masks`][varprune.numerics.pruning.nm_masks] in place (zero the pruned weights) and returns
+    ``(masks, skipped)`` as before."""
     import warnings
 
     warnings.warn(

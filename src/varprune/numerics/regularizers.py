@@ -41,6 +41,9 @@ is skipped (it adds 0 to the value and to the gradient) in both paths.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from varprune.numerics.weights import as_weight_list
@@ -240,11 +243,13 @@ class Regularizer:
 class VarRegularizer(Regularizer):
     """The Variance Amplifying Regularizer: ``lam * sum_l 1 / (Var(|w_l|) + eps)``.
 
-    Two-line use in your own loop::
+    Two-line use in your own loop:
 
-        reg = VarRegularizer(model, lam=1e-6)
-        loss = criterion(model(x), y) + reg()        # autograd path
-        # or, faster: loss.backward(); reg.apply_gradient_()
+    ```python
+    reg = VarRegularizer(model, lam=1e-6)
+    loss = criterion(model(x), y) + reg()        # autograd path
+    # or, faster: loss.backward(); reg.apply_gradient_()
+    ```
 
     Or state the strength relative to the penalty at initialisation:
     ``VarRegularizer.from_strength(model, 0.1)`` chooses ``lam`` so that
@@ -260,15 +265,28 @@ class VarRegularizer(Regularizer):
     name = "VAR"
 
     def __init__(self, model_or_weights, lam: float, r: float = 1e-8, eps: float = 1e-8):
-        if not (r > 0 and eps > 0):
-            raise ValueError(f"VAR needs r > 0 and eps > 0, got r={r}, eps={eps}")
+        r, eps = self.check_constants(r, eps)
         super().__init__(model_or_weights, lam)
-        self.r = float(r)
-        self.eps = float(eps)
+        self.r = r
+        self.eps = eps
         self.last_variances: torch.Tensor | None = None
         # psi at the weights given, in float64: one host read, at construction
         self.psi_init = float((1.0 / (self._variances64() + self.eps)).sum())
         self._strength: float | None = None
+
+    @staticmethod
+    def check_constants(r, eps) -> tuple[float, float]:
+        """``(r, eps)`` as floats, or a ValueError unless each is a finite real number > 0.
+
+        The one check of VAR's smoothing constants, also run by the trainer
+        callbacks when they are made: ``eps = inf`` makes every term
+        ``1 / (V + eps)`` exactly 0 (training silently without VAR), NaN makes
+        it NaN, and ``r <= 0`` leaves ``sqrt(w^2 + r)`` without its smoothing
+        at 0 (a 0/0 in the gradient)."""
+        for name, value in (("r", r), ("eps", eps)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+                raise ValueError(f"VAR's {name} must be a finite number > 0, got {value!r}")
+        return float(r), float(eps)
 
     @classmethod
     def from_strength(cls, model_or_weights, strength: float, r: float = 1e-8, eps: float = 1e-8) -> VarRegularizer:

@@ -10,7 +10,7 @@ weight viewed as a matrix ``W`` of shape ``(out, in)``:
   is added to the diagonal; ``Hinv`` is the upper Cholesky factor of ``H⁻¹`` (``cholesky``,
   ``cholesky_inverse``, upper ``cholesky``). If a factorisation fails (a Hessian singular beyond the
   damping, or not finite) the damping is raised tenfold, up to ``mean(diag H)`` itself; the value used is
-  recorded in ``result.damping``; past that a :class:`PruningError` names the layer;
+  recorded in ``result.damping``; past that a `PruningError` names the layer;
 * columns are processed in blocks of ``blocksize``. Unstructured: per block, ``tmp = W1² / diag(Hinv1)²``
   and every weight with ``tmp <= sort(tmp)[int(tmp.numel() · sparsity)]`` is pruned (the reference's rule:
   with ties at the threshold a block can lose one weight or more above the requested count; the realised
@@ -23,7 +23,7 @@ weight viewed as a matrix ``W`` of shape ``(out, in)``:
   columns get the lazy batch update ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]``.
 
 Computed in float32 (float64 for a float64 weight); the result is written back in the weight's dtype and
-layout. Calibration is sequential (:mod:`varprune.numerics.calibration`).
+layout. Calibration is sequential (`varprune.numerics.calibration`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def inverse_factor(H: torch.Tensor, percdamp: float, name: str = "weight") -> tu
     """``(U, percdamp used)``: the upper Cholesky factor of ``(H + damp·I)⁻¹``, ``damp = percdamp · mean(diag H)``.
 
     ``H`` is not modified. A failed factorisation retries with tenfold damping up to ``mean(diag H)``;
-    then :class:`PruningError`.
+    then `PruningError`.
     """
     if not bool(torch.isfinite(H).all()):
         raise PruningError(f"{name}: the calibration inputs are not finite (NaN or inf); check the batches")
@@ -151,7 +151,8 @@ def prune_sparsegpt(
     exclude: Iterable[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place with SparseGPT; return keep-masks by parameter name (a :class:`PruneResult`).
+    """Prune ``model`` in place with SparseGPT; return keep-masks by parameter name (a
+    [`PruneResult`][varprune.numerics.calibration.PruneResult]).
 
     ``batches``: calibration inputs, an iterable of tensors (``model(x)``) or dicts of tensors
     (``model(**batch)``, Hugging Face models); a generator is read once. Exactly one of ``sparsity``
@@ -161,7 +162,7 @@ def prune_sparsegpt(
     SparseGPT cannot view as a matrix are pruned by magnitude at the same setting (``result.fallback``);
     N:M layers whose input size is not a multiple of M stay dense (``result.skipped``); layers that needed
     more damping are in ``result.damping``. ``progress``: called with each layer's name once it is pruned.
-    Bad input raises :class:`PruningError`.
+    Bad input raises `PruningError`.
     """
     setting = Setting.of(sparsity, pattern)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:

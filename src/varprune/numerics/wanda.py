@@ -11,7 +11,7 @@ algorithm of locuslab/wanda (``lib/prune.py`` ``prune_wanda``, ``lib/layerwrappe
 * N:M: in every group of M consecutive inputs of a row the M-N lowest scores are pruned, ties by position;
 * the weights are not updated, only zeroed.
 
-Calibration is sequential (:mod:`varprune.numerics.calibration`): each layer's norms come from the inputs
+Calibration is sequential (`varprune.numerics.calibration`): each layer's norms come from the inputs
 the already pruned earlier part of the network produces.
 """
 
@@ -73,16 +73,18 @@ def prune_wanda(
     exclude: Iterable[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place with Wanda; return keep-masks by parameter name (a :class:`PruneResult`).
+    """Prune ``model`` in place with Wanda; return keep-masks by parameter name (a
+    [`PruneResult`][varprune.numerics.calibration.PruneResult]).
 
     ``batches``: calibration inputs, an iterable of tensors (``model(x)``) or dicts of tensors
     (``model(**batch)``, Hugging Face models); a generator is read once. Exactly one of ``sparsity``
     (unstructured, in [0, 1): ``int(in * sparsity)`` weights pruned in every output row) or ``pattern``
     (``"N:M"``: keep N of every M consecutive inputs). ``exclude``: names or patterns of prunable weights to
-    leave alone (as :func:`varprune.prunable_weights`). Pruned weights become +0.0. Layers Wanda cannot
+    leave alone (as [`prunable_weights`][varprune.numerics.weights.prunable_weights]). Pruned weights become
+    +0.0. Layers Wanda cannot
     view as a matrix are pruned by magnitude at the same setting and listed in ``result.fallback``; N:M
     layers whose input size is not a multiple of M stay dense, listed in ``result.skipped``. ``progress``: called
-    with each layer's name once Wanda has pruned it (a progress bar). Bad input raises :class:`PruningError`.
+    with each layer's name once Wanda has pruned it (a progress bar). Bad input raises `PruningError`.
     """
     setting = Setting.of(sparsity, pattern)
 

@@ -127,7 +127,7 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
     ``"conv1.weight"``); the words ``"first"`` and ``"last"`` name the first and
     last prunable tensor in module order (the stem and the classifier of most
     models). A pattern that matches no prunable weight raises
-    :class:`WeightSelectionError` (a ``ValueError``) naming it. Order follows
+    `WeightSelectionError` (a ``ValueError``) naming it. Order follows
     ``model.named_modules()`` and is stable.
     """
     found: list[tuple[str, torch.Tensor]] = [

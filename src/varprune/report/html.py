@@ -276,9 +276,9 @@ def write_html_report(
     """Write one self-contained HTML page atomically; return its path.
 
     ``sections``: a list of dicts with ``heading`` (required) and any of
-    ``paragraphs`` (strings), ``tables`` (Markdown pipe-table strings, e.g.
-    from report.sweep_table, text above the table its title and below it its
-    caption, or ``{"header": [...], "rows": [[...]], "title": ..., "caption":
+    ``paragraphs`` (strings), ``tables`` (Markdown pipe-table strings, one
+    table each, e.g. from ``report.tables.markdown_blocks``, text above the
+    table its title and below it its caption, or ``{"header": [...], "rows": [[...]], "title": ..., "caption":
     ...}``; the title is drawn directly above its table, the caption below),
     ``images`` (PNG paths or ``{"path", "caption"}``), ``code`` (strings
     shown verbatim) and ``details`` (``{"summary", "json"}`` or

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from varprune.report.figures import sweep_plot
 from varprune.report.html import write_html_report
-from varprune.report.tables import study_table, sweep_table
+from varprune.report.tables import markdown_blocks, study_table, sweep_table
 
 
 def _analysis_sections(folder: Path) -> list[dict]:
@@ -70,7 +70,8 @@ def runs_html(rows: list[tuple[str, dict]], runs: list[Path], path: Path, analys
     with tempfile.TemporaryDirectory() as tmp:
         plot = Path(tmp) / "comparison.png"
         sweep_plot(rows, plot)
-        sections = [{"heading": "One-shot pruning", "tables": [sweep_table(rows)], "images": [str(plot)]}]
+        tables, _ = markdown_blocks(sweep_table(rows))
+        sections = [{"heading": "One-shot pruning", "tables": tables, "images": [str(plot)]}]
         sections += _analysis_sections(analysis) if analysis is not None else []
         return write_html_report(path, "varprune: pruning report", sections, configs=_configs(runs))
 
@@ -81,16 +82,9 @@ def study_html(study: Path, path: Path) -> str:
     summary = json.loads((study / "report.json").read_text())
     spec = summary["study"]
     runs = [study / "runs" / f"{m}-s{s}" for m in spec["methods"] for s in spec["seeds"]]
-    # study_table gives "title:", then its table, for each table: keep each title with its own table (as the
-    # Markdown text above it, which the page draws directly above the table)
-    tables: list[str] = []
-    title: list[str] = []
-    for block in study_table(summary).split("\n\n"):
-        if block.lstrip().startswith("|"):
-            tables.append("\n".join([*title, block]))
-            title = []
-        elif block.strip():
-            title.append(block)
+    # study_table gives "title:", then its table (or tables, a wide one split), for each table: keep each title
+    # with its own table (as the Markdown text above it, which the page draws directly above the table)
+    tables, title = markdown_blocks(study_table(summary))
     sections = [
         {
             "heading": "Study: " + ", ".join(spec["methods"]) + f" over seeds {spec['seeds']}",

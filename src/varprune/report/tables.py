@@ -93,6 +93,52 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+# the widest table a documentation page, the HTML report or a terminal shows whole: wider ones were cut off at
+# the page's edge (after 95% in a sweep to 99%), the rest behind a sideways scroll bar
+MAX_COLUMNS = 7
+
+
+def _parts(n: int, labels: int, first: int, last: int) -> list[range]:
+    """The settings' columns ``0..n-1`` in the fewest near-equal parts such that no table is wider than
+    MAX_COLUMNS: each repeats the ``labels`` columns, the first also has ``first`` columns before its settings
+    (dense), the last ``last`` after them (time)."""
+    room = max(MAX_COLUMNS - labels, 1)
+    for k in range(1, max(n, 1) + 1):
+        sizes = [n // k + (i < n % k) for i in range(k)]
+        widths = [size + first * (i == 0) + last * (i == k - 1) for i, size in enumerate(sizes)]
+        if max(widths) <= room or k == n:
+            break
+    starts = [sum(sizes[:i]) for i in range(k)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def _split_table(rows: list[list[str]], head: list[str], labels: int, first: int, last: int) -> str:
+    """One wide table as several, one after another: the same rows, the settings' columns shared out."""
+    n = len(head) - labels - first - last
+    out = []
+    for i, part in enumerate(parts := _parts(n, labels, first, last)):
+        keep = list(range(labels))
+        keep += list(range(labels, labels + first)) if i == 0 else []
+        keep += [labels + first + j for j in part]
+        keep += list(range(len(head) - last, len(head))) if i == len(parts) - 1 else []
+        out.append("\n".join(_table([head[c] for c in keep], [[r[c] for c in keep] for r in rows])))
+    return "\n\n".join(out)
+
+
+def markdown_blocks(text: str) -> tuple[list[str], list[str]]:
+    """``(tables, rest)``: each table of ``text`` (from sweep_table or study_table) with the text just above it
+    (its title), one table per string as the HTML page takes them, and the text after the last table."""
+    tables: list[str] = []
+    title: list[str] = []
+    for block in text.split("\n\n"):
+        if block.lstrip().startswith("|"):
+            tables.append("\n".join([*title, block.strip("\n")]))
+            title = []
+        elif block.strip():
+            title.append(block.strip("\n"))
+    return tables, title
+
+
 def sweep_table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table, one row per run (and pruner): dense metric, then per sparsity (and pattern) the metric
     after BN re-tuning / before, or the one value when nothing was re-tuned."""
@@ -131,8 +177,9 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
     else:
         note = "with BN re-tuning / without where it applies; one value where the model has no BatchNorm"
     direction = "higher" if info.higher_is_better else "lower"
-    return (
-        "\n".join(_table(head, lines)) + f"\n\n{info.title}{info.unit} after {what}: {note} ({direction} is better).\n"
+    labels = 2 if several else 1
+    return f"{info.title}{info.unit} after {what}: {note} ({direction} is better):\n\n" + (
+        _split_table(lines, head, labels, first=1, last=0) + "\n"
     )
 
 
@@ -213,7 +260,7 @@ def study_table(summary: dict) -> str:
         label = f"{info.title}{info.unit}, {stat}, one-shot pruning {title}".rstrip(", ") + f"{mark}:"
         if not retuned:
             label = label.replace(":", " (BN re-tuning does not apply: no BatchNorm):", 1) if not title else label
-        out.append("\n".join([label, "", *_table(head, rows)]))
+        out.append(label + "\n\n" + _split_table(rows, head, 2 if several else 1, first=1, last=1))
     text = "\n\n".join(out) + "\n"
     if summary.get("cross_text"):
         which = "after BN re-tuning" if retuned else "as measured"

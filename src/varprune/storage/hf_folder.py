@@ -1,6 +1,6 @@
 """A model as a Hugging Face model folder: what ``from_pretrained`` and ``AutoTokenizer`` read.
 
-:func:`save_hf_folder` writes, into a new folder:
+`save_hf_folder` writes, into a new folder:
 
 * ``config.json``: the model's configuration as ``save_pretrained`` writes it
   (``architectures`` and ``dtype`` set from the model);
@@ -10,7 +10,7 @@
   exact zeros; floating-point tensors in the model's dtype, or fp16/bf16 with
   ``values=``), tied weights stored once under the name transformers keeps
   (``lm_head.weight`` tied to the embedding is left out, as
-  ``save_pretrained`` does), written by :func:`serialize_safetensors`: sorted,
+  ``save_pretrained`` does), written by `serialize_safetensors`: sorted,
   deterministic bytes, metadata ``"format": "pt"`` (transformers refuses
   safetensors without it), the caller's ``metadata`` and a ``sha256``;
 * with a tokenizer: ``tokenizer.json`` and a minimal ``tokenizer_config.json``
@@ -25,8 +25,8 @@ no folder or the whole one; an existing ``out_dir`` is never replaced (the
 caller decides about overwriting). An interrupted save leaves only the hidden
 sibling.
 
-:func:`load_hf_folder` checks the sha256 and loads through ``hf:<dir>``
-(models/hf.py); :func:`read_hf_metadata` returns the metadata.
+`load_hf_folder` checks the sha256 and loads through ``hf:<dir>``
+(models/hf.py); `read_hf_metadata` returns the metadata.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def save_hf_folder(
     ``dtype`` says so; a value beyond float16's range is refused); None (the
     default) keeps the model's dtypes. Returns the folder's path.
 
-    Raises :class:`HFFolderError` (a ValueError) if ``out_dir`` exists or the
+    Raises `HFFolderError` (a ValueError) if ``out_dir`` exists or the
     model/tokenizer is not fit, OSError (naming ``out_dir``) if the disk fails;
     nothing is left at ``out_dir`` in either case.
     """

@@ -1,6 +1,6 @@
 """A pruned model in one compressed safetensors file: bit masks + kept values.
 
-Layout of a ``.safetensors`` file written by :func:`save_pruned` (format
+Layout of a ``.safetensors`` file written by `save_pruned` (format
 ``varprune-pruned``, version 1)::
 
     varprune.pruned_masks   uint8 [ceil(N / 8)]   the keep-masks of every pruned
@@ -95,7 +95,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits of ``packed`` as a flat bool tensor."""
+    """Inverse of `pack_bits`: the first ``n`` bits of ``packed`` as a flat bool tensor."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
 
@@ -133,7 +133,7 @@ def save_pruned(
     shared packed mask and its kept values, cast to ``values`` ("fp32",
     "fp16" or "bf16"); every other state entry is stored as is.
 
-    ``metadata`` is the caller's description. For :func:`load_pruned` to
+    ``metadata`` is the caller's description. For [`load_pruned`][varprune.storage.pruned_format.load_pruned] to
     rebuild the model without a ``build`` callable it must hold ``"model"``
     (a registry name) and ``"model_args"`` (a dict of keyword arguments of
     ``create_model``: in_channels, num_classes, image_size); ``"dataset"``
@@ -278,12 +278,13 @@ def _check_format(path: Path, meta: Any) -> dict[str, str]:
 
 
 def read_pruned_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a :func:`save_pruned` file, JSON fields decoded; reads the header only.
+    """The metadata of a [`save_pruned`][varprune.storage.pruned_format.save_pruned] file, JSON fields decoded;
+    reads the header only.
 
     Decoded: format_version (int), layout (list of [name, shape, kept]),
     realised_sparsity (float), model_args and dataset (when present); other
     fields are the stored strings. The payload and checksum are NOT verified
-    here (:func:`load_pruned` does). Raises PrunedFormatError for an unreadable
+    here ([`load_pruned`][varprune.storage.pruned_format.load_pruned] does). Raises PrunedFormatError for an unreadable
     or foreign file.
     """
     path = Path(path)
@@ -390,7 +391,8 @@ def _check_fits(
 def load_pruned(
     path: str | os.PathLike, device: str | torch.device = "cpu", build: Callable[[], nn.Module] | None = None
 ) -> nn.Module:
-    """Rebuild a model from a :func:`save_pruned` file; returned in eval mode on ``device``.
+    """Rebuild a model from a [`save_pruned`][varprune.storage.pruned_format.save_pruned] file; returned in eval
+    mode on ``device``.
 
     The model comes from ``varprune.models.create_model(metadata["model"],
     **metadata["model_args"])``, or from ``build()`` when given (called once on
@@ -499,7 +501,7 @@ def load_pruned(
 
 
 def pruned_is_ours(path: str | os.PathLike) -> bool:
-    """Was ``path`` written by :func:`save_pruned` (and is it intact)? What ``export`` may replace without
+    """Was ``path`` written by `save_pruned` (and is it intact)? What ``export`` may replace without
     ``--overwrite``."""
     try:
         read_pruned_metadata(path)
