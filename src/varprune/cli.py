@@ -40,7 +40,20 @@ from varprune.errors import (
 )
 
 DATA_PARALLEL = ("train", "finetune", "study")  # the commands that run on every torchrun process
-COMMANDS = ("train", "prune", "study", "tune", "analyze", "export", "evaluate", "finetune", "report", "doctor", "demo")
+COMMANDS = (
+    "train",
+    "prune",
+    "study",
+    "tune",
+    "analyze",
+    "export",
+    "evaluate",
+    "finetune",
+    "report",
+    "doctor",
+    "demo",
+    "choices",
+)
 
 
 class Terminated(Exception):

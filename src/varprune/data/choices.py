@@ -50,6 +50,7 @@ FORTUNES_ENDINGS = "fortunes-endings"
 ENDINGS_SEED = 20_251_207  # fortunes-endings: which other quotations' endings are the distractors, and the order
 ENDINGS_CHOICES = 4
 ENDINGS_MIN_WORDS = 4  # a quotation of fewer words has no halves worth guessing
+ENDINGS_MAX_WORDS = 32  # longer ones are left out: a half must fit a small model's positions
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _halves(entry: str) -> tuple[str, str] | None:
     """A quotation cut at the word boundary nearest its middle character: ``(first half, second half)``, the
     whitespace between them ending the first (the scorer moves it to the continuation, as lm-eval does)."""
     gaps = [(m.start(), m.end()) for m in re.finditer(r"\s+", entry)]
-    if len(gaps) + 1 < ENDINGS_MIN_WORDS:
+    if not ENDINGS_MIN_WORDS <= len(gaps) + 1 <= ENDINGS_MAX_WORDS:
         return None
     _, end = min(gaps, key=lambda g: (abs(g[0] - len(entry) / 2), g[0]))
     return entry[:end], entry[end:]
@@ -175,7 +176,7 @@ def _halves(entry: str) -> tuple[str, str] | None:
 
 def fortunes_endings(root: str | os.PathLike, seed: int = ENDINGS_SEED) -> ChoiceSet:
     """``fortunes-endings``: for every quotation of the fortunes test split (data/text.py's split, every distinct
-    entry in file order) of at least four words, the context is its first half (cut at the word boundary nearest
+    entry in file order) of 4 to 32 words, the context is its first half (cut at the word boundary nearest
     the middle character) and the choices are its true second half and the second halves of three other test
     quotations, drawn with ``seed``; the true one's place is drawn too. A fixed set for a fixed folder."""
     topics = _read_fortunes(Path(root))
@@ -183,8 +184,8 @@ def fortunes_endings(root: str | os.PathLike, seed: int = ENDINGS_SEED) -> Choic
     pairs = [h for e in entries if split_of(e) == "test" and (h := _halves(e)) is not None]
     if len(pairs) < ENDINGS_CHOICES:
         raise DatasetError(
-            f"{root}: {len(pairs)} test quotations of {ENDINGS_MIN_WORDS}+ words; fortunes-endings "
-            f"needs {ENDINGS_CHOICES}"
+            f"{root}: {len(pairs)} test quotations of {ENDINGS_MIN_WORDS} to {ENDINGS_MAX_WORDS} words; "
+            f"fortunes-endings needs {ENDINGS_CHOICES}"
         )
     rng = random.Random(seed)
     items = []

@@ -1,7 +1,8 @@
 """Multiple-choice accuracy (``--choices``) of any language model in memory: one function that every command
 calls (evaluate, prune's sweep, study), whatever the model came from (a run, an exported file, a folder).
 
-:func:`choice_results` takes the model, its tokenizer and the task sets (data/choices.py) and returns
+:func:`score_choices` is the one call for a caller holding a model and its tokenizer (``--choices`` specs in,
+the results out); :func:`choice_results` takes the model, its tokenizer and the task sets (data/choices.py) and returns
 ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "mean": {"acc", "acc_norm"}}`` (tasks/choices.py scores them as
 lm-eval-harness does). :func:`choices_metric` binds the sets and the tokenizer once, for the sweep's per-setting
 extra metrics.
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from varprune.data.base import DatasetError
 from varprune.data.choices import ChoiceSet, load_choice_sets
 from varprune.errors import RunError
 from varprune.tasks.choices import choice_accuracy
@@ -66,3 +68,43 @@ def choices_metric(specs: Sequence[str], tokenizer, max_length: int, amp: str = 
         return choice_results(model, tokenizer, sets, max_length, amp=amp)
 
     return measure
+
+
+def model_positions(model: nn.Module, default: int | None = None) -> int:
+    """How many positions ``model`` reads: its configuration's ``n_positions`` / ``max_position_embeddings``
+    (transformers' names), else ``default`` (a run's --seq-len); a model that names none is scored as lm-eval
+    scores it, 2048 tokens at most."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default if default is not None else 2048
+
+
+def choice_problem(specs: Sequence[str]) -> str | None:
+    """The first problem of a ``--choices`` list (every file read and checked), or None: what commands check
+    before any work."""
+    try:
+        load_choice_sets(specs)
+    except DatasetError as e:
+        return str(e)
+    return None
+
+
+def score_choices(
+    model: nn.Module,
+    tokenizer,
+    specs: Sequence[str] | Sequence[ChoiceSet],
+    device: torch.device | str | None = None,
+    max_length: int | None = None,
+    amp: str = "none",
+) -> dict:
+    """Multiple-choice accuracy of ``model`` (any causal LM in memory: a run's, an exported file's, a Hugging
+    Face folder's) on the ``--choices`` files or ``fortunes-endings`` named by ``specs`` (or sets already read):
+    ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "mean": {"acc", "acc_norm"}}``. ``max_length``: the positions
+    the model reads (default: :func:`model_positions`)."""
+    given = [s for s in specs if isinstance(s, ChoiceSet)]
+    sets = given if len(given) == len(specs) else load_choice_sets([str(s) for s in specs])
+    positions = max_length if max_length is not None else model_positions(model)
+    return choice_results(model, tokenizer, sets, positions, device, amp)

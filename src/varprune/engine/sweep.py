@@ -9,7 +9,10 @@ re-tuned and results carry no ``<metric>_bnt``), ``pruners``, ``calibration`` (w
 samples and sequence length), and per result ``pruner``, ``sparsity`` (or ``pattern``), ``realised_sparsity``,
 ``<metric>`` (before BN re-tuning) and ``<metric>_bnt`` (after), ``skipped`` (N:M tensors left dense) and
 ``fallback`` (layers a calibrated pruner left to magnitude, with the reason). Tasks with several metrics also
-store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
+store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``. With ``--choices`` (language models):
+``choices`` (each task's name and the sha256 of its questions), ``dense_choices`` and per result ``choices``,
+each ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "mean": {"acc", "acc_norm"}}`` (engine/choices.py), measured
+on the model as the result's primary metric is last measured (after BN re-tuning where there is any).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import copy
 import functools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +84,10 @@ class SweepSpec:
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     calib_seq_len: int | None = None  # text: windows of this many tokens (default: the run's --seq-len)
     calib_data: str | None = None  # language models: draw the calibration windows from this local file
+    choices: tuple[str, ...] = ()  # language models: --choices files (or fortunes-endings) measured at every setting
 
     def __post_init__(self):
-        for name in ("sparsities", "patterns", "pruners", "exclude"):
+        for name in ("sparsities", "patterns", "pruners", "exclude", "choices"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
@@ -116,6 +120,12 @@ class SweepSpec:
             except PruningError as e:
                 found.append(str(e))
         found += calibration_problems(self.pruners, self.calib_samples, self.calib_seq_len, self.calib_data)
+        if self.choices:
+            from varprune.engine.choices import choice_problem
+
+            problem = choice_problem(self.choices)
+            if problem:
+                found.append(problem)
         return found + bnt_problems(self.bnt_batches, self.bnt_batch_size)
 
     @functools.cached_property
@@ -123,6 +133,13 @@ class SweepSpec:
         """The --calib-data file's sha256, read once per spec (record() is called for every run of a sweep)."""
         assert self.calib_data is not None
         return file_digest(Path(self.calib_data))
+
+    @functools.cached_property
+    def choice_sets(self) -> list:
+        """The --choices sets, read once per spec (data/choices.py)."""
+        from varprune.data.choices import load_choice_sets
+
+        return load_choice_sets(self.choices)
 
     def record(self) -> dict:
         """The fields prune.json holds about its settings (compared by :func:`finished_sweep`)."""
@@ -142,6 +159,10 @@ class SweepSpec:
                     "protocol": calibration_protocol(self.calib_data),  # how windows are drawn from it
                 }
             doc["calibration"] = calibration
+        if self.choices:  # the questions' bytes, so that changed questions are swept again
+            from varprune.engine.choices import sets_digest
+
+            doc["choices"] = sets_digest(self.choice_sets)
         return doc
 
 
@@ -157,17 +178,20 @@ def prune_sweep(
     progress=None,
     patterns: Iterable[str] = (),
     calibration: list | None = None,
+    measure: Callable[[nn.Module], dict] | None = None,
 ) -> dict:
     """Evaluate ``model`` pruned one-shot at every setting of the sweep, before and after BN re-tuning.
 
-    ``sparsities``: a :class:`SweepSpec` (pruners, sparsities, N:M patterns, scope...), or, as before, the
-    sparsities of a magnitude sweep (with ``scope``, ``exclude`` and ``patterns``). Magnitude's unstructured
-    settings share one sort of the magnitudes (MagnitudePruner); an N:M pattern keeps the N largest of every M
-    consecutive weights along the input dimension (tensors whose input size is not a multiple of M stay dense,
-    listed under ``skipped``). Wanda and SparseGPT prune from ``calibration`` (model inputs from the training
-    split, numerics/wanda.py, numerics/sparsegpt.py). With no re-tuning batches (``bnt == []``: none asked, or
-    no BatchNorm) nothing is re-tuned and the results carry no ``_bnt`` values. The model is restored to its
-    dense state afterwards. Returns the ``prune.json`` document.
+        ``sparsities``: a :class:`SweepSpec` (pruners, sparsities, N:M patterns, scope...), or, as before, the
+        sparsities of a magnitude sweep (with ``scope``, ``exclude`` and ``patterns``). Magnitude's unstructured
+        settings share one sort of the magnitudes (MagnitudePruner); an N:M pattern keeps the N largest of every M
+        consecutive weights along the input dimension (tensors whose input size is not a multiple of M stay dense,
+        listed under ``skipped``). Wanda and SparseGPT prune from ``calibration`` (model inputs from the training
+        split, numerics/wanda.py, numerics/sparsegpt.py). With no re-tuning batches (``bnt == []``: none asked, or
+        no BatchNorm) nothing is re-tuned and the results carry no ``_bnt`` values. The model is restored to its
+        dense state afterwards. ``measure``: a second measurement of the model, made after the primary metric at every
+    setting and on the dense model (``--choices``: engine/choices.py), stored under ``choices`` and
+    ``dense_choices``. Returns the ``prune.json`` document.
     """
     spec = (
         sparsities
@@ -182,6 +206,7 @@ def prune_sweep(
     dense_state = copy.deepcopy(model.state_dict())
     t0 = time.perf_counter()
     dense = task.evaluate(model, test_loader, amp)
+    dense_extra = measure(model) if measure is not None else None
     magnitude = (
         MagnitudePruner(model, spec.scope, spec.exclude) if "magnitude" in spec.pruners and spec.sparsities else None
     )  # one sort for every sparsity
@@ -221,13 +246,15 @@ def prune_sweep(
                 row[f"{m}_bnt"] = after[m]
             if fallback:
                 row["fallback"] = fallback
+            if measure is not None:
+                row["choices"] = measure(model)
             if several:
                 row["metrics"] = before
                 if retune:
                     row["metrics_bnt"] = after
             results.append(row)
             if progress is not None:
-                progress(pruner, setting, before[m], after[m] if retune else None)
+                progress(pruner, setting, before[m], after[m] if retune else None, row.get("choices"))
     finally:
         model.load_state_dict(dense_state)
     doc: dict = {} if m == "accuracy" else {"metric": m}
@@ -254,6 +281,8 @@ def prune_sweep(
         )
     if several:
         doc["dense_metrics"] = dense
+    if dense_extra is not None:
+        doc["dense_choices"] = dense_extra
     return doc
 
 
@@ -284,11 +313,14 @@ def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None) -> dict
 def _say(log, metric: str):
     shown = metric_info(metric)
 
-    def progress(pruner, setting, before, after):
+    def progress(pruner, setting, before, after, choices=None):
         where = setting if isinstance(setting, str) else f"{100 * setting:g}%"
         unit = "%" if shown.percent else ""
         text = f"  {pruner} {where}: {metric} {shown.fmt(after if after is not None else before)}{unit}"
-        log(text + (f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""))
+        text += f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""
+        if choices:
+            text += f"; choices acc {100 * choices['mean']['acc']:.2f}%"
+        log(text)
 
     return progress
 
@@ -305,6 +337,13 @@ def prune_runs(
     dev = resolve_device(device)
     configs, found = check_runs(runs, data_dir)  # every folder checked before any work
     found += spec.problems()
+    if spec.choices:  # before any work: every run must be a language model
+        from varprune.engine.runconfig import read_resolved
+
+        for run in runs:
+            task = read_resolved(run).get("task")
+            if task not in (None, "language-modeling"):
+                found.append(f"--choices scores a language model's continuations; {run} is a {task} run")
     if found:
         raise RunError("; ".join(found))
     cache: dict[tuple, RunData] = {}  # load_trained's data cache: runs on the same data share it
@@ -335,6 +374,7 @@ def prune_runs(
             amp=t.amp,
             progress=_say(log, t.task.primary),
             calibration=calibration,
+            measure=_choices_measure(spec, t),
         )
         doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})
         if spec.calibrated and t.is_text:
@@ -342,3 +382,18 @@ def prune_runs(
         write_sweep(run, doc, label)
         out.append((label, doc))
     return out
+
+
+def _choices_measure(spec: SweepSpec, t) -> Callable[[nn.Module], dict] | None:
+    """The sweep's ``--choices`` measurement of a loaded run, or None; a run that is no language model is refused."""
+    if not spec.choices:
+        return None
+    if t.task.name != "language-modeling":
+        raise RunError(
+            f"--choices scores a causal language model's continuations; {t.run} is a {t.task.name} run: drop "
+            f"--choices for it"
+        )
+    from varprune.engine.choices import choice_results, model_positions
+
+    sets, positions = spec.choice_sets, model_positions(t.model, t.cfg.seq_len)
+    return lambda model: choice_results(model, t.data.tokenizer, sets, positions, amp=t.amp)

@@ -68,7 +68,6 @@ def _vocab(model, device: torch.device, first: list[int]) -> int:
     return int(logits_of(model(torch.tensor([first[:1]], device=device))).shape[-1])
 
 
-@torch.no_grad()
 def loglikelihoods(
     model,
     requests: Sequence[tuple[list[int], list[int]]],
@@ -79,6 +78,21 @@ def loglikelihoods(
     max_batch: int = MAX_BATCH,
 ) -> list[float]:
     """The summed log-probability of each request's continuation tokens given its context tokens."""
+    return scored(model, requests, max_length, device, amp, logits_bytes, max_batch)[0]
+
+
+@torch.no_grad()
+def scored(
+    model,
+    requests: Sequence[tuple[list[int], list[int]]],
+    max_length: int,
+    device: torch.device,
+    amp: str = "none",
+    logits_bytes: int = LOGITS_BYTES,
+    max_batch: int = MAX_BATCH,
+) -> tuple[list[float], list[bool]]:
+    """:func:`loglikelihoods`, and whether each continuation is the model's greedy one (every token its argmax:
+    lm-eval's ``is_greedy``)."""
     inputs, starts = [], []
     for ctx, cont in requests:
         if not cont:
@@ -92,7 +106,7 @@ def loglikelihoods(
         starts.append(len(whole) - 1 - len(cont))  # the first position that predicts a continuation token
     was_training = model.training
     model.eval()
-    parts, order = [], []
+    parts, greedy, order = [], [], []
     try:
         vocab = _vocab(model, device, inputs[0]) if inputs else 1
         for batch in _batches([len(x) - 1 for x in inputs], vocab, logits_bytes, max_batch):
@@ -100,22 +114,24 @@ def loglikelihoods(
             ids = torch.zeros(len(batch), width + 1, dtype=torch.long)
             keep = torch.zeros(len(batch), width, dtype=torch.bool)
             for row, i in enumerate(batch):
-                ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
+                ids[row] = inputs[i][-1]  # padding a causal model never sees from the scored positions; not the
+                ids[row, : len(inputs[i])] = torch.tensor(inputs[i])  # pad id, which transformers warns about
                 keep[row, starts[i] : len(inputs[i]) - 1] = True
             ids, keep = ids.to(device, non_blocking=True), keep.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = logits_of(model(ids[:, :-1]))
             logp = F.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
             parts.append(torch.where(keep, logp.double(), 0.0).sum(1))  # stays on the device: one sync at the end
+            greedy.append(((logits.argmax(-1) == ids[:, 1:]) | ~keep).all(1))
             order.extend(batch)
             del logits, logp
-        scores = [0.0] * len(requests)
+        scores, best = [0.0] * len(requests), [False] * len(requests)
         if parts:
-            for i, value in zip(order, torch.cat(parts).tolist()):
-                scores[i] = value
+            for i, value, top in zip(order, torch.cat(parts).tolist(), torch.cat(greedy).tolist()):
+                scores[i], best[i] = value, bool(top)
     finally:
         model.train(was_training)
-    return scores
+    return scores, best
 
 
 def _first_argmax(values: Sequence[float]) -> int:
@@ -138,7 +154,13 @@ def choice_accuracy(
     for s, task in enumerate(sets):
         for q, item in enumerate(task.items):
             for c, (context, continuation) in enumerate(item.requests()):
-                requests.append(encode_pair(encode, context, continuation, prefix_id))
+                pair = encode_pair(encode, context, continuation, prefix_id)
+                if len(pair[1]) > max_length:
+                    raise RunError(
+                        f"{getattr(task, 'source', task.name)}: question {q + 1}, choice {c} is {len(pair[1])} tokens, "
+                        f"more than the model's {max_length} positions; shorten it or leave the task out"
+                    )
+                requests.append(pair)
                 owners.append((s, q, c))
     scores = loglikelihoods(model, requests, max_length, device, amp, logits_bytes)
     by_question: dict[tuple[int, int], dict[int, float]] = {}
