@@ -297,3 +297,132 @@ def test_convert_refuses_rows_of_another_format(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
     with pytest.raises(DatasetError, match="unknown format"):
         convert_file("mmlu", src, tmp_path / "out.jsonl")
+
+
+# ----------------------------------------------------------------- cross-check with lm-eval-harness itself
+
+
+def _toy_task(folder, sets, name="toy_mc"):
+    """An lm-eval task of our own over local JSON lines: the questions of ``sets[0]`` (string contexts), the
+    context's trailing space left to lm-eval's target_delimiter, as its own tasks do."""
+    rows = [{"ctx": i.context.rstrip(), "opts": list(i.choices), "gold": i.label} for i in sets[0].items]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{ctx}}'\ndoc_to_choice: '{{opts}}'\n"
+        "doc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return folder
+
+
+def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_path, monkeypatch):
+    """lm-eval's own HFLM on the same model and tokenizer (through transformers' fast tokenizer over the same
+    tokenizers object) gives the acc and acc_norm that varprune computes; `--lm-eval` (varprune's LM wrapper
+    through simple_evaluate) gives them too."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'varprune[eval]')")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerFast
+
+    from varprune.engine.lmeval import lm_eval_results
+    from varprune.engine.lmsource import LanguageModel
+
+    rng = random.Random(7)
+    items = []
+    for _ in range(16):  # contexts that end in one space: lm-eval's delimiter, so the two files are the same
+        ctx = " ".join(rng.choices(WORDS, k=rng.randint(2, 6))) + " "
+        choices = tuple(" ".join(rng.choices(WORDS, k=rng.randint(1, 4))) for _ in range(3))
+        items.append(ChoiceItem(ctx, choices, rng.randrange(3)))
+    sets = [ChoiceSet("toy_mc", "toy", tuple(items))]
+    ours = choice_results(model, tok, sets, 24, "cpu")["tasks"]["toy_mc"]
+    folder = _toy_task(tmp_path, sets)
+    manager = TaskManager(include_path=str(folder))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<pad>", pad_token="<pad>")
+    hflm = HFLM(pretrained=model, tokenizer=hf_tok, backend="causal", batch_size=4, max_length=24)
+    found = simple_evaluate(model=hflm, tasks=["toy_mc"], task_manager=manager, bootstrap_iters=0)
+    assert found is not None
+    theirs = found["results"]["toy_mc"]
+    assert theirs["acc,none"] == pytest.approx(ours["acc"])
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    lm = LanguageModel(model, tok, 24, torch.device("cpu"), "none", "memory")
+    wrapped = lm_eval_results(lm, ["toy_mc"], include=str(folder))["tasks"]["toy_mc"]
+    assert wrapped == {"acc": pytest.approx(ours["acc"]), "acc_norm": pytest.approx(ours["acc_norm"]), "n": 16}
+
+
+# ----------------------------------------------------------------- results files with choices
+
+
+def _doc_with_choices():
+    def c(acc, norm):
+        return {"tasks": {"q": {"acc": acc, "acc_norm": norm, "n": 20}}, "mean": {"acc": acc, "acc_norm": norm}}
+
+    return {
+        "metric": "perplexity",
+        "higher_is_better": False,
+        "dense_perplexity": 10.0,
+        "bn_retuning": False,
+        "dense_choices": c(0.5, 0.55),
+        "results": [
+            {
+                "pruner": "magnitude",
+                "sparsity": 0.5,
+                "realised_sparsity": 0.5,
+                "perplexity": 11.0,
+                "choices": c(0.4, 0.45),
+            },
+            {
+                "pruner": "magnitude",
+                "sparsity": 0.9,
+                "realised_sparsity": 0.9,
+                "perplexity": 30.0,
+                "choices": c(0.3, 0.25),
+            },
+        ],
+    }
+
+
+def test_prune_json_with_choices_is_checked_on_reading(tmp_path):
+    from varprune.errors import RunError
+    from varprune.report.results import read_prune_json
+
+    doc = _doc_with_choices()
+    (tmp_path / "prune.json").write_text(json.dumps(doc))
+    assert read_prune_json(tmp_path)["results"][1]["choices"]["mean"]["acc"] == 0.3
+    for edit, message in [
+        (lambda d: d["results"][0]["choices"]["tasks"]["q"].update(acc=1.5), r"results\[0\].choices: q: acc"),
+        (lambda d: d["dense_choices"]["tasks"]["q"].update(n=0), "dense_choices: q: n is 0"),
+        (lambda d: d["results"][1].pop("choices"), r"results\[1\].choices: not an object"),
+        (lambda d: d["results"][1]["choices"].update(tasks={"other": d["dense_choices"]["tasks"]["q"]}), "not the "),
+        (lambda d: d.pop("dense_choices"), "dense_choices is missing"),
+    ]:
+        bad = json.loads(json.dumps(doc))
+        edit(bad)
+        (tmp_path / "prune.json").write_text(json.dumps(bad))
+        with pytest.raises(RunError, match=message):
+            read_prune_json(tmp_path)
+
+
+def test_csv_table_and_plot_carry_the_choices(tmp_path):
+    import csv
+
+    from varprune.report.figures import sweep_plot
+    from varprune.report.tables import sweep_csv, sweep_table
+
+    doc = _doc_with_choices()
+    rows = list(csv.DictReader(sweep_csv(doc).splitlines()))
+    assert [float(r["q_acc"]) for r in rows] == [0.4, 0.3]
+    assert [float(r["choices_acc_norm"]) for r in rows] == [0.45, 0.25]
+    table = sweep_table([("run", doc)])
+    assert "| run | 50.00 / 55.00 | 40.00 / 45.00 | 30.00 / 25.00 |" in table and "q (20 questions)" in table
+    sweep_plot([("run", doc)], tmp_path / "p.png")
+    plain = json.loads(json.dumps(doc))
+    for r in plain["results"]:
+        r.pop("choices")
+    plain.pop("dense_choices")
+    sweep_plot([("run", plain)], tmp_path / "q.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size[1] > 1.5 * Image.open(tmp_path / "q.png").size[1]  # a second panel
+    assert "Multiple-choice" not in sweep_table([("run", plain)]) and "choices_acc" not in sweep_csv(plain)

@@ -257,7 +257,7 @@ def study_table(summary: dict) -> str:
         if not retuned:
             label = label.replace(":", " (BN re-tuning does not apply: no BatchNorm):", 1) if not title else label
         out.append("\n".join([label, "", *_table(head, rows)]))
-    text = "\n\n".join(out) + "\n"
+    text = "\n\n".join(out) + "\n" + _study_choices(summary, settings, pruners, key_of)
     if summary.get("cross_text"):
         which = "after BN re-tuning" if retuned else "as measured"
         text += (
@@ -270,6 +270,31 @@ def study_table(summary: dict) -> str:
     elif base and "dense_ci95" in first:
         text += f"\nNo difference to {base} has a 95% interval that excludes zero.\n"
     return text
+
+
+def _study_choices(summary: dict, settings: list, pruners: list[str], key_of) -> str:
+    """The study's multiple-choice table (``--choices``): per method (and pruner) the mean over seeds of the mean
+    ``acc`` over tasks, with its 95% interval, dense and per setting; empty without ``--choices``."""
+    methods = summary["methods"]
+    if not all("choices_dense" in e for e in methods.values()):
+        return ""
+    info = Metric("acc")
+    several = pruners != ["magnitude"]
+
+    def cell(c) -> str:
+        return "—" if c is None else _ci_cell(info, c["acc"][0], c.get("ci95"))
+
+    rows = []
+    for method, e in methods.items():
+        for pruner in pruners:
+            got = [e["sparsities"].get(key_of(pruner, s), {}).get("choices") for s in settings]
+            rows.append([method] + ([pruner] if several else []) + [cell(e["choices_dense"])] + [cell(c) for c in got])
+    head = ["method"] + (["pruner"] if several else []) + ["dense"] + [setting_label(s) for s in settings]
+    tasks = ", ".join(summary["study"].get("choices", [])) or "--choices"
+    return (
+        f"\nMultiple-choice accuracy (acc, %, the unweighted mean over {tasks}), mean [95% interval] over seeds, "
+        "one-shot pruning:\n\n" + "\n".join(_table(head, rows)) + "\n"
+    )
 
 
 # ---------------------------------------------------------------- one HTML page
