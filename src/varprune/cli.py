@@ -53,6 +53,7 @@ COMMANDS = (
     "doctor",
     "demo",
     "convert-gguf",
+    "choices",
 )
 
 

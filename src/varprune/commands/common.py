@@ -293,6 +293,7 @@ def sweep_spec(args, pruners=None):
         calib_samples=calib_samples(args),
         calib_seq_len=args.calib_seq_len,
         calib_data=args.calib_data,
+        choices=tuple(names(getattr(args, "choices", None) or "")),
     )
 
 
@@ -320,6 +321,7 @@ def add_sweep_flags(p) -> None:
         "wanda, sparsegpt (the calibrated pruners of the LLM literature; work on image models too)",
     )
     add_calibration_flags(p)
+    add_choices_flag(p, "measured on the dense model and at every setting, beside the test metric")
 
 
 def add_folder_flags(p, what: str) -> None:
@@ -398,4 +400,17 @@ def folder_config(args, keep_head: bool = True):
         args.eval_batch_size,
         args.limit_test,
         keep_head=keep_head,
+    )
+
+
+def add_choices_flag(p, when: str) -> None:
+    """``--choices FILE[,FILE...]``: multiple-choice tasks scored as lm-eval-harness scores them."""
+    p.add_argument(
+        "--choices",
+        metavar="FILE[,FILE...]",
+        help="language models: comma-separated JSON-lines files of multiple-choice questions "
+        '({"context": str, "choices": [str, ...], "label": int} a line; `varprune choices convert` makes them '
+        "from BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OpenBookQA) or fortunes-endings (built offline "
+        "from the fortunes test split): acc and acc_norm as lm-eval-harness scores them, per task and their "
+        f"mean, {when}",
     )

@@ -1,4 +1,6 @@
-"""``varprune evaluate``: measure an exported model on its run's test split."""
+"""``varprune evaluate``: measure an exported model on its run's test split; or, with ``--choices`` /
+``--lm-eval``, the multiple-choice accuracy of a language model (a run at any pruning setting, an exported file
+or model folder)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,37 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("evaluate", help="measure an exported model on its run's test split")
+    p = sub.add_parser(
+        "evaluate",
+        help="measure an exported model on its run's test split, or a language model's multiple-choice accuracy",
+        description="FILE: an exported model, measured on its run's test split. With --choices or --lm-eval: "
+        "the multiple-choice accuracy of a language model instead, which FILE may also be a run folder (its final "
+        "weights, dense or pruned one-shot in memory with --sparsity or --pattern) or a model folder of "
+        "`varprune export --format hf`.",
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    c.add_choices_flag(p, "instead of the test split's metrics")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASK[,TASK...]",
+        help="lm-eval-harness tasks (boolq,piqa,...; needs `pip install varprune[eval]`, and the network for the "
+        "tasks' data) run on the model in memory, reported as --choices reports",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        metavar="DIR",
+        help="a folder of lm-eval task YAMLs of your own, beside lm-eval's (its include_path)",
+    )
+    p.add_argument("--limit", type=int, help="--lm-eval: at most this many questions a task")
+    p.add_argument("--sparsity", type=float, help="a RUN pruned one-shot at this unstructured sparsity first")
+    p.add_argument("--pattern", default="unstructured", help="a RUN pruned one-shot to this N:M pattern first")
+    c.add_scope_flag(p)
+    p.add_argument("--pruner", default="magnitude", choices=("magnitude", "wanda", "sparsegpt"))
+    c.add_calibration_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -24,7 +51,11 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.export import evaluate_file
 
+    if args.choices or args.lm_eval:
+        return _accuracy(args)
     found = c.device_problem(args.device)
+    if args.sparsity is not None or args.pattern != "unstructured":
+        found.append("--sparsity and --pattern prune a run for --choices or --lm-eval; add one of them")
     if not Path(args.file).is_file():
         found.append(f"{args.file} is not a file; give a file written by `varprune export`")
     if found:
@@ -52,3 +83,82 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(metrics | {"metric": m} | ({"other_data": other} if other is not None else {})))
     return 0
+
+
+def _accuracy(args) -> int:
+    """``evaluate PATH --choices ... --lm-eval ...``: one table (and with --json one object) of every task."""
+    from varprune.engine.choices import choice_problem, score_choices
+    from varprune.engine.lmsource import PruneSetting, open_language_model
+    from varprune.engine.sweep import calibration_problems
+
+    found = c.device_problem(args.device)
+    specs = c.names(args.choices or "")
+    tasks = c.names(args.lm_eval or "")
+    if args.choices is not None and not specs:
+        found.append("--choices names no file")
+    if specs:
+        problem = choice_problem(specs)
+        if problem:
+            found.append(problem)
+    if args.lm_eval is not None and not tasks:
+        found.append("--lm-eval names no task")
+    if args.limit is not None and args.limit < 1:
+        found.append(f"--limit must be a positive integer, got {args.limit}")
+    if args.sparsity is not None and args.pattern != "unstructured":
+        found.append("give --sparsity or --pattern, not both")
+    elif args.sparsity is not None or args.pattern != "unstructured":
+        found += calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
+    if not Path(args.file).exists():
+        found.append(f"{args.file} does not exist; give a run folder, a file of `varprune export` or a model folder")
+    if tasks:
+        from varprune.engine.lmeval import lm_eval_problem
+
+        problem = lm_eval_problem(args.lm_eval_include)
+        if problem:
+            found.append(problem)
+    if found:
+        raise UsageError("; ".join(found))
+    setting = PruneSetting(
+        args.sparsity,
+        args.pattern,
+        args.pruner,
+        args.scope,
+        args.calib_samples,
+        args.calib_seq_len,
+        args.calib_data,
+    )
+    lm = open_language_model(Path(args.file), args.device, setting, args.data_dir)
+    result: dict = {"tasks": {}}
+    if specs:
+        result = score_choices(lm.model, lm.tokenizer, specs, lm.device, lm.positions, lm.amp)
+    if tasks:
+        from varprune.engine.lmeval import lm_eval_results
+
+        more = lm_eval_results(lm, tasks, args.limit, args.lm_eval_include)
+        twice = sorted(set(more["tasks"]) & set(result["tasks"]))
+        if twice:
+            raise UsageError(f"--choices and --lm-eval both name the task {twice[0]!r}; rename the file")
+        result["tasks"].update(more["tasks"])
+    result["mean"] = {
+        k: sum(t[k] for t in result["tasks"].values()) / len(result["tasks"]) for k in ("acc", "acc_norm")
+    }
+    print(accuracy_table(result, lm.source, lm.setting))
+    if args.json:
+        print(json.dumps(result | {"source": lm.source, **({"pruned": lm.setting} if lm.setting else {})}))
+    return 0
+
+
+def accuracy_table(result: dict, source: str, setting: dict) -> str:
+    """Markdown: each task's acc, acc_norm (%) and n, then their unweighted mean."""
+    rows = [
+        f"| {name} | {100 * t['acc']:.2f} | {100 * t['acc_norm']:.2f} | {t['n']} |"
+        for name, t in result["tasks"].items()
+    ]
+    mean = result["mean"]
+    rows.append(f"| mean | {100 * mean['acc']:.2f} | {100 * mean['acc_norm']:.2f} | |")
+    where = source
+    if setting:
+        s = setting["setting"]
+        shown = s if isinstance(s, str) else f"{100 * s:g}%"
+        where += f", {setting['pruner']} {shown} (realised {100 * setting['realised_sparsity']:.2f}%)"
+    return "\n".join([f"{where}:", "", "| task | acc (%) | acc_norm (%) | n |", "|---|---:|---:|---:|", *rows])

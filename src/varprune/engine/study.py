@@ -121,6 +121,8 @@ def run_study(
         "calib_seq_len": spec.calib_seq_len,
         "train": base.to_dict(),
     }
+    if spec.choices:
+        study["choices"] = [s.name for s in spec.choice_sets]
     distributed.from_main(lambda: _write_spec(folder, study))  # rank 0 owns the study folder
 
     runs = {key: out / "runs" / f"{key[0]}-s{key[1]}" for key in configs}

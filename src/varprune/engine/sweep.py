@@ -9,7 +9,10 @@ re-tuned and results carry no ``<metric>_bnt``), ``pruners``, ``calibration`` (w
 samples and sequence length), and per result ``pruner``, ``sparsity`` (or ``pattern``), ``realised_sparsity``,
 ``<metric>`` (before BN re-tuning) and ``<metric>_bnt`` (after), ``skipped`` (N:M tensors left dense) and
 ``fallback`` (layers a calibrated pruner left to magnitude, with the reason). Tasks with several metrics also
-store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``.
+store all of them under ``dense_metrics``, ``metrics`` and ``metrics_bnt``. With ``--choices`` (language models):
+``choices`` (each task's name and the sha256 of its questions), ``dense_choices`` and per result ``choices``,
+each ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "mean": {"acc", "acc_norm"}}`` (engine/choices.py), measured
+on the model as the result's primary metric is last measured (after BN re-tuning where there is any).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +95,10 @@ class SweepSpec:
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     calib_seq_len: int | None = None  # text: windows of this many tokens (default: the run's --seq-len)
     calib_data: str | None = None  # language models: draw the calibration windows from this local file
+    choices: tuple[str, ...] = ()  # language models: --choices files (or fortunes-endings) measured at every setting
 
     def __post_init__(self):
-        for name in ("sparsities", "patterns", "pruners", "exclude"):
+        for name in ("sparsities", "patterns", "pruners", "exclude", "choices"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def for_task(self, task: str) -> SweepSpec:
@@ -133,6 +137,12 @@ class SweepSpec:
             except PruningError as e:
                 found.append(str(e))
         found += calibration_problems(self.pruners, self.calib_samples, self.calib_seq_len, self.calib_data)
+        if self.choices:
+            from varprune.engine.choices import choice_problem
+
+            problem = choice_problem(self.choices)
+            if problem:
+                found.append(problem)
         return found + bnt_problems(self.bnt_batches, self.bnt_batch_size)
 
     @functools.cached_property
@@ -140,6 +150,13 @@ class SweepSpec:
         """The --calib-data file's sha256, read once per spec (record() is called for every run of a sweep)."""
         assert self.calib_data is not None
         return file_digest(Path(self.calib_data))
+
+    @functools.cached_property
+    def choice_sets(self) -> list:
+        """The --choices sets, read once per spec (data/choices.py)."""
+        from varprune.data.choices import load_choice_sets
+
+        return load_choice_sets(self.choices)
 
     def record(self) -> dict:
         """The fields prune.json holds about its settings (compared by :func:`finished_sweep`)."""
@@ -159,6 +176,10 @@ class SweepSpec:
                     "protocol": calibration_protocol(self.calib_data),  # how windows are drawn from it
                 }
             doc["calibration"] = calibration
+        if self.choices:  # the questions' bytes, so that changed questions are swept again
+            from varprune.engine.choices import sets_digest
+
+            doc["choices"] = sets_digest(self.choice_sets)
         return doc
 
 
@@ -175,10 +196,11 @@ def prune_sweep(
     patterns: Iterable[str] = (),
     calibration: list | None = None,
     layers=None,
+    measure: Callable[[nn.Module], dict] | None = None,
 ) -> dict:
     """Evaluate ``model`` pruned one-shot at every setting of the sweep, before and after BN re-tuning.
 
-    ``sparsities``: a :class:`SweepSpec` (pruners, sparsities, N:M patterns, scope...), or, as before, the
+    ``sparsities``: a `SweepSpec` (pruners, sparsities, N:M patterns, scope...), or, as before, the
     sparsities of a magnitude sweep (with ``scope``, ``exclude`` and ``patterns``). Magnitude's unstructured
     settings share one sort of the magnitudes (MagnitudePruner); an N:M pattern keeps the N largest of every M
     consecutive weights along the input dimension (tensors whose input size is not a multiple of M stay dense,
@@ -188,9 +210,11 @@ def prune_sweep(
     dense state afterwards. Returns the ``prune.json`` document; each row records the seconds its pruning took
     (``prune_s``) and a magnitude row its ``scope``.
 
-    ``progress(pruner, setting, before, after, seconds)``: called after each setting; ``layers(pruner, setting)``:
-    before each setting, a callback for the calibrated pruners to call with each layer's name as they prune it
-    (a progress bar), or None; it is called with None once the setting is done.
+    ``progress(pruner, setting, before, after, seconds, choices)``: called after each setting;
+    ``layers(pruner, setting)``: before each setting, a callback for the calibrated pruners to call with each
+    layer's name as they prune it (a progress bar), or None; it is called with None once the setting is done.
+    ``measure``: a second measurement of the model, made after the primary metric at every setting and on the
+    dense model (``--choices``: engine/choices.py), stored under ``choices`` and ``dense_choices``.
     """
     spec = (
         sparsities
@@ -206,6 +230,7 @@ def prune_sweep(
     dense_state = copy.deepcopy(model.state_dict())
     t0 = time.perf_counter()
     dense = task.evaluate(model, test_loader, amp)
+    dense_extra = measure(model) if measure is not None else None
     magnitude = (
         MagnitudePruner(model, scope, spec.exclude) if "magnitude" in spec.pruners and spec.sparsities else None
     )  # one sort for every sparsity
@@ -250,13 +275,15 @@ def prune_sweep(
             if fallback:
                 row["fallback"] = fallback
             row["prune_s"] = took
+            if measure is not None:
+                row["choices"] = measure(model)
             if several:
                 row["metrics"] = before
                 if retune:
                     row["metrics_bnt"] = after
             results.append(row)
             if progress is not None:
-                progress(pruner, setting, before[m], after[m] if retune else None, took)
+                progress(pruner, setting, before[m], after[m] if retune else None, took, row.get("choices"))
     finally:
         model.load_state_dict(dense_state)
     doc: dict = {} if m == "accuracy" else {"metric": m}
@@ -283,6 +310,8 @@ def prune_sweep(
         )
     if several:
         doc["dense_metrics"] = dense
+    if dense_extra is not None:
+        doc["dense_choices"] = dense_extra
     return doc
 
 
@@ -320,11 +349,13 @@ def _say(log, metric: str, scope: str = "global"):
     """One line per setting once it is measured: the metric, and how long the pruning took."""
     shown = metric_info(metric)
 
-    def progress(pruner, setting, before, after, seconds=None):
+    def progress(pruner, setting, before, after, seconds=None, choices=None):
         unit = "%" if shown.percent else ""
         name = f"{pruner} ({scope})" if pruner == "magnitude" else pruner
         text = f"  {name} {_where(setting)}: {metric} {shown.fmt(after if after is not None else before)}{unit}"
         text += f" with BNT, {shown.fmt(before)}{unit} without" if after is not None else ""
+        if choices:
+            text += f"; choices acc {100 * choices['mean']['acc']:.2f}%"
         log(text + (f"; pruned in {seconds:.1f} s" if seconds is not None else ""))
 
     return progress
@@ -387,6 +418,13 @@ def prune_runs(
     dev = resolve_device(device)
     configs, found = check_runs(runs, data_dir)  # every folder checked before any work
     found += spec.problems()
+    if spec.choices:  # before any work: every run must be a language model
+        from varprune.engine.runconfig import read_resolved
+
+        for run in runs:
+            task = read_resolved(run).get("task")
+            if task not in (None, "language-modeling"):
+                found.append(f"--choices scores a language model's continuations; {run} is a {task} run")
     if found:
         raise RunError("; ".join(found))
     cache: dict[tuple, RunData] = {}  # load_trained's data cache: runs on the same data share it
@@ -422,6 +460,7 @@ def prune_runs(
             progress=_say(log, t.task.primary, spec.scope or "global"),
             calibration=calibration,
             layers=LayerProgress(len(prunable_weights(t.model, spec.exclude)), log),
+            measure=_choices_measure(spec, t),
         )
         doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})
         if t.other_data is not None:
@@ -431,3 +470,18 @@ def prune_runs(
         write_sweep(run, doc, label)
         out.append((label, doc))
     return out
+
+
+def _choices_measure(spec: SweepSpec, t) -> Callable[[nn.Module], dict] | None:
+    """The sweep's ``--choices`` measurement of a loaded run, or None; a run that is no language model is refused."""
+    if not spec.choices:
+        return None
+    if t.task.name != "language-modeling":
+        raise RunError(
+            f"--choices scores a causal language model's continuations; {t.run} is a {t.task.name} run: drop "
+            f"--choices for it"
+        )
+    from varprune.engine.choices import choice_results, model_positions
+
+    sets, positions = spec.choice_sets, model_positions(t.model, t.cfg.seq_len)
+    return lambda model: choice_results(model, t.data.tokenizer, sets, positions, amp=t.amp)

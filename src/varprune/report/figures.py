@@ -13,14 +13,15 @@ from varprune.report.tables import metric_info, metric_of, pruner_of
 from varprune.storage.files import atomic_write_bytes
 
 
-def _figure():
+def _figure(panels: int = 1):
+    """A figure of ``panels`` axes one above the other: ``(plt, fig, ax)``, or ``(plt, fig, [ax, ...])``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    return plt, fig, ax
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 4.5 * panels), dpi=120, squeeze=False)
+    return plt, fig, axes[0][0] if panels == 1 else [a[0] for a in axes]
 
 
 def _sparsity_axis(ax, sparsities) -> None:
@@ -83,8 +84,13 @@ _STYLES = {"magnitude": "o-", "wanda": "s-", "sparsegpt": "^-"}
 def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One-shot magnitude pruning") -> None:
     """The primary metric against sparsity, one colour per run, one marker per pruner: solid lines after BN
     re-tuning, dashed before (one line where nothing was re-tuned); N:M patterns as diamonds at their realised
-    sparsity."""
-    plt, fig, ax = _figure()
+    sparsity. Sweeps with ``--choices`` get a second panel below: the multiple-choice accuracy (the mean ``acc``
+    over tasks) of the same settings."""
+    has_choices = any("dense_choices" in doc for _, doc in rows)
+    plt, fig, ax = _figure(2 if has_choices else 1)
+    if has_choices:
+        ax, below = ax
+        _choices_panel(below, rows)
     _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"] if "pattern" not in r])
     for i, (label, doc) in enumerate(rows):
         color = f"C{i % 10}"
@@ -123,6 +129,34 @@ def sweep_plot(rows: list[tuple[str, dict]], path: str | Path, title: str = "One
                         color=color,
                     )
     _finish(plt, fig, ax, Path(path), title, metric_of(rows[0][1]) if rows else "accuracy")
+
+
+def _choices_panel(ax, rows: list[tuple[str, dict]]) -> None:
+    """The mean multiple-choice ``acc`` (percent) against sparsity, styled as the main panel; dotted: dense."""
+    _sparsity_axis(ax, [r["sparsity"] for _, doc in rows for r in doc["results"] if "pattern" not in r])
+    for i, (_, doc) in enumerate(rows):
+        if "dense_choices" not in doc:
+            continue
+        color = f"C{i % 10}"
+        ax.axhline(100 * doc["dense_choices"]["mean"]["acc"], color=color, linestyle=":", alpha=0.6)
+        for pruner in dict.fromkeys(pruner_of(r) for r in doc["results"]):
+            mine = [r for r in doc["results"] if pruner_of(r) == pruner and "choices" in r]
+            plain = [r for r in mine if "pattern" not in r]
+            ax.plot(
+                [_x(r["sparsity"]) for r in plain],
+                [100 * r["choices"]["mean"]["acc"] for r in plain],
+                _STYLES.get(pruner, "o-"),
+                color=color,
+            )
+            for r in mine:
+                if "pattern" in r:
+                    ax.plot([_x(r["realised_sparsity"])], [100 * r["choices"]["mean"]["acc"]], "D", color=color)
+    names = ", ".join(next(doc["dense_choices"]["tasks"] for _, doc in rows if "dense_choices" in doc))
+    ax.set_ylabel("multiple-choice acc (%), mean over tasks")
+    ax.set_xlabel("sparsity (%); dotted: the dense model")
+    ax.set_title(f"--choices: {names}"[:90], fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
 
 
 def study_plot(summary: dict, path: str | Path) -> None:

@@ -51,6 +51,40 @@ def _prune_json_problem(doc) -> str | None:
         for key in (m, f"{m}_bnt"):
             if (key in r or key == m) and not info.valid(r.get(key)):
                 return f"results[{i}].{key} is {str(r.get(key))[:30]}, outside [{info.lo:g}, {info.hi:g}]"
+    if "dense_choices" in doc:  # --choices: the dense model's and every result's, over the same tasks
+        tasks = doc["dense_choices"].get("tasks") if isinstance(doc["dense_choices"], dict) else None
+        problem = choices_problem(doc["dense_choices"], tasks)
+        if problem:
+            return f"dense_choices: {problem}"
+        for i, r in enumerate(results):
+            problem = choices_problem(r.get("choices"), tasks)
+            if problem:
+                return f"results[{i}].choices: {problem}"
+    elif any(isinstance(r, dict) and "choices" in r for r in results):
+        return "results hold choices but dense_choices is missing"
+    return None
+
+
+def _fraction(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+
+
+def choices_problem(c, tasks) -> str | None:
+    """What is wrong with a ``--choices`` result ``{"tasks": {name: {"acc", "acc_norm", "n"}}, "mean": {...}}``
+    (the tasks those of ``tasks``), or None."""
+    if not isinstance(c, dict) or not isinstance(c.get("tasks"), dict) or not c["tasks"]:
+        return "not an object with tasks"
+    if isinstance(tasks, dict) and list(c["tasks"]) != list(tasks):
+        return f"tasks {', '.join(map(str, c['tasks']))[:60]} are not the dense model's"
+    for name, t in c["tasks"].items():
+        if not isinstance(t, dict) or not all(_fraction(t.get(k)) for k in ("acc", "acc_norm")):
+            return f"{str(name)[:30]}: acc and acc_norm must be in [0, 1]"
+        n = t.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return f"{str(name)[:30]}: n is {str(n)[:30]}, not a positive integer"
+    mean = c.get("mean")
+    if not isinstance(mean, dict) or not all(_fraction(mean.get(k)) for k in ("acc", "acc_norm")):
+        return "mean: acc and acc_norm must be in [0, 1]"
     return None
 
 

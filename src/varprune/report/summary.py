@@ -13,6 +13,10 @@ Layout of report.json (every field of varprune 0.2 kept): ``study`` (the study's
   ``[mean, std]``, ``per_seed`` and ``per_seed_bnt``, ``ci95`` and ``ci95_bnt``, and against the baseline
   ``paired`` and ``paired_bnt``.
 
+With ``--choices`` (language models): ``choices_dense`` per method and ``choices`` per setting, each
+``{"acc": [mean, std], "acc_norm": [mean, std], "per_seed": [acc...], "ci95": [low, high]}`` of the mean over
+tasks of the multiple-choice accuracy, and ``study.choices`` the tasks' names.
+
 Values are the metric's own (fractions for accuracy and Dice, perplexity as it is); a difference is "better"
 in the metric's direction. ``findings`` states only the differences whose interval excludes zero, and the
 comparison the calibrated pruners raise: each method with magnitude pruning against the baseline with Wanda or
@@ -71,6 +75,8 @@ def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | N
         }
         if meth != baseline:
             entry["dense_paired"] = paired(dense, [d[f"dense_{m}"] for d in base_docs], baseline)
+        if all("dense_choices" in d for d in per_seed):
+            entry["choices_dense"] = _choices([d["dense_choices"] for d in per_seed])
         for i, row in enumerate(first["results"]):
             pruner, setting = setting_key(row)
             values = [d["results"][i][m] for d in per_seed]
@@ -88,12 +94,26 @@ def summarize(spec: dict, docs: dict, times: dict[str, float], baseline: str | N
                 cell.update({f"{m}_bnt": _mean_std(after), "per_seed_bnt": after, "ci95_bnt": mean_interval(after)[1]})
                 if meth != baseline:
                     cell["paired_bnt"] = paired(after, [d["results"][i][f"{m}_bnt"] for d in base_docs], baseline)
+            if all("choices" in d["results"][i] for d in per_seed):
+                cell["choices"] = _choices([d["results"][i]["choices"] for d in per_seed])
             entry["sparsities"][summary_key(pruner, setting)] = cell
         summary["methods"][meth] = entry
     summary["cross"] = _cross(summary, docs, seeds, baseline)
     summary["cross_text"] = cross_text(summary)
     summary["findings"] = findings(summary)
     return summary
+
+
+def _choices(per_seed: list[dict]) -> dict:
+    """The seeds' multiple-choice results (each the mean over tasks) summarised: mean and std of acc and
+    acc_norm, acc per seed and its 95% interval."""
+    acc = [c["mean"]["acc"] for c in per_seed]
+    return {
+        "acc": _mean_std(acc),
+        "acc_norm": _mean_std([c["mean"]["acc_norm"] for c in per_seed]),
+        "per_seed": acc,
+        "ci95": mean_interval(acc)[1],
+    }
 
 
 def _cross(summary: dict, docs: dict, seeds: list, baseline: str) -> list[dict]:

@@ -178,8 +178,48 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
         note = "with BN re-tuning / without where it applies; one value where the model has no BatchNorm"
     direction = "higher" if info.higher_is_better else "lower"
     labels = 2 if several else 1
-    return f"{info.title}{info.unit} after {what}: {note} ({direction} is better):\n\n" + (
-        _split_table(lines, head, labels, first=1, last=0) + "\n"
+    return (
+        f"{info.title}{info.unit} after {what}: {note} ({direction} is better):\n\n"
+        + _split_table(lines, head, labels, first=1, last=0)
+        + "\n"
+        + choices_table(rows)
+    )
+
+
+def choice_names(doc: dict) -> list[str]:
+    """The --choices tasks of a prune.json (none without --choices)."""
+    return list(doc.get("dense_choices", {}).get("tasks", {}))
+
+
+def choices_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown, for sweeps with ``--choices``: per run (and pruner) the multiple-choice accuracy, the mean over
+    tasks of ``acc / acc_norm`` (%), dense and at every setting; empty without ``--choices``."""
+    rows = [(label, doc) for label, doc in rows if "dense_choices" in doc]
+    if not rows:
+        return ""
+    settings = _order({setting_key(r)[1] for _, doc in rows for r in doc["results"]})
+    pruners = list(dict.fromkeys(pruner_of(r) for _, doc in rows for r in doc["results"]))
+    several = pruners != ["magnitude"]
+
+    def cell(c) -> str:
+        return "—" if c is None else f"{pct(c['mean']['acc'])} / {pct(c['mean']['acc_norm'])}"
+
+    lines = []
+    for label, doc in rows:
+        by = {setting_key(r): r for r in doc["results"]}
+        for pruner in pruners:
+            if any(k[0] == pruner for k in by):
+                got = [by.get((pruner, s), {}).get("choices") for s in settings]
+                lines.append(
+                    [label] + ([pruner] if several else []) + [cell(doc["dense_choices"])] + list(map(cell, got))
+                )
+    head = ["run"] + (["pruner"] if several else []) + ["dense"] + [setting_label(s) for s in settings]
+    tasks = dict.fromkeys(t for _, doc in rows for t in choice_names(doc))
+    ns = {t: doc["dense_choices"]["tasks"][t]["n"] for _, doc in rows for t in choice_names(doc)}
+    what = ", ".join(f"{t} ({ns[t]} questions)" for t in tasks)
+    return (
+        "\nMultiple-choice accuracy (%), acc / acc_norm as lm-eval-harness scores them, the unweighted mean over "
+        f"{what}:\n\n" + "\n".join(_table(head, lines)) + "\n"
     )
 
 
@@ -188,10 +228,16 @@ def sweep_csv(doc: dict) -> str:
     w = csv.writer(buf, lineterminator="\n")
     m = metric_of(doc)
     retuned = _retuned(doc)
-    w.writerow(["pruner", "sparsity", "realised_sparsity", m] + ([f"{m}_bnt"] if retuned else []))
+    tasks = choice_names(doc)  # --choices: each task's acc and acc_norm, then their mean
+    extra = [f"{t}_{k}" for t in tasks for k in ("acc", "acc_norm")] + (
+        ["choices_acc", "choices_acc_norm"] * bool(tasks)
+    )
+    w.writerow(["pruner", "sparsity", "realised_sparsity", m] + ([f"{m}_bnt"] if retuned else []) + extra)
     for r in doc["results"]:  # an N:M row names its pattern under sparsity
         pruner, setting = setting_key(r)
-        w.writerow([pruner, setting, r["realised_sparsity"], r[m]] + ([r[f"{m}_bnt"]] if retuned else []))
+        values = [r["choices"]["tasks"][t][k] for t in tasks for k in ("acc", "acc_norm")] if tasks else []
+        values += [r["choices"]["mean"]["acc"], r["choices"]["mean"]["acc_norm"]] if tasks else []
+        w.writerow([pruner, setting, r["realised_sparsity"], r[m]] + ([r[f"{m}_bnt"]] if retuned else []) + values)
     return buf.getvalue()
 
 
@@ -261,7 +307,7 @@ def study_table(summary: dict) -> str:
         if not retuned:
             label = label.replace(":", " (BN re-tuning does not apply: no BatchNorm):", 1) if not title else label
         out.append(label + "\n\n" + _split_table(rows, head, 2 if several else 1, first=1, last=1))
-    text = "\n\n".join(out) + "\n"
+    text = "\n\n".join(out) + "\n" + _study_choices(summary, settings, pruners, key_of)
     if summary.get("cross_text"):
         which = "after BN re-tuning" if retuned else "as measured"
         text += (
@@ -274,6 +320,31 @@ def study_table(summary: dict) -> str:
     elif base and "dense_ci95" in first:
         text += f"\nNo difference to {base} has a 95% interval that excludes zero.\n"
     return text
+
+
+def _study_choices(summary: dict, settings: list, pruners: list[str], key_of) -> str:
+    """The study's multiple-choice table (``--choices``): per method (and pruner) the mean over seeds of the mean
+    ``acc`` over tasks, with its 95% interval, dense and per setting; empty without ``--choices``."""
+    methods = summary["methods"]
+    if not all("choices_dense" in e for e in methods.values()):
+        return ""
+    info = Metric("acc")
+    several = pruners != ["magnitude"]
+
+    def cell(c) -> str:
+        return "—" if c is None else _ci_cell(info, c["acc"][0], c.get("ci95"))
+
+    rows = []
+    for method, e in methods.items():
+        for pruner in pruners:
+            got = [e["sparsities"].get(key_of(pruner, s), {}).get("choices") for s in settings]
+            rows.append([method] + ([pruner] if several else []) + [cell(e["choices_dense"])] + [cell(c) for c in got])
+    head = ["method"] + (["pruner"] if several else []) + ["dense"] + [setting_label(s) for s in settings]
+    tasks = ", ".join(summary["study"].get("choices", [])) or "--choices"
+    return (
+        f"\nMultiple-choice accuracy (acc, %, the unweighted mean over {tasks}), mean [95% interval] over seeds, "
+        "one-shot pruning:\n\n" + "\n".join(_table(head, rows)) + "\n"
+    )
 
 
 # ---------------------------------------------------------------- one HTML page

@@ -1,0 +1,145 @@
+"""--choices end to end through the CLI: a tiny GPT-2 trained on a small text, swept and evaluated with a
+multiple-choice file, checked against an independent float64 computation on the exported Hugging Face folder
+(transformers and tokenizers, not varprune's loaders); the bad inputs of the feature are one line, exit 2,
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tests.helpers import cli, one_line_error
+from tests.test_choices import WORDS, _fortunes, _reference
+
+from varprune.data.choices import read_choices
+
+pytestmark = pytest.mark.slow
+
+LM = [
+    "--dataset", "text", "--model", "gpt2", "--model-arg", "n_layer=1", "--model-arg", "n_embd=32",
+    "--model-arg", "n_head=2", "--seq-len", "32", "--vocab-size", "300", "--epochs", "1", "--batch-size", "8",
+    "--limit-train", "64", "--limit-test", "12", "--device", "cpu", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    from varprune.cli import main
+
+    root = tmp_path_factory.mktemp("choices")
+    rng = random.Random(0)
+    (root / "data").mkdir()
+    (root / "data" / "train.txt").write_text("\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(400)))
+    (root / "data" / "test.txt").write_text("\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(60)))
+    with (root / "q.jsonl").open("w") as f:
+        for _ in range(24):
+            ctx = " ".join(rng.choices(WORDS, k=rng.randint(1, 8))) + rng.choice(["", " "])
+            choices = [" ".join(rng.choices(WORDS, k=rng.randint(1, 4))) for _ in range(3)]
+            f.write(json.dumps({"context": ctx, "choices": choices, "label": rng.randrange(3)}) + "\n")
+    assert main(["train", *LM, "--data-dir", str(root / "data"), "--out", str(root / "run")]) == 0
+    return root
+
+
+class _Encode:
+    """tokenizers' own encoding of the exported folder's tokenizer.json, no special tokens."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
+def test_sweep_and_evaluate_agree_with_an_independent_computation(lm_run, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run, q = lm_run / "run", lm_run / "q.jsonl"
+    rc, out, err = cli(capsys, "prune", run, "--sparsities", "0.5", "--patterns", "2:4", "--choices", q)
+    assert rc == 0, err
+    assert "Multiple-choice accuracy" in out and "q (24 questions)" in out
+    doc = json.loads((run / "prune.json").read_text())
+    assert list(doc["choices"]) == ["q"] and len(doc["choices"]["q"]) == 64  # the questions' sha256
+    row = doc["results"][0]
+    assert row["sparsity"] == 0.5 and row["choices"]["tasks"]["q"]["n"] == 24
+    assert "q_acc" in (run / "prune.csv").read_text().splitlines()[0]
+    rc, out, err = cli(capsys, "export", run, "--sparsity", "0.5", "--format", "hf", "--out", lm_run / "hf")
+    assert rc == 0, err
+    model = AutoModelForCausalLM.from_pretrained(lm_run / "hf", torch_dtype="float32").eval()
+    want = _reference(model, _Encode(lm_run / "hf" / "tokenizer.json"), [read_choices(q)], 32)["q"]
+    for got in (row["choices"]["tasks"]["q"],):
+        assert got["acc"] == pytest.approx(want["acc"]) and got["acc_norm"] == pytest.approx(want["acc_norm"])
+    for source in ([run, "--sparsity", "0.5"], [lm_run / "hf"]):
+        rc, out, err = cli(capsys, "evaluate", *source, "--choices", q, "--json")
+        assert rc == 0, err
+        got = json.loads(out.splitlines()[-1])
+        assert got["tasks"]["q"] == {
+            "acc": pytest.approx(want["acc"]),
+            "acc_norm": pytest.approx(want["acc_norm"]),
+            "n": 24,
+        }
+        assert got["mean"]["acc"] == pytest.approx(want["acc"])
+    rc, out, err = cli(capsys, "prune", run, "--sparsities", "0.5", "--patterns", "2:4", "--choices", q)
+    assert rc == 0 and "reusing" in out  # the same questions: the sweep is reused
+    changed = lm_run / "q2" / "q.jsonl"
+    changed.parent.mkdir()
+    changed.write_text(q.read_text().replace('"label": 0', '"label": 1'))
+    rc, out, err = cli(capsys, "prune", run, "--sparsities", "0.5", "--patterns", "2:4", "--choices", changed)
+    assert rc == 0 and "reusing" not in out  # other questions: swept again
+
+
+def test_convert_then_evaluate_and_fortunes_endings(lm_run, capsys, tmp_path, monkeypatch):
+    rows = [{"goal": f"Open {w}", "sol1": "Twist the lid.", "sol2": f"Eat the {w}.", "label": i % 2}
+            for i, w in enumerate(WORDS[:6])]  # fmt: skip
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = cli(capsys, "choices", "convert", "--format", "piqa", tmp_path / "piqa.jsonl", tmp_path / "p.jsonl")
+    assert rc == 0 and "6 questions" in out, err
+    monkeypatch.setenv("VARPRUNE_FORTUNES", str(_fortunes(tmp_path, 200)))
+    rc, out, err = cli(
+        capsys, "evaluate", lm_run / "run", "--choices", f"{tmp_path / 'p.jsonl'},fortunes-endings", "--json"
+    )
+    assert rc == 0, err
+    got = json.loads(out.splitlines()[-1])
+    assert got["tasks"]["p"]["n"] == 6 and got["tasks"]["fortunes-endings"]["n"] > 4
+    assert got["mean"]["acc"] == pytest.approx((got["tasks"]["p"]["acc"] + got["tasks"]["fortunes-endings"]["acc"]) / 2)
+
+
+GOOD = '{"context": "a ", "choices": ["x", "y"], "label": 0}'
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"context": "a ", "choices": ["x", "y"], "label": 5}', "line 2: label 5 is outside the 2 choices"),
+        ('{"context": "a ", "choices": ["x"], "label": 0}', "line 2: 'choices' must be a list of two or more"),
+        ('{"context": ["a"], "choices": ["x", "y"], "label": 0}', "line 2: a list 'context' must hold one string"),
+        ('{"context": "a ", "choices": ["x", 3], "label": 0}', "line 2: choice 1 is a JSON number, not a string"),
+        ("context,choices,label", "line 2 is not JSON"),
+    ],
+)
+def test_bad_choices_files_are_one_line_and_nothing_is_written(lm_run, capsys, tmp_path, line, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD + "\n" + line + "\n")
+    before = (lm_run / "run" / "prune.json").read_bytes() if (lm_run / "run" / "prune.json").exists() else None
+    for args in (["prune", lm_run / "run", "--sparsities", "0.5"], ["evaluate", lm_run / "run"]):
+        rc, _, err = cli(capsys, *args, "--choices", bad)
+        message = one_line_error(rc, err)
+        assert f"{bad} {expected}" in message
+    after = (lm_run / "run" / "prune.json").read_bytes() if (lm_run / "run" / "prune.json").exists() else None
+    assert before == after
+
+
+def test_bad_conversions_are_one_line(capsys, tmp_path):
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n" + '{"goal": "g"}\n')
+    rc, _, err = cli(capsys, "choices", "convert", "--format", "piqa", src, tmp_path / "out.jsonl")
+    assert f"{src} line 2 lacks the field 'sol1' of a piqa row" in one_line_error(rc, err)
+    assert not (tmp_path / "out.jsonl").exists()
+    rc, _, err = cli(capsys, "choices", "convert", "--format", "mmlu", src, tmp_path / "out.jsonl")
+    assert "mmlu" in one_line_error(rc, err) and not (tmp_path / "out.jsonl").exists()
+    (tmp_path / "mine.txt").write_text("not mine\n")
+    rc, _, err = cli(capsys, "choices", "convert", "--format", "piqa", src, tmp_path / "mine.txt")
+    assert "mine.txt" in one_line_error(rc, err) and (tmp_path / "mine.txt").read_text() == "not mine\n"
