@@ -11,12 +11,25 @@ from varprune.errors import UsageError
 
 
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("evaluate", help="measure an exported model on its run's test split")
-    p.add_argument("file", metavar="FILE")
+    p = sub.add_parser(
+        "evaluate",
+        help="measure an exported model on its run's test split, or a causal LM's commonsense accuracy",
+    )
+    p.add_argument("file", metavar="FILE", help="a file written by `varprune export` (with --commonsense: or a run)")
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.add_argument(
+        "--commonsense",
+        metavar="DIR",
+        help="instead of the test split: accuracy on each DIR/<task>/test.json of LLM-Adapters' commonsense tasks "
+        "(boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa), answers "
+        "generated greedily from the Alpaca prompt",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="prompts generated together with --commonsense (default 16)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -25,6 +38,8 @@ def run(args) -> int:
     from varprune.engine.export import evaluate_file
 
     found = c.device_problem(args.device)
+    if args.commonsense is not None:
+        return _commonsense(args, found)
     if not Path(args.file).is_file():
         found.append(f"{args.file} is not a file; give a file written by `varprune export`")
     if found:
@@ -51,4 +66,25 @@ def run(args) -> int:
     )
     if args.json:
         print(json.dumps(metrics | {"metric": m} | ({"other_data": other} if other is not None else {})))
+    return 0
+
+
+def _commonsense(args, found: list[str]) -> int:
+    from varprune.data.commonsense import read_commonsense
+    from varprune.engine.commonsense import commonsense_accuracy, format_commonsense, load_for_generation
+
+    if not Path(args.file).exists():
+        found.append(f"{args.file} does not exist; give a file written by `varprune export` or a run folder")
+    if not 1 <= args.batch_size <= 4096:
+        found.append(f"--batch-size must be in [1, 4096], got {args.batch_size}")
+    if found:
+        raise UsageError("; ".join(found))
+    read_commonsense(args.commonsense)  # the test sets are checked before the model is loaded
+    model, tokenizer, device, amp = load_for_generation(Path(args.file), args.device)
+    result = commonsense_accuracy(
+        model, tokenizer, args.commonsense, device, amp, args.batch_size, log=None if args.json else print
+    )
+    print(format_commonsense(result))
+    if args.json:
+        print(json.dumps(result))
     return 0

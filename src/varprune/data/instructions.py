@@ -39,6 +39,7 @@ __all__ = [
     "default_dir",
     "load",
     "locate",
+    "parse_records",
     "read_instructions",
 ]
 
@@ -151,7 +152,7 @@ def _json_list(text: str, path: Path):
         raise DatasetError(f"{path} line {line_at(pos)}: text after the JSON list's closing ']'; remove it")
 
 
-def _json_lines(text: str, path: Path):
+def _json_lines(text: str, path: Path, shape: str):
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -161,30 +162,37 @@ def _json_lines(text: str, path: Path):
             reason = getattr(e, "msg", None) or str(e)
             raise DatasetError(
                 f"{path} line {number} is not JSON ({reason}); a JSON-lines file holds one record a line "
-                f'{{"instruction": ..., "output": ...}}, a .json file may hold one JSON list of them'
+                f"{shape}, a .json file may hold one JSON list of them"
             ) from None
+
+
+def parse_records(path: str | os.PathLike, shape: str):
+    """``(record, line, where)`` for each record of a JSON list or JSON-lines file (read from its first
+    character), ``where`` naming the file, record and line for messages; a record that is not an object is a
+    one-line DatasetError (``shape`` shows what one looks like)."""
+    path = Path(path)
+    text = decode_utf8(read_bytes(path, JSONL_MEMORY_FACTOR), path)
+    records = _json_list(text, path) if text.lstrip().startswith("[") else _json_lines(text, path, shape)
+    for number, (obj, line) in enumerate(records, 1):
+        where = f"{path} record {number} (line {line})"
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{where} is a JSON {_json_type(obj)}, not an object {shape}")
+        yield obj, line, where
 
 
 def read_instructions(path: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
     """The prompts, responses and line numbers of an instruction file (a JSON list or JSON lines; see the module
     docstring). Any bad record is a one-line DatasetError naming the file, the record and its line."""
     path = Path(path)
-    text = decode_utf8(read_bytes(path, JSONL_MEMORY_FACTOR), path)
-    records = _json_list(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
     prompts: list[str] = []
     responses: list[str] = []
     lines: list[int] = []
-    for obj, line in records:
-        where = f"{path} record {len(prompts) + 1} (line {line})"
-        if not isinstance(obj, dict):
-            raise DatasetError(
-                f'{where} is a JSON {_json_type(obj)}, not an object {{"instruction": ..., "output": ...}}'
-            )
+    for obj, line, where in parse_records(path, '{"instruction": ..., "output": ...}'):
         for key in ("instruction", "output"):
             if key not in obj:
                 raise DatasetError(f"{where} lacks the field {key!r}; every record needs 'instruction' and 'output'")
         for key in ("instruction", "input", "output"):
-            if key in obj and not isinstance(obj[key], str):
+            if key in obj and not isinstance(obj[key], str) and not (key == "input" and obj[key] is None):
                 raise DatasetError(f"{where}: {key!r} is a JSON {_json_type(obj[key])}, not a string")
         prompts.append(alpaca_prompt(obj["instruction"], obj.get("input")))
         responses.append(obj["output"])

@@ -143,8 +143,9 @@ class TextTokenizer:
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=True)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """The text of ``ids``; special tokens (``<pad>``, an EOS) left out with ``skip_special``."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def to_json(self) -> str:
         """The ``tokenizer.json`` text (the same tokenizer gives the same text)."""

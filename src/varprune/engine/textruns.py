@@ -76,8 +76,9 @@ def model_sizes(cfg: TrainConfig, info, tokenizer: TextTokenizer) -> dict:
     sizes = {"vocab_size": tokenizer.vocab_size, "max_positions": cfg.seq_len}
     if tokenizer.pad_id is not None:
         sizes["pad_token_id"] = tokenizer.pad_id
-    if info.task == "instruction-tuning" and tokenizer.eos_id is not None:  # generation stops at the examples' end
-        sizes["eos_token_id"] = tokenizer.eos_id
+    eos = getattr(tokenizer, "eos_id", None)  # a stand-in of the sizes alone (commands/common.py) has none
+    if info.task == "instruction-tuning" and eos is not None:  # generation stops where the examples end
+        sizes["eos_token_id"] = eos
     if cfg.model.startswith("hf:"):
         sizes["task"] = info.task
     return sizes
