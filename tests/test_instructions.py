@@ -228,6 +228,18 @@ def test_train_prune_export_and_response_perplexity_against_float64(tmp_path, ca
     wanda = next(r for r in prune["results"] if r["pruner"] == "wanda")
     assert measured["perplexity"] == pytest.approx(wanda["perplexity"], rel=1e-6)
     assert measured["perplexity"] == pytest.approx(_independent_perplexity(folder, test), rel=1e-4)
+    # masked fine-tuning of the pruned model keeps its zeros and reports the response perplexity
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(run), "--out", str(ft), *flags, "--epochs", "1", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(ft / "model.safetensors")
+    zeros = sum(
+        int((weights[k] == 0).sum()) for k in weights if ".h.0." in k and k.endswith("weight") and "ln" not in k
+    )
+    total = sum(weights[k].numel() for k in weights if ".h.0." in k and k.endswith("weight") and "ln" not in k)
+    assert zeros / total == pytest.approx(0.5, abs=0.01)
+    assert "test_perplexity" in json.loads((ft / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 @pytest.mark.slow
