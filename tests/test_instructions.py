@@ -129,6 +129,41 @@ def test_batches_mask_the_prompt_and_the_padding(tmp_path):
     assert len(widths) == 10 and padded < sum(widths) * 4 // 4  # sorted windows keep padding below one row a batch
 
 
+def test_shares_and_loss_weights_give_the_one_process_gradient(tmp_path):
+    """Under torchrun each process takes a contiguous share of every global batch and averages its loss over its
+    own response tokens; weighted by loss_weight, the processes' mean gradient is one process's."""
+    from varprune.data.instructtokens import InstructionLoader, encode_instructions
+    from varprune.data.tokenizer import train_tokenizer
+    from varprune.tasks import InstructionTuning
+
+    corpus = load("instructions", write(tmp_path, records(30), records(3)))
+    tok = train_tokenizer(corpus, 400)
+    enc = encode_instructions(tok, corpus.splits["train"], 256)
+    single = InstructionLoader(enc, 8, train=True, seed=1, window=2)
+    shards = [InstructionLoader(enc, 8, train=True, seed=1, rank=r, world=2, window=2) for r in range(2)]
+    one, many = list(single), [list(s) for s in shards]
+    assert len(one) == len(many[0]) == len(many[1]) == 4
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(tok.vocab_size, 4, dtype=torch.float64, generator=g)
+    head = torch.randn(4, tok.vocab_size, dtype=torch.float64, generator=g)
+    task = InstructionTuning(0)
+
+    def grad(x, y, weight=1.0):
+        e = emb.clone().requires_grad_(True)
+        (task.loss(e[x["input_ids"]] @ head, y) * weight).backward()
+        return e.grad
+
+    differs = False
+    for step, (x, y) in enumerate(one):
+        ids = [m[step][0]["input_ids"] for m in many]
+        assert sum(len(i) for i in ids) == len(x["input_ids"])
+        ddp = sum(grad(*m[step], s.loss_weight(step)) for m, s in zip(many, shards)) / 2
+        torch.testing.assert_close(ddp, grad(x, y), rtol=1e-5, atol=1e-7)
+        unweighted = sum(grad(*m[step]) for m in many) / 2
+        differs |= not torch.allclose(unweighted, grad(x, y), rtol=1e-3)
+    assert differs  # the weights matter: the shares hold different numbers of response tokens
+
+
 SEQ = 64
 TRAIN = [
     "--dataset",

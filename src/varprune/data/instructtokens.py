@@ -191,6 +191,7 @@ class InstructionLoader:
         self.examples, self.train, self.info = examples, bool(train), info
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(seed)
+        self._epoch: list[np.ndarray] = []  # the global batches of the epoch being iterated (loss_weight)
 
     @property
     def num_examples(self) -> int:
@@ -208,10 +209,13 @@ class InstructionLoader:
         return -(-(hi - lo) // self.batch_size)
 
     def loss_weight(self, step: int) -> float:
-        """n_share * world / n_global for training batch ``step``: 1.0 unless the global batch splits unevenly."""
-        n = min(self.batch_size, self._stops() - step * self.batch_size)
-        lo, hi = share(n, self.rank, self.world)
-        return (hi - lo) * self.world / n
+        """t_share * world / t_global for training batch ``step`` of the epoch being iterated, t counting the
+        response tokens (those that carry loss): each process averages its loss over its own share's, so this
+        weight makes the processes' mean gradient the gradient of the mean over the global batch's."""
+        rows = self._epoch[step]
+        counts = self.examples.lengths[rows] - self.examples.prompt_lengths[rows]  # > 0: a prompt leaves a response token
+        lo, hi = share(len(rows), self.rank, self.world)
+        return float(counts[lo:hi].sum()) * self.world / float(counts.sum())
 
     def batches(self) -> list[np.ndarray]:
         """This epoch's global batches as example indices (draws from ``generator`` when training)."""
@@ -224,14 +228,15 @@ class InstructionLoader:
             chunk = order[begin : begin + size * self.window]
             chunk = chunk[np.argsort(-self.examples.lengths[chunk], kind="stable")]  # longest first
             group = [chunk[i : i + size] for i in range(0, len(chunk), size)]
-            full = len(group) - (len(group[-1]) < size)  # a partial batch stays last: loss_weight counts on it
+            full = len(group) - (len(group[-1]) < size)  # a partial batch stays last
             if self.train and full > 1:
                 group[:full] = [group[j] for j in torch.randperm(full, generator=self.generator).tolist()]
             out += group
         return out
 
     def __iter__(self):
-        for rows in self.batches():
+        self._epoch = self.batches()
+        for rows in self._epoch:
             if self.train:  # the global batch: this process's contiguous share
                 lo, hi = share(len(rows), self.rank, self.world)
                 rows = rows[lo:hi]
