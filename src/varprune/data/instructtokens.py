@@ -213,7 +213,7 @@ class InstructionLoader:
         response tokens (those that carry loss): each process averages its loss over its own share's, so this
         weight makes the processes' mean gradient the gradient of the mean over the global batch's."""
         rows = self._epoch[step]
-        counts = self.examples.lengths[rows] - self.examples.prompt_lengths[rows]  # > 0: a prompt leaves a response token
+        counts = self.examples.lengths[rows] - self.examples.prompt_lengths[rows]  # each > 0
         lo, hi = share(len(rows), self.rank, self.world)
         return float(counts[lo:hi].sum()) * self.world / float(counts.sum())
 
