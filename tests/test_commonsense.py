@@ -138,6 +138,10 @@ def test_generation_accuracy_against_an_independent_loop(memorised, capsys):
     assert result["tasks"]["boolq"]["n"] == 6 and result["tasks"]["winogrande"]["n"] == 4
     assert result["average"] == pytest.approx(sum(expected.values()) / 2)
     assert result["average"] >= 0.75  # far from chance (0.5): the model emits the answers it was taught
+    # the exported folder, read as a Hugging Face folder, answers the same
+    assert main(["evaluate", f"hf:{folder}", "--commonsense", str(tasks), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["tasks"] == result["tasks"]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "evaluate",
         help="measure an exported model on its run's test split, or a causal LM's commonsense accuracy",
     )
-    p.add_argument("file", metavar="FILE", help="a file written by `varprune export` (with --commonsense: or a run)")
+    p.add_argument(
+        "file", metavar="FILE", help="a file written by `varprune export` (with --commonsense: or a run, or hf:DIR)"
+    )
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
@@ -73,14 +75,15 @@ def _commonsense(args, found: list[str]) -> int:
     from varprune.data.commonsense import read_commonsense
     from varprune.engine.commonsense import commonsense_accuracy, format_commonsense, load_for_generation
 
-    if not Path(args.file).exists():
-        found.append(f"{args.file} does not exist; give a file written by `varprune export` or a run folder")
+    where = Path(args.file[3:] if args.file.startswith("hf:") else args.file)
+    if not where.exists():
+        found.append(f"{where} does not exist; give a file written by `varprune export`, a run folder or hf:DIR")
     if not 1 <= args.batch_size <= 4096:
         found.append(f"--batch-size must be in [1, 4096], got {args.batch_size}")
     if found:
         raise UsageError("; ".join(found))
     read_commonsense(args.commonsense)  # the test sets are checked before the model is loaded
-    model, tokenizer, device, amp = load_for_generation(Path(args.file), args.device)
+    model, tokenizer, device, amp = load_for_generation(args.file, args.device)
     result = commonsense_accuracy(
         model, tokenizer, args.commonsense, device, amp, args.batch_size, log=None if args.json else print
     )

@@ -75,8 +75,8 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
 @dataclass
 class InstructionSplit:
     """One split: ``prompts`` and ``responses`` (the records' outputs), and for messages each record's line in
-    ``file``. ``num_bytes`` is the file's size, ``sha256`` its digest. ``text`` is None (not a token stream) and :attr:`texts` are the
-    prompts followed by their responses (what a tokenizer is trained on)."""
+    ``file``. ``num_bytes`` is the file's size, ``sha256`` its digest. ``text`` is None (not a token stream)
+    and :attr:`texts` are the prompts followed by their responses (what a tokenizer is trained on)."""
 
     name: str
     file: str

@@ -89,13 +89,22 @@ def format_commonsense(result: dict) -> str:
     return "\n".join([head, rule, row + f" | {100 * result['average']:.2f} |"])
 
 
-def load_for_generation(path: Path, device="auto"):
-    """``(model, tokenizer, device, amp)`` of an exported file (``varprune export``) or of a run folder's final
-    weights; one-line errors for anything else."""
+def load_for_generation(path: Path | str, device="auto"):
+    """``(model, tokenizer, device, amp)`` of an exported file (``varprune export``), of a run folder's final
+    weights, or of ``hf:DIR`` (a Hugging Face causal-LM folder and its tokenizer.json); one-line errors for
+    anything else."""
     from varprune.data.tokenizer import load_tokenizer, tokenizer_from_json
     from varprune.storage.pruned_format import load_pruned, read_pruned_metadata
 
     dev = resolve_device(device)
+    if str(path).startswith("hf:"):  # a Hugging Face folder as it is, held in bf16 on a GPU
+        from varprune.models import create_model
+
+        folder = Path(str(path)[3:])
+        tokenizer = load_tokenizer(folder)
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+        model = create_model(f"hf:{folder}", task=_CAUSAL[0], vocab_size=tokenizer.vocab_size, dtype=dtype)
+        return model.to(dev).eval(), tokenizer, dev, "none"
     path = Path(path)
     if path.is_dir():
         from varprune.data import DATASETS
