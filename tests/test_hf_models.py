@@ -53,7 +53,9 @@ def test_registry_knows_the_text_tasks():
     assert list_models("language-modeling") == ["gpt2", "llama"]
     assert list_models("text-classification") == ["bert"]
     assert model_task("gpt2") == "language-modeling" and model_task("bert") == "text-classification"
-    assert model_tasks("gpt2") == ("language-modeling",) and model_tasks("resnet20") == ("classification",)
+    # a causal LM serves instruction tuning as it is
+    assert model_tasks("gpt2") == ("language-modeling", "instruction-tuning") == model_tasks("llama")
+    assert list_models("instruction-tuning") == ["gpt2", "llama"] and model_tasks("resnet20") == ("classification",)
     assert model_tasks("hf:anything") == TEXT_TASKS
     assert "hf:<dir>" in describe_models() and "hf:<dir>" in describe_models("text-classification")
     assert "hf:<dir>" not in describe_models("classification") and "gpt2" not in describe_models("classification")

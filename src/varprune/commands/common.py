@@ -184,7 +184,7 @@ def meta_model(cfg, run=None):
         if isinstance(tok, dict)
         else (
             SimpleNamespace(vocab_size=cfg.vocab_size, pad_id=0)
-            if info.task in ("language-modeling", "text-classification")
+            if info.task in ("language-modeling", "text-classification", "instruction-tuning")
             else None
         )
     )

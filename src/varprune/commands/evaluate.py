@@ -15,11 +15,13 @@ from varprune.errors import UsageError
 def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
-        help="measure an exported model on its run's test split, or a language model's multiple-choice accuracy",
+        help="measure an exported model on its run's test split, a language model's multiple-choice accuracy, or a "
+        "causal LM's commonsense accuracy",
         description="FILE: an exported model, measured on its run's test split. With --choices or --lm-eval: "
         "the multiple-choice accuracy of a language model instead, which FILE may also be a run folder (its final "
         "weights, dense or pruned one-shot in memory with --sparsity or --pattern) or a model folder of "
-        "`varprune export --format hf`.",
+        "`varprune export --format hf`. With --commonsense: generation accuracy on LLM-Adapters' tasks (FILE: an "
+        "export, a run, or hf:DIR).",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
@@ -44,6 +46,16 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     c.add_scope_flag(p)
     p.add_argument("--pruner", default="magnitude", choices=("magnitude", "wanda", "sparsegpt"))
     c.add_calibration_flags(p)
+    p.add_argument(
+        "--commonsense",
+        metavar="DIR",
+        help="instead of the test split: accuracy on each DIR/<task>/test.json of LLM-Adapters' commonsense tasks "
+        "(boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa), answers "
+        "generated greedily from the Alpaca prompt",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="prompts generated together with --commonsense (default 16)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -54,6 +66,8 @@ def run(args) -> int:
     if args.choices or args.lm_eval:
         return _accuracy(args)
     found = c.device_problem(args.device)
+    if args.commonsense is not None:
+        return _commonsense(args, found)
     if args.sparsity is not None or args.pattern != "unstructured":
         found.append("--sparsity and --pattern prune a run for --choices or --lm-eval; add one of them")
     if not Path(args.file).is_file():
@@ -162,3 +176,25 @@ def accuracy_table(result: dict, source: str, setting: dict) -> str:
         shown = s if isinstance(s, str) else f"{100 * s:g}%"
         where += f", {setting['pruner']} {shown} (realised {100 * setting['realised_sparsity']:.2f}%)"
     return "\n".join([f"{where}:", "", "| task | acc (%) | acc_norm (%) | n |", "|---|---:|---:|---:|", *rows])
+
+
+def _commonsense(args, found: list[str]) -> int:
+    from varprune.data.commonsense import read_commonsense
+    from varprune.engine.commonsense import commonsense_accuracy, format_commonsense, load_for_generation
+
+    where = Path(args.file[3:] if args.file.startswith("hf:") else args.file)
+    if not where.exists():
+        found.append(f"{where} does not exist; give a file written by `varprune export`, a run folder or hf:DIR")
+    if not 1 <= args.batch_size <= 4096:
+        found.append(f"--batch-size must be in [1, 4096], got {args.batch_size}")
+    if found:
+        raise UsageError("; ".join(found))
+    read_commonsense(args.commonsense)  # the test sets are checked before the model is loaded
+    model, tokenizer, device, amp = load_for_generation(args.file, args.device)
+    result = commonsense_accuracy(
+        model, tokenizer, args.commonsense, device, amp, args.batch_size, log=None if args.json else print
+    )
+    print(format_commonsense(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -80,7 +80,13 @@ def add_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
             }
             typ = types[kind]
             parser.add_argument(
-                flag_of(name), dest=name, type=typ, default=argparse.SUPPRESS, help=text, metavar=m["metavar"]
+                flag_of(name),
+                *m["aliases"],
+                dest=name,
+                type=typ,
+                default=argparse.SUPPRESS,
+                help=text,
+                metavar=m["metavar"],
             )
 
 

@@ -6,6 +6,8 @@
 * segmentation.py   segmentation sets: volumes.py (MSD, Colin27), segfolder.py (image/mask folders)
 * text.py       text: plain text and WikiText, JSONL classification, fortunes (a demonstration corpus);
                 tokenizer.py (byte-level BPE, or a model folder's), tokens.py (token streams and loaders)
+* instructions.py   instruction records (Alpaca, LLM-Adapters) for fine-tuning; instructtokens.py (their
+                examples, with the prompt carrying no loss, and their loader)
 * registry.py   name -> family; ``load_dataset``, ``locate_dataset``
 * loader.py     DeviceLoader (data on the device), fixed subsets and validation splits
 

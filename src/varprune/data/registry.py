@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from varprune.data import folders, segmentation, text, vision
+from varprune.data import folders, instructions, segmentation, text, vision
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData
 from varprune.data.text import TextCorpus
 
-FAMILIES = (vision, folders, segmentation, text)
+FAMILIES = (vision, folders, segmentation, text, instructions)
 DATASETS: dict[str, DatasetInfo] = {name: info for family in FAMILIES for name, info in family.DATASETS.items()}
 _FAMILY_OF = {name: family for family in FAMILIES for name in family.DATASETS}
 FOLDER_SETS = tuple(folders.DATASETS)

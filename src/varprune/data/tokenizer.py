@@ -11,6 +11,12 @@ process). Special tokens, at fixed ids before the bytes and merges:
 * ``<pad>`` = 0 (:data:`PAD_ID`): pads classification inputs to ``max_length``; the attention mask hides it.
 * ``<cls>`` = 1 (:data:`CLS_ID`): put first by the post-processor when a classification input is encoded (a
   classifier may pool at position 0; mean pooling over the attention mask works as well).
+* ``<eos>`` = 2 (:data:`EOS_ID`), only in a tokenizer trained on instruction records (data/instructions.py):
+  it ends every example. Tokenizers trained on other text have no third special token, as before.
+
+:attr:`TextTokenizer.eos_id` is the first of :data:`EOS_NAMES` that the vocabulary holds (``</s>`` for Llama
+and Mistral, ``<|endoftext|>`` for GPT-2 and Qwen, ``<|end_of_text|>`` for Llama 3...): a function of the
+``tokenizer.json`` alone, so that a run, its folder's copy and an exported model's copy agree on it.
 
 Language modeling never adds a special token (:meth:`TextTokenizer.encode`): the stream is the text's tokens.
 
@@ -39,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CLS",
     "CLS_ID",
+    "EOS",
+    "EOS_ID",
+    "EOS_NAMES",
     "MAX_VOCAB",
     "MIN_VOCAB",
     "PAD",
@@ -54,6 +63,8 @@ __all__ = [
 PAD, CLS = "<pad>", "<cls>"
 SPECIAL_TOKENS = (PAD, CLS)  # their ids are their positions
 PAD_ID, CLS_ID = 0, 1
+EOS, EOS_ID = "<eos>", 2  # instruction corpora only
+EOS_NAMES = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the 256 bytes, the special tokens and at least one merge
 MAX_VOCAB = 1 << 20  # ids stay far inside int32; larger is no sane embedding table
 TOKENIZER_FILE = "tokenizer.json"
@@ -101,6 +112,15 @@ class TextTokenizer:
         """Number of ids, special tokens included (an embedding table of this many rows covers every id)."""
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence id: the first of :data:`EOS_NAMES` in the vocabulary, or None."""
+        for name in EOS_NAMES:
+            found = self.tokenizer.token_to_id(name)
+            if found is not None:
+                return int(found)
+        return None
+
     def encode(self, text: str) -> list[int]:
         """The ids of ``text``, no special token added (language modeling)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -123,8 +143,9 @@ class TextTokenizer:
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=True)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """The text of ``ids``; special tokens (``<pad>``, an EOS) left out with ``skip_special``."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def to_json(self) -> str:
         """The ``tokenizer.json`` text (the same tokenizer gives the same text)."""
@@ -158,14 +179,18 @@ def train_tokenizer(corpus, vocab_size: int, min_frequency: int = 2) -> TextToke
     """A byte-level BPE of at most ``vocab_size`` ids trained on ``corpus``: a ``TextCorpus`` (its training split
     only: valid and test are never seen), a text, or a list of texts. A merge needs ``min_frequency``
     occurrences, so a small text may give fewer ids than asked (:attr:`TextTokenizer.vocab_size` says how
-    many). Deterministic: the same input gives a byte-identical ``tokenizer.json``.
+    many). Deterministic: the same input gives a byte-identical ``tokenizer.json``. A corpus of instruction
+    records (its training split's ``needs_eos``) gets :data:`EOS` at id :data:`EOS_ID` as a third special token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+    splits = getattr(corpus, "splits", None)
+    special = SPECIAL_TOKENS + ((EOS,) if splits and getattr(splits["train"], "needs_eos", False) else ())
+    least = MIN_VOCAB + len(special) - len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not least <= vocab_size <= MAX_VOCAB:
         raise DatasetError(
-            f"vocab_size {vocab_size!r} is out of range: a byte-level BPE needs {MIN_VOCAB} to {MAX_VOCAB} ids "
-            f"(256 bytes, {len(SPECIAL_TOKENS)} special tokens, merges); e.g. 8192 for a small corpus"
+            f"vocab_size {vocab_size!r} is out of range: a byte-level BPE needs {least} to {MAX_VOCAB} ids "
+            f"(256 bytes, {len(special)} special tokens, merges); e.g. 8192 for a small corpus"
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise DatasetError(f"min_frequency must be a positive integer, not {min_frequency!r}")
@@ -179,12 +204,12 @@ def train_tokenizer(corpus, vocab_size: int, min_frequency: int = 2) -> TextToke
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
-    for i, name in enumerate(SPECIAL_TOKENS):
+    for i, name in enumerate(special):
         assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
     return TextTokenizer(tok, PAD_ID, f"trained on {what}")
 

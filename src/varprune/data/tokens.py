@@ -5,7 +5,9 @@
 * language modeling: each split's text encoded once into a 1-D int64 token stream held on the device;
 * classification: each split's texts encoded with the tokenizer's special tokens (``<cls>`` first for a trained
   tokenizer), truncated to ``max_length`` and padded with the pad id: ``input_ids`` (N, L), ``lengths`` (N,)
-  and ``labels`` (N,), all int64 on the device.
+  and ``labels`` (N,), all int64 on the device;
+* instruction tuning: each split's prompts and responses as examples of at most ``max_length`` tokens whose
+  prompt carries no loss (data.instructtokens, which also has their loader and calibration inputs).
 
 The bytes are estimated before anything large is allocated (host memory for the encoding, then the device
 copy) and a set that cannot fit is a one-line :class:`DatasetError`.
@@ -32,6 +34,12 @@ import numpy as np
 import torch
 
 from varprune.data.base import DatasetError, DatasetInfo, gib
+from varprune.data.instructtokens import (
+    EncodedInstructions,
+    InstructionLoader,
+    encode_instructions,
+    instruction_calibration,
+)
 from varprune.data.loader import share, subset
 from varprune.data.tokenizer import CHUNK_CHARS, TextTokenizer, text_chunks
 from varprune.device import available_memory, fits_on_device
@@ -76,8 +84,9 @@ class EncodedExamples:
 
 @dataclass
 class TokenizedText:
-    """:func:`tokenize`'s result: ``streams`` (language modeling: split -> 1-D int64 tokens) or ``examples``
-    (classification: split -> :class:`EncodedExamples`), the tokenizer's ``vocab_size`` and ``pad_id``, and
+    """:func:`tokenize`'s result: ``streams`` (language modeling: split -> 1-D int64 tokens), ``examples``
+    (classification: split -> :class:`EncodedExamples`) or ``instructions`` (instruction tuning: split ->
+    :class:`~varprune.data.instructtokens.EncodedInstructions`), the tokenizer's ``vocab_size`` and ``pad_id``,
     ``files`` (split -> where its text came from, for messages) and ``digests`` (split -> the sha256 of what it
     was read from: data/identity.py)."""
 
@@ -89,6 +98,12 @@ class TokenizedText:
     streams: dict[str, torch.Tensor] = field(default_factory=dict)
     examples: dict[str, EncodedExamples] = field(default_factory=dict)
     max_length: int | None = None
+    instructions: dict[str, EncodedInstructions] = field(default_factory=dict)
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Instruction tuning: split -> how many of its examples were cut at ``max_length`` (else empty)."""
+        return {name: ex.truncated for name, ex in self.instructions.items()}
 
     @property
     def task(self) -> str:
@@ -182,12 +197,16 @@ def encode_examples(
 
 def tokenize(corpus, tokenizer: TextTokenizer, device="cpu", max_length: int = DEFAULT_MAX_LENGTH) -> TokenizedText:
     """Every split of ``corpus`` (a TextCorpus) encoded once onto ``device``: token streams for language
-    modeling, padded examples of ``max_length`` tokens for classification."""
+    modeling, padded examples of ``max_length`` tokens for classification, examples of at most ``max_length``
+    tokens for instruction tuning (kept on the CPU: their loader assembles each batch)."""
     files = {name: split.file for name, split in corpus.splits.items()}
     digests = {name: split.sha256 for name, split in corpus.splits.items() if split.sha256 is not None}
     out = TokenizedText(corpus.info, tokenizer.vocab_size, tokenizer.pad_id, files, digests)
     for name, split in corpus.splits.items():
-        if split.text is not None:
+        if getattr(split, "prompts", None) is not None:  # an instructions.InstructionSplit
+            out.instructions[name] = encode_instructions(tokenizer, split, max_length)
+            out.max_length = max_length
+        elif split.text is not None:
             out.streams[name] = encode_stream(tokenizer, split.text, device, split.file, split.num_bytes)
         else:
             out.examples[name] = encode_examples(tokenizer, split.texts, split.labels, max_length, device, split.file)
@@ -391,6 +410,12 @@ def text_loader(
         name = f"{data.files[split]} ({split} split)"
         stream = data.streams[split]
         return TokenWindowLoader(stream, seq_len, batch_size, train, device, seed, limit, rank, world, name, data.info)
+    if data.instructions:
+        records = data.instructions[split]
+        if limit is not None and limit < len(records):  # the same fixed subset rule as classification's
+            records = records.select(subset(torch.arange(len(records)), torch.arange(len(records)), limit,
+                                            salt=0 if train else 1)[0].numpy())  # fmt: skip
+        return InstructionLoader(records, batch_size, train, device, seed, rank, world, data.info)
     ex = data.examples[split]
     if limit is not None and limit < len(ex):
         keep, _ = subset(torch.arange(len(ex)), torch.arange(len(ex)), limit, salt=0 if train else 1)
@@ -415,13 +440,16 @@ def calibration_inputs(data: TokenizedText, n: int, seq_len: int | None = None, 
     """``n`` model inputs from the TRAINING split for a one-shot pruner, drawn with a fixed seed by a CPU
     generator (the same draws on any device): language modeling, ``n`` windows of ``seq_len`` tokens at
     uniform random offsets, each a (1, seq_len) int64 tensor; classification, ``n`` distinct examples, each
-    ``{"input_ids": (1, L), "attention_mask": (1, L)}``. On the data's device; copies, not views."""
+    ``{"input_ids": (1, L), "attention_mask": (1, L)}``; instruction tuning, ``n`` distinct examples as such
+    dicts, unpadded (1, l), cut to ``seq_len``. On the data's device; copies, not views."""
     n = _positive(n, "the number of calibration inputs")
     g = torch.Generator().manual_seed(seed)
     if data.streams:
         if seq_len is None:
             raise DatasetError("language-modeling calibration inputs need seq_len")
         return stream_windows(data.streams["train"], n, seq_len, data.files["train"], seed)
+    if data.instructions:  # whole training examples (prompt and response), unpadded, cut to seq_len
+        return instruction_calibration(data.instructions["train"], n, seq_len, seed)
     ex = data.examples["train"]
     if n > len(ex):
         raise DatasetError(f"{n} calibration examples asked, {data.files['train']} holds {len(ex)}")

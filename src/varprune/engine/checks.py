@@ -177,7 +177,8 @@ def unused_problems(given, methods: list[str], optimizer: str, scope: Scope | No
 # kind with ``setting(uses=...)``, a command's own flag is listed in FLAG_USES; given where it does not apply, it
 # is refused in one line naming why (the method-specific fields above are the same rule over methods).
 
-TEXT_TASKS = ("language-modeling", "text-classification")
+TEXT_TASKS = ("language-modeling", "text-classification", "instruction-tuning")
+CAUSAL = ("language-modeling", "instruction-tuning")  # a causal LM's text: windows, or instruction examples
 
 
 @dataclass(frozen=True)
@@ -228,12 +229,12 @@ SCOPE_KINDS: dict[str, tuple[Callable[[Scope], bool | None], str, Callable[[Scop
     ),
     "text": (
         lambda s: None if s.tasks is None else any(t in TEXT_TASKS for t in s.tasks),
-        "text datasets (language modeling, text classification)",
+        "text datasets (language modeling, text classification, instructions)",
         lambda s: s.subject,
     ),
     "lm": (
-        lambda s: None if s.tasks is None else "language-modeling" in s.tasks,
-        "language-model runs (image and classification runs calibrate on their training split)",
+        lambda s: None if s.tasks is None else any(t in CAUSAL for t in s.tasks),
+        "language-model and instruction runs (image and classification runs calibrate on their training split)",
         lambda s: s.subject,
     ),
     "bpe": (

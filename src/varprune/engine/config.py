@@ -41,11 +41,13 @@ def setting(
     metavar: str | None = None,
     uses: str | tuple[str, ...] | None = None,
     name: str | None = None,
+    aliases: tuple[str, ...] = (),
 ):
     """Declare one configuration field.
 
     ``lo``/``hi`` bound numbers (``*_open`` excludes the bound); ``check(value)``
-    returns an error message or None for anything ranges cannot say (names).
+    returns an error message or None for anything ranges cannot say (names); ``aliases`` are further flags of
+    the same field (``--max-length`` for ``--seq-len``).
     Finite bounds are what turn ``--lr 3.5e38`` into one clear line instead of
     an overflow deep inside torch. ``uses`` names what the field applies to (a kind of method, or of task and
     tokenizer: engine.checks); given explicitly where it does not apply, the flag is refused. ``name``: the flag's
@@ -62,6 +64,7 @@ def setting(
         metavar=metavar,
         uses=uses,
         name=name,
+        aliases=tuple(aliases),
     )
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -104,7 +107,7 @@ def _is_text(dataset) -> bool:
     from varprune.data import DATASETS
 
     info = DATASETS.get(dataset) if isinstance(dataset, str) else None
-    return info is not None and info.task in ("language-modeling", "text-classification")
+    return info is not None and info.task in ("language-modeling", "text-classification", "instruction-tuning")
 
 
 def _device_check(value):
@@ -265,13 +268,15 @@ class TrainConfig:
         lo=0,
         hi=1e6,
     )
-    # text (language modeling, text classification)
+    # text (language modeling, text classification, instruction tuning)
     seq_len: int = setting(
         128,
-        "text: tokens per window (language modeling) or per example (classification)",
+        "text: tokens per window (language modeling), per example (classification) or at most per example "
+        "(instructions: longer ones are cut on the right and counted in the log)",
         lo=2,
         hi=1 << 16,
         uses="text",
+        aliases=("--max-length",),
     )
     vocab_size: int = setting(
         4096,

@@ -152,7 +152,7 @@ def export_run(
             if k not in ("tokenizer_json", "tokenizer_pad_id")
         }
         tokenizer = t.data.tokenizer.to_json() if t.data.tokenizer else None
-        if tokenizer is not None and info.task == "language-modeling":
+        if tokenizer is not None and info.task in ("language-modeling", "instruction-tuning"):
             # a causal LM's text is encoded without special tokens (the perplexity protocol): the folder's
             # tokenizer must not add the classifier's <cls> when lm-eval or vLLM encode with it
             doc = json.loads(tokenizer)

@@ -40,7 +40,7 @@ from varprune.engine.rundir import CHECKPOINT, CONFIG, METRICS, TOKENIZER, WEIGH
 from varprune.engine.runs import build_model, data_problems, early_memory_problems, load_data
 from varprune.engine.schedule import loss_text, schedule_lines
 from varprune.engine.step import lr_factor, make_train_step
-from varprune.engine.textruns import epoch_problem, vocabulary_note
+from varprune.engine.textruns import epoch_problem, truncation_note, vocabulary_note
 from varprune.errors import NonFiniteError, RunError, set_kept_note, short
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.report.tables import metric_info
@@ -187,6 +187,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if problem:
             raise RunError(problem)
     other = None
+    cut_note = truncation_note(run.data)
+    if cut_note:
+        log(cut_note)
     if resume:  # the data must be the run's: other classes would train on while config.json kept the old ones
         recorded = distributed.from_main(lambda: read_resolved(out))
         check_same_data(recorded, run, str(out), cfg.data_dir, offered=False)
@@ -223,6 +226,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             "metric": task.primary,
             **recorded_identity(run, tokenizer_json, cfg.vocab_size if vocabulary else None),
             **({"other_data": {"source": cfg.finetune_from, **other}} if other is not None else {}),
+            **({"truncated_examples": run.data.truncated} if cut_note else {}),
             "train_examples": train_loader.num_examples,
             "test_examples": test_loader.num_examples,
             "steps_per_epoch": steps_per_epoch,

@@ -186,7 +186,7 @@ def memory_problem(cfg: TrainConfig, task: str, device: torch.device) -> str | N
         return str(e)
     vocab = config.get("vocab_size")
     vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else 0
-    logits = 4 * cfg.batch_size * cfg.seq_len * (vocab if task == "language-modeling" else 0)
+    logits = 4 * cfg.batch_size * cfg.seq_len * (vocab if task in ("language-modeling", "instruction-tuning") else 0)
     need = 2 * size["bytes"] + logits
     free = available_memory(device)
     if free <= 0 or need <= FRACTION * free:

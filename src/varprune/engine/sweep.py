@@ -58,7 +58,7 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 DEFAULT_CALIB_SAMPLES = 128  # the references' 128 calibration segments (images, for image models)
 # magnitude pruning's scope when --scope is not given: per layer for causal LMs (the LLM references' convention,
 # locuslab/wanda's magnitude baseline), global for everything else (CrAM's protocol)
-DEFAULT_SCOPE = {"language-modeling": "layerwise"}
+DEFAULT_SCOPE = {"language-modeling": "layerwise", "instruction-tuning": "layerwise"}
 
 
 def default_scope(task: str) -> str:

@@ -19,10 +19,11 @@ from varprune.errors import RunError
 from varprune.tasks import task_for
 
 TOKENIZER = "tokenizer.json"
+_VALID = {"language-modeling": "valid.txt", "text-classification": "valid.jsonl", "instruction-tuning": "valid.json(l)"}
 
 
 def is_text_task(task: str) -> bool:
-    return task in ("language-modeling", "text-classification")
+    return task in ("language-modeling", "text-classification", "instruction-tuning")
 
 
 def run_tokenizer(
@@ -62,11 +63,22 @@ def epoch_problem(cfg: TrainConfig, data) -> str | None:
     )
 
 
+def truncation_note(data) -> str | None:
+    """Instruction runs: one line saying how many examples of each split were cut at --seq-len (else None)."""
+    if not getattr(data, "instructions", None):
+        return None
+    counts = ", ".join(f"{split} {ex.truncated} of {len(ex)}" for split, ex in data.instructions.items())
+    return f"instruction examples longer than --seq-len/--max-length {data.max_length}, cut on the right: {counts}"
+
+
 def model_sizes(cfg: TrainConfig, info, tokenizer: TextTokenizer) -> dict:
     """The keyword sizes a text model is built with (models.hf): vocabulary, positions, labels, padding."""
     sizes = {"vocab_size": tokenizer.vocab_size, "max_positions": cfg.seq_len}
     if tokenizer.pad_id is not None:
         sizes["pad_token_id"] = tokenizer.pad_id
+    eos = getattr(tokenizer, "eos_id", None)  # a stand-in of the sizes alone (commands/common.py) has none
+    if info.task == "instruction-tuning" and eos is not None:  # generation stops where the examples end
+        sizes["eos_token_id"] = eos
     if cfg.model.startswith("hf:"):
         sizes["task"] = info.task
     return sizes
@@ -90,7 +102,7 @@ def load_text_data(
     if tuning:  # never the test split: the corpus's own validation split
         if "valid" not in data.files:
             raise RunError(
-                f"{cfg.dataset} has no validation split ({'valid.txt' if data.streams else 'valid.jsonl'} "
+                f"{cfg.dataset} has no validation split ({_VALID[data.task]} "
                 f"in the data folder); tuning never measures on the test split"
             )
         test_split = "valid"

@@ -153,10 +153,14 @@ class Trained:
 
 def _text_batches(data, examples: int, batch_size: int, seq_len: int, seed: int, device) -> list[tuple]:
     """Fixed ``(x, target)`` batches of the training split: windows ``(x, x)`` for language modeling, labelled
-    examples ``({"input_ids", "attention_mask"}, labels)`` for classification."""
+    examples ``({"input_ids", "attention_mask"}, labels)`` for classification and instruction tuning."""
     from varprune.data import calibration_inputs
 
     g = torch.Generator().manual_seed(seed)
+    if data.instructions:  # whole examples, each batch padded to its longest
+        from varprune.data.instructtokens import instruction_batches
+
+        return instruction_batches(data.instructions["train"], examples, batch_size, seed, device)
     if data.streams:
         windows = torch.cat(calibration_inputs(data, examples, seq_len, seed=seed)).to(device)
         return [(w, w) for w in windows.split(batch_size)]

@@ -57,9 +57,9 @@ import torch
 from torch import nn
 
 from .hf_files import check_loaded, check_weight_files, clear_bad_token_ids, refuse_non_folder, transformers_quiet
-from .registry import TEXT_TASKS, ModelError, check_int, register_model, register_prefix
+from .registry import CAUSAL_TASKS, TEXT_TASKS, ModelError, check_int, register_model, register_prefix
 
-LM, TC = TEXT_TASKS
+LM, TC = TEXT_TASKS[:2]
 HF_PREFIX = "hf:"
 
 # option -> (low, high): sane upper bounds, about twice the largest published models
@@ -430,7 +430,7 @@ def _load_config(path: Path, task: str | None, notes: list[str] | None = None, g
 
     kind = type(config).__name__
     archs = data.get("architectures") or []
-    if task == LM:
+    if task in CAUSAL_TASKS:
         causal = type(config) in ma.MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False)
         if not causal or (archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)):
             what = archs[0] if archs else kind

@@ -36,7 +36,11 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
           "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-_CLASSES = {"language-modeling": "AutoModelForCausalLM", "text-classification": "AutoModelForSequenceClassification"}
+_CLASSES = {
+    "language-modeling": "AutoModelForCausalLM",
+    "instruction-tuning": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+}
 
 
 def gguf_advice(gguf: Path) -> str:

@@ -8,7 +8,8 @@ not fit its dataset before building it:
   ``fn(in_channels, num_classes, image_size, **options)``;
 * text tasks (models/hf.py, transformers): ``"language-modeling"`` (output
   ``.logits`` of shape ``(N, T, vocab_size)``) and ``"text-classification"``
-  (``.logits`` of shape ``(N, num_classes)``); builders are
+  (``.logits`` of shape ``(N, num_classes)``), and ``"instruction-tuning"``, which every
+  causal language model serves as it is (:data:`CAUSAL_TASKS`); builders are
   ``fn(vocab_size, max_positions, num_classes, bos_token_id, eos_token_id,
   pad_token_id, **options)``. The data-dependent sizes (`TEXT_SIZES`)
   reach them as keywords of `create_model`
@@ -29,7 +30,9 @@ from collections.abc import Callable
 from torch import nn
 
 IMAGE_TASKS = ("classification", "segmentation")
-TEXT_TASKS = ("language-modeling", "text-classification")
+TEXT_TASKS = ("language-modeling", "text-classification", "instruction-tuning")
+# what a causal LM serves: next-token logits, over a stream's windows or an instruction's response
+CAUSAL_TASKS = ("language-modeling", "instruction-tuning")
 TASKS = IMAGE_TASKS + TEXT_TASKS
 
 # arguments every image builder takes; not "options"
@@ -107,7 +110,8 @@ def list_models(task: str | None = None) -> list[str]:
     """Sorted names of the registered models, only those of ``task`` if given."""
     if task is not None and task not in TASKS:
         raise ModelError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    return sorted(n for n, (_, _, t) in _MODELS.items() if task is None or t == task)
+    serving = CAUSAL_TASKS[:1] if task in CAUSAL_TASKS else (task,)
+    return sorted(n for n, (_, _, t) in _MODELS.items() if task is None or t in serving)
 
 
 def describe_models(task: str | None = None) -> dict[str, str]:
@@ -140,11 +144,14 @@ def model_task(name: str) -> str:
 
 
 def model_tasks(name: str) -> tuple[str, ...]:
-    """Every task a model can serve: its own, or both text tasks for an ``hf:<dir>`` folder
-    (a causal LM, or a sequence classifier with a new head). Check a dataset's task with
+    """Every task a model can serve: its own (a causal LM: :data:`CAUSAL_TASKS`), or every text task for an
+    ``hf:<dir>`` folder (a causal LM, or a sequence classifier with a new head). Check a dataset's task with
     ``task in model_tasks(name)``."""
     family = _family(name)
-    return family["tasks"] if family is not None else (model_task(name),)
+    if family is not None:
+        return family["tasks"]
+    own = model_task(name)
+    return CAUSAL_TASKS if own == CAUSAL_TASKS[0] else (own,)
 
 
 def _base_args(name: str) -> tuple[str, ...]:

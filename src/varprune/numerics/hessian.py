@@ -41,7 +41,7 @@ def _check_batches(batches) -> list:
 
 
 def _batch_loss(model: nn.Module, loss_fn: LossFn, x, y, n: int) -> torch.Tensor:
-    loss = loss_fn(model(x), y)
+    loss = loss_fn(model(**x) if isinstance(x, dict) else model(x), y)  # a dict: keyword inputs (transformers)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise AnalysisError("loss_fn must return a scalar tensor (use a mean or sum reduction)")
     return loss.reshape(()) / n

@@ -6,6 +6,7 @@ Adding a task is one class in this package and its name in ``TASKS``; a dataset 
 from varprune.tasks.augment import crop_flip
 from varprune.tasks.base import Task
 from varprune.tasks.classification import Classification
+from varprune.tasks.instructions import InstructionTuning
 from varprune.tasks.segmentation import Segmentation
 from varprune.tasks.text import LanguageModeling, TextClassification, logits_of
 
@@ -14,6 +15,7 @@ TASKS: dict[str, type[Task]] = {
     "segmentation": Segmentation,
     "language-modeling": LanguageModeling,
     "text-classification": TextClassification,
+    "instruction-tuning": InstructionTuning,
 }
 
 
@@ -25,6 +27,7 @@ def task_for(info) -> Task:
 __all__ = [
     "TASKS",
     "Classification",
+    "InstructionTuning",
     "LanguageModeling",
     "Segmentation",
     "Task",
