@@ -315,7 +315,6 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
     ``data_bytes`` counts only where the data moves to another device (on the CPU it is already in memory).
     """
     from varprune.engine import memory
-    from varprune.engine.methods import get_method
     from varprune.models.registry import ModelError
 
     args, kwargs = model_arguments(cfg, info, tokenizer)
@@ -336,7 +335,9 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
             f"use --batch-size 2 or more"
         )
     on_device = data_bytes if device.type != "cpu" else 0
-    est = memory.estimate(model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device)
+    est = memory_estimate(cfg, model, example, on_device, tokenizer is not None)
+    if isinstance(est, str):
+        return est
     return memory.fits_problem(
         est,
         device,
@@ -345,6 +346,30 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
             "parameters": "the model's size (--model-arg)",
             "activations": "--batch-size or --image-size",
         },
+    )
+
+
+def memory_estimate(cfg: TrainConfig, model_on_meta, example, data_bytes: int, text: bool):
+    """engine.memory's estimate for this configuration (``--fsdp`` over torchrun's processes,
+    ``--grad-checkpoint``), or the one-line problem of a model those flags cannot apply to."""
+    from varprune.engine import distributed, memory, sharding
+    from varprune.engine.methods import get_method
+
+    problem = sharding.model_problem(cfg, model_on_meta, text)
+    if problem:
+        return problem
+    units = sharding.units(model_on_meta, text) if (cfg.fsdp or cfg.grad_checkpoint) else None
+    shards = distributed.env_world() if cfg.fsdp else 1
+    return memory.estimate(
+        model_on_meta,
+        example,
+        cfg.batch_size,
+        cfg.optimizer,
+        get_method(cfg.method).optimizer,
+        data_bytes,
+        shards=shards,
+        units=units,
+        checkpointed=cfg.grad_checkpoint,
     )
 
 

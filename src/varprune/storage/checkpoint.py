@@ -202,9 +202,13 @@ def _metadata(raw: bytes) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
-    """Final weights and buffers as plain safetensors (readable by any tool)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_weights(
+    path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str], state: dict | None = None
+) -> None:
+    """Final weights and buffers as plain safetensors (readable by any tool). ``state``: the model's state dict
+    when the model cannot give it whole itself (sharded training gathers it first)."""
+    given = model.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in given.items()}
     atomic_write_bytes(path, serialize_safetensors(state, metadata))
 
 
