@@ -32,7 +32,7 @@ TEXT = dict(
     epochs=2,
     batch_size=6,
     limit_train=40,
-    limit_test=9,  # 9 test windows: shares of 4 and 5, so the processes evaluate different numbers of batches
+    limit_test=13,  # 13 test windows: shares of 6 and 7, one batch of 6 on rank 0 and two batches on rank 1
     device="cpu",
     method="var+sam",
     seed=3,
@@ -53,16 +53,19 @@ def corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     (root / "train.txt").write_text("".join(f"{WORDS} line {i}\n" for i in range(40)))
-    (root / "test.txt").write_text(WORDS * 3)
+    (root / "test.txt").write_text(WORDS * 6)
     return root
 
 
 @pytest.mark.slow
 def test_fsdp_text_run_equals_one_process(tmp_path, corpus):
-    """A tiny Llama, VAR+SAM, 2 epochs: two sharded processes end within float32 noise of one process (same
-    global batch and seed), and rank 0 writes the whole model.safetensors a one-process run writes."""
+    """A tiny Llama, VAR+SAM, 2 epochs: two sharded processes (activation checkpointing too) end within float32
+    noise of one process (same global batch and seed), and rank 0 writes the whole model.safetensors a
+    one-process run writes."""
     out = tmp_path / "sharded"
-    r = torchrun(["train", *flags(TEXT), "--data-dir", str(corpus), "--quiet", "--fsdp", "--out", str(out)])
+    r = torchrun(
+        ["train", *flags(TEXT), "--data-dir", str(corpus), "--quiet", "--fsdp", "--grad-checkpoint", "--out", str(out)]
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = TrainConfig(**TEXT, data_dir=str(corpus), model_args=LLAMA)
     train(cfg, tmp_path / "alone", log=lambda *_: None, progress=False)
@@ -75,7 +78,8 @@ def test_fsdp_text_run_equals_one_process(tmp_path, corpus):
         assert a["layer_variance"].keys() == b["layer_variance"].keys()
         assert a["test_perplexity"] == pytest.approx(b["test_perplexity"], rel=1e-4)
         assert a["mean_layer_variance"] == pytest.approx(b["mean_layer_variance"], rel=1e-4)
-    assert json.loads((out / "config.json").read_text())["train"]["fsdp"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["fsdp"] is True and config["resolved"]["test_examples"] == 13
 
 
 @pytest.mark.slow
