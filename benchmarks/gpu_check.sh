@@ -15,6 +15,9 @@
 #   pruners       bench_pruners.py: magnitude, Wanda, SparseGPT side by side on GPT-2 small's shape (random
 #                 weights, 32 calibration windows of 512 tokens)
 #   demo          `varprune demo` at its GPU size (ResNet-18, 15 epochs, SGD vs VAR), figure demo.png
+#   fsdp          fsdp_check.py: `train --fsdp` (2+ processes; on the CPU with gloo when fewer than 2 GPUs) and
+#                 the Hugging Face Trainer with accelerate's FSDP2 + VarCallback (GPUs only), each against
+#                 one process (JUDGED: largest relative weight difference)
 #   var_compiled  bench_var_overhead.py with torch.compile of the regularizer step; only when
 #                 var_overhead missed its target (or GPU_CHECK_COMPILE=1; GPU_CHECK_COMPILE=0 skips it)
 #
@@ -63,7 +66,7 @@ export RES WORK
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if [ "${GPU_CHECK_SMALL:-}" = 1 ] || [ "$CUDA" != 1 ]; then SMALL=1; else SMALL=0; fi
 BUDGET=${GPU_CHECK_BUDGET:-$([ $SMALL = 1 ] && echo 180 || echo 460)}
-PARTS=",${GPU_CHECK_PARTS:-env,var_overhead,methods,sweep,throughput,sparse,pruners,demo,var_compiled},"
+PARTS=",${GPU_CHECK_PARTS:-env,var_overhead,methods,sweep,throughput,sparse,pruners,fsdp,demo,var_compiled},"
 echo "gpu_check: cuda=$CUDA small=$SMALL budget=${BUDGET}s data=$DATA out=$RES"
 
 # every varprune reader takes Fashion-MNIST's folder from $VARPRUNE_FMNIST (data.default_data_dir)
@@ -220,7 +223,7 @@ if [ $SMALL = 1 ]; then
   DEMO_SIZE=check
   COMPILE_ARGS=(--model mlp --batch-size 32 --steps 3 --warmup 1)
   PRUNERS_ARGS=(--model gpt2 --n-layer 2 --n-embd 32 --n-head 2 --vocab 256 --seqlen 16 --batches 2 --batch-size 2 --repeats 1)
-  L_VAR=40 L_METHODS=40 L_SWEEP=40 L_TP=45 L_SPARSE=30 L_DEMO=60 L_COMPILE=100 L_PRUNERS=40
+  L_VAR=40 L_METHODS=40 L_SWEEP=40 L_TP=45 L_SPARSE=30 L_DEMO=60 L_COMPILE=100 L_PRUNERS=40 L_FSDP=120
 else
   VAR_ARGS=()
   METHODS_ARGS=()
@@ -233,7 +236,7 @@ else
   PRUNERS_ARGS=(--model gpt2 --n-layer 12 --n-embd 768 --n-head 12 --vocab 50257 --seqlen 512 --batches 32 \
                 --batch-size 1 --repeats 1)
   L_PRUNERS=120
-  L_VAR=90 L_METHODS=60 L_SWEEP=60 L_TP=90 L_SPARSE=60 L_DEMO=240 L_COMPILE=150
+  L_VAR=90 L_METHODS=60 L_SWEEP=60 L_TP=90 L_SPARSE=60 L_DEMO=240 L_COMPILE=150 L_FSDP=120
 fi
 
 part env 30 "" "" -- bash -c "$PY -m varprune doctor --data-dir '$DATA'; nvidia-smi 2>&1 | head -15; \
@@ -248,6 +251,7 @@ part sparse $L_SPARSE "$P/sparse.result.json" "" -- \
   $PY benchmarks/bench_sparse_inference.py "${SPARSE_ARGS[@]}" --out "$P/sparse.result.json"
 part pruners $L_PRUNERS "$P/pruners.result.json" "" -- \
   $PY benchmarks/bench_pruners.py "${PRUNERS_ARGS[@]}" --json "$P/pruners.result.json"
+part fsdp $L_FSDP "$P/fsdp.result.json" "" -- $PY benchmarks/fsdp_check.py --json "$P/fsdp.result.json"
 
 DEMO="$WORK/demo"
 if [ $SMALL = 1 ] || [ -n "${GPU_CHECK_DEMO_EPOCHS:-}" ]; then

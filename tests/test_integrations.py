@@ -284,19 +284,39 @@ def test_lightning_refuses_a_second_var_callback(base, data):
     [
         (dict(deepspeed="ds_config.json"), {}, "cannot run under DeepSpeed"),
         ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "cannot run under DeepSpeed"),
-        (dict(fsdp="full_shard"), {}, "cannot run under FSDP"),
-        ({}, {"ACCELERATE_USE_FSDP": "true"}, "cannot run under FSDP"),
+        (dict(fsdp="full_shard", fsdp_config={"version": 1}), {}, "cannot run under FSDP1"),
+        ({}, {"ACCELERATE_USE_FSDP": "true"}, "cannot run under FSDP1"),  # accelerate's default version
+        ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "cannot run under FSDP1"),
     ],
 )
-def test_hf_refuses_deepspeed_and_fsdp(base, monkeypatch, args, env, message):
+def test_hf_refuses_deepspeed_and_fsdp1_naming_fsdp2(base, monkeypatch, args, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     callback = HFVarCallback(strength=1.0)
-    settings = types.SimpleNamespace(**{"deepspeed": None, "fsdp": None, **args})
+    settings = types.SimpleNamespace(**{"deepspeed": None, "fsdp": None, "fsdp_config": None, **args})
     state = transformers.TrainerState()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as e:
         callback.on_train_begin(settings, state, transformers.TrainerControl(), model=base)
+    assert "FSDP2" in str(e.value) and "\n" not in str(e.value)
     assert callback.reg is None
+
+
+@pytest.mark.parametrize(
+    "args,env",
+    [
+        (dict(fsdp="full_shard", fsdp_config={"version": 2}), {}),
+        ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
+    ],
+)
+def test_hf_accepts_fsdp2(base, monkeypatch, args, env):
+    """FSDP2 is not refused (accelerate enables FSDP on accelerators only: the real run is in
+    benchmarks/gpu_check.sh; the numerics on DTensor shards are tests/test_shards.py's)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    callback = HFVarCallback(strength=1.0)
+    settings = types.SimpleNamespace(**{"deepspeed": None, "fsdp": None, "fsdp_config": None, **args})
+    callback.on_train_begin(settings, transformers.TrainerState(), transformers.TrainerControl(), model=base)
+    assert callback.reg is not None
 
 
 @pytest.mark.parametrize("callback", [HFVarCallback, PLVarCallback])
@@ -450,11 +470,39 @@ def test_lightning_resume_takes_only_the_lambda_of_its_arguments(base, data, tmp
     assert resumed.reg.lam == first.resolved_lam
 
 
-@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "XLAFSDPStrategy"])
 def test_lightning_refuses_sharding_strategies(strategy):
     trainer = types.SimpleNamespace(strategy=type(strategy, (), {})())
     with pytest.raises(ValueError, match=f"cannot run under {strategy}"):
         PLVarCallback(strength=1.0).setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_lightning_judges_fsdp_strategies_by_their_parameters(strategy):
+    """Not refused by name: FSDP2's DTensor parameters work (the torchrun test below), FSDP1's flat ones do not."""
+    trainer = types.SimpleNamespace(strategy=type(strategy, (), {})())
+    PLVarCallback(strength=1.0).setup(trainer, None, "fit")
+
+
+@pytest.mark.slow
+def test_lightning_fsdp2_matches_the_plain_loop(base, data, tmp_path):
+    """ModelParallelStrategy with fully_shard (FSDP2) on 2 gloo processes, each its half of every batch:
+    the weights of one process's plain loop with the autograd penalty, and far from the loop without it."""
+    from pathlib import Path
+
+    from test_distributed import torchrun
+
+    out = tmp_path / "state.pt"
+    probe = Path(__file__).with_name("fsdp_lightning_probe.py")
+    r = torchrun([str(out), str(STEPS), str(BATCH), str(LR), str(STRENGTH)], script=probe)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = torch.load(out)
+    reference = plain_loop(base, data, reg=True)
+    assert got["lam"] == VarRegularizer.from_strength(base, STRENGTH).lam
+    for name, t in reference.state_dict().items():
+        torch.testing.assert_close(got["state"][name], t, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    control = plain_loop(base, data, reg=False).state_dict()
+    assert max((got["state"][k] - v).abs().max().item() for k, v in control.items()) > 1e-3
 
 
 def test_lightning_refuses_two_optimizers(base, data):

@@ -22,8 +22,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue RUN from its last complete epoch (--device and "
-        "--data-dir may be given: they describe the machine)",
+        help="continue RUN from its last complete epoch (--device, --data-dir, --fsdp and --grad-checkpoint "
+        "may be given: they describe the machine)",
     )
     p.add_argument(
         "--overwrite",
@@ -47,12 +47,12 @@ def run(args) -> int:
 
     if args.resume:
         given = given_fields(args)
-        machine = {k: given.pop(k) for k in ("device", "data_dir") if k in given}  # where, not what
+        machine = {k: given.pop(k) for k in ("device", "data_dir", "fsdp", "grad_checkpoint") if k in given}
         flags = [flag_of(k) for k in given] + ["--out"] * bool(args.out) + ["--overwrite"] * bool(args.overwrite)
         if flags:
             raise UsageError(
                 f"--resume takes its configuration from RUN/config.json; drop {', '.join(flags)} "
-                f"(only --device and --data-dir may change)"
+                f"(only --device, --data-dir, --fsdp and --grad-checkpoint may change)"
             )
         run = Path(args.resume)
         folder = RunFolder(run)

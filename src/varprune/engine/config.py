@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from varprune.errors import RunError, short
 
-# settings that say where things are, not what is computed: a run may be resumed with others
-LOCATION_KEYS = ("device", "data_dir", "download")
+# settings that say where or how things are computed, not what: a run may be resumed with others (--fsdp and
+# --grad-checkpoint change only memory and float rounding: the checkpoint is whole either way)
+LOCATION_KEYS = ("device", "data_dir", "download", "fsdp", "grad_checkpoint")
 # VAR's default is a relative strength, lambda = s / psi(w_init): the best lambda moves about 100x between
 # models, s = 1 sits within a few x of every model's best in the strength study (README).
 DEFAULT_VAR_STRENGTH = 1.0
@@ -297,6 +298,15 @@ class TrainConfig:
         "under torchrun, for sam, asam, var+sam: perturb with each process's own "
         "gradient, as the SAM paper does (m-sharpness, m = the per-process batch); default: "
         "the global gradient, so results do not depend on the number of processes",
+    )
+    fsdp: bool = setting(
+        False,
+        "under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2 fully_shard of "
+        "every block and the root; bf16 weights with fp32 gradient reduction on GPUs); the run folder holds the "
+        "whole model, as without it",
+    )
+    grad_checkpoint: bool = setting(
+        False, "activation checkpointing: each block's activations recomputed in the backward (transformers models)"
     )
     # masked fine-tuning (`varprune finetune`): start from a run's final weights, pruned one-shot, mask fixed
     finetune_from: str | None = setting(None, "run folder whose final weights are pruned and fine-tuned", flag=False)

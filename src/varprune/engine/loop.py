@@ -19,6 +19,7 @@ metrics) are reduced over the processes first, so they stop or go on together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 
 from varprune import __version__
 from varprune.device import describe_device, resolve_amp
-from varprune.engine import distributed
+from varprune.engine import distributed, sharding
 from varprune.engine.checks import Scope, problems, unused_problems
 from varprune.engine.config import TrainConfig
 from varprune.engine.identity import check_same_data, other_data_line, recorded_identity
@@ -42,6 +43,7 @@ from varprune.engine.schedule import loss_text, schedule_lines
 from varprune.engine.step import lr_factor, make_train_step
 from varprune.engine.textruns import epoch_problem, truncation_note, vocabulary_note
 from varprune.errors import NonFiniteError, RunError, set_kept_note, short
+from varprune.numerics import shards as sh
 from varprune.numerics.regularizers import VarRegularizer
 from varprune.report.tables import metric_info
 from varprune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
@@ -136,7 +138,7 @@ def train(
     found = (
         problems(cfg) + unused_problems(given, [cfg.method], cfg.optimizer, Scope.of_config(cfg)) + data_problems(cfg)
     )
-    found += distributed.problems(cfg)
+    found += distributed.problems(cfg) + sharding.problems(cfg, distributed.env_world())
     if not found:
         found += early_memory_problems(cfg)
     if not found:
@@ -201,6 +203,18 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device, tokenizer=run.tokenizer)
     keeper, source_digest = _finetune_start(cfg, model, log, run) if cfg.finetune_from else (None, None)
+    if cfg.grad_checkpoint:
+        sharding.enable_grad_checkpoint(model)
+    if cfg.fsdp:  # every process built the same weights (same seed): each keeps its shards from here on
+        if cfg.sync_bn:
+            model = distributed.convert_sync_bn(model, device)
+        model = sharding.shard(model, device, run.tokenizer is not None)
+        if state is not None:  # the checkpoint is whole (gathered): cut it like the model
+            state = {
+                **state,
+                "model": sharding.distribute_model_state(state["model"], model),
+                "optimizer": sharding.distribute_state(state["optimizer"], model),
+            }
     optimizer = build_optimizer(method, model, cfg)
     if keeper is not None:
         keeper.apply_(optimizer)
@@ -280,7 +294,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
             log(line)
 
     # DDP (under torchrun) after the weights are final: its constructor broadcasts rank 0's to every process
-    ddp = distributed.wrap(model, device, cfg.sync_bn)
+    ddp = model if cfg.fsdp else distributed.wrap(model, device, cfg.sync_bn)
     forward = torch.compile(ddp) if cfg.compile else ddp
     local_first_pass = ddp.no_sync if cfg.sam_local and ddp is not model else None
     extra_state = {"processes": world, **({"finetune_source_sha256": source_digest} if keeper else {})}
@@ -347,8 +361,9 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if note is not None:
             set_kept_note(e, note)
         raise
+    whole = sharding.full_state(model.state_dict()) if cfg.fsdp else None  # every process gathers
     if main:
-        save_weights(out / WEIGHTS, model, weights_metadata(cfg, run.data.info))
+        save_weights(out / WEIGHTS, model, weights_metadata(cfg, run.data.info), state=whole)
     return result
 
 
@@ -432,7 +447,7 @@ def _epochs(
                     f"{kept}; lower --lr or the regularizer strength"
                 )
             )
-        if not distributed.all_true(_all_finite(model.state_dict().values()), device):
+        if not distributed.all_true(_all_finite(sh.local(t) for t in model.state_dict().values()), device):
             raise distributed.agreed(
                 NonFiniteError(
                     f"non-finite weights at epoch {epoch + 1}, step {steps_per_epoch} of "
@@ -443,10 +458,12 @@ def _epochs(
         if parallel:
             if not cfg.sync_bn:
                 distributed.average_bn_buffers_(model)  # each process tracked the statistics of its share
-            distributed.check_identical(model)
+            if not cfg.fsdp:  # sharded, each process holds other weights
+                distributed.check_identical(model)
         variances = monitor.variances()
         # each process evaluates its share of the test set; the counts are summed
-        test = task.evaluate(model, test_loader, amp, reduce=distributed.sum_ if parallel else None)
+        with sharding.gathered_for_evaluation(model) if cfg.fsdp else contextlib.nullcontext():
+            test = task.evaluate(model, test_loader, amp, reduce=distributed.sum_ if parallel else None)
         metrics = {
             "epoch": epoch + 1,
             "loss": float(stats["loss"] + stats["reg"]) / seen,
@@ -462,6 +479,9 @@ def _epochs(
         if task.name == "classification":
             metrics["cross_entropy"] = metrics.pop("task_loss")  # the key of varprune 0.1
         history.append(metrics)
+        # sharded: the checkpoint is gathered whole (every process takes part), then written by rank 0
+        model_state = sharding.full_state(model.state_dict()) if cfg.fsdp else model.state_dict()
+        optimizer_state = sharding.full_state(optimizer.state_dict()) if cfg.fsdp else optimizer.state_dict()
         if not main:  # rank 0 alone writes the run folder
             continue
         # the checkpoint first, then the metrics: a crash between the two is repaired by --resume
@@ -470,8 +490,8 @@ def _epochs(
             {
                 "epoch": epoch + 1,
                 "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "rng": _rng_state(device, train_loader),
                 "history": history,
                 "schedule": {"step": (epoch + 1) * steps_per_epoch, "total_steps": total_steps, "warmup": warmup},

@@ -35,33 +35,77 @@ WINDOW_INDEX_BYTES = 8  # a language model's epoch: one int64 start offset per t
 @dataclass(frozen=True)
 class Estimate:
     data: int  # bytes of the data held on the device
-    parameters: int  # weights, gradients and optimizer state
+    parameters: int  # weights, gradients and optimizer state (this process's shard of them under --fsdp)
     activations: int | None  # one training batch (None: the model could not run on the meta device)
     index: int = 0  # a language model's window index: the start offsets of an epoch's windows, drawn at once
+    shards: int = 1  # processes the parameters are sharded over (--fsdp), 1 otherwise
 
     @property
     def total(self) -> int:
         return self.data + self.parameters + (self.activations or 0) + self.index
+
+    def parts(self) -> dict[str, int]:
+        return {
+            "data": self.data,
+            "parameters": self.parameters,
+            "activations": self.activations or 0,
+            "window index": self.index,
+        }
+
+    def describe(self, device) -> str:
+        """``about X on DEVICE (data .., parameters .., activations ..)``, saying what is sharded."""
+        detail = ", ".join(f"{k} {gib(v)}" for k, v in self.parts().items() if v)
+        sharded = (
+            f"; per process: weights, gradients and optimizer state divided by {self.shards} (--fsdp)"
+            if self.shards > 1
+            else ""
+        )
+        return f"about {gib(self.total)} on {device} ({detail}{sharded})"
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def activation_bytes(model: nn.Module, example: torch.Tensor | dict, batch_size: int) -> int | None:
+def _output_bytes(output) -> int:
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    total = 0
+    for o in outputs:
+        if isinstance(o, torch.Tensor):
+            total += o.numel() * o.element_size()
+        elif hasattr(o, "logits") and isinstance(o.logits, torch.Tensor):
+            total += o.logits.numel() * o.logits.element_size()
+    return total
+
+
+def activation_bytes(
+    model: nn.Module, example: torch.Tensor | dict, batch_size: int, checkpointed: list[nn.Module] | None = None
+) -> int | None:
     """Bytes of one batch's activations: every leaf module's output for ``example`` (one example, on the meta
-    device), kept for the backward pass and matched by its gradient, times the batch size."""
-    total = [0]
+    device), kept for the backward pass and matched by its gradient, times the batch size.
 
-    def hook(_module, _inputs, output):
-        outputs = output if isinstance(output, (tuple, list)) else (output,)
-        for o in outputs:
-            if isinstance(o, torch.Tensor):
-                total[0] += o.numel() * o.element_size()
-            elif hasattr(o, "logits") and isinstance(o.logits, torch.Tensor):
-                total[0] += o.logits.numel() * o.logits.element_size()
+    ``checkpointed`` (activation checkpointing, ``--grad-checkpoint``): those blocks keep only their output;
+    the largest block's inside is counted once (it is recomputed in the backward pass one block at a time)."""
+    outside = [0]
+    inside = {id(b): 0 for b in checkpointed or ()}
+    kept = [0]
+    owner: dict[int, int] = {}
+    for b in checkpointed or ():
+        for m in b.modules():
+            owner[id(m)] = id(b)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    def leaf_hook(module, _inputs, output):
+        n = _output_bytes(output)
+        if id(module) in owner:
+            inside[owner[id(module)]] += n
+        else:
+            outside[0] += n
+
+    def block_hook(_module, _inputs, output):
+        kept[0] += _output_bytes(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handles = [m.register_forward_hook(leaf_hook) for m in model.modules() if not list(m.children())]
+    handles += [b.register_forward_hook(block_hook) for b in checkpointed or ()]
     try:
         with torch.no_grad():
             model(**example) if isinstance(example, dict) else model(example)
@@ -70,7 +114,7 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | dict, batch_size:
     finally:
         for h in handles:
             h.remove()
-    return 2 * total[0] * batch_size
+    return 2 * (outside[0] + kept[0] + max(inside.values(), default=0)) * batch_size
 
 
 def estimate(
@@ -81,13 +125,26 @@ def estimate(
     method_optimizer: str,
     data_bytes: int,
     windows: int = 0,
+    shards: int = 1,
+    units: list[nn.Module] | None = None,
+    checkpointed: bool = False,
 ) -> Estimate:
     """The estimate for a model built on the meta device and one meta ``example`` input; ``windows``: a language
-    model's training windows an epoch (``--limit-train``), whose start offsets are drawn at once on the device."""
+    model's training windows an epoch (``--limit-train``), whose start offsets are drawn at once on the device.
+
+    ``shards`` > 1 (``--fsdp``): weights, gradients and optimizer state are divided by it, and the two largest
+    ``units`` (the blocks FSDP gathers, one in use and one prefetched) are added whole, in bf16 on a GPU as
+    in fp32 here (an upper bound). The batch is the global one, ``batch_size / shards`` per process.
+    ``checkpointed`` (``--grad-checkpoint``): ``units`` keep only their outputs (activation_bytes)."""
     n = sum(p.numel() for p in model_on_meta.parameters())
     per = 2 + _STATES.get(optimizer, 2) + _WRAPPER.get(method_optimizer, 1)  # weight, gradient, state, wrapper
-    activations = activation_bytes(model_on_meta, example, batch_size)
-    return Estimate(int(data_bytes), 4 * n * per, activations, WINDOW_INDEX_BYTES * int(windows))
+    parameters = -(-4 * n * per // shards)
+    if shards > 1 and units:
+        sizes = sorted((sum(p.numel() for p in u.parameters()) for u in units), reverse=True)
+        parameters += 4 * sum(sizes[:2])
+    per_process = -(-batch_size // shards)
+    activations = activation_bytes(model_on_meta, example, per_process, units if checkpointed else None)
+    return Estimate(int(data_bytes), parameters, activations, WINDOW_INDEX_BYTES * int(windows), shards)
 
 
 def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> str | None:
@@ -99,14 +156,8 @@ def fits_problem(est: Estimate, device: torch.device, flags: dict[str, str]) -> 
     free = available_memory(device)
     if free <= 0 or est.total <= FRACTION * free:
         return None
-    parts = {"data": est.data, "parameters": est.parameters, "activations": est.activations or 0}
-    parts["window index"] = est.index
-    worst = max(parts, key=lambda k: parts[k])
-    detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
-    return (
-        f"this run needs about {gib(est.total)} on {device} ({detail}) but {gib(free)} is free: "
-        f"lower {flags.get(worst, '--batch-size')}"
-    )
+    worst = max(est.parts(), key=lambda k: est.parts()[k])
+    return f"this run needs {est.describe(device)} but {gib(free)} is free: lower {flags.get(worst, '--batch-size')}"
 
 
 def block_state_bytes(model: nn.Module, example) -> int:

@@ -272,7 +272,6 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
     ``data_bytes`` counts only where the data moves to another device (on the CPU it is already in memory).
     """
     from varprune.engine import memory
-    from varprune.engine.methods import get_method
     from varprune.models.registry import ModelError
 
     args, kwargs = model_arguments(cfg, info, tokenizer)
@@ -294,9 +293,9 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
         )
     on_device = data_bytes if device.type != "cpu" else 0
     windows = (cfg.limit_train or 0) if tokenizer is not None and info.task == "language-modeling" else 0
-    est = memory.estimate(
-        model, example, cfg.batch_size, cfg.optimizer, get_method(cfg.method).optimizer, on_device, windows
-    )
+    est = memory_estimate(cfg, model, example, on_device, tokenizer is not None, windows)
+    if isinstance(est, str):
+        return est
     return memory.fits_problem(
         est,
         device,
@@ -306,6 +305,32 @@ def check_memory(cfg: TrainConfig, info, device: torch.device, data_bytes: int =
             "activations": "--batch-size or --image-size" if tokenizer is None else "--batch-size or --seq-len",
             "window index": "--limit-train (training windows an epoch; more --epochs train as long)",
         },
+    )
+
+
+def memory_estimate(cfg: TrainConfig, model_on_meta, example, data_bytes: int, text: bool, windows: int = 0):
+    """engine.memory's estimate for this configuration (``--fsdp`` over torchrun's processes,
+    ``--grad-checkpoint``; ``windows``: a language model's window index), or the one-line problem of a model
+    those flags cannot apply to."""
+    from varprune.engine import distributed, memory, sharding
+    from varprune.engine.methods import get_method
+
+    problem = sharding.model_problem(cfg, model_on_meta, text)
+    if problem:
+        return problem
+    units = sharding.units(model_on_meta, text) if (cfg.fsdp or cfg.grad_checkpoint) else None
+    shards = distributed.env_world() if cfg.fsdp else 1
+    return memory.estimate(
+        model_on_meta,
+        example,
+        cfg.batch_size,
+        cfg.optimizer,
+        get_method(cfg.method).optimizer,
+        data_bytes,
+        windows,
+        shards=shards,
+        units=units,
+        checkpointed=cfg.grad_checkpoint,
     )
 
 

@@ -108,14 +108,15 @@ class VarCallbackBase:
 
 
 def refuse_sharded(model: nn.Module, where: str) -> None:
-    """Refuse parameters that are shards (FSDP's flat parameters, DTensors): VAR needs whole layers."""
-    for name, p in model.named_parameters():
-        kind = type(p).__name__
-        if kind == "FlatParameter" or "DTensor" in kind or type(p.data).__name__ == "DTensor":
-            raise ValueError(
-                f"VarCallback cannot run under {where}: parameter {name} is a shard ({kind}), and VAR's "
-                f"per-layer variance needs each layer whole; train with DDP or on one device"
-            )
+    """Refuse what VAR cannot be exact on: FSDP1's flat parameters (layers cut across their boundaries) and
+    DeepSpeed's partitions, in one line naming FSDP2. FSDP2's DTensor shards are fine: the regularizer works on
+    each process's shards with one collective (numerics/shards.py)."""
+    from varprune.numerics.shards import ShardingError, refuse_unsupported
+
+    try:
+        refuse_unsupported(model, f"VarCallback (under {where})")
+    except ShardingError as e:
+        raise ValueError(str(e)) from None
 
 
 def grad_scale(scaler, optimizer: torch.optim.Optimizer, device: torch.device | None):

@@ -32,8 +32,13 @@ Hence:
 * DeepSpeed: refused. Accelerate steps DeepSpeed's engine inside
   ``accelerator.backward`` and ZeRO partitions gradients, so no full gradient
   exists before the step for this hook to add to;
-* FSDP: refused. Parameters are flattened shards (FSDP1) or DTensor shards
-  (FSDP2), and VAR's per-layer variance needs whole layers.
+* FSDP2 (``fsdp_config={"version": 2}``, accelerate's ``fsdp_version: 2``):
+  supported. The weights are DTensor shards; the regularizer computes each
+  layer's variance from every process's partial sums (one collective per
+  step for all layers) and adds the gradient of this process's shard, after
+  the gradients' reduce-scatter: exactly what one process adds
+  (numerics/shards.py). FSDP1 is refused: its flat parameters cut layers
+  across their boundaries.
 
 Lambda is resolved in ``on_train_begin`` (after a checkpoint's weights are
 loaded), on the weights of that moment: ``lam = strength / psi(w)``. It is
@@ -59,18 +64,33 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("varprune.integrations.hf needs Hugging Face transformers: pip install 'varprune[hf]'") from e
 
 
+def _fsdp_version(args) -> int | None:
+    """The FSDP version the Trainer will shard with (None: no FSDP): TrainingArguments' ``fsdp`` and
+    ``fsdp_config["version"]`` (2 by default in transformers 5), or accelerate's environment."""
+    env = os.environ
+    if getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None)
+        if not isinstance(config, dict):
+            return 2
+        return int(config.get("version") or config.get("fsdp_version") or 2)
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return int(env.get("FSDP_VERSION", "1"))
+    return None
+
+
 def _refuse(args, model) -> None:
     env = os.environ
     if getattr(args, "deepspeed", None) or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ValueError(
             "VarCallback cannot run under DeepSpeed: the engine steps the optimizer inside backward and ZeRO "
-            "partitions the gradients, so there is no full gradient to add VAR's to before the step; "
-            "train with DDP or on one device"
+            "partitions the gradients, so there is no gradient to add VAR's to before the step; "
+            "shard with FSDP2 instead (fsdp_config version 2)"
         )
-    if getattr(args, "fsdp", None) or env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    version = _fsdp_version(args)
+    if version is not None and version != 2:
         raise ValueError(
-            "VarCallback cannot run under FSDP: parameters are sharded and VAR's per-layer variance needs "
-            "each layer whole; train with DDP or on one device"
+            f"VarCallback cannot run under FSDP{version}: it flattens layers into FlatParameters cut across layer "
+            f"boundaries; shard with FSDP2 instead (fsdp_config {{'version': 2}}, accelerate's fsdp_version: 2)"
         )
     refuse_sharded(model, "this sharding")
 
@@ -101,7 +121,7 @@ class VarCallback(VarCallbackBase, TrainerCallback, ExportableState):
     ``callback.reg`` is the [`VarRegularizer`][varprune.numerics.regularizers.VarRegularizer] (``reg.lam``,
     ``reg.psi_init``) and ``callback.last_value`` the last step's ``lam * psi``.
     See the module docstring for where it sits relative to clipping,
-    accumulation and fp16, and why DeepSpeed and FSDP are refused.
+    accumulation and fp16, and why DeepSpeed and FSDP1 are refused (FSDP2 works).
     """
 
     def state(self) -> dict:

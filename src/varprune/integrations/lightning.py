@@ -19,10 +19,15 @@ full lambda onto the averaged accumulated gradient (the update of
 ``mean loss + lam * psi``), and with fp16 it is added unscaled, or times the
 current scale where the optimizer unscales in ``step`` (the scaler's state
 says which). bf16 and 32-bit need nothing. DDP: every process adds the same
-gradient after the all-reduce. DeepSpeed, FSDP and ModelParallel strategies
-are refused: they shard parameters or gradients, and VAR's per-layer variance
-needs whole layers (DeepSpeed also owns the step). Several optimizers are
-refused: each step would add the whole model's VAR gradient.
+gradient after the all-reduce. FSDP2 (``ModelParallelStrategy`` with
+``fully_shard`` in ``configure_model``, or any strategy whose parameters are
+DTensor shards): each process adds the gradient of its shards, computed from
+every process's per-layer partial sums (numerics/shards.py: one collective per
+step, exact). Refused: DeepSpeed and XLA FSDP by name (they partition outside
+DTensor; DeepSpeed also owns the step) and FSDP1's flat parameters
+(``FSDPStrategy`` in Lightning 2.6), whose shards cut layers across their
+boundaries. Several optimizers are refused: each step would add the whole
+model's VAR gradient.
 
 Lambda is resolved in ``on_train_start``, after a checkpoint (weights and
 this callback's state) is restored, on the weights of that moment; it is
@@ -45,7 +50,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("varprune.integrations.lightning needs Lightning: pip install 'varprune[lightning]'") from e
 
-_SHARDED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# refused by name: they own the step or shard outside torch's DTensor; FSDPStrategy and ModelParallelStrategy are
+# judged by their parameters when training starts (FSDP2's DTensors: fine; FSDP1's flat parameters: refused)
+_SHARDED = ("DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
 class VarCallback(VarCallbackBase, pl.Callback):
@@ -89,8 +96,9 @@ class VarCallback(VarCallbackBase, pl.Callback):
         kind = type(trainer.strategy).__name__
         if kind in _SHARDED:
             raise ValueError(
-                f"VarCallback cannot run under {kind}: it shards parameters or gradients (DeepSpeed also steps "
-                f"the optimizer itself), and VAR's per-layer variance needs each layer whole; use DDP or one device"
+                f"VarCallback cannot run under {kind}: it partitions parameters and gradients outside torch's "
+                f"DTensor (DeepSpeed also steps the optimizer itself); use ModelParallelStrategy with fully_shard "
+                f"(FSDP2), DDP or one device"
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -47,11 +47,18 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from varprune.numerics import shards as sh
 from varprune.numerics.pruning import keep_mask_topk
 
 __all__ = ["S2SAM", "SAM", "CrAM", "frozen_bn_stats", "is_two_pass"]
+
+CRAM_SHARDED = (
+    "CrAM/CrAM+ cannot run on sharded (FSDP2) weights: its mask needs the k-th largest magnitude over all weights "
+    "of every process's shards, a distributed selection varprune does not implement; train it without --fsdp (DDP)"
+)
 
 # Keeps rho * g / ||g|| finite when every gradient is zero (a frozen model, a dead batch).
 _EPS = 1e-12
@@ -97,12 +104,22 @@ def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
 
 
 def _global_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """L2 norm over all tensors, as a 0-dim tensor on ``device`` (no host sync)."""
+    """L2 norm over all tensors, as a 0-dim tensor on ``device`` (no host sync).
+
+    Sharded (FSDP2's DTensor gradients): each process's shards' sum of squares, one all-reduce, the same norm on
+    every process as one unsharded process's (up to the order of the sum)."""
     dtype = _accumulation_dtype(tensors)
-    norms = [torch.linalg.vector_norm(t, dtype=dtype).to(device) for t in tensors]
+    shards = sh.group_of(tensors)
+    norms = [torch.linalg.vector_norm(sh.local(t), dtype=dtype).to(device) for t in tensors]
     if not norms:
         return torch.zeros((), dtype=dtype, device=device)
-    return torch.linalg.vector_norm(torch.stack(norms))
+    if shards is None:
+        return torch.linalg.vector_norm(torch.stack(norms))
+    squares = torch.stack(norms).square()
+    split = torch.tensor([sh.is_dtensor(t) for t in tensors], device=device)
+    sharded = torch.where(split, squares, 0.0).sum()
+    dist.all_reduce(sharded, group=shards.group)  # whole (replicated) tensors are counted once, after it
+    return (sharded + torch.where(split, 0.0, squares).sum()).sqrt()
 
 
 def _keep_masks(
@@ -307,6 +324,7 @@ class SAM(_Wrapper):
         """Move every parameter with a gradient from w to w + e."""
         params = self._params_with_grad()
         device = self._device()
+        # sharded parameters (FSDP2): every product below is elementwise, so each process works on its shards
         scaled = [
             (torch.abs(p) * p.grad if group["adaptive"] else p.grad)
             for group in self.param_groups
@@ -321,10 +339,11 @@ class SAM(_Wrapper):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                e = p.grad * scale.to(device=p.device, dtype=p.dtype)
+                w = sh.local(p)
+                e = sh.local(p.grad) * scale.to(device=w.device, dtype=w.dtype)
                 if group["adaptive"]:
-                    e.mul_(p * p)
-                p.add_(e)
+                    e.mul_(w * w)
+                w.add_(e)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -395,6 +414,8 @@ class CrAM(_Wrapper):
         if bad:
             raise ValueError(f"CrAM sparsities must be in [0, 1), got {bad}")
         super().__init__(params, base_optimizer_cls, dict(rho=rho), base_kwargs)
+        if sh.group_of(self._params()) is not None:
+            raise sh.ShardingError(CRAM_SHARDED)
         self.sparsities = sparsities
         self.plus = bool(plus)
         self.sparse_grad = bool(sparse_grad)
@@ -523,7 +544,8 @@ class S2SAM(_Wrapper):
                 scale = group["rho"] / (norm + _EPS)
                 for p in group["params"]:
                     if p in previous:
-                        p.add_(previous[p] * scale.to(device=p.device, dtype=p.dtype))
+                        w = sh.local(p)
+                        w.add_(sh.local(previous[p]) * scale.to(device=w.device, dtype=w.dtype))
 
         self.zero_grad(set_to_none=True)  # the step owns its one pass: stale grads must not leak in
         with torch.enable_grad():

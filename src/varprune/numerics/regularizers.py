@@ -37,6 +37,15 @@ passes from d, and zeroes the coefficient of any layer whose variance is 0.
 
 Hoyer-square: a layer that is all zeros has 0/0; like DeepHoyer, such a layer
 is skipped (it adds 0 to the value and to the gradient) in both paths.
+
+Sharded weights (FSDP2's DTensor parameters, ``numerics/shards.py``): both
+paths work on each process's shard. Each process computes its shard's
+per-layer partial sums (VAR: count, largest magnitude, mean and sum of
+squared deviations of ``w~`` shifted by that largest; l1: sum |w|; Hoyer:
+sum |w| and sum w^2), one all-gather for all layers hands every process all
+of them, each process combines them in float64 and adds the gradient of its
+own shard. The value and every gradient equal one unsharded process's
+(tests/test_shards.py: float64, uneven shards, an empty shard).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ import math
 import numbers
 
 import torch
+from torch import nn
 
+from varprune.numerics import shards as sh
 from varprune.numerics.weights import as_weight_list
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -67,13 +78,45 @@ def var_penalty(weights, r: float = 1e-8, eps: float = 1e-8) -> torch.Tensor:
     named = as_weight_list(weights)
     if not named:
         raise ValueError("var_penalty needs at least one weight tensor")
+    shards = sh.shards_of(named)
+    if shards is not None:
+        var, _ = sh.combine_variance(sh.gather_rows_autograd(_var_shard_stats(named, r), shards), shards.rank)
+        return (1.0 / (var + eps)).sum()
     terms = [1.0 / (_layer_variance(w, r) + eps) for _, w in named]
     return torch.stack(terms).sum()
 
 
+def _var_shard_stats(named, r: float) -> torch.Tensor:
+    """Per layer of the local shards: (count, largest w~, mean of w~ - largest, sum of squared deviations), float64,
+    with autograd through the mean and the deviations (the shift is a constant: the variance does not depend on it)."""
+    rows = []
+    for _, p in named:
+        w = sh.local(p)
+        if w.numel() == 0:  # an empty shard: zeros, still in the graph (its .grad becomes an empty tensor, not None)
+            rows.append(torch.zeros(4, dtype=torch.float64, device=w.device) + w.double().sum())
+            continue
+        wt = torch.sqrt(w.double().square() + r).reshape(-1)
+        top = wt.max().detach()
+        d = wt - top
+        m = d.mean()
+        e = d - m
+        rows.append(torch.stack([torch.tensor(float(w.numel()), dtype=torch.float64, device=w.device), top, m, e @ e]))
+    return torch.stack(rows)
+
+
+def _sums(named, powers: tuple[int, ...]) -> torch.Tensor:
+    """``(layers, len(powers))``: sum |w|^k of each weight over the whole layer (all shards), with autograd."""
+    rows = [torch.stack([sh.local(w).abs().pow(k).sum() for k in powers]) for _, w in named]
+    local = torch.stack(rows)
+    shards = sh.shards_of(named)
+    if shards is None:
+        return local
+    return sh.gather_rows_autograd(local.double(), shards).sum(0)
+
+
 def l1_penalty(weights) -> torch.Tensor:
     """sum over all prunable weights of |w|."""
-    return torch.stack([w.abs().sum() for _, w in as_weight_list(weights)]).sum()
+    return _sums(as_weight_list(weights), (1,)).sum()
 
 
 def hoyer_square_penalty(weights) -> torch.Tensor:
@@ -82,37 +125,47 @@ def hoyer_square_penalty(weights) -> torch.Tensor:
     A layer that is all zeros (0/0) is skipped: it contributes 0 to the value
     and to the gradient, as in DeepHoyer, instead of NaN.
     """
-    terms = []
-    for _, w in as_weight_list(weights):
-        s1 = w.abs().sum()
-        s2 = (w * w).sum()
-        ok = s2 > 0
-        # the inner where keeps 0/0 out of the graph: a NaN in the unselected
-        # branch would still poison the gradient
-        safe = torch.where(ok, s2, torch.ones_like(s2))
-        terms.append(torch.where(ok, s1 * s1 / safe, torch.zeros_like(s2)))
-    return torch.stack(terms).sum()
+    s1, s2 = _sums(as_weight_list(weights), (1, 2)).unbind(1)
+    ok = s2 > 0
+    # the inner where keeps 0/0 out of the graph: a NaN in the unselected
+    # branch would still poison the gradient
+    safe = torch.where(ok, s2, torch.ones_like(s2))
+    return torch.where(ok, s1 * s1 / safe, torch.zeros_like(s2)).sum()
 
 
 class _Group:
     """Weights sharing one device and dtype, in their original order."""
 
-    def __init__(self, indices: list[int], params: list[torch.Tensor]):
+    def __init__(self, indices: list[int], params: list[torch.Tensor], sharded: bool = False):
         self.indices = indices
-        self.params = params
-        self.device = params[0].device
-        self.dtype = params[0].dtype
+        self.sharded = sharded  # DTensor parameters: ``params`` are this process's shards (see ``refresh``)
+        self.whole = params
+        self.params = [sh.local(p).detach() for p in params] if sharded else params
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
         self.compute_dtype = self.dtype if self.dtype in _COMPUTE_DTYPES else torch.float32
         self.inv_numel = 1.0 / torch.tensor([p.numel() for p in params], dtype=self.compute_dtype, device=self.device)
         self.scratch: list[list[torch.Tensor]] | None = None  # regularizer-owned buffers
+        # sharded: the layers whose shard here is not empty, and their element counts here (made once: no
+        # host-to-device copy in the step)
+        self.present = [i for i, p in enumerate(self.params) if p.numel() > 0]
+        self.present_index = torch.tensor(self.present, dtype=torch.long, device=self.device)
+        self.local_counts = torch.tensor(
+            [float(self.params[i].numel()) for i in self.present], dtype=self.compute_dtype, device=self.device
+        )
         self.last_var: torch.Tensor | None = None  # VAR: per-layer variances of the last closed-form pass
+
+    def refresh(self) -> None:
+        """Sharded: take the shards again (FSDP2 may swap a parameter's local tensor, e.g. on loading a state)."""
+        if self.sharded:
+            self.params = [sh.local(p).detach() for p in self.whole]
 
     def grads(self) -> list[torch.Tensor]:
         out = []
-        for p in self.params:
+        for p in self.whole:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            out.append(p.grad)
+            out.append(sh.local(p.grad) if self.sharded else p.grad)
         return out
 
     def buffers(self, count: int) -> list[list[torch.Tensor]]:
@@ -120,7 +173,11 @@ class _Group:
 
         On CPU, fresh allocations the size of the weights cost more than the
         arithmetic (page faults); on CUDA they would only be cache hits."""
-        if self.scratch is None or len(self.scratch) < count:
+        if (
+            self.scratch is None
+            or len(self.scratch) < count
+            or any(b.shape != p.shape for b, p in zip(self.scratch[0], self.params))
+        ):
             self.scratch = [[torch.empty_like(p, dtype=self.compute_dtype) for p in self.params] for _ in range(count)]
         return self.scratch[:count]
 
@@ -129,11 +186,11 @@ def _signature(params) -> tuple:
     return tuple((p.device, p.dtype, p.shape) for p in params)
 
 
-def _group_by_device_dtype(params: list[torch.Tensor]) -> list[_Group]:
+def _group_by_device_dtype(params: list[torch.Tensor], sharded: bool = False) -> list[_Group]:
     keys: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         keys.setdefault((p.device, p.dtype), []).append(i)
-    return [_Group(idx, [params[i] for i in idx]) for idx in keys.values()]
+    return [_Group(idx, [params[i] for i in idx], sharded) for idx in keys.values()]
 
 
 def _check_scale(scale):
@@ -173,9 +230,12 @@ class Regularizer:
         strength = float(strength)
         if not strength >= 0 or strength == float("inf"):
             raise ValueError(f"{self.name} strength must be a finite number >= 0, got {strength}")
+        if isinstance(model_or_weights, nn.Module):
+            sh.refuse_unsupported(model_or_weights, self.name)
         self.named = as_weight_list(model_or_weights)
         if not self.named:
             raise ValueError(f"{self.name}: the model has no prunable weights")
+        self._shards = sh.shards_of(self.named)  # None: whole tensors
         self.coef = strength
         self._groups: list[_Group] = []
         self._signature: tuple | None = None
@@ -206,12 +266,17 @@ class Regularizer:
         params = self.weights
         sig = _signature(params)
         if sig != self._signature:  # first call, or the model moved to another device/dtype
-            self._groups = _group_by_device_dtype(params)
+            self._groups = _group_by_device_dtype(params, self._shards is not None)
             self._signature = sig
             perm = [i for g in self._groups for i in g.indices]
             self._order = (
-                None if perm == list(range(len(perm))) else torch.argsort(torch.tensor(perm, device=params[0].device))
+                None
+                if perm == list(range(len(perm)))
+                else torch.argsort(torch.tensor(perm, device=self._groups[0].device))
             )
+        else:
+            for g in self._groups:
+                g.refresh()
         return self._groups
 
     def _ordered(self, per_group: list[torch.Tensor]) -> torch.Tensor:
@@ -233,11 +298,37 @@ class Regularizer:
         synchronisation.
         """
         scale = _check_scale(scale)
-        values = [
-            self._group_gradient_(g, g.grads(), _coefficient(self.coef, scale, g)) for g in self._current_groups()
-        ]
+        groups = self._current_groups()
+        if self._shards is None:
+            values = [self._group_gradient_(g, g.grads(), _coefficient(self.coef, scale, g)) for g in groups]
+        else:
+            values = self._sharded_gradient_(groups, scale, self._shards)
         self._last_terms = self._ordered(values)
         return self._last_terms.sum() * self.coef
+
+    def _sharded_gradient_(self, groups: list[_Group], scale, shards: sh.Shards) -> list[torch.Tensor]:
+        """Every group's local partial sums, one all-gather for all layers, then each group's shard gradient.
+
+        One collective, an all-gather rather than all-reduces: VAR's shift (the layer's largest magnitude) would
+        need a MAX reduction before the SUM of the shifted sums, two collectives in sequence; gathered, each
+        shard's partials keep its own shift and every process combines them in the same order (Chan's update,
+        ``shards.combine_variance``), so all processes get the same bits. A few scalars per layer and process."""
+        local = [self._shard_stats_(g) for g in groups]
+        device = groups[0].device
+        gathered = sh.gather_rows(torch.cat([t.to(device, torch.float64) for t in local]), shards)
+        parts = gathered.split([t.shape[0] for t in local], dim=1)
+        return [
+            self._shard_gradient_(g, g.grads(), _coefficient(self.coef, scale, g), part.to(g.device), shards.rank)
+            for g, part in zip(groups, parts)
+        ]
+
+    def _shard_stats_(self, group: _Group) -> torch.Tensor:
+        """``(layers, k)``: this process's partial sums of the group's layers (its shards: ``group.params``)."""
+        raise NotImplementedError
+
+    def _shard_gradient_(self, group: _Group, grads, coef, gathered: torch.Tensor, rank: int) -> torch.Tensor:
+        """From every shard's partials ``(world, layers, k)``: add the gradient of this shard; per-layer penalties."""
+        raise NotImplementedError
 
 
 class VarRegularizer(Regularizer):
@@ -342,6 +433,42 @@ class VarRegularizer(Regularizer):
         group.last_var = var
         return inv
 
+    def _shard_stats_(self, group):
+        # per layer of this shard: (count, top = max w~, m = mean(w~ - top), M2 = sum (w~ - top - m)^2); an empty
+        # shard has a row of zeros (the max of nothing is undefined: it is left out of the fused calls)
+        rows = torch.zeros(len(group.params), 4, dtype=group.compute_dtype, device=group.device)
+        present = group.present
+        if not present:
+            return rows
+        t, q = ([b[i] for i in present] for b in group.buffers(2))
+        params = [group.params[i] for i in present]
+        torch._foreach_copy_(t, params)
+        torch._foreach_mul_(t, t)
+        torch._foreach_add_(t, self.r)
+        torch._foreach_sqrt_(t)  # t = w~
+        torch._foreach_copy_(q, params)
+        torch._foreach_div_(q, t)  # q = w / w~
+        top = torch.stack(torch._foreach_norm(t, float("inf")))  # w~ > 0: its largest
+        torch._foreach_sub_(t, list(top.unbind()))
+        count = group.local_counts
+        mean = torch.stack(torch._foreach_norm(t, 1)) / -count
+        torch._foreach_sub_(t, list(mean.unbind()))  # t = w~ - top - mean: this shard's deviations
+        m2 = torch.stack(torch._foreach_norm(t, 2)).square()
+        return rows.index_copy_(0, group.present_index, torch.stack([count, top, mean, m2], 1))
+
+    def _shard_gradient_(self, group, grads, coef, gathered, rank):
+        var, correction = sh.combine_variance(gathered, rank)  # float64; correction: to w~ - mean(w~)
+        inv = (var + self.eps).reciprocal()
+        c = torch.where(var > 0, inv * inv * (group.inv_numel.double() * (-2.0 * coef)), 0.0)
+        present, index = group.present, group.present_index
+        if present:
+            t, q = ([b[i] for i in present] for b in group.buffers(2))
+            torch._foreach_add_(t, list(correction.index_select(0, index).to(group.compute_dtype).unbind()))
+            torch._foreach_mul_(q, list(c.index_select(0, index).to(group.compute_dtype).unbind()))
+            torch._foreach_addcmul_([grads[i] for i in present], t, q)
+        group.last_var = var.to(group.compute_dtype)
+        return inv.to(group.compute_dtype)
+
     @torch.no_grad()
     def apply_gradient_(self, scale=None) -> torch.Tensor:
         """Add ``lam * d psi / d w * scale`` to each weight's ``.grad`` (as every regularizer does, see the base
@@ -352,6 +479,9 @@ class VarRegularizer(Regularizer):
 
     @torch.no_grad()
     def _variances64(self) -> torch.Tensor:
+        if self._shards is not None:  # one all-gather of every layer's partials: every process gets every variance
+            stats = sh.gather_rows(_var_shard_stats(self.named, self.r), self._shards)
+            return sh.combine_variance(stats, self._shards.rank)[0]
         out, device = [], self.named[0][1].device
         for _, p in self.named:
             wt = torch.sqrt(p.detach().double().square() + self.r).reshape(-1)
@@ -373,14 +503,25 @@ class L1Regularizer(Regularizer):
         return l1_penalty(self.named)
 
     def _group_gradient_(self, group, grads, coef):
+        self._add_sign_(group, grads, coef)
+        return self._shard_stats_(group)[:, 0]
+
+    @staticmethod
+    def _add_sign_(group, grads, coef):
         sign = torch._foreach_sign(group.params)
         if isinstance(coef, torch.Tensor):
             torch._foreach_mul_(sign, coef.to(group.dtype))
             torch._foreach_add_(grads, sign)
         else:
             torch._foreach_add_(grads, sign, alpha=coef)
+
+    def _shard_stats_(self, group):
         dtype = None if group.dtype == group.compute_dtype else group.compute_dtype
-        return torch.stack(torch._foreach_norm(group.params, 1, dtype=dtype))
+        return torch.stack(torch._foreach_norm(group.params, 1, dtype=dtype)).unsqueeze(1)
+
+    def _shard_gradient_(self, group, grads, coef, gathered, rank):
+        self._add_sign_(group, grads, coef)  # sign(w) needs nothing from the other shards
+        return gathered[..., 0].sum(0).to(group.compute_dtype)
 
 
 class HoyerSquareRegularizer(Regularizer):
@@ -392,15 +533,28 @@ class HoyerSquareRegularizer(Regularizer):
         return hoyer_square_penalty(self.named)
 
     def _group_gradient_(self, group, grads, coef):
+        s1, s2 = self._shard_stats_(group).unbind(1)
+        return self._apply_(group, grads, coef, s1, s2)
+
+    def _shard_stats_(self, group):
         dtype = None if group.dtype == group.compute_dtype else group.compute_dtype
         s1 = torch.stack(torch._foreach_norm(group.params, 1, dtype=dtype))
         s2 = torch.stack(torch._foreach_norm(group.params, 2, dtype=dtype)).square()
+        return torch.stack([s1, s2], 1)
+
+    def _shard_gradient_(self, group, grads, coef, gathered, rank):
+        s1, s2 = gathered.sum(0).unbind(1)  # float64: the whole layer's sum |w| and sum w^2
+        return self._apply_(group, grads, coef, s1, s2).to(group.compute_dtype)
+
+    @staticmethod
+    def _apply_(group, grads, coef, s1, s2):
         ok = s2 > 0
         s2 = torch.where(ok, s2, torch.ones_like(s2))  # all-zero layers: skipped below
         zero = torch.zeros_like(s2)
         # d/dw (s1^2 / s2) = 2 s1 sign(w) / s2 - 2 s1^2 w / s2^2
         a = torch.where(ok, (2.0 * coef) * s1 / s2, zero)
         b = torch.where(ok, (-2.0 * coef) * s1 * s1 / (s2 * s2), zero)
+        a, b = (v.to(group.compute_dtype) for v in (a, b))
         torch._foreach_addcmul_(grads, torch._foreach_sign(group.params), list(a.unbind()))
         torch._foreach_addcmul_(grads, group.params, list(b.unbind()))
         return torch.where(ok, s1 * s1 / s2, zero)

@@ -236,17 +236,20 @@ def _metadata(raw: bytes) -> dict:
 TIED_KEY = "tied"
 
 
-def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+def save_weights(
+    path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str], state: dict | None = None
+) -> None:
     """Final weights and buffers as plain safetensors (readable by any tool). Tied weights are stored once, under
     the first name (as ``save_pretrained`` does: a tied ``lm_head.weight`` is left out); the metadata's ``tied``
-    maps each name left out to the one stored (JSON), and :func:`load_weights` ties them again."""
-    own = model.state_dict()
+    maps each name left out to the one stored (JSON), and :func:`load_weights` ties them again. ``state``: the
+    model's state dict when the model cannot give it whole itself (sharded training gathers it first)."""
+    own = model.state_dict() if state is None else state
     tied = tied_entries(own)
-    state = {k: v.detach().cpu().contiguous() for k, v in own.items() if k not in tied}
+    kept = {k: v.detach().cpu().contiguous() for k, v in own.items() if k not in tied}
     meta = dict(metadata)
     if tied:
         meta[TIED_KEY] = json.dumps(tied, sort_keys=True)
-    atomic_write_bytes(path, serialize_safetensors(state, meta))
+    atomic_write_bytes(path, serialize_safetensors(kept, meta))
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module, expect: dict[str, str] | None = None) -> None:
