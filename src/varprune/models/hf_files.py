@@ -15,7 +15,7 @@ printed, so that varprune's one line is the only one; what matters is read and t
 After (:func:`check_loaded`): every weight the model needs came from the folder, with its shape
 (transformers would initialise a missing one randomly, say so in a log line and go on: a half-random model
 then trains and prunes without a word); tied weights (an ``lm_head`` tied to the embedding) are not missing.
-Every floating-point tensor must be finite (a NaN would otherwise surface as "non-finite loss" after a step).
+Every parameter must be finite (a NaN would otherwise surface as "non-finite loss" after a step).
 """
 
 from __future__ import annotations
@@ -272,9 +272,11 @@ def check_loaded(path: Path, model: torch.nn.Module, info: dict, task: str, keep
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the model's floating-point parameters and saved buffers that hold inf or nan."""
-    return [
-        name
-        for name, t in model.state_dict(keep_vars=False).items()
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
-    ]
+    """Names of the model's floating-point parameters that hold inf or nan (each tied parameter once; buffers
+    are left alone: a mask buffer may hold -inf by design)."""
+    with torch.no_grad():
+        return [
+            name
+            for name, t in model.named_parameters()
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+        ]
