@@ -239,7 +239,7 @@ TIED_KEY = "tied"
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> None:
     """Final weights and buffers as plain safetensors (readable by any tool). Tied weights are stored once, under
     the first name (as ``save_pretrained`` does: a tied ``lm_head.weight`` is left out); the metadata's ``tied``
-    maps each name left out to the one stored (JSON), and :func:`load_weights` ties them again."""
+    maps each name left out to the one stored (JSON), and `load_weights` ties them again."""
     own = model.state_dict()
     tied = tied_entries(own)
     state = {k: v.detach().cpu().contiguous() for k, v in own.items() if k not in tied}
