@@ -204,3 +204,22 @@ def test_an_hf_folder_run_keeps_the_folders_positions(tmp_path, data, capsys):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     out_ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert out_ids.shape[1] == 43
+
+
+def test_the_compressed_export_of_a_tied_model_stores_the_head_once(tied_run, tmp_path, capsys):
+    from varprune.storage.pruned_format import load_pruned, read_pruned_metadata
+
+    out = tmp_path / "pruned.safetensors"
+    rc, _, err = cli(capsys, "export", tied_run, "--sparsity", "0.5", "--out", out)
+    assert rc == 0, err
+    header = _header(out)
+    assert "lm_head.weight" not in header and "transformer.wte.weight" in header
+    meta = read_pruned_metadata(out)
+    assert meta["format_version"] == 2 and meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    model = load_pruned(out)
+    assert model.lm_head.weight is model.transformer.wte.weight  # one parameter again
+    stored = safetensors_torch.load_file(tied_run / "model.safetensors")
+    assert torch.equal(model.transformer.wte.weight, stored["transformer.wte.weight"])  # not pruned: as trained
+    rc, out_text, err = cli(capsys, "evaluate", out)
+    assert rc == 0, err
+    assert "perplexity" in out_text

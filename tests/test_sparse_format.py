@@ -318,11 +318,24 @@ def test_consistent_liars_are_caught(tmp_path):
         with pytest.raises(PrunedFormatError, match=message):
             load_pruned(path)
 
-    def version_2(meta, tensors):
-        meta["format_version"] = "2"
+    def version_3(meta, tensors):
+        meta["format_version"] = "3"
 
-    with pytest.raises(PrunedFormatError, match="version '2'"):
-        load_pruned(lie_about(tmp_path, version_2))
+    with pytest.raises(PrunedFormatError, match="version '3'"):
+        load_pruned(lie_about(tmp_path, version_3))
+
+    def tied_to_nothing(meta, tensors):
+        meta["format_version"] = "2"
+        meta["tied"] = json.dumps({"extra.weight": "no.such.tensor"})
+
+    with pytest.raises(PrunedFormatError, match="tied entry 'extra.weight' and its twin 'no.such.tensor' do not fit"):
+        load_pruned(lie_about(tmp_path, tied_to_nothing))
+
+    def tied_in_version_1(meta, tensors):
+        meta["tied"] = json.dumps({"extra.weight": "no.such.tensor"})
+
+    with pytest.raises(PrunedFormatError, match="'tied' is malformed"):
+        load_pruned(lie_about(tmp_path, tied_in_version_1))
 
     def other_classes(meta, tensors):
         meta["model_args"] = json.dumps({**ARGS, "num_classes": 100})

@@ -228,7 +228,7 @@ def load_pretrained(cfg: TrainConfig, data_cache: dict | None = None, for_traini
         "tokenizer": {"path": str(tokenizer.source), "sha256": file_digest(Path(tokenizer.source))},
         "data": data_fingerprint(cfg),
     }
-    return Pretrained(folder, cfg, model, data, dev, resolve_amp(cfg.amp, dev), identity)
+    return Pretrained(folder, cfg, model, data, dev, resolve_amp(cfg.amp, dev), identity=identity)
 
 
 # ---------------------------------------------------------------- prune --model hf:DIR --out OUT

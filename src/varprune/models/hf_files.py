@@ -1,21 +1,21 @@
 """An ``hf:<dir>`` folder's weights, checked before transformers reads them and after (models/hf.py loads).
 
-Before (:func:`check_weight_files`, headers only, no tensor is read): the weights are safetensors, one
+Before (`check_weight_files`, headers only, no tensor is read): the weights are safetensors, one
 ``model.safetensors`` or the shards that ``model.safetensors.index.json`` names. Every shard must be a
 ``.safetensors`` file inside the folder: an index naming a ``.bin`` shard (pickle) is refused, so no pickle
 ever reaches ``torch.load``. Each file's header must be readable and its tensors must fill the file exactly:
 a truncated copy or random bytes is one line naming the file, not a ``SafetensorError`` traceback. A folder
 of only ``pytorch_model*.bin`` (pickle) or a GGUF file is refused with how to convert it.
 
-During (:func:`transformers_quiet`): transformers' log records and Python warnings are collected instead of
+During (`transformers_quiet`): transformers' log records and Python warnings are collected instead of
 printed, so that varprune's one line is the only one; what matters is read and translated: the load report
-(``output_loading_info``) by :func:`check_loaded`, out-of-vocabulary token ids of config.json by
-:func:`clear_bad_token_ids`. What is left is kept on the model (``varprune_load_notes``), not lost.
+(``output_loading_info``) by `check_loaded`, out-of-vocabulary token ids of config.json by
+`clear_bad_token_ids`. What is left is kept on the model (``varprune_load_notes``), not lost.
 
-After (:func:`check_loaded`): every weight the model needs came from the folder, with its shape
+After (`check_loaded`): every weight the model needs came from the folder, with its shape
 (transformers would initialise a missing one randomly, say so in a log line and go on: a half-random model
 then trains and prunes without a word); tied weights (an ``lm_head`` tied to the embedding) are not missing.
-Every floating-point tensor must be finite (a NaN would otherwise surface as "non-finite loss" after a step).
+Every parameter must be finite (a NaN would otherwise surface as "non-finite loss" after a step).
 """
 
 from __future__ import annotations
@@ -272,9 +272,11 @@ def check_loaded(path: Path, model: torch.nn.Module, info: dict, task: str, keep
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the model's floating-point parameters and saved buffers that hold inf or nan."""
-    return [
-        name
-        for name, t in model.state_dict(keep_vars=False).items()
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
-    ]
+    """Names of the model's floating-point parameters that hold inf or nan (each tied parameter once; buffers
+    are left alone: a mask buffer may hold -inf by design)."""
+    with torch.no_grad():
+        return [
+            name
+            for name, t in model.named_parameters()
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+        ]

@@ -241,7 +241,7 @@ def save_weights(
 ) -> None:
     """Final weights and buffers as plain safetensors (readable by any tool). Tied weights are stored once, under
     the first name (as ``save_pretrained`` does: a tied ``lm_head.weight`` is left out); the metadata's ``tied``
-    maps each name left out to the one stored (JSON), and :func:`load_weights` ties them again. ``state``: the
+    maps each name left out to the one stored (JSON), and `load_weights` ties them again. ``state``: the
     model's state dict when the model cannot give it whole itself (sharded training gathers it first)."""
     own = model.state_dict() if state is None else state
     tied = tied_entries(own)

@@ -1,7 +1,7 @@
 """A pruned model in one compressed safetensors file: bit masks + kept values.
 
 Layout of a ``.safetensors`` file written by `save_pruned` (format
-``varprune-pruned``, version 1)::
+``varprune-pruned``, version 1, or 2 where tied weights are stored once)::
 
     varprune.pruned_masks   uint8 [ceil(N / 8)]   the keep-masks of every pruned
                                                   tensor, flattened and concatenated
@@ -12,7 +12,8 @@ Layout of a ``.safetensors`` file written by `save_pruned` (format
     varprune.pruned_values  F32|F16|BF16 [K]      the kept values, same order (row-major
                                                   within a tensor)
     <every other state_dict entry>                as is (biases, norms, BN running
-                                                  statistics, num_batches_tracked)
+                                                  statistics, num_batches_tracked),
+                                                  a tied entry once (version 2)
 
 One mask tensor and one value tensor for the whole model rather than two per
 layer: each safetensors entry costs ~90 header bytes, which on a small model at
@@ -20,7 +21,12 @@ high sparsity outweighs the layer's payload. String metadata (keys sorted, so
 two saves of the same model are byte-identical):
 
     format          "varprune-pruned"
-    format_version  "1"
+    format_version  "1", or "2" when ``tied`` is there (an older reader then
+                    says to upgrade instead of missing a tensor)
+    tied            (version 2) JSON {name: twin}: dense entries that are the
+                    same tensor as ``twin`` in the model (a language model's
+                    lm_head.weight tied to its token embedding), left out and
+                    filled from ``twin`` on load
     layout          JSON [[name, shape, kept], ...]: the pruned tensors, in stream order
     values_dtype    "fp32" | "fp16" | "bf16"
     realised_sparsity  JSON float: pruned / total over the pruned tensors
@@ -51,7 +57,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from varprune.storage.checkpoint import _digest, _first_line, _table, atomic_write_bytes, non_finite, state_mismatch
+from varprune.storage.checkpoint import (
+    _digest,
+    _first_line,
+    _table,
+    atomic_write_bytes,
+    non_finite,
+    state_mismatch,
+    tied_entries,
+)
 from varprune.storage.checkpoint import serialize_safetensors as _serialize
 
 __all__ = [
@@ -69,12 +83,15 @@ __all__ = [
 ]
 
 FORMAT = "varprune-pruned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a file without tied entries is written as
+TIED_VERSION = 2  # a file that stores tied entries once
+READ_VERSIONS = (1, 2)
+TIED_KEY = "tied"
 MASKS_KEY = "varprune.pruned_masks"
 VALUES_KEY = "varprune.pruned_values"
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_RESERVED_META = ("format", "format_version", "layout", "values_dtype", "realised_sparsity", "sha256")
-_JSON_META = ("format_version", "layout", "realised_sparsity", "model_args", "dataset")
+_RESERVED_META = ("format", "format_version", "layout", "values_dtype", "realised_sparsity", "sha256", TIED_KEY)
+_JSON_META = ("format_version", "layout", "realised_sparsity", "model_args", "dataset", TIED_KEY)
 
 
 class PrunedFormatError(ValueError):
@@ -208,19 +225,23 @@ def save_pruned(
         value_parts.append(kept.to(vdtype))
         total += flat_m.numel()
         kept_total += kept.numel()
-    tensors = {k: v.detach().cpu().clone() for k, v in state.items() if k not in masks}
+    # a dense entry tied to another (lm_head.weight to the token embedding) is stored once
+    tied = {k: twin for k, twin in tied_entries(state).items() if k not in masks and twin not in masks}
+    tensors = {k: v.detach().cpu().clone() for k, v in state.items() if k not in masks and k not in tied}
     tensors[MASKS_KEY] = pack_bits(torch.cat(mask_parts))
     tensors[VALUES_KEY] = torch.cat(value_parts)
     meta = {k: _encode_meta(v, k) for k, v in metadata.items()}
     meta.update(
         {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(TIED_VERSION if tied else FORMAT_VERSION),
             "layout": json.dumps(layout, separators=(",", ":")),
             "values_dtype": values,
             "realised_sparsity": json.dumps(1.0 - kept_total / total if total else 0.0),
         }
     )
+    if tied:
+        meta[TIED_KEY] = json.dumps(tied, sort_keys=True, separators=(",", ":"))
     atomic_write_bytes(path, _serialize(tensors, meta))
 
 
@@ -269,10 +290,10 @@ def _check_format(path: Path, meta: Any) -> dict[str, str]:
             f"{path} is not a varprune pruned-model file (format {str(found)[:40]!r}); "
             f"was it written by checkpoint.save_weights or another tool?"
         )
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in [str(v) for v in READ_VERSIONS]:
         raise PrunedFormatError(
             f"{path} has {FORMAT} version {str(meta.get('format_version'))[:20]!r}; this "
-            f"varprune reads version {FORMAT_VERSION}: upgrade varprune or export again"
+            f"varprune reads versions {', '.join(map(str, READ_VERSIONS))}: upgrade varprune or export again"
         )
     return meta
 
@@ -300,6 +321,26 @@ def _decode_meta(path: Path, meta: dict[str, str]) -> dict[str, Any]:
                 out[key] = json.loads(out[key])
             except (ValueError, TypeError, RecursionError):
                 raise PrunedFormatError(f"{path} has corrupt metadata {key!r} (not JSON); export it again") from None
+    return out
+
+
+def _untie(path: Path, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense entries a version-2 file stored once, filled from their twins (the same tensor object: on load
+    both names receive the same values, and a model that ties them keeps one parameter)."""
+    tied = info.get(TIED_KEY, {})
+    ok = isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())
+    if not ok or (tied and info.get("format_version") != TIED_VERSION):
+        raise PrunedFormatError(
+            f"{path} has inconsistent metadata: {TIED_KEY!r} is malformed (or in a version-1 file); export it again"
+        )
+    out = dict(tensors)
+    for name, twin in tied.items():
+        if name in out or twin not in out:
+            raise PrunedFormatError(
+                f"{path} has inconsistent metadata: tied entry {name[:60]!r} and its twin {twin[:60]!r} do not fit "
+                f"the stored tensors; export it again"
+            )
+        out[name] = out[twin]
     return out
 
 
@@ -459,6 +500,7 @@ def load_pruned(
                     f"{path} names a model that cannot be built ({name!r}, {str(args)[:60]}): {_first_line(e)}"
                 ) from None
 
+    tensors = _untie(path, info, tensors)
     shapes = _shapes_on_meta(build)
     if shapes is not None:
         _check_fits(path, shapes, tensors, layout)
