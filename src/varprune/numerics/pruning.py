@@ -322,9 +322,11 @@ def apply_masks_(named, masks: dict[str, torch.Tensor]) -> None:
 
 
 class PruneResult(dict):
-    """What every public pruning function returns (:func:`prune_magnitude`, :func:`~varprune.prune_wanda`,
-    :func:`~varprune.prune_sparsegpt`): keep-masks by parameter name (bool, True = kept, the parameter's shape and
-    device), a ``dict``, and the record.
+    """What every public pruning function returns
+    ([`prune_magnitude`][varprune.numerics.pruning.prune_magnitude],
+    [`prune_wanda`][varprune.numerics.wanda.prune_wanda],
+    [`prune_sparsegpt`][varprune.numerics.sparsegpt.prune_sparsegpt]): keep-masks by parameter name (bool,
+    True = kept, the parameter's shape and device), a ``dict``, and the record.
 
     ``realised``: per-tensor realised sparsity; ``realised_sparsity``: over all pruned tensors; ``fallback``:
     {name: reason} of layers pruned by magnitude at the same setting; ``skipped``: N:M layers left dense
@@ -348,11 +350,13 @@ def prune_magnitude(
     exclude: Iterable[str] = (),
     pattern: str | None = None,
 ) -> PruneResult:
-    """Zero the smallest-magnitude weights in place; return keep-masks by name (a :class:`PruneResult`).
+    """Zero the smallest-magnitude weights in place; return keep-masks by name (a
+    [`PruneResult`][varprune.numerics.pruning.PruneResult]).
 
     Exactly one of ``sparsity`` (unstructured) and ``pattern`` (``"N:M"``: keep the N largest of every M consecutive
     weights along the input dimension; tensors whose input size is not a multiple of M stay dense, listed in
-    ``result.skipped``), as :func:`~varprune.prune_wanda` and :func:`~varprune.prune_sparsegpt` take them.
+    ``result.skipped``), as [`prune_wanda`][varprune.numerics.wanda.prune_wanda] and
+    [`prune_sparsegpt`][varprune.numerics.sparsegpt.prune_sparsegpt] take them.
     ``scope="global"`` ranks all prunable weights together; ``"layerwise"`` removes the same fraction from every
     tensor. The realised sparsity over the pruned tensors is ``round(sparsity * n) / n`` (per tensor for
     layer-wise): exactly that many, ties broken by position (the earlier of two equal weights is pruned).
