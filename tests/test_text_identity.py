@@ -106,28 +106,9 @@ def test_training_records_the_digests_of_the_text_and_the_tokenizer(made):
 # every command that reads a run with a --data-dir, and the file or folder it would write
 COMMANDS = {
     "prune": lambda run, out: ["prune", run, *SWEEP, "--device", "cpu"],
-    "export": lambda run, out: [
-        "export",
-        run,
-        "--sparsity",
-        "0.5",
-        "--bnt-batches",
-        "0",
-        "--out",
-        out / "x.safetensors",
-    ],
+    "export": lambda run, out: ["export", run, "--sparsity", "0.5", "--bnt-batches", "0", "--out", out / "x.st"],
     "export-hf": lambda run, out: ["export", run, "--sparsity", "0.5", "--format", "hf", "--out", out / "hf"],
-    "finetune": lambda run, out: [
-        "finetune",
-        run,
-        "--sparsity",
-        "0.5",
-        "--epochs",
-        "1",
-        "--out",
-        out / "ft",
-        "--quiet",
-    ],
+    "finetune": lambda run, out: ["finetune", run, "--sparsity", "0.5", "--epochs", "1", "--out", out / "ft"],
     "analyze": lambda run, out: ["analyze", run, "--out", out / "an", "--no-sensitivity", "--hessian-iters", "1"],
 }
 
@@ -156,7 +137,7 @@ def test_the_same_train_text_with_another_test_text_is_refused(made, tmp_path, c
 
 def test_a_copy_of_the_same_text_elsewhere_is_the_runs_text(made, tmp_path, capsys):
     run = copy_run(made, tmp_path)
-    rc, _out, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["copy"])
+    rc, _, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["copy"])
     assert rc == 0, err
     assert "other_data" not in json.loads((run / "prune.json").read_text())
 
@@ -254,7 +235,7 @@ def test_other_data_measures_deliberately_and_says_so(made, tmp_path, capsys):
 def test_finetune_on_other_text_with_the_flag_records_it(made, tmp_path, capsys):
     run = copy_run(made, tmp_path)
     out = tmp_path / "ft"
-    rc, _stdout, err = cli(capsys, *COMMANDS["finetune"](run, tmp_path), "--data-dir", made["other"], "--other-data")
+    rc, _, err = cli(capsys, *COMMANDS["finetune"](run, tmp_path), "--data-dir", made["other"], "--other-data")
     assert rc == 0, err
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert resolved["other_data"]["source"] == str(run) and resolved["other_data"]["differs"] == ["train", "test"]
@@ -266,7 +247,7 @@ def test_a_run_of_older_varprune_without_digests_still_works(made, tmp_path, cap
     cfg = json.loads((run / "config.json").read_text())
     del cfg["resolved"]["text_sha256"], cfg["resolved"]["tokenizer"]["sha256"]
     (run / "config.json").write_text(json.dumps(cfg))
-    rc, _out, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["other"])
+    rc, _, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["other"])
     assert rc == 0 and err == "", err
 
 
