@@ -195,6 +195,14 @@ def test_an_edited_or_replaced_tokenizer_is_refused(made, tmp_path, capsys, dama
     assert recorded[:12] in line and sha(run / "tokenizer.json")[:12] in line, line
 
 
+def test_a_sweep_of_several_runs_refuses_before_pruning_any(made, tmp_path, capsys):
+    good = copy_run(made, tmp_path)
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    _swapped(bad)
+    line = refused(capsys, tmp_path, ["prune", good, bad, *SWEEP])  # good's prune.json is not written either
+    assert f"{bad / 'tokenizer.json'} is not the tokenizer" in line, line
+
+
 @pytest.mark.parametrize("command", ["export", "export-hf", "finetune", "analyze"])
 def test_every_command_refuses_an_edited_tokenizer(made, tmp_path, capsys, command):
     run = copy_run(made, tmp_path)
