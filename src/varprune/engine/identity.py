@@ -13,6 +13,8 @@ recorded less: what they did not record is not compared.
 
 from __future__ import annotations
 
+import json
+
 from varprune.errors import RunError
 
 OTHER_DATA = "--other-data"  # the flag (commands/common.py declares it) that accepts other text
@@ -137,9 +139,10 @@ def run_tokenizer_problem(run, recorded: dict) -> str | None:
 
     path = Path(run) / "tokenizer.json"
     try:
-        found = file_sha256(path) if path.is_file() else None
-    except OSError:
-        return None  # unreadable: loading it says so
+        json.loads(path.read_bytes())
+        found = file_sha256(path)
+    except (OSError, ValueError, RecursionError):
+        return None  # missing, unreadable or not JSON: loading it says which, more precisely
     return _tokenizer_problem(recorded, path, found, str(run))
 
 
