@@ -290,3 +290,25 @@ def test_classification_with_one_label_is_refused(tmp_path):
         (tmp_path / "d" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     line = one_line(text.load, "text-classification", tmp_path / "d")
     assert "every example has the label 'spam'" in line and "two classes" in line, line
+
+
+# ---------------------------------------------------------------- the data layer's digests
+
+
+def test_text_digests_are_the_files_bytes_and_the_reader_records_them(tmp_path):
+    from text_helpers import cls_corpus, lm_corpus
+    from varprune.data import content_digest, text_digests
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "train.txt").write_bytes(b"\xef\xbb\xbfbyte-order mark kept in the digest\n")
+    lm = lm_corpus(tmp_path / "lm", train=(tmp_path / "lm" / "train.txt").read_text(encoding="utf-8"))
+    files = {s: tmp_path / "lm" / f"{s}.txt" for s in ("train", "test")}
+    assert text_digests(files) == {s: hashlib.sha256(p.read_bytes()).hexdigest() for s, p in files.items()}
+    assert {s: split.sha256 for s, split in lm.splits.items()} == text_digests(files)
+    cls = cls_corpus(tmp_path / "cls")
+    assert cls.splits["test"].sha256 == sha(tmp_path / "cls" / "test.jsonl")
+    # a split drawn from many files (fortunes): its entries and their classes, in order
+    base = content_digest(["a", "b"], ["x", "y"])
+    assert base == content_digest(["a", "b"], ["x", "y"])
+    assert len({base, content_digest(["a", "b"], ["x", "x"]), content_digest(["b", "a"], ["y", "x"])}) == 3
+    assert content_digest(["a", "b"]) == hashlib.sha256(json.dumps(["a", "b"]).encode()).hexdigest()
