@@ -106,28 +106,9 @@ def test_training_records_the_digests_of_the_text_and_the_tokenizer(made):
 # every command that reads a run with a --data-dir, and the file or folder it would write
 COMMANDS = {
     "prune": lambda run, out: ["prune", run, *SWEEP, "--device", "cpu"],
-    "export": lambda run, out: [
-        "export",
-        run,
-        "--sparsity",
-        "0.5",
-        "--bnt-batches",
-        "0",
-        "--out",
-        out / "x.safetensors",
-    ],
+    "export": lambda run, out: ["export", run, "--sparsity", "0.5", "--bnt-batches", "0", "--out", out / "x.st"],
     "export-hf": lambda run, out: ["export", run, "--sparsity", "0.5", "--format", "hf", "--out", out / "hf"],
-    "finetune": lambda run, out: [
-        "finetune",
-        run,
-        "--sparsity",
-        "0.5",
-        "--epochs",
-        "1",
-        "--out",
-        out / "ft",
-        "--quiet",
-    ],
+    "finetune": lambda run, out: ["finetune", run, "--sparsity", "0.5", "--epochs", "1", "--out", out / "ft"],
     "analyze": lambda run, out: ["analyze", run, "--out", out / "an", "--no-sensitivity", "--hessian-iters", "1"],
 }
 
@@ -156,7 +137,7 @@ def test_the_same_train_text_with_another_test_text_is_refused(made, tmp_path, c
 
 def test_a_copy_of_the_same_text_elsewhere_is_the_runs_text(made, tmp_path, capsys):
     run = copy_run(made, tmp_path)
-    rc, _out, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["copy"])
+    rc, _, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["copy"])
     assert rc == 0, err
     assert "other_data" not in json.loads((run / "prune.json").read_text())
 
@@ -214,6 +195,14 @@ def test_an_edited_or_replaced_tokenizer_is_refused(made, tmp_path, capsys, dama
     assert recorded[:12] in line and sha(run / "tokenizer.json")[:12] in line, line
 
 
+def test_a_sweep_of_several_runs_refuses_before_pruning_any(made, tmp_path, capsys):
+    good = copy_run(made, tmp_path)
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    _swapped(bad)
+    line = refused(capsys, tmp_path, ["prune", good, bad, *SWEEP])  # good's prune.json is not written either
+    assert f"{bad / 'tokenizer.json'} is not the tokenizer" in line, line
+
+
 @pytest.mark.parametrize("command", ["export", "export-hf", "finetune", "analyze"])
 def test_every_command_refuses_an_edited_tokenizer(made, tmp_path, capsys, command):
     run = copy_run(made, tmp_path)
@@ -254,7 +243,7 @@ def test_other_data_measures_deliberately_and_says_so(made, tmp_path, capsys):
 def test_finetune_on_other_text_with_the_flag_records_it(made, tmp_path, capsys):
     run = copy_run(made, tmp_path)
     out = tmp_path / "ft"
-    rc, _stdout, err = cli(capsys, *COMMANDS["finetune"](run, tmp_path), "--data-dir", made["other"], "--other-data")
+    rc, _, err = cli(capsys, *COMMANDS["finetune"](run, tmp_path), "--data-dir", made["other"], "--other-data")
     assert rc == 0, err
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert resolved["other_data"]["source"] == str(run) and resolved["other_data"]["differs"] == ["train", "test"]
@@ -266,7 +255,7 @@ def test_a_run_of_older_varprune_without_digests_still_works(made, tmp_path, cap
     cfg = json.loads((run / "config.json").read_text())
     del cfg["resolved"]["text_sha256"], cfg["resolved"]["tokenizer"]["sha256"]
     (run / "config.json").write_text(json.dumps(cfg))
-    rc, _out, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["other"])
+    rc, _, err = cli(capsys, "prune", run, *SWEEP, "--data-dir", made["other"])
     assert rc == 0 and err == "", err
 
 
@@ -301,3 +290,25 @@ def test_classification_with_one_label_is_refused(tmp_path):
         (tmp_path / "d" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     line = one_line(text.load, "text-classification", tmp_path / "d")
     assert "every example has the label 'spam'" in line and "two classes" in line, line
+
+
+# ---------------------------------------------------------------- the data layer's digests
+
+
+def test_text_digests_are_the_files_bytes_and_the_reader_records_them(tmp_path):
+    from text_helpers import cls_corpus, lm_corpus
+    from varprune.data import content_digest, text_digests
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "train.txt").write_bytes(b"\xef\xbb\xbfbyte-order mark kept in the digest\n")
+    lm = lm_corpus(tmp_path / "lm", train=(tmp_path / "lm" / "train.txt").read_text(encoding="utf-8"))
+    files = {s: tmp_path / "lm" / f"{s}.txt" for s in ("train", "test")}
+    assert text_digests(files) == {s: hashlib.sha256(p.read_bytes()).hexdigest() for s, p in files.items()}
+    assert {s: split.sha256 for s, split in lm.splits.items()} == text_digests(files)
+    cls = cls_corpus(tmp_path / "cls")
+    assert cls.splits["test"].sha256 == sha(tmp_path / "cls" / "test.jsonl")
+    # a split drawn from many files (fortunes): its entries and their classes, in order
+    base = content_digest(["a", "b"], ["x", "y"])
+    assert base == content_digest(["a", "b"], ["x", "y"])
+    assert len({base, content_digest(["a", "b"], ["x", "x"]), content_digest(["b", "a"], ["y", "x"])}) == 3
+    assert content_digest(["a", "b"]) == hashlib.sha256(json.dumps(["a", "b"]).encode()).hexdigest()

@@ -5,7 +5,8 @@
 * folders.py    image folders (ImageFolder, Tiny ImageNet), decoded once and cached; streaming.py when too big
 * segmentation.py   segmentation sets: volumes.py (MSD, Colin27), segfolder.py (image/mask folders)
 * text.py       text: plain text and WikiText, JSONL classification, fortunes (a demonstration corpus);
-                tokenizer.py (byte-level BPE, or a model folder's), tokens.py (token streams and loaders)
+                tokenizer.py (byte-level BPE, or a model folder's), tokens.py (token streams and loaders),
+                identity.py (the sha256 digests a text run records of its text and tokenizer)
 * instructions.py   instruction records (Alpaca, LLM-Adapters) for fine-tuning; instructtokens.py (their
                 examples, with the prompt carrying no loss, and their loader)
 * registry.py   name -> family; ``load_dataset``, ``locate_dataset``
@@ -16,6 +17,7 @@ Data knows nothing of models, tasks or training.
 
 from varprune.data.base import DatasetError, DatasetInfo, DatasetLocation, ImageData, resize_images
 from varprune.data.calibtext import calibration_windows
+from varprune.data.identity import content_digest, file_sha256, text_digests
 from varprune.data.loader import VALIDATION_SEED, DeviceLoader, share, subset, validation_indices
 from varprune.data.registry import (
     DATASETS,
@@ -58,9 +60,11 @@ __all__ = [
     "TokenizedText",
     "calibration_inputs",
     "calibration_windows",
+    "content_digest",
     "dataset_info",
     "default_data_dir",
     "encode_stream",
+    "file_sha256",
     "list_datasets",
     "load_dataset",
     "load_tokenizer",
@@ -72,6 +76,7 @@ __all__ = [
     "share",
     "stream_windows",
     "subset",
+    "text_digests",
     "text_loader",
     "tokenize",
     "train_tokenizer",

@@ -13,6 +13,8 @@ recorded less: what they did not record is not compared.
 
 from __future__ import annotations
 
+import json
+
 from varprune.errors import RunError
 
 OTHER_DATA = "--other-data"  # the flag (commands/common.py declares it) that accepts other text
@@ -89,15 +91,10 @@ def check_same_data(
                 f"{where} holds {_describe(have)}, but {what} was trained on {_describe(recorded)}; point "
                 f"--data-dir at the data it was trained on"
             )
-    tokenizer = recorded.get("tokenizer")
-    expected = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
-    found = getattr(data.tokenizer, "sha256", None)
-    if isinstance(expected, str) and found is not None and found != expected:
-        raise RunError(
-            f"{data.tokenizer.source} is not the tokenizer {what} was trained with (sha256 {_short(found)}, "
-            f"{what} recorded {_short(expected)}): it was edited or replaced, so its tokens are not the model's; "
-            f"put the run's own tokenizer.json back, or retrain the run"
-        )
+    tokenizer = data.tokenizer
+    problem = _tokenizer_problem(recorded, getattr(tokenizer, "source", ""), getattr(tokenizer, "sha256", None), what)
+    if problem:
+        raise RunError(problem)
     texts = recorded.get("text_sha256")
     have_texts = getattr(data.data, "digests", None) or {}
     if not isinstance(texts, dict) or not have_texts:
@@ -119,6 +116,34 @@ def check_same_data(
             f"{_short(texts[split])}{more}; point --data-dir at the text it was trained on{escape}"
         )
     return {"text_sha256": dict(have_texts), "differs": differs}
+
+
+def _tokenizer_problem(recorded: dict, source, found: str | None, what: str) -> str | None:
+    tokenizer = recorded.get("tokenizer")
+    expected = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
+    if not isinstance(expected, str) or found is None or found == expected:
+        return None
+    return (
+        f"{source} is not the tokenizer {what} was trained with (sha256 {_short(found)}, {what} recorded "
+        f"{_short(expected)}): it was edited or replaced, so its tokens are not the model's; put the run's own "
+        f"tokenizer.json back, or retrain the run"
+    )
+
+
+def run_tokenizer_problem(run, recorded: dict) -> str | None:
+    """:func:`check_same_data`'s tokenizer check before anything is loaded (RUN/tokenizer.json's bytes against
+    the digest ``recorded`` in its config.json), so that a command over several runs refuses before any work."""
+    from pathlib import Path
+
+    from varprune.data.identity import file_sha256
+
+    path = Path(run) / "tokenizer.json"
+    try:
+        json.loads(path.read_bytes())
+        found = file_sha256(path)
+    except (OSError, ValueError, RecursionError):
+        return None  # missing, unreadable or not JSON: loading it says which, more precisely
+    return _tokenizer_problem(recorded, path, found, str(run))
 
 
 def other_data_line(what: str, other: dict) -> str:

@@ -405,14 +405,15 @@ def prune_runs(
     device="auto",
     log=print,
     reuse=False,
-    other_data: bool = False,
+    other_data: bool | None = None,
 ) -> list[tuple[str, dict]]:
     """Sweep every run; write RUN/prune.{json,csv,png}; return (label, document) pairs.
 
     ``reuse``: a run whose prune.json was made from its current weights with
     the same settings is not swept again (an interrupted sweep resumes).
-    ``other_data`` (``--other-data``): measure on text other than the run's (recorded as prune.json's
-    ``other_data``); without it such a ``data_dir`` is refused (engine/identity.py).
+    ``other_data`` (``prune --other-data``): measure on text other than the run's (recorded as prune.json's
+    ``other_data``); without it such a ``data_dir`` is refused (engine/identity.py; None: the caller, a study or
+    demo, has no such flag).
     """
     spec = spec or SweepSpec()
     dev = resolve_device(device)
@@ -436,7 +437,7 @@ def prune_runs(
     for run, cfg, label in zip(runs, configs, labels):
         fingerprint = data_fingerprint(cfg)  # check_runs set cfg.data_dir to --data-dir
         spec = asked.for_task(dataset_info(cfg.dataset).task)
-        done = finished_sweep(run, spec, fingerprint, other_data) if reuse else None
+        done = finished_sweep(run, spec, fingerprint, bool(other_data)) if reuse else None
         if done is not None:
             log(f"reusing {run / 'prune.json'} (same weights and settings; --force sweeps again)")
             done["label"] = label

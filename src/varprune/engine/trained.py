@@ -15,7 +15,7 @@ from torch import nn
 
 from varprune.device import resolve_amp, resolve_device
 from varprune.engine.config import TrainConfig
-from varprune.engine.identity import check_same_data
+from varprune.engine.identity import check_same_data, run_tokenizer_problem
 from varprune.engine.runconfig import load_run_config, read_resolved
 from varprune.engine.rundir import CHECKPOINT, CONFIG, WEIGHTS
 from varprune.engine.runs import RunData, build_model, data_problems, load_data
@@ -80,6 +80,9 @@ def check_runs(runs: list[Path], data_dir=None) -> tuple[list, list[str]]:
                 )
             else:
                 found.append(f"{run} has no {WEIGHTS}: training did not finish; `varprune train --resume {run}`")
+        problem = run_tokenizer_problem(run, read_resolved(run))
+        if problem:
+            found.append(problem)
         if data_dir is not None:
             cfg.data_dir = data_dir
         found += [p for p in data_problems(cfg) if p not in found]
@@ -176,10 +179,15 @@ def _text_batches(data, examples: int, batch_size: int, seq_len: int, seed: int,
 
 
 def load_trained(
-    run: Path, cfg: TrainConfig | None = None, device="auto", data_cache: dict | None = None, other_data: bool = False
+    run: Path,
+    cfg: TrainConfig | None = None,
+    device="auto",
+    data_cache: dict | None = None,
+    other_data: bool | None = None,
 ) -> Trained:
     """Load a finished run's final weights and data (checked by :func:`check_runs` first); data that is not the
-    run's is refused (engine/identity.py), other text accepted with ``other_data``."""
+    run's is refused (engine/identity.py), other text accepted with ``other_data`` (None: the command has no
+    ``--other-data``, and the refusal does not offer it)."""
     from varprune.storage.checkpoint import load_weights
 
     cfg = cfg or load_run_config(run)
@@ -205,7 +213,8 @@ def load_trained(
         cache[key] = load_data(cfg, dev, run=run)
     data = cache[key]
     recorded = read_resolved(run)
-    other = check_same_data(recorded, data, str(run), cfg.data_dir if cfg.data_dir else None, other_data)
+    where = cfg.data_dir if cfg.data_dir else None
+    other = check_same_data(recorded, data, str(run), where, bool(other_data), offered=other_data is not None)
     model = build_model(dataclasses.replace(cfg, init=None), data.data.info, dev, tokenizer=data.tokenizer)
     load_weights(run / WEIGHTS, model, expect={"model": cfg.model, "dataset": cfg.dataset})
     return Trained(Path(run), cfg, model, data, dev, resolve_amp(cfg.amp, dev), other)
