@@ -124,6 +124,15 @@ def test_batches_mask_the_prompt_and_the_padding(tmp_path):
             assert y[row, p:n].tolist() == raw[i][p:n]
             assert n == min(len(raw[i]), cut)
     assert sorted(seen) == list(range(40))  # every example once an epoch
+    # calibration inputs: whole training examples (prompt, response, EOS), distinct, unpadded, cut to seq_len
+    from varprune.data.instructtokens import instruction_calibration
+
+    whole = [c["input_ids"][0].tolist() for c in instruction_calibration(enc, 6, None, seed=0)]
+    assert len({tuple(w) for w in whole}) == 6
+    assert all(any(w == r[:cut] for r in raw) and prompts[raw.index(next(r for r in raw if w == r[:cut]))] < len(w)
+               for w in whole)  # fmt: skip
+    short = [c["input_ids"][0].tolist() for c in instruction_calibration(enc, 6, 20, seed=0)]
+    assert short == [w[:20] for w in whole]
     widths = [int(x["attention_mask"].sum(1).max()) for x, _ in loader]
     padded = sum(int((1 - x["attention_mask"]).sum()) for x, _ in loader)
     assert len(widths) == 10 and padded < sum(widths) * 4 // 4  # sorted windows keep padding below one row a batch
