@@ -153,3 +153,12 @@ def test_finetune_and_study_refuse_them_too(capsys, tmp_path, image_run, fmnist_
     line = one_line_error(*cli(capsys, *study, "--vocab-size", "500")[::2])
     assert "--vocab-size does nothing on --dataset fashion-mnist" in line
     assert not (tmp_path / "s").exists()
+
+
+def test_the_sweeps_api_refuses_calibration_settings_without_a_calibrated_pruner():
+    from varprune.engine.sweep import SweepSpec
+
+    found = SweepSpec(pruners=("magnitude",), calib_data="c.txt", calib_seq_len=8).problems()
+    assert any(p.startswith("--calib-data does nothing with magnitude") for p in found), found
+    assert any(p.startswith("--calib-seq-len does nothing with magnitude") for p in found), found
+    assert not any("does nothing" in p for p in SweepSpec(pruners=("magnitude", "wanda"), calib_seq_len=8).problems())

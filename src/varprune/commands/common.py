@@ -115,10 +115,16 @@ def calib_samples(args) -> int:
 def calibration_flag_problems(args, scope) -> list[str]:
     """The calibration flags given where they do nothing: magnitude pruning, --calib-seq-len on an image run,
     --calib-data on a run that is no language model (engine.checks, the one rule)."""
+    import dataclasses
+
     from varprune.engine.checks import flag_problems
 
-    given = {"--calib-samples": args.calib_samples, "--calib-seq-len": args.calib_seq_len}
-    return flag_problems({**given, "--calib-data": args.calib_data}, scope)
+    # --calib-seq-len and --calib-data with no calibrated pruner: engine.sweep.calibration_problems says it (the
+    # API's check too); here what the runs' task adds
+    task = dataclasses.replace(scope, pruners=None)
+    return flag_problems({"--calib-samples": args.calib_samples}, scope) + flag_problems(
+        {"--calib-seq-len": args.calib_seq_len, "--calib-data": args.calib_data}, task
+    )
 
 
 def bnt_problems(args) -> list[str]:

@@ -78,7 +78,11 @@ def calibration_problems(pruners, samples, seq_len, data) -> list[str]:
             found.append(f"--calib-data {data} is not a file; give a local .txt or .jsonl file")
         elif data is not None and suffix_problem(data):
             found.append(str(suffix_problem(data)))
-    return found  # calibration flags where no calibration happens: engine.checks.flag_problems
+    # given where no calibration happens (engine.checks, the one rule; --calib-samples, whose value is never
+    # None here, is judged by the commands, which see whether it was given)
+    from varprune.engine.checks import Scope, flag_problems
+
+    return found + flag_problems({"--calib-seq-len": seq_len, "--calib-data": data}, Scope(pruners=tuple(pruners)))
 
 
 @dataclass(frozen=True)
