@@ -218,6 +218,10 @@ def test_prune_folder_function_and_a_classifier_folder(folders, tmp_path):
             "a Hugging Face folder is a text model",
         ),
         (["--model", "hf:LLAMA", "--dataset", "text", "--data-dir", "LM", "--out", "LLAMA"], "is the model folder"),
+        (
+            ["--model", "hf:LLAMA", "--dataset", "text", "--data-dir", "LM", "--out", "OUT", "--calib-samples", "4"],
+            "--calib-samples does nothing with magnitude pruning",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(folders, tmp_path, capsys, args, message):

@@ -109,6 +109,10 @@ def _prune_folder(args, found: list[str]) -> int:
         raise UsageError("; ".join(found))
     cfg = c.folder_config(args)
     found = pretrained_problems(cfg) + out_problems(Path(args.out), Path(args.model[3:]))
+    if not found:  # calibration flags where nothing calibrates (engine.checks, the one rule)
+        from varprune.engine.checks import Scope
+
+        found += c.calibration_flag_problems(args, Scope.of_config(cfg, spec.pruners))
     if found:  # every problem at once, before any weight is read
         raise UsageError("; ".join(found))
     doc = prune_pretrained(load_pretrained(cfg), spec, Path(args.out))
