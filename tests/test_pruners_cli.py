@@ -59,7 +59,7 @@ def test_export_with_a_calibrated_pruner_evaluates_to_the_sweeps_number(image_ru
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--pruners", "wanda", "--calib-data", "c.txt"], "it applies to language-model runs"),
+        (["--pruners", "wanda", "--calib-data", "c.txt"], "image and classification runs calibrate on their training"),
         (["--pruners", "wanda", "--calib-samples", "1000000"], "--calib-samples 1000000 is more than"),
         (["--pruners", "wanda,wanda"], "must not repeat"),
     ],
