@@ -146,6 +146,10 @@ def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(fol
     assert doc["dense_perplexity"] == pytest.approx(dense, rel=1e-5)
     # the default scope of a causal LM is layer-wise (the references'), and the row and the table say so
     assert doc["scope"] == "layerwise" and "| magnitude (layerwise) |" in stdout
+    # progress, not a terminal: a line per block of the model as a calibrated pruner goes, and each setting's time
+    for block in (1, 2):
+        assert f"  wanda 2:4: block {block}/2 pruned, " in stdout
+    assert "  magnitude (layerwise) 50%: perplexity" in stdout and "; pruned in " in stdout
     row = next(r for r in doc["results"] if r["pruner"] == "magnitude" and r.get("pattern") is None)
     assert row["scope"] == "layerwise" and row["prune_s"] >= 0
     model = _llama64(folders / "llama")
@@ -356,3 +360,25 @@ def test_a_classifier_folder_is_refused_for_language_modeling(folders, tmp_path,
     )  # fmt: skip
     line = one_line_error(rc, err)
     assert "BertForSequenceClassification, not a causal language model" in line and not (tmp_path / "out").exists()
+
+
+def test_layer_progress_is_a_bar_on_a_terminal_and_lines_otherwise(folders, capsys):
+    from varprune.engine.sweep import LayerProgress
+    from varprune.numerics.weights import prunable_weights
+
+    model = _llama64(folders / "llama")
+    names = [n for n, _ in prunable_weights(model)]
+    for tty in (True, False):
+        lines = []
+        progress = LayerProgress(model, log=lines.append, tty=tty)
+        assert progress("magnitude", 0.5) is None  # magnitude prunes every layer at once
+        each = progress("sparsegpt", "2:4")
+        for name in names:
+            each(name)
+        each(None)
+        err = capsys.readouterr().err
+        if tty:
+            assert lines == [] and f"  sparsegpt 2:4:   0%|          | 0/{len(names)}" in err and "layer/s" in err
+        else:
+            assert [line.split(",")[0] for line in lines] == [f"  sparsegpt 2:4: block {b}/2 pruned" for b in (1, 2)]
+            assert err == ""

@@ -261,7 +261,6 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
     calibration draw) and write OUT/prune.{json,csv,png}; return the document. prune.json is a run's, plus
     ``pretrained`` (the folder's identity) in place of the run's path."""
     from varprune.engine.sweep import LayerProgress, _say, prune_sweep
-    from varprune.numerics.weights import prunable_weights
     from varprune.report.results import write_sweep
 
     found = spec.problems() + out_problems(out, p.run)
@@ -279,7 +278,7 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
         amp=p.amp,
         progress=_say(log, p.task.primary, spec.scope or "global"),
         calibration=calibration,
-        layers=LayerProgress(len(prunable_weights(p.model, spec.exclude)), log),
+        layers=LayerProgress(p.model, spec.exclude, log),
     )
     doc.update(
         {
