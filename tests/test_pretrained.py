@@ -136,7 +136,7 @@ def lm_sweep(folders, tmp_path_factory):
     return out, buf.getvalue(), before
 
 
-def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(folders, lm_sweep, capsys):
+def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(folders, lm_sweep, tmp_path, capsys):
     out, stdout, before = lm_sweep
     assert snapshot(folders / "llama") == before  # the folder is only read
     assert sorted(p.name for p in out.iterdir()) == ["prune.csv", "prune.json", "prune.png"]
@@ -166,8 +166,9 @@ def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(fol
     assert p["tokenizer"]["path"].endswith("tokenizer.json") and p["data"]["dataset"] == "text"
     assert doc["seq_len"] == SEQ and doc["calibration"]["samples"] == 4
     # `report` reads the sweep folder as it reads a run's
-    rc, stdout, err = cli(capsys, "report", out)
-    assert rc == 0 and "magnitude" in stdout, err
+    rc, stdout, err = cli(capsys, "report", out, out, "--html", tmp_path / "page.html")
+    assert rc == 0 and "| magnitude (layerwise) |" in stdout, err
+    assert "llama" in (tmp_path / "page.html").read_text()
 
 
 def test_prune_folder_function_and_a_classifier_folder(folders, tmp_path):
@@ -382,3 +383,15 @@ def test_layer_progress_is_a_bar_on_a_terminal_and_lines_otherwise(folders, caps
         else:
             assert [line.split(",")[0] for line in lines] == [f"  sparsegpt 2:4: block {b}/2 pruned" for b in (1, 2)]
             assert err == ""
+
+
+def test_other_commands_send_a_model_folder_to_model_too(folders, tmp_path, capsys):
+    llama = folders / "llama"
+    rc, _, err = cli(capsys, "export", llama, "--sparsity", "0.5", "--out", tmp_path / "x.safetensors")
+    assert f"--model hf:{llama}" in one_line_error(rc, err) and not (tmp_path / "x.safetensors").exists()
+    rc, _, err = cli(capsys, "evaluate", llama)
+    assert f"varprune evaluate hf:{llama} --dataset D" in one_line_error(rc, err)
+    rc, _, err = cli(capsys, "evaluate", f"hf:{llama}")
+    assert one_line_error(rc, err).endswith(
+        f"hf:{llama} needs --dataset (the text dataset to measure it on) and usually --data-dir"
+    )
