@@ -395,3 +395,16 @@ def test_other_commands_send_a_model_folder_to_model_too(folders, tmp_path, caps
     assert one_line_error(rc, err).endswith(
         f"hf:{llama} needs --dataset (the text dataset to measure it on) and usually --data-dir"
     )
+
+
+def test_prune_folder_refuses_in_one_line_before_writing(folders, tmp_path):
+    from varprune.engine.pretrained import prune_folder
+    from varprune.errors import RunError
+
+    with pytest.raises(RunError) as e:
+        prune_folder(
+            folders / "llama", "text", str(folders / "lm"), tmp_path / "out", pruners=("wanda", "nope"), dtype="fp64"
+        )
+    message = str(e.value)
+    assert "\n" not in message and "--dtype fp64: choose one of fp32, bf16, fp16" in message and "nope" in message
+    assert not (tmp_path / "out").exists()

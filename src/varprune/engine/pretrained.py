@@ -69,6 +69,13 @@ def dtype_problem(dtype: str, device: torch.device) -> str | None:
         return f"--dtype {dtype}: choose one of {', '.join(DTYPES)}"
     if dtype == "fp32":
         return None
+    if dtype == "bf16" and device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the argument
+            native = torch.cuda.is_bf16_supported()
+        if not native:
+            return f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use --dtype fp16"
     try:
         a = torch.ones(4, 4, dtype=_TORCH_DTYPES[dtype], device=device)
         bool(torch.isfinite(a @ a).all())
