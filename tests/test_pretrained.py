@@ -113,7 +113,8 @@ def _magnitude_layerwise(model, sparsity: float) -> int:
     return pruned
 
 
-LM_ARGS = ["--dataset", "text", "--seq-len", SEQ, "--calib-samples", "4", "--device", "cpu"]
+LM_ARGS = ["--dataset", "text", "--seq-len", SEQ, "--device", "cpu"]
+CALIB = ["--calib-samples", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def lm_sweep(folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     before = snapshot(folders / "llama")
     model = f"hf:{folders / 'llama'}"
-    args = ["prune", "--model", model, *LM_ARGS, "--data-dir", folders / "lm", "--pruners", "magnitude,wanda"]
+    args = ["prune", "--model", model, *LM_ARGS, *CALIB, "--data-dir", folders / "lm", "--pruners", "magnitude,wanda"]
     import contextlib
     import io
 
@@ -252,7 +253,7 @@ def test_export_of_a_folder_equals_its_prune_json(folders, lm_sweep, tmp_path, c
     doc = json.loads((lm_sweep[0] / "prune.json").read_text())
     model, data = f"hf:{folders / 'llama'}", ["--data-dir", folders / "lm"]
     rc, stdout, err = cli(
-        capsys, "export", "--model", model, *LM_ARGS, *data, "--pruner", "wanda", "--sparsity", "0.5",
+        capsys, "export", "--model", model, *LM_ARGS, *CALIB, *data, "--pruner", "wanda", "--sparsity", "0.5",
         "--format", "hf", "--out", tmp_path / "wanda",
     )  # fmt: skip
     assert rc == 0, err
@@ -312,7 +313,9 @@ def test_a_folder_that_does_not_fit_memory_is_refused_before_its_weights_are_rea
     config = json.loads((folders / "llama" / "config.json").read_text())
     config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=400, num_attention_heads=128)
     (big / "config.json").write_text(json.dumps(config))
-    (big / "model.safetensors").write_bytes(b"not read: the estimate comes from config.json")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, big / "model.safetensors")  # a sound file, not this model's: never loaded
     (big / "tokenizer.json").write_text((folders / "llama" / "tokenizer.json").read_text())
     rc, _, err = cli(
         capsys, "prune", "--model", f"hf:{big}", "--dataset", "text", "--data-dir", folders / "lm",
