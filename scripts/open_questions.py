@@ -110,7 +110,8 @@ STUDIES = {
         ),
         "methods": [("adamw", ["--method", "sgd"]), ("var-s1", ["--method", "var", "--var-strength", "1"])],
         "sweep": shlex.split(
-            "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.7,0.9 --patterns 2:4 --calib-samples 128"
+            "--pruners magnitude,wanda,sparsegpt --sparsities 0.5,0.7,0.9 --patterns 2:4 --calib-samples 128 "
+            "--scope global"  # as the README's numbers were measured (the default for causal LMs is layerwise)
         ),
     },
     # engine/llmdemo.py's "cpu" size; {smollm2} is the converted folder

@@ -88,7 +88,8 @@ def test_prune_writes_json_csv_table_and_plot(trained_runs, tmp_path):
         assert 0 <= doc["dense_accuracy"] <= 1
         assert [x["sparsity"] for x in doc["results"]] == [0.5, 0.9, 0.95]
         for x in doc["results"]:
-            assert set(x) == {"pruner", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+            assert set(x) == {"pruner", "scope", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt", "prune_s"}
+            assert x["scope"] == "global" and x["prune_s"] >= 0  # not a causal LM: CrAM's global scope
             assert x["pruner"] == "magnitude"  # the default
             assert abs(x["realised_sparsity"] - x["sparsity"]) < 1e-5
             assert 0 <= x["accuracy"] <= 1 and 0 <= x["accuracy_bnt"] <= 1

@@ -346,8 +346,9 @@ def test_classification_prune_json_keys_unchanged(tmp_path, capsys, fmnist_dir):
     doc = json.loads((run / "prune.json").read_text())
     assert "metric" not in doc and "dense_metrics" not in doc and 0 <= doc["dense_accuracy"] <= 1
     for r in doc["results"]:
-        # the keys of 0.2, and the pruner of each result (0.3: several pruners side by side)
-        assert set(r) == {"pruner", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt"}
+        # the keys of 0.2, the pruner of each result (0.3: several pruners side by side), magnitude's scope and the
+        # time the pruning took (0.4)
+        assert set(r) == {"pruner", "scope", "sparsity", "realised_sparsity", "accuracy", "accuracy_bnt", "prune_s"}
         assert r["pruner"] == "magnitude"
 
 

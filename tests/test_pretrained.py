@@ -55,7 +55,7 @@ def folders(tmp_path_factory):
     model = t.LlamaForCausalLM(llama)
     with torch.no_grad():  # weights of a trained model's scale, so that pruning changes the perplexity visibly
         for p in model.parameters():
-            p.mul_(8)
+            p.mul_(3)
     model.save_pretrained(root / "llama")
     tok.save(str(root / "llama" / "tokenizer.json"))
     bert = t.BertConfig(
@@ -113,34 +113,32 @@ def _magnitude_layerwise(model, sparsity: float) -> int:
     return pruned
 
 
-def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(folders, tmp_path, capsys):
-    out = tmp_path / "sweep"
+LM_ARGS = ["--dataset", "text", "--seq-len", SEQ, "--device", "cpu"]
+CALIB = ["--calib-samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def lm_sweep(folders, tmp_path_factory):
+    """``prune --model hf:llama`` by magnitude and Wanda at 50% and 2:4: (out folder, stdout, the folder's files
+    before)."""
+    from varprune.cli import main
+
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
     before = snapshot(folders / "llama")
-    rc, stdout, err = cli(
-        capsys,
-        "prune",
-        "--model",
-        f"hf:{folders / 'llama'}",
-        "--dataset",
-        "text",
-        "--data-dir",
-        folders / "lm",
-        "--seq-len",
-        SEQ,
-        "--pruners",
-        "magnitude,wanda",
-        "--sparsities",
-        "0.5",
-        "--patterns",
-        "2:4",
-        "--calib-samples",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-    )
-    assert rc == 0, err
+    model = f"hf:{folders / 'llama'}"
+    args = ["prune", "--model", model, *LM_ARGS, *CALIB, "--data-dir", folders / "lm", "--pruners", "magnitude,wanda"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([str(a) for a in [*args, "--sparsities", "0.5", "--patterns", "2:4", "--out", out]])
+    assert rc == 0
+    return out, buf.getvalue(), before
+
+
+def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(folders, lm_sweep, tmp_path, capsys):
+    out, stdout, before = lm_sweep
     assert snapshot(folders / "llama") == before  # the folder is only read
     assert sorted(p.name for p in out.iterdir()) == ["prune.csv", "prune.json", "prune.png"]
     doc = json.loads((out / "prune.json").read_text())
@@ -149,6 +147,10 @@ def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(fol
     assert doc["dense_perplexity"] == pytest.approx(dense, rel=1e-5)
     # the default scope of a causal LM is layer-wise (the references'), and the row and the table say so
     assert doc["scope"] == "layerwise" and "| magnitude (layerwise) |" in stdout
+    # progress, not a terminal: a line per block of the model as a calibrated pruner goes, and each setting's time
+    for block in (1, 2):
+        assert f"  wanda 2:4: block {block}/2 pruned, " in stdout
+    assert "  magnitude (layerwise) 50%: perplexity" in stdout and "; pruned in " in stdout
     row = next(r for r in doc["results"] if r["pruner"] == "magnitude" and r.get("pattern") is None)
     assert row["scope"] == "layerwise" and row["prune_s"] >= 0
     model = _llama64(folders / "llama")
@@ -165,8 +167,9 @@ def test_prune_a_causal_lm_folder_matches_an_independent_float64_computation(fol
     assert p["tokenizer"]["path"].endswith("tokenizer.json") and p["data"]["dataset"] == "text"
     assert doc["seq_len"] == SEQ and doc["calibration"]["samples"] == 4
     # `report` reads the sweep folder as it reads a run's
-    rc, stdout, err = cli(capsys, "report", out)
-    assert rc == 0 and "magnitude" in stdout, err
+    rc, stdout, err = cli(capsys, "report", out, out, "--html", tmp_path / "page.html")
+    assert rc == 0 and "| magnitude (layerwise) |" in stdout, err
+    assert "llama" in (tmp_path / "page.html").read_text()
 
 
 def test_prune_folder_function_and_a_classifier_folder(folders, tmp_path):
@@ -241,3 +244,174 @@ def test_a_model_folder_given_as_a_run_is_sent_to_model(folders, capsys):
     rc, _, err = cli(capsys, "prune", folders / "llama")
     line = one_line_error(rc, err)
     assert "is a Hugging Face model folder, not a run" in line and f"--model hf:{folders / 'llama'}" in line
+
+
+def _row(doc, pruner, setting):
+    return next(r for r in doc["results"] if (r["pruner"], r.get("pattern", r["sparsity"])) == (pruner, setting))
+
+
+def test_export_of_a_folder_equals_its_prune_json(folders, lm_sweep, tmp_path, capsys):
+    """export draws the same calibration windows as prune: the exported Wanda model's perplexity, computed
+    independently from the written folder in float64, is prune.json's; evaluate gives the dense and the pruned
+    file's perplexities as prune.json has them."""
+    doc = json.loads((lm_sweep[0] / "prune.json").read_text())
+    model, data = f"hf:{folders / 'llama'}", ["--data-dir", folders / "lm"]
+    rc, stdout, err = cli(
+        capsys, "export", "--model", model, *LM_ARGS, *CALIB, *data, "--pruner", "wanda", "--sparsity", "0.5",
+        "--format", "hf", "--out", tmp_path / "wanda",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "measuring the pruned model on the test split" in stdout and "--no-eval skips" in stdout
+    exported = _llama64(tmp_path / "wanda")
+    ppl = _perplexity64(exported, _test_ids(folders), SEQ)
+    row = _row(doc, "wanda", 0.5)
+    assert abs(ppl - doc["dense_perplexity"]) > 1e-4 * ppl  # the export is pruned: the check below can fail
+    assert row["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    from varprune.storage.hf_folder import read_hf_metadata
+
+    meta = read_hf_metadata(tmp_path / "wanda")
+    assert meta["varprune_source_model"] == model and meta["varprune_source_weights_sha256"] == doc["weights_sha256"]
+
+    rc, stdout, err = cli(
+        capsys, "export", "--model", model, *LM_ARGS, *data, "--pattern", "2:4", "--no-eval",
+        "--out", tmp_path / "nm.safetensors",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "measuring" not in stdout and "not measured (--no-eval)" in stdout
+    rc, stdout, err = cli(capsys, "evaluate", tmp_path / "nm.safetensors", "--device", "cpu", "--json")
+    assert rc == 0, err
+    got = json.loads(stdout.splitlines()[-1])
+    assert got["perplexity"] == pytest.approx(_row(doc, "magnitude", "2:4")["perplexity"], rel=1e-6)
+    rc, stdout, err = cli(
+        capsys, "evaluate", model, "--dataset", "text", "--seq-len", SEQ, *data, "--device", "cpu", "--json"
+    )
+    assert rc == 0, err
+    assert json.loads(stdout.splitlines()[-1])["perplexity"] == pytest.approx(doc["dense_perplexity"], rel=1e-9)
+
+
+def test_finetune_a_folder_keeps_the_mask_of_its_own_weights(folders, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ft"
+    rc, _, err = cli(
+        capsys, "finetune", "--model", f"hf:{folders / 'llama'}", "--dataset", "text", "--data-dir", folders / "lm",
+        "--seq-len", SEQ, "--sparsity", "0.5", "--epochs", "1", "--limit-train", "16", "--batch-size", "8",
+        "--optimizer", "adamw", "--lr", "1e-3", "--device", "cpu", "--quiet", "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    dense = _llama64(folders / "llama")
+    _magnitude_layerwise(dense, 0.5)  # the mask a causal LM gets by default: layer-wise magnitude
+    tuned = load_file(out / "model.safetensors")
+    changed = 0
+    for name, p in dense.named_parameters():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            t = tuned[name]
+            assert torch.equal(t == 0, p == 0), name  # the pruned weights stay exactly zero, no other is zero
+            changed += int(not torch.equal(t.double(), p))
+    assert changed > 0  # and the kept ones were trained
+
+
+def test_a_folder_that_does_not_fit_memory_is_refused_before_its_weights_are_read(folders, tmp_path, capsys):
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((folders / "llama" / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=400, num_attention_heads=128)
+    (big / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, big / "model.safetensors")  # a sound file, not this model's: never loaded
+    (big / "tokenizer.json").write_text((folders / "llama" / "tokenizer.json").read_text())
+    rc, _, err = cli(
+        capsys, "prune", "--model", f"hf:{big}", "--dataset", "text", "--data-dir", folders / "lm",
+        "--sparsities", "0.5", "--device", "cpu", "--out", tmp_path / "out",
+    )  # fmt: skip
+    line = one_line_error(rc, err)
+    assert "needs about" in line and "parameters" in line and "is free" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_weights_measure_close_to_fp32(folders, tmp_path):
+    from varprune.engine.pretrained import prune_folder
+
+    docs = {
+        dtype: prune_folder(
+            folders / "llama",
+            "text",
+            str(folders / "lm"),
+            tmp_path / dtype,
+            seq_len=SEQ,
+            pruners=("wanda",),
+            sparsities=(0.5,),
+            dtype=dtype,
+            device="cpu",
+            calib_samples=4,
+            log=lambda *a: None,
+        )
+        for dtype in ("fp32", "bf16")
+    }
+    assert docs["bf16"]["pretrained"]["dtype"] == "bf16"
+    fp32, bf16 = (docs[d]["results"][0]["perplexity"] for d in ("fp32", "bf16"))
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+@pytest.mark.parametrize("command", ["export", "finetune"])
+def test_a_run_and_a_folder_together_are_refused(folders, tmp_path, capsys, command):
+    extra = ["--sparsity", "0.5", "--out", tmp_path / "out"]
+    rc, _, err = cli(capsys, command, tmp_path, "--model", f"hf:{folders / 'llama'}", "--dataset", "text", *extra)
+    assert "give a RUN or --model hf:" in one_line_error(rc, err) and not (tmp_path / "out").exists()
+
+
+def test_a_classifier_folder_is_refused_for_language_modeling(folders, tmp_path, capsys):
+    rc, _, err = cli(
+        capsys, "prune", "--model", f"hf:{folders / 'bert'}", "--dataset", "text", "--data-dir", folders / "lm",
+        "--sparsities", "0.5", "--device", "cpu", "--out", tmp_path / "out",
+    )  # fmt: skip
+    line = one_line_error(rc, err)
+    assert "BertForSequenceClassification, not a causal language model" in line and not (tmp_path / "out").exists()
+
+
+def test_layer_progress_is_a_bar_on_a_terminal_and_lines_otherwise(folders, capsys):
+    from varprune.engine.sweep import LayerProgress
+    from varprune.numerics.weights import prunable_weights
+
+    model = _llama64(folders / "llama")
+    names = [n for n, _ in prunable_weights(model)]
+    for tty in (True, False):
+        lines = []
+        progress = LayerProgress(model, log=lines.append, tty=tty)
+        assert progress("magnitude", 0.5) is None  # magnitude prunes every layer at once
+        each = progress("sparsegpt", "2:4")
+        for name in names:
+            each(name)
+        each(None)
+        err = capsys.readouterr().err
+        if tty:
+            assert lines == [] and f"  sparsegpt 2:4:   0%|          | 0/{len(names)}" in err and "layer/s" in err
+        else:
+            assert [line.split(",")[0] for line in lines] == [f"  sparsegpt 2:4: block {b}/2 pruned" for b in (1, 2)]
+            assert err == ""
+
+
+def test_other_commands_send_a_model_folder_to_model_too(folders, tmp_path, capsys):
+    llama = folders / "llama"
+    rc, _, err = cli(capsys, "export", llama, "--sparsity", "0.5", "--out", tmp_path / "x.safetensors")
+    assert f"--model hf:{llama}" in one_line_error(rc, err) and not (tmp_path / "x.safetensors").exists()
+    rc, _, err = cli(capsys, "evaluate", llama)
+    assert f"varprune evaluate hf:{llama} --dataset D" in one_line_error(rc, err)
+    rc, _, err = cli(capsys, "evaluate", f"hf:{llama}")
+    assert one_line_error(rc, err).endswith(
+        f"hf:{llama} needs --dataset (the text dataset to measure it on) and usually --data-dir"
+    )
+
+
+def test_prune_folder_refuses_in_one_line_before_writing(folders, tmp_path):
+    from varprune.engine.pretrained import prune_folder
+    from varprune.errors import RunError
+
+    with pytest.raises(RunError) as e:
+        prune_folder(
+            folders / "llama", "text", str(folders / "lm"), tmp_path / "out", pruners=("wanda", "nope"), dtype="fp64"
+        )
+    message = str(e.value)
+    assert "\n" not in message and "--dtype fp64: choose one of fp32, bf16, fp16" in message and "nope" in message
+    assert not (tmp_path / "out").exists()

@@ -330,9 +330,10 @@ def add_sweep_flags(p) -> None:
     add_choices_flag(p, "measured on the dense model and at every setting, beside the test metric")
 
 
-def add_folder_flags(p, what: str) -> None:
+def add_folder_flags(p, what: str, data: bool = True) -> None:
     """``--model hf:DIR`` and the data it is measured on, for the commands that take a model folder without a
-    run (prune, export, finetune; evaluate takes hf:DIR as its FILE). ``what``: what the command does with it."""
+    run (prune, export, finetune; evaluate takes hf:DIR as its FILE). ``what``: what the command does with it;
+    ``data``: add the data flags (finetune has its own, the training flags)."""
     g = p.add_argument_group("a model folder without a run (engine/pretrained.py)")
     g.add_argument(
         "--model",
@@ -340,10 +341,14 @@ def add_folder_flags(p, what: str) -> None:
         help=f"{what} a local Hugging Face model folder (config.json, model.safetensors, tokenizer.json) as it is, "
         "instead of a RUN: needs --dataset; the folder's tokenizer is used",
     )
-    add_folder_data_flags(g)
+    if data:
+        add_folder_data_flags(g)
+    else:
+        g.add_argument("--dataset", help="with --model hf:DIR: the text dataset to fine-tune it on")
 
 
-def add_folder_data_flags(g) -> None:
+def add_folder_data_flags(g, batch: bool = True) -> None:
+    """The data flags of a model folder; ``batch``: also --batch-size (evaluate's is its --commonsense's)."""
     g.add_argument("--dataset", help="with --model hf:DIR (or evaluate hf:DIR): the text dataset to measure it on")
     g.add_argument(
         "--seq-len",
@@ -356,13 +361,14 @@ def add_folder_data_flags(g) -> None:
         default="fp32",
         help="with hf:DIR: how the weights are held (default fp32); the calibrated pruners' statistics are fp32",
     )
-    g.add_argument(
-        "--batch-size",
-        dest="eval_batch_size",
-        type=int,
-        default=8,
-        help="with hf:DIR: windows (or examples) per evaluation batch (default 8)",
-    )
+    if batch:
+        g.add_argument(
+            "--batch-size",
+            dest="eval_batch_size",
+            type=int,
+            default=8,
+            help="with hf:DIR: windows (or examples) per evaluation batch (default 8)",
+        )
     g.add_argument(
         "--limit-test",
         type=int,
@@ -373,20 +379,22 @@ def add_folder_data_flags(g) -> None:
 def folder_problems(args, run_given: bool, command: str) -> list[str]:
     """The refusals of --model hf:DIR before anything is read: with a RUN, without --dataset, not hf:DIR."""
     model = getattr(args, "model", None)
+    given = "--model " if command != "evaluate" else ""  # evaluate takes hf:DIR in place of its FILE
     if model is None:
-        used = [f for f, v in (("--dataset", args.dataset), ("--seq-len", args.seq_len)) if v is not None]
-        return (
-            [f"{', '.join(used)} applies to a model folder: give --model hf:DIR (a RUN keeps its own)"] if used else []
-        )
+        used = [
+            f for f, v in (("--dataset", args.dataset), ("--seq-len", getattr(args, "seq_len", None))) if v is not None
+        ]
+        return [f"{', '.join(used)} applies to a model folder: give {given}hf:DIR (a RUN keeps its own)"] * bool(used)
     found = []
     if not model.startswith("hf:"):
         found.append(f"--model {model}: give a local Hugging Face model folder as hf:DIR")
     if run_given:
         found.append(f"give a RUN or --model {model}, not both: `varprune {command} --model {model} --dataset D ...`")
     if args.dataset is None:
-        found.append(f"--model {model} needs --dataset (the text dataset to measure it on) and usually --data-dir")
-    for flag, value, low in (("--seq-len", args.seq_len, 2), ("--batch-size", args.eval_batch_size, 1),
-                             ("--limit-test", args.limit_test, 1)):  # fmt: skip
+        found.append(f"{given}{model} needs --dataset (the text dataset to measure it on) and usually --data-dir")
+    for flag, key, low in (("--seq-len", "seq_len", 2), ("--batch-size", "eval_batch_size", 1),
+                           ("--limit-test", "limit_test", 1)):  # fmt: skip
+        value = getattr(args, key, None)
         if value is not None and not low <= value <= 1 << 20:
             found.append(f"{flag} must be an integer in [{low}, 1048576], got {value}")
     return found
@@ -394,7 +402,7 @@ def folder_problems(args, run_given: bool, command: str) -> list[str]:
 
 def folder_config(args, keep_head: bool = True):
     """The configuration a folder given by the flags is measured under (engine.pretrained)."""
-    from varprune.engine.pretrained import pretrained_config
+    from varprune.engine.pretrained import EVAL_BATCH, pretrained_config
 
     return pretrained_config(
         args.model,
@@ -403,7 +411,7 @@ def folder_config(args, keep_head: bool = True):
         args.seq_len,
         args.dtype,
         args.device,
-        args.eval_batch_size,
+        getattr(args, "eval_batch_size", EVAL_BATCH),
         args.limit_test,
         keep_head=keep_head,
     )

@@ -21,9 +21,10 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "the multiple-choice accuracy of a language model instead, which FILE may also be a run folder (its final "
         "weights, dense or pruned one-shot in memory with --sparsity or --pattern) or a model folder of "
         "`varprune export --format hf`. With --commonsense: generation accuracy on LLM-Adapters' tasks (FILE: an "
-        "export, a run, or hf:DIR).",
+        "export, a run, or hf:DIR). hf:DIR with --dataset D: a Hugging Face model folder as it is, measured on D's "
+        "test split (the dense model `prune --model hf:DIR` starts from).",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE|hf:DIR")
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
@@ -56,6 +57,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=16, help="prompts generated together with --commonsense (default 16)"
     )
+    c.add_folder_data_flags(p.add_argument_group("a model folder hf:DIR (engine/pretrained.py)"), batch=False)
     p.set_defaults(func=run)
     return p
 
@@ -70,11 +72,25 @@ def run(args) -> int:
         return _commonsense(args, found)
     if args.sparsity is not None or args.pattern != "unstructured":
         found.append("--sparsity and --pattern prune a run for --choices or --lm-eval; add one of them")
-    if not Path(args.file).is_file():
-        found.append(f"{args.file} is not a file; give a file written by `varprune export`")
+    folder = args.file.startswith("hf:")
+    args.model = args.file if folder else None
+    found += c.folder_problems(args, False, "evaluate")
+    if not folder and not Path(args.file).is_file():
+        if Path(args.file, "config.json").is_file() and not Path(args.file, ".varprune-run").exists():
+            found.append(
+                f"{args.file} is a folder; a model folder is measured as `varprune evaluate hf:{args.file} "
+                "--dataset D --data-dir X`"
+            )
+        else:
+            found.append(f"{args.file} is not a file; give a file written by `varprune export`, or hf:DIR --dataset D")
     if found:
         raise UsageError("; ".join(found))
-    metrics = evaluate_file(Path(args.file), args.data_dir, args.device, args.other_data)
+    if folder:
+        from varprune.engine.pretrained import evaluate_pretrained
+
+        metrics = evaluate_pretrained(c.folder_config(args))
+    else:
+        metrics = evaluate_file(Path(args.file), args.data_dir, args.device, args.other_data)
     other = metrics.pop("other_data", None)
     if other is not None:
         from varprune.engine.identity import other_data_line

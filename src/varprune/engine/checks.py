@@ -113,7 +113,7 @@ def _task_problems(cfg: TrainConfig) -> list[str]:
             f"CrAM+'s dense gradient must be the same on every process)"
         )
     if cfg.finetune_from is not None:
-        if not (Path(cfg.finetune_from) / "model.safetensors").is_file():
+        if not cfg.finetune_from.startswith("hf:") and not (Path(cfg.finetune_from) / "model.safetensors").is_file():
             found.append(f"{cfg.finetune_from} has no model.safetensors to fine-tune; train it to the end first")
         if cfg.finetune_pattern == "unstructured" and cfg.finetune_sparsity is None:
             found.append("fine-tuning with an unstructured mask needs --sparsity")

@@ -50,7 +50,7 @@ DATASET = "fashion-mnist"
 TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 
 
-SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples")
+SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples", "scope")
 
 
 def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):

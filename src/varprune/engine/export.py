@@ -16,6 +16,7 @@ prune.json's ``<metric>_bnt`` at that sparsity.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from varprune.engine.identity import other_data_line
 from varprune.engine.rundir import WEIGHTS
 from varprune.engine.runs import model_arguments
 from varprune.engine.sweep import default_scope
-from varprune.engine.trained import check_runs, load_trained
+from varprune.engine.trained import Trained, check_runs, load_trained
 from varprune.errors import RunError
 from varprune.numerics.pruners import prune_once
 from varprune.numerics.pruning import recalibrate_bn
@@ -55,27 +56,55 @@ def export_run(
     calib_data: str | None = None,
     format: str = "varprune",
     other_data: bool = False,
+    evaluate: bool = True,
 ) -> dict:
-    """Prune ``run`` one-shot, re-tune BN, measure, and write ``out``; return the file's metadata.
-    ``other_data`` (``--other-data``): measure on text other than the run's, recorded in the metadata
+    """Prune ``run`` one-shot, re-tune BN, measure (unless not ``evaluate``), and write ``out``; return the file's
+    metadata. ``other_data`` (``--other-data``): measure on text other than the run's, recorded in the metadata
     (``other_data``); without it such a ``data_dir`` is refused (engine/identity.py).
 
     ``out`` follows the output rule (storage.files): never a run's own file, never a file varprune did not
     write unless ``overwrite``, never a folder, device, FIFO or link.
     """
     configs, found = check_runs([run], data_dir)
+    found += output_problems(out, format, overwrite, configs[0].model if configs[0] is not None else None)
+    if found:
+        raise RunError("; ".join(found))
+    t = load_trained(run, configs[0], device, other_data=other_data)
+    if t.other_data is not None:
+        log(other_data_line(str(run), t.other_data))
+    source = {
+        "source_run": str(run),
+        "source_weights_sha256": file_digest(run / WEIGHTS),
+        **({"other_data": json.dumps(t.other_data, sort_keys=True)} if t.other_data is not None else {}),
+    }
+    mask = Mask(sparsity, pattern, scope, tuple(exclude), pruner, calib_samples, calib_seq_len, calib_data)
+    return export_loaded(
+        t,
+        out,
+        source,
+        mask,
+        values,
+        bnt_batches,
+        bnt_batch_size,
+        format,
+        evaluate,
+        log,
+        _trained_on(run, t),
+        run / WEIGHTS,
+    )
+
+
+def output_problems(out: Path, format: str, overwrite: bool, model: str | None) -> list[str]:
+    """Where export may write ``out`` in ``format`` (``model``: the source's --model, None if unknown)."""
+    found = []
     if format not in ("varprune", "hf"):
         found.append(f"--format {format}: choose varprune (compressed, one file) or hf (a Hugging Face model folder)")
     elif format == "hf":
         from varprune.storage.files import non_regular
 
-        if (
-            configs[0] is not None
-            and configs[0].model not in ("gpt2", "llama", "bert")
-            and not configs[0].model.startswith("hf:")
-        ):
+        if model is not None and model not in ("gpt2", "llama", "bert") and not model.startswith("hf:"):
             found.append(
-                f"--format hf writes a Hugging Face model folder: {configs[0].model} is not a transformers "
+                f"--format hf writes a Hugging Face model folder: {model} is not a transformers "
                 f"model (gpt2, llama, bert, hf:DIR); use the default --format varprune"
             )
         if Path(out).exists() or non_regular(out):
@@ -90,26 +119,69 @@ def export_run(
             check_output_file(out, "--out", overwrite, ours=pruned_is_ours)
         except RunError as e:
             found.append(str(e))
-    if found:
-        raise RunError("; ".join(found))
-    t = load_trained(run, configs[0], device, other_data=other_data)
-    if t.other_data is not None:
-        log(other_data_line(str(run), t.other_data))
+    return found
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One pruning setting of export: what the mask is made by and from."""
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    scope: str | None = None  # None: magnitude's default for the model's task (engine.sweep.default_scope)
+    exclude: tuple[str, ...] = ()
+    pruner: str = "magnitude"
+    calib_samples: int = 128
+    calib_seq_len: int | None = None
+    calib_data: str | None = None
+
+
+def export_loaded(
+    t: Trained,
+    out: Path,
+    source: dict,
+    mask: Mask,
+    values: str = "fp32",
+    bnt_batches: int = 20,
+    bnt_batch_size: int = 500,
+    format: str = "varprune",
+    evaluate: bool = True,
+    log=print,
+    trained_on: dict | None = None,
+    dense: Path | None = None,
+) -> dict:
+    """Prune the loaded model ``t`` (a run's final weights, or a model folder as it is: engine.pretrained) at
+    ``mask`` as the sweep does (the same calibration draw), re-tune BN, measure unless not ``evaluate``, and write
+    ``out`` (checked by the caller). ``source``: string metadata naming where the weights came from;
+    ``trained_on``: the text digests for the metadata's ``dataset``; ``dense``: the dense weights' file, whose size
+    the log compares."""
     info = t.data.data.info
     model = t.model
-    calibration = t.calibration(calib_samples, calib_seq_len, calib_data) if pruner != "magnitude" else None
-    setting = pattern if pattern != "unstructured" else sparsity
+    calibration = (
+        t.calibration(mask.calib_samples, mask.calib_seq_len, mask.calib_data) if mask.pruner != "magnitude" else None
+    )
+    setting = mask.pattern if mask.pattern != "unstructured" else mask.sparsity
     if setting is None:
         raise RunError("unstructured pruning needs a sparsity (--sparsity)")
-    scope = scope or default_scope(info.task)
-    masks, skipped, fallback = prune_once(model, pruner, setting, scope, exclude, calibration)
+    scope = mask.scope or default_scope(info.task)
+    masks, skipped, fallback = prune_once(model, mask.pruner, setting, scope, mask.exclude, calibration)
     bnt = t.bnt(bnt_batches, bnt_batch_size)
     if bnt:
         with autocast(bnt[0].device, t.amp):
             recalibrate_bn(model, bnt)
-    metrics = t.task.evaluate(model, t.data.test_loader, t.amp)
-    cfg = t.cfg.to_dict()
+    shown = metric_info(t.task.primary)
+    value = None
+    if evaluate:
+        what = "windows" if info.task == "language-modeling" else "examples"
+        log(f"measuring the pruned model on the test split ({t.test_examples} {what}; --no-eval skips this)")
+        value = t.task.evaluate(model, t.data.test_loader, t.amp)[t.task.primary]
+        measured = f"{t.task.primary} {shown.fmt(value)}{'%' if shown.percent else ''}" + (
+            " after BN re-tuning" if bnt else ""
+        )
+    else:
+        measured = "not measured (--no-eval)"
     args, kwargs = model_arguments(t.cfg, info, t.data.tokenizer)
+    sparsity = mask.sparsity
     meta = {
         "model": t.cfg.model,
         "model_args": {"in_channels": args[0], "num_classes": args[1], "image_size": args[2], **kwargs},
@@ -119,30 +191,28 @@ def export_run(
             "shape": [info.channels, info.size, info.size],
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
-            **_trained_on(run, t),
+            **(trained_on or {}),
         },
-        "pattern": pattern if pattern != "unstructured" else f"unstructured {scope} {sparsity:g}",
-        "pruner": pruner,
+        "pattern": mask.pattern if mask.pattern != "unstructured" else f"unstructured {scope} {sparsity:g}",
+        "pruner": mask.pruner,
         "dense_fallback": json.dumps(fallback),
         "sparsity": json.dumps(sparsity),
         "scope": scope,
-        "exclude": json.dumps(list(exclude)),
+        "exclude": json.dumps(list(mask.exclude)),
         "dense_skipped": json.dumps(skipped),
         "bnt": json.dumps({"batches": bnt_batches, "batch_size": bnt_batch_size}),
         "metric": t.task.primary,
-        "metric_value": json.dumps(metrics[t.task.primary]),
-        "train_config": json.dumps(cfg, sort_keys=True),
-        "source_run": str(run),
-        "source_weights_sha256": file_digest(run / WEIGHTS),
-        **({"other_data": json.dumps(t.other_data, sort_keys=True)} if t.other_data is not None else {}),
+        "metric_value": json.dumps(value),
+        "train_config": json.dumps(t.cfg.to_dict(), sort_keys=True),
+        **source,
     }
+    if mask.pruner != "magnitude":  # the calibration inputs, as prune.json records them
+        meta["calibration"] = json.dumps(
+            {"samples": mask.calib_samples, "seq_len": mask.calib_seq_len, "data": mask.calib_data}
+        )
     if t.data.tokenizer is not None:  # a text model's file carries its tokenizer: evaluate needs nothing else
         meta["tokenizer_json"] = t.data.tokenizer.to_json()
         meta["tokenizer_pad_id"] = json.dumps(t.data.tokenizer.pad_id)
-    shown = metric_info(t.task.primary)
-    measured = f"{t.task.primary} {shown.fmt(metrics[t.task.primary])}{'%' if shown.percent else ''}" + (
-        " after BN re-tuning" if bnt else ""
-    )
     if format == "hf":  # pruned weights as zeros in a folder that transformers, lm-eval and vLLM load
         from varprune.storage.hf_folder import read_hf_metadata, save_hf_folder
 
@@ -167,14 +237,17 @@ def export_run(
         )
         kind = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[values]
         rounded = f" (measured in float32, before the weights were rounded to {kind})" if values != "fp32" else ""
-        log(f"wrote the Hugging Face model folder {out} ({kind} weights): {measured}{rounded}")
+        log(f"wrote the Hugging Face model folder {out} ({kind} weights): {measured}{rounded * evaluate}")
         log(_context_note(model, t.cfg))
         return read_hf_metadata(out)
     save_pruned(out, model.cpu(), {n: m.cpu() for n, m in masks.items()}, meta, values=values)
-    size, dense = out.stat().st_size, (run / WEIGHTS).stat().st_size
-    log(f"wrote {out} ({size:,} bytes; model.safetensors is {dense:,}): {measured}")
-    if size >= dense:
-        log(_larger_note(out, size, dense))
+    size = out.stat().st_size
+    if dense is not None and dense.is_file():
+        log(f"wrote {out} ({size:,} bytes; {dense.name} is {dense.stat().st_size:,}): {measured}")
+        if size >= dense.stat().st_size:
+            log(_larger_note(out, size, dense.stat().st_size))
+    else:
+        log(f"wrote {out} ({size:,} bytes): {measured}")
     return read_pruned_metadata(out)
 
 

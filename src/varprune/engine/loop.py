@@ -89,7 +89,13 @@ def _finetune_start(cfg: TrainConfig, model, log, run=None):
 
     assert cfg.finetune_from is not None  # the caller only starts a fine-tune from a source run
     source = Path(cfg.finetune_from)
-    load_weights(source / WEIGHTS, model)
+    if cfg.finetune_from.startswith("hf:"):  # a model folder (finetune --model hf:DIR): the model holds its weights
+        from varprune.storage.hf_folder import folder_weights_digest
+
+        digest = folder_weights_digest(cfg.finetune_from[3:])
+    else:
+        load_weights(source / WEIGHTS, model)
+        digest = file_digest(source / WEIGHTS)
     setting = cfg.finetune_pattern if cfg.finetune_pattern != "unstructured" else cfg.finetune_sparsity
     calibration = None
     if cfg.finetune_pruner != "magnitude" and run is not None:
@@ -106,7 +112,7 @@ def _finetune_start(cfg: TrainConfig, model, log, run=None):
         + (f", {len(skipped)} tensors left dense" if skipped else "")
         + "); pruned weights stay zero"
     )
-    return keeper, file_digest(source / WEIGHTS)
+    return keeper, digest
 
 
 def weights_metadata(cfg: TrainConfig, info) -> dict[str, str]:
@@ -180,9 +186,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
 
     # may fail: nothing of an old run has been touched yet
     # a text run's tokenizer: its own (resume), its source run's (fine-tuning), else trained or the model folder's
-    tokenizer_run = (
-        out if resume and (out / TOKENIZER).exists() else (Path(cfg.finetune_from) if cfg.finetune_from else None)
-    )
+    source_run = cfg.finetune_from if cfg.finetune_from and not cfg.finetune_from.startswith("hf:") else None
+    tokenizer_run = out if resume and (out / TOKENIZER).exists() else (Path(source_run) if source_run else None)
     run = load_data(cfg, device, distributed.rank(), world, run=tokenizer_run)
     if run.tokenizer is not None and not resume:
         problem = epoch_problem(cfg, run.data)
@@ -195,11 +200,11 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
     if resume:  # the data must be the run's: other classes would train on while config.json kept the old ones
         recorded = distributed.from_main(lambda: read_resolved(out))
         check_same_data(recorded, run, str(out), cfg.data_dir, offered=False)
-    elif cfg.finetune_from:
-        recorded = read_resolved(Path(cfg.finetune_from))
-        other = check_same_data(recorded, run, cfg.finetune_from, cfg.data_dir, other_data)
+    elif source_run:
+        recorded = read_resolved(Path(source_run))
+        other = check_same_data(recorded, run, source_run, cfg.data_dir, other_data)
         if other is not None:
-            log(other_data_line(f"fine-tuning {cfg.finetune_from}", other))
+            log(other_data_line(f"fine-tuning {source_run}", other))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, run.data.info, device, tokenizer=run.tokenizer)
     keeper, source_digest = _finetune_start(cfg, model, log, run) if cfg.finetune_from else (None, None)

@@ -24,7 +24,6 @@ finetune take it as they take a run's, so a folder is measured and pruned exactl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,17 +57,10 @@ class Pretrained(Trained):
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of the folder's weights: model.safetensors, or of a sharded folder the sha256 of its shards'
-    sha256s (in name order), so that changed weights change it."""
-    from varprune.storage.files import file_digest
+    """sha256 of the folder's weights (storage.hf_folder.folder_weights_digest)."""
+    from varprune.storage.hf_folder import folder_weights_digest
 
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return file_digest(single)
-    h = hashlib.sha256()
-    for shard in sorted(folder.glob("model-*.safetensors")):
-        h.update(f"{shard.name}\0{file_digest(shard)}\n".encode())
-    return h.hexdigest()
+    return folder_weights_digest(folder)
 
 
 def dtype_problem(dtype: str, device: torch.device) -> str | None:
@@ -77,6 +69,13 @@ def dtype_problem(dtype: str, device: torch.device) -> str | None:
         return f"--dtype {dtype}: choose one of {', '.join(DTYPES)}"
     if dtype == "fp32":
         return None
+    if dtype == "bf16" and device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the argument
+            native = torch.cuda.is_bf16_supported()
+        if not native:
+            return f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use --dtype fp16"
     try:
         a = torch.ones(4, 4, dtype=_TORCH_DTYPES[dtype], device=device)
         bool(torch.isfinite(a @ a).all())
@@ -147,10 +146,11 @@ def pretrained_problems(cfg: TrainConfig, for_training: bool = False) -> list[st
         return found or [f"--dataset {cfg.dataset} is not a dataset varprune knows"]
     folder = Path(cfg.model[3:])
     dev = resolve_device(cfg.device)
-    found += [p for p in [dtype_problem(_short(cfg.model_args.get("dtype")), dev)] if p]
+    found += [p for p in [dtype_problem(_short(cfg.model_args.get("dtype", "float32")), dev)] if p]
     if task == "text-classification" and not for_training:
-        archs = _read_config(folder).get("architectures") or []
-        if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        archs = _read_config(folder).get("architectures")
+        archs = archs if isinstance(archs, list) else []
+        if not is_sequence_classifier(cfg.model):
             found.append(
                 f"hf:{folder} is not a sequence classifier (architectures: {', '.join(map(str, archs)) or 'none'}): "
                 f"measuring it on {cfg.dataset} would measure an untrained head; fine-tune it first "
@@ -163,6 +163,12 @@ def pretrained_problems(cfg: TrainConfig, for_training: bool = False) -> list[st
         if problem:
             found.append(problem)
     return found
+
+
+def is_sequence_classifier(model: str) -> bool:
+    """Is the folder ``model`` (hf:DIR) a sequence classifier (its config.json's architectures say so)?"""
+    archs = _read_config(Path(model[3:])).get("architectures")
+    return isinstance(archs, list) and any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
 def _short(dtype) -> str:
@@ -262,7 +268,6 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
     calibration draw) and write OUT/prune.{json,csv,png}; return the document. prune.json is a run's, plus
     ``pretrained`` (the folder's identity) in place of the run's path."""
     from varprune.engine.sweep import LayerProgress, _say, prune_sweep
-    from varprune.numerics.weights import prunable_weights
     from varprune.report.results import write_sweep
 
     found = spec.problems() + out_problems(out, p.run)
@@ -280,7 +285,7 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
         amp=p.amp,
         progress=_say(log, p.task.primary, spec.scope or "global"),
         calibration=calibration,
-        layers=LayerProgress(len(prunable_weights(p.model, spec.exclude)), log),
+        layers=LayerProgress(p.model, spec.exclude, log),
     )
     doc.update(
         {
@@ -341,3 +346,40 @@ def prune_folder(
     if found:
         raise RunError("; ".join(found))
     return prune_pretrained(load_pretrained(cfg), spec, Path(out), log=log)
+
+
+def export_pretrained(
+    cfg: TrainConfig,
+    out: Path,
+    mask,
+    values: str = "fp32",
+    format: str = "varprune",
+    evaluate: bool = True,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
+    """``export --model hf:DIR``: the folder pruned at ``mask`` (an engine.export.Mask) from the same calibration
+    windows as ``prune --model hf:DIR`` draws, and written as export writes a run's (its metadata naming the
+    folder and its weights' sha256 in place of the run)."""
+    from varprune.engine.export import export_loaded, output_problems
+
+    found = pretrained_problems(cfg) + output_problems(Path(out), format, overwrite, cfg.model)
+    if found:
+        raise RunError("; ".join(found))
+    p = load_pretrained(cfg)
+    source = {
+        "source_model": cfg.model,
+        "source_weights_sha256": p.identity["weights_sha256"],
+        "pretrained": json.dumps({k: v for k, v in p.identity.items() if k != "config"}, sort_keys=True),
+    }
+    digests = getattr(p.data.data, "digests", None)  # the text measured on, which evaluate checks --data-dir by
+    trained_on = {"text_sha256": dict(digests)} if digests else {}
+    dense = p.run / "model.safetensors"
+    return export_loaded(p, Path(out), source, mask, values, 0, 2, format, evaluate, log, trained_on, dense)
+
+
+def evaluate_pretrained(cfg: TrainConfig) -> dict:
+    """``evaluate hf:DIR --dataset D``: the dense folder's metrics on the dataset's test split, as the sweep
+    measures its dense model (prune.json's ``dense_<metric>``); with ``metric``, the primary one's name."""
+    p = load_pretrained(cfg)
+    return p.task.evaluate(p.model, p.data.test_loader, p.amp) | {"metric": p.task.primary}

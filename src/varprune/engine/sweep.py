@@ -366,15 +366,28 @@ def _say(log, metric: str, scope: str = "global"):
 
 
 class LayerProgress:
-    """The calibrated pruners' progress through a model's layers, for one setting at a time: a bar with an ETA
-    on a terminal (as the training loop's), otherwise a line at every tenth of the layers with the time so far
-    (a log file gets a few lines, not hundreds)."""
+    """The calibrated pruners' progress through a model, for one setting at a time: on a terminal a bar over the
+    layers with an ETA (as the training loop's); otherwise one line per block of the model's block stack (a
+    transformer's layers) with the time so far and an estimate of the time left, or, for a model without one, a
+    line at every tenth of its layers (a log file gets tens of lines, not hundreds)."""
 
-    def __init__(self, total: int, log=print, tty: bool | None = None):
+    def __init__(self, model: nn.Module, exclude=(), log=print, tty: bool | None = None):
         import sys
 
-        self.total, self.log = total, log
+        from varprune.numerics.calibration import find_block_stack
+
+        names = [n for n, _ in prunable_weights(model, exclude)]
+        self.total, self.log = len(names), log
         self.tty = sys.stderr.isatty() if tty is None else tty
+        stack = find_block_stack(model, names)
+        prefixes = stack[2] if stack is not None else []
+        # the layer whose pruning completes each block: a line after it (non-terminal output)
+        self.block_of = {}
+        for i, prefix in enumerate(prefixes):
+            inside = [n for n in names if n.startswith(prefix)]
+            if inside:
+                self.block_of[inside[-1]] = i + 1
+        self.blocks = len(prefixes)
         self.bar = None
 
     def __call__(self, pruner: str, setting):
@@ -396,8 +409,13 @@ class LayerProgress:
             done[0] += 1
             if self.bar is not None:
                 self.bar.update()
-            elif done[0] % step == 0 or done[0] == self.total:
-                self.log(f"{desc}: {done[0]}/{self.total} layers pruned, {time.perf_counter() - start:.0f} s")
+                return
+            spent = time.perf_counter() - start
+            left = spent * (self.total - done[0]) / done[0]
+            if self.blocks and name in self.block_of:
+                self.log(f"{desc}: block {self.block_of[name]}/{self.blocks} pruned, {spent:.0f} s, ~{left:.0f} s left")
+            elif not self.blocks and (done[0] % step == 0 or done[0] == self.total):
+                self.log(f"{desc}: {done[0]}/{self.total} layers pruned, {spent:.0f} s, ~{left:.0f} s left")
 
         return each
 
@@ -464,7 +482,7 @@ def prune_runs(
             amp=t.amp,
             progress=_say(log, t.task.primary, spec.scope or "global"),
             calibration=calibration,
-            layers=LayerProgress(len(prunable_weights(t.model, spec.exclude)), log),
+            layers=LayerProgress(t.model, spec.exclude, log),
             measure=_choices_measure(spec, t),
         )
         doc.update({"run": str(run), "label": label, "weights_sha256": digest, "data": fingerprint})

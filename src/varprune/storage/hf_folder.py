@@ -243,6 +243,22 @@ def _umask() -> int:
     return mask
 
 
+def folder_weights_digest(folder: str | os.PathLike) -> str:
+    """sha256 of a model folder's weights: model.safetensors, or of a sharded folder the sha256 of its shards'
+    names and sha256s (in name order), so that any changed weight changes it."""
+    import hashlib
+
+    from varprune.storage.files import file_digest
+
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        return file_digest(folder / WEIGHTS)
+    h = hashlib.sha256()
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        h.update(f"{shard.name}\0{file_digest(shard)}\n".encode())
+    return h.hexdigest()
+
+
 def read_hf_metadata(folder: str | os.PathLike) -> dict[str, str]:
     """The metadata of ``folder``/model.safetensors, after checking its sha256 (files without one pass)."""
     path = Path(folder) / WEIGHTS
