@@ -71,10 +71,11 @@ def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
 def _pretrained_row(cfg: TrainConfig, spec: SweepSpec, out: Path, log) -> tuple[str, dict]:
     """The folder the fine-tuning runs started from, swept as they are (engine.pretrained): same test
     windows, same calibration draw. Reused when OUT/prune.json was made from the same weights and settings."""
+    from varprune.data import dataset_info
     from varprune.engine.pretrained import prune_folder, weights_digest
     from varprune.report.tables import setting_key
 
-    spec = spec.for_task("lm")
+    spec = spec.for_task(dataset_info(cfg.dataset).task)
     try:
         doc = json.loads((out / "prune.json").read_text())
         if (

@@ -326,8 +326,11 @@ def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None, other_d
     """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
     (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own), and its plot exists (a sweep
     interrupted between the two is redone). One made on other text (``--other-data``) is reused only with
-    ``other_data``: without it the text is checked, and refused."""
+    ``other_data``: without it the text is checked, and refused. A spec without a scope takes the default of
+    the run's task (what a sweep of it records)."""
     try:
+        if spec.scope is None:
+            spec = spec.for_task(dataset_info(load_run_config(run).dataset).task)
         doc = json.loads((run / "prune.json").read_text())
         recorded = {k: doc.get(k) for k in spec.record()}
         recorded["pruners"] = doc.get("pruners", ["magnitude"])  # files of 0.2: magnitude only
