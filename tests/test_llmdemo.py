@@ -116,6 +116,25 @@ def test_llm_demo_end_to_end_on_a_tiny_folder(tmp_path, capsys):
     assert f"reusing {out / 'pretrained' / 'prune.json'}" in said
 
 
+def test_a_folder_sweep_measures_choices_beside_perplexity(tmp_path):
+    """prune_folder with choices (the llm demo's GPU size measures fortunes-endings so): the dense model and
+    every setting carry acc and acc_norm."""
+    from varprune.engine.pretrained import prune_folder
+
+    _tiny_llama(tmp_path / "llama")
+    rows = [{"context": "the cat sat on the", "choices": [" mat", " moon", " sea"], "label": 0}] * 2
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "train.txt").write_text("the cat sat on the mat. " * 200)
+    (tmp_path / "lm" / "test.txt").write_text("the dog sat on the mat. " * 50)
+    doc = prune_folder(
+        tmp_path / "llama", "text", str(tmp_path / "lm"), tmp_path / "out", seq_len=16, pruners=["magnitude"],
+        sparsities=[0.5], patterns=[], choices=[str(tmp_path / "q.jsonl")], log=lambda *_: None,
+    )  # fmt: skip
+    assert doc["dense_choices"]["tasks"]["q"]["n"] == 2
+    assert set(doc["results"][0]["choices"]["mean"]) >= {"acc", "acc_norm"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VARPRUNE_REAL_MODELS") != "1", reason="set VARPRUNE_REAL_MODELS=1 (a minute)")
 def test_the_real_smollm2_gguf_converts_to_a_folder_that_loads(tmp_path):

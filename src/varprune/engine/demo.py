@@ -50,7 +50,7 @@ DATASET = "fashion-mnist"
 TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 
 
-SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples", "scope")
+SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples", "scope", "choices")
 
 
 def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
@@ -99,6 +99,7 @@ def _pretrained_row(cfg: TrainConfig, spec: SweepSpec, out: Path, log) -> tuple[
         patterns=spec.patterns,
         limit_test=cfg.limit_test,
         calib_samples=spec.calib_samples,
+        choices=spec.choices,
         log=log,
     )
     return "pretrained", doc

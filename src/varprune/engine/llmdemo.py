@@ -39,6 +39,7 @@ SIZES: dict[str, dict] = {
         sparsities=[0.5, 0.7],
         patterns=PATTERNS,
         calib_samples=128,
+        choices=["fortunes-endings"],  # 1,128 questions of 4 endings, at every setting
     ),
     # sized by measurement on 2 CPU cores (README, "A pretrained LLM"): 24 steps of 8 windows of 128 tokens
     "cpu": dict(
@@ -116,10 +117,11 @@ def pretrained_folder(log=print) -> Path:
 def demo_configs(size: str, data_dir: str | None, model: str):
     """The two fine-tuning runs (AdamW, AdamW + VAR) of ``model`` (``hf:DIR``) and the sweep of one size."""
     from varprune.engine.config import TrainConfig
+    from varprune.engine.demo import SWEEP_KEYS
     from varprune.engine.sweep import SweepSpec
 
     settings: dict = dict(SIZES[size])
-    spec = SweepSpec(**{k: settings.pop(k) for k in ("sparsities", "patterns", "pruners", "calib_samples")})
+    spec = SweepSpec(**{k: settings.pop(k) for k in SWEEP_KEYS if k in settings})
     var = {"var_strength": settings.pop("var_strength")}
     common = dict(dataset=DATASET, data_dir=data_dir, model=model, **settings)
     base = TrainConfig(method="sgd", **common)  # a text run: the optimizer resolves to AdamW

@@ -267,7 +267,7 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
     """Sweep the folder ``p`` exactly as a run's final weights are swept (engine.sweep.prune_sweep, the same
     calibration draw) and write OUT/prune.{json,csv,png}; return the document. prune.json is a run's, plus
     ``pretrained`` (the folder's identity) in place of the run's path."""
-    from varprune.engine.sweep import LayerProgress, _say, prune_sweep
+    from varprune.engine.sweep import LayerProgress, _choices_measure, _say, prune_sweep
     from varprune.report.results import write_sweep
 
     found = spec.problems() + out_problems(out, p.run)
@@ -286,6 +286,7 @@ def prune_pretrained(p: Pretrained, spec, out: Path, log=print) -> dict:
         progress=_say(log, p.task.primary, spec.scope or "global"),
         calibration=calibration,
         layers=LayerProgress(p.model, spec.exclude, log),
+        measure=_choices_measure(spec, p),
     )
     doc.update(
         {
@@ -321,11 +322,13 @@ def prune_folder(
     calib_samples: int = 128,
     calib_seq_len: int | None = None,
     calib_data: str | None = None,
+    choices=(),
     log=print,
 ) -> dict:
     """``varprune prune --model hf:FOLDER --dataset DATASET --out OUT`` as a function: the dense folder measured
     and pruned at every setting (as a run's final weights are), OUT/prune.{json,csv,png} written; returns the
-    prune.json document. ``folder``: a path, or ``"hf:PATH"``. Every problem is one :class:`RunError` line,
+    prune.json document. ``folder``: a path, or ``"hf:PATH"``; ``choices``: ``--choices`` files (or
+    ``fortunes-endings``) measured beside the metric. Every problem is one :class:`RunError` line,
     raised before any weight is read and before anything is written."""
     from varprune.engine.sweep import SweepSpec
 
@@ -341,6 +344,7 @@ def prune_folder(
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
         calib_data=calib_data,
+        choices=tuple(choices),
     )
     found = spec.problems() + pretrained_problems(cfg) + out_problems(Path(out), Path(model[3:]))
     if found:
