@@ -127,11 +127,35 @@ def sam_checks(rank, world):
         raise AssertionError("CrAM accepted sharded weights")
 
 
+def gathering_checks():
+    """engine.sharding's whole state (what --fsdp writes): the unsharded values, a tied weight still one tensor."""
+    from varprune.engine.sharding import distribute_model_state, full_model_state
+
+    def tied():
+        net = make_net()
+        net.e = nn.Linear(5, 3)
+        net.e.weight = net.a.weight  # (5, 3): one parameter under two names
+        return net
+
+    from torch.distributed.fsdp import fully_shard
+
+    ref, mine = tied(), tied()
+    fully_shard(mine.d)
+    fully_shard(mine)  # the tied weight in the root's unit, as GPT-2's embedding and head are under --fsdp
+    whole = full_model_state(mine)
+    assert whole.keys() == ref.state_dict().keys() and whole["e.weight"] is whole["a.weight"]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(whole[k], v), k
+    again = distribute_model_state(whole, mine)  # cut again: each process's own rows
+    assert all(torch.equal(again[k].to_local(), v.to_local()) for k, v in mine.state_dict().items())
+
+
 def worker(rank, world, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         regularizer_checks(rank)
         sam_checks(rank, world)
+        gathering_checks()
     finally:
         dist.destroy_process_group()
 

@@ -114,6 +114,19 @@ def full_state(state):
     return _map(state, lambda t: t.full_tensor().cpu() if sh.is_dtensor(t) else t)
 
 
+def full_model_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` gathered whole (:func:`full_state`), a tied weight (one parameter under two names:
+    GPT-2's ``lm_head.weight`` and token embedding) gathered once and kept one tensor, as in one process, so that
+    the files store it once. The ties come from the model's structure, the same on every process."""
+    first: dict[int, str] = {}
+    owner = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner[name] = first.setdefault(id(p), name)
+    own = model.state_dict()
+    out = {k: full_state(v) for k, v in own.items() if owner.get(k, k) == k or owner[k] not in own}
+    return {k: out[k] if k in out else out[owner[k]] for k in own}
+
+
 def distribute_state(state, model: nn.Module):
     """A whole (gathered) model or optimizer state cut into this process's shards like ``model``'s weights:
     every floating tensor of one dimension or more becomes a DTensor sharded on dim 0 (no communication:
