@@ -214,6 +214,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if cfg.sync_bn:
             model = distributed.convert_sync_bn(model, device)
         model = sharding.shard(model, device, run.tokenizer is not None)
+        log(f"sharded over {world} processes (FSDP2): each holds 1/{world} of the weights, gradients, optimizer state")
         if state is not None:  # the checkpoint is whole (gathered): cut it like the model
             state = {
                 **state,
