@@ -119,12 +119,74 @@ def sam_checks(rank, world):
             opt.step(closure)
     for (name, p), q in zip(ref.named_parameters(), mine.parameters()):
         close(q, p, f"VAR+SAM weights {name}")
-    try:
-        CrAM(mine.parameters(), torch.optim.SGD)
-    except sh.ShardingError as e:
-        assert "CrAM" in str(e) and "\n" not in str(e)
-    else:
-        raise AssertionError("CrAM accepted sharded weights")
+
+
+def selection_checks(rank, world):
+    """The distributed top-k: each process's masks are its rows of one process's keep_mask_topk mask, ties
+    (integer magnitudes, many equal) settled by one process's flat order, float32 and float64."""
+    from varprune.numerics.pruning import keep_mask_topk
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(5, 3), (1, 4), (7, 2), (4, 7, 3)]
+    shards = sh.Shards(dist.group.WORLD, rank, world)
+    for dtype in (torch.float32, torch.float64):
+        whole = [torch.randint(0, 4, s, generator=g).to(dtype) for s in shapes]
+        flat = torch.cat([t.reshape(-1) for t in whole])
+        for n_pruned in (0, 1, 17, 40, 41, 55, flat.numel() - 1, flat.numel()):
+            ref = keep_mask_topk(flat, n_pruned).split([t.numel() for t in whole])
+            mine = sh.keep_masks([t.chunk(world)[rank] if rank < len(t.chunk(world)) else t[:0] for t in whole],
+                                 n_pruned, shards)  # fmt: skip
+            for r, m, t in zip(ref, mine, whole):
+                part = r.view(t.shape).chunk(world)
+                want = part[rank] if rank < len(part) else r.view(t.shape)[:0]
+                assert torch.equal(m, want), (dtype, n_pruned)
+
+
+def cram_checks(rank, world):
+    """VAR + CrAM+ (sparsities drawn alike; the mask selected over every shard) for two steps, as sam_checks."""
+    ref, mine = make_net(equal_layer=False), sharded(make_net(equal_layer=False))
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    part = slice(3 * rank, 3 * rank + 3)
+    for net, xs, ys in [(ref, x, y), (mine, x[part], y[part])]:
+        opt = CrAM(net.parameters(), torch.optim.SGD, rho=0.05, sparsities=(0.3, 0.7), lr=0.1, momentum=0.9)
+        reg = VarRegularizer(net, 1e-4)
+        opt.final_gradient_hooks = [reg.apply_gradient_]
+
+        def closure(net=net, xs=xs, ys=ys):
+            loss = (net(xs) - ys).square().mean()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+    for (name, p), q in zip(ref.named_parameters(), mine.parameters()):
+        close(q, p, f"VAR+CrAM+ weights {name}")
+
+
+def gathering_checks():
+    """engine.sharding's whole state (what --fsdp writes): the unsharded values, a tied weight still one tensor."""
+    from varprune.engine.sharding import distribute_model_state, full_model_state
+
+    def tied():
+        net = make_net()
+        net.e = nn.Linear(5, 3)
+        net.e.weight = net.a.weight  # (5, 3): one parameter under two names
+        return net
+
+    from torch.distributed.fsdp import fully_shard
+
+    ref, mine = tied(), tied()
+    fully_shard(mine.d)
+    fully_shard(mine)  # the tied weight in the root's unit, as GPT-2's embedding and head are under --fsdp
+    whole = full_model_state(mine)
+    assert whole.keys() == ref.state_dict().keys() and whole["e.weight"] is whole["a.weight"]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(whole[k], v), k
+    again = distribute_model_state(whole, mine)  # cut again: each process's own rows
+    assert all(torch.equal(again[k].to_local(), v.to_local()) for k, v in mine.state_dict().items())
 
 
 def worker(rank, world, store):
@@ -132,6 +194,9 @@ def worker(rank, world, store):
     try:
         regularizer_checks(rank)
         sam_checks(rank, world)
+        selection_checks(rank, world)
+        cram_checks(rank, world)
+        gathering_checks()
     finally:
         dist.destroy_process_group()
 

@@ -66,6 +66,8 @@ def run(args) -> int:
         cfg = load_run_config(run)
         for key, value in machine.items():
             setattr(cfg, key, value)
+        if cfg.fsdp and "fsdp" not in machine and not distributed.launched():
+            cfg.fsdp = False  # a sharded run continues in one process too: its checkpoint is whole
         train(cfg, run, resume=True, progress=not args.quiet)
         return 0
     if not args.out:

@@ -214,6 +214,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if cfg.sync_bn:
             model = distributed.convert_sync_bn(model, device)
         model = sharding.shard(model, device, run.tokenizer is not None)
+        log(f"sharded over {world} processes (FSDP2): each holds 1/{world} of the weights, gradients, optimizer state")
         if state is not None:  # the checkpoint is whole (gathered): cut it like the model
             state = {
                 **state,
@@ -366,7 +367,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, log, progress: boo
         if note is not None:
             set_kept_note(e, note)
         raise
-    whole = sharding.full_state(model.state_dict()) if cfg.fsdp else None  # every process gathers
+    whole = sharding.full_model_state(model) if cfg.fsdp else None  # every process gathers
     if main:
         save_weights(out / WEIGHTS, model, weights_metadata(cfg, run.data.info), state=whole)
     return result
@@ -485,7 +486,7 @@ def _epochs(
             metrics["cross_entropy"] = metrics.pop("task_loss")  # the key of varprune 0.1
         history.append(metrics)
         # sharded: the checkpoint is gathered whole (every process takes part), then written by rank 0
-        model_state = sharding.full_state(model.state_dict()) if cfg.fsdp else model.state_dict()
+        model_state = sharding.full_model_state(model) if cfg.fsdp else model.state_dict()
         optimizer_state = sharding.full_state(optimizer.state_dict()) if cfg.fsdp else optimizer.state_dict()
         if not main:  # rank 0 alone writes the run folder
             continue

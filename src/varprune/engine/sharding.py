@@ -9,14 +9,16 @@ weights are bf16 and the gradient reduction fp32 (``MixedPrecisionPolicy``); on 
 
 What stays as in one process (distributed.py says it for DDP): the data (each process its share of the
 global batch, loss weights), the step (FSDP averages the shares' gradients as DDP does), the regularizers
-(numerics/shards.py: exact on the shards with one collective), SAM's perturbation (its norm over all shards).
+(numerics/shards.py: exact on the shards with one collective), SAM's perturbation (its norm over all shards),
+CrAM's mask (selected over all shards).
 Files: rank 0 writes the same model.safetensors and checkpoint.safetensors as one process, gathered from the
 shards (``full_state``, a collective every process joins), so prune, export and evaluate read them
 unchanged and ``--resume`` continues with any sharding (``distribute_state`` cuts the checkpoint again).
 
-Refused up front (``problems``): ``--fsdp`` without torchrun, CrAM and CrAM+ (their top-k mask needs a
-distributed selection: numerics.optim.CRAM_SHARDED), ``--sam-local``, fine-tuning, and (``model_problem``) a
-model with no block structure; ``--grad-checkpoint`` on a model without activation checkpointing.
+Refused up front (``problems``): ``--fsdp`` without torchrun, ``--sam-local``, fine-tuning, and
+(``model_problem``) a model with no block structure; ``--grad-checkpoint`` on a model without activation
+checkpointing. CrAM and CrAM+ run: their global top-k mask is selected over every process's shards
+(``shards.keep_masks``, a distributed radix select).
 """
 
 from __future__ import annotations
@@ -31,9 +33,6 @@ from varprune.numerics import shards as sh
 
 def problems(cfg, world: int) -> list[str]:
     """What ``--fsdp`` / ``--grad-checkpoint`` cannot do with this configuration (no model built)."""
-    from varprune.engine.methods import METHODS
-    from varprune.numerics.optim import CRAM_SHARDED
-
     if not cfg.fsdp:
         return []
     if world <= 1:
@@ -42,9 +41,6 @@ def problems(cfg, world: int) -> list[str]:
             "`torchrun --nproc-per-node N -m varprune train ... --fsdp` with N >= 2, or leave --fsdp out"
         ]
     found = []
-    method = METHODS.get(cfg.method)
-    if method is not None and method.optimizer in ("cram", "cram+"):
-        found.append(f"--method {cfg.method} with --fsdp: {CRAM_SHARDED}")
     if cfg.sam_local:
         found.append("--sam-local perturbs with each process's gradient, which sharding does not keep; drop one")
     if cfg.finetune_from is not None:
@@ -112,6 +108,19 @@ def full_state(state):
     """``state`` (a state dict, nested) with every DTensor gathered whole onto the CPU. A collective: every
     process calls it, in the same order; tensors that are not DTensors are left as they are."""
     return _map(state, lambda t: t.full_tensor().cpu() if sh.is_dtensor(t) else t)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` gathered whole (:func:`full_state`), a tied weight (one parameter under two names:
+    GPT-2's ``lm_head.weight`` and token embedding) gathered once and kept one tensor, as in one process, so that
+    the files store it once. The ties come from the model's structure, the same on every process."""
+    first: dict[int, str] = {}
+    owner = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner[name] = first.setdefault(id(p), name)
+    own = model.state_dict()
+    out = {k: full_state(v) for k, v in own.items() if owner.get(k, k) == k or owner[k] not in own}
+    return {k: out[k] if k in out else out[owner[k]] for k in own}
 
 
 def distribute_state(state, model: nn.Module):

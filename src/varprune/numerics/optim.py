@@ -55,10 +55,6 @@ from varprune.numerics.pruning import keep_mask_topk
 
 __all__ = ["S2SAM", "SAM", "CrAM", "frozen_bn_stats", "is_two_pass"]
 
-CRAM_SHARDED = (
-    "CrAM/CrAM+ cannot run on sharded (FSDP2) weights: its mask needs the k-th largest magnitude over all weights "
-    "of every process's shards, a distributed selection varprune does not implement; train it without --fsdp (DDP)"
-)
 
 # Keeps rho * g / ||g|| finite when every gradient is zero (a frozen model, a dead batch).
 _EPS = 1e-12
@@ -391,7 +387,9 @@ class CrAM(_Wrapper):
     The compressed tensors are ``compress_params`` when given (e.g. only the
     conv/linear weights that varprune prunes), else every parameter with
     ndim >= 2. Other parameters are perturbed but not masked (M = 1).
-    ``last_sparsity`` holds the k of the latest step, for logging.
+    ``last_sparsity`` holds the k of the latest step, for logging. FSDP2-sharded parameters (DTensors): the
+    mask is selected over every process's shards (``shards.keep_masks``), each process's part of the
+    one-process mask.
     """
 
     def __init__(
@@ -414,8 +412,7 @@ class CrAM(_Wrapper):
         if bad:
             raise ValueError(f"CrAM sparsities must be in [0, 1), got {bad}")
         super().__init__(params, base_optimizer_cls, dict(rho=rho), base_kwargs)
-        if sh.group_of(self._params()) is not None:
-            raise sh.ShardingError(CRAM_SHARDED)
+        self._shards = sh.group_of(self._params())  # FSDP2: the mask is selected over every process's shards
         self.sparsities = sparsities
         self.plus = bool(plus)
         self.sparse_grad = bool(sparse_grad)
@@ -469,9 +466,15 @@ class CrAM(_Wrapper):
         # times cheaper than masked_fill_ or a multiply by a bool mask
         dtypes = {p.dtype for p in self._compressed}
         mask_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        masks = dict(zip(self._compressed, _keep_masks(self._compressed, k, mask_dtype, self._buffers)))
+        if self._shards is None:
+            selected = _keep_masks(self._compressed, k, mask_dtype, self._buffers)
+        else:  # sharded: this process's part of the one-process mask (numerics/shards.py)
+            n = sum(p.numel() for p in self._compressed)
+            local = [sh.local(p).detach().abs() for p in self._compressed]
+            selected = sh.keep_masks(local, round(k * n), self._shards, mask_dtype)
+        masks = dict(zip(self._compressed, selected))
         for p, m in masks.items():
-            p.mul_(m)
+            sh.local(p).mul_(m)
 
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -484,7 +487,7 @@ class CrAM(_Wrapper):
             if g2 is not None and self.sparse_grad:
                 keep = masks.get(p)
                 if keep is not None:
-                    g2.mul_(keep)  # M * g'': the compressed point's gradient, on the kept weights only
+                    sh.local(g2).mul_(keep)  # M * g'': the compressed point's gradient, on the kept weights only
             if self.plus:
                 g = first.get(p)
                 if g2 is None:

@@ -163,6 +163,54 @@ def combine_variance(gathered: torch.Tensor, rank: int):
     return var, dev[rank]
 
 
+def keep_masks(magnitudes: list[torch.Tensor], n_pruned: int, shards: Shards, dtype=torch.bool) -> list[torch.Tensor]:
+    """Keep-masks of this process's shards pruning exactly the ``n_pruned`` smallest magnitudes of all processes'.
+
+    ``magnitudes``: this process's shards (non-negative floats), in the order of the whole tensors. Ties go by
+    position in one process's flat order (tensor after tensor; inside a tensor sharded on dim 0, process after
+    process), the earlier pruned first, as ``pruning.keep_mask_topk`` settles them: the masks are the slices of
+    one process's mask. A distributed radix select on the magnitudes' bit patterns: one all-reduce of a
+    256-bin histogram per byte (4 for float32, 8 for float64), then one all-gather of each tensor's count of
+    the cut value; a host read per byte (as the CPU path of ``keep_mask_topk``)."""
+    from varprune.numerics.pruning import magnitude_bits
+
+    sizes = [t.numel() for t in magnitudes]
+    device = magnitudes[0].device
+    dtype_of = torch.float64 if any(t.dtype == torch.float64 for t in magnitudes) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(dtype_of) for t in magnitudes])
+    bits = magnitude_bits(flat)
+    bits = torch.where(bits == torch.iinfo(bits.dtype).min, torch.zeros_like(bits), bits)  # -0.0 is a zero
+    total = torch.tensor([flat.numel()], dtype=torch.long, device=device)
+    dist.all_reduce(total, group=shards.group)
+    k = int(n_pruned)
+    if k <= 0 or k >= int(total):
+        return [torch.full(t.shape, k <= 0, dtype=dtype, device=device) for t in magnitudes]
+    nbits = 8 * bits.element_size()
+    kth, n_less = 0, 0
+    for shift in range(nbits - 8, -1, -8):
+        above = shift + 8
+        chosen = bits if above >= nbits else bits[(bits >> above) == (kth >> above)]  # the prefix found so far
+        hist = torch.bincount((chosen >> shift) & 255, minlength=256)
+        dist.all_reduce(hist, group=shards.group)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, k - n_less))  # first digit value whose cumulative count reaches k
+        n_less += int(cum[b - 1]) if b else 0
+        kth |= b << shift
+    excess = k - n_less  # equal to the cut value, pruned: the first ones in one process's order
+    pieces = bits.split(sizes)
+    equal = torch.stack([(piece == kth).sum() for piece in pieces]) if pieces else torch.zeros(0, dtype=torch.long)
+    every = gather_rows(equal.to(device, torch.long), shards)  # (world, tensors)
+    order = every.t().reshape(-1)  # tensor after tensor, process after process
+    before = (order.cumsum(0) - order).view(len(sizes), shards.world)[:, shards.rank]
+    masks = []
+    for piece, t, ahead in zip(pieces, magnitudes, before.tolist()):
+        here = max(0, min(excess - ahead, piece.numel()))
+        is_equal = piece == kth
+        keep = (piece > kth) | (is_equal & (is_equal.cumsum(0) > here))
+        masks.append(keep.view(t.shape).to(dtype))
+    return masks
+
+
 __all__ = [
     "FSDP2_HINT",
     "ShardingError",
@@ -172,6 +220,7 @@ __all__ = [
     "gather_rows_autograd",
     "group_of",
     "is_dtensor",
+    "keep_masks",
     "local",
     "refuse_unsupported",
     "shards_of",

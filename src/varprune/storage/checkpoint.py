@@ -41,6 +41,8 @@ from varprune.storage.files import atomic_write_bytes  # noqa: E402
 def _identity(t: torch.Tensor) -> tuple | None:
     """What makes two tensors one (the same storage, offset, shape, strides and dtype); None where that cannot be
     told (meta or empty tensors, whose storage pointers say nothing)."""
+    if type(t).__name__ == "DTensor":  # a sharded weight (FSDP2): its storage is this process's shard
+        t = t.to_local()  # type: ignore[attr-defined]
     if t.device.type == "meta" or t.numel() == 0:
         return None
     return (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
