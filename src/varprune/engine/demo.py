@@ -50,13 +50,10 @@ DATASET = "fashion-mnist"
 TITLE = "Fashion-MNIST: SGD vs VAR, one-shot pruning"
 
 
-SWEEP_KEYS = ("sparsities", "patterns", "pruners", "calib_samples", "scope", "choices")
-
-
 def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
     """The two runs (baseline without VAR, with VAR) and the sweep of one demo size."""
     settings = dict((sizes or SIZES)[size])
-    spec = SweepSpec(**{k: settings.pop(k) for k in SWEEP_KEYS if k in settings})
+    spec = SweepSpec.take(settings)
     var = {k: settings.pop(k) for k in ("var_lambda", "var_strength") if k in settings}
     common = dict(dataset=dataset, data_dir=data_dir, **settings)
     base = TrainConfig(method="sgd", **common)

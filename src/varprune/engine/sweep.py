@@ -105,6 +105,12 @@ class SweepSpec:
         for name in ("sparsities", "patterns", "pruners", "exclude", "choices"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    @classmethod
+    def take(cls, settings: dict) -> SweepSpec:
+        """A spec from the sweep's fields found in ``settings`` (a demo size's dict), removed from it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: settings.pop(k) for k in names if k in settings})
+
     def for_task(self, task: str) -> SweepSpec:
         """This spec with its scope resolved for a model of ``task`` (a task name) if none was given."""
         return self if self.scope is not None else dataclasses.replace(self, scope=default_scope(task))
