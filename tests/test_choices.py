@@ -315,6 +315,7 @@ def _toy_task(folder, sets, name="toy_mc"):
     return folder
 
 
+@pytest.mark.slow  # lm-eval's import and task loading: about 30 s on 2 cores
 def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_path, monkeypatch):
     """lm-eval's own HFLM on the same model and tokenizer (through transformers' fast tokenizer over the same
     tokenizers object) gives the acc and acc_norm that varprune computes; `--lm-eval` (varprune's LM wrapper
@@ -339,7 +340,12 @@ def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_p
     ours = choice_results(model, tok, sets, 24, "cpu")["tasks"]["toy_mc"]
     folder = _toy_task(tmp_path, sets)
     manager = TaskManager(include_path=str(folder))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<pad>", pad_token="<pad>")
+    from tokenizers import Tokenizer
+
+    doc = json.loads(tok.tokenizer.to_str())
+    doc["post_processor"] = None  # as `export --format hf` writes a language model's tokenizer: no <cls> added
+    plain = Tokenizer.from_str(json.dumps(doc))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=plain, eos_token="<pad>", pad_token="<pad>")
     hflm = HFLM(pretrained=model, tokenizer=hf_tok, backend="causal", batch_size=4, max_length=24)
     found = simple_evaluate(model=hflm, tasks=["toy_mc"], task_manager=manager, bootstrap_iters=0)
     assert found is not None
