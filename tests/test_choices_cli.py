@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import cli, one_line_error
-from tests.test_choices import WORDS, _fortunes, _reference
+from tests.test_choices import WORDS, _fortunes, _reference, _toy_task
 
 from varprune.data.choices import read_choices
 
@@ -143,3 +143,27 @@ def test_bad_conversions_are_one_line(capsys, tmp_path):
     (tmp_path / "mine.txt").write_text("not mine\n")
     rc, _, err = cli(capsys, "choices", "convert", "--format", "piqa", src, tmp_path / "mine.txt")
     assert "mine.txt" in one_line_error(rc, err) and (tmp_path / "mine.txt").read_text() == "not mine\n"
+
+
+def test_lm_eval_runs_a_local_task_on_the_run_in_memory(lm_run, capsys, tmp_path, monkeypatch):
+    """--lm-eval through simple_evaluate and varprune's lm-eval model, on a task of the test's own (a YAML over
+    local JSON lines holding the --choices file's questions): the same acc, acc_norm and n as --choices."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'varprune[eval]')")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    q = lm_run / "q.jsonl"
+    items = read_choices(q)
+    easy = [i for i in items.items if i.context.endswith(" ")]  # lm-eval's delimiter: one space
+    from varprune.data.choices import ChoiceSet
+
+    (tmp_path / "e.jsonl").write_text(
+        "".join(json.dumps({"context": i.context, "choices": i.choices, "label": i.label}) + "\n" for i in easy)
+    )
+    _toy_task(tmp_path, [ChoiceSet("e", "e", tuple(easy))])
+    args = ["evaluate", lm_run / "run", "--sparsity", "0.5", "--choices", tmp_path / "e.jsonl", "--json"]
+    rc, out, err = cli(capsys, *args, "--lm-eval", "toy_mc", "--lm-eval-include", tmp_path)
+    assert rc == 0, err
+    got = json.loads(out.splitlines()[-1])["tasks"]
+    assert got["toy_mc"] == {"acc": pytest.approx(got["e"]["acc"]), "acc_norm": pytest.approx(got["e"]["acc_norm"]),
+                             "n": len(easy)}  # fmt: skip
+    rc, _, err = cli(capsys, *args, "--lm-eval", "no_such_task", "--lm-eval-include", tmp_path)
+    assert "no_such_task: not an lm-eval task" in one_line_error(rc, err)

@@ -140,10 +140,12 @@ def _accuracy(args) -> int:
         found += calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
     if not Path(args.file).exists():
         found.append(f"{args.file} does not exist; give a run folder, a file of `varprune export` or a model folder")
+    elif Path(args.file).is_dir():
+        found += c.half_replaced([Path(args.file)])
     if tasks:
         from varprune.engine.lmeval import lm_eval_problem
 
-        problem = lm_eval_problem(args.lm_eval_include)
+        problem = lm_eval_problem(tasks, args.lm_eval_include)
         if problem:
             found.append(problem)
     if found:
