@@ -167,3 +167,17 @@ def test_lm_eval_runs_a_local_task_on_the_run_in_memory(lm_run, capsys, tmp_path
                              "n": len(easy)}  # fmt: skip
     rc, _, err = cli(capsys, *args, "--lm-eval", "no_such_task", "--lm-eval-include", tmp_path)
     assert "no_such_task: not an lm-eval task" in one_line_error(rc, err)
+
+
+def test_choices_on_a_run_that_is_no_language_model_is_one_line(capsys, tmp_path, lm_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"train": {"model": "mlp", "dataset": "fashion-mnist"}, "resolved": {"task": "classification"}})
+    )
+    (run / ".varprune-run").write_text("{}\n")
+    (run / "model.safetensors").write_bytes(b"")
+    for command in ("prune", "evaluate"):
+        rc, _, err = cli(capsys, command, run, "--choices", lm_run / "q.jsonl")
+        assert "is a classification run" in one_line_error(rc, err)  # before any other problem is looked for
+    assert sorted(p.name for p in run.iterdir()) == [".varprune-run", "config.json", "model.safetensors"]

@@ -104,22 +104,21 @@ def open_language_model(
 
 
 def _from_run(run: Path, dev: torch.device, setting: PruneSetting, data_dir: str | None) -> LanguageModel:
-    from varprune.engine.choices import model_positions
+    from varprune.engine.choices import choices_task_problem, model_positions
+    from varprune.engine.runconfig import read_resolved
     from varprune.engine.trained import check_runs, load_trained
     from varprune.numerics.pruners import prune_once
 
     configs, found = check_runs([run], data_dir)
-    if configs[0] is not None and not found:
-        from varprune.engine.runconfig import read_resolved
-
-        task = read_resolved(run).get("task")
-        if task not in (None, "language-modeling"):
-            found.append(f"{run} is a {task} run; --choices and --lm-eval score language models")
+    problem = choices_task_problem(str(run), read_resolved(run).get("task"))
+    if problem:
+        found.insert(0, problem)
     if found:
         raise RunError("; ".join(found))
     t = load_trained(run, configs[0], str(dev))
-    if t.task.name != "language-modeling":
-        raise RunError(f"{run} is a {t.task.name} run; --choices and --lm-eval score language models")
+    problem = choices_task_problem(str(run), t.task.name)
+    if problem or t.data.tokenizer is None:
+        raise RunError(problem or f"{run} has no tokenizer; --choices and --lm-eval score language models")
     done: dict = {}
     if not setting.dense:
         calibration = (
