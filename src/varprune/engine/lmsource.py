@@ -38,7 +38,7 @@ class PruneSetting:
     sparsity: float | None = None
     pattern: str = "unstructured"
     pruner: str = "magnitude"
-    scope: str = "global"
+    scope: str | None = None  # magnitude's scope; None: the task's default (engine.sweep.default_scope)
     calib_samples: int = 128
     calib_seq_len: int | None = None
     calib_data: str | None = None
@@ -127,9 +127,17 @@ def _from_run(run: Path, dev: torch.device, setting: PruneSetting, data_dir: str
             else None
         )
         chosen = setting.pattern if setting.pattern != "unstructured" else setting.sparsity
-        masks, _, _ = prune_once(t.model, setting.pruner, chosen, setting.scope, (), calibration)
+        from varprune.engine.sweep import default_scope
+
+        scope = setting.scope or default_scope(t.task.name)
+        masks, _, _ = prune_once(t.model, setting.pruner, chosen, scope, (), calibration)
         from varprune.numerics.pruning import realised_sparsity
 
-        done = {"pruner": setting.pruner, "setting": chosen, "realised_sparsity": realised_sparsity(masks)}
+        done = {
+            "pruner": setting.pruner,
+            "setting": chosen,
+            "scope": scope,
+            "realised_sparsity": realised_sparsity(masks),
+        }
     t.model.eval()
     return LanguageModel(t.model, t.data.tokenizer, model_positions(t.model, t.cfg.seq_len), dev, t.amp, str(run), done)
