@@ -426,3 +426,27 @@ def test_csv_table_and_plot_carry_the_choices(tmp_path):
 
     assert Image.open(tmp_path / "p.png").size[1] > 1.5 * Image.open(tmp_path / "q.png").size[1]  # a second panel
     assert "Multiple-choice" not in sweep_table([("run", plain)]) and "choices_acc" not in sweep_csv(plain)
+
+
+def test_study_summary_and_table_carry_the_choices():
+    from varprune.report.summary import summarize
+    from varprune.report.tables import study_table
+
+    docs = {}
+    for m, shift in (("sgd", 0.0), ("var", 0.1)):
+        for seed in (0, 1, 2):
+            d = _doc_with_choices()
+            for c in [d["dense_choices"]] + [r["choices"] for r in d["results"]]:
+                c["mean"]["acc"] = round(c["mean"]["acc"] + shift + 0.01 * seed, 6)
+            docs[(m, seed)] = d
+    spec = {"methods": ["sgd", "var"], "seeds": [0, 1, 2], "sparsities": [0.5, 0.9], "patterns": [],
+            "choices": ["q"], "scope": "global", "bnt_batches": 0, "bnt_batch_size": 2,
+            "train": {"model": "gpt2", "dataset": "text", "epochs": 1}}  # fmt: skip
+    summary = summarize(spec, docs, {"sgd": 1.0, "var": 1.0})
+    var = summary["methods"]["var"]
+    assert var["choices_dense"]["acc"][0] == pytest.approx(0.61)
+    assert var["sparsities"]["0.9"]["choices"]["per_seed"] == pytest.approx([0.4, 0.41, 0.42])
+    assert var["sparsities"]["0.9"]["choices"]["ci95"][0] < 0.41 < var["sparsities"]["0.9"]["choices"]["ci95"][1]
+    table = study_table(summary)
+    assert "Multiple-choice accuracy (acc, %, the unweighted mean over q)" in table
+    assert "| var | 61.00 [" in table and "| sgd | 51.00 [" in table
