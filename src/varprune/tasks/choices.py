@@ -113,7 +113,8 @@ def scored(
         for batch in _batches([len(x) - 1 for x in inputs], vocab, logits_bytes, max_batch):
             width = len(inputs[batch[0]]) - 1
             ids = torch.zeros(len(batch), width + 1, dtype=torch.long)
-            rows, positions = [], []  # the continuation's positions only: the context's logits are not scored
+            rows: list[int] = []
+            positions: list[int] = []  # the continuation's positions only: the context's logits are not scored
             for row, i in enumerate(batch):
                 ids[row] = inputs[i][-1]  # padding a causal model never sees from the scored positions; not the
                 ids[row, : len(inputs[i])] = torch.tensor(inputs[i])  # pad id, which transformers warns about
