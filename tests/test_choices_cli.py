@@ -72,7 +72,7 @@ def test_sweep_and_evaluate_agree_with_an_independent_computation(lm_run, capsys
     want = _reference(model, _Encode(lm_run / "hf" / "tokenizer.json"), [read_choices(q)], 32)["q"]
     for got in (row["choices"]["tasks"]["q"],):
         assert got["acc"] == pytest.approx(want["acc"]) and got["acc_norm"] == pytest.approx(want["acc_norm"])
-    for source in ([run, "--sparsity", "0.5"], [lm_run / "hf"]):
+    for source in ([run, "--sparsity", "0.5"], [lm_run / "hf"], [f"hf:{lm_run / 'hf'}"]):
         rc, out, err = cli(capsys, "evaluate", *source, "--choices", q, "--json")
         assert rc == 0, err
         got = json.loads(out.splitlines()[-1])

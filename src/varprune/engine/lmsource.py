@@ -1,7 +1,7 @@
 """The language model behind a path, in memory, for the accuracy measurements of ``evaluate`` (``--choices``,
 ``--lm-eval``): a run folder (its final weights, dense or pruned one-shot at one setting exactly as ``export``
-prunes, without writing anything), a file written by ``varprune export``, or a Hugging Face model folder written
-by ``varprune export --format hf``.
+prunes, without writing anything), a file written by ``varprune export``, a Hugging Face model folder written
+by ``varprune export --format hf``, or ``hf:DIR`` (any Hugging Face causal-LM folder with its tokenizer.json).
 """
 
 from __future__ import annotations
@@ -64,13 +64,20 @@ def _kind(path: Path) -> str:
 
 
 def open_language_model(
-    path: Path, device: str = "auto", setting: PruneSetting | None = None, data_dir: str | None = None
+    path: Path | str, device: str = "auto", setting: PruneSetting | None = None, data_dir: str | None = None
 ) -> LanguageModel:
     """Load ``path`` (see the module docstring) as a :class:`LanguageModel`; ``setting`` prunes a run."""
     from varprune.engine.choices import model_positions
 
-    path = Path(path)
     setting = setting or PruneSetting()
+    if str(path).startswith("hf:"):  # a Hugging Face causal-LM folder as it is (engine/commonsense.py loads it)
+        from varprune.engine.commonsense import load_for_generation
+
+        if not setting.dense:
+            raise RunError(f"--sparsity and --pattern prune a run folder; {path} is a model folder: drop them")
+        model, tokenizer, dev, amp = load_for_generation(str(path), device)
+        return LanguageModel(model, tokenizer, model_positions(model), dev, amp, str(path))
+    path = Path(path)
     kind = _kind(path)
     if kind != "run" and not setting.dense:
         raise RunError(
