@@ -82,6 +82,12 @@ def test_sweep_and_evaluate_agree_with_an_independent_computation(lm_run, capsys
             "n": 24,
         }
         assert got["mean"]["acc"] == pytest.approx(want["acc"])
+    folder = lm_run / "folder"  # the exported folder pruned again without a run: its dense model is the 50% one
+    args = ["--model", f"hf:{lm_run / 'hf'}", "--dataset", "text", "--data-dir", lm_run / "data", "--seq-len", "32"]
+    rc, out, err = cli(capsys, "prune", *args, "--sparsities", "0.9", "--choices", q, "--out", folder)
+    assert rc == 0, err
+    dense = json.loads((folder / "prune.json").read_text())["dense_choices"]["tasks"]["q"]
+    assert dense == {"acc": pytest.approx(want["acc"]), "acc_norm": pytest.approx(want["acc_norm"]), "n": 24}
     rc, out, err = cli(capsys, "prune", run, "--sparsities", "0.5", "--patterns", "2:4", "--choices", q)
     assert rc == 0 and "reusing" in out  # the same questions: the sweep is reused
     changed = lm_run / "q2" / "q.jsonl"
