@@ -187,3 +187,5 @@ def test_choices_on_a_run_that_is_no_language_model_is_one_line(capsys, tmp_path
         rc, _, err = cli(capsys, command, run, "--choices", lm_run / "q.jsonl")
         assert "is a classification run" in one_line_error(rc, err)  # before any other problem is looked for
     assert sorted(p.name for p in run.iterdir()) == [".varprune-run", "config.json", "model.safetensors"]
+    rc, _, err = cli(capsys, "evaluate", lm_run / "run", "--choices", lm_run / "q.jsonl", "--commonsense", tmp_path)
+    assert "--commonsense is a separate measurement" in one_line_error(rc, err)
