@@ -189,3 +189,17 @@ def test_choices_on_a_run_that_is_no_language_model_is_one_line(capsys, tmp_path
     assert sorted(p.name for p in run.iterdir()) == [".varprune-run", "config.json", "model.safetensors"]
     rc, _, err = cli(capsys, "evaluate", lm_run / "run", "--choices", lm_run / "q.jsonl", "--commonsense", tmp_path)
     assert "--commonsense is a separate measurement" in one_line_error(rc, err)
+
+
+def test_study_reports_the_choices(lm_run, capsys, tmp_path):
+    train = [a for a in LM if a not in ("--quiet",)]
+    args = ["study", "--out", tmp_path / "s", "--methods", "sgd", "--seeds", "0", "--no-analysis", "--quiet"]
+    rc, _, err = cli(capsys, *args, *train, "--data-dir", lm_run / "data", "--sparsities", "0.5",
+                       "--choices", lm_run / "q.jsonl")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert summary["study"]["choices"] == ["q"]
+    run = json.loads((tmp_path / "s" / "runs" / "sgd-s0" / "prune.json").read_text())
+    cell = summary["methods"]["sgd"]["sparsities"]["0.5"]["choices"]
+    assert cell["per_seed"] == [run["results"][0]["choices"]["mean"]["acc"]]
+    assert "Multiple-choice accuracy (acc, %, the unweighted mean over q)" in (tmp_path / "s" / "report.md").read_text()
