@@ -315,6 +315,7 @@ def _toy_task(folder, sets, name="toy_mc"):
     return folder
 
 
+@pytest.mark.slow  # lm-eval's import and task loading: about 30 s on 2 cores
 def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_path, monkeypatch):
     """lm-eval's own HFLM on the same model and tokenizer (through transformers' fast tokenizer over the same
     tokenizers object) gives the acc and acc_norm that varprune computes; `--lm-eval` (varprune's LM wrapper
@@ -326,9 +327,6 @@ def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_p
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerFast
 
-    from varprune.engine.lmeval import lm_eval_results
-    from varprune.engine.lmsource import LanguageModel
-
     rng = random.Random(7)
     items = []
     for _ in range(16):  # contexts that end in one space: lm-eval's delimiter, so the two files are the same
@@ -338,17 +336,19 @@ def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_p
     sets = [ChoiceSet("toy_mc", "toy", tuple(items))]
     ours = choice_results(model, tok, sets, 24, "cpu")["tasks"]["toy_mc"]
     folder = _toy_task(tmp_path, sets)
-    manager = TaskManager(include_path=str(folder))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<pad>", pad_token="<pad>")
+    manager = TaskManager(include_path=str(folder), include_defaults=False)  # only the test's task: fast
+    from tokenizers import Tokenizer
+
+    doc = json.loads(tok.tokenizer.to_str())
+    doc["post_processor"] = None  # as `export --format hf` writes a language model's tokenizer: no <cls> added
+    plain = Tokenizer.from_str(json.dumps(doc))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=plain, eos_token="<pad>", pad_token="<pad>")
     hflm = HFLM(pretrained=model, tokenizer=hf_tok, backend="causal", batch_size=4, max_length=24)
     found = simple_evaluate(model=hflm, tasks=["toy_mc"], task_manager=manager, bootstrap_iters=0)
     assert found is not None
     theirs = found["results"]["toy_mc"]
     assert theirs["acc,none"] == pytest.approx(ours["acc"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
-    lm = LanguageModel(model, tok, 24, torch.device("cpu"), "none", "memory")
-    wrapped = lm_eval_results(lm, ["toy_mc"], include=str(folder))["tasks"]["toy_mc"]
-    assert wrapped == {"acc": pytest.approx(ours["acc"]), "acc_norm": pytest.approx(ours["acc_norm"]), "n": 16}
 
 
 # ----------------------------------------------------------------- results files with choices
@@ -426,3 +426,27 @@ def test_csv_table_and_plot_carry_the_choices(tmp_path):
 
     assert Image.open(tmp_path / "p.png").size[1] > 1.5 * Image.open(tmp_path / "q.png").size[1]  # a second panel
     assert "Multiple-choice" not in sweep_table([("run", plain)]) and "choices_acc" not in sweep_csv(plain)
+
+
+def test_study_summary_and_table_carry_the_choices():
+    from varprune.report.summary import summarize
+    from varprune.report.tables import study_table
+
+    docs = {}
+    for m, shift in (("sgd", 0.0), ("var", 0.1)):
+        for seed in (0, 1, 2):
+            d = _doc_with_choices()
+            for c in [d["dense_choices"]] + [r["choices"] for r in d["results"]]:
+                c["mean"]["acc"] = round(c["mean"]["acc"] + shift + 0.01 * seed, 6)
+            docs[(m, seed)] = d
+    spec = {"methods": ["sgd", "var"], "seeds": [0, 1, 2], "sparsities": [0.5, 0.9], "patterns": [],
+            "choices": ["q"], "scope": "global", "bnt_batches": 0, "bnt_batch_size": 2,
+            "train": {"model": "gpt2", "dataset": "text", "epochs": 1}}  # fmt: skip
+    summary = summarize(spec, docs, {"sgd": 1.0, "var": 1.0})
+    var = summary["methods"]["var"]
+    assert var["choices_dense"]["acc"][0] == pytest.approx(0.61)
+    assert var["sparsities"]["0.9"]["choices"]["per_seed"] == pytest.approx([0.4, 0.41, 0.42])
+    assert var["sparsities"]["0.9"]["choices"]["ci95"][0] < 0.41 < var["sparsities"]["0.9"]["choices"]["ci95"][1]
+    table = study_table(summary)
+    assert "Multiple-choice accuracy (acc, %, the unweighted mean over q)" in table
+    assert "| var | 61.00 [" in table and "| sgd | 51.00 [" in table

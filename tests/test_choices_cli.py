@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import cli, one_line_error
-from tests.test_choices import WORDS, _fortunes, _reference
+from tests.test_choices import WORDS, _fortunes, _reference, _toy_task
 
 from varprune.data.choices import read_choices
 
@@ -72,7 +72,7 @@ def test_sweep_and_evaluate_agree_with_an_independent_computation(lm_run, capsys
     want = _reference(model, _Encode(lm_run / "hf" / "tokenizer.json"), [read_choices(q)], 32)["q"]
     for got in (row["choices"]["tasks"]["q"],):
         assert got["acc"] == pytest.approx(want["acc"]) and got["acc_norm"] == pytest.approx(want["acc_norm"])
-    for source in ([run, "--sparsity", "0.5"], [lm_run / "hf"]):
+    for source in ([run, "--sparsity", "0.5"], [lm_run / "hf"], [f"hf:{lm_run / 'hf'}"]):
         rc, out, err = cli(capsys, "evaluate", *source, "--choices", q, "--json")
         assert rc == 0, err
         got = json.loads(out.splitlines()[-1])
@@ -82,6 +82,12 @@ def test_sweep_and_evaluate_agree_with_an_independent_computation(lm_run, capsys
             "n": 24,
         }
         assert got["mean"]["acc"] == pytest.approx(want["acc"])
+    folder = lm_run / "folder"  # the exported folder pruned again without a run: its dense model is the 50% one
+    args = ["--model", f"hf:{lm_run / 'hf'}", "--dataset", "text", "--data-dir", lm_run / "data", "--seq-len", "32"]
+    rc, out, err = cli(capsys, "prune", *args, "--sparsities", "0.9", "--choices", q, "--out", folder)
+    assert rc == 0, err
+    dense = json.loads((folder / "prune.json").read_text())["dense_choices"]["tasks"]["q"]
+    assert dense == {"acc": pytest.approx(want["acc"]), "acc_norm": pytest.approx(want["acc_norm"]), "n": 24}
     rc, out, err = cli(capsys, "prune", run, "--sparsities", "0.5", "--patterns", "2:4", "--choices", q)
     assert rc == 0 and "reusing" in out  # the same questions: the sweep is reused
     changed = lm_run / "q2" / "q.jsonl"
@@ -143,3 +149,57 @@ def test_bad_conversions_are_one_line(capsys, tmp_path):
     (tmp_path / "mine.txt").write_text("not mine\n")
     rc, _, err = cli(capsys, "choices", "convert", "--format", "piqa", src, tmp_path / "mine.txt")
     assert "mine.txt" in one_line_error(rc, err) and (tmp_path / "mine.txt").read_text() == "not mine\n"
+
+
+def test_lm_eval_runs_a_local_task_on_the_run_in_memory(lm_run, capsys, tmp_path, monkeypatch):
+    """--lm-eval through simple_evaluate and varprune's lm-eval model, on a task of the test's own (a YAML over
+    local JSON lines holding the --choices file's questions): the same acc, acc_norm and n as --choices."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'varprune[eval]')")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    q = lm_run / "q.jsonl"
+    items = read_choices(q)
+    easy = [i for i in items.items if i.context.endswith(" ")]  # lm-eval's delimiter: one space
+    from varprune.data.choices import ChoiceSet
+
+    (tmp_path / "e.jsonl").write_text(
+        "".join(json.dumps({"context": i.context, "choices": i.choices, "label": i.label}) + "\n" for i in easy)
+    )
+    _toy_task(tmp_path, [ChoiceSet("e", "e", tuple(easy))])
+    args = ["evaluate", lm_run / "run", "--sparsity", "0.5", "--choices", tmp_path / "e.jsonl", "--json"]
+    rc, out, err = cli(capsys, *args, "--lm-eval", "toy_mc", "--lm-eval-include", tmp_path)
+    assert rc == 0, err
+    got = json.loads(out.splitlines()[-1])["tasks"]
+    assert got["toy_mc"] == {"acc": pytest.approx(got["e"]["acc"]), "acc_norm": pytest.approx(got["e"]["acc_norm"]),
+                             "n": len(easy)}  # fmt: skip
+    rc, _, err = cli(capsys, *args, "--lm-eval", "no_such_task", "--lm-eval-include", tmp_path)
+    assert "no_such_task: not an lm-eval task" in one_line_error(rc, err)
+
+
+def test_choices_on_a_run_that_is_no_language_model_is_one_line(capsys, tmp_path, lm_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"train": {"model": "mlp", "dataset": "fashion-mnist"}, "resolved": {"task": "classification"}})
+    )
+    (run / ".varprune-run").write_text("{}\n")
+    (run / "model.safetensors").write_bytes(b"")
+    for command in ("prune", "evaluate"):
+        rc, _, err = cli(capsys, command, run, "--choices", lm_run / "q.jsonl")
+        assert "is a classification run" in one_line_error(rc, err)  # before any other problem is looked for
+    assert sorted(p.name for p in run.iterdir()) == [".varprune-run", "config.json", "model.safetensors"]
+    rc, _, err = cli(capsys, "evaluate", lm_run / "run", "--choices", lm_run / "q.jsonl", "--commonsense", tmp_path)
+    assert "--commonsense is a separate measurement" in one_line_error(rc, err)
+
+
+def test_study_reports_the_choices(lm_run, capsys, tmp_path):
+    train = [a for a in LM if a not in ("--quiet",)]
+    args = ["study", "--out", tmp_path / "s", "--methods", "sgd", "--seeds", "0", "--no-analysis", "--quiet"]
+    rc, _, err = cli(capsys, *args, *train, "--data-dir", lm_run / "data", "--sparsities", "0.5",
+                       "--choices", lm_run / "q.jsonl")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert summary["study"]["choices"] == ["q"]
+    run = json.loads((tmp_path / "s" / "runs" / "sgd-s0" / "prune.json").read_text())
+    cell = summary["methods"]["sgd"]["sparsities"]["0.5"]["choices"]
+    assert cell["per_seed"] == [run["results"][0]["choices"]["mean"]["acc"]]
+    assert "Multiple-choice accuracy (acc, %, the unweighted mean over q)" in (tmp_path / "s" / "report.md").read_text()

@@ -138,12 +138,19 @@ def _accuracy(args) -> int:
         found.append("give --sparsity or --pattern, not both")
     elif args.sparsity is not None or args.pattern != "unstructured":
         found += calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
-    if not Path(args.file).exists():
-        found.append(f"{args.file} does not exist; give a run folder, a file of `varprune export` or a model folder")
+    if args.commonsense is not None:
+        found.append("--commonsense is a separate measurement: run it without --choices and --lm-eval")
+    where = Path(args.file[3:] if args.file.startswith("hf:") else args.file)
+    if not where.exists():
+        found.append(
+            f"{where} does not exist; give a run folder, a file of `varprune export`, a model folder or hf:DIR"
+        )
+    elif where.is_dir() and not args.file.startswith("hf:"):
+        found += c.half_replaced([Path(args.file)])
     if tasks:
         from varprune.engine.lmeval import lm_eval_problem
 
-        problem = lm_eval_problem(args.lm_eval_include)
+        problem = lm_eval_problem(tasks, args.lm_eval_include)
         if problem:
             found.append(problem)
     if found:
@@ -157,7 +164,7 @@ def _accuracy(args) -> int:
         args.calib_seq_len,
         args.calib_data,
     )
-    lm = open_language_model(Path(args.file), args.device, setting, args.data_dir)
+    lm = open_language_model(args.file, args.device, setting, args.data_dir)
     result: dict = {"tasks": {}}
     if specs:
         result = score_choices(lm.model, lm.tokenizer, specs, lm.device, lm.positions, lm.amp)

@@ -51,7 +51,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from varprune.engine.sweep import check_runs, prune_runs
+    from varprune.engine.sweep import check_runs, choices_run_problems, prune_runs
     from varprune.report.figures import sweep_plot
     from varprune.report.tables import sweep_table
 
@@ -73,7 +73,7 @@ def run(args) -> int:
     if len(set(map(str, runs))) != len(runs):
         found.append("a RUN is named twice")
     configs, more = check_runs(runs, args.data_dir)
-    found += more
+    found += more + choices_run_problems(runs, spec)
     if not more:  # calibration flags where no calibration happens, or not for these runs' task
         from varprune.engine.checks import Scope
 

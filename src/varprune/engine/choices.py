@@ -26,6 +26,16 @@ from varprune.tasks.choices import choice_accuracy
 PREFIX_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<s>", "<|begin_of_text|>", "<bos>")
 
 
+NOT_LANGUAGE_MODELS = ("classification", "segmentation", "text-classification")  # tasks --choices cannot score
+
+
+def choices_task_problem(what: str, task: str | None) -> str | None:
+    """Why ``--choices`` cannot score ``what`` (a run or dataset of ``task``): not a causal language model."""
+    if task in NOT_LANGUAGE_MODELS:
+        return f"--choices and --lm-eval score a language model's continuations; {what} is a {task} run"
+    return None
+
+
 def prefix_token(tokenizer) -> int | None:
     """The id scored before an empty context, if the tokenizer has such a token (a trained BPE has none)."""
     inner = getattr(tokenizer, "tokenizer", tokenizer)

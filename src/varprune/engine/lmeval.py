@@ -11,6 +11,7 @@ the user runs them; a folder of task YAMLs of one's own (``--lm-eval-include``) 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -20,15 +21,27 @@ from varprune.errors import RunError
 GENERATE_TOKENS = 256  # lm-eval's default max_gen_toks
 
 
-def lm_eval_problem(include: str | None = None) -> str | None:
-    """Why ``--lm-eval`` cannot run here (lm-eval missing, a bad include folder), or None."""
+def lm_eval_problem(tasks: list[str], include: str | None = None) -> str | None:
+    """Why ``--lm-eval tasks`` cannot run here (lm-eval missing, a bad include folder, a task lm-eval does not
+    know), or None: checked before the model is loaded."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
         return "--lm-eval needs lm-eval-harness: `pip install 'varprune[eval]'` (or `pip install lm-eval`)"
     if include is not None and not Path(include).is_dir():
         return f"--lm-eval-include {include} is not a folder; give a folder of lm-eval task YAMLs"
+    unknown = [t for t in tasks if t not in _manager(include).all_tasks]
+    if unknown:
+        return f"--lm-eval {', '.join(unknown)}: not an lm-eval task (`lm-eval ls tasks` lists them)"
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(include: str | None):
+    """lm-eval's task index (with ``include``'s YAMLs), built once: indexing takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include) if include else TaskManager()
 
 
 def _lm_class():
@@ -101,13 +114,11 @@ def lm_eval_results(lm, tasks: list[str], limit: int | None = None, include: str
     """lm-eval's ``simple_evaluate`` of ``lm`` (a LanguageModel, engine/lmsource.py) on ``tasks``:
     ``{"tasks": {name: {"acc", "acc_norm", "n"}}}``; an unknown task is a RunError naming it."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include) if include else TaskManager()
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise RunError(f"--lm-eval {', '.join(unknown)}: not an lm-eval task (`lm-eval ls tasks` lists them)")
+    problem = lm_eval_problem(tasks, include)
+    if problem:
+        raise RunError(problem)
+    manager = _manager(include)
     found = simple_evaluate(
         model=_lm_class()(lm),
         tasks=list(tasks),

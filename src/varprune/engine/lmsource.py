@@ -1,7 +1,7 @@
 """The language model behind a path, in memory, for the accuracy measurements of ``evaluate`` (``--choices``,
 ``--lm-eval``): a run folder (its final weights, dense or pruned one-shot at one setting exactly as ``export``
-prunes, without writing anything), a file written by ``varprune export``, or a Hugging Face model folder written
-by ``varprune export --format hf``.
+prunes, without writing anything), a file written by ``varprune export``, a Hugging Face model folder written
+by ``varprune export --format hf``, or ``hf:DIR`` (any Hugging Face causal-LM folder with its tokenizer.json).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class PruneSetting:
     sparsity: float | None = None
     pattern: str = "unstructured"
     pruner: str = "magnitude"
-    scope: str = "global"
+    scope: str | None = None  # magnitude's scope; None: the task's default (engine.sweep.default_scope)
     calib_samples: int = 128
     calib_seq_len: int | None = None
     calib_data: str | None = None
@@ -64,13 +64,20 @@ def _kind(path: Path) -> str:
 
 
 def open_language_model(
-    path: Path, device: str = "auto", setting: PruneSetting | None = None, data_dir: str | None = None
+    path: Path | str, device: str = "auto", setting: PruneSetting | None = None, data_dir: str | None = None
 ) -> LanguageModel:
     """Load ``path`` (see the module docstring) as a :class:`LanguageModel`; ``setting`` prunes a run."""
     from varprune.engine.choices import model_positions
 
-    path = Path(path)
     setting = setting or PruneSetting()
+    if str(path).startswith("hf:"):  # a Hugging Face causal-LM folder as it is (engine/commonsense.py loads it)
+        from varprune.engine.commonsense import load_for_generation
+
+        if not setting.dense:
+            raise RunError(f"--sparsity and --pattern prune a run folder; {path} is a model folder: drop them")
+        model, tokenizer, dev, amp = load_for_generation(str(path), device)
+        return LanguageModel(model, tokenizer, model_positions(model), dev, amp, str(path))
+    path = Path(path)
     kind = _kind(path)
     if kind != "run" and not setting.dense:
         raise RunError(
@@ -104,22 +111,21 @@ def open_language_model(
 
 
 def _from_run(run: Path, dev: torch.device, setting: PruneSetting, data_dir: str | None) -> LanguageModel:
-    from varprune.engine.choices import model_positions
+    from varprune.engine.choices import choices_task_problem, model_positions
+    from varprune.engine.runconfig import read_resolved
     from varprune.engine.trained import check_runs, load_trained
     from varprune.numerics.pruners import prune_once
 
     configs, found = check_runs([run], data_dir)
-    if configs[0] is not None and not found:
-        from varprune.engine.runconfig import read_resolved
-
-        task = read_resolved(run).get("task")
-        if task not in (None, "language-modeling"):
-            found.append(f"{run} is a {task} run; --choices and --lm-eval score language models")
+    problem = choices_task_problem(str(run), read_resolved(run).get("task"))
+    if problem:
+        found.insert(0, problem)
     if found:
         raise RunError("; ".join(found))
     t = load_trained(run, configs[0], str(dev))
-    if t.task.name != "language-modeling":
-        raise RunError(f"{run} is a {t.task.name} run; --choices and --lm-eval score language models")
+    problem = choices_task_problem(str(run), t.task.name)
+    if problem or t.data.tokenizer is None:
+        raise RunError(problem or f"{run} has no tokenizer; --choices and --lm-eval score language models")
     done: dict = {}
     if not setting.dense:
         calibration = (
@@ -128,9 +134,17 @@ def _from_run(run: Path, dev: torch.device, setting: PruneSetting, data_dir: str
             else None
         )
         chosen = setting.pattern if setting.pattern != "unstructured" else setting.sparsity
-        masks, _, _ = prune_once(t.model, setting.pruner, chosen, setting.scope, (), calibration)
+        from varprune.engine.sweep import default_scope
+
+        scope = setting.scope or default_scope(t.task.name)
+        masks, _, _ = prune_once(t.model, setting.pruner, chosen, scope, (), calibration)
         from varprune.numerics.pruning import realised_sparsity
 
-        done = {"pruner": setting.pruner, "setting": chosen, "realised_sparsity": realised_sparsity(masks)}
+        done = {
+            "pruner": setting.pruner,
+            "setting": chosen,
+            "scope": scope,
+            "realised_sparsity": realised_sparsity(masks),
+        }
     t.model.eval()
     return LanguageModel(t.model, t.data.tokenizer, model_positions(t.model, t.cfg.seq_len), dev, t.amp, str(run), done)

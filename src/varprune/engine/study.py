@@ -90,6 +90,17 @@ def run_study(
             cfg = dataclasses.replace(base, method=method, seed=seed)
             found += [p for p in problems(cfg) if p not in found]
             configs[(method, seed)] = cfg
+    if spec.choices:  # before any training: the study's runs must be language models
+        from varprune.data.base import DatasetError
+        from varprune.data.registry import dataset_info
+        from varprune.engine.choices import choices_task_problem
+
+        try:
+            problem = choices_task_problem(f"--dataset {base.dataset}", dataset_info(base.dataset).task)
+        except DatasetError:
+            problem = None  # an unknown dataset: problems(cfg) says so
+        if problem:
+            found.append(problem)
     if not methods or not seeds:
         found.append("a study needs at least one method and one seed")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):

@@ -450,13 +450,7 @@ def prune_runs(
     dev = resolve_device(device)
     configs, found = check_runs(runs, data_dir)  # every folder checked before any work
     found += spec.problems()
-    if spec.choices:  # before any work: every run must be a language model
-        from varprune.engine.runconfig import read_resolved
-
-        for run in runs:
-            task = read_resolved(run).get("task")
-            if task not in (None, "language-modeling"):
-                found.append(f"--choices scores a language model's continuations; {run} is a {task} run")
+    found += choices_run_problems(runs, spec)
     if found:
         raise RunError("; ".join(found))
     cache: dict[tuple, RunData] = {}  # load_trained's data cache: runs on the same data share it
@@ -504,16 +498,24 @@ def prune_runs(
     return out
 
 
+def choices_run_problems(runs: list[Path], spec: SweepSpec) -> list[str]:
+    """With ``--choices``, every run must be a language model (checked before any work)."""
+    from varprune.engine.choices import choices_task_problem
+    from varprune.engine.runconfig import read_resolved
+
+    found = [choices_task_problem(str(run), read_resolved(run).get("task")) for run in runs] if spec.choices else []
+    return [p for p in found if p]
+
+
 def _choices_measure(spec: SweepSpec, t) -> Callable[[nn.Module], dict] | None:
     """The sweep's ``--choices`` measurement of a loaded run, or None; a run that is no language model is refused."""
     if not spec.choices:
         return None
-    if t.task.name != "language-modeling":
-        raise RunError(
-            f"--choices scores a causal language model's continuations; {t.run} is a {t.task.name} run: drop "
-            f"--choices for it"
-        )
-    from varprune.engine.choices import choice_results, model_positions
+    from varprune.engine.choices import choice_results, choices_task_problem, model_positions
+
+    problem = choices_task_problem(str(t.run), t.task.name)
+    if problem or t.data.tokenizer is None:
+        raise RunError(problem or f"{t.run} has no tokenizer; --choices scores language models")
 
     sets, positions = spec.choice_sets, model_positions(t.model, t.cfg.seq_len)
     return lambda model: choice_results(model, t.data.tokenizer, sets, positions, amp=t.amp)

@@ -78,7 +78,7 @@ def loglikelihoods(
     max_batch: int = MAX_BATCH,
 ) -> list[float]:
     """The summed log-probability of each request's continuation tokens given its context tokens."""
-    return scored(model, requests, max_length, device, amp, logits_bytes, max_batch)[0]
+    return scored(model, requests, max_length, device, amp, logits_bytes, max_batch, greedy=False)[0]
 
 
 @torch.no_grad()
@@ -90,9 +90,10 @@ def scored(
     amp: str = "none",
     logits_bytes: int = LOGITS_BYTES,
     max_batch: int = MAX_BATCH,
+    greedy: bool = True,
 ) -> tuple[list[float], list[bool]]:
     """:func:`loglikelihoods`, and whether each continuation is the model's greedy one (every token its argmax:
-    lm-eval's ``is_greedy``)."""
+    lm-eval's ``is_greedy``; all False unless ``greedy``, which costs an argmax over the vocabulary)."""
     inputs, starts = [], []
     for ctx, cont in requests:
         if not cont:
@@ -106,29 +107,39 @@ def scored(
         starts.append(len(whole) - 1 - len(cont))  # the first position that predicts a continuation token
     was_training = model.training
     model.eval()
-    parts, greedy, order = [], [], []
+    parts, tops, order = [], [], []
     try:
         vocab = _vocab(model, device, inputs[0]) if inputs else 1
         for batch in _batches([len(x) - 1 for x in inputs], vocab, logits_bytes, max_batch):
             width = len(inputs[batch[0]]) - 1
             ids = torch.zeros(len(batch), width + 1, dtype=torch.long)
-            keep = torch.zeros(len(batch), width, dtype=torch.bool)
+            rows: list[int] = []
+            positions: list[int] = []  # the continuation's positions only: the context's logits are not scored
             for row, i in enumerate(batch):
                 ids[row] = inputs[i][-1]  # padding a causal model never sees from the scored positions; not the
                 ids[row, : len(inputs[i])] = torch.tensor(inputs[i])  # pad id, which transformers warns about
-                keep[row, starts[i] : len(inputs[i]) - 1] = True
-            ids, keep = ids.to(device, non_blocking=True), keep.to(device, non_blocking=True)
+                rows += [row] * (len(inputs[i]) - 1 - starts[i])
+                positions += range(starts[i], len(inputs[i]) - 1)
+            ids = ids.to(device, non_blocking=True)
+            at = torch.tensor(rows).to(device, non_blocking=True), torch.tensor(positions).to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = logits_of(model(ids[:, :-1]))
-            logp = F.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-            parts.append(torch.where(keep, logp.double(), 0.0).sum(1))  # stays on the device: one sync at the end
-            greedy.append(((logits.argmax(-1) == ids[:, 1:]) | ~keep).all(1))
+            chosen, target = logits[at].float(), ids[at[0], at[1] + 1]  # index tensors: no host synchronisation
+            logp = F.log_softmax(chosen, -1).gather(-1, target[:, None])[:, 0].double()
+            total = torch.zeros(len(batch), dtype=torch.float64, device=logp.device)
+            parts.append(total.index_add_(0, at[0], logp))  # stays on the device: one transfer at the end
+            if greedy:
+                wrong = (chosen.argmax(-1) != target).float()
+                tops.append(torch.zeros(len(batch), device=logp.device).index_add_(0, at[0], wrong) == 0)
             order.extend(batch)
-            del logits, logp
+            del logits, chosen, logp
         scores, best = [0.0] * len(requests), [False] * len(requests)
         if parts:
-            for i, value, top in zip(order, torch.cat(parts).tolist(), torch.cat(greedy).tolist()):
-                scores[i], best[i] = value, bool(top)
+            for i, value in zip(order, torch.cat(parts).tolist()):
+                scores[i] = value
+        if tops:
+            for i, top in zip(order, torch.cat(tops).tolist()):
+                best[i] = bool(top)
     finally:
         model.train(was_training)
     return scores, best
