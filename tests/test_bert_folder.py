@@ -234,6 +234,7 @@ def test_the_folder_tokenizer_is_kept_through_train_and_export(pipeline):
         assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"
     auto = transformers.AutoTokenizer.from_pretrained(next(iter(exported.values())), local_files_only=True)
     assert auto(sample)["input_ids"] == own.encode(sample).ids
+    assert (auto.cls_token, auto.sep_token) == ("[CLS]", "[SEP]")  # by role, as the folder's own tokenizer_config
     assert (
         auto.pad_token == "[PAD]"
         and auto.model_max_length == json.loads((folder / "config.json").read_text())["max_position_embeddings"]
@@ -250,3 +251,25 @@ def test_a_run_of_the_folder_reevaluates_as_prune_json(pipeline, capsys):
     )  # fmt: skip
     assert rc == 0, err
     assert json.loads(stdout.splitlines()[-1])["accuracy"] == pytest.approx(_row(doc, "wanda", 0.5)["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "single, roles",
+    [
+        ("[CLS] $A [SEP]", {"cls_token": "[CLS]", "sep_token": "[SEP]"}),
+        ("<cls> $A", {"cls_token": "<cls>"}),  # varprune's own classification tokenizer
+        ("$A </s>", {"sep_token": "</s>"}),
+        ("$A", {}),
+    ],
+)
+def test_the_exported_tokenizer_config_names_the_tokens_around_a_text(single, roles):
+    from tokenizers import processors
+
+    from varprune.storage.hf_folder import _template_roles
+
+    special = [(t, i) for i, t in enumerate(("[CLS]", "[SEP]", "<cls>", "</s>")) if t in single]
+    post = processors.TemplateProcessing(single=single, special_tokens=special)
+    assert _template_roles(json.loads(post.__getstate__())) == roles
+    assert _template_roles(None) == {} and _template_roles({"type": "ByteLevel"}) == {}
+    bert = processors.BertProcessing(("[SEP]", 1), ("[CLS]", 0))
+    assert _template_roles(json.loads(bert.__getstate__())) == {"cls_token": "[CLS]", "sep_token": "[SEP]"}
