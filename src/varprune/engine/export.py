@@ -228,6 +228,11 @@ def export_loaded(
             doc = json.loads(tokenizer)
             doc["post_processor"] = None
             tokenizer = json.dumps(doc)
+        config = getattr(model, "config", None)
+        if config is not None and info.task == "text-classification" and len(info.class_names) == config.num_labels:
+            # the labels by name (not transformers' LABEL_k): a pipeline or a reader of config.json sees the topics
+            config.id2label = dict(enumerate(info.class_names))
+            config.label2id = {name: i for i, name in enumerate(info.class_names)}
         save_hf_folder(
             model.cpu(),
             out,

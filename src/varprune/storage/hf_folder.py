@@ -87,6 +87,8 @@ def _tokenizer_files(text: str, config, special_tokens: dict | None) -> dict[str
     unk = getattr(tok.model, "unk_token", None)
     if isinstance(unk, str) and tok.token_to_id(unk) is not None:
         cfg["unk_token"] = unk
+    roles = _template_roles(json.loads(text).get("post_processor"))
+    cfg.update({role: token for role, token in roles.items() if tok.token_to_id(token) is not None})
     for key in ("n_positions", "max_position_embeddings"):
         if isinstance(getattr(config, key, None), int):
             cfg["model_max_length"] = getattr(config, key)
@@ -99,6 +101,29 @@ def _tokenizer_files(text: str, config, special_tokens: dict | None) -> dict[str
         "tokenizer.json": text.encode(),
         "tokenizer_config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
     }
+
+
+def _template_roles(post) -> dict[str, str]:
+    """``cls_token`` / ``sep_token`` from the special tokens a tokenizer adds around a single text: the
+    post-processor's first token before the text and last one after it (BERT's ``[CLS] $A [SEP]``, varprune's own
+    ``<cls> $A``), so that ``AutoTokenizer`` knows them by role, as a BERT folder's own tokenizer_config does."""
+    if not isinstance(post, dict):
+        return {}
+    if post.get("type") in ("BertProcessing", "RobertaProcessing"):
+        return {f"{role}_token": post[role][0] for role in ("cls", "sep") if isinstance(post.get(role), list)}
+    if post.get("type") != "TemplateProcessing" or not isinstance(post.get("single"), list):
+        return {}
+    single = [piece for piece in post["single"] if isinstance(piece, dict)]
+    kinds = ["SpecialToken" in piece for piece in single]
+    if False not in kinds:  # no $A in the template: nothing to place the tokens by
+        return {}
+    first, last = kinds.index(False), len(kinds) - 1 - kinds[::-1].index(False)
+    roles = {}
+    if first > 0:
+        roles["cls_token"] = single[0]["SpecialToken"]["id"]
+    if last < len(single) - 1:
+        roles["sep_token"] = single[-1]["SpecialToken"]["id"]
+    return roles
 
 
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -173,7 +198,8 @@ def save_hf_folder(
     ``tokenizer_json``: a ``tokenizers.Tokenizer``, a path to a
     ``tokenizer.json`` (``os.PathLike``) or its JSON text (``str``); it must
     fit the model's vocabulary. Its ``tokenizer_config.json`` names the bos,
-    eos and pad tokens of the model's config and the tokenizer's unk token;
+    eos and pad tokens of the model's config, the tokenizer's unk token and
+    the cls/sep tokens its post-processor puts around a text;
     ``special_tokens`` (``{"cls_token": "[CLS]", ...}``) adds or replaces
     roles. ``metadata``: strings stored in model.safetensors' header (not
     ``format`` or ``sha256``). ``values``: ``"fp32"``, ``"fp16"`` or ``"bf16"``
