@@ -106,8 +106,9 @@ def convert_gguf(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with _quiet(transformers):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         provenance = {
             "source": str(path.resolve()),
             "source_sha256": file_digest(path),
@@ -131,9 +132,9 @@ def convert_gguf(
     return provenance
 
 
-def _load(transformers, path: Path):
-    """The model (float32) and tokenizer from the GGUF file, transformers' progress bars and advice kept off
-    the terminal (a failure still raises, and is translated into one line)."""
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' progress bars, advice and warnings kept off the terminal (a failure still raises)."""
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     progress = transformers.utils.logging.is_progress_bar_enabled()
@@ -141,6 +142,17 @@ def _load(transformers, path: Path):
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _load(transformers, path: Path):
+    """The model (float32) and tokenizer from the GGUF file, quietly; a failure is translated into one line."""
+    try:
+        with _quiet(transformers):
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32
             )
@@ -150,8 +162,4 @@ def _load(transformers, path: Path):
             f"{path}: transformers could not read it ({str(e).strip().splitlines()[0][:160]}); it reads the GGUF "
             f"architectures and quantization types it lists in its GGUF documentation"
         ) from None
-    finally:
-        transformers.logging.set_verbosity(level)
-        if progress:
-            transformers.utils.logging.enable_progress_bar()
     return model, tokenizer
