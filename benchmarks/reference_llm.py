@@ -265,6 +265,10 @@ def main(argv=None) -> int:
             common = sorted(set(ours) & set(theirs))
             total = sum(theirs[k].numel() for k in common)
             agree = sum(int((ours[k].to(theirs[k].device) == theirs[k]).sum()) for k in common) / total
+            first = [k for k in common if k.startswith("model.layers.0.")]  # same inputs for both: no cascade yet
+            agree_first = sum(int((ours[k].to(theirs[k].device) == theirs[k]).sum()) for k in first) / sum(
+                theirs[k].numel() for k in first
+            )
             row = {
                 "pruner": pruner,
                 "setting": text,
@@ -273,6 +277,7 @@ def main(argv=None) -> int:
                 "layers_only_reference": sorted(set(theirs) - set(ours)),
                 "fallback": fallback,
                 "mask_agreement": agree,
+                "mask_agreement_block0": agree_first,
                 "sparsity_varprune": 1 - sum(int(ours[k].sum()) for k in common) / total,
                 "sparsity_reference": 1 - sum(int(theirs[k].sum()) for k in common) / total,
                 "perplexity_varprune": ours_ppl,
@@ -282,7 +287,8 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             print(
-                f"{pruner:9s} {text:>4s}: masks agree on {100 * agree:.3f}% of {total:,} weights; sparsity "
+                f"{pruner:9s} {text:>4s}: masks agree on {100 * agree:.3f}% of {total:,} weights "
+                f"({100 * agree_first:.3f}% in block 0); sparsity "
                 f"{100 * row['sparsity_varprune']:.2f}% / {100 * row['sparsity_reference']:.2f}%; perplexity "
                 f"{ours_ppl:.3f} (varprune) / {ref_ppl:.3f} (reference); {ours_s:.1f} s / {ref_s:.1f} s",
                 flush=True,
