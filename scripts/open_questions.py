@@ -117,8 +117,8 @@ STUDIES = {
     # engine/llmdemo.py's "cpu" size; {smollm2} is the converted folder
     "llm": {
         "train": shlex.split(
-            "--dataset fortunes --model hf:{smollm2} --seq-len 128 --batch-size 8 --epochs 1 --limit-train 192 "
-            "--limit-test 24 --lr 5e-5 --warmup-epochs 0.1"
+            "--dataset fortunes --model hf:{smollm2} --seq-len 128 --batch-size 8 --epochs 1 --limit-train 128 "
+            "--limit-test 16 --lr 5e-5 --warmup-epochs 0.1"
         ),
         "methods": [("adamw", ["--method", "sgd"]), ("var-s1", ["--method", "var", "--var-strength", "1"])],
         "sweep": shlex.split(

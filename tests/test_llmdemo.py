@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import cli, one_line_error
+from text_helpers import tiny_llama_folder
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -20,27 +21,7 @@ FORTUNES = "/usr/share/games/fortunes"
 
 
 def _tiny_llama(folder):
-    from test_pretrained import _tokenizer
-
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8)
-    model.save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    return model
+    return tiny_llama_folder(folder, tie=True)
 
 
 def test_convert_gguf_refuses_bad_input_in_one_line(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import cli, one_line_error, snapshot
-from text_helpers import TRAIN_TEXT, WORDS, cls_corpus, lm_corpus
+from text_helpers import WORDS, cls_corpus, lm_corpus, tiny_llama_folder, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -18,20 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 SEQ = 16
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<pad>"],
-        show_progress=False,
-    )
-    tok.train_from_iterator([TRAIN_TEXT], trainer)
-    return tok
+_tokenizer = tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +28,8 @@ def folders(tmp_path_factory):
     t = transformers
     root = tmp_path_factory.mktemp("pretrained")
     tok = _tokenizer()
-    torch.manual_seed(0)
-    llama = t.LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = t.LlamaForCausalLM(llama)
-    with torch.no_grad():  # weights of a trained model's scale, so that pruning changes the perplexity visibly
-        for p in model.parameters():
-            p.mul_(3)
-    model.save_pretrained(root / "llama")
-    tok.save(str(root / "llama" / "tokenizer.json"))
+    # weights of a trained model's scale, so that pruning changes the perplexity visibly
+    tiny_llama_folder(root / "llama", tie=False, tok=tok, scale=3)
     bert = t.BertConfig(
         num_hidden_layers=2,
         hidden_size=32,

@@ -68,3 +68,47 @@ def llama3_style_tokenizer():
     )
     tok.train_from_iterator([TRAIN_TEXT.replace("\n", ".\n")], trainer)
     return TextTokenizer(tok, None, "llama-3 style")
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained on TRAIN_TEXT (tokenizers), with a <pad> token: a model folder's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<pad>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([TRAIN_TEXT], trainer)
+    return tok
+
+
+def tiny_llama_folder(folder, tie: bool, tok=None, seed: int = 0, scale: float = 8.0):
+    """A tiny random LlamaForCausalLM (2 blocks, width 32) saved with save_pretrained into ``folder`` with
+    ``tok``'s tokenizer.json; its weights scaled to a trained model's size, so pruning moves the perplexity."""
+    import torch
+    import transformers
+
+    tok = tok or tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(folder)
+    tok.save(str(Path(folder) / "tokenizer.json"))
+    return model
