@@ -245,3 +245,30 @@ def test_pickle_only_and_gguf_folders_say_how_to_convert(good, tmp_path):
     _refused(only, f"holds a GGUF file \\(model-Q4_1.gguf\\).*`varprune convert-gguf {only / gguf.name} DIR`")
     shutil.copy(good / "gpt2" / "config.json", only)  # with a config.json beside it: the same advice
     _refused(only, "holds a GGUF file")
+
+
+def test_a_command_prints_each_load_note_once_and_library_use_prints_nothing(tmp_path, capsys):
+    """config.json's out-of-vocabulary bos/eos (GPT2Config's 50256) are load notes: a command prints each once,
+    one line on stderr; create_model alone prints nothing (the notes stay on the model)."""
+    from text_helpers import llama3_style_tokenizer, lm_corpus
+
+    tok = llama3_style_tokenizer()
+    folder = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY, "vocab_size": tok.vocab_size})).save_pretrained(
+        folder
+    )
+    tok.tokenizer.save(str(folder / "tokenizer.json"))
+    lm_corpus(tmp_path / "lm")
+    capsys.readouterr()
+    model = create_model(f"hf:{folder}")
+    assert len(model.varprune_load_notes) == 2 and capsys.readouterr() == ("", "")
+    args = ["evaluate", f"hf:{folder}", "--dataset", "text", "--data-dir", tmp_path / "lm", "--seq-len", "16"]
+    rc, out, err = cli(capsys, *args, "--device", "cpu")
+    assert rc == 0 and "perplexity" in out
+    notes = [line for line in err.splitlines() if line.startswith("varprune: note: ")]
+    vocab = tok.vocab_size - 1
+    assert notes == [
+        f"varprune: note: hf:{folder}: config.json's {key}_token_id 50256 is outside the vocabulary (0..{vocab}): "
+        "not used"
+        for key in ("bos", "eos")
+    ], err

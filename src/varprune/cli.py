@@ -21,6 +21,7 @@ where torch or numpy are broken: that is when it is needed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -101,6 +102,21 @@ def _on_sigterm(signum, frame):
     os._exit(code)
 
 
+class _NotesOnce(logging.Handler):
+    """A model folder's load notes (models/hf.py logs them at INFO): each printed once a command, one line on
+    stderr, as ``varprune: note: hf:DIR: ...``; library use prints nothing (no handler there)."""
+
+    def __init__(self, who: str):
+        super().__init__(logging.INFO)
+        self.who, self.seen = who, set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = " ".join(record.getMessage().split())
+        if line not in self.seen:
+            self.seen.add(line)
+            _say(f"{self.who}: note: {line}")
+
+
 def _interrupted(argv, e: BaseException) -> str:
     note = kept_note(e)
     if note is not None:
@@ -132,6 +148,10 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
+    notes = logging.getLogger("varprune.load_notes")
+    handler, level = _NotesOnce(who), notes.level
+    notes.addHandler(handler)
+    notes.setLevel(logging.INFO)
     code = EXIT_OK
     together = False  # every process failed at the same point (distributed.agreed): they leave the group together
     try:
@@ -161,6 +181,8 @@ def main(argv=None) -> int:
         _say(f"{who}: error: {one_line(e)}{extra}")
         return code
     finally:
+        notes.removeHandler(handler)
+        notes.setLevel(level)
         _ended["code"] = code
         try:
             distributed.shutdown(together=code == EXIT_OK or together)

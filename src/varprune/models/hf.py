@@ -49,6 +49,7 @@ parameters and bytes without building.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -74,6 +75,9 @@ BOUNDS = {
     "num_classes": (2, 65536),
 }
 HF_FOLDER_OPTIONS = {"dtype": "float32", "keep_head": False}
+# load notes go to this logger at INFO: silent in library use unless the caller sets logging up; the command line
+# prints each once (cli.py)
+LOAD_NOTES = logging.getLogger("varprune.load_notes")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "meta-llama/Llama-2-7b-hf"
@@ -543,8 +547,11 @@ def create_hf_folder_model(
     if task == TC and not keep_head:
         new |= _new_head(model)
     model.varprune_new_parameters = sorted(new)
-    # what transformers said and varprune did not translate: kept, not printed (varprune's line is the only one)
+    # what transformers said and varprune did not translate: kept on the model, and logged at INFO (a command
+    # prints each once as "note: hf:DIR: ..."; a library caller sees them only through logging)
     model.varprune_load_notes = [n for n in notes if "LOAD REPORT" not in n]
+    for note in model.varprune_load_notes:
+        LOAD_NOTES.info("hf:%s: %s", path, note)
     if task == LM:  # varprune's windows are never padded: transformers' guess from a pad id in them is noise
         for module in model.modules():
             if hasattr(module, "warn_if_padding_and_no_attention_mask"):

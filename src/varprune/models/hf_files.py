@@ -10,7 +10,9 @@ of only ``pytorch_model*.bin`` (pickle) or a GGUF file is refused with how to co
 During (`transformers_quiet`): transformers' log records and Python warnings are collected instead of
 printed, so that varprune's one line is the only one; what matters is read and translated: the load report
 (``output_loading_info``) by `check_loaded`, out-of-vocabulary token ids of config.json by
-`clear_bad_token_ids`. What is left is kept on the model (``varprune_load_notes``), not lost.
+`clear_bad_token_ids`. What is left is kept on the model (``varprune_load_notes``) and logged at INFO on
+``varprune.load_notes``: a command prints each note once (``varprune: note: hf:DIR: ...``), a library caller
+sees them only if it sets logging up.
 
 After (`check_loaded`): every weight the model needs came from the folder, with its shape
 (transformers would initialise a missing one randomly, say so in a log line and go on: a half-random model
