@@ -108,7 +108,8 @@ class _NotesOnce(logging.Handler):
 
     def __init__(self, who: str):
         super().__init__(logging.INFO)
-        self.who, self.seen = who, set()
+        self.who = who
+        self.seen: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         line = " ".join(record.getMessage().split())
