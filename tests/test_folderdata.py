@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import cli, one_line_error
 from varprune.data import DatasetError, DeviceLoader
 from varprune.data.folders import (
     FolderImageData,
@@ -18,6 +19,7 @@ from varprune.data.folders import (
     read_imagefolder,
     read_tiny_imagenet,
     scan_imagefolder,
+    scan_tiny_imagenet,
 )
 from varprune.data.streaming import StreamingLoader, streaming_info
 from varprune.device import available_memory, fits_on_device
@@ -304,3 +306,19 @@ def test_channel_stats_constant_channel():
     x = torch.full((2, 1, 3, 3), 7, dtype=torch.uint8)
     mean, std = channel_stats(x)
     assert mean[0] == pytest.approx(7 / 255) and std[0] > 0
+
+
+def test_fewer_than_two_classes_is_refused_in_one_line_and_nothing_is_written(tmp_path, capsys):
+    """One class trains to 100% and says nothing: refused by the listing (imagefolder and Tiny ImageNet), and by
+    train as one line, exit 2, before its run folder exists."""
+    _folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(DatasetError, match=r"only one class folder \(cat\): a classifier needs at least two"):
+        scan_imagefolder(tmp_path / "one")
+    _tiny(tmp_path / "t", wnids=("n01",))
+    (tmp_path / "t" / "val" / "val_annotations.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"wnids.txt has only one class \(n01\)"):
+        scan_tiny_imagenet(tmp_path / "t")
+    out = tmp_path / "run"
+    args = ["--dataset", "imagefolder", "--data-dir", tmp_path / "one", "--model", "mlp", "--epochs", "1"]
+    rc, _, err = cli(capsys, "train", *args, "--device", "cpu", "--out", out)
+    assert "at least two classes" in one_line_error(rc, err) and not out.exists()

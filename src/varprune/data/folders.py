@@ -26,8 +26,8 @@ Decoding (Pillow)
     ``image_size`` (much faster on large photos).
     Errors: an unreadable, truncated or too large image (base.open_image), a FIFO, socket or device named
     like an image or a text file of the layout (refused by the listing, never opened), an empty class
-    folder, val classes not in train, a missing train or val folder: DatasetError with one line naming
-    the path. Nothing is ever downloaded.
+    folder, fewer than two classes, val classes not in train, a missing train or val folder: DatasetError
+    with one line naming the path. Nothing is ever downloaded.
 
 Cache
     Decoding is slow, so the decoded arrays are kept in ``$VARPRUNE_CACHE`` (else

@@ -110,6 +110,13 @@ def _test_folder(root: Path) -> Path | None:
     return None
 
 
+def _two_classes(classes: list[str], where: Path, what: str) -> None:
+    """A classifier of one class predicts it always: it trains to 100% and prunes to 100% and says nothing."""
+    if len(classes) < 2:
+        found = f"only one {what} ({classes[0]})" if classes else f"no {what}"
+        raise DatasetError(f"{where} has {found}: a classifier needs at least two classes; add a {what} per class")
+
+
 def scan_imagefolder(root: str | os.PathLike) -> FileList:
     """List an ImageFolder tree (see the module docstring); strict, reads no image."""
     root = Path(root)
@@ -121,6 +128,7 @@ def scan_imagefolder(root: str | os.PathLike) -> FileList:
     classes = _subdirs(root / "train")
     if not classes:
         raise DatasetError(f"{root / 'train'} has no class folders: expected {IMAGEFOLDER_LAYOUT}")
+    _two_classes(classes, root / "train", "class folder")
     unknown = [c for c in _subdirs(test_dir) if c not in classes]
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
@@ -159,6 +167,7 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> FileList:
     wnids = [line.strip() for line in _read_lines(root / "wnids.txt")]
     if len(set(wnids)) != len(wnids):
         raise DatasetError(f"{root / 'wnids.txt'} lists a class twice; re-fetch the dataset")
+    _two_classes(wnids, root / "wnids.txt", "class")
     index = {w: i for i, w in enumerate(wnids)}
     names = dict(zip(wnids, wnids))
     words = root / "words.txt"
