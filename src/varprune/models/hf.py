@@ -510,7 +510,10 @@ def create_hf_folder_model(
             )
     limit = _max_positions(config)
     if max_positions is not None and limit is not None and max_positions > limit:
-        raise ModelError(f"hf:{path}: the model takes at most {limit} positions; max_positions is {max_positions}")
+        raise ModelError(  # max_positions is a command's --seq-len: name the flag, not only the argument
+            f"hf:{path}: the model takes at most {limit} positions (its config.json); max_positions (--seq-len) is "
+            f"{max_positions}: use --seq-len {limit} or less"
+        )
     for key, value in ids.items():
         if value is not None:
             check_int(key, value, 0, config.vocab_size - 1)
