@@ -380,6 +380,20 @@ def test_other_commands_send_a_model_folder_to_model_too(folders, tmp_path, caps
     )
 
 
+def test_evaluate_takes_a_model_folder_as_model_too(folders, capsys):
+    """prune, export and finetune take --model hf:DIR; evaluate takes it as FILE and as --model, the same."""
+    bert, data = f"hf:{folders / 'bert'}", ["--dataset", "text-classification", "--data-dir", folders / "cls"]
+    measured = [cli(capsys, "evaluate", *given, *data, "--seq-len", SEQ, "--device", "cpu") for given in
+                ([bert], ["--model", bert])]  # fmt: skip
+    assert measured[0][0] == 0 and "accuracy: " in measured[0][1] and measured[1] == measured[0]
+    rc, _, err = cli(capsys, "evaluate", folders / "x.safetensors", "--model", bert, *data)
+    assert f"give {folders / 'x.safetensors'} or --model {bert}, not both" in one_line_error(rc, err)
+    rc, _, err = cli(capsys, "evaluate", "--model", "gpt2", *data)
+    assert "evaluate --model takes a model folder as hf:DIR, not gpt2" in one_line_error(rc, err)
+    rc, _, err = cli(capsys, "evaluate")
+    assert "give what to evaluate" in one_line_error(rc, err)
+
+
 def test_prune_folder_refuses_in_one_line_before_writing(folders, tmp_path):
     from varprune.engine.pretrained import prune_folder
     from varprune.errors import RunError

@@ -24,7 +24,10 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "export, a run, or hf:DIR). hf:DIR with --dataset D: a Hugging Face model folder as it is, measured on D's "
         "test split (the dense model `prune --model hf:DIR` starts from).",
     )
-    p.add_argument("file", metavar="FILE|hf:DIR")
+    p.add_argument("file", metavar="FILE|hf:DIR", nargs="?")
+    p.add_argument(
+        "--model", metavar="hf:DIR", help="a model folder, as prune, export and finetune take it (the same as FILE)"
+    )
     p.add_argument("--data-dir", help="dataset folder, if not the one the run was trained from")
     c.add_other_data_flag(p)
     p.add_argument("--device", default="auto")
@@ -65,6 +68,7 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     from varprune.engine.export import evaluate_file
 
+    _model_as_file(args)
     if args.choices or args.lm_eval:
         return _accuracy(args)
     found = c.device_problem(args.device)
@@ -113,6 +117,21 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(metrics | {"metric": m} | ({"other_data": other} if other is not None else {})))
     return 0
+
+
+def _model_as_file(args) -> None:
+    """``--model hf:DIR`` is FILE given as prune, export and finetune take a folder; one of the two, once."""
+    if args.model is None:
+        if args.file is None:
+            raise UsageError("give what to evaluate: FILE (an export), a run folder, or hf:DIR (a model folder)")
+        return
+    if args.file is not None:
+        raise UsageError(f"give {args.file} or --model {args.model}, not both")
+    if not args.model.startswith("hf:"):
+        raise UsageError(
+            f"evaluate --model takes a model folder as hf:DIR, not {args.model}; an export or a run is given as FILE"
+        )
+    args.file = args.model
 
 
 def _accuracy(args) -> int:
