@@ -394,6 +394,20 @@ def test_evaluate_takes_a_model_folder_as_model_too(folders, capsys):
     assert "give what to evaluate" in one_line_error(rc, err)
 
 
+def test_choices_take_a_model_folder_as_hf_dir_as_the_other_flags_do(folders, tmp_path, capsys):
+    """`evaluate hf:DIR --choices Q` (the spelling --dataset and --commonsense take) scores the folder as the bare
+    DIR does; it said 'hf:DIR does not exist'."""
+    q = tmp_path / "q.jsonl"
+    rows = [{"context": "the quick", "choices": [" brown", " lazy"], "label": 0},
+            {"context": "the lazy", "choices": [" dog", " fox", " and"], "label": 1}]  # fmt: skip
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llama = folders / "llama"
+    scored = [cli(capsys, "evaluate", *given, "--choices", q, "--device", "cpu", "--json")
+              for given in ([llama], [f"hf:{llama}"], ["--model", f"hf:{llama}"])]  # fmt: skip
+    assert scored[0][0] == 0 and json.loads(scored[0][1].splitlines()[-1])["tasks"]["q"]["n"] == 2
+    assert scored[1] == scored[0] and scored[2] == scored[0]
+
+
 def test_prune_folder_refuses_in_one_line_before_writing(folders, tmp_path):
     from varprune.engine.pretrained import prune_folder
     from varprune.errors import RunError
