@@ -166,6 +166,16 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
     assert f"{path} line 3" in str(e.value)
 
 
+def test_an_empty_choices_file_is_not_called_a_split(tmp_path):
+    """The empty-file line is every reader's (text splits, --choices, choices convert): it may not speak of a
+    split's text where the file is a question file."""
+    path = tmp_path / "q.jsonl"
+    path.write_text("")
+    with pytest.raises(DatasetError) as e:
+        read_choices(path)
+    assert str(e.value) == f"{path} is empty (0 bytes); fill it, or point at the file that holds the data"
+
+
 def test_read_choices_and_duplicate_names(tmp_path):
     path = _write(tmp_path / "t.jsonl", ['{"context": "a", "choices": ["x", "y"], "label": 1}'])
     s = read_choices(path)

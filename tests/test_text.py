@@ -187,7 +187,9 @@ def test_bom_is_stripped(tmp_path):
         text.load("text-classification", tmp_path / "cls")
 
 
-@pytest.mark.parametrize(("content", "expected"), [(b"", "is empty;"), (b"\xef\xbb\xbf", "nothing but a byte-order")])
+@pytest.mark.parametrize(
+    ("content", "expected"), [(b"", "is empty (0 bytes);"), (b"\xef\xbb\xbf", "nothing but a byte-order")]
+)
 def test_empty_file(tmp_path, content, expected):
     write(tmp_path, {"train.txt": "fine\n", "test.txt": content})
     message = one_line_error(text.load, "text", tmp_path)

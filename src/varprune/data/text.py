@@ -170,7 +170,7 @@ def read_bytes(path: str | os.PathLike, factor: int = TEXT_MEMORY_FACTOR) -> byt
     with open_regular(path) as f:
         st = os.fstat(f.fileno())
         if st.st_size == 0:
-            raise DatasetError(f"{path} is empty; it should hold the split's text")
+            raise DatasetError(f"{path} is empty (0 bytes); fill it, or point at the file that holds the data")
         free = available_memory("cpu")
         if st.st_size * factor > free:
             raise DatasetError(
@@ -195,7 +195,9 @@ def decode_utf8(raw: bytes, path: str | os.PathLike) -> str:
             f"e.g. iconv -f latin1 -t utf-8"
         ) from None
     if not text:
-        raise DatasetError(f"{path} is empty (nothing but a byte-order mark); it should hold the split's text")
+        raise DatasetError(
+            f"{path} is empty (nothing but a byte-order mark); fill it, or point at the file that holds the data"
+        )
     return text
 
 
