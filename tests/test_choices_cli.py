@@ -138,6 +138,15 @@ def test_bad_choices_files_are_one_line_and_nothing_is_written(lm_run, capsys, t
     assert before == after
 
 
+def test_a_run_pruned_by_wanda_before_scoring_takes_the_default_calibration(lm_run, capsys):
+    """Without --calib-samples evaluate --choices --pruner wanda said '--calib-samples must be an integer in [1,
+    1048576], got None'; it draws the default 128, as prune and export do."""
+    args = ["evaluate", lm_run / "run", "--choices", lm_run / "q.jsonl", "--sparsity", "0.5", "--pruner", "wanda"]
+    rc, out, err = cli(capsys, *args, "--json")
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1])["pruned"]["pruner"] == "wanda"
+
+
 def test_bad_conversions_are_one_line(capsys, tmp_path):
     src = tmp_path / "rows.jsonl"
     src.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n" + '{"goal": "g"}\n')

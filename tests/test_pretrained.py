@@ -408,6 +408,23 @@ def test_choices_take_a_model_folder_as_hf_dir_as_the_other_flags_do(folders, tm
     assert scored[1] == scored[0] and scored[2] == scored[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--commonsense", "CS", "--sparsity", "0.5"], "--sparsity does nothing with --commonsense; drop it"),
+        (["--choices", "Q", "--dtype", "bf16", "--seq-len", "8"], "--seq-len, --dtype do nothing with --choices"),
+        (["--choices", "Q", "--pruner", "wanda"], "--pruner does nothing with --choices/--lm-eval"),
+        (["--dataset", "text", "--pruner", "wanda", "--limit", "3"], "--limit, --pruner do nothing with hf:DIR"),
+    ],
+)
+def test_evaluate_refuses_flags_its_way_of_evaluating_never_reads(folders, tmp_path, capsys, args, message):
+    """evaluate measures in four ways; a flag the chosen one never reads was accepted and did nothing (a --sparsity
+    beside --commonsense measured the dense model)."""
+    names = {"CS": tmp_path, "Q": tmp_path / "q.jsonl"}
+    rc, _, err = cli(capsys, "evaluate", f"hf:{folders / 'llama'}", *[names.get(a, a) for a in args])
+    assert message in one_line_error(rc, err)
+
+
 def test_prune_folder_refuses_in_one_line_before_writing(folders, tmp_path):
     from varprune.engine.pretrained import prune_folder
     from varprune.errors import RunError

@@ -61,7 +61,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         "--batch-size", type=int, default=16, help="prompts generated together with --commonsense (default 16)"
     )
     c.add_folder_data_flags(p.add_argument_group("a model folder hf:DIR (engine/pretrained.py)"), batch=False)
-    p.set_defaults(func=run)
+    flags = {a.dest: (a.option_strings[0], a.default) for a in p._actions if a.option_strings and a.dest != "help"}
+    p.set_defaults(func=run, flag_defaults=flags)
     return p
 
 
@@ -69,6 +70,7 @@ def run(args) -> int:
     from varprune.engine.export import evaluate_file
 
     _model_as_file(args)
+    _unread_flags(args)
     if args.choices or args.lm_eval:
         return _accuracy(args)
     found = c.device_problem(args.device)
@@ -119,6 +121,41 @@ def run(args) -> int:
     return 0
 
 
+# what each way of evaluating reads; any other flag given would do nothing, so it is refused
+_COMMON = {"file", "model", "device", "json"}
+_PRUNE = {"sparsity", "pattern"}  # a run pruned first (--choices, --lm-eval); refused with their own line elsewhere
+_READS = {
+    "--choices/--lm-eval": _COMMON
+    | _PRUNE
+    | {"choices", "lm_eval", "lm_eval_include", "limit", "data_dir"}
+    | {"commonsense"}  # refused with its own line: a separate measurement
+    | {"scope", "pruner", "calib_samples", "calib_seq_len", "calib_data"},
+    "--commonsense": _COMMON | {"commonsense", "batch_size"},
+    "hf:DIR --dataset": _COMMON | _PRUNE | {"data_dir", "dataset", "seq_len", "dtype", "limit_test"},
+    "an exported FILE": _COMMON | _PRUNE | {"data_dir", "other_data", "dataset", "seq_len"},
+}
+_PRUNED_BY = ("scope", "pruner", "calib_samples", "calib_seq_len", "calib_data")
+
+
+def _unread_flags(args) -> None:
+    """A flag this way of evaluating never reads is one line, before anything is loaded (a --sparsity beside
+    --commonsense measured the dense model, a --dtype beside --choices the float32 one, without a word)."""
+    if args.choices is not None or args.lm_eval is not None:
+        mode = "--choices/--lm-eval"
+    elif args.commonsense is not None:
+        mode = "--commonsense"
+    elif args.file.startswith("hf:"):
+        mode = "hf:DIR --dataset"
+    else:
+        mode = "an exported FILE"
+    given = {k: flag for k, (flag, default) in args.flag_defaults.items() if getattr(args, k) != default}
+    unread = [flag for k, flag in given.items() if k not in _READS[mode]]
+    if mode == "--choices/--lm-eval" and not _PRUNE & set(given):
+        unread += [flag for k, flag in given.items() if k in _PRUNED_BY]
+    if unread:
+        raise UsageError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} nothing with {mode}; drop it")
+
+
 def _model_as_file(args) -> None:
     """``--model hf:DIR`` is FILE given as prune, export and finetune take a folder; one of the two, once."""
     if args.model is None:
@@ -156,7 +193,7 @@ def _accuracy(args) -> int:
     if args.sparsity is not None and args.pattern != "unstructured":
         found.append("give --sparsity or --pattern, not both")
     elif args.sparsity is not None or args.pattern != "unstructured":
-        found += calibration_problems((args.pruner,), args.calib_samples, args.calib_seq_len, args.calib_data)
+        found += calibration_problems((args.pruner,), c.calib_samples(args), args.calib_seq_len, args.calib_data)
     if args.commonsense is not None:
         found.append("--commonsense is a separate measurement: run it without --choices and --lm-eval")
     where = Path(args.file[3:] if args.file.startswith("hf:") else args.file)
@@ -179,7 +216,7 @@ def _accuracy(args) -> int:
         args.pattern,
         args.pruner,
         args.scope,
-        args.calib_samples,
+        c.calib_samples(args),  # the flag's None is "not given": the default 128 then
         args.calib_seq_len,
         args.calib_data,
     )
