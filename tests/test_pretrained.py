@@ -194,6 +194,10 @@ def test_prune_folder_function_and_a_classifier_folder(folders, tmp_path):
         ),
         (["--model", "hf:LLAMA", "--dataset", "text", "--data-dir", "LM", "--out", "LLAMA"], "is the model folder"),
         (
+            ["--model", "hf:LLAMA", "--dataset", "text", "--data-dir", "LM", "--out", "OUT", "--other-data"],
+            "--other-data applies to a RUN: a model folder is measured on the --dataset given",
+        ),
+        (
             ["--model", "hf:LLAMA", "--dataset", "text", "--data-dir", "LM", "--out", "OUT", "--seq-len", "65"],
             "max_positions (--seq-len) is 65: use --seq-len 64 or less",
         ),

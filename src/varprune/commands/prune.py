@@ -103,6 +103,8 @@ def _prune_folder(args, found: list[str]) -> int:
         found.append("--model hf:DIR needs --out, the folder to write prune.json, prune.csv and prune.png into")
     if args.list_weights or args.plot or args.force:
         found.append("--list-weights, --plot and --force apply to RUNs, not to --model hf:DIR")
+    if args.other_data:  # as export and finetune say it
+        found.append("--other-data applies to a RUN: a model folder is measured on the --dataset given")
     spec = c.sweep_spec(args)
     found += spec.problems() + c.device_problem(args.device)
     if found:
