@@ -412,6 +412,24 @@ def test_choices_take_a_model_folder_as_hf_dir_as_the_other_flags_do(folders, tm
     assert scored[1] == scored[0] and scored[2] == scored[0]
 
 
+def test_prune_a_folder_with_choices_scores_them(folders, tmp_path, capsys):
+    """prune --model hf:DIR --choices Q recorded Q's sha256 in prune.json but scored nothing: now the dense and every
+    pruned row carry their accuracy, the dense one as evaluate hf:DIR --choices Q measures it."""
+    q = tmp_path / "q.jsonl"
+    rows = [{"context": "the quick", "choices": [" brown", " lazy"], "label": 0},
+            {"context": "the lazy", "choices": [" dog", " fox", " and"], "label": 1}]  # fmt: skip
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, out = f"hf:{folders / 'llama'}", tmp_path / "out"
+    args = ["--model", model, *LM_ARGS, "--data-dir", folders / "lm", "--sparsities", "0.5", "--out", out]
+    rc, stdout, err = cli(capsys, "prune", *args, "--choices", q)
+    assert rc == 0 and "Multiple-choice accuracy" in stdout, err
+    doc = json.loads((out / "prune.json").read_text())
+    assert doc["results"][0]["choices"]["tasks"]["q"]["n"] == 2
+    rc, stdout, err = cli(capsys, "evaluate", model, "--choices", q, "--device", "cpu", "--json")
+    scored = json.loads(stdout.splitlines()[-1])
+    assert doc["dense_choices"]["tasks"] == scored["tasks"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
