@@ -79,9 +79,14 @@ def open_language_model(
         return LanguageModel(model, tokenizer, model_positions(model), dev, amp, str(path))
     path = Path(path)
     kind = _kind(path)
-    if kind != "run" and not setting.dense:
+    if kind == "file" and not setting.dense:
         raise RunError(
             f"--sparsity and --pattern prune a run folder; {path} is an exported model, already pruned: drop them"
+        )
+    if kind == "folder" and not setting.dense:  # a folder may be dense (save_pretrained): not "already pruned"
+        raise RunError(
+            f"--sparsity and --pattern prune a run folder, not a model folder such as {path}: prune it with "
+            f"`varprune export --model hf:{path} --dataset D --sparsity S --format hf --out DIR`, then score DIR"
         )
     dev = resolve_device(device)
     if kind == "run":
