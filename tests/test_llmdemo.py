@@ -57,6 +57,35 @@ def test_gguf_header_is_read_and_a_model_too_large_is_refused_before_dequantizin
     assert "already exists" in line
 
 
+def test_a_gguf_lacking_its_layers_is_refused_not_filled_with_random_weights(tmp_path, capsys):
+    """A GGUF of a Llama whose file holds only the embedding (a tokenizer and metadata, every layer absent):
+    transformers initialises the rest randomly with a log line; convert-gguf wrote that folder, exit 0."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    tokens = [chr(c) for c in range(97, 123)] + ["<unk>", "<s>", "</s>"]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([1] * 26 + [2, 3, 3])
+    w.add_unk_token_id(26)
+    w.add_bos_token_id(27)
+    w.add_eos_token_id(28)
+    w.add_tensor("token_embd.weight", np.ones((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    line = one_line_error(*cli(capsys, "convert-gguf", path, tmp_path / "out")[:3:2])
+    assert "the file lacks model.layers.0." in line and "initialise them randomly" in line
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 def test_demo_flags_are_checked(capsys, tmp_path):
     line = one_line_error(*cli(capsys, "demo", "--task", "lm", "--model", "hf:x", "--out", tmp_path / "d")[:3:2])
     assert "--task llm" in line

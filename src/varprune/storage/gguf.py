@@ -153,8 +153,12 @@ def _load(transformers, path: Path):
     """The model (float32) and tokenizer from the GGUF file, quietly; a failure is translated into one line."""
     try:
         with _quiet(transformers):
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent),
+                gguf_file=path.name,
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # no raise pointing at a report nobody sees: read below instead
             )
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as e:
@@ -162,4 +166,21 @@ def _load(transformers, path: Path):
             f"{path}: transformers could not read it ({str(e).strip().splitlines()[0][:160]}); it reads the GGUF "
             f"architectures and quantization types it lists in its GGUF documentation"
         ) from None
+    # a weight the file lacks is initialised randomly by transformers, with only a log line (silenced above): a
+    # GGUF without its layers would otherwise convert into a folder of random weights
+    mismatched = [k for k in info.get("mismatched_keys", ()) if isinstance(k, (tuple, list)) and len(k) == 3]
+    if mismatched:
+        name, have, want = mismatched[0]
+        raise GGUFError(
+            f"{path}: {name} has shape {list(have)} in the file but {list(want)} by its metadata"
+            + (f" ({len(mismatched) - 1} more)" if len(mismatched) > 1 else "")
+            + "; the file is damaged or its metadata wrong: download it again"
+        )
+    missing = sorted(k for k in info.get("missing_keys", ()) if isinstance(k, str))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise GGUFError(
+            f"{path}: the file lacks {shown} (transformers would initialise them randomly); it is incomplete or "
+            f"of another architecture than its metadata says: download it again"
+        )
     return model, tokenizer
