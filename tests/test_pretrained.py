@@ -408,9 +408,10 @@ def test_choices_take_a_model_folder_as_hf_dir_as_the_other_flags_do(folders, tm
     llama = folders / "llama"
     scored = [cli(capsys, "evaluate", *given, "--choices", q, "--device", "cpu", "--json")
               for given in ([llama], [f"hf:{llama}"], ["--model", f"hf:{llama}"])]  # fmt: skip
-    assert scored[0][0] == 0 and json.loads(scored[0][1].splitlines()[-1])["tasks"]["q"]["n"] == 2
-    assert scored[1] == scored[0] and scored[2] == scored[0]
-    rc, _, err = cli(capsys, "evaluate", f"hf:{llama}", "--choices", q, "--sparsity", "0.5", "--device", "cpu")
+    tasks = [json.loads(out.splitlines()[-1])["tasks"] for _, out, _ in scored]
+    assert [rc for rc, _, _ in scored] == [0, 0, 0] and tasks[0]["q"]["n"] == 2
+    assert tasks[1] == tasks[0] and tasks[2] == tasks[0]
+    rc, _, err = cli(capsys, "evaluate", llama, "--choices", q, "--sparsity", "0.5", "--device", "cpu")
     line = one_line_error(rc, err)  # a dense folder is not "an exported model, already pruned"
     assert "not a model folder such as" in line and f"varprune export --model hf:{llama}" in line
 
