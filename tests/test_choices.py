@@ -326,10 +326,12 @@ def _toy_task(folder, sets, name="toy_mc"):
 
 
 @pytest.mark.slow  # lm-eval's import and task loading: about 30 s on 2 cores
-def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_path, monkeypatch):
+def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(tok, tmp_path, monkeypatch):
     """lm-eval's own HFLM on the same model and tokenizer (through transformers' fast tokenizer over the same
     tokenizers object) gives the acc and acc_norm that varprune computes; `--lm-eval` (varprune's LM wrapper
-    through simple_evaluate) gives them too."""
+    through simple_evaluate) gives them too. The model is its own (the module's may have been changed by the
+    tests before) with weights scaled up, so that no two choices' scores are within float noise of a tie (an
+    untrained model's near-uniform scores made the argmax depend on summation order)."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'varprune[eval]')")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -337,6 +339,11 @@ def test_lm_eval_itself_agrees_and_runs_on_the_model_in_memory(model, tok, tmp_p
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerFast
 
+    torch.manual_seed(0)
+    model = create_model("gpt2", vocab_size=tok.vocab_size, max_positions=24, n_layer=1, n_embd=32, n_head=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
     rng = random.Random(7)
     items = []
     for _ in range(16):  # contexts that end in one space: lm-eval's delimiter, so the two files are the same
