@@ -221,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--limit-test", type=int, default=24)
     p.add_argument("--settings", default="0.5,2:4", help="comma-separated sparsities and N:M patterns")
+    p.add_argument("--pruners", default="wanda,sparsegpt", help="which of wanda and sparsegpt to compare")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
@@ -248,7 +249,8 @@ def main(argv=None) -> int:
     print(f"{args.model} on {describe_device(device)}: dense perplexity {dense:.3f}; "
           f"{args.calib_samples} calibration windows of {args.seq_len} tokens")  # fmt: skip
     rows = []
-    for pruner, ref in (("wanda", ref_wanda), ("sparsegpt", ref_sparsegpt)):
+    references = {"wanda": ref_wanda, "sparsegpt": ref_sparsegpt}
+    for pruner, ref in ((name, references[name]) for name in args.pruners.split(",")):
         for text in args.settings.split(","):
             setting: float | str = text if ":" in text else float(text)
             nm = tuple(int(v) for v in text.split(":")) if ":" in text else None
