@@ -381,9 +381,10 @@ def folder_problems(args, run_given: bool, command: str) -> list[str]:
     model = getattr(args, "model", None)
     given = "--model " if command != "evaluate" else ""  # evaluate takes hf:DIR in place of its FILE
     if model is None:
-        used = [
-            f for f, v in (("--dataset", args.dataset), ("--seq-len", getattr(args, "seq_len", None))) if v is not None
-        ]
+        # finetune's --seq-len is also a training flag of a RUN: the one rule over settings (engine.checks) says
+        # where it does nothing
+        seq_len = getattr(args, "seq_len", None) if command != "finetune" else None
+        used = [f for f, v in (("--dataset", args.dataset), ("--seq-len", seq_len)) if v is not None]
         return [f"{', '.join(used)} applies to a model folder: give {given}hf:DIR (a RUN keeps its own)"] * bool(used)
     found = []
     if not model.startswith("hf:"):
