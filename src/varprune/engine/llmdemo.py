@@ -36,8 +36,8 @@ SIZES: dict[str, dict] = {
         COMMON, seq_len=512, batch_size=16, epochs=4, sparsities=[0.5, 0.7], calib_samples=128,
         choices=["fortunes-endings"],
     ),
-    # sized for 2 CPU cores (README, "A pretrained LLM: demo --task llm"): 16 steps of 8 windows of 128 tokens,
-    # perplexity on 16 test windows
+    # sized for 2 CPU cores: 16 steps of 8 windows of 128 tokens, perplexity on 16 test windows; 9.6 minutes on
+    # the 2-core Intel Xeon container, alone (README, "A real pretrained model"; docs/results/llm-demo.md)
     "cpu": dict(
         COMMON, seq_len=128, batch_size=8, epochs=1, limit_train=128, limit_test=16, sparsities=[0.5, 0.7],
         calib_samples=16,
