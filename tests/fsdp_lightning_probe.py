@@ -71,6 +71,11 @@ def main() -> None:
     state = full_state(module.model.state_dict())
     if trainer.global_rank == 0:
         torch.save({"state": state, "lam": callback.reg.lam}, out)
+    # Lightning leaves the process group up after fit; a process that exits with gloo's worker threads alive can
+    # abort in interpreter finalization ("terminate called without an active exception", seen under load), so
+    # both processes wait for each other and leave the group, as a script of the user's own should
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
