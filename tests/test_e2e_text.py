@@ -11,39 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import cli, one_line_error
+
+from helpers import cli, one_line_error
+from text_helpers import tiny_gpt2_flags
 
 pytestmark = pytest.mark.slow
 
 FORTUNES = Path("/usr/share/games/fortunes/fortunes")
 SEQ = 32
-LM = [
-    "--dataset",
-    "text",
-    "--model",
-    "gpt2",
-    "--model-arg",
-    "n_layer=1",
-    "--model-arg",
-    "n_embd=32",
-    "--model-arg",
-    "n_head=2",
-    "--seq-len",
-    str(SEQ),
-    "--vocab-size",
-    "300",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--limit-train",
-    "64",
-    "--limit-test",
-    "12",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+LM = [*tiny_gpt2_flags(n_embd=32, seq_len=SEQ, limit_train=64, limit_test=12, batch_size=8), "--quiet"]
 
 
 @pytest.fixture(scope="module")

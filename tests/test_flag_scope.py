@@ -7,34 +7,11 @@ import json
 import pytest
 
 from helpers import TINY, cli, one_line_error, snapshot, train_tiny
-from text_helpers import lm_corpus
+from text_helpers import lm_corpus, tiny_gpt2_flags
 from varprune.engine.checks import Scope, flag_problems, scope_problem
 from varprune.engine.config import TrainConfig
 
-TEXT = [
-    "--dataset",
-    "text",
-    "--model",
-    "gpt2",
-    "--model-arg",
-    "n_layer=1",
-    "--model-arg",
-    "n_embd=16",
-    "--model-arg",
-    "n_head=2",
-    "--seq-len",
-    "16",
-    "--vocab-size",
-    "300",
-    "--epochs",
-    "1",
-    "--limit-train",
-    "32",
-    "--limit-test",
-    "8",
-    "--device",
-    "cpu",
-]
+TEXT = tiny_gpt2_flags()
 
 
 @pytest.fixture(scope="module")

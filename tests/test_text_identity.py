@@ -15,35 +15,9 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, one_line_error, snapshot
-from text_helpers import TRAIN_TEXT, WORDS
+from text_helpers import TRAIN_TEXT, WORDS, tiny_gpt2_flags
 
-LM = [
-    "--dataset",
-    "text",
-    "--model",
-    "gpt2",
-    "--model-arg",
-    "n_layer=1",
-    "--model-arg",
-    "n_embd=16",
-    "--model-arg",
-    "n_head=2",
-    "--seq-len",
-    "16",
-    "--vocab-size",
-    "300",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--limit-train",
-    "16",
-    "--limit-test",
-    "4",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+LM = [*tiny_gpt2_flags(limit_train=16, limit_test=4, batch_size=8), "--quiet"]
 OTHER_TRAIN = "".join(
     f"pack my box with five dozen liquor jugs, sphinx of black quartz {i} judge my vow\n" for i in range(60)
 )

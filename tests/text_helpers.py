@@ -23,6 +23,17 @@ PIECES_SAMPLES = [
 ]
 
 
+def tiny_gpt2_flags(
+    n_embd: int = 16, seq_len: int = 16, limit_train: int = 32, limit_test: int = 8, batch_size: int | None = None
+) -> list[str]:
+    """`varprune train` flags for a one-block GPT-2 on a `text` folder (--data-dir and --out to add): a run of about
+    a second, the base the text tests vary."""
+    flags = ["--dataset", "text", "--model", "gpt2", "--model-arg", "n_layer=1", "--model-arg", f"n_embd={n_embd}"]
+    flags += ["--model-arg", "n_head=2", "--seq-len", str(seq_len), "--vocab-size", "300", "--epochs", "1"]
+    flags += ["--batch-size", str(batch_size)] if batch_size else []
+    return flags + ["--limit-train", str(limit_train), "--limit-test", str(limit_test), "--device", "cpu"]
+
+
 def one_line(call, *args, **kwargs) -> str:
     with pytest.raises(DatasetError) as e:
         call(*args, **kwargs)
