@@ -226,6 +226,27 @@ def test_a_model_folder_given_as_a_run_is_sent_to_model(folders, capsys):
     assert "is a Hugging Face model folder, not a run" in line and f"--model hf:{folders / 'llama'}" in line
 
 
+def test_a_folder_sweep_is_reused_by_the_rule_a_run_sweep_is(folders, lm_sweep, tmp_path, capsys):
+    """The same folder, data and settings: OUT/prune.json returned as it is, nothing rewritten; --force, or another
+    sequence length (which the run rule never needed: a run's is fixed), sweeps again."""
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(lm_sweep[0], out)
+    args = ["prune", "--model", f"hf:{folders / 'llama'}", *LM_ARGS, *CALIB, "--data-dir", folders / "lm"]
+    args += ["--pruners", "magnitude,wanda", "--sparsities", "0.5", "--patterns", "2:4", "--out", out]
+    before = snapshot(out)
+    rc, stdout, err = cli(capsys, *args)
+    assert rc == 0 and f"reusing {out / 'prune.json'}" in stdout and "| magnitude (layerwise) |" in stdout, err
+    assert snapshot(out) == before
+    rc, stdout, err = cli(capsys, *args, "--force")
+    assert rc == 0 and "reusing" not in stdout and "block 1/2 pruned" in stdout, err
+    shorter = [str(SEQ // 2) if a == SEQ else a for a in args]
+    rc, stdout, err = cli(capsys, *shorter)
+    assert rc == 0 and "reusing" not in stdout, err
+    assert json.loads((out / "prune.json").read_text())["seq_len"] == SEQ // 2
+
+
 def _row(doc, pruner, setting):
     return next(r for r in doc["results"] if (r["pruner"], r.get("pattern", r["sparsity"])) == (pruner, setting))
 

@@ -44,7 +44,8 @@ def add_parser(sub, epilog: str) -> argparse.ArgumentParser:
         action="store_true",
         help="sweep every run again; by default a run whose prune.json was made from its current "
         "weights with the same sparsities, scope, exclusions and BNT settings is reused, so an "
-        "interrupted sweep over several runs continues where it stopped",
+        "interrupted sweep over several runs continues where it stopped (with --model hf:DIR: an "
+        "OUT/prune.json of the same folder, data and settings)",
     )
     p.set_defaults(func=run)
     return p
@@ -96,13 +97,13 @@ def run(args) -> int:
 
 def _prune_folder(args, found: list[str]) -> int:
     """``prune --model hf:DIR --dataset D --out OUT``: the sweep of a folder as it is."""
-    from varprune.engine.pretrained import load_pretrained, out_problems, pretrained_problems, prune_pretrained
+    from varprune.engine.pretrained import out_problems, pretrained_problems, sweep_folder
     from varprune.report.tables import sweep_table
 
     if args.out is None:
         found.append("--model hf:DIR needs --out, the folder to write prune.json, prune.csv and prune.png into")
-    if args.list_weights or args.plot or args.force:
-        found.append("--list-weights, --plot and --force apply to RUNs, not to --model hf:DIR")
+    if args.list_weights or args.plot:
+        found.append("--list-weights and --plot apply to RUNs, not to --model hf:DIR")
     if args.other_data:  # as export and finetune say it
         found.append("--other-data applies to a RUN: a model folder is measured on the --dataset given")
     spec = c.sweep_spec(args)
@@ -117,7 +118,7 @@ def _prune_folder(args, found: list[str]) -> int:
         found += c.calibration_flag_problems(args, Scope.of_config(cfg, spec.pruners))
     if found:  # every problem at once, before any weight is read
         raise UsageError("; ".join(found))
-    doc = prune_pretrained(load_pretrained(cfg), spec, Path(args.out))
+    doc = sweep_folder(cfg, spec, Path(args.out), reuse=not args.force)
     print(sweep_table([(doc["label"], doc)]))
     print(f"wrote {Path(args.out) / 'prune.json'}, prune.csv and prune.png")
     return 0

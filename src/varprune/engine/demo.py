@@ -67,24 +67,9 @@ def demo_configs(size: str, data_dir: str | None, sizes=None, dataset=DATASET):
 
 def _pretrained_row(cfg: TrainConfig, spec: SweepSpec, out: Path, log) -> tuple[str, dict]:
     """The folder the fine-tuning runs started from, swept as they are (engine.pretrained): same test
-    windows, same calibration draw. Reused when OUT/prune.json was made from the same weights and settings."""
-    from varprune.data import dataset_info
-    from varprune.engine.pretrained import prune_folder, weights_digest
-    from varprune.report.tables import setting_key
+    windows, same calibration draw; OUT/prune.json reused by the rule a run's sweep is."""
+    from varprune.engine.pretrained import prune_folder
 
-    spec = spec.for_task(dataset_info(cfg.dataset).task)
-    try:
-        doc = json.loads((out / "prune.json").read_text())
-        if (
-            doc["weights_sha256"] == weights_digest(Path(cfg.model[3:]))
-            and {k: doc.get(k) for k in spec.record()} == spec.record()
-            and [setting_key(r) for r in doc["results"]] == spec.settings()
-            and doc["pretrained"]["data"].get("limit_test") == cfg.limit_test
-        ):
-            log(f"reusing {out / 'prune.json'} (same weights and settings)")
-            return "pretrained", doc
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
     doc = prune_folder(
         cfg.model,
         cfg.dataset,

@@ -209,9 +209,8 @@ def load_pretrained(cfg: TrainConfig, data_cache: dict | None = None, for_traini
     :func:`pretrained_problems` first: every problem is one RunError line)."""
     from varprune.data import load_tokenizer
     from varprune.device import resolve_amp, resolve_device
-    from varprune.engine.runs import RunData, build_model, data_fingerprint
+    from varprune.engine.runs import RunData, build_model
     from varprune.engine.textruns import load_text_data
-    from varprune.storage.files import file_digest
 
     found = pretrained_problems(cfg, for_training)
     if found:
@@ -226,15 +225,42 @@ def load_pretrained(cfg: TrainConfig, data_cache: dict | None = None, for_traini
         cache[key] = RunData(*load_text_data(cfg, dev, tokenizer=tokenizer))
     data = cache[key]
     model = build_model(cfg, data.info, dev, tokenizer=data.tokenizer).eval()
-    identity = {
+    identity = folder_identity(cfg, Path(tokenizer.source))
+    return Pretrained(folder, cfg, model, data, dev, resolve_amp(cfg.amp, dev), identity=identity)
+
+
+def folder_identity(cfg: TrainConfig, tokenizer: Path) -> dict:
+    """What prune.json and an exported file record of the folder ``cfg.model`` measured on ``cfg``'s data (no
+    weight is loaded): its path, the sha256 of its weights and of its tokenizer file, its config and dtype."""
+    from varprune.engine.runs import data_fingerprint
+    from varprune.storage.files import file_digest
+
+    folder = Path(cfg.model[3:])
+    return {
         "path": str(folder.resolve()),
         "weights_sha256": weights_digest(folder),
         "config": _read_config(folder),
         "dtype": _short(cfg.model_args.get("dtype", "float32")),
-        "tokenizer": {"path": str(tokenizer.source), "sha256": file_digest(Path(tokenizer.source))},
+        "tokenizer": {"path": str(tokenizer), "sha256": file_digest(tokenizer)},
         "data": data_fingerprint(cfg),
     }
-    return Pretrained(folder, cfg, model, data, dev, resolve_amp(cfg.amp, dev), identity=identity)
+
+
+def finished_folder_sweep(cfg: TrainConfig, spec, out: Path) -> dict | None:
+    """OUT/prune.json if ``prune --model`` made it from the folder as it is now (weights, tokenizer, config,
+    dtype), on the same data and sequence length, with exactly these settings (engine.sweep.reusable_sweep,
+    the rule a run's sweep is reused by)."""
+    from varprune.data import dataset_info, load_tokenizer
+    from varprune.engine.sweep import reusable_sweep
+
+    if not (Path(out) / "prune.json").is_file():
+        return None
+    try:
+        identity = folder_identity(cfg, Path(load_tokenizer(Path(cfg.model[3:])).source))
+        spec = spec.for_task(dataset_info(cfg.dataset).task)
+    except (OSError, ValueError):
+        return None  # the sweep itself says what is wrong
+    return reusable_sweep(Path(out), spec, {"pretrained": identity, "seq_len": cfg.seq_len})
 
 
 # ---------------------------------------------------------------- prune --model hf:DIR --out OUT
@@ -323,13 +349,15 @@ def prune_folder(
     calib_seq_len: int | None = None,
     calib_data: str | None = None,
     choices=(),
+    reuse: bool = True,
     log=print,
 ) -> dict:
     """``varprune prune --model hf:FOLDER --dataset DATASET --out OUT`` as a function: the dense folder measured
     and pruned at every setting (as a run's final weights are), OUT/prune.{json,csv,png} written; returns the
     prune.json document. ``folder``: a path, or ``"hf:PATH"``; ``choices``: ``--choices`` files (or
-    ``fortunes-endings``) measured beside the metric. Every problem is one :class:`RunError` line,
-    raised before any weight is read and before anything is written."""
+    ``fortunes-endings``) measured beside the metric; ``reuse``: an OUT/prune.json of the same folder, data and
+    settings is returned as it is (:func:`finished_folder_sweep`; ``--force`` is reuse=False). Every problem is
+    one :class:`RunError` line, raised before any weight is read and before anything is written."""
     from varprune.engine.sweep import SweepSpec
 
     name = str(folder)
@@ -349,7 +377,16 @@ def prune_folder(
     found = spec.problems() + pretrained_problems(cfg) + out_problems(Path(out), Path(model[3:]))
     if found:
         raise RunError("; ".join(found))
-    return prune_pretrained(load_pretrained(cfg), spec, Path(out), log=log)
+    return sweep_folder(cfg, spec, Path(out), reuse, log)
+
+
+def sweep_folder(cfg: TrainConfig, spec, out: Path, reuse: bool = True, log=print) -> dict:
+    """:func:`prune_pretrained` of the folder ``cfg.model``, unless ``reuse`` and OUT already holds that sweep."""
+    done = finished_folder_sweep(cfg, spec, out) if reuse else None
+    if done is not None:
+        log(f"reusing {out / 'prune.json'} (same folder, data and settings; --force sweeps again)")
+        return done
+    return prune_pretrained(load_pretrained(cfg), spec, out, log=log)
 
 
 def export_pretrained(

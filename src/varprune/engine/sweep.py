@@ -328,30 +328,43 @@ def prune_sweep(
 # ---------------------------------------------------------------- run folders
 
 
-def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None, other_data: bool = False) -> dict | None:
-    """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
-    (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own), and its plot exists (a sweep
-    interrupted between the two is redone). One made on other text (``--other-data``) is reused only with
-    ``other_data``: without it the text is checked, and refused. A spec without a scope takes the default of
-    the run's task (what a sweep of it records)."""
+def reusable_sweep(folder: Path, spec: SweepSpec, same: dict, other_data: bool = False) -> dict | None:
+    """FOLDER/prune.json if it holds exactly ``spec``'s settings (its scope resolved), every key of ``same`` has
+    the value given (what was pruned and on which data), and its plot and table exist (a sweep interrupted
+    between the files is redone): the one reuse rule, for a run's sweep and a model folder's alike. One made on
+    other text (``--other-data``) is reused only with ``other_data``."""
     try:
-        if spec.scope is None:
-            spec = spec.for_task(dataset_info(load_run_config(run).dataset).task)
-        doc = json.loads((run / "prune.json").read_text())
+        doc = json.loads((folder / "prune.json").read_text())
         recorded = {k: doc.get(k) for k in spec.record()}
         recorded["pruners"] = doc.get("pruners", ["magnitude"])  # files of 0.2: magnitude only
-        same = (
+        found = (
             [setting_key(r) for r in doc["results"]] == [(p, s) for p, s in spec.settings()]
             and recorded == spec.record()
-            and doc["weights_sha256"] == file_digest(run / WEIGHTS)
-            and doc.get("data") == (data if data is not None else data_fingerprint(load_run_config(run)))
-            and (run / "prune.png").is_file()
-            and (run / "prune.csv").is_file()
+            and all(doc.get(k) == v for k, v in same.items())
+            and (folder / "prune.png").is_file()
+            and (folder / "prune.csv").is_file()
             and (other_data or not doc.get("other_data"))
         )
     except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError):
         return None
-    return doc if same else None
+    return doc if found else None
+
+
+def finished_sweep(run: Path, spec: SweepSpec, data: dict | None = None, other_data: bool = False) -> dict | None:
+    """RUN/prune.json if it was made from RUN's current weights with exactly these settings, on the same data
+    (``data``: :func:`~varprune.engine.runs.data_fingerprint`; None: the run's own): :func:`reusable_sweep`. A
+    spec without a scope takes the default of the run's task (what a sweep of it records)."""
+    try:
+        cfg = load_run_config(run)
+        same = {
+            "weights_sha256": file_digest(run / WEIGHTS),
+            "data": data if data is not None else data_fingerprint(cfg),
+        }
+        if spec.scope is None:
+            spec = spec.for_task(dataset_info(cfg.dataset).task)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, AttributeError):
+        return None
+    return reusable_sweep(run, spec, same, other_data)
 
 
 def _where(setting) -> str:
