@@ -48,7 +48,7 @@ from torch import nn
 
 from varprune.errors import CheckpointError, DatasetError, NonFiniteError, RunError
 
-_state = {"rank": 0, "world": 1, "local": 0, "active": False, "single": False}
+_state = {"rank": 0, "world": 1, "local": 0, "active": False, "single": False, "alone": False}
 
 
 # ---------------------------------------------------------------- who am I
@@ -81,6 +81,15 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return _state["rank"] == 0
+
+
+def alone() -> None:
+    """From here on this process (rank 0) works alone: the others have returned from the command and wait in
+    :func:`shutdown`'s barrier (a study's sweeps, analysis and report), so every helper here acts as in one
+    process. Without this a collective of rank 0's (a calibration's memory verdict, an evaluation's sum) would
+    wait for partners that never come: the job hung."""
+    if _state["active"]:
+        _state.update(rank=0, world=1, active=False, single=True, alone=True)
 
 
 def main_only() -> bool:
@@ -158,12 +167,12 @@ def shutdown(together: bool = False) -> None:
     while a peer still uses them (gloo then aborts the peer at exit: "terminate called without an active
     exception", seen under load on success and on an agreed non-finite loss). After a failure of one process
     alone there is no wait: the others may never come."""
-    if _state["active"] and dist.is_initialized():
+    if (_state["active"] or _state["alone"]) and dist.is_initialized():
         if together:
             with contextlib.suppress(Exception):
                 dist.barrier()
         dist.destroy_process_group()
-    _state.update(rank=0, world=1, local=0, active=False, single=False)
+    _state.update(rank=0, world=1, local=0, active=False, single=False, alone=False)
 
 
 # ---------------------------------------------------------------- agreeing

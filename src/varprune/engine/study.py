@@ -149,6 +149,7 @@ def run_study(
         tracker.end(i, reused=done == "reused")
     if not distributed.is_main():
         return {}  # the sweeps, analysis and report run on rank 0 alone
+    distributed.alone()  # the others wait in shutdown's barrier: no collective from here on
 
     tracker.begin(len(configs))
     docs = {}
