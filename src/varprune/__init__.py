@@ -10,7 +10,7 @@ Names are imported on first use, so ``varprune doctor`` works (and says what
 is wrong) even where torch or numpy fail to import.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 _EXPORTS = {
     # the regularizers: penalty (autograd) and closed-form gradient
