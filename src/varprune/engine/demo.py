@@ -120,7 +120,8 @@ def run_demo(
         from varprune.engine import llmdemo
 
         source = Path(model[3:]) if model else llmdemo.pretrained_folder(log)
-        configs, spec = llmdemo.demo_configs(size, data_dir, f"hf:{source}")
+        sizes = {size: {**llmdemo.SIZES[size], "model": f"hf:{source}"}}  # the folder fine-tuned and pruned
+        configs, spec = demo_configs(size, data_dir, sizes, llmdemo.DATASET)
         title = llmdemo.TITLE if model is None else f"fortunes, {source.name}: AdamW vs AdamW+VAR fine-tuning"
         figure = None
     else:

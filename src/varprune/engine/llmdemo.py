@@ -88,19 +88,3 @@ def pretrained_folder(log=print) -> Path:
         )
     convert_gguf(gguf, folder, available_bytes=available_memory("cpu"), log=log)
     return folder
-
-
-def demo_configs(size: str, data_dir: str | None, model: str):
-    """The two fine-tuning runs (AdamW, AdamW + VAR) of ``model`` (``hf:DIR``) and the sweep of one size."""
-    from varprune.engine.config import TrainConfig
-    from varprune.engine.sweep import SweepSpec
-
-    settings: dict = dict(SIZES[size])
-    spec = SweepSpec.take(settings)
-    var = {"var_strength": settings.pop("var_strength")}
-    common = dict(dataset=DATASET, data_dir=data_dir, model=model, **settings)
-    base = TrainConfig(method="sgd", **common)  # a text run: the optimizer resolves to AdamW
-    return [
-        (base.optimizer, base),
-        (f"{base.optimizer}+var", TrainConfig(method="var", **var, **common)),
-    ], spec
